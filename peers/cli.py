@@ -1,0 +1,161 @@
+"""`swarm`: the command line. Each subcommand parses flags, builds configs and calls the library or a role.
+
+    swarm dht     bootstrap peer; creates the swarm (publishes its config) and prints the address to join
+    swarm serve   a stage peer:  swarm serve --initial-peers ADDR --stage N
+    swarm train   the trainer:   swarm train --initial-peers ADDR --steps N
+    swarm local   a whole swarm of separate processes on 127.0.0.1, trained and stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+DEFAULT_RUN_ID = "swarm"
+
+
+def _common(parser: argparse.ArgumentParser, initial_peers: bool = True) -> None:
+    group = parser.add_argument_group("network")
+    if initial_peers:
+        group.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
+                           help="multiaddr(s) of any peer already in the swarm, as printed by `swarm dht`")
+    group.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the swarm's name (default: %(default)s)")
+    group.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    group.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0 picks a free one")
+    group.add_argument("--identity", default=None, metavar="PATH",
+                       help="file holding this peer's libp2p key; created if missing, so restarts keep the peer id")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
+    group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _swarm_shape(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("swarm config (published by the swarm's creator; joiners read it)")
+    group.add_argument("--stages", type=int, default=2, help="pipeline stages (default: %(default)s)")
+    group.add_argument("--model", default="tiny", help="model preset: tiny, small, llama-1b (default: %(default)s)")
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    group.add_argument("--microbatch-size", type=int, default=8, help="sequences per micro-batch (default: %(default)s)")
+    group.add_argument("--target-batch-size", type=int, default=64,
+                       help="sequences per optimizer step, summed over a stage's replicas (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="model init and data order seed (default: %(default)s)")
+
+
+def _data(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", nargs="*", default=[], metavar="FILE",
+                       help="local .txt/.jsonl/.parquet files (default: the shipped corpus)")
+    group.add_argument("--text-field", default="text", help="text column in jsonl/parquet (default: %(default)s)")
+    group.add_argument("--tokenizer", default=None, help="local tokenizer dir or tokenizer.json (default: shipped)")
+
+
+def _training(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int, default=50, help="optimizer steps to train (default: %(default)s)")
+    group.add_argument("--max-inflight", type=int, default=4, help="micro-batches in flight (default: %(default)s)")
+    group.add_argument("--max-attempts", type=int, default=5, help="tries per micro-batch (default: %(default)s)")
+    group.add_argument("--metrics-out", default=None, metavar="FILE", help="JSON lines, one per optimizer step")
+    group.add_argument("--summary-json", default=None, metavar="FILE", help="the run's summary as JSON")
+    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16", "uniform8", "blockwise8"],
+                       help="compression of activations/gradients on the wire (default: %(default)s)")
+
+
+def _server(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stage server")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    group.add_argument("--max-inflight", type=int, default=8, help="micro-batches held at once (default: %(default)s)")
+    group.add_argument("--no-averaging", action="store_true",
+                       help="step a local optimizer without averaging with the stage's replicas (debugging only)")
+    group.add_argument("--matchmaking-time", type=float, default=1.0,
+                       help="seconds replicas wait to form an averaging group (default: %(default)s)")
+    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16", "uniform8", "blockwise8"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm", description="Decentralized, Byzantine-tolerant pipeline training over a hivemind DHT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dht", help="start a bootstrap peer that creates the swarm and prints its address",
+                       description="Bootstrap peer. Publishes the swarm's config (unless --no-config) and prints "
+                                   "the address other peers join with. Runs until interrupted.")
+    _common(p, initial_peers=False)
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR", help="join an existing DHT instead")
+    p.add_argument("--no-config", action="store_true", help="only bootstrap the DHT, do not create a swarm")
+    _swarm_shape(p)
+
+    p = sub.add_parser("serve", help="serve one pipeline stage",
+                       description="Stage peer: reads the swarm's config from the DHT, loads its stage's current "
+                                   "state from replicas, announces itself and serves until interrupted.")
+    _common(p)
+    p.add_argument("--stage", type=int, required=True, help="the stage to serve (0-based)")
+    _server(p)
+
+    p = sub.add_parser("train", help="run the trainer against a swarm",
+                       description="Trainer: feeds micro-batches of the data through chains of stage peers.")
+    _common(p)
+    _data(p)
+    _training(p)
+
+    p = sub.add_parser("local", help="start a whole swarm on 127.0.0.1, train, summarise, stop",
+                       description="Starts a bootstrap peer, STAGES x REPLICAS stage peers and a trainer as separate "
+                                   "processes on 127.0.0.1, prints the bootstrap address first, trains, writes the "
+                                   "summary and stops everything it started.")
+    _swarm_shape(p)
+    p.add_argument("--replicas", type=int, default=2, help="peers per stage (default: %(default)s)")
+    p.add_argument("--run-id", default=DEFAULT_RUN_ID)
+    p.add_argument("--workdir", default=None, help="where logs go (default: a new temporary directory)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the swarm to form")
+    _data(p)
+    _training(p)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("hivemind", "asyncio", "filelock", "datasets", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command == "dht":
+        from peers.dht_peer import run
+    elif args.command == "serve":
+        from peers.stage_peer import run
+    elif args.command == "train":
+        from peers.trainer_peer import run
+    else:
+        from peers.local import run
+    try:
+        code = run(args) or 0
+    except Exception:
+        logging.getLogger("swarm").exception(f"swarm {args.command} failed")
+        code = 1
+    return code
+
+
+def entrypoint() -> None:
+    """Console-script entry: exit without waiting for hivemind's lingering non-daemon threads."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,55 @@
+"""`swarm dht`: the bootstrap peer. Creates the swarm (publishes and refreshes its config) and prints its address."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hivemind.utils import get_dht_time
+
+from peers.common import emit, fail, host_maddrs, wait_for_shutdown
+from swarm.config import model_preset, stage_layer_ranges, to_dict
+from swarm.network import create_dht, publish_swarm_config, visible_addresses
+from swarm.records import SwarmConfigRecord
+
+REFRESH_S = 60.0
+
+
+def swarm_record(args) -> SwarmConfigRecord:
+    model = model_preset(args.model, seed=args.seed)
+    stage_layer_ranges(model.num_layers, args.stages)  # raises a clear error for an impossible cut
+    if args.target_batch_size % args.microbatch_size:
+        raise ValueError("--target-batch-size must be a multiple of --microbatch-size")
+    return SwarmConfigRecord(
+        run_id=args.run_id, model=to_dict(model), num_stages=args.stages, seq_len=args.seq_len,
+        microbatch_size=args.microbatch_size, target_batch_size=args.target_batch_size, lr=args.lr,
+        created_at=get_dht_time(), extra={"seed": args.seed},
+    )
+
+
+def run(args) -> int:
+    try:
+        record = None if args.no_config else swarm_record(args)
+    except ValueError as e:
+        return fail(str(e))
+    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
+                     identity_path=args.identity)
+    try:
+        addrs = visible_addresses(dht)
+        emit("dht", initial_peers=addrs, peer_id=str(dht.peer_id), run_id=args.run_id)
+        print(f"swarm dht: join with  --initial-peers {addrs[0]}", flush=True)
+        if record is not None and not publish_swarm_config(dht, record):
+            return fail("the DHT refused the swarm config record")
+
+        async def serve() -> None:
+            stop = asyncio.ensure_future(wait_for_shutdown())
+            while not stop.done():
+                await asyncio.wait([stop], timeout=REFRESH_S)
+                if record is not None and not stop.done():
+                    publish_swarm_config(dht, record)  # heartbeat: the record expires unless refreshed
+
+        asyncio.run(serve())
+    finally:
+        dht.shutdown()
+    time.sleep(0.1)
+    return 0

@@ -1,0 +1,250 @@
+"""`swarm local`: a whole swarm as separate OS processes on 127.0.0.1 (bootstrap, stage peers, trainer).
+
+:class:`LocalSwarm` starts and stops the processes; tests and experiments use it too. Each child's stdout is
+read by a thread (so a chatty child never blocks) and scanned for ``SWARM <kind> {json}`` lines; everything
+a child prints goes to a log file in the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from peers.common import fail
+
+
+@dataclass
+class Child:
+    """One child process and what it announced."""
+
+    name: str
+    role: str
+    proc: subprocess.Popen
+    log_path: str
+    stage: Optional[int] = None
+    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def wait_event(self, kind: str, timeout: float) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name} did not report '{kind}' within {timeout:.0f}s (log: {self.log_path})")
+            try:
+                got_kind, payload = self.events.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} (log: {self.log_path})") from None
+                continue
+            if got_kind == kind:
+                self.info.update(payload)
+                return payload
+
+
+def _pump(child: Child, stream, log_file) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        log_file.write(line)
+        log_file.flush()
+        if line.startswith("SWARM "):
+            parts = line.rstrip("\n").split(" ", 2)
+            if len(parts) == 3:
+                try:
+                    child.events.put((parts[1], json.loads(parts[2])))
+                except json.JSONDecodeError:
+                    pass
+    stream.close()
+
+
+class LocalSwarm:
+    """Starts roles as processes of ``python -m peers.cli``; ``stop()`` (or the context manager) ends them all."""
+
+    def __init__(self, workdir: Optional[str] = None, run_id: str = "swarm", env: Optional[Dict[str, str]] = None):
+        self.workdir = workdir or tempfile.mkdtemp(prefix="swarm-local-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.run_id = run_id
+        self.children: List[Child] = []
+        self.initial_peers: List[str] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+
+    def spawn(self, name: str, role: str, args: Sequence[str], stage: Optional[int] = None,
+              stderr_to_console: bool = False) -> Child:
+        log_path = os.path.join(self.workdir, f"{name}.log")
+        log_file = open(log_path, "a")
+        cmd = [sys.executable, "-m", "peers.cli", *args]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=None if stderr_to_console else log_file, env=self.env,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        child = Child(name, role, proc, log_path, stage)
+        threading.Thread(target=_pump, args=(child, proc.stdout, log_file), daemon=True).start()
+        self.children.append(child)
+        return child
+
+    def start_dht(self, shape_args: Sequence[str] = (), timeout: float = 60.0) -> Child:
+        child = self.spawn("dht", "bootstrap", ["dht", "--run-id", self.run_id, "--threads", "1", *shape_args])
+        self.initial_peers = child.wait_event("dht", timeout)["initial_peers"]
+        return child
+
+    def start_stage(self, stage: int, name: Optional[str] = None, extra: Sequence[str] = (), wait: bool = True,
+                    timeout: float = 120.0) -> Child:
+        name = name or f"stage{stage}.{sum(c.stage == stage for c in self.children if c.role == 'stage')}"
+        child = self.spawn(name, "stage", ["serve", "--run-id", self.run_id, "--initial-peers", *self.initial_peers,
+                                           "--stage", str(stage), "--threads", "1", *extra], stage=stage)
+        if wait:
+            child.wait_event("serve", timeout)
+        return child
+
+    def start_trainer(self, extra: Sequence[str] = (), stderr_to_console: bool = False) -> Child:
+        return self.spawn("trainer", "trainer", ["train", "--run-id", self.run_id, "--initial-peers",
+                                                 *self.initial_peers, "--threads", "1", *extra],
+                          stderr_to_console=stderr_to_console)
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        if child.proc.poll() is None:
+            os.killpg(child.proc.pid, sig)  # the whole group: the peer and its DHT / p2pd children
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child (clean leave: offline announcement), then SIGKILL what is left."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)  # also reaps orphaned p2pd / DHT processes
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                child.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def peers_summary(self) -> List[Dict[str, Any]]:
+        peers = []
+        for child in self.children:
+            if child.role == "stage":
+                peers.append(dict(peer_id=child.info.get("peer_id"), stage=child.stage, role="stage", name=child.name,
+                                  exit_code=child.proc.poll()))
+            elif child.role == "bootstrap":
+                peers.append(dict(peer_id=child.info.get("peer_id"), stage=None, role="bootstrap", name=child.name,
+                                  exit_code=child.proc.poll()))
+        return peers
+
+
+def shape_args(args) -> List[str]:
+    return ["--stages", str(args.stages), "--model", args.model, "--seq-len", str(args.seq_len),
+            "--microbatch-size", str(args.microbatch_size), "--target-batch-size", str(args.target_batch_size),
+            "--lr", str(args.lr), "--seed", str(args.seed)]
+
+
+def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
+    extra = ["--steps", str(args.steps), "--max-inflight", str(args.max_inflight), "--max-attempts",
+             str(args.max_attempts), "--metrics-out", metrics_out, "--summary-json", summary_json,
+             "--compression", args.compression, "--text-field", args.text_field]
+    if args.data:
+        extra += ["--data", *args.data]
+    if args.tokenizer:
+        extra += ["--tokenizer", args.tokenizer]
+    return extra
+
+
+def merge_summary(trainer_summary: Dict[str, Any], launched: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The trainer's summary with every launched process in ``peers`` (plus the trainer's view of each)."""
+    seen = {p["peer_id"]: p for p in trainer_summary.get("peers", []) if p.get("peer_id")}
+    peers = []
+    for entry in launched:
+        merged = dict(entry)
+        view = seen.pop(entry["peer_id"], None) if entry.get("peer_id") else None
+        if view:
+            merged.update({k: v for k, v in view.items() if k not in merged or merged[k] is None})
+        peers.append(merged)
+    peers.extend(seen.values())  # the trainer, and any peer that joined from outside
+    return dict(trainer_summary, peers=peers)
+
+
+def save_loss_plot(metrics_path: str, png_path: str) -> Optional[str]:
+    """Plot loss against step from a metrics file; returns the PNG path, or None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = [r for r in rows if r.get("loss") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("swarm local: loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def run(args) -> int:
+    if args.stages < 1 or args.replicas < 1:
+        return fail("--stages and --replicas must be >= 1")
+    swarm = LocalSwarm(args.workdir, run_id=args.run_id)
+    metrics_out = args.metrics_out or os.path.join(swarm.workdir, "metrics.jsonl")
+    summary_json = args.summary_json or os.path.join(swarm.workdir, "summary.json")
+    started = time.monotonic()
+    try:
+        swarm.start_dht(shape_args(args), timeout=args.startup_timeout)
+        print(f"swarm local: bootstrap address: {swarm.initial_peers[0]}", flush=True)
+        print(f"swarm local: logs in {swarm.workdir}", flush=True)
+        stages = [swarm.start_stage(s, wait=False) for s in range(args.stages) for _ in range(args.replicas)]
+        for child in stages:
+            child.wait_event("serve", args.startup_timeout)
+        print(f"swarm local: {len(stages)} stage peers up after {time.monotonic() - started:.1f}s; training "
+              f"{args.steps} steps", flush=True)
+        trainer = swarm.start_trainer(training_args(args, metrics_out, summary_json), stderr_to_console=True)
+        code = trainer.proc.wait()
+        if code != 0:
+            return fail(f"trainer exited with code {code} (log: {trainer.log_path})")
+        with open(summary_json) as f:
+            trainer_summary = json.load(f)
+    except (TimeoutError, RuntimeError) as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    finally:
+        swarm.stop()
+    summary = merge_summary(trainer_summary, swarm.peers_summary())  # after stop(): exit codes are known
+    with open(summary_json, "w") as f:
+        json.dump(summary, f, indent=2)
+    plot = save_loss_plot(metrics_out, os.path.splitext(metrics_out)[0] + ".png")
+    mb = summary["microbatches"]
+    print(f"swarm local: {summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
+          f"{summary['tokens_per_s']:.0f} tokens/s; micro-batches completed {mb['completed']}, retried {mb['retried']}, "
+          f"dropped {mb['dropped']}", flush=True)
+    print(f"swarm local: summary {summary_json}, metrics {metrics_out}" + (f", plot {plot}" if plot else ""), flush=True)
+    return 0

@@ -1,0 +1,62 @@
+"""`swarm serve`: one stage peer. Reads the swarm config from the DHT, loads the stage's state, serves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from peers.common import emit, fail, host_maddrs, wait_for_shutdown
+from swarm.config import ModelConfig
+from swarm.network import create_dht, fetch_swarm_config
+from swarm.optimizer import OptimizerConfig
+from swarm.stage_server import StageServer, StageServerConfig
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    return name
+
+
+def autocast_dtype(device: str):
+    if device != "cuda":
+        return None
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def run(args, *, inbound_checks=None, outbound_hook=None) -> int:
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        return fail(str(e))
+    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
+                     identity_path=args.identity)
+    try:
+        try:
+            swarm = fetch_swarm_config(dht, args.run_id)
+        except TimeoutError as e:
+            return fail(str(e))
+        if not 0 <= args.stage < swarm.num_stages:
+            return fail(f"--stage must be in [0, {swarm.num_stages}) for swarm {args.run_id!r}")
+        server_cfg = StageServerConfig(
+            run_id=args.run_id, stage=args.stage, num_stages=swarm.num_stages, max_inflight=args.max_inflight,
+            compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
+        )
+        opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
+                                  matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging)
+
+        async def serve() -> None:
+            server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
+                                 inbound_checks=inbound_checks, outbound_hook=outbound_hook)
+            await server.start()
+            emit("serve", peer_id=server.peer_id, stage=args.stage, device=device)
+            await wait_for_shutdown()
+            await server.shutdown()
+
+        asyncio.run(serve())
+    finally:
+        dht.shutdown()
+    return 0

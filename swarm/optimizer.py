@@ -1,0 +1,129 @@
+"""The optimizer of one stage peer: replicas of a stage average gradients and share state through hivemind.
+
+All replicas of stage k use ``hivemind.Optimizer`` with run id ``{run}.stage{k}``: they accumulate a global
+batch of ``target_batch_size`` samples between them, average gradients (weighted by samples), and step in
+lockstep; a peer that joins late (or falls behind) downloads the current parameters and optimizer state from
+its stage with ``load_state_from_peers``.
+
+Why the parameters are wrapped: a pipeline stage keeps the autograd graphs of its in-flight micro-batches
+while their gradients travel back from later stages. An optimizer step that updates parameters in place
+would bump their autograd version counters and make those pending backwards fail. The optimizer therefore
+works on ``param.data`` aliases (same storage, separate version counter): an in-flight micro-batch whose
+forward ran before a step has its gradient computed with the new weights, the usual one-step staleness of
+asynchronous pipelines (PipeDream without weight stashing), and never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import List, Optional
+
+import hivemind
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Hyper-parameters of a stage's optimizer and of the averaging between its replicas."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm of this stage's gradients, 0 disables
+    target_batch_size: int = 64  # samples per optimizer step, summed over the stage's replicas
+    matchmaking_time_s: float = 1.0  # how long replicas wait to form an averaging group
+    averaging_timeout_s: float = 15.0
+    load_state_timeout_s: float = 60.0
+    averaging: bool = True  # False: a plain local optimizer (a single peer, or tests)
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.target_batch_size >= 1 and self.matchmaking_time_s > 0):
+            raise ValueError("lr and target_batch_size must be positive, matchmaking_time_s > 0")
+
+
+class StageOptimizer:
+    """Accumulates a stage's gradients micro-batch by micro-batch and steps with the stage's replicas."""
+
+    def __init__(self, module: torch.nn.Module, cfg: OptimizerConfig, dht: Optional[hivemind.DHT], run_id: str):
+        self.module, self.cfg = module, cfg
+        self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        # aliases with their own version counters (see the module docstring)
+        self.aliases: List[torch.Tensor] = [p.data for p in self.params]
+        make_opt = partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.samples_since_step = 0
+        self.local_steps = 0
+        self._accumulators: Optional[List[torch.Tensor]] = None
+        if cfg.averaging and dht is not None:
+            self.opt = hivemind.Optimizer(
+                dht=dht,
+                run_id=run_id,
+                params=self.aliases,
+                optimizer=make_opt,
+                target_batch_size=cfg.target_batch_size,
+                matchmaking_time=cfg.matchmaking_time_s,
+                averaging_timeout=cfg.averaging_timeout_s,
+                load_state_timeout=cfg.load_state_timeout_s,
+                tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5),
+                verbose=False,
+            )
+        else:
+            self.opt = make_opt(self.aliases)
+
+    @property
+    def hivemind(self) -> bool:
+        return isinstance(self.opt, hivemind.Optimizer)
+
+    @property
+    def epoch(self) -> int:
+        """Optimizer steps taken (the stage's global epoch when averaging)."""
+        return self.opt.local_epoch if self.hivemind else self.local_steps
+
+    def load_state_from_peers(self) -> bool:
+        """Download parameters and optimizer state from the stage's replicas; False if nobody answered."""
+        if not self.hivemind:
+            return False
+        before = self.opt.local_epoch
+        self.opt.load_state_from_peers()
+        logger.info(f"loaded stage state from peers: epoch {before} -> {self.opt.local_epoch}")
+        return True
+
+    def step(self, batch_size: int) -> None:
+        """Account one micro-batch whose gradients are in ``.grad``; steps when the global batch is complete.
+
+        Each micro-batch's gradient is clipped on its own before it is accumulated, which also bounds how
+        far any single (possibly tampered) micro-batch can move the weights.
+        """
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.hivemind:
+            for alias, grad in zip(self.aliases, grads):
+                alias.grad = grad
+            self.opt.step(batch_size=batch_size)
+            for alias in self.aliases:
+                alias.grad = None
+        else:
+            if self._accumulators is None:
+                self._accumulators = [torch.zeros_like(g) for g in grads]
+            for acc, grad in zip(self._accumulators, grads):
+                acc.add_(grad, alpha=batch_size)
+            self.samples_since_step += batch_size
+            if self.samples_since_step >= self.cfg.target_batch_size:
+                for alias, acc in zip(self.aliases, self._accumulators):
+                    alias.grad = acc.div_(self.samples_since_step)
+                self.opt.step()
+                for alias in self.aliases:
+                    alias.grad = None
+                self._accumulators = None
+                self.local_steps += 1
+                self.samples_since_step = 0
+        for param in self.params:
+            param.grad = None
+
+    def shutdown(self) -> None:
+        if self.hivemind:
+            self.opt.shutdown()

@@ -1,0 +1,239 @@
+"""DHT record schemas of a swarm and the validator that enforces them on every DHT node.
+
+Keys (``run`` is the swarm's name, its run id):
+
+- ``{run}.config``   subkey = owner's public key: the swarm's model/stage config (:class:`SwarmConfigRecord`)
+- ``{run}.stage.{k}`` subkey = owner's public key: one peer's announcement for stage k (:class:`StageRecord`)
+
+Every subkey must carry the writer's RSA public key (``[owner:...]``), so hivemind's ``RSASignatureValidator``
+makes each record owner-signed: nobody can write or overwrite a record in another peer's name. On top of the
+signature, :class:`SwarmRecordValidator` checks the schema (types, bounded numbers, no NaN/inf, short strings)
+and a bound on how far in the future a record may expire, so a record cannot outlive its owner's heartbeats.
+Readers parse what they get with the same ``from_value`` functions, so a record that slipped past an old or
+foreign DHT node is still rejected with a reason before anyone uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+MAX_STAGES = 64
+MAX_TTL_S = 600.0  # no record of ours may claim to live longer than this past "now"
+STAGE_STATES = ("joining", "online", "offline")
+OWNER_MARKER = b"[owner:"
+
+
+class RecordError(ValueError):
+    """A DHT record that does not match its schema; the message says why."""
+
+
+def config_key(run_id: str) -> str:
+    return f"{run_id}.config"
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"{run_id}.stage.{stage}"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RecordError(message)
+
+
+def _number(d: Dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> float:
+    _require(name in d, f"missing field {name!r}")
+    value = d[name]
+    if integer:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer")
+    else:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number")
+        _require(math.isfinite(value), f"{name} must be finite, got {value}")
+    _require(lo <= value <= hi, f"{name}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _string(d: Dict[str, Any], name: str, max_len: int = 256, choices: Optional[Tuple[str, ...]] = None) -> str:
+    _require(name in d, f"missing field {name!r}")
+    value = d[name]
+    _require(isinstance(value, str), f"{name} must be a string")
+    _require(0 < len(value) <= max_len, f"{name} must have 1..{max_len} characters")
+    if choices is not None:
+        _require(value in choices, f"{name}={value!r} is not one of {choices}")
+    return value
+
+
+def _check_fields(d: Any, allowed: set) -> None:
+    _require(isinstance(d, dict), f"record value must be a dict, got {type(d).__name__}")
+    extra = set(d) - allowed
+    _require(not extra, f"unknown fields {sorted(extra)}")
+    _require(d.get("version") == RECORD_VERSION, f"unsupported record version {d.get('version')!r}")
+
+
+@dataclass(kw_only=True)
+class StageRecord:
+    """One peer's announcement that it serves a stage: who it is, its state and measured throughput."""
+
+    peer_id: str  # libp2p peer id (base58) that routers call
+    stage: int
+    state: str = "online"
+    throughput: float = 0.0  # samples per second this peer measured for itself (forward + backward)
+    served: int = 0  # micro-batches served since start
+    device: str = "cpu"
+    updated_at: float = 0.0  # DHT time of the announcement
+    version: int = RECORD_VERSION
+
+    FIELDS = {"peer_id", "stage", "state", "throughput", "served", "device", "updated_at", "version"}
+
+    def to_value(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "StageRecord":
+        _check_fields(value, cls.FIELDS)
+        return cls(
+            peer_id=_string(value, "peer_id", max_len=128),
+            stage=int(_number(value, "stage", 0, MAX_STAGES - 1, integer=True)),
+            state=_string(value, "state", choices=STAGE_STATES),
+            throughput=float(_number(value, "throughput", 0.0, 1e9)),
+            served=int(_number(value, "served", 0, 2**62, integer=True)),
+            device=_string(value, "device", max_len=64),
+            updated_at=float(_number(value, "updated_at", 0.0, 1e11)),
+        )
+
+
+@dataclass(kw_only=True)
+class SwarmConfigRecord:
+    """The swarm's identity: its model config and training shape, published by its creator."""
+
+    run_id: str
+    model: Dict[str, Any]  # ModelConfig as a dict
+    num_stages: int
+    seq_len: int
+    microbatch_size: int
+    target_batch_size: int  # samples per optimizer step, summed over all replicas of a stage
+    lr: float
+    created_at: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. sentinel settings)
+    version: int = RECORD_VERSION
+
+    FIELDS = {"run_id", "model", "num_stages", "seq_len", "microbatch_size", "target_batch_size", "lr",
+              "created_at", "extra", "version"}
+
+    def to_value(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "SwarmConfigRecord":
+        from swarm.config import ModelConfig  # config has no dependencies; imported lazily to keep this light
+
+        _check_fields(value, cls.FIELDS)
+        model = value.get("model")
+        _require(isinstance(model, dict) and len(model) <= 64, "model must be a dict of at most 64 fields")
+        try:
+            ModelConfig(**model)
+        except (TypeError, ValueError) as e:
+            raise RecordError(f"invalid model config: {e}") from e
+        extra = value.get("extra", {})
+        _require(isinstance(extra, dict) and len(extra) <= 64, "extra must be a dict of at most 64 fields")
+        return cls(
+            run_id=_string(value, "run_id", max_len=128),
+            model=model,
+            num_stages=int(_number(value, "num_stages", 1, MAX_STAGES, integer=True)),
+            seq_len=int(_number(value, "seq_len", 2, 65536, integer=True)),
+            microbatch_size=int(_number(value, "microbatch_size", 1, 4096, integer=True)),
+            target_batch_size=int(_number(value, "target_batch_size", 1, 2**31, integer=True)),
+            lr=float(_number(value, "lr", 0.0, 10.0)),
+            created_at=float(_number(value, "created_at", 0.0, 1e11)),
+            extra=extra,
+        )
+
+
+class SwarmRecordValidator(RecordValidatorBase):
+    """Rejects records under this swarm's keys that are unsigned, malformed or claim too long a life.
+
+    DHT keys reach validators hashed, so the validator precomputes the hashes of every key this swarm uses.
+    Runs after hivemind's ``RSASignatureValidator`` (which has a higher priority), on the stripped value.
+    """
+
+    def __init__(self, run_id: str, max_ttl_s: float = MAX_TTL_S):
+        self.run_id = run_id
+        self.max_ttl_s = max_ttl_s
+        self._parsers: Dict[bytes, Tuple[str, Callable[[Any], Any]]] = {
+            DHTID.generate(source=config_key(run_id)).to_bytes(): ("config", SwarmConfigRecord.from_value)
+        }
+        for stage in range(MAX_STAGES):
+            key = DHTID.generate(source=stage_key(run_id, stage)).to_bytes()
+            self._parsers[key] = ("stage", StageRecord.from_value)
+
+    def validate(self, record: DHTRecord) -> bool:
+        entry = self._parsers.get(record.key)
+        if entry is None:
+            return True  # not one of ours (e.g. hivemind's own optimizer records)
+        kind, parse = entry
+        try:
+            check_record(record, parse, self.max_ttl_s)
+        except RecordError as e:
+            logger.debug(f"rejected {kind} record of swarm {self.run_id!r}: {e}")
+            return False
+        return True
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if isinstance(other, SwarmRecordValidator) and other.run_id == self.run_id:
+            return True
+        return False
+
+
+def check_record(record: DHTRecord, parse: Callable[[Any], Any], max_ttl_s: float = MAX_TTL_S) -> Any:
+    """Parse one (signature-stripped) record or raise :class:`RecordError` with the reason."""
+    _require(record.subkey is not None and OWNER_MARKER in record.subkey,
+             "record must be owner-signed (subkey must hold the owner's public key)")
+    _require(record.expiration_time <= get_dht_time() + max_ttl_s,
+             f"record expires more than {max_ttl_s:.0f}s in the future")
+    try:
+        value = DHTProtocol.serializer.loads(record.value)
+    except Exception as e:  # msgpack raises many types on garbage
+        raise RecordError(f"undecodable value: {type(e).__name__}") from e
+    return parse(value)
+
+
+def make_validators(run_id: str) -> List[RecordValidatorBase]:
+    """The validators every DHT node of this swarm should run (signature first, then schema)."""
+    return [RSASignatureValidator(), SwarmRecordValidator(run_id)]
+
+
+def parse_subkeyed(
+    entry: Any, parse: Callable[[Any], Any], what: str
+) -> Tuple[Dict[bytes, Tuple[Any, float]], List[str]]:
+    """Parse a ``dht.get(key)`` result of a subkeyed key into {subkey: (record, expiration)} and rejection notes.
+
+    Values arrive already stripped of their signature and verified by the DHT node; the schema is checked again
+    here so that a record accepted by a foreign or outdated node is still refused.
+    """
+    records: Dict[bytes, Tuple[Any, float]] = {}
+    rejected: List[str] = []
+    if entry is None or not isinstance(entry.value, dict):
+        return records, rejected
+    now = get_dht_time()
+    for subkey, item in entry.value.items():
+        if item.expiration_time < now:
+            continue
+        if not (isinstance(subkey, bytes) and OWNER_MARKER in subkey):
+            rejected.append(f"{what}: unsigned subkey")
+            continue
+        try:
+            records[subkey] = (parse(item.value), item.expiration_time)
+        except RecordError as e:
+            rejected.append(f"{what}: {e}")
+    return records, rejected

@@ -1,0 +1,426 @@
+"""One stage peer: serves a pipeline stage over hivemind P2P, checks what it receives, trains its weights.
+
+The chain RPC (``rpc_chain``) carries one micro-batch through the rest of its chain: the receiver checks the
+incoming activations, runs its stage forward, calls the next peer of the route with its outputs (activations
+travel peer to peer, never through the trainer), and receives the gradient of its outputs in the reply. It
+checks that gradient, runs its backward, hands the micro-batch's gradients to the stage optimizer, and replies
+upstream with the gradient of its own inputs. The last stage computes the loss with labels that the trainer
+sent it directly (``rpc_labels``), so no intermediate peer can alter them.
+
+Every tensor is attributable: the sender of activations is the libp2p peer on the other end of the inbound
+stream, the sender of gradients is the peer this server called. A tensor that fails a check is never used:
+the micro-batch is dropped here before it touches any weight, and the reply says which peer is to blame so
+the trainer can retry on another chain. Checks and (for experiments) tampering plug in as hooks, so the
+server has no attack branches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+
+import hivemind
+import torch
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarm.config import ModelConfig
+from swarm.model import StageModule, causal_lm_loss
+from swarm.optimizer import OptimizerConfig, StageOptimizer
+from swarm.records import StageRecord
+from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
+
+logger = logging.getLogger(__name__)
+
+FORWARD, BACKWARD = "forward", "backward"
+
+# (tensor, direction, sender peer id, metadata) -> None if accepted, else the reason for rejecting it
+InboundCheck = Callable[[torch.Tensor, str, str, Dict[str, Any]], Optional[str]]
+# (tensor, direction, metadata) -> the tensor to send; experiments plug adversaries in here
+OutboundHook = Callable[[torch.Tensor, str, Dict[str, Any]], torch.Tensor]
+
+
+def namespace(run_id: str) -> str:
+    return f"{run_id}.stage"
+
+
+@dataclass(kw_only=True)
+class StageServerConfig:
+    """How one stage peer serves: limits, timeouts, device."""
+
+    run_id: str
+    stage: int
+    num_stages: int
+    max_inflight: int = 8  # micro-batches held (forward done, waiting for gradients) at once
+    hop_timeout_s: float = 120.0  # deadline for the rest of the chain to answer
+    labels_timeout_s: float = 30.0
+    max_batch: int = 1024
+    max_seq_len: int = 8192
+    max_abs_value: float = 1e4  # a hard check: activations/gradients beyond this are absurd
+    compression: str = "none"
+    device: str = "cpu"
+    autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
+    announce_period_s: float = 5.0
+    announce_ttl_s: float = 20.0
+    limits: TensorLimits = field(default_factory=TensorLimits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stage < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages}), got {self.stage}")
+        if self.max_inflight < 1 or self.hop_timeout_s <= 0:
+            raise ValueError("max_inflight must be >= 1 and hop_timeout_s > 0")
+
+
+@dataclass
+class StageStats:
+    """Counters a stage peer keeps about its own work (exposed through rpc_info and its DHT record)."""
+
+    served: int = 0  # micro-batches whose forward and backward completed here
+    rejected_inputs: int = 0
+    rejected_grads: int = 0
+    failed_downstream: int = 0
+    throughput_ema: float = 0.0  # samples/s of forward+backward compute
+    flagged: Dict[str, int] = field(default_factory=dict)  # peer id -> tensors of theirs rejected
+
+    def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
+        rate = samples / max(seconds, 1e-6)
+        self.throughput_ema = rate if self.throughput_ema == 0 else (1 - alpha) * self.throughput_ema + alpha * rate
+
+
+class LabelBox:
+    """Labels deposited by trainers, waited for by the last stage; entries expire so nothing accumulates."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._futures: Dict[Tuple[str, str], Tuple[asyncio.Future, float]] = {}
+
+    def _future(self, key: Tuple[str, str]) -> asyncio.Future:
+        now = time.monotonic()
+        for stale in [k for k, (_, t) in self._futures.items() if now - t > self.ttl_s]:
+            self._futures.pop(stale)[0].cancel()
+        if key not in self._futures:
+            self._futures[key] = (asyncio.get_event_loop().create_future(), now)
+        return self._futures[key][0]
+
+    def put(self, key: Tuple[str, str], labels: torch.Tensor) -> None:
+        future = self._future(key)
+        if not future.done():
+            future.set_result(labels)
+
+    async def take(self, key: Tuple[str, str], timeout: float) -> torch.Tensor:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future(key)), timeout)
+        finally:
+            entry = self._futures.get(key)
+            if entry is not None and entry[0].done():
+                self._futures.pop(key, None)
+
+
+class ChainError(Exception):
+    """A micro-batch cannot go on; ``blame`` is the peer at fault (None when nobody can be blamed)."""
+
+    def __init__(self, reason: str, blame: Optional[str] = None, blame_stage: Optional[int] = None):
+        super().__init__(reason)
+        self.reason, self.blame, self.blame_stage = reason, blame, blame_stage
+
+
+def hard_check(tensor: torch.Tensor, max_abs_value: float) -> Optional[str]:
+    """Checks that need no history: finite values and a sane magnitude."""
+    if tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            return f"{int((~finite).sum())} non-finite values"
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > max_abs_value:
+            return f"absurd magnitude: max |x| = {peak:.3g} > {max_abs_value:.3g}"
+    return None
+
+
+class StageServer(ServicerBase):
+    """Serves one pipeline stage. Create, then ``await start()``; ``await shutdown()`` leaves cleanly."""
+
+    def __init__(
+        self,
+        cfg: StageServerConfig,
+        model_cfg: ModelConfig,
+        dht: hivemind.DHT,
+        optimizer_cfg: OptimizerConfig,
+        *,
+        inbound_checks: Optional[List[InboundCheck]] = None,
+        outbound_hook: Optional[OutboundHook] = None,
+        is_banned: Optional[Callable[[str], Optional[str]]] = None,
+    ):
+        self.cfg, self.model_cfg, self.dht = cfg, model_cfg, dht
+        self.device = torch.device(cfg.device)
+        self.module = StageModule(model_cfg, cfg.stage, cfg.num_stages).to(self.device)
+        self.module.train()
+        self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}")
+        self.inbound_checks = list(inbound_checks or [])
+        self.outbound_hook = outbound_hook
+        self.is_banned = is_banned or (lambda peer: None)
+        self.stats = StageStats()
+        self.labels = LabelBox(ttl_s=max(cfg.labels_timeout_s * 4, 60.0))
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        self.p2p: Optional[hivemind.P2P] = None
+        self.peer_id: str = ""
+        self._slots: Optional[asyncio.Semaphore] = None
+        self.record: Optional[StageRecord] = None
+        self.announcer = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self, load_state: bool = True) -> None:
+        from swarm.network import Announcer, fetch_stage_peers  # network <- stage_server, kept local to the call
+
+        self.p2p = await self.dht.replicate_p2p()
+        self.peer_id = str(self.p2p.peer_id)
+        self._slots = asyncio.Semaphore(self.cfg.max_inflight)
+        await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
+        self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device))
+        self.announcer = Announcer(
+            self.dht, self.cfg.run_id, self.record, self.cfg.announce_period_s, self.cfg.announce_ttl_s
+        )
+        await self.announcer.publish()
+        loop = asyncio.get_event_loop()
+        if load_state:
+            peers = await loop.run_in_executor(
+                None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages
+            )
+            others = [p for p in peers.get(self.cfg.stage, []) if p.peer_id != self.peer_id and p.record.state == "online"]
+            if others:
+                logger.info(f"stage {self.cfg.stage}: {len(others)} replica(s) online, loading their state")
+                await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
+        self.record.state = "online"
+        self.announcer.start()
+        logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
+
+    async def shutdown(self) -> None:
+        if self.announcer is not None:
+            await self.announcer.stop(offline=True)
+        if self.p2p is not None:
+            await self.remove_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
+        await asyncio.get_event_loop().run_in_executor(self.executor, self.optimizer.shutdown)
+        self.executor.shutdown(wait=False)
+
+    def refresh_record(self) -> None:
+        if self.record is not None:
+            self.record.served = self.stats.served
+            self.record.throughput = float(min(self.stats.throughput_ema, 1e9))
+
+    # ---- RPCs ---------------------------------------------------------------------------------------------
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A peer's view of itself, for `swarm status` and tests."""
+        info = dict(
+            peer_id=self.peer_id, stage=self.cfg.stage, num_stages=self.cfg.num_stages,
+            state=self.record.state if self.record else "joining", served=self.stats.served,
+            rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
+            failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
+            epoch=self.optimizer.epoch, flagged=dict(self.stats.flagged), device=str(self.device),
+        )
+        return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
+
+    async def rpc_labels(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A trainer deposits the labels of one micro-batch at the last stage."""
+        sender = str(context.remote_id)
+        try:
+            if not self.module.is_last:
+                raise TransportError("labels go to the last stage only")
+            received = await receive(single(request), self.cfg.limits)
+            mb = received.metadata.get("mb")
+            if not isinstance(mb, str) or len(received.tensors) != 1 or received.tensors[0].dtype != torch.int64:
+                raise TransportError("labels need an 'mb' id and one int64 tensor")
+            labels = received.tensors[0]
+            if labels.ndim != 2 or labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= self.model_cfg.vocab_size:
+                raise TransportError("labels must be a [batch, seq] tensor of valid token ids")
+            self.labels.put((sender, mb), labels)
+            reply = {"ok": True}
+        except TransportError as e:
+            reply = {"ok": False, "error": str(e)}
+        return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
+
+    async def rpc_chain(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Forward one micro-batch through this stage and the rest of its route, then backward; see module doc."""
+        sender = str(context.remote_id)
+        started = time.perf_counter()
+        try:
+            tensors, reply = await self._chain(requests, sender)
+            reply.update(ok=True)
+        except ChainError as e:
+            tensors, reply = [], dict(ok=False, error=e.reason, blame=e.blame, blame_stage=e.blame_stage)
+        except Exception as e:  # a bug must not take the server down; report it without blaming anyone
+            logger.exception(f"stage {self.cfg.stage}: internal error")
+            tensors, reply = [], dict(ok=False, error=f"internal error at stage {self.cfg.stage}: {e!r}", blame=None)
+        reply.setdefault("timings", []).insert(
+            0, dict(stage=self.cfg.stage, peer=self.peer_id, total_s=time.perf_counter() - started)
+        )
+        for message in pack(reply, tensors, compression=self.cfg.compression, message_type=runtime_pb2.ExpertResponse):
+            yield message
+
+    # ---- the chain ----------------------------------------------------------------------------------------
+    def _reject(self, sender: str, reason: str, direction: str) -> ChainError:
+        self.stats.flagged[sender] = self.stats.flagged.get(sender, 0) + 1
+        if direction == FORWARD:
+            self.stats.rejected_inputs += 1
+        else:
+            self.stats.rejected_grads += 1
+        stage = self.cfg.stage - 1 if direction == FORWARD else self.cfg.stage + 1
+        logger.info(f"stage {self.cfg.stage}: rejected {direction} tensor from {sender[-8:]}: {reason}")
+        return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage)
+
+    def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any]) -> None:
+        reason = hard_check(tensor, self.cfg.max_abs_value)
+        for check in self.inbound_checks:
+            if reason is not None:
+                break
+            reason = check(tensor, direction, sender, meta)
+        if reason is not None:
+            raise self._reject(sender, reason, direction)
+
+    def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
+        mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
+        if not isinstance(mb, str) or not 0 < len(mb) <= 256:
+            raise ChainError("metadata needs a string 'mb' id", blame=sender)
+        if stage != self.cfg.stage:
+            raise ChainError(f"this peer serves stage {self.cfg.stage}, not {stage!r}", blame=sender)
+        if not isinstance(route, list) or len(route) != self.cfg.num_stages - self.cfg.stage:
+            raise ChainError(f"route must list one peer for each of stages {self.cfg.stage}..{self.cfg.num_stages - 1}", blame=sender)
+        if not all(isinstance(p, str) and 0 < len(p) <= 128 for p in route) or route[0] != self.peer_id:
+            raise ChainError("route must start with this peer and hold peer ids", blame=sender)
+        if len(tensors) != 1:
+            raise ChainError(f"expected exactly one input tensor, got {len(tensors)}", blame=sender)
+        x = tensors[0]
+        if self.module.is_first:
+            ok = x.dtype == torch.int64 and x.ndim == 2
+            expected = "int64 token ids [batch, seq]"
+        else:
+            ok = x.is_floating_point() and x.ndim == 3 and x.shape[-1] == self.model_cfg.hidden_size
+            expected = f"float activations [batch, seq, {self.model_cfg.hidden_size}]"
+        if not ok:
+            raise ChainError(f"bad input {tuple(x.shape)} {x.dtype}: expected {expected}", blame=sender)
+        if not (1 <= x.shape[0] <= self.cfg.max_batch and 2 <= x.shape[1] <= min(self.cfg.max_seq_len, self.model_cfg.max_position_embeddings)):
+            raise ChainError(f"batch/sequence size {tuple(x.shape[:2])} outside this server's limits", blame=sender)
+        if self.module.is_first and (int(x.min()) < 0 or int(x.max()) >= self.model_cfg.vocab_size):
+            raise ChainError("token ids outside the vocabulary", blame=sender)
+        return mb, route
+
+    async def _chain(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], sender: str) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+        banned = self.is_banned(sender)
+        if banned:
+            raise ChainError(f"refused: sender is blacklisted ({banned})", blame=None)
+        try:
+            received = await receive(requests, self.cfg.limits)
+        except TransportError as e:
+            raise self._reject(sender, f"malformed message: {e}", FORWARD) from e
+        meta = received.metadata
+        mb, route = self._validate_request(meta, received.tensors, sender)
+        x = received.tensors[0]
+        self._check(x, FORWARD, sender, meta)
+        loop = asyncio.get_event_loop()
+        async with self._slots:
+            started = time.perf_counter()
+            x, out = await loop.run_in_executor(self.executor, self._forward, x)
+            fwd_s = time.perf_counter() - started
+            timings: List[Dict[str, Any]] = []
+            try:
+                if self.module.is_last:
+                    trainer = meta.get("trainer")
+                    if not isinstance(trainer, str):
+                        raise ChainError("metadata needs the 'trainer' peer id", blame=sender)
+                    try:
+                        labels = await self.labels.take((trainer, mb), self.cfg.labels_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise ChainError(f"labels for micro-batch {mb} never arrived", blame=None) from None
+                    if labels.shape != out.shape[:2]:
+                        raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
+                    started = time.perf_counter()
+                    loss, grad_in = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
+                else:
+                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
+                    grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
+                    self._check(grad_out, BACKWARD, route[1], meta)
+                    started = time.perf_counter()
+                    grad_in = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
+            except BaseException:
+                del x, out  # drop the graph: this micro-batch never reaches the optimizer
+                raise
+            bwd_s = time.perf_counter() - started
+        self.stats.served += 1
+        self.stats.record_compute(x.shape[0], fwd_s + bwd_s)
+        self.refresh_record()
+        tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
+        reply = dict(loss=float(loss), timings=[dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s)] + timings)
+        return tensors, reply
+
+    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor, mb: str) -> Tuple[torch.Tensor, float, List]:
+        try:
+            peer_id = PeerID.from_base58(peer)
+        except Exception:
+            raise ChainError(f"route holds an invalid peer id {peer[:20]!r}", blame=None) from None
+        sent = self._outbound(out, FORWARD, meta)
+        stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
+        messages = pack(meta, [sent], compression=self.cfg.compression)
+        stage = self.cfg.stage + 1
+        try:
+            received = await call(stub.rpc_chain, messages, self.cfg.limits, timeout=self.cfg.hop_timeout_s)
+        except asyncio.TimeoutError:
+            self.stats.failed_downstream += 1
+            raise ChainError(f"stage {stage} peer timed out after {self.cfg.hop_timeout_s:.0f}s", blame=peer, blame_stage=stage) from None
+        except TransportError as e:
+            self.stats.failed_downstream += 1
+            raise self._reject(peer, f"malformed reply: {e}", BACKWARD) from e
+        except Exception as e:
+            self.stats.failed_downstream += 1
+            raise ChainError(f"stage {stage} peer unreachable: {type(e).__name__}: {e}", blame=peer, blame_stage=stage) from None
+        reply = received.metadata
+        if not reply.get("ok"):
+            self.stats.failed_downstream += 1
+            blame, blame_stage = reply.get("blame"), reply.get("blame_stage")
+            if not (blame is None or isinstance(blame, str)):
+                blame = peer
+            raise ChainError(str(reply.get("error", "unknown error"))[:500], blame=blame, blame_stage=blame_stage)
+        loss = reply.get("loss")
+        if not isinstance(loss, float) or not math.isfinite(loss) or len(received.tensors) != 1:
+            raise self._reject(peer, "reply needs a finite loss and one gradient tensor", BACKWARD)
+        grad = received.tensors[0]
+        if grad.shape != out.shape or not grad.is_floating_point():
+            raise self._reject(peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD)
+        timings = reply.get("timings") if isinstance(reply.get("timings"), list) else []
+        return grad, loss, timings[:64]
+
+    def _outbound(self, tensor: torch.Tensor, direction: str, meta: Dict[str, Any]) -> torch.Tensor:
+        tensor = tensor.detach()
+        if self.outbound_hook is not None:
+            tensor = self.outbound_hook(tensor, direction, meta)
+        return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.cpu()
+
+    # ---- compute (runs on the single compute thread) ---------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.autocast_dtype:
+            return torch.autocast("cuda", dtype=getattr(torch, self.cfg.autocast_dtype))
+        return torch.autocast("cpu", enabled=False)
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.float().requires_grad_(True)
+        with torch.enable_grad(), self._autocast():
+            out = self.module(x)
+        return x, out
+
+    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+        self.optimizer.step(batch_size=x.shape[0])
+        return x.grad
+
+    def _backward_loss(self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
+        loss = causal_lm_loss(logits, labels.to(logits.device))
+        loss.backward()
+        self.optimizer.step(batch_size=x.shape[0])
+        return float(loss.detach()), x.grad if x.is_floating_point() else None
+

@@ -1,0 +1,288 @@
+"""The trainer: holds the data, feeds micro-batches through chains of stage peers, accounts for every one.
+
+Several micro-batches are in flight at once (``max_inflight``), so different stages work on different
+micro-batches at the same time (pipelining across chains). For each micro-batch the trainer asks the router for
+a chain, sends the labels straight to the chain's last peer, and sends the token ids to its first peer; the
+activations then travel peer to peer and the reply carries the loss. A failed attempt names the peer to blame;
+the trainer bans it locally and retries on another chain, up to ``max_attempts``, then drops the micro-batch
+with the reason. The :class:`MicroBatchLedger` guarantees each micro-batch ends exactly once: completed, or
+dropped with a reason; retries are counted separately.
+
+An optimizer step, from the trainer's view, is ``microbatches_per_step`` consecutive micro-batches: the
+stage replicas step together once the swarm has accumulated that many samples (``target_batch_size``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+
+from swarm.data import MicroBatchStream
+from swarm.network import fetch_stage_peers
+from swarm.router import NoRouteError, Router
+from swarm.stage_server import StageServer, namespace
+from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    run_id: str
+    num_stages: int
+    steps: int
+    microbatches_per_step: int
+    max_inflight: int = 4
+    max_attempts: int = 5
+    chain_timeout_s: float = 180.0
+    wait_for_peers_s: float = 120.0  # how long a micro-batch may wait for a usable chain
+    refresh_peers_s: float = 2.0
+    compression: str = "none"
+    metrics_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
+            raise ValueError("steps, microbatches_per_step, max_inflight and max_attempts must be >= 1")
+
+
+class MicroBatchLedger:
+    """Every micro-batch ends exactly once (completed or dropped); retries are counted, never double-counted."""
+
+    def __init__(self) -> None:
+        self.outcome: Dict[int, str] = {}
+        self.loss: Dict[int, float] = {}
+        self.drop_reason: Dict[int, str] = {}
+        self.retried = 0
+        self.retry_reasons: Counter = Counter()
+
+    def retry(self, index: int, reason: str) -> None:
+        if index in self.outcome:
+            raise RuntimeError(f"micro-batch {index} already ended as {self.outcome[index]}")
+        self.retried += 1
+        self.retry_reasons[reason.split(":")[0][:80]] += 1
+
+    def complete(self, index: int, loss: float) -> None:
+        self._end(index, "completed")
+        self.loss[index] = loss
+
+    def drop(self, index: int, reason: str) -> None:
+        self._end(index, "dropped")
+        self.drop_reason[index] = reason
+
+    def _end(self, index: int, outcome: str) -> None:
+        if index in self.outcome:
+            raise RuntimeError(f"micro-batch {index} already ended as {self.outcome[index]}, not {outcome}")
+        self.outcome[index] = outcome
+
+    def counts(self) -> Dict[str, int]:
+        values = list(self.outcome.values())
+        return dict(completed=values.count("completed"), retried=self.retried, dropped=values.count("dropped"))
+
+
+@dataclass
+class Attempt:
+    ok: bool
+    loss: float = float("nan")
+    reason: str = ""
+    blame: Optional[str] = None
+    hop_times_s: Dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Drives training over the swarm. ``await run()`` returns the summary dict."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        dht: hivemind.DHT,
+        stream: MicroBatchStream,
+        *,
+        router: Optional[Router] = None,
+        on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ):
+        self.cfg, self.dht, self.stream = cfg, dht, stream
+        self.router = router or Router(cfg.num_stages)
+        self.router.microbatch_size = stream.microbatch_size
+        self.ledger = MicroBatchLedger()
+        self.on_step = on_step
+        self.limits = TensorLimits()
+        self.p2p: Optional[hivemind.P2P] = None
+        self.peer_id = ""
+        self.tokens = 0
+        self.metrics: List[Dict[str, Any]] = []
+        self._stub_cls = StageServer  # stubs are generated from the server's RPC signatures
+
+    async def refresh_peers(self) -> None:
+        loop = asyncio.get_event_loop()
+        peers = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages)
+        self.router.update(peers)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh_peers_s)
+            try:
+                await self.refresh_peers()
+            except Exception as e:
+                logger.warning(f"could not refresh peers from the DHT: {e}")
+
+    def _stub(self, peer: str):
+        return self._stub_cls.get_stub(self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id))
+
+    async def _attempt(self, index: int, attempt: int, chain: List[str], ids: torch.Tensor) -> Attempt:
+        mb = f"{index}.{attempt}"
+        try:
+            labels_reply = await self._stub(chain[-1]).rpc_labels(
+                pack({"mb": mb}, [ids])[0], timeout=min(30.0, self.cfg.chain_timeout_s)
+            )
+            ok = (await receive(single(labels_reply), self.limits)).metadata.get("ok")
+            if not ok:
+                return Attempt(False, reason="last stage refused the labels", blame=chain[-1])
+        except Exception as e:
+            return Attempt(False, reason=f"labels not delivered: {type(e).__name__}: {e}", blame=chain[-1])
+        meta = dict(mb=mb, route=chain, stage=0, trainer=self.peer_id, step=index // self.cfg.microbatches_per_step)
+        try:
+            received = await call(
+                self._stub(chain[0]).rpc_chain, pack(meta, [ids], compression=self.cfg.compression),
+                self.limits, timeout=self.cfg.chain_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            return Attempt(False, reason=f"chain timed out after {self.cfg.chain_timeout_s:.0f}s", blame=chain[0])
+        except TransportError as e:
+            return Attempt(False, reason=f"malformed reply: {e}", blame=chain[0])
+        except Exception as e:
+            return Attempt(False, reason=f"first peer unreachable: {type(e).__name__}: {e}", blame=chain[0])
+        reply = received.metadata
+        if not reply.get("ok"):
+            blame = reply.get("blame")
+            return Attempt(False, reason=str(reply.get("error", "unknown error"))[:300],
+                           blame=blame if isinstance(blame, str) and blame != self.peer_id else None)
+        loss = reply.get("loss")
+        if not isinstance(loss, float):
+            return Attempt(False, reason="reply without a loss", blame=chain[0])
+        hop_times = {}
+        for t in reply.get("timings", []) if isinstance(reply.get("timings"), list) else []:
+            if isinstance(t, dict) and isinstance(t.get("peer"), str) and "fwd_s" in t:
+                hop_times[t["peer"]] = float(t.get("fwd_s", 0.0)) + float(t.get("bwd_s", 0.0))
+        return Attempt(True, loss=loss, hop_times_s=hop_times)
+
+    async def _pick_chain(self) -> List[str]:
+        deadline = time.monotonic() + self.cfg.wait_for_peers_s
+        while True:
+            try:
+                return self.router.pick_chain()
+            except NoRouteError as e:
+                if time.monotonic() > deadline:
+                    raise
+                logger.debug(f"waiting for peers: {e}")
+                await asyncio.sleep(min(1.0, self.cfg.refresh_peers_s))
+                await self.refresh_peers()
+
+    async def run_microbatch(self, index: int) -> None:
+        """Run one micro-batch to its end: completed, or dropped after ``max_attempts``."""
+        ids = self.stream.microbatch(index)
+        reason = ""
+        for attempt in range(self.cfg.max_attempts):
+            try:
+                chain = await self._pick_chain()
+            except NoRouteError as e:
+                self.ledger.drop(index, str(e))
+                return
+            try:
+                result = await self._attempt(index, attempt, chain, ids)
+            finally:
+                self.router.release(chain)
+            if result.ok:
+                self.router.report_success(chain, result.hop_times_s)
+                self.ledger.complete(index, result.loss)
+                self.tokens += ids.numel()
+                return
+            reason = result.reason
+            if result.blame is not None:
+                duration = self.router.report_failure(result.blame, reason)
+                logger.info(f"micro-batch {index} attempt {attempt}: {reason}; banned {result.blame[-8:]} for {duration:.0f}s")
+            else:
+                logger.info(f"micro-batch {index} attempt {attempt}: {reason}")
+            if attempt + 1 < self.cfg.max_attempts:
+                self.ledger.retry(index, reason)
+        self.ledger.drop(index, f"gave up after {self.cfg.max_attempts} attempts; last error: {reason}")
+
+    async def run(self) -> Dict[str, Any]:
+        self.p2p = await self.dht.replicate_p2p()
+        self.peer_id = str(self.p2p.peer_id)
+        await self.refresh_peers()
+        refresher = asyncio.get_event_loop().create_task(self._refresh_loop())
+        metrics_file = open(self.cfg.metrics_path, "w") if self.cfg.metrics_path else None
+        total = self.cfg.steps * self.cfg.microbatches_per_step
+        started = time.perf_counter()
+        window = asyncio.Semaphore(self.cfg.max_inflight)
+        tasks: Dict[int, asyncio.Task] = {}
+
+        async def launch(index: int) -> None:
+            async with window:
+                await self.run_microbatch(index)
+
+        try:
+            next_index = 0
+            for step in range(self.cfg.steps):
+                end = (step + 1) * self.cfg.microbatches_per_step
+                # keep the window full across step boundaries: no pipeline flush between steps
+                while next_index < min(total, end + self.cfg.max_inflight):
+                    tasks[next_index] = asyncio.get_event_loop().create_task(launch(next_index))
+                    next_index += 1
+                await asyncio.gather(*(tasks.pop(i) for i in range(step * self.cfg.microbatches_per_step, end)))
+                losses = [self.ledger.loss[i] for i in range(step * self.cfg.microbatches_per_step, end) if i in self.ledger.loss]
+                row = dict(
+                    step=step,
+                    loss=sum(losses) / len(losses) if losses else None,
+                    tokens=self.tokens,
+                    elapsed_s=round(time.perf_counter() - started, 3),
+                    completed=len(losses),
+                    dropped=self.cfg.microbatches_per_step - len(losses),
+                    retried=self.ledger.retried,
+                )
+                self.metrics.append(row)
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                if self.on_step:
+                    self.on_step(row)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            refresher.cancel()
+            if metrics_file:
+                metrics_file.close()
+        return self.summary(time.perf_counter() - started)
+
+    def summary(self, elapsed_s: float) -> Dict[str, Any]:
+        losses = [row["loss"] for row in self.metrics if row["loss"] is not None]
+        counts = self.ledger.counts()
+        total = self.cfg.steps * self.cfg.microbatches_per_step
+        assert counts["completed"] + counts["dropped"] == total, "every micro-batch must end exactly once"
+        peers = [dict(peer_id=self.peer_id, stage=None, role="trainer")]
+        for state in sorted(self.router.peers.values(), key=lambda s: (s.stage, s.peer_id)):
+            peers.append(dict(peer_id=state.peer_id, stage=state.stage, role="stage", chosen=state.chosen,
+                              succeeded=state.succeeded, failed=state.failed,
+                              time_ema_s=state.time_ema_s))
+        return dict(
+            steps=len(self.metrics),
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            tokens=self.tokens,
+            elapsed_s=round(elapsed_s, 3),
+            tokens_per_s=round(self.tokens / max(elapsed_s, 1e-9), 2),
+            microbatches=counts,
+            drop_reasons=dict(Counter(self.ledger.drop_reason.values()).most_common(10)),
+            retry_reasons=dict(self.ledger.retry_reasons.most_common(10)),
+            peers=peers,
+        )
+
