@@ -115,13 +115,13 @@ class LocalSwarm:
             os.killpg(child.proc.pid, sig)  # the whole group: the peer and its DHT / p2pd children
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every child (clean leave: offline announcement), then SIGKILL what is left."""
+        """SIGTERM every child (a clean leave: it announces itself offline), then SIGKILL what is left.
+
+        Only the role's own process gets SIGTERM: its DHT process and p2p daemon must outlive its goodbye.
+        """
         for child in reversed(self.children):
             if child.proc.poll() is None:
-                try:
-                    os.killpg(child.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in self.children:
             try:

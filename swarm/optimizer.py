@@ -52,7 +52,7 @@ class StageOptimizer:
         self.module, self.cfg = module, cfg
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         # aliases with their own version counters (see the module docstring)
-        self.aliases: List[torch.Tensor] = [p.data for p in self.params]
+        self.aliases: List[torch.Tensor] = [p.data.requires_grad_(True) for p in self.params]
         make_opt = partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.samples_since_step = 0
         self.local_steps = 0
@@ -67,6 +67,8 @@ class StageOptimizer:
                 matchmaking_time=cfg.matchmaking_time_s,
                 averaging_timeout=cfg.averaging_timeout_s,
                 load_state_timeout=cfg.load_state_timeout_s,
+                # matchmaking requests must time out before a round's matchmaking window closes
+                averager_opts=dict(request_timeout=cfg.matchmaking_time_s / 2),
                 tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5),
                 verbose=False,
             )

@@ -24,7 +24,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SwarmConfigRecord:
         _require(isinstance(model, dict) and len(model) <= 64, "model must be a dict of at most 64 fields")
         try:
             ModelConfig(**model)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError) as e:  # int(inf) raises OverflowError
             raise RecordError(f"invalid model config: {e}") from e
         extra = value.get("extra", {})
         _require(isinstance(extra, dict) and len(extra) <= 64, "extra must be a dict of at most 64 fields")
@@ -225,6 +225,9 @@ def parse_subkeyed(
     rejected: List[str] = []
     if entry is None or not isinstance(entry.value, dict):
         return records, rejected
+    if not all(isinstance(item, ValueWithExpiration) for item in entry.value.values()):
+        # a plain dict stored without subkeys (e.g. accepted by a foreign node) is not a dictionary of records
+        return records, [f"{what}: not a dictionary of subkeys"]
     now = get_dht_time()
     for subkey, item in entry.value.items():
         if item.expiration_time < now:

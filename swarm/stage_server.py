@@ -199,12 +199,18 @@ class StageServer(ServicerBase):
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
 
     async def shutdown(self) -> None:
+        logger.info(f"stage {self.cfg.stage}: leaving (served {self.stats.served} micro-batches)")
         if self.announcer is not None:
             await self.announcer.stop(offline=True)
         if self.p2p is not None:
             await self.remove_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
         await asyncio.get_event_loop().run_in_executor(self.executor, self.optimizer.shutdown)
         self.executor.shutdown(wait=False)
+
+    def param_checksum(self) -> float:
+        """A cheap fingerprint of this stage's weights: replicas in sync report (nearly) the same number."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() + p.double().abs().sum() for p in self.module.parameters()))
 
     def refresh_record(self) -> None:
         if self.record is not None:
@@ -220,6 +226,7 @@ class StageServer(ServicerBase):
             rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
             failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
             epoch=self.optimizer.epoch, flagged=dict(self.stats.flagged), device=str(self.device),
+            param_checksum=self.param_checksum(),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
 
@@ -424,3 +431,10 @@ class StageServer(ServicerBase):
         self.optimizer.step(batch_size=x.shape[0])
         return float(loss.detach()), x.grad if x.is_floating_point() else None
 
+
+
+async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 10.0) -> Dict[str, Any]:
+    """Ask a stage peer about itself (its ``rpc_info``)."""
+    stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
+    reply = await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=timeout)
+    return (await receive(single(reply), TensorLimits())).metadata

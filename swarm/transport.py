@@ -29,7 +29,8 @@ COMPRESSION = {
     "uniform8": runtime_pb2.CompressionType.UNIFORM_8BIT,
     "blockwise8": runtime_pb2.CompressionType.BLOCKWISE_8BIT,
 }
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
+# serialized bytes per element; hivemind sends bfloat16 as float32 by default (USE_LEGACY_BFLOAT16=1)
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 
 
 class TransportError(ValueError):
