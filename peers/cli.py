@@ -58,7 +58,7 @@ def _training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-attempts", type=int, default=5, help="tries per micro-batch (default: %(default)s)")
     group.add_argument("--metrics-out", default=None, metavar="FILE", help="JSON lines, one per optimizer step")
     group.add_argument("--summary-json", default=None, metavar="FILE", help="the run's summary as JSON")
-    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16", "uniform8", "blockwise8"],
+    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"],
                        help="compression of activations/gradients on the wire (default: %(default)s)")
 
 
@@ -70,7 +70,7 @@ def _server(parser: argparse.ArgumentParser) -> None:
                        help="step a local optimizer without averaging with the stage's replicas (debugging only)")
     group.add_argument("--matchmaking-time", type=float, default=1.0,
                        help="seconds replicas wait to form an averaging group (default: %(default)s)")
-    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16", "uniform8", "blockwise8"])
+    group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,23 +71,44 @@ class DataConfig:
         _check(1 <= self.microbatch_size <= 4096, "data.microbatch_size must be in [1, 4096]")
 
 
-def stage_layer_ranges(num_layers: int, num_stages: int) -> List[Tuple[int, int]]:
-    """Split ``num_layers`` transformer blocks into ``num_stages`` contiguous [start, end) ranges, balanced.
+def stage_layer_ranges(num_layers: int, num_stages: int, head_cost: float = 0.0) -> List[Tuple[int, int]]:
+    """Cut ``num_layers`` blocks into ``num_stages`` contiguous [start, end) ranges with the least costly stage
+    as cheap as possible (a pipeline runs at the pace of its slowest stage).
 
-    The first and last stages also hold the embeddings and the head, so extra blocks go to middle stages first.
+    Each block costs 1; the last stage also pays ``head_cost`` (the LM head and loss, in units of one block).
+    Ties go to the cut with more even block counts.
     """
     _check(num_stages >= 1, "num_stages must be >= 1")
     _check(num_layers >= num_stages, f"cannot cut {num_layers} layers into {num_stages} stages")
-    base, extra = divmod(num_layers, num_stages)
-    sizes = [base] * num_stages
-    order = list(range(1, num_stages - 1)) + [0, num_stages - 1] if num_stages > 2 else list(range(num_stages))
-    for i in order[:extra]:
-        sizes[i] += 1
-    ranges, start = [], 0
-    for size in sizes:
-        ranges.append((start, start + size))
-        start += size
-    return ranges
+    _check(math.isfinite(head_cost) and head_cost >= 0, "head_cost must be finite and >= 0")
+    inf = (float("inf"), float("inf"))
+    # best[s][n]: (max stage cost, sum of squared block counts) of cutting the first n blocks into s stages
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, num_stages + 1):
+        for n in range(s, num_layers - (num_stages - s) + 1):
+            for k in range(s - 1, n):
+                if best[s - 1][k] == inf:
+                    continue
+                size = n - k
+                cost = size + (head_cost if s == num_stages else 0.0)
+                candidate = (max(best[s - 1][k][0], cost), best[s - 1][k][1] + size * size)
+                if candidate < best[s][n]:
+                    best[s][n], cut[s][n] = candidate, k
+    ranges, n = [], num_layers
+    for s in range(num_stages, 0, -1):
+        ranges.append((cut[s][n], n))
+        n = cut[s][n]
+    return ranges[::-1]
+
+
+def head_cost_in_layers(cfg: ModelConfig, seq_len: int = 128) -> float:
+    """The LM head plus loss, in units of one transformer block's compute (multiply-adds per token)."""
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads)
+    block = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size + 2 * seq_len * h
+    head = h * cfg.vocab_size + 4 * cfg.vocab_size  # matmul, then softmax/cross-entropy over the vocabulary
+    return head / block
 
 
 def to_dict(config: Any) -> Dict[str, Any]:

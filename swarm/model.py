@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from swarm.config import ModelConfig, stage_layer_ranges
+from swarm.config import ModelConfig, head_cost_in_layers, stage_layer_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class StageModule(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        ranges = stage_layer_ranges(cfg.num_layers, num_stages)
+        ranges = stage_layer_ranges(cfg.num_layers, num_stages, head_cost_in_layers(cfg))
         _check_stage(stage, num_stages)
         self.cfg = cfg
         self.stage = int(stage)

@@ -346,13 +346,13 @@ class StageServer(ServicerBase):
                     if labels.shape != out.shape[:2]:
                         raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
                     started = time.perf_counter()
-                    loss, grad_in = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
+                    loss, grad_in, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
                 else:
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
                     grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
                     self._check(grad_out, BACKWARD, route[1], meta)
                     started = time.perf_counter()
-                    grad_in = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
+                    grad_in, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
                 raise
@@ -361,7 +361,8 @@ class StageServer(ServicerBase):
         self.stats.record_compute(x.shape[0], fwd_s + bwd_s)
         self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
-        reply = dict(loss=float(loss), timings=[dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s)] + timings)
+        hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s - opt_s, opt_s=opt_s)
+        reply = dict(loss=float(loss), timings=[hop] + timings)
         return tensors, reply
 
     async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor, mb: str) -> Tuple[torch.Tensor, float, List]:
@@ -420,16 +421,21 @@ class StageServer(ServicerBase):
             out = self.module(x)
         return x, out
 
-    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
-        self.optimizer.step(batch_size=x.shape[0])
-        return x.grad
+    def _optimizer_step(self, batch_size: int) -> float:
+        """Hand the micro-batch's gradients to the optimizer; returns the seconds it took (averaging included)."""
+        started = time.perf_counter()
+        self.optimizer.step(batch_size=batch_size)
+        return time.perf_counter() - started
 
-    def _backward_loss(self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
+    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+        return x.grad, self._optimizer_step(x.shape[0])
+
+    def _backward_loss(self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[torch.Tensor], float]:
         loss = causal_lm_loss(logits, labels.to(logits.device))
         loss.backward()
-        self.optimizer.step(batch_size=x.shape[0])
-        return float(loss.detach()), x.grad if x.is_floating_point() else None
+        opt_s = self._optimizer_step(x.shape[0])
+        return float(loss.detach()), x.grad if x.is_floating_point() else None, opt_s
 
 
 

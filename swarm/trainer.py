@@ -88,6 +88,25 @@ class MicroBatchLedger:
         return dict(completed=values.count("completed"), retried=self.retried, dropped=values.count("dropped"))
 
 
+class TimingStats:
+    """Mean seconds per micro-batch for each stage (forward, backward, optimizer) and for whole chains."""
+
+    def __init__(self) -> None:
+        self._sums: Dict[str, Dict[str, float]] = {}
+        self._counts: Counter = Counter()
+
+    def add(self, key: Any, parts: Dict[str, float]) -> None:
+        key = f"stage{key}" if isinstance(key, int) else str(key)
+        sums = self._sums.setdefault(key, {})
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value
+        self._counts[key] += 1
+
+    def means(self) -> Dict[str, Dict[str, float]]:
+        return {key: {name: round(total / self._counts[key], 5) for name, total in sums.items()}
+                for key, sums in sorted(self._sums.items())}
+
+
 @dataclass
 class Attempt:
     ok: bool
@@ -119,6 +138,7 @@ class Trainer:
         self.peer_id = ""
         self.tokens = 0
         self.metrics: List[Dict[str, Any]] = []
+        self.timing = TimingStats()
         self._stub_cls = StageServer  # stubs are generated from the server's RPC signatures
 
     async def refresh_peers(self) -> None:
@@ -170,8 +190,12 @@ class Trainer:
             return Attempt(False, reason="reply without a loss", blame=chain[0])
         hop_times = {}
         for t in reply.get("timings", []) if isinstance(reply.get("timings"), list) else []:
-            if isinstance(t, dict) and isinstance(t.get("peer"), str) and "fwd_s" in t:
-                hop_times[t["peer"]] = float(t.get("fwd_s", 0.0)) + float(t.get("bwd_s", 0.0))
+            if not (isinstance(t, dict) and isinstance(t.get("peer"), str) and isinstance(t.get("stage"), int)):
+                continue
+            parts = {k: t[k] for k in ("fwd_s", "bwd_s", "opt_s") if isinstance(t.get(k), float) and t[k] >= 0}
+            if len(parts) == 3:
+                hop_times[t["peer"]] = sum(parts.values())
+                self.timing.add(t["stage"], parts)
         return Attempt(True, loss=loss, hop_times_s=hop_times)
 
     async def _pick_chain(self) -> List[str]:
@@ -196,10 +220,13 @@ class Trainer:
             except NoRouteError as e:
                 self.ledger.drop(index, str(e))
                 return
+            started = time.perf_counter()
             try:
                 result = await self._attempt(index, attempt, chain, ids)
             finally:
                 self.router.release(chain)
+            if result.ok:
+                self.timing.add("chain", {"total_s": time.perf_counter() - started})
             if result.ok:
                 self.router.report_success(chain, result.hop_times_s)
                 self.ledger.complete(index, result.loss)
@@ -283,6 +310,7 @@ class Trainer:
             microbatches=counts,
             drop_reasons=dict(Counter(self.ledger.drop_reason.values()).most_common(10)),
             retry_reasons=dict(self.ledger.retry_reasons.most_common(10)),
+            timing=self.timing.means(),
             peers=peers,
         )
 

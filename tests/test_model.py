@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm.config import ModelConfig, stage_layer_ranges
+from swarm.config import ModelConfig, head_cost_in_layers, stage_layer_ranges
 from swarm.model import (
     StageModule,
     build_model,
@@ -82,7 +82,7 @@ def test_stage_weights_equal_whole_model(cfg, num_stages):
 
 def test_stage_parts(cfg):
     stages = [StageModule(cfg, s, 3) for s in range(3)]
-    assert [s.layer_range for s in stages] == stage_layer_ranges(cfg.num_layers, 3)
+    assert [s.layer_range for s in stages] == stage_layer_ranges(cfg.num_layers, 3, head_cost_in_layers(cfg))
     assert [(s.is_first, s.is_last) for s in stages] == [(True, False), (False, False), (False, True)]
     assert hasattr(stages[0].model, "embed_tokens") and not hasattr(stages[1].model, "embed_tokens")
     assert hasattr(stages[2], "lm_head") and not hasattr(stages[0], "lm_head")
@@ -160,6 +160,12 @@ def test_stage_layer_ranges_edges():
     ranges = stage_layer_ranges(7, 3)
     assert ranges[0][0] == 0 and ranges[-1][1] == 7
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert stage_layer_ranges(7, 3) == [(0, 2), (2, 5), (5, 7)] or max(b - a for a, b in stage_layer_ranges(7, 3)) == 3
+    # an expensive head moves blocks away from the last stage, never below one block per stage
+    assert stage_layer_ranges(4, 2, head_cost=1.6) == [(0, 3), (3, 4)]
+    assert stage_layer_ranges(4, 2, head_cost=0.0) == [(0, 2), (2, 4)]
+    assert stage_layer_ranges(4, 4, head_cost=10.0) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert stage_layer_ranges(16, 4, head_cost=1.1)[-1] == (13, 16)
     with pytest.raises(ValueError):
         stage_layer_ranges(3, 4)
     with pytest.raises(ValueError):

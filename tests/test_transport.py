@@ -76,7 +76,7 @@ def test_round_trip_several_tensors_and_big_one_in_chunks():
     received = roundtrip(messages)
     assert received.metadata == META
     assert [t.dtype for t in received.tensors] == [t.dtype for t in tensors]
-    for out, expected in zip(received.tensors, tensors):
+    for out, expected in zip(received.tensors, tensors, strict=True):
         assert torch.equal(out, expected)
     assert received.num_bytes == sum(len(p.buffer) for m in messages for p in m.tensors)
     assert received.num_bytes >= big.numel() * 4
