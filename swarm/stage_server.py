@@ -330,9 +330,9 @@ class StageServer(ServicerBase):
         self._check(x, FORWARD, sender, meta)
         loop = asyncio.get_event_loop()
         async with self._slots:
-            started = time.perf_counter()
-            x, out = await loop.run_in_executor(self.executor, self._forward, x)
-            fwd_s = time.perf_counter() - started
+            queued = time.perf_counter()
+            x, out, fwd_s = await loop.run_in_executor(self.executor, self._forward, x)
+            wait_s = time.perf_counter() - queued - fwd_s
             timings: List[Dict[str, Any]] = []
             try:
                 if self.module.is_last:
@@ -345,23 +345,20 @@ class StageServer(ServicerBase):
                         raise ChainError(f"labels for micro-batch {mb} never arrived", blame=None) from None
                     if labels.shape != out.shape[:2]:
                         raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
-                    started = time.perf_counter()
-                    loss, grad_in, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
+                    loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
                 else:
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
                     grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
                     self._check(grad_out, BACKWARD, route[1], meta)
-                    started = time.perf_counter()
-                    grad_in, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
+                    grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
                 raise
-            bwd_s = time.perf_counter() - started
         self.stats.served += 1
-        self.stats.record_compute(x.shape[0], fwd_s + bwd_s)
+        self.stats.record_compute(x.shape[0], fwd_s + bwd_s + opt_s)
         self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
-        hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s - opt_s, opt_s=opt_s)
+        hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
         reply = dict(loss=float(loss), timings=[hop] + timings)
         return tensors, reply
 
@@ -413,13 +410,14 @@ class StageServer(ServicerBase):
             return torch.autocast("cuda", dtype=getattr(torch, self.cfg.autocast_dtype))
         return torch.autocast("cpu", enabled=False)
 
-    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        started = time.perf_counter()
         x = x.to(self.device)
         if x.is_floating_point():
             x = x.float().requires_grad_(True)
         with torch.enable_grad(), self._autocast():
             out = self.module(x)
-        return x, out
+        return x, out, time.perf_counter() - started
 
     def _optimizer_step(self, batch_size: int) -> float:
         """Hand the micro-batch's gradients to the optimizer; returns the seconds it took (averaging included)."""
@@ -427,16 +425,21 @@ class StageServer(ServicerBase):
         self.optimizer.step(batch_size=batch_size)
         return time.perf_counter() - started
 
-    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, float, float]:
+        started = time.perf_counter()
         out.backward(grad_out.to(device=out.device, dtype=out.dtype))
-        return x.grad, self._optimizer_step(x.shape[0])
+        bwd_s = time.perf_counter() - started
+        return x.grad, bwd_s, self._optimizer_step(x.shape[0])
 
-    def _backward_loss(self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[torch.Tensor], float]:
+    def _backward_loss(
+        self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[float, Optional[torch.Tensor], float, float]:
+        started = time.perf_counter()
         loss = causal_lm_loss(logits, labels.to(logits.device))
         loss.backward()
+        bwd_s = time.perf_counter() - started
         opt_s = self._optimizer_step(x.shape[0])
-        return float(loss.detach()), x.grad if x.is_floating_point() else None, opt_s
-
+        return float(loss.detach()), x.grad if x.is_floating_point() else None, bwd_s, opt_s
 
 
 async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 10.0) -> Dict[str, Any]:

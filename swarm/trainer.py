@@ -192,9 +192,9 @@ class Trainer:
         for t in reply.get("timings", []) if isinstance(reply.get("timings"), list) else []:
             if not (isinstance(t, dict) and isinstance(t.get("peer"), str) and isinstance(t.get("stage"), int)):
                 continue
-            parts = {k: t[k] for k in ("fwd_s", "bwd_s", "opt_s") if isinstance(t.get(k), float) and t[k] >= 0}
-            if len(parts) == 3:
-                hop_times[t["peer"]] = sum(parts.values())
+            parts = {k: t[k] for k in ("fwd_s", "bwd_s", "opt_s", "wait_s") if isinstance(t.get(k), float)}
+            if len(parts) == 4:
+                hop_times[t["peer"]] = parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]  # busy time, not queueing
                 self.timing.add(t["stage"], parts)
         return Attempt(True, loss=loss, hop_times_s=hop_times)
 

@@ -154,13 +154,14 @@ def tcp_rate(tensor: torch.Tensor, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--max-inflight", type=int, default=8, help="micro-batches the trainer keeps in flight")
     parser.add_argument("--out", default=HERE, help="where results.json / results.md go")
     args = parser.parse_args()
     seq_len, mb_size, target, lr = 128, 8, 64, 2e-3
     steps, skip, repeats = (3, 1, 3) if args.quick else (16, 3, 30)
     workdir = os.path.join(args.out, "run") if not args.quick else os.path.join(args.out, "quick-run")
 
-    swarm = swarm_run(steps, seq_len, mb_size, target, lr, skip, workdir, max_inflight=4)
+    swarm = swarm_run(steps, seq_len, mb_size, target, lr, skip, workdir, max_inflight=args.max_inflight)
     single = single_process(steps, seq_len, mb_size, target, lr, skip)
     activation = torch.randn(mb_size, seq_len, ModelConfig().hidden_size)
     large = torch.randn(4 * 1024 * 1024)  # 16 MiB
