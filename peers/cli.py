@@ -71,6 +71,28 @@ def _server(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--matchmaking-time", type=float, default=1.0,
                        help="seconds replicas wait to form an averaging group (default: %(default)s)")
     group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"])
+    _sentinel(parser)
+    _attack(parser, "--attack")
+
+
+def _sentinel(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SENTINEL checks of received activations and gradients")
+    group.add_argument("--no-sentinel", action="store_true", help="use received tensors unchecked (baselines only)")
+    group.add_argument("--sentinel-threshold", type=float, default=8.0,
+                       help="reject a tensor whose statistics lie more than this many spreads from a baseline")
+    group.add_argument("--sentinel-warmup", type=int, default=12,
+                       help="tensors observed per baseline before any statistical verdict")
+
+
+def _attack(parser: argparse.ArgumentParser, flag: str) -> None:
+    from peers.adversary import ATTACKS, DIRECTIONS
+
+    group = parser.add_argument_group("Byzantine behaviour (experiments and tests only)")
+    group.add_argument(flag, default=None, choices=ATTACKS, help="tamper with outgoing tensors with this attack")
+    group.add_argument("--attack-direction", default="both", choices=DIRECTIONS)
+    group.add_argument("--attack-magnitude", type=float, default=float("nan"), help="default: the attack's own")
+    group.add_argument("--attack-probability", type=float, default=1.0, help="per message")
+    group.add_argument("--attack-start-step", type=int, default=0, help="honest before this optimizer step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where logs go (default: a new temporary directory)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the swarm to form")
+    p.add_argument("--byzantine", type=int, default=0, help="how many stage peers run --attack (default: %(default)s)")
+    _sentinel(p)
+    _attack(p, "--attack")
     _data(p)
     _training(p)
     return parser

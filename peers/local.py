@@ -144,12 +144,31 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def ledgers(self) -> Dict[str, Dict[str, Any]]:
+        """The ``ledger`` line each stage peer printed as it left (what it rejected from whom)."""
+        out = {}
+        for child in self.children:
+            while not child.events.empty():
+                kind, payload = child.events.get_nowait()
+                if kind == "ledger":
+                    child.info["ledger"] = payload
+            if "ledger" in child.info:
+                out[child.info["peer_id"]] = child.info["ledger"]
+        return out
+
     def peers_summary(self) -> List[Dict[str, Any]]:
+        ledgers = self.ledgers()
+        flagged: Dict[str, int] = {}
+        for ledger in ledgers.values():
+            for peer, by_direction in ledger.get("strikes", {}).items():
+                flagged[peer] = flagged.get(peer, 0) + sum(by_direction.values())
         peers = []
         for child in self.children:
             if child.role == "stage":
-                peers.append(dict(peer_id=child.info.get("peer_id"), stage=child.stage, role="stage", name=child.name,
-                                  exit_code=child.proc.poll()))
+                peer_id = child.info.get("peer_id")
+                peers.append(dict(peer_id=peer_id, stage=child.stage, role="stage", name=child.name,
+                                  byzantine=bool(child.info.get("byzantine", False)), flagged=flagged.get(peer_id, 0),
+                                  tampered=ledgers.get(peer_id, {}).get("tampered"), exit_code=child.proc.poll()))
             elif child.role == "bootstrap":
                 peers.append(dict(peer_id=child.info.get("peer_id"), stage=None, role="bootstrap", name=child.name,
                                   exit_code=child.proc.poll()))
@@ -210,9 +229,30 @@ def save_loss_plot(metrics_path: str, png_path: str) -> Optional[str]:
     return png_path
 
 
+def byzantine_slots(stages: int, replicas: int, count: int) -> set:
+    """Which (stage, replica) slots are Byzantine: spread over stages, last replicas first."""
+    slots = [(i % stages, replicas - 1 - i // stages) for i in range(count)]
+    return set(slots)
+
+
+def stage_args(args, byzantine: bool) -> List[str]:
+    extra = ["--sentinel-threshold", str(args.sentinel_threshold), "--sentinel-warmup", str(args.sentinel_warmup)]
+    if args.no_sentinel:
+        extra.append("--no-sentinel")
+    if byzantine:
+        extra += ["--attack", args.attack, "--attack-direction", args.attack_direction,
+                  "--attack-magnitude", str(args.attack_magnitude), "--attack-probability", str(args.attack_probability),
+                  "--attack-start-step", str(args.attack_start_step)]
+    return extra
+
+
 def run(args) -> int:
     if args.stages < 1 or args.replicas < 1:
         return fail("--stages and --replicas must be >= 1")
+    if args.byzantine and not args.attack:
+        return fail("--byzantine K needs --attack NAME")
+    if not 0 <= args.byzantine < args.stages * args.replicas:
+        return fail("--byzantine must leave at least one honest stage peer")
     swarm = LocalSwarm(args.workdir, run_id=args.run_id)
     metrics_out = args.metrics_out or os.path.join(swarm.workdir, "metrics.jsonl")
     summary_json = args.summary_json or os.path.join(swarm.workdir, "summary.json")
@@ -221,7 +261,9 @@ def run(args) -> int:
         swarm.start_dht(shape_args(args), timeout=args.startup_timeout)
         print(f"swarm local: bootstrap address: {swarm.initial_peers[0]}", flush=True)
         print(f"swarm local: logs in {swarm.workdir}", flush=True)
-        stages = [swarm.start_stage(s, wait=False) for s in range(args.stages) for _ in range(args.replicas)]
+        byzantine = byzantine_slots(args.stages, args.replicas, args.byzantine)
+        stages = [swarm.start_stage(s, wait=False, extra=stage_args(args, (s, r) in byzantine))
+                  for s in range(args.stages) for r in range(args.replicas)]
         for child in stages:
             child.wait_event("serve", args.startup_timeout)
         print(f"swarm local: {len(stages)} stage peers up after {time.monotonic() - started:.1f}s; training "

@@ -10,6 +10,7 @@ from peers.common import emit, fail, host_maddrs, wait_for_shutdown
 from swarm.config import ModelConfig
 from swarm.network import create_dht, fetch_swarm_config
 from swarm.optimizer import OptimizerConfig
+from swarm.sentinel import SentinelConfig, SentinelMonitor
 from swarm.stage_server import StageServer, StageServerConfig
 
 
@@ -27,7 +28,16 @@ def autocast_dtype(device: str):
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
-def run(args, *, inbound_checks=None, outbound_hook=None) -> int:
+def make_adversary(args):
+    if not args.attack:
+        return None
+    from peers.adversary import Adversary, AttackConfig
+
+    return Adversary(AttackConfig(name=args.attack, direction=args.attack_direction, magnitude=args.attack_magnitude,
+                                  probability=args.attack_probability, start_step=args.attack_start_step))
+
+
+def run(args) -> int:
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -49,11 +59,17 @@ def run(args, *, inbound_checks=None, outbound_hook=None) -> int:
                                   matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging)
 
         async def serve() -> None:
+            sentinel = None if args.no_sentinel else SentinelMonitor(
+                SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup))
+            adversary = make_adversary(args)
             server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
-                                 inbound_checks=inbound_checks, outbound_hook=outbound_hook)
+                                 sentinel=sentinel, outbound_hook=adversary)
             await server.start()
-            emit("serve", peer_id=server.peer_id, stage=args.stage, device=device)
+            emit("serve", peer_id=server.peer_id, stage=args.stage, device=device, byzantine=adversary is not None)
             await wait_for_shutdown()
+            # what this peer saw and did, for launchers' summaries
+            emit("ledger", peer_id=server.peer_id, served=server.stats.served, **server.ledger.as_dict(),
+                 tampered=adversary.tampered if adversary else 0)
             await server.shutdown()
 
         asyncio.run(serve())

@@ -41,6 +41,8 @@ import torch
 
 FORWARD, BACKWARD = "forward", "backward"
 SCALARS = ("log_rms", "mean_shift", "profile", "token_spread", "log_peak", "alignment")
+# distances and spikes are suspicious only when large; the others in both directions
+ONE_SIDED = {"mean_shift", "profile", "log_peak"}
 
 
 @dataclass(kw_only=True)
@@ -51,6 +53,10 @@ class SentinelConfig:
     warmup: int = 12
     ema_decay: float = 0.9
     min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
+    window: int = 64  # accepted tensors the population baseline keeps per direction
+    momentum_decay: float = 0.8
+    momentum_threshold: float = 3.0
+    momentum_min_count: int = 4
     replay_window: int = 64
     replay_threshold: float = 0.95
     sketch_dim: int = 256  # tokens sampled for the replay sketch
@@ -81,61 +87,121 @@ class Verdict:
         return self.reason
 
 
-class _Baseline:
-    """EMA mean and spread of the scalar statistics, plus EMA vectors of per-feature mean, std and RMS profile."""
+def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Distances of one tensor's per-feature vectors from a baseline's EMA vectors (``mean_shift``, ``profile``)."""
+    out: Dict[str, float] = {}
+    ema_mean, ema_std, ema_rms = (ema.get(k) for k in ("feat_mean", "feat_std", "feat_rms"))
+    if ema_mean is not None and ema_std is not None and ema_mean.shape == vectors["feat_mean"].shape:
+        scale = ema_std.clamp_min(float(ema_std.mean()) * 1e-3 + 1e-12)
+        # logs: these distances are positive and heavy-tailed; on a log scale honest variation is even
+        out["mean_shift"] = math.log(float(((vectors["feat_mean"] - ema_mean) / scale).pow(2).mean().sqrt()) + 1e-6)
+    ema_skew = ema.get("feat_skew")
+    if ema_skew is not None and ema_skew.shape == vectors["feat_skew"].shape:
+        out["skew_align"] = float(torch.nn.functional.cosine_similarity(vectors["feat_skew"], ema_skew, dim=0))
+    if ema_rms is not None and ema_rms.shape == vectors["feat_rms"].shape:
+        cos = float(torch.nn.functional.cosine_similarity(vectors["feat_rms"], ema_rms, dim=0))
+        out["profile"] = math.log(max(1 - cos, 0.0) + 1e-6)
+    return out
+
+
+def _robust(values: List[float]) -> Tuple[float, float]:
+    """Median and normal-consistent MAD: unmoved by a minority of outliers."""
+    t = torch.tensor(values, dtype=torch.float64)
+    median = float(t.median())
+    return median, 1.4826 * float((t - median).abs().median())
+
+
+def _z(name: str, value: float, center: float, spread: float, min_spread: float, signed: bool = False) -> float:
+    deviation = value - center
+    if name in ONE_SIDED:
+        deviation = max(deviation, 0.0)
+    elif not signed:
+        deviation = abs(deviation)
+    floor = max(min_spread * abs(center), min_spread * 0.5)
+    return deviation / max(spread, floor)
+
+
+class _Population:
+    """The baseline of all senders to this peer in one direction.
+
+    Scalars: a window of the last ``window`` accepted values, scored by median / MAD, so a minority of bad
+    senders cannot move the centre or inflate the spread even while they are still being accepted (during
+    warm-up). Vectors (per-feature mean, std, RMS profile): EMAs ("momentum"), initialised by the coordinate-wise
+    median of the first ``warmup`` tensors and afterwards moved only by accepted tensors.
+    """
+
+    def __init__(self, cfg: SentinelConfig):
+        self.cfg = cfg
+        self.window: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
+        self.vectors: Dict[str, torch.Tensor] = {}
+        self._warm_vectors: List[Dict[str, torch.Tensor]] = []
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.vectors) and len(self.window) >= self.cfg.warmup
+
+    def distances(self, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        return vector_distances(self.vectors, vectors) if self.vectors else {}
+
+    def scores(self, scalars: Dict[str, float], signed: bool = False) -> Dict[str, float]:
+        out = {}
+        for name, value in scalars.items():
+            values = [entry[name] for entry in self.window if name in entry]
+            if len(values) >= self.cfg.warmup:
+                center, spread = _robust(values)
+                out[name] = _z(name, value, center, spread, self.cfg.min_spread, signed)
+        return out
+
+    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor]) -> None:
+        self.window.append(scalars)
+        if self.vectors:
+            for name, vec in vectors.items():
+                if name in self.vectors and self.vectors[name].shape == vec.shape:
+                    self.vectors[name].lerp_(vec, 1 - self.cfg.ema_decay)
+            return
+        self._warm_vectors.append({k: v.clone() for k, v in vectors.items()})
+        if len(self._warm_vectors) >= self.cfg.warmup:
+            first = self._warm_vectors[0]
+            for name in first:
+                stack = [v[name] for v in self._warm_vectors if name in v and v[name].shape == first[name].shape]
+                self.vectors[name] = torch.stack(stack).median(dim=0).values
+            self._warm_vectors = []
+
+
+class _SenderEMA:
+    """One sender's baseline: EMA mean and EMA spread (of absolute deviations) of each statistic, initialised
+    robustly from its first ``warmup`` accepted tensors. Catches a sender that changes its behaviour."""
 
     def __init__(self, cfg: SentinelConfig):
         self.cfg = cfg
         self.count = 0
-        self.warm: List[Tuple[Dict[str, float], Dict[str, torch.Tensor]]] = []
         self.mean: Dict[str, float] = {}
         self.spread: Dict[str, float] = {}
-        self.vectors: Dict[str, torch.Tensor] = {}
+        self._warm: List[Dict[str, float]] = []
 
     @property
     def ready(self) -> bool:
-        return self.count >= self.cfg.warmup
-
-    def _floor(self, name: str) -> float:
-        return max(self.cfg.min_spread * abs(self.mean[name]), self.cfg.min_spread * 0.5)
+        return self.count >= self.cfg.warmup and bool(self.mean)
 
     def scores(self, scalars: Dict[str, float]) -> Dict[str, float]:
-        return {name: abs(value - self.mean[name]) / max(self.spread[name], self._floor(name))
+        return {name: _z(name, value, self.mean[name], self.spread[name], self.cfg.min_spread)
                 for name, value in scalars.items() if name in self.mean}
 
-    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor]) -> None:
+    def update(self, scalars: Dict[str, float]) -> None:
         self.count += 1
-        if not self.mean and self.count <= self.cfg.warmup:
-            self.warm.append((dict(scalars), {k: v.clone() for k, v in vectors.items()}))
-            if self.count == self.cfg.warmup:
-                self._init_from_warmup()
+        if not self.mean:
+            self._warm.append(dict(scalars))
+            if len(self._warm) >= self.cfg.warmup:
+                for name in set.intersection(*(set(w) for w in self._warm)):
+                    self.mean[name], self.spread[name] = _robust([w[name] for w in self._warm])
+                self._warm = []
             return
         a = 1 - self.cfg.ema_decay
         for name, value in scalars.items():
-            if name not in self.mean:
-                self.mean[name], self.spread[name] = value, abs(value) * 0.1
-                continue
-            deviation = abs(value - self.mean[name])
-            self.mean[name] += a * (value - self.mean[name])
-            self.spread[name] += a * (deviation - self.spread[name])
-        for name, vec in vectors.items():
-            if name in self.vectors and self.vectors[name].shape == vec.shape:
-                self.vectors[name].lerp_(vec, a)
-            else:
-                self.vectors[name] = vec.clone()
-
-    def _init_from_warmup(self) -> None:
-        """Median / MAD of the warm-up observations: robust to a minority of bad senders."""
-        names = set().union(*(s.keys() for s, _ in self.warm))
-        for name in names:
-            values = torch.tensor([s[name] for s, _ in self.warm if name in s], dtype=torch.float64)
-            median = float(values.median())
-            self.mean[name] = median
-            self.spread[name] = 1.4826 * float((values - median).abs().median())
-        for name in set().union(*(v.keys() for _, v in self.warm)):
-            stack = [v[name] for _, v in self.warm if name in v and v[name].shape == self.warm[0][1][name].shape]
-            self.vectors[name] = torch.stack(stack).median(dim=0).values
-        self.warm = []
+            if name in self.mean:
+                deviation = abs(value - self.mean[name])
+                self.mean[name] += a * (value - self.mean[name])
+                self.spread[name] += a * (deviation - self.spread[name])
 
 
 class SentinelMonitor:
@@ -143,9 +209,12 @@ class SentinelMonitor:
 
     def __init__(self, cfg: Optional[SentinelConfig] = None):
         self.cfg = cfg or SentinelConfig()
-        self.population: Dict[str, _Baseline] = {}
-        self.senders: Dict[Tuple[str, str], _Baseline] = {}
+        self.population: Dict[str, _Population] = {}
+        self.senders: Dict[Tuple[str, str], _SenderEMA] = {}
         self.sketches: Dict[str, Deque[Tuple[str, torch.Tensor]]] = {}
+        self.momentum: Dict[Tuple[str, str], Dict[str, float]] = {}
+        self.momentum_count: Dict[Tuple[str, str], int] = {}
+        self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
         self.checked = 0
         self.rejected = 0
@@ -168,6 +237,8 @@ class SentinelMonitor:
         feat_mean = flat.mean(dim=0)
         feat_std = flat.std(dim=0, unbiased=False) if flat.shape[0] > 1 else torch.zeros_like(feat_mean)
         feat_rms = flat.pow(2).mean(dim=0).sqrt()
+        centred = flat - feat_mean
+        feat_skew = centred.pow(3).mean(dim=0) / (feat_std.pow(3) + eps)  # odd: flips with the tensor's sign
         scalars = {
             "log_rms": math.log(rms + eps),
             "token_spread": float(feat_std.mean()) / (rms + eps),
@@ -182,20 +253,7 @@ class SentinelMonitor:
         sketch = proj[::step][: self.cfg.sketch_dim]
         sketch = sketch - sketch.mean()
         sketch = sketch / (sketch.norm() + eps)
-        return scalars, {"feat_mean": feat_mean, "feat_std": feat_std, "feat_rms": feat_rms}, sketch
-
-    @staticmethod
-    def _vector_scalars(base: _Baseline, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Distances of this tensor's per-feature vectors from the baseline's EMA vectors."""
-        out: Dict[str, float] = {}
-        ema_mean, ema_std, ema_rms = (base.vectors.get(k) for k in ("feat_mean", "feat_std", "feat_rms"))
-        if ema_mean is not None and ema_std is not None and ema_mean.shape == vectors["feat_mean"].shape:
-            scale = ema_std.clamp_min(float(ema_std.mean()) * 1e-3 + 1e-12)
-            out["mean_shift"] = float(((vectors["feat_mean"] - ema_mean) / scale).pow(2).mean().sqrt())
-        if ema_rms is not None and ema_rms.shape == vectors["feat_rms"].shape:
-            cos = torch.nn.functional.cosine_similarity(vectors["feat_rms"], ema_rms, dim=0)
-            out["profile"] = float(1 - cos)
-        return out
+        return scalars, {"feat_mean": feat_mean, "feat_std": feat_std, "feat_rms": feat_rms, "feat_skew": feat_skew}, sketch
 
     # ---- verdicts --------------------------------------------------------------------------------------------
     def hard_check(self, x: torch.Tensor, sender: str, direction: str) -> Optional[Verdict]:
@@ -231,14 +289,22 @@ class SentinelMonitor:
         scalars, vectors, sketch = self.statistics(x, context if direction == BACKWARD else None)
         verdict = self._replay(sketch, sender, direction, microbatch)
         if verdict is None:
-            pop = self.population.setdefault(direction, _Baseline(self.cfg))
-            own = self.senders.setdefault((sender, direction), _Baseline(self.cfg))
-            verdict = self._judge(pop, "population", scalars, vectors, sender, direction)
+            pop = self.population.setdefault(direction, _Population(self.cfg))
+            own = self.senders.setdefault((sender, direction), _SenderEMA(self.cfg))
+            scalars.update(pop.distances(vectors))
+            signed = pop.scores(scalars, signed=True) if pop.ready else {}
+            verdict = self._judge(pop, "population", scalars, sender, direction)
+            momentum = self._momentum(sender, direction, signed)
+            if verdict.accepted and momentum is not None:
+                verdict = momentum
             if verdict.accepted:
-                verdict = self._judge(own, "sender", scalars, vectors, sender, direction)
+                verdict = self._judge(own, "sender", scalars, sender, direction)
             if verdict.accepted:
-                for base in (pop, own):
-                    base.update(dict(scalars, **self._vector_scalars(base, vectors)) if base.ready else scalars, vectors)
+                # a suspect sender's tensors never feed the population window, so a persistent small deviation
+                # (accepted one tensor at a time) does not become part of what "normal" means
+                if not self.suspect(sender, direction):
+                    pop.update(scalars, vectors)
+                own.update(scalars)
         if verdict.accepted:
             window = self.sketches.setdefault(direction, deque(maxlen=self.cfg.replay_window))
             window.append((microbatch, sketch))
@@ -246,17 +312,50 @@ class SentinelMonitor:
             self.rejected += 1
         return verdict
 
-    def _judge(self, base: _Baseline, name: str, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor],
-               sender: str, direction: str) -> Verdict:
+    def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str) -> Verdict:
         if not base.ready:
             return Verdict(True, sender, direction, 0.0, self.cfg.threshold, "ok (warm-up)", "", "warmup")
-        scores = base.scores(dict(scalars, **self._vector_scalars(base, vectors)))
+        scores = base.scores(scalars)
         stat, score = max(scores.items(), key=lambda kv: kv[1]) if scores else ("", 0.0)
         if score > self.cfg.threshold:
             return Verdict(False, sender, direction, score, self.cfg.threshold,
                            f"{stat} is {score:.1f} spreads from the {name} baseline (threshold {self.cfg.threshold:g})",
                            stat, name)
         return Verdict(True, sender, direction, score, self.cfg.threshold, "ok", stat, name)
+
+    def _momentum(self, sender: str, direction: str, signed: Dict[str, float]) -> Optional[Verdict]:
+        """EMA of each statistic's signed deviation from the population, per sender, compared with the other
+        senders' (their median): training drift moves every honest sender alike and cancels out; a sender that is
+        consistently off, even by a few spreads per tensor, stands out after a handful of tensors."""
+        if not signed:
+            return None
+        key = (sender, direction)
+        state = self.momentum.setdefault(key, {})
+        count = self.momentum_count.get(key, 0) + 1
+        self.momentum_count[key] = count
+        b = self.cfg.momentum_decay
+        for name, z in signed.items():
+            z = max(-self.cfg.threshold, min(self.cfg.threshold, z))  # one wild value must not dominate
+            state[name] = b * state.get(name, 0.0) + (1 - b) * z
+        peers = [k for k in self.momentum if k[1] == direction and self.momentum_count[k] >= self.cfg.momentum_min_count]
+        if count < self.cfg.momentum_min_count or len(peers) < 2:
+            return None
+        relative = {}
+        for name, value in state.items():
+            others = [self.momentum[k].get(name, 0.0) for k in peers]
+            relative[name] = value - float(torch.tensor(others).median())
+        self.relative[key] = relative
+        stat, value = max(relative.items(), key=lambda kv: abs(kv[1]))
+        if abs(value) > self.cfg.momentum_threshold:
+            return Verdict(False, sender, direction, abs(value), self.cfg.momentum_threshold,
+                           f"{stat} of this sender is persistently {value:+.1f} spreads off the other senders "
+                           f"(momentum threshold {self.cfg.momentum_threshold:g})", stat, "momentum")
+        return None
+
+    def suspect(self, sender: str, direction: str) -> bool:
+        """Whether a sender's momentum is past half the threshold (its tensors stay out of the population window)."""
+        relative = self.relative.get((sender, direction), {})
+        return any(abs(v) > self.cfg.momentum_threshold / 2 for v in relative.values())
 
     def _replay(self, sketch: torch.Tensor, sender: str, direction: str, microbatch: str) -> Optional[Verdict]:
         window = self.sketches.get(direction)

@@ -33,14 +33,12 @@ from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.records import StageRecord
+from swarm.sentinel import BACKWARD, FORWARD, SentinelLedger, SentinelMonitor
 from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
 
-FORWARD, BACKWARD = "forward", "backward"
 
-# (tensor, direction, sender peer id, metadata) -> None if accepted, else the reason for rejecting it
-InboundCheck = Callable[[torch.Tensor, str, str, Dict[str, Any]], Optional[str]]
 # (tensor, direction, metadata) -> the tensor to send; experiments plug adversaries in here
 OutboundHook = Callable[[torch.Tensor, str, Dict[str, Any]], torch.Tensor]
 
@@ -61,7 +59,6 @@ class StageServerConfig:
     labels_timeout_s: float = 30.0
     max_batch: int = 1024
     max_seq_len: int = 8192
-    max_abs_value: float = 1e4  # a hard check: activations/gradients beyond this are absurd
     compression: str = "none"
     device: str = "cpu"
     autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
@@ -129,18 +126,6 @@ class ChainError(Exception):
         self.reason, self.blame, self.blame_stage = reason, blame, blame_stage
 
 
-def hard_check(tensor: torch.Tensor, max_abs_value: float) -> Optional[str]:
-    """Checks that need no history: finite values and a sane magnitude."""
-    if tensor.is_floating_point():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            return f"{int((~finite).sum())} non-finite values"
-        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
-        if peak > max_abs_value:
-            return f"absurd magnitude: max |x| = {peak:.3g} > {max_abs_value:.3g}"
-    return None
-
-
 class StageServer(ServicerBase):
     """Serves one pipeline stage. Create, then ``await start()``; ``await shutdown()`` leaves cleanly."""
 
@@ -151,7 +136,7 @@ class StageServer(ServicerBase):
         dht: hivemind.DHT,
         optimizer_cfg: OptimizerConfig,
         *,
-        inbound_checks: Optional[List[InboundCheck]] = None,
+        sentinel: Optional[SentinelMonitor] = None,
         outbound_hook: Optional[OutboundHook] = None,
         is_banned: Optional[Callable[[str], Optional[str]]] = None,
     ):
@@ -160,7 +145,8 @@ class StageServer(ServicerBase):
         self.module = StageModule(model_cfg, cfg.stage, cfg.num_stages).to(self.device)
         self.module.train()
         self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}")
-        self.inbound_checks = list(inbound_checks or [])
+        self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
+        self.ledger = SentinelLedger()
         self.outbound_hook = outbound_hook
         self.is_banned = is_banned or (lambda peer: None)
         self.stats = StageStats()
@@ -226,6 +212,7 @@ class StageServer(ServicerBase):
             rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
             failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
             epoch=self.optimizer.epoch, flagged=dict(self.stats.flagged), device=str(self.device),
+            sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(),
             param_checksum=self.param_checksum(),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
@@ -280,14 +267,16 @@ class StageServer(ServicerBase):
         logger.info(f"stage {self.cfg.stage}: rejected {direction} tensor from {sender[-8:]}: {reason}")
         return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage)
 
-    def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any]) -> None:
-        reason = hard_check(tensor, self.cfg.max_abs_value)
-        for check in self.inbound_checks:
-            if reason is not None:
-                break
-            reason = check(tensor, direction, sender, meta)
-        if reason is not None:
-            raise self._reject(sender, reason, direction)
+    def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any],
+               context: Optional[torch.Tensor] = None) -> None:
+        """SENTINEL verdict on one received tensor; a rejection raises and blames the sender."""
+        if self.sentinel is None:
+            return
+        data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
+        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context)
+        self.ledger.record(verdict)
+        if not verdict.accepted:
+            raise self._reject(sender, verdict.reason, direction)
 
     def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
         mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
@@ -349,7 +338,7 @@ class StageServer(ServicerBase):
                 else:
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
                     grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
-                    self._check(grad_out, BACKWARD, route[1], meta)
+                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach())
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
