@@ -78,7 +78,7 @@ def _server(parser: argparse.ArgumentParser) -> None:
 def _sentinel(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SENTINEL checks of received activations and gradients")
     group.add_argument("--no-sentinel", action="store_true", help="use received tensors unchecked (baselines only)")
-    group.add_argument("--sentinel-threshold", type=float, default=8.0,
+    group.add_argument("--sentinel-threshold", type=float, default=12.0,
                        help="reject a tensor whose statistics lie more than this many spreads from a baseline")
     group.add_argument("--sentinel-warmup", type=int, default=12,
                        help="tensors observed per baseline before any statistical verdict")

@@ -9,9 +9,12 @@ way forward, activation-gradients on the way back) the monitor computes:
                     (a diagonal Mahalanobis distance): sign flips, ALIE-style shifts, random replacement;
 - ``profile``       1 - cosine between the per-feature RMS profile and its EMA: replacement by structureless data;
 - ``token_spread``  per-feature standard deviation across tokens relative to the RMS: constant tensors;
-- ``log_peak``      log of max|x| / RMS: spikes;
-- ``alignment``     (gradients only) cosine between the gradient and the activation it belongs to: sign flips of
-                    gradients, which keep every marginal statistic intact;
+- ``skew_align``    cosine between the per-feature skewness and its EMA: odd moments flip with the sign, so this
+                    catches sign flips that leave every even statistic intact;
+- ``alignment``, ``norm_corr``, ``angle_corr`` (gradients only, against the activation this peer sent for the
+                    same micro-batch): the cosine between the two, the correlation across tokens of their norms,
+                    and of the per-token angle with the activation norm. Only the gradient *of these activations*
+                    has this per-token structure: stale, foreign or sign-flipped gradients do not;
 - ``replay``        the largest correlation between a random sketch of ``x`` and the sketches of recent tensors
                     of *other* micro-batches: a stale tensor replayed (even with a little noise on top).
 
@@ -40,22 +43,24 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 
 FORWARD, BACKWARD = "forward", "backward"
-SCALARS = ("log_rms", "mean_shift", "profile", "token_spread", "log_peak", "alignment")
+LOSS = "loss"  # the last stage's loss on received activations: a free check of what statistics cannot see
+SCALARS = ("log_rms", "mean_shift", "profile", "skew_align", "token_spread", "alignment", "norm_corr", "angle_corr")
 # distances and spikes are suspicious only when large; the others in both directions
-ONE_SIDED = {"mean_shift", "profile", "log_peak"}
+ONE_SIDED = {"mean_shift", "profile", "loss"}
 
 
 @dataclass(kw_only=True)
 class SentinelConfig:
     """Knobs of the monitors; see the module docstring."""
 
-    threshold: float = 8.0
+    threshold: float = 12.0
     warmup: int = 12
     ema_decay: float = 0.9
     min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
     window: int = 64  # accepted tensors the population baseline keeps per direction
-    momentum_decay: float = 0.8
-    momentum_threshold: float = 3.0
+    momentum_decay: float = 0.75
+    momentum_threshold: float = 2.5
+    momentum_clip: float = 6.0  # one tensor moves a sender's momentum by at most (1 - decay) x this
     momentum_min_count: int = 4
     replay_window: int = 64
     replay_threshold: float = 0.95
@@ -85,6 +90,11 @@ class Verdict:
 
     def __str__(self) -> str:
         return self.reason
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
 
 
 def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -135,10 +145,12 @@ class _Population:
         self.window: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
         self.vectors: Dict[str, torch.Tensor] = {}
         self._warm_vectors: List[Dict[str, torch.Tensor]] = []
+        self._has_vectors = False
 
     @property
     def ready(self) -> bool:
-        return bool(self.vectors) and len(self.window) >= self.cfg.warmup
+        vectors_ready = bool(self.vectors) or (not self._warm_vectors and len(self.window) > 0 and not self._has_vectors)
+        return vectors_ready and len(self.window) >= self.cfg.warmup
 
     def distances(self, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
         return vector_distances(self.vectors, vectors) if self.vectors else {}
@@ -152,12 +164,30 @@ class _Population:
                 out[name] = _z(name, value, center, spread, self.cfg.min_spread, signed)
         return out
 
-    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor]) -> None:
+    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor], accepted: bool) -> None:
+        """Follow the traffic, rejected tensors included but bounded: scalars enter the window clipped to
+        ``threshold`` spreads (so honest drift still moves the median while a minority pushing one way cannot
+        move it far), and rejected tensors move the vector EMAs at a quarter of the rate. Without this, a baseline
+        that rejects the drifted honest traffic would never catch up and reject everything from then on."""
+        if self.ready:
+            clipped = {}
+            for name, value in scalars.items():
+                values = [entry[name] for entry in self.window if name in entry]
+                if len(values) >= self.cfg.warmup:
+                    center, spread = _robust(values)
+                    bound = self.cfg.threshold * max(spread, self.cfg.min_spread * max(abs(center), 0.5))
+                    value = min(max(value, center - bound), center + bound)
+                clipped[name] = value
+            scalars = clipped
         self.window.append(scalars)
+        self._has_vectors = self._has_vectors or bool(vectors)
+        if not vectors:
+            return
         if self.vectors:
+            rate = (1 - self.cfg.ema_decay) * (1.0 if accepted else 0.25)
             for name, vec in vectors.items():
                 if name in self.vectors and self.vectors[name].shape == vec.shape:
-                    self.vectors[name].lerp_(vec, 1 - self.cfg.ema_decay)
+                    self.vectors[name].lerp_(vec, rate)
             return
         self._warm_vectors.append({k: v.clone() for k, v in vectors.items()})
         if len(self._warm_vectors) >= self.cfg.warmup:
@@ -242,11 +272,17 @@ class SentinelMonitor:
         scalars = {
             "log_rms": math.log(rms + eps),
             "token_spread": float(feat_std.mean()) / (rms + eps),
-            "log_peak": math.log(float(flat.abs().max()) / (rms + eps) + eps),
         }
         if context is not None and context.shape == x.shape:
-            c = context.detach().float().reshape(-1)
-            scalars["alignment"] = float(torch.dot(flat.reshape(-1), c) / (flat.norm() * c.norm() + eps))
+            ctx = context.detach().float().reshape(-1, x.shape[-1])
+            scalars["alignment"] = float((flat * ctx).sum() / (flat.norm() * ctx.norm() + eps))
+            if flat.shape[0] > 2:
+                # per-token structure that only the gradient *of these activations* has: tokens with large
+                # activations get small gradients (and a typical angle), stale or foreign gradients do not
+                g_norm, a_norm = flat.norm(dim=1), ctx.norm(dim=1)
+                cos = (flat * ctx).sum(dim=1) / (g_norm * a_norm + eps)
+                scalars["norm_corr"] = _corr(g_norm, a_norm)
+                scalars["angle_corr"] = _corr(cos, a_norm)  # odd in the gradient: flips with its sign
         # sketch: a random projection of a fixed sample of tokens, centred, for replay detection
         proj = flat @ self._projection(flat.shape[-1])
         step = max(1, proj.numel() // self.cfg.sketch_dim)
@@ -299,17 +335,41 @@ class SentinelMonitor:
                 verdict = momentum
             if verdict.accepted:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
+            # a suspect sender's tensors never feed the population baseline, so a persistent small deviation
+            # (accepted one tensor at a time) does not become part of what "normal" means
+            if not self.suspect(sender, direction):
+                pop.update(scalars, vectors, verdict.accepted)
             if verdict.accepted:
-                # a suspect sender's tensors never feed the population window, so a persistent small deviation
-                # (accepted one tensor at a time) does not become part of what "normal" means
-                if not self.suspect(sender, direction):
-                    pop.update(scalars, vectors)
                 own.update(scalars)
         if verdict.accepted:
             window = self.sketches.setdefault(direction, deque(maxlen=self.cfg.replay_window))
             window.append((microbatch, sketch))
         else:
             self.rejected += 1
+        return verdict
+
+    def check_loss(self, loss: float, sender: str, microbatch: str = "") -> Verdict:
+        """Judge the loss the last stage computed on ``sender``'s activations, before any backward.
+
+        Activations that look statistically normal but belong to other data (a replayed stale tensor, a shuffled
+        one) give a loss far above the usual: the check costs nothing, the loss is computed anyway.
+        """
+        self.checked += 1
+        if not math.isfinite(loss):
+            self.rejected += 1
+            return Verdict(False, sender, LOSS, float("inf"), 0.0, "non-finite loss", "loss", "hard")
+        pop = self.population.setdefault(LOSS, _Population(self.cfg))
+        scalars = {"loss": math.log(max(loss, 1e-6))}
+        signed = pop.scores(scalars, signed=True) if pop.ready else {}
+        verdict = self._judge(pop, "population", scalars, sender, LOSS)
+        momentum = self._momentum(sender, LOSS, signed)
+        if verdict.accepted and momentum is not None:
+            verdict = momentum
+        if not self.suspect(sender, LOSS):
+            pop.update(scalars, {}, verdict.accepted)
+        if not verdict.accepted:
+            self.rejected += 1
+            verdict.direction = FORWARD  # it is the activations that are rejected
         return verdict
 
     def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str) -> Verdict:
@@ -335,10 +395,11 @@ class SentinelMonitor:
         self.momentum_count[key] = count
         b = self.cfg.momentum_decay
         for name, z in signed.items():
-            z = max(-self.cfg.threshold, min(self.cfg.threshold, z))  # one wild value must not dominate
+            z = max(-self.cfg.momentum_clip, min(self.cfg.momentum_clip, z))  # one wild value must not dominate
             state[name] = b * state.get(name, 0.0) + (1 - b) * z
         peers = [k for k in self.momentum if k[1] == direction and self.momentum_count[k] >= self.cfg.momentum_min_count]
-        if count < self.cfg.momentum_min_count or len(peers) < 2:
+        # with two senders the median cannot tell which one is off: relative momentum needs three or more
+        if count < self.cfg.momentum_min_count or len(peers) < 3:
             return None
         relative = {}
         for name, value in state.items():

@@ -278,6 +278,16 @@ class StageServer(ServicerBase):
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction)
 
+    def _check_loss(self, loss: float, sender: str, meta: Dict[str, Any]) -> None:
+        """The last stage's loss on the sender's activations, judged before any backward (see SentinelMonitor)."""
+        if self.sentinel is None:
+            return
+        data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
+        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key)
+        self.ledger.record(verdict)
+        if not verdict.accepted:
+            raise self._reject(sender, verdict.reason, FORWARD)
+
     def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
         mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
         if not isinstance(mb, str) or not 0 < len(mb) <= 256:
@@ -334,7 +344,10 @@ class StageServer(ServicerBase):
                         raise ChainError(f"labels for micro-batch {mb} never arrived", blame=None) from None
                     if labels.shape != out.shape[:2]:
                         raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
-                    loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, out, labels)
+                    loss_t, loss_s = await loop.run_in_executor(self.executor, self._loss, out, labels)
+                    fwd_s += loss_s
+                    self._check_loss(float(loss_t.detach()), sender, meta)
+                    loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, loss_t)
                 else:
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
                     grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
@@ -420,16 +433,20 @@ class StageServer(ServicerBase):
         bwd_s = time.perf_counter() - started
         return x.grad, bwd_s, self._optimizer_step(x.shape[0])
 
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        with torch.enable_grad():
+            loss = causal_lm_loss(logits, labels.to(logits.device))
+        return loss, time.perf_counter() - started
+
     def _backward_loss(
-        self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+        self, x: torch.Tensor, loss: torch.Tensor
     ) -> Tuple[float, Optional[torch.Tensor], float, float]:
         started = time.perf_counter()
-        loss = causal_lm_loss(logits, labels.to(logits.device))
         loss.backward()
         bwd_s = time.perf_counter() - started
         opt_s = self._optimizer_step(x.shape[0])
         return float(loss.detach()), x.grad if x.is_floating_point() else None, bwd_s, opt_s
-
 
 async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 10.0) -> Dict[str, Any]:
     """Ask a stage peer about itself (its ``rpc_info``)."""

@@ -7,7 +7,9 @@ honest tensors are wrongly rejected — on real activations and gradients of the
 The same SentinelMonitor and attack code the peers run, with an in-process pipeline instead of the network (the
 network adds nothing to what a monitor sees): the default model cut in 2 stages trains on the shipped corpus. Every
 micro-batch's activation comes from one of three stage-0 "senders" and its gradient from one of three stage-1
-senders (round robin); one sender of each stage is Byzantine from its very first message, so the monitors warm
+senders (round robin, different phases); the stage-0 peer of a chain receives its gradient, the stage-1 peer its
+activation, and a Byzantine receiver's own checks are not counted. One sender is Byzantine from its very first
+message, so the monitors warm
 up with a third of their traffic tampered. Stage 1's monitor checks activations, stage 0's checks gradients with
 the activation they belong to as context. A rejected tensor is not used (the micro-batch is dropped at that point),
 an accepted one is, tampered or not, so a missed attack really disturbs training.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -50,6 +53,11 @@ ATTACK_GRID = [  # (attack, magnitude): a strong and a subtle setting each
 ]
 
 
+# from the first message (monitors warm up on partly tampered traffic), or honest for the first third of the run and
+# Byzantine afterwards (a "sleeper": the baselines are clean when the attack starts)
+SCENARIOS = ("from_start", "sleeper")
+
+
 @dataclass
 class Tally:
     tampered: int = 0
@@ -59,6 +67,7 @@ class Tally:
     first_tampered_mb: Optional[int] = None
     first_caught_mb: Optional[int] = None
     reasons: Dict[str, int] = field(default_factory=dict)
+    fp_reasons: Dict[str, int] = field(default_factory=dict)
 
     def add(self, mb: int, tampered: bool, accepted: bool, reason: str) -> None:
         if tampered:
@@ -73,6 +82,8 @@ class Tally:
         else:
             self.honest += 1
             self.false_pos += not accepted
+            if not accepted:
+                self.fp_reasons[reason] = self.fp_reasons.get(reason, 0) + 1
 
 
 class Pipeline:
@@ -109,12 +120,21 @@ class Pipeline:
             if sender0 == "s0-2" and attackers.get(FORWARD) is not None and not honest_only:
                 sent = attackers[FORWARD](sent, FORWARD, {"step": i})
                 tampered_fwd = not torch.equal(sent, act.detach())
-            verdict = monitors[FORWARD].check(sent, sender0, FORWARD, microbatch=str(self.index))
-            tally.add(i, tampered_fwd, verdict.accepted, verdict.statistic or verdict.baseline)
-            if not verdict.accepted:
-                continue
+            # in a real chain the stage-1 peer is the receiver of activations and the stage-0 peer the receiver of
+            # gradients: a Byzantine receiver checks nothing, so its checks are not counted
+            byz0 = attackers.get(FORWARD) is not None and sender0 == "s0-2" and not honest_only
+            byz1 = attackers.get(BACKWARD) is not None and sender1 == "s1-2" and not honest_only
             x1 = sent.clone().requires_grad_(True)
-            loss = causal_lm_loss(self.stages[1](x1), ids)
+            if not byz1:
+                verdict = monitors[FORWARD].check(sent, sender0, FORWARD, microbatch=str(self.index))
+                if verdict.accepted:  # stage 1 is the last stage: its loss is a second, free look at the input
+                    loss = causal_lm_loss(self.stages[1](x1), ids)
+                    verdict = monitors[FORWARD].check_loss(float(loss), sender0, microbatch=str(self.index))
+                tally.add(i, tampered_fwd, verdict.accepted, verdict.statistic or verdict.baseline)
+                if not verdict.accepted:
+                    continue
+            else:
+                loss = causal_lm_loss(self.stages[1](x1), ids)
             loss.backward()
             grad = x1.grad.detach()
             tampered_bwd = False
@@ -123,9 +143,13 @@ class Pipeline:
                 tampered_bwd = not torch.equal(tampered, grad)
                 grad = tampered
             self._step(1)
-            verdict = monitors[BACKWARD].check(grad, sender1, BACKWARD, microbatch=str(self.index), context=act.detach())
-            tally.add(i, tampered_bwd, verdict.accepted, verdict.statistic or verdict.baseline)
-            if verdict.accepted:
+            accepted = True
+            if not byz0:
+                verdict = monitors[BACKWARD].check(grad, sender1, BACKWARD, microbatch=str(self.index),
+                                                   context=act.detach())
+                tally.add(i, tampered_bwd, verdict.accepted, verdict.statistic or verdict.baseline)
+                accepted = verdict.accepted
+            if accepted:
                 act.backward(grad)
                 self._step(0)
             else:
@@ -150,7 +174,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=SentinelConfig().threshold)
     parser.add_argument("--pretrain", type=int, default=150, help="honest micro-batches before any monitor starts")
     parser.add_argument("--honest", type=int, default=1100, help="micro-batches of the honest run (2 tensors each)")
-    parser.add_argument("--attack-mb", type=int, default=90, help="micro-batches of each attack run")
+    parser.add_argument("--attack-mb", type=int, default=120, help="micro-batches of each attack run")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     seq_len, mb_size, lr = 64, 4, 2e-3
@@ -165,26 +189,28 @@ def main() -> None:
 
     honest = Tally()
     pipe.run(honest_mb, fresh_monitors(scfg), {}, honest, honest_only=True)
-    rows = [dict(attack="none", magnitude="", direction="", tampered=0, caught=0, detection_rate="",
+    rows = [dict(attack="none", magnitude="", direction="", scenario="honest", tampered=0, caught=0, detection_rate="",
                  honest=honest.honest, false_positives=honest.false_pos,
                  fp_rate=honest.false_pos / max(honest.honest, 1), mb_to_detect="", reasons="")]
     for attack, magnitude in grid:
-        for direction in (FORWARD, BACKWARD):
+        for direction, scenario in itertools.product((FORWARD, BACKWARD), SCENARIOS):
+            start = 0 if scenario == "from_start" else attack_mb // 3
             pipe.load(checkpoint)
             pipe.index = data_index
-            attackers = {direction: Adversary(AttackConfig(name=attack, magnitude=magnitude, direction=direction))}
+            attackers = {direction: Adversary(AttackConfig(name=attack, magnitude=magnitude, direction=direction,
+                                                           start_step=start))}
             tally = Tally()
             pipe.run(attack_mb, fresh_monitors(scfg), attackers, tally)
             delay = (tally.first_caught_mb - tally.first_tampered_mb) if tally.first_caught_mb is not None else None
             rows.append(dict(
-                attack=attack, magnitude=magnitude, direction=direction, tampered=tally.tampered, caught=tally.caught,
+                attack=attack, magnitude=magnitude, direction=direction, scenario=scenario, tampered=tally.tampered, caught=tally.caught,
                 detection_rate=tally.caught / max(tally.tampered, 1), honest=tally.honest,
                 false_positives=tally.false_pos, fp_rate=tally.false_pos / max(tally.honest, 1),
                 mb_to_detect=delay if delay is not None else "never",
                 reasons=";".join(f"{k}:{v}" for k, v in sorted(tally.reasons.items(), key=lambda kv: -kv[1])),
             ))
-            print(f"{attack:9s} m={magnitude:<5g} {direction:8s} caught {tally.caught}/{tally.tampered} "
-                  f"first after {rows[-1]['mb_to_detect']} mb, FP {tally.false_pos}/{tally.honest}", flush=True)
+            print(f"{attack:9s} m={magnitude:<5g} {direction:8s} {scenario:10s} caught {tally.caught}/{tally.tampered} "
+                  f"first after {rows[-1]['mb_to_detect']} mb, FP {tally.false_pos}/{tally.honest} {tally.fp_reasons}", flush=True)
 
     total_honest = sum(r["honest"] for r in rows)
     total_fp = sum(r["false_positives"] for r in rows)
@@ -202,10 +228,12 @@ def main() -> None:
         f.write(f"Threshold {scfg.threshold:g}, warm-up {scfg.warmup}, EMA decay {scfg.ema_decay}. "
                 f"Honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; all runs: "
                 f"{total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%).\n\n")
-        f.write("| attack | magnitude | direction | caught / tampered | detection rate | micro-batches to first "
-                "detection | false positives / honest | caught by |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        f.write("| attack | magnitude | direction | Byzantine | caught / tampered | detection rate | micro-batches "
+                "to first detection | false positives / honest | caught by |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
         for r in rows[1:]:
-            f.write(f"| {r['attack']} | {r['magnitude']:g} | {r['direction']} | {r['caught']} / {r['tampered']} | "
+            f.write(f"| {r['attack']} | {r['magnitude']:g} | {r['direction']} | {r['scenario']} | "
+                    f"{r['caught']} / {r['tampered']} | "
                     f"{100 * r['detection_rate']:.0f}% | {r['mb_to_detect']} | {r['false_positives']} / {r['honest']} | "
                     f"{r['reasons']} |\n")
 

@@ -1,0 +1,124 @@
+"""SENTINEL monitors on real activations and gradients of the project's model (a small config), while it trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peers.adversary import Adversary, AttackConfig, tamper
+from swarm.config import DataConfig, ModelConfig
+from swarm.data import MicroBatchStream, load_token_blocks
+from swarm.model import StageModule, causal_lm_loss
+from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelLedger, SentinelMonitor
+
+CFG = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
+
+
+def traffic(num: int, seed: int = 0, pretrain: int = 40):
+    """Yield (index, activation, gradient) of a 2-stage pipeline training on the shipped corpus."""
+    torch.manual_seed(seed)
+    stages = [StageModule(CFG, s, 2) for s in range(2)]
+    opts = [torch.optim.AdamW(s.parameters(), lr=2e-3) for s in stages]
+    stream = MicroBatchStream(load_token_blocks(DataConfig(seq_len=32, microbatch_size=4)), 4, seed=seed)
+    for i in range(pretrain + num):
+        ids = stream.microbatch(i)
+        act = stages[0](ids)
+        x = act.detach().requires_grad_(True)
+        causal_lm_loss(stages[1](x), ids).backward()
+        act.backward(x.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        if i >= pretrain:
+            yield i - pretrain, act.detach(), x.grad.detach()
+
+
+@pytest.fixture(scope="module")
+def honest():
+    return list(traffic(240))
+
+
+def run(honest, attack=None, direction=FORWARD, start=0, cfg=None):
+    """Three senders per direction, round robin; sender 2 is Byzantine from micro-batch ``start``.
+    Returns the list of (index, sender, direction, tampered, verdict)."""
+    monitor = SentinelMonitor(cfg or SentinelConfig())
+    adversary = Adversary(AttackConfig(name=attack, direction=direction)) if attack else None
+    out = []
+    for i, act, grad in honest:
+        for d, tensor in ((FORWARD, act), (BACKWARD, grad)):
+            sender = f"p{i % 3}"
+            sent = tensor
+            if adversary is not None and sender == "p2" and i >= start:
+                sent = adversary(tensor, d, {"step": i})
+            tampered = not torch.equal(sent, tensor)
+            verdict = monitor.check(sent, sender, d, microbatch=str(i), context=act if d == BACKWARD else None)
+            out.append((i, sender, d, tampered, verdict))
+    return out
+
+
+def test_hard_checks_need_no_history():
+    monitor = SentinelMonitor()
+    x = torch.randn(2, 8, 16)
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    assert "non-finite" in monitor.check(bad, "p", FORWARD).reason
+    assert "zero" in monitor.check(torch.zeros_like(x), "p", FORWARD).reason
+    assert "absurd" in monitor.check(x * 1e6, "p", FORWARD).reason
+    verdict = monitor.check(x, "p", FORWARD)
+    assert verdict.accepted and verdict.baseline == "warmup"
+
+
+def test_long_honest_run_raises_no_false_alarm(honest):
+    results = run(honest)
+    assert len(results) == 480
+    rejected = [v.reason for *_, v in results if not v.accepted]
+    assert rejected == []
+
+
+@pytest.mark.parametrize("attack,direction", [
+    ("zero", FORWARD), ("zero", BACKWARD),
+    ("constant", FORWARD), ("constant", BACKWARD),
+    ("scale", FORWARD), ("scale", BACKWARD),
+    ("signflip", FORWARD),
+    ("alie", FORWARD), ("alie", BACKWARD),
+    ("random", FORWARD),
+    ("replay", FORWARD), ("replay", BACKWARD),
+    ("noise", FORWARD),
+])
+def test_sleeper_attack_caught_quickly(honest, attack, direction):
+    """Honest for 60 micro-batches (baselines warm), then Byzantine: caught within 20 micro-batches."""
+    start = 60
+    results = run(honest, attack, direction, start=start)
+    tampered = [(i, v) for i, _, _, t, v in results if t]
+    assert tampered, "the attack never fired"
+    caught = [i for i, v in tampered if not v.accepted]
+    assert caught and caught[0] - start <= 20, f"{attack}: first caught at {caught[:1]}"
+    honest_rejected = [v.reason for i, s, d, t, v in results if not t and not v.accepted]
+    assert len(honest_rejected) <= 2, honest_rejected
+
+
+def test_bad_from_first_message_caught_by_population(honest):
+    """A peer that is Byzantine from its very first tensor: its own baseline learns the attack, the population
+    baseline (robust to the minority) still rejects it once warm."""
+    results = run(honest, "scale", FORWARD, start=0)
+    late = [v for i, s, d, t, v in results if t and i >= 40]
+    assert late and all(not v.accepted for v in late)
+
+
+def test_verdict_names_sender_direction_and_reason(honest):
+    results = run(honest, "scale", BACKWARD, start=60)
+    verdict = next(v for *_, t, v in results if t and not v.accepted)
+    assert verdict.sender == "p2" and verdict.direction == BACKWARD
+    assert verdict.score > verdict.threshold and "spreads" in verdict.reason
+    ledger = SentinelLedger()
+    ledger.record(verdict)
+    assert ledger.flagged("p2") == 1
+
+
+def test_tamper_functions_change_tensors():
+    x = torch.randn(4, 8, 16)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("noise", "signflip", "scale", "zero", "constant", "random", "alie"):
+        assert not torch.equal(tamper(x, name, 2.0, gen), x), name
+    with pytest.raises(ValueError):
+        AttackConfig(name="nope")
