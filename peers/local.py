@@ -33,6 +33,7 @@ class Child:
     stage: Optional[int] = None
     events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     info: Dict[str, Any] = field(default_factory=dict)
+    pump: Optional[threading.Thread] = None
 
     def wait_event(self, kind: str, timeout: float) -> Dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -87,7 +88,8 @@ class LocalSwarm:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         child = Child(name, role, proc, log_path, stage)
-        threading.Thread(target=_pump, args=(child, proc.stdout, log_file), daemon=True).start()
+        child.pump = threading.Thread(target=_pump, args=(child, proc.stdout, log_file), daemon=True)
+        child.pump.start()
         self.children.append(child)
         return child
 
@@ -137,6 +139,9 @@ class LocalSwarm:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        for child in self.children:
+            if child.pump is not None:
+                child.pump.join(timeout=5)  # everything the child printed (its ledger line) has been read
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -4,6 +4,8 @@ Keys (``run`` is the swarm's name, its run id):
 
 - ``{run}.config``   subkey = owner's public key: the swarm's model/stage config (:class:`SwarmConfigRecord`)
 - ``{run}.stage.{k}`` subkey = owner's public key: one peer's announcement for stage k (:class:`StageRecord`)
+- ``{run}.reports``  subkey = owner's public key: one peer's tallies of its counterparts (:class:`ReputationReport`)
+- ``{run}.blacklist`` subkey = owner's public key: one peer's aggregated blacklist verdicts (:class:`BlacklistRecord`)
 
 Every subkey must carry the writer's RSA public key (``[owner:...]``), so hivemind's ``RSASignatureValidator``
 makes each record owner-signed: nobody can write or overwrite a record in another peer's name. On top of the
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 MAX_STAGES = 64
+MAX_REPORT_ENTRIES = 256  # peers one reputation report or blacklist record may mention
+MAX_REPORT_REASONS = 8  # distinct strike reasons per peer in a report
+MAX_COUNT = 2**62  # bound on every tally
 MAX_TTL_S = 600.0  # no record of ours may claim to live longer than this past "now"
 STAGE_STATES = ("joining", "online", "offline")
 OWNER_MARKER = b"[owner:"
@@ -45,6 +50,14 @@ def config_key(run_id: str) -> str:
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}.stage.{stage}"
+
+
+def reports_key(run_id: str) -> str:
+    return f"{run_id}.reports"
+
+
+def blacklist_key(run_id: str) -> str:
+    return f"{run_id}.blacklist"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -160,6 +173,102 @@ class SwarmConfigRecord:
         )
 
 
+def _peer_entries(value: Dict[str, Any], name: str, parse_entry: Callable[[str, Any], Dict[str, Any]]) -> Dict:
+    """Parse a bounded dict {peer id: entry} with ``parse_entry``; returns a fresh, normalized dict."""
+    _require(name in value, f"missing field {name!r}")
+    entries = value[name]
+    _require(isinstance(entries, dict), f"{name} must be a dict")
+    _require(len(entries) <= MAX_REPORT_ENTRIES, f"{name} must have at most {MAX_REPORT_ENTRIES} peers")
+    parsed = {}
+    for peer, entry in entries.items():
+        _require(isinstance(peer, str) and 0 < len(peer) <= 128,
+                 f"{name}: peer ids must be strings of 1..128 characters")
+        _require(isinstance(entry, dict), f"{name}[{peer!r}] must be a dict")
+        parsed[peer] = parse_entry(peer, entry)
+    return parsed
+
+
+def _report_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
+    extra = set(entry) - {"clean", "strikes", "reasons"}
+    _require(not extra, f"entries[{peer!r}]: unknown fields {sorted(extra)}")
+    _require("reasons" in entry, f"entries[{peer!r}]: missing field 'reasons'")
+    reasons = entry["reasons"]
+    _require(isinstance(reasons, dict) and len(reasons) <= MAX_REPORT_REASONS,
+             f"entries[{peer!r}].reasons must be a dict of at most {MAX_REPORT_REASONS} reasons")
+    for reason, count in reasons.items():
+        _require(isinstance(reason, str) and 0 < len(reason) <= 32,
+                 f"entries[{peer!r}].reasons: names must be strings of 1..32 characters")
+        _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_COUNT,
+                 f"entries[{peer!r}].reasons[{reason!r}] must be an integer in [0, {MAX_COUNT}]")
+    return {
+        "clean": int(_number(entry, "clean", 0, MAX_COUNT, integer=True)),
+        "strikes": int(_number(entry, "strikes", 0, MAX_COUNT, integer=True)),
+        "reasons": dict(reasons),
+    }
+
+
+def _blacklist_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
+    extra = set(entry) - {"reason", "reporters", "strikes"}
+    _require(not extra, f"entries[{peer!r}]: unknown fields {sorted(extra)}")
+    return {
+        "reason": _string(entry, "reason", max_len=200),
+        "reporters": int(_number(entry, "reporters", 1, MAX_COUNT, integer=True)),
+        "strikes": int(_number(entry, "strikes", 0, MAX_COUNT, integer=True)),
+    }
+
+
+@dataclass(kw_only=True)
+class ReputationReport:
+    """One peer's local tallies of its counterparts: ``entries[peer] = {"clean", "strikes", "reasons"}``.
+
+    ``clean`` and ``strikes`` count the exchanges with that peer that passed / failed the sentinel's checks;
+    ``reasons`` counts strikes by reason (statistic name). How reports are weighed is :mod:`swarm.reputation`.
+    """
+
+    reporter: str  # the writer's peer id; binding it to the signing key is the reader's job
+    issued_at: float = 0.0  # DHT time
+    entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    version: int = RECORD_VERSION
+
+    FIELDS = {"reporter", "issued_at", "entries", "version"}
+
+    def to_value(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "ReputationReport":
+        _check_fields(value, cls.FIELDS)
+        return cls(
+            reporter=_string(value, "reporter", max_len=128),
+            issued_at=float(_number(value, "issued_at", 0.0, 1e11)),
+            entries=_peer_entries(value, "entries", _report_entry),
+        )
+
+
+@dataclass(kw_only=True)
+class BlacklistRecord:
+    """One peer's blacklist verdicts: ``entries[peer] = {"reason", "reporters", "strikes"}`` (the evidence)."""
+
+    publisher: str  # the writer's peer id
+    issued_at: float = 0.0  # DHT time
+    entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    version: int = RECORD_VERSION
+
+    FIELDS = {"publisher", "issued_at", "entries", "version"}
+
+    def to_value(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "BlacklistRecord":
+        _check_fields(value, cls.FIELDS)
+        return cls(
+            publisher=_string(value, "publisher", max_len=128),
+            issued_at=float(_number(value, "issued_at", 0.0, 1e11)),
+            entries=_peer_entries(value, "entries", _blacklist_entry),
+        )
+
+
 class SwarmRecordValidator(RecordValidatorBase):
     """Rejects records under this swarm's keys that are unsigned, malformed or claim too long a life.
 
@@ -176,6 +285,9 @@ class SwarmRecordValidator(RecordValidatorBase):
         for stage in range(MAX_STAGES):
             key = DHTID.generate(source=stage_key(run_id, stage)).to_bytes()
             self._parsers[key] = ("stage", StageRecord.from_value)
+        for key, kind, parse in ((reports_key(run_id), "report", ReputationReport.from_value),
+                                 (blacklist_key(run_id), "blacklist", BlacklistRecord.from_value)):
+            self._parsers[DHTID.generate(source=key).to_bytes()] = (kind, parse)
 
     def validate(self, record: DHTRecord) -> bool:
         entry = self._parsers.get(record.key)

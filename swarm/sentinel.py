@@ -9,8 +9,8 @@ way forward, activation-gradients on the way back) the monitor computes:
                     (a diagonal Mahalanobis distance): sign flips, ALIE-style shifts, random replacement;
 - ``profile``       1 - cosine between the per-feature RMS profile and its EMA: replacement by structureless data;
 - ``token_spread``  per-feature standard deviation across tokens relative to the RMS: constant tensors;
-- ``skew_align``    cosine between the per-feature skewness and its EMA: odd moments flip with the sign, so this
-                    catches sign flips that leave every even statistic intact;
+- ``skew_align``    (activations only) cosine between the per-feature skewness and its EMA: odd moments flip
+                    with the sign, so this catches sign flips that leave every even statistic intact;
 - ``alignment``, ``norm_corr``, ``angle_corr`` (gradients only, against the activation this peer sent for the
                     same micro-batch): the cosine between the two, the correlation across tokens of their norms,
                     and of the per-token angle with the activation norm. Only the gradient *of these activations*
@@ -106,7 +106,7 @@ def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tens
         # logs: these distances are positive and heavy-tailed; on a log scale honest variation is even
         out["mean_shift"] = math.log(float(((vectors["feat_mean"] - ema_mean) / scale).pow(2).mean().sqrt()) + 1e-6)
     ema_skew = ema.get("feat_skew")
-    if ema_skew is not None and ema_skew.shape == vectors["feat_skew"].shape:
+    if ema_skew is not None and "feat_skew" in vectors and ema_skew.shape == vectors["feat_skew"].shape:
         out["skew_align"] = float(torch.nn.functional.cosine_similarity(vectors["feat_skew"], ema_skew, dim=0))
     if ema_rms is not None and ema_rms.shape == vectors["feat_rms"].shape:
         cos = float(torch.nn.functional.cosine_similarity(vectors["feat_rms"], ema_rms, dim=0))
@@ -289,7 +289,12 @@ class SentinelMonitor:
         sketch = proj[::step][: self.cfg.sketch_dim]
         sketch = sketch - sketch.mean()
         sketch = sketch / (sketch.norm() + eps)
-        return scalars, {"feat_mean": feat_mean, "feat_std": feat_std, "feat_rms": feat_rms, "feat_skew": feat_skew}, sketch
+        vectors = {"feat_mean": feat_mean, "feat_std": feat_std, "feat_rms": feat_rms}
+        if context is None:
+            # activations only: the skewness of activation-gradients is too noisy (measured: it caused most false
+            # positives on gradients); their sign is checked against the activation instead (angle_corr)
+            vectors["feat_skew"] = feat_skew
+        return scalars, vectors, sketch
 
     # ---- verdicts --------------------------------------------------------------------------------------------
     def hard_check(self, x: torch.Tensor, sender: str, direction: str) -> Optional[Verdict]:

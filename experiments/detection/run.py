@@ -129,7 +129,7 @@ class Pipeline:
                 verdict = monitors[FORWARD].check(sent, sender0, FORWARD, microbatch=str(self.index))
                 if verdict.accepted:  # stage 1 is the last stage: its loss is a second, free look at the input
                     loss = causal_lm_loss(self.stages[1](x1), ids)
-                    verdict = monitors[FORWARD].check_loss(float(loss), sender0, microbatch=str(self.index))
+                    verdict = monitors[FORWARD].check_loss(loss.item(), sender0, microbatch=str(self.index))
                 tally.add(i, tampered_fwd, verdict.accepted, verdict.statistic or verdict.baseline)
                 if not verdict.accepted:
                     continue
@@ -154,7 +154,7 @@ class Pipeline:
                 self._step(0)
             else:
                 self.stages[0].zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
         return losses
 
     def _step(self, stage: int) -> None:

@@ -1,0 +1,222 @@
+"""Reputation and blacklist: from each peer's local tallies to swarm-wide verdicts (pure logic, no network).
+
+Every peer keeps a :class:`ReputationLedger` of its counterparts: how many exchanges with each passed the
+sentinel's checks (clean) and how many failed (strikes, with reasons). It periodically publishes the ledger as a
+signed :class:`~swarm.records.ReputationReport`. Any peer can then run :func:`aggregate` over the reports it
+reads and reach the same kind of verdicts on its own; nobody has to be trusted to compute them.
+
+The method, and why:
+
+1. **Fresh identities weigh nothing.** Identities are free (an RSA key), so a report counts only once its
+   reporter has been *observed by this aggregator* for ``probation_s`` seconds (age) *and* other aged reporters
+   vouch for at least ``probation_work`` clean exchanges with it (verified work). A crowd of brand-new Sybil
+   identities therefore has weight 0, however many there are and whatever they claim; so do aged identities
+   that never served anyone. Reporters whose key <-> peer id binding the caller could not confirm
+   (``reachable``) weigh 0 as well, and their vouching does not count either.
+2. **One liar cannot ban.** A peer is blacklisted only when at least ``min_reporters`` distinct weighted
+   reporters each accuse it with enough evidence: ``min_strikes`` strikes and a strike ratio of at least
+   ``strike_ratio`` of their exchanges with it. A single reporter, however trusted, only lowers a score.
+3. **A banned peer's word stops counting.** Verdicts are recomputed with the blacklisted reporters' weights (and
+   vouching) zeroed until the blacklist is stable (at most ``MAX_ROUNDS``), so an attacker that accuses its
+   accusers back, or vouches for its own Sybils, loses that influence once it is caught.
+
+Scores: ``weighted clean / weighted (clean + 4 x strikes)`` over weighted reporters, in [0, 1]; a strike costs
+four clean exchanges. A peer no weighted reporter has evidence on scores 1.0 (neutral: unknown is not bad, or
+every newcomer would be starved of the work it needs to build a record); a blacklisted peer scores 0.0.
+
+Known limit: a clique of Sybils that stay online past probation and vouch for each other's "work" gains weight,
+and with ``min_reporters`` of them it can ban an honest peer. Admission controls bound the size of such a
+clique (a proof-of-work cost per identity, or an allowlist of identities signed by a swarm authority); they
+live outside this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Set
+
+from swarm.records import MAX_REPORT_ENTRIES, MAX_REPORT_REASONS, MAX_TTL_S, BlacklistRecord, ReputationReport
+
+STRIKE_PENALTY = 4.0  # a strike outweighs this many clean exchanges in a score
+MAX_ROUNDS = 5  # blacklist / re-weigh iterations
+UNSPECIFIED = "unspecified"
+
+
+@dataclass(kw_only=True)
+class ReputationConfig:
+    """Knobs of reputation aggregation and reporting."""
+
+    probation_s: float = 600.0  # a reporter weighs nothing until this aggregator has observed it for this long
+    probation_work: int = 20  # ... and until other aged reporters vouch for this many clean exchanges with it
+    min_reporters: int = 2  # independent weighted reporters needed for a blacklist verdict
+    min_strikes: int = 3  # strikes one reporter must have seen for its accusation to count
+    strike_ratio: float = 0.2  # ... and strikes / (clean + strikes) it must have seen
+    report_period_s: float = 5.0  # how often a peer publishes its report
+    report_ttl_s: float = 60.0  # how long a published report lives
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.probation_s) and self.probation_s >= 0 and self.probation_work >= 0):
+            raise ValueError("reputation: probation_s and probation_work must be finite and >= 0")
+        if not (self.min_reporters >= 1 and self.min_strikes >= 1 and 0 < self.strike_ratio <= 1):
+            raise ValueError("reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1]")
+        if not (0 < self.report_period_s <= self.report_ttl_s <= MAX_TTL_S):
+            raise ValueError(f"reputation: need 0 < report_period_s <= report_ttl_s <= {MAX_TTL_S:.0f}")
+
+
+@dataclass
+class Tally:
+    """This peer's exchanges with one counterpart."""
+
+    clean: int = 0
+    strikes: int = 0
+    reasons: Counter = field(default_factory=Counter)  # strikes by reason
+    directions: Counter = field(default_factory=Counter)  # exchanges by direction (local diagnostics only)
+
+
+@dataclass
+class ReputationLedger:
+    """Local per-counterpart tallies of clean exchanges and strikes, published as a :class:`ReputationReport`."""
+
+    tallies: Dict[str, Tally] = field(default_factory=dict)
+
+    def record(self, peer: str, ok: bool, direction: str, reason: str = "") -> None:
+        """Count one exchange with ``peer``; a failed one is a strike, filed under ``reason`` (else ``direction``)."""
+        tally = self.tallies.setdefault(peer, Tally())
+        tally.directions[direction] += 1
+        if ok:
+            tally.clean += 1
+        else:
+            tally.strikes += 1
+            tally.reasons[(reason or direction or UNSPECIFIED)[:32]] += 1
+
+    def record_verdict(self, verdict) -> None:
+        """Count a sentinel :class:`~swarm.sentinel.Verdict`; a rejection's reason is its statistic (or baseline)."""
+        self.record(verdict.sender, verdict.accepted, verdict.direction, verdict.statistic or verdict.baseline)
+
+    def to_report(self, reporter: str, issued_at: float) -> ReputationReport:
+        """This ledger as a report: at most 256 peers (those with strikes first, then the most exchanges) and
+        at most 8 reasons each (the most frequent). The reporter's own tally, if any, is left out."""
+        peers = [p for p in self.tallies if p != reporter]
+        peers.sort(key=lambda p: (-self.tallies[p].strikes, -(self.tallies[p].clean + self.tallies[p].strikes), p))
+        entries = {}
+        for peer in peers[:MAX_REPORT_ENTRIES]:
+            tally = self.tallies[peer]
+            reasons = sorted(tally.reasons.items(), key=lambda item: (-item[1], item[0]))[:MAX_REPORT_REASONS]
+            entries[peer] = {"clean": tally.clean, "strikes": tally.strikes, "reasons": dict(reasons)}
+        return ReputationReport(reporter=reporter, issued_at=float(issued_at), entries=entries)
+
+
+@dataclass
+class Aggregate:
+    """The outcome of :func:`aggregate`."""
+
+    weights: Dict[str, float]  # reporter -> weight of its report (0.0 or 1.0)
+    scores: Dict[str, float]  # every peer mentioned -> reputation in [0, 1]
+    blacklist: Dict[str, dict]  # peer -> {"reason", "reporters", "strikes"}
+    rounds: int  # blacklist / re-weigh iterations run
+    converged: bool = True  # False if the blacklist still changed in the last round
+
+    def score(self, peer: str) -> float:
+        """The peer's score; 0.0 if blacklisted, 1.0 (neutral) for a peer nobody reported on."""
+        return 0.0 if peer in self.blacklist else self.scores.get(peer, 1.0)
+
+    def to_blacklist_record(self, publisher: str, issued_at: float) -> BlacklistRecord:
+        """The blacklist as a record (at most 256 peers, those with the most evidence first)."""
+        ranked = sorted(self.blacklist.items(), key=lambda item: (-item[1]["reporters"], -item[1]["strikes"], item[0]))
+        entries = {peer: {"reason": v["reason"][:200], "reporters": int(v["reporters"]), "strikes": int(v["strikes"])}
+                   for peer, v in ranked[:MAX_REPORT_ENTRIES]}
+        return BlacklistRecord(publisher=publisher, issued_at=float(issued_at), entries=entries)
+
+
+def aggregate(
+    reports: Dict[str, ReputationReport],
+    first_seen: Dict[str, float],
+    now: float,
+    cfg: Optional[ReputationConfig] = None,
+    reachable: Optional[Set[str]] = None,
+) -> Aggregate:
+    """Weigh the reports, reach blacklist verdicts and score every peer mentioned (see the module docstring).
+
+    ``reports`` is keyed by the reporter's peer id (the caller binds it to the signing key; a report whose
+    ``reporter`` field disagrees with its key weighs 0). ``first_seen[r]`` is when this aggregator first saw
+    reporter ``r`` (missing: now). If ``reachable`` is given, only those reporters may weigh or vouch.
+    Self-reports (a reporter's entry about itself) are ignored everywhere.
+    """
+    cfg = cfg or ReputationConfig()
+    eligible = {
+        r for r, report in reports.items()
+        if report.reporter == r and now - first_seen.get(r, now) >= cfg.probation_s
+        and (reachable is None or r in reachable)
+    }
+    blacklist: Dict[str, dict] = {}
+    rounds, converged = 0, False
+    while not converged and rounds < MAX_ROUNDS:
+        rounds += 1
+        weights = _weights(reports, eligible - set(blacklist), cfg)
+        verdicts = _verdicts(reports, weights, cfg)
+        converged = verdicts.keys() == blacklist.keys()
+        blacklist = verdicts
+    return Aggregate(weights=weights, scores=_scores(reports, weights, blacklist), blacklist=blacklist,
+                     rounds=rounds, converged=converged)
+
+
+def _entries_about(reports: Dict[str, ReputationReport], reporters: Iterable[str], peer: str) -> List[dict]:
+    return [reports[r].entries[peer] for r in reporters if r != peer and peer in reports[r].entries]
+
+
+def _weights(reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: ReputationConfig) -> Dict[str, float]:
+    """1.0 for a voucher (aged, reachable, not blacklisted) whose work other vouchers confirm, else 0.0."""
+    weights = {}
+    for r in reports:
+        work = sum(e["clean"] for e in _entries_about(reports, vouchers, r))
+        weights[r] = 1.0 if r in vouchers and work >= cfg.probation_work else 0.0
+    return weights
+
+
+def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], cfg: ReputationConfig) -> Dict:
+    accusations: Dict[str, List[dict]] = {}
+    for r, report in reports.items():
+        if weights[r] <= 0:
+            continue
+        for peer, e in report.entries.items():
+            strikes, clean = e["strikes"], e["clean"]
+            if peer != r and strikes >= cfg.min_strikes and strikes / (clean + strikes) >= cfg.strike_ratio:
+                accusations.setdefault(peer, []).append(e)
+    blacklist = {}
+    for peer, evidence in accusations.items():
+        if len(evidence) >= cfg.min_reporters:
+            blacklist[peer] = {"reason": _main_reason(evidence), "reporters": len(evidence),
+                               "strikes": sum(e["strikes"] for e in evidence)}
+    return blacklist
+
+
+def _main_reason(evidence: List[dict]) -> str:
+    """The reason cited by the most accusing reporters (ties: the most strikes, then by name)."""
+    cited, counts = Counter(), Counter()
+    for e in evidence:
+        for reason, count in e["reasons"].items():
+            if count > 0:
+                cited[reason] += 1
+                counts[reason] += count
+    if not cited:
+        return UNSPECIFIED
+    return min(cited, key=lambda reason: (-cited[reason], -counts[reason], reason))
+
+
+def _scores(reports: Dict[str, ReputationReport], weights: Dict[str, float], blacklist: Dict) -> Dict[str, float]:
+    good: Dict[str, float] = {r: 0.0 for r in reports}
+    bad: Dict[str, float] = {r: 0.0 for r in reports}
+    for r, report in reports.items():
+        for peer, e in report.entries.items():
+            good.setdefault(peer, 0.0)
+            bad.setdefault(peer, 0.0)
+            if weights[r] > 0 and peer != r:
+                good[peer] += weights[r] * e["clean"]
+                bad[peer] += weights[r] * e["strikes"]
+    scores = {}
+    for peer in good:
+        total = good[peer] + STRIKE_PENALTY * bad[peer]
+        scores[peer] = 0.0 if peer in blacklist else (good[peer] / total if total > 0 else 1.0)
+    return scores
