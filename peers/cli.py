@@ -41,6 +41,14 @@ def _swarm_shape(parser: argparse.ArgumentParser) -> None:
                        help="sequences per optimizer step, summed over a stage's replicas (default: %(default)s)")
     group.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="model init and data order seed (default: %(default)s)")
+    group.add_argument("--probation-s", type=float, default=600.0,
+                       help="seconds a new identity's reputation reports weigh nothing (default: %(default)s)")
+    group.add_argument("--probation-work", type=int, default=20,
+                       help="clean exchanges others must vouch for before a reporter weighs (default: %(default)s)")
+    group.add_argument("--min-reporters", type=int, default=2,
+                       help="independent trusted reporters needed to blacklist a peer (default: %(default)s)")
+    group.add_argument("--report-period", type=float, default=5.0,
+                       help="seconds between a peer's reputation reports (default: %(default)s)")
 
 
 def _data(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "processes on 127.0.0.1, prints the bootstrap address first, trains, writes the "
                                    "summary and stops everything it started.")
     _swarm_shape(p)
+    # a local swarm lives minutes, not days: identities leave probation after seconds of verified work
+    p.set_defaults(probation_s=5.0, probation_work=10, report_period=2.0)
     p.add_argument("--replicas", type=int, default=2, help="peers per stage (default: %(default)s)")
     p.add_argument("--run-id", default=DEFAULT_RUN_ID)
     p.add_argument("--workdir", default=None, help="where logs go (default: a new temporary directory)")

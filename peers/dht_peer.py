@@ -11,19 +11,26 @@ from peers.common import emit, fail, host_maddrs, wait_for_shutdown
 from swarm.config import model_preset, stage_layer_ranges, to_dict
 from swarm.network import create_dht, publish_swarm_config, visible_addresses
 from swarm.records import SwarmConfigRecord
+from swarm.reputation import ReputationConfig
 
 REFRESH_S = 60.0
 
 
 def swarm_record(args) -> SwarmConfigRecord:
     model = model_preset(args.model, seed=args.seed)
+    ReputationConfig(probation_s=args.probation_s, probation_work=args.probation_work, min_reporters=args.min_reporters,
+                     report_period_s=args.report_period, report_ttl_s=max(60.0, 4 * args.report_period))
     stage_layer_ranges(model.num_layers, args.stages)  # raises a clear error for an impossible cut
     if args.target_batch_size % args.microbatch_size:
         raise ValueError("--target-batch-size must be a multiple of --microbatch-size")
     return SwarmConfigRecord(
         run_id=args.run_id, model=to_dict(model), num_stages=args.stages, seq_len=args.seq_len,
         microbatch_size=args.microbatch_size, target_batch_size=args.target_batch_size, lr=args.lr,
-        created_at=get_dht_time(), extra={"seed": args.seed},
+        created_at=get_dht_time(),
+        extra={"seed": args.seed, "reputation": dict(probation_s=args.probation_s, probation_work=args.probation_work,
+                                                     min_reporters=args.min_reporters,
+                                                     report_period_s=args.report_period,
+                                                     report_ttl_s=max(60.0, 4 * args.report_period))},
     )
 
 

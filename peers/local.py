@@ -165,8 +165,8 @@ class LocalSwarm:
         ledgers = self.ledgers()
         flagged: Dict[str, int] = {}
         for ledger in ledgers.values():
-            for peer, by_direction in ledger.get("strikes", {}).items():
-                flagged[peer] = flagged.get(peer, 0) + sum(by_direction.values())
+            for peer, tally in ledger.get("tallies", {}).items():
+                flagged[peer] = flagged.get(peer, 0) + int(tally.get("strikes", 0))
         peers = []
         for child in self.children:
             if child.role == "stage":
@@ -183,7 +183,9 @@ class LocalSwarm:
 def shape_args(args) -> List[str]:
     return ["--stages", str(args.stages), "--model", args.model, "--seq-len", str(args.seq_len),
             "--microbatch-size", str(args.microbatch_size), "--target-batch-size", str(args.target_batch_size),
-            "--lr", str(args.lr), "--seed", str(args.seed)]
+            "--lr", str(args.lr), "--seed", str(args.seed), "--probation-s", str(args.probation_s),
+            "--probation-work", str(args.probation_work), "--min-reporters", str(args.min_reporters),
+            "--report-period", str(args.report_period)]
 
 
 def training_args(args, metrics_out: str, summary_json: str) -> List[str]:

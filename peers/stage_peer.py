@@ -10,6 +10,7 @@ from peers.common import emit, fail, host_maddrs, wait_for_shutdown
 from swarm.config import ModelConfig
 from swarm.network import create_dht, fetch_swarm_config
 from swarm.optimizer import OptimizerConfig
+from swarm.reputation import ReputationConfig
 from swarm.sentinel import SentinelConfig, SentinelMonitor
 from swarm.stage_server import StageServer, StageServerConfig
 
@@ -26,6 +27,15 @@ def autocast_dtype(device: str):
     if device != "cuda":
         return None
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def reputation_config(swarm) -> ReputationConfig:
+    """The swarm's reputation settings (published by its creator), or the defaults."""
+    settings = swarm.extra.get("reputation") if isinstance(swarm.extra.get("reputation"), dict) else {}
+    try:
+        return ReputationConfig(**settings)
+    except (TypeError, ValueError):
+        return ReputationConfig()
 
 
 def make_adversary(args):
@@ -63,12 +73,12 @@ def run(args) -> int:
                 SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup))
             adversary = make_adversary(args)
             server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
-                                 sentinel=sentinel, outbound_hook=adversary)
+                                 sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm))
             await server.start()
             emit("serve", peer_id=server.peer_id, stage=args.stage, device=device, byzantine=adversary is not None)
             await wait_for_shutdown()
             # what this peer saw and did, for launchers' summaries
-            emit("ledger", peer_id=server.peer_id, served=server.stats.served, **server.ledger.as_dict(),
+            emit("ledger", peer_id=server.peer_id, served=server.stats.served, tallies=server.ledger.as_dict(),
                  tampered=adversary.tampered if adversary else 0)
             await server.shutdown()
 

@@ -9,6 +9,7 @@ import logging
 from peers.common import emit, fail, host_maddrs
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
+from peers.stage_peer import reputation_config
 from swarm.network import create_dht, fetch_swarm_config
 from swarm.trainer import Trainer, TrainerConfig
 
@@ -46,7 +47,7 @@ def run(args) -> int:
             logger.info(f"step {row['step'] + 1}/{args.steps} loss {loss} tokens {row['tokens']} "
                         f"elapsed {row['elapsed_s']:.1f}s retried {row['retried']} dropped {row['dropped']}")
 
-        trainer = Trainer(cfg, dht, stream, on_step=on_step)
+        trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm))
         summary = asyncio.run(trainer.run())
         if args.summary_json:
             with open(args.summary_json, "w") as f:

@@ -95,6 +95,16 @@ class ReputationLedger:
         """Count a sentinel :class:`~swarm.sentinel.Verdict`; a rejection's reason is its statistic (or baseline)."""
         self.record(verdict.sender, verdict.accepted, verdict.direction, verdict.statistic or verdict.baseline)
 
+    def flagged(self, peer: str) -> int:
+        """How many of ``peer``'s tensors this peer rejected."""
+        tally = self.tallies.get(peer)
+        return tally.strikes if tally else 0
+
+    def as_dict(self) -> Dict[str, dict]:
+        """Plain tallies, for summaries and ``rpc_info``."""
+        return {peer: {"clean": t.clean, "strikes": t.strikes, "reasons": dict(t.reasons)}
+                for peer, t in self.tallies.items()}
+
     def to_report(self, reporter: str, issued_at: float) -> ReputationReport:
         """This ledger as a report: at most 256 peers (those with strikes first, then the most exchanges) and
         at most 8 reasons each (the most frequent). The reporter's own tally, if any, is left out."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
@@ -245,6 +245,7 @@ class SentinelMonitor:
         self.momentum: Dict[Tuple[str, str], Dict[str, float]] = {}
         self.momentum_count: Dict[Tuple[str, str], int] = {}
         self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
+        self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
         self.checked = 0
         self.rejected = 0
@@ -340,10 +341,7 @@ class SentinelMonitor:
                 verdict = momentum
             if verdict.accepted:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
-            # a suspect sender's tensors never feed the population baseline, so a persistent small deviation
-            # (accepted one tensor at a time) does not become part of what "normal" means
-            if not self.suspect(sender, direction):
-                pop.update(scalars, vectors, verdict.accepted)
+            self._feed(pop, sender, direction, verdict, signed, scalars, vectors)
             if verdict.accepted:
                 own.update(scalars)
         if verdict.accepted:
@@ -370,8 +368,7 @@ class SentinelMonitor:
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
             verdict = momentum
-        if not self.suspect(sender, LOSS):
-            pop.update(scalars, {}, verdict.accepted)
+        self._feed(pop, sender, LOSS, verdict, signed, scalars, {})
         if not verdict.accepted:
             self.rejected += 1
             verdict.direction = FORWARD  # it is the activations that are rejected
@@ -418,6 +415,27 @@ class SentinelMonitor:
                            f"(momentum threshold {self.cfg.momentum_threshold:g})", stat, "momentum")
         return None
 
+    def _feed(self, pop: "_Population", sender: str, direction: str, verdict: Verdict, signed: Dict[str, float],
+              scalars: Dict[str, float], vectors: Dict[str, torch.Tensor]) -> None:
+        """What feeds the population baseline: accepted tensors of senders that are not suspect (a persistent
+        small deviation, accepted one tensor at a time, must not become "normal"), and rejected ones only when
+        another sender was recently rejected for the same statistic in the same direction: that is drift of the
+        whole population (training moves every honest sender alike), which the baseline must follow or it would
+        reject everything from then on; one sender alone is an outlier."""
+        sign = 1 if signed.get(verdict.statistic, 0.0) >= 0 else -1
+        if not verdict.accepted and verdict.baseline in ("population", "momentum"):
+            self.recent_rejections.setdefault(direction, deque(maxlen=self.cfg.window)).append(
+                (self.checked, sender, verdict.statistic, sign))
+        if not self.suspect(sender, direction) and (
+            verdict.accepted or self._drift(sender, direction, verdict.statistic, sign)
+        ):
+            pop.update(scalars, vectors, verdict.accepted)
+
+    def _drift(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
+        recent = self.recent_rejections.get(direction, ())
+        return any(other != sender and stat == statistic and sgn == sign and self.checked - when <= self.cfg.window
+                   for when, other, stat, sgn in recent)
+
     def suspect(self, sender: str, direction: str) -> bool:
         """Whether a sender's momentum is past half the threshold (its tensors stay out of the population window)."""
         relative = self.relative.get((sender, direction), {})
@@ -436,27 +454,3 @@ class SentinelMonitor:
                            f"replay: correlates {corr:.3f} with a recent tensor of another micro-batch",
                            "replay", "replay")
         return None
-
-
-@dataclass
-class SentinelLedger:
-    """Per-peer tallies of verdicts (clean and rejected, by direction and reason) for the reputation layer."""
-
-    clean: Dict[str, Dict[str, int]] = field(default_factory=dict)
-    strikes: Dict[str, Dict[str, int]] = field(default_factory=dict)
-    reasons: Dict[str, Dict[str, int]] = field(default_factory=dict)
-
-    def record(self, verdict: Verdict) -> None:
-        book = self.clean if verdict.accepted else self.strikes
-        per_peer = book.setdefault(verdict.sender, {})
-        per_peer[verdict.direction] = per_peer.get(verdict.direction, 0) + 1
-        if not verdict.accepted:
-            reasons = self.reasons.setdefault(verdict.sender, {})
-            key = verdict.statistic or verdict.baseline
-            reasons[key] = reasons.get(key, 0) + 1
-
-    def flagged(self, peer: str) -> int:
-        return sum(self.strikes.get(peer, {}).values())
-
-    def as_dict(self) -> Dict[str, Dict]:
-        return {"clean": self.clean, "strikes": self.strikes, "reasons": self.reasons}

@@ -33,7 +33,8 @@ from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.records import StageRecord
-from swarm.sentinel import BACKWARD, FORWARD, SentinelLedger, SentinelMonitor
+from swarm.reputation import ReputationConfig, ReputationLedger
+from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
 from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class StageServer(ServicerBase):
         *,
         sentinel: Optional[SentinelMonitor] = None,
         outbound_hook: Optional[OutboundHook] = None,
-        is_banned: Optional[Callable[[str], Optional[str]]] = None,
+        reputation: Optional[ReputationConfig] = None,
     ):
         self.cfg, self.model_cfg, self.dht = cfg, model_cfg, dht
         self.device = torch.device(cfg.device)
@@ -146,9 +147,10 @@ class StageServer(ServicerBase):
         self.module.train()
         self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}")
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
-        self.ledger = SentinelLedger()
+        self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         self.outbound_hook = outbound_hook
-        self.is_banned = is_banned or (lambda peer: None)
+        self.reputation_cfg = reputation
+        self.reputation = None  # a ReputationService once started (if reputation is configured)
         self.stats = StageStats()
         self.labels = LabelBox(ttl_s=max(cfg.labels_timeout_s * 4, 60.0))
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
@@ -182,10 +184,27 @@ class StageServer(ServicerBase):
                 await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
         self.record.state = "online"
         self.announcer.start()
+        if self.reputation_cfg is not None:
+            from swarm.reputation_service import ReputationService
+
+            self.reputation = ReputationService(
+                self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
+                ledger=self.ledger, lookup_key=self.lookup_key, publish_blacklist=True,
+            )
+            self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
+
+    def is_banned(self, peer: str) -> Optional[str]:
+        return self.reputation.reason(peer) if self.reputation is not None else None
+
+    async def lookup_key(self, peer: str) -> Optional[bytes]:
+        """Ask a peer (over its authenticated libp2p connection) which RSA key it signs its records with."""
+        return await lookup_rsa_key(self.p2p, self.cfg.run_id, peer)
 
     async def shutdown(self) -> None:
         logger.info(f"stage {self.cfg.stage}: leaving (served {self.stats.served} micro-batches)")
+        if self.reputation is not None:
+            await self.reputation.stop()
         if self.announcer is not None:
             await self.announcer.stop(offline=True)
         if self.p2p is not None:
@@ -212,7 +231,8 @@ class StageServer(ServicerBase):
             rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
             failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
             epoch=self.optimizer.epoch, flagged=dict(self.stats.flagged), device=str(self.device),
-            sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(),
+            sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(), rsa_key=_local_rsa_key(),
+            blacklist=dict(self.reputation.aggregate.blacklist) if self.reputation else {},
             param_checksum=self.param_checksum(),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
@@ -274,7 +294,7 @@ class StageServer(ServicerBase):
             return
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
         verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context)
-        self.ledger.record(verdict)
+        self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction)
 
@@ -284,7 +304,7 @@ class StageServer(ServicerBase):
             return
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
         verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key)
-        self.ledger.record(verdict)
+        self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD)
 
@@ -453,3 +473,18 @@ async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: fl
     stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
     reply = await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=timeout)
     return (await receive(single(reply), TensorLimits())).metadata
+
+
+async def lookup_rsa_key(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 5.0) -> Optional[bytes]:
+    """The RSA key a stage peer says it signs with, or None if it does not answer."""
+    try:
+        key = (await fetch_peer_info(p2p, run_id, peer, timeout=timeout)).get("rsa_key")
+    except Exception:
+        return None
+    return key if isinstance(key, bytes) else None
+
+
+def _local_rsa_key() -> bytes:
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    return RSASignatureValidator().local_public_key

@@ -28,8 +28,10 @@ from hivemind.p2p import PeerID
 
 from swarm.data import MicroBatchStream
 from swarm.network import fetch_stage_peers
+from swarm.reputation import ReputationConfig
+from swarm.reputation_service import ReputationService, read_published_blacklists, swarm_verdict
 from swarm.router import NoRouteError, Router
-from swarm.stage_server import StageServer, namespace
+from swarm.stage_server import StageServer, lookup_rsa_key, namespace
 from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class Trainer:
         *,
         router: Optional[Router] = None,
         on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+        reputation: Optional[ReputationConfig] = None,
     ):
         self.cfg, self.dht, self.stream = cfg, dht, stream
         self.router = router or Router(cfg.num_stages)
@@ -140,6 +143,9 @@ class Trainer:
         self.metrics: List[Dict[str, Any]] = []
         self.timing = TimingStats()
         self._stub_cls = StageServer  # stubs are generated from the server's RPC signatures
+        self.reputation_cfg = reputation
+        self.reputation: Optional[ReputationService] = None
+        self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
 
     async def refresh_peers(self) -> None:
         loop = asyncio.get_event_loop()
@@ -245,6 +251,13 @@ class Trainer:
     async def run(self) -> Dict[str, Any]:
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.p2p.peer_id)
+        if self.reputation_cfg is not None:
+            self.reputation = ReputationService(
+                self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
+                lookup_key=lambda peer: lookup_rsa_key(self.p2p, self.cfg.run_id, peer),
+            )
+            self.router.is_blacklisted = self._is_blacklisted
+            self.reputation.start()
         await self.refresh_peers()
         refresher = asyncio.get_event_loop().create_task(self._refresh_loop())
         metrics_file = open(self.cfg.metrics_path, "w") if self.cfg.metrics_path else None
@@ -288,18 +301,36 @@ class Trainer:
             refresher.cancel()
             if metrics_file:
                 metrics_file.close()
-        return self.summary(time.perf_counter() - started)
+        verdicts = {}
+        if self.reputation is not None:
+            await self.reputation.stop()
+            try:
+                verdicts = await read_published_blacklists(self.dht, self.cfg.run_id)
+            except Exception as e:
+                logger.warning(f"could not read the published blacklists: {e}")
+        return self.summary(time.perf_counter() - started, verdicts)
 
-    def summary(self, elapsed_s: float) -> Dict[str, Any]:
+    def _is_blacklisted(self, peer: str) -> bool:
+        if self.reputation is None or not self.reputation.is_blacklisted(peer):
+            return False
+        self.blacklisted_at.setdefault(peer, len(self.ledger.outcome))
+        return True
+
+    def summary(self, elapsed_s: float, blacklists: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         losses = [row["loss"] for row in self.metrics if row["loss"] is not None]
         counts = self.ledger.counts()
         total = self.cfg.steps * self.cfg.microbatches_per_step
         assert counts["completed"] + counts["dropped"] == total, "every micro-batch must end exactly once"
         peers = [dict(peer_id=self.peer_id, stage=None, role="trainer")]
         for state in sorted(self.router.peers.values(), key=lambda s: (s.stage, s.peer_id)):
-            peers.append(dict(peer_id=state.peer_id, stage=state.stage, role="stage", chosen=state.chosen,
-                              succeeded=state.succeeded, failed=state.failed,
-                              time_ema_s=state.time_ema_s))
+            entry = dict(peer_id=state.peer_id, stage=state.stage, role="stage", chosen=state.chosen,
+                         succeeded=state.succeeded, failed=state.failed, time_ema_s=state.time_ema_s)
+            if self.reputation is not None:
+                entry.update(reputation=round(self.reputation.score(state.peer_id), 4),
+                             blacklisted=swarm_verdict(blacklists or {}, state.peer_id),
+                             blacklist_reason=self.reputation.reason(state.peer_id),
+                             blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id))
+            peers.append(entry)
         return dict(
             steps=len(self.metrics),
             loss_first=losses[0] if losses else None,

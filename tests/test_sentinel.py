@@ -9,7 +9,8 @@ from peers.adversary import Adversary, AttackConfig, tamper
 from swarm.config import DataConfig, ModelConfig
 from swarm.data import MicroBatchStream, load_token_blocks
 from swarm.model import StageModule, causal_lm_loss
-from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelLedger, SentinelMonitor
+from swarm.reputation import ReputationLedger
+from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelMonitor
 
 CFG = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
@@ -110,8 +111,8 @@ def test_verdict_names_sender_direction_and_reason(honest):
     verdict = next(v for *_, t, v in results if t and not v.accepted)
     assert verdict.sender == "p2" and verdict.direction == BACKWARD
     assert verdict.score > verdict.threshold and "spreads" in verdict.reason
-    ledger = SentinelLedger()
-    ledger.record(verdict)
+    ledger = ReputationLedger()
+    ledger.record_verdict(verdict)
     assert ledger.flagged("p2") == 1
 
 

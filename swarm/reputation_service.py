@@ -1,0 +1,173 @@
+"""Reputation over the DHT: publish this peer's signed report, read everyone's, aggregate, enforce, publish.
+
+Each stage peer publishes its :class:`~swarm.reputation.ReputationLedger` as a signed report under
+``{run}.reports`` (subkey: its RSA key) every ``report_period_s``. Every participant (stage peers and trainers)
+reads all reports and runs :func:`~swarm.reputation.aggregate` itself; no one has to be trusted to compute the
+verdicts. Stage peers publish the blacklist they computed under ``{run}.blacklist`` (with reason and evidence
+count per entry) for operators and scripts; routers and servers act on their own computation.
+
+A report's signature proves which RSA key wrote it, not which libp2p peer it speaks for; the service confirms
+the binding by asking the claimed peer, over its authenticated libp2p connection, for its RSA key (``rpc_info``).
+A report whose claimed peer does not answer with the same key weighs nothing, so nobody can borrow an honest
+peer's record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Dict, Optional
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from swarm.network import fetch_stage_peers
+from swarm.records import (
+    BlacklistRecord,
+    ReputationReport,
+    blacklist_key,
+    parse_subkeyed,
+    reports_key,
+)
+from swarm.reputation import Aggregate, ReputationConfig, ReputationLedger, aggregate
+
+logger = logging.getLogger(__name__)
+
+# (peer id) -> the RSA public key marker that peer says is its own, or None if it cannot be asked
+KeyLookup = Callable[[str], Awaitable[Optional[bytes]]]
+
+
+def local_public_key() -> bytes:
+    return RSASignatureValidator().local_public_key
+
+
+class ReputationService:
+    """Publishes this peer's report (if it has a ledger), aggregates everyone's, and answers "is X banned?"."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        num_stages: int,
+        cfg: ReputationConfig,
+        peer_id: str,
+        *,
+        ledger: Optional[ReputationLedger] = None,
+        lookup_key: Optional[KeyLookup] = None,
+        publish_blacklist: bool = False,
+    ):
+        self.dht, self.run_id, self.num_stages, self.cfg = dht, run_id, num_stages, cfg
+        self.peer_id, self.ledger, self.lookup_key = peer_id, ledger, lookup_key
+        self.publish_blacklist = publish_blacklist
+        self.first_seen: Dict[str, float] = {}
+        self.bound: Dict[str, bytes] = {}  # peer id -> RSA key it confirmed as its own
+        self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
+        self.banned_since: Dict[str, float] = {}
+        self._task: Optional[asyncio.Task] = None
+
+    # ---- verdicts ----------------------------------------------------------------------------------------------
+    def is_blacklisted(self, peer: str) -> bool:
+        return peer in self.aggregate.blacklist
+
+    def reason(self, peer: str) -> Optional[str]:
+        entry = self.aggregate.blacklist.get(peer)
+        if entry is None:
+            return None
+        return f"blacklisted by {entry['reporters']} reporters: {entry['reason']} ({entry['strikes']} strikes)"
+
+    def score(self, peer: str) -> float:
+        return self.aggregate.score(peer)
+
+    # ---- one round -----------------------------------------------------------------------------------------------
+    async def publish_report(self) -> bool:
+        if self.ledger is None:
+            return False
+        report = self.ledger.to_report(self.peer_id, get_dht_time())
+        return await self._store(reports_key(self.run_id), report.to_value())
+
+    async def _store(self, key: str, value) -> bool:
+        try:
+            return bool(await self.dht.store(key, value, get_dht_time() + self.cfg.report_ttl_s,
+                                             subkey=local_public_key(), return_future=True))
+        except Exception as e:
+            logger.warning(f"could not publish {key}: {e}")
+            return False
+
+    async def refresh(self) -> Aggregate:
+        """Read reports and stage records, confirm reporters' identities, aggregate."""
+        loop = asyncio.get_event_loop()
+        now = get_dht_time()
+        stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages)
+        for infos in stages.values():
+            for info in infos:
+                self.first_seen.setdefault(info.peer_id, now)
+        entry = await self.dht.get(reports_key(self.run_id), latest=True, return_future=True)
+        parsed, rejected = parse_subkeyed(entry, ReputationReport.from_value, "reputation report")
+        for note in rejected:
+            logger.debug(note)
+        reports: Dict[str, ReputationReport] = {}
+        keys: Dict[str, bytes] = {}
+        for subkey, (report, _) in parsed.items():
+            self.first_seen.setdefault(report.reporter, now)
+            if report.reporter in reports and reports[report.reporter].issued_at >= report.issued_at:
+                continue
+            reports[report.reporter], keys[report.reporter] = report, subkey
+        reachable = set()
+        for reporter, subkey in keys.items():
+            if reporter not in self.bound and self.lookup_key is not None:
+                claimed = await self.lookup_key(reporter)
+                if claimed is not None:
+                    self.bound[reporter] = claimed
+            if self.bound.get(reporter) == subkey:
+                reachable.add(reporter)
+        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg, reachable=reachable)
+        for peer in self.aggregate.blacklist:
+            if peer not in self.banned_since:
+                self.banned_since[peer] = now
+                logger.info(f"blacklisted {peer[-8:]}: {self.reason(peer)}")
+        if self.publish_blacklist:
+            record = self.aggregate.to_blacklist_record(self.peer_id, now)
+            await self._store(blacklist_key(self.run_id), record.to_value())
+        return self.aggregate
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.publish_report()
+                await self.refresh()
+            except Exception as e:  # reputation must never take a peer down
+                logger.warning(f"reputation round failed: {type(e).__name__}: {e}")
+            await asyncio.sleep(self.cfg.report_period_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_event_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+async def read_published_blacklists(dht: hivemind.DHT, run_id: str) -> Dict[str, BlacklistRecord]:
+    """Every peer's published blacklist, by publisher peer id (newest per publisher)."""
+    entry = await dht.get(blacklist_key(run_id), latest=True, return_future=True)
+    parsed, _ = parse_subkeyed(entry, BlacklistRecord.from_value, "blacklist")
+    out: Dict[str, BlacklistRecord] = {}
+    for record, _ in parsed.values():
+        if record.publisher not in out or out[record.publisher].issued_at < record.issued_at:
+            out[record.publisher] = record
+    return out
+
+
+def swarm_verdict(blacklists: Dict[str, BlacklistRecord], peer: str) -> bool:
+    """The swarm-wide verdict: listed by a majority of the publishers that a majority has not blacklisted."""
+    everyone = list(blacklists)
+    publishers = [p for p in everyone if sum(p in blacklists[q].entries for q in everyone) * 2 <= len(everyone)]
+    if not publishers:
+        return False
+    votes = sum(peer in blacklists[p].entries for p in publishers)
+    return votes * 2 > len(publishers)
