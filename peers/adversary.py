@@ -26,7 +26,7 @@ import torch
 ATTACKS = ("noise", "signflip", "scale", "zero", "constant", "random", "replay", "alie")
 DIRECTIONS = ("forward", "backward", "both")
 DEFAULT_MAGNITUDE = {"noise": 1.0, "signflip": 1.0, "scale": 10.0, "zero": 1.0, "constant": 1.0, "random": 1.0,
-                     "replay": 4.0, "alie": 1.0}
+                     "replay": 4.0, "alie": 2.0}
 
 
 @dataclass(kw_only=True)

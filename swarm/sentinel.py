@@ -6,7 +6,7 @@ way forward, activation-gradients on the way back) the monitor computes:
 
 - ``log_rms``       log of the root mean square: scaling, zeroing, most noise;
 - ``mean_shift``    distance of the per-feature mean over tokens from its EMA, in units of the per-feature spread
-                    (a diagonal Mahalanobis distance): sign flips, ALIE-style shifts, random replacement;
+                    (the median over features): ALIE-style shifts, random replacement;
 - ``profile``       1 - cosine between the per-feature RMS profile and its EMA: replacement by structureless data;
 - ``token_spread``  per-feature standard deviation across tokens relative to the RMS: constant tensors;
 - ``skew_align``    (activations only) cosine between the per-feature skewness and its EMA: odd moments flip
@@ -47,6 +47,7 @@ LOSS = "loss"  # the last stage's loss on received activations: a free check of 
 SCALARS = ("log_rms", "mean_shift", "profile", "skew_align", "token_spread", "alignment", "norm_corr", "angle_corr")
 # distances and spikes are suspicious only when large; the others in both directions
 ONE_SIDED = {"mean_shift", "profile", "loss"}
+DISTANCES = {"mean_shift", "profile", "skew_align"}
 
 
 @dataclass(kw_only=True)
@@ -59,7 +60,7 @@ class SentinelConfig:
     min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
     window: int = 64  # accepted tensors the population baseline keeps per direction
     momentum_decay: float = 0.75
-    momentum_threshold: float = 2.5
+    momentum_threshold: float = 3.0
     momentum_clip: float = 6.0  # one tensor moves a sender's momentum by at most (1 - decay) x this
     momentum_min_count: int = 4
     replay_window: int = 64
@@ -104,7 +105,9 @@ def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tens
     if ema_mean is not None and ema_std is not None and ema_mean.shape == vectors["feat_mean"].shape:
         scale = ema_std.clamp_min(float(ema_std.mean()) * 1e-3 + 1e-12)
         # logs: these distances are positive and heavy-tailed; on a log scale honest variation is even
-        out["mean_shift"] = math.log(float(((vectors["feat_mean"] - ema_mean) / scale).pow(2).mean().sqrt()) + 1e-6)
+        # the median over features, not the mean: a few unusual features in an honest batch do not count, a shift
+        # of every feature (ALIE, sign flips, replacement) does
+        out["mean_shift"] = math.log(float(((vectors["feat_mean"] - ema_mean) / scale).abs().median()) + 1e-6)
     ema_skew = ema.get("feat_skew")
     if ema_skew is not None and "feat_skew" in vectors and ema_skew.shape == vectors["feat_skew"].shape:
         out["skew_align"] = float(torch.nn.functional.cosine_similarity(vectors["feat_skew"], ema_skew, dim=0))
@@ -155,12 +158,19 @@ class _Population:
     def distances(self, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
         return vector_distances(self.vectors, vectors) if self.vectors else {}
 
-    def scores(self, scalars: Dict[str, float], signed: bool = False) -> Dict[str, float]:
+    def scores(self, scalars: Dict[str, float], signed: bool = False,
+               centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """z-scores against the window (median, MAD); ``centers`` replaces the median where given (the other
+        senders' current values: drift that moves everyone alike then cancels out)."""
         out = {}
         for name, value in scalars.items():
             values = [entry[name] for entry in self.window if name in entry]
-            if len(values) >= self.cfg.warmup:
+            # distances from the EMA vectors exist only once the vectors do, and their spread needs more samples
+            # than a plain statistic's (measured: the first ones after warm-up made false alarms)
+            if len(values) >= self.cfg.warmup + (8 if name in DISTANCES else 0):
                 center, spread = _robust(values)
+                if centers and name in centers:
+                    center = centers[name]
                 out[name] = _z(name, value, center, spread, self.cfg.min_spread, signed)
         return out
 
@@ -229,6 +239,10 @@ class _SenderEMA:
         a = 1 - self.cfg.ema_decay
         for name, value in scalars.items():
             if name in self.mean:
+                # clipped, so a sudden change (a sleeper waking up) moves the baseline only gradually while
+                # slow drift is followed; the population and momentum checks still judge the new behaviour
+                bound = self.cfg.threshold * max(self.spread[name], self.cfg.min_spread * max(abs(self.mean[name]), 0.5))
+                value = min(max(value, self.mean[name] - bound), self.mean[name] + bound)
                 deviation = abs(value - self.mean[name])
                 self.mean[name] += a * (value - self.mean[name])
                 self.spread[name] += a * (deviation - self.spread[name])
@@ -246,6 +260,8 @@ class SentinelMonitor:
         self.momentum_count: Dict[Tuple[str, str], int] = {}
         self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
         self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
+        # direction -> sender -> its last accepted (when, statistics)
+        self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float]]]]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
         self.checked = 0
         self.rejected = 0
@@ -335,7 +351,7 @@ class SentinelMonitor:
             own = self.senders.setdefault((sender, direction), _SenderEMA(self.cfg))
             scalars.update(pop.distances(vectors))
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
-            verdict = self._judge(pop, "population", scalars, sender, direction)
+            verdict = self._judge(pop, "population", scalars, sender, direction, self._centers(direction, sender))
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
@@ -343,7 +359,9 @@ class SentinelMonitor:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors)
             if verdict.accepted:
-                own.update(scalars)
+                self._remember(direction, sender, scalars)
+            if verdict.accepted or verdict.baseline == "sender":
+                own.update(scalars)  # a sender's own baseline follows it (clipped), or drift would lock it out
         if verdict.accepted:
             window = self.sketches.setdefault(direction, deque(maxlen=self.cfg.replay_window))
             window.append((microbatch, sketch))
@@ -364,20 +382,42 @@ class SentinelMonitor:
         pop = self.population.setdefault(LOSS, _Population(self.cfg))
         scalars = {"loss": math.log(max(loss, 1e-6))}
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
-        verdict = self._judge(pop, "population", scalars, sender, LOSS)
+        verdict = self._judge(pop, "population", scalars, sender, LOSS, self._centers(LOSS, sender))
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
             verdict = momentum
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {})
+        if verdict.accepted:
+            self._remember(LOSS, sender, scalars)
         if not verdict.accepted:
             self.rejected += 1
             verdict.direction = FORWARD  # it is the activations that are rejected
         return verdict
 
-    def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str) -> Verdict:
+    def _remember(self, direction: str, sender: str, scalars: Dict[str, float]) -> None:
+        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=4))
+        entries.append((self.checked, dict(scalars)))
+
+    def _centers(self, direction: str, sender: str) -> Dict[str, float]:
+        """The median of the other senders' last few accepted values, when at least two others are recent.
+
+        Training moves every honest sender's statistics at once (each optimizer step shifts them all); judged
+        against history alone, honest tensors right after a big step look like outliers. Judged against what
+        the other senders send *now*, only a sender that differs from its peers stands out."""
+        recent = {other: [values for when, values in entries if self.checked - when <= self.cfg.window]
+                  for other, entries in self.latest.get(direction, {}).items()
+                  if other != sender and not self.suspect(other, direction)}
+        if sum(bool(values) for values in recent.values()) < 2:
+            return {}
+        others = [values for entries in recent.values() for values in entries]
+        names = set.intersection(*(set(values) for values in others))
+        return {name: float(torch.tensor([values[name] for values in others]).median()) for name in names}
+
+    def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str,
+               centers: Optional[Dict[str, float]] = None) -> Verdict:
         if not base.ready:
             return Verdict(True, sender, direction, 0.0, self.cfg.threshold, "ok (warm-up)", "", "warmup")
-        scores = base.scores(scalars)
+        scores = base.scores(scalars, centers=centers) if centers else base.scores(scalars)
         stat, score = max(scores.items(), key=lambda kv: kv[1]) if scores else ("", 0.0)
         if score > self.cfg.threshold:
             return Verdict(False, sender, direction, score, self.cfg.threshold,
