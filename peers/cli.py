@@ -90,6 +90,9 @@ def _sentinel(parser: argparse.ArgumentParser) -> None:
                        help="reject a tensor whose statistics lie more than this many spreads from a baseline")
     group.add_argument("--sentinel-warmup", type=int, default=12,
                        help="tensors observed per baseline before any statistical verdict")
+    group.add_argument("--sentinel-warmup-steps", type=int, default=10,
+                       help="training steps at the start during which only hard checks reject (the model changes "
+                            "fastest then; the baselines still learn)")
 
 
 def _attack(parser: argparse.ArgumentParser, flag: str) -> None:

@@ -243,7 +243,8 @@ def byzantine_slots(stages: int, replicas: int, count: int) -> set:
 
 
 def stage_args(args, byzantine: bool) -> List[str]:
-    extra = ["--sentinel-threshold", str(args.sentinel_threshold), "--sentinel-warmup", str(args.sentinel_warmup)]
+    extra = ["--sentinel-threshold", str(args.sentinel_threshold), "--sentinel-warmup", str(args.sentinel_warmup),
+             "--sentinel-warmup-steps", str(args.sentinel_warmup_steps)]
     if args.no_sentinel:
         extra.append("--no-sentinel")
     if byzantine:

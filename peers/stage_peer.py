@@ -70,7 +70,8 @@ def run(args) -> int:
 
         async def serve() -> None:
             sentinel = None if args.no_sentinel else SentinelMonitor(
-                SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup))
+                SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup,
+                               warmup_steps=args.sentinel_warmup_steps))
             adversary = make_adversary(args)
             server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
                                  sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm))

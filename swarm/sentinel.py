@@ -55,6 +55,7 @@ class SentinelConfig:
     """Knobs of the monitors; see the module docstring."""
 
     threshold: float = 12.0
+    warmup_steps: int = 0  # optimizer steps of training during which only hard checks give verdicts
     warmup: int = 12
     ema_decay: float = 0.9
     min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
@@ -146,6 +147,7 @@ class _Population:
     def __init__(self, cfg: SentinelConfig):
         self.cfg = cfg
         self.window: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
+        self.past_deviations: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
         self.vectors: Dict[str, torch.Tensor] = {}
         self._warm_vectors: List[Dict[str, torch.Tensor]] = []
         self._has_vectors = False
@@ -158,23 +160,41 @@ class _Population:
     def distances(self, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
         return vector_distances(self.vectors, vectors) if self.vectors else {}
 
-    def scores(self, scalars: Dict[str, float], signed: bool = False,
-               centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-        """z-scores against the window (median, MAD); ``centers`` replaces the median where given (the other
-        senders' current values: drift that moves everyone alike then cancels out)."""
+    def _min_count(self, name: str) -> int:
+        # distances from the EMA vectors exist only once the vectors do, and their spread needs more samples
+        # than a plain statistic's (measured: the first ones after warm-up made false alarms)
+        return self.cfg.warmup + (8 if name in DISTANCES else 0)
+
+    def deviations(self, scalars: Dict[str, float], centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """Signed deviation of each statistic from its reference: the other senders' current values where given
+        (drift that moves everyone alike cancels out), else the window's median."""
         out = {}
         for name, value in scalars.items():
             values = [entry[name] for entry in self.window if name in entry]
-            # distances from the EMA vectors exist only once the vectors do, and their spread needs more samples
-            # than a plain statistic's (measured: the first ones after warm-up made false alarms)
-            if len(values) >= self.cfg.warmup + (8 if name in DISTANCES else 0):
-                center, spread = _robust(values)
-                if centers and name in centers:
-                    center = centers[name]
-                out[name] = _z(name, value, center, spread, self.cfg.min_spread, signed)
+            if len(values) >= self._min_count(name):
+                center = centers[name] if centers and name in centers else _robust(values)[0]
+                out[name] = value - center
         return out
 
-    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor], accepted: bool) -> None:
+    def spread(self, name: str) -> float:
+        """Noise level of a statistic: the MAD of past deviations from their references at the time. Measured
+        against concurrent references, it does not grow when training drifts the statistic over the window."""
+        past = [entry[name] for entry in self.past_deviations if name in entry]
+        if len(past) >= self.cfg.warmup:
+            return 1.4826 * float(torch.tensor(past, dtype=torch.float64).abs().median())
+        return _robust([entry[name] for entry in self.window if name in entry])[1]
+
+    def scores(self, scalars: Dict[str, float], signed: bool = False,
+               centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """z-scores: deviations (see :meth:`deviations`) in units of :meth:`spread`."""
+        out = {}
+        for name, deviation in self.deviations(scalars, centers).items():
+            reference = scalars[name] - deviation
+            out[name] = _z(name, scalars[name], reference, self.spread(name), self.cfg.min_spread, signed)
+        return out
+
+    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor], accepted: bool,
+               deviations: Optional[Dict[str, float]] = None) -> None:
         """Follow the traffic, rejected tensors included but bounded: scalars enter the window clipped to
         ``threshold`` spreads (so honest drift still moves the median while a minority pushing one way cannot
         move it far), and rejected tensors move the vector EMAs at a quarter of the rate. Without this, a baseline
@@ -190,6 +210,9 @@ class _Population:
                 clipped[name] = value
             scalars = clipped
         self.window.append(scalars)
+        if deviations:
+            self.past_deviations.append({name: max(-bound_, min(bound_, d)) for name, d in deviations.items()
+                                         for bound_ in [self.cfg.threshold * max(self.spread(name), 1e-9)]})
         self._has_vectors = self._has_vectors or bool(vectors)
         if not vectors:
             return
@@ -336,9 +359,12 @@ class SentinelMonitor:
         direction: str,
         microbatch: str = "",
         context: Optional[torch.Tensor] = None,
+        step: Optional[int] = None,
     ) -> Verdict:
         """Judge one received tensor. ``microbatch`` identifies its data (retries of the same data share it);
-        ``context`` is, for gradients, the activation this peer sent for the same micro-batch."""
+        ``context`` is, for gradients, the activation this peer sent for the same micro-batch; ``step`` is the
+        training step it belongs to: before ``warmup_steps``, while the model changes fastest, only hard checks
+        and replay give verdicts (the baselines still learn)."""
         self.checked += 1
         verdict = self.hard_check(x, sender, direction)
         if verdict is not None:
@@ -351,13 +377,17 @@ class SentinelMonitor:
             own = self.senders.setdefault((sender, direction), _SenderEMA(self.cfg))
             scalars.update(pop.distances(vectors))
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
-            verdict = self._judge(pop, "population", scalars, sender, direction, self._centers(direction, sender))
+            centers = self._centers(direction, sender)
+            verdict = self._judge(pop, "population", scalars, sender, direction, centers)
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
             if verdict.accepted:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
-            self._feed(pop, sender, direction, verdict, signed, scalars, vectors)
+            if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
+                verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
+                                  f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
+            self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
             if verdict.accepted:
                 self._remember(direction, sender, scalars)
             if verdict.accepted or verdict.baseline == "sender":
@@ -369,7 +399,7 @@ class SentinelMonitor:
             self.rejected += 1
         return verdict
 
-    def check_loss(self, loss: float, sender: str, microbatch: str = "") -> Verdict:
+    def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None) -> Verdict:
         """Judge the loss the last stage computed on ``sender``'s activations, before any backward.
 
         Activations that look statistically normal but belong to other data (a replayed stale tensor, a shuffled
@@ -382,11 +412,15 @@ class SentinelMonitor:
         pop = self.population.setdefault(LOSS, _Population(self.cfg))
         scalars = {"loss": math.log(max(loss, 1e-6))}
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
-        verdict = self._judge(pop, "population", scalars, sender, LOSS, self._centers(LOSS, sender))
+        centers = self._centers(LOSS, sender)
+        verdict = self._judge(pop, "population", scalars, sender, LOSS, centers)
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
             verdict = momentum
-        self._feed(pop, sender, LOSS, verdict, signed, scalars, {})
+        if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
+            verdict = Verdict(True, sender, LOSS, verdict.score, verdict.threshold,
+                              f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
+        self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
         if verdict.accepted:
             self._remember(LOSS, sender, scalars)
         if not verdict.accepted:
@@ -399,7 +433,8 @@ class SentinelMonitor:
         entries.append((self.checked, dict(scalars)))
 
     def _centers(self, direction: str, sender: str) -> Dict[str, float]:
-        """The median of the other senders' last few accepted values, when at least two others are recent.
+        """The median of the other senders' last few accepted values (only accepted ones are remembered, so an
+        attacker's tampered tensors never serve as a reference).
 
         Training moves every honest sender's statistics at once (each optimizer step shifts them all); judged
         against history alone, honest tensors right after a big step look like outliers. Judged against what
@@ -407,7 +442,7 @@ class SentinelMonitor:
         recent = {other: [values for when, values in entries if self.checked - when <= self.cfg.window]
                   for other, entries in self.latest.get(direction, {}).items()
                   if other != sender and not self.suspect(other, direction)}
-        if sum(bool(values) for values in recent.values()) < 2:
+        if not any(recent.values()):
             return {}
         others = [values for entries in recent.values() for values in entries]
         names = set.intersection(*(set(values) for values in others))
@@ -456,7 +491,8 @@ class SentinelMonitor:
         return None
 
     def _feed(self, pop: "_Population", sender: str, direction: str, verdict: Verdict, signed: Dict[str, float],
-              scalars: Dict[str, float], vectors: Dict[str, torch.Tensor]) -> None:
+              scalars: Dict[str, float], vectors: Dict[str, torch.Tensor],
+              deviations: Optional[Dict[str, float]] = None) -> None:
         """What feeds the population baseline: accepted tensors of senders that are not suspect (a persistent
         small deviation, accepted one tensor at a time, must not become "normal"), and rejected ones only when
         another sender was recently rejected for the same statistic in the same direction: that is drift of the
@@ -469,7 +505,7 @@ class SentinelMonitor:
         if not self.suspect(sender, direction) and (
             verdict.accepted or self._drift(sender, direction, verdict.statistic, sign)
         ):
-            pop.update(scalars, vectors, verdict.accepted)
+            pop.update(scalars, vectors, verdict.accepted, deviations)
 
     def _drift(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
         recent = self.recent_rejections.get(direction, ())

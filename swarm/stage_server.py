@@ -293,7 +293,8 @@ class StageServer(ServicerBase):
         if self.sentinel is None:
             return
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
-        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context)
+        step = meta.get("step") if isinstance(meta.get("step"), int) else None
+        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step)
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction)
@@ -303,7 +304,8 @@ class StageServer(ServicerBase):
         if self.sentinel is None:
             return
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
-        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key)
+        step = meta.get("step") if isinstance(meta.get("step"), int) else None
+        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step)
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD)
