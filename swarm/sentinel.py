@@ -26,7 +26,8 @@ minority of peers that are bad from their very first message cannot poison it. A
 tensors update a baseline, so an attacker cannot drag it along. The per-sender baseline catches a peer that
 changes its behaviour (a "sleeper"); the population baseline catches one that was bad from the start while
 honest peers are the majority. Hard checks need no history: non-finite values, all-zero tensors, absurd
-magnitudes.
+magnitudes, and (activations, once other senders are known) an RMS more than ``max_rms_ratio`` times off
+theirs.
 
 Knobs (:class:`SentinelConfig`): ``threshold`` (z above which a tensor is rejected), ``warmup``, ``ema_decay``,
 ``replay_window`` and ``replay_threshold``, ``min_spread`` (a relative floor on each spread, so a statistic that
@@ -56,6 +57,7 @@ class SentinelConfig:
 
     threshold: float = 12.0
     warmup_steps: int = 0  # optimizer steps of training during which only hard checks give verdicts
+    max_rms_ratio: float = 4.0  # a hard bound on activations: RMS this many times off what others send now
     warmup: int = 12
     ema_decay: float = 0.9
     min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
@@ -147,7 +149,7 @@ class _Population:
     def __init__(self, cfg: SentinelConfig):
         self.cfg = cfg
         self.window: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
-        self.past_deviations: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
+        self.past_deviations: Deque[Dict[str, float]] = deque(maxlen=max(cfg.warmup, cfg.window // 2))
         self.vectors: Dict[str, torch.Tensor] = {}
         self._warm_vectors: List[Dict[str, torch.Tensor]] = []
         self._has_vectors = False
@@ -379,12 +381,21 @@ class SentinelMonitor:
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
             centers = self._centers(direction, sender)
             verdict = self._judge(pop, "population", scalars, sender, direction, centers)
+            # activations only: the RMS of honest gradients varies by an order of magnitude between micro-batches
+            ratio = 1.0
+            if direction == FORWARD and "log_rms" in centers:
+                ratio = math.exp(abs(scalars["log_rms"] - centers["log_rms"]))
+            if verdict.accepted and ratio > self.cfg.max_rms_ratio:
+                # no statistics needed to see a tensor 4x louder or quieter than everyone else's right now;
+                # this bound holds from the first steps of training, when the statistics are still settling
+                verdict = Verdict(False, sender, direction, ratio, self.cfg.max_rms_ratio,
+                                  f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "hard")
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
             if verdict.accepted:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
-            if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
+            if step is not None and step < self.cfg.warmup_steps and not verdict.accepted and verdict.baseline != "hard":
                 verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
@@ -429,7 +440,7 @@ class SentinelMonitor:
         return verdict
 
     def _remember(self, direction: str, sender: str, scalars: Dict[str, float]) -> None:
-        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=4))
+        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=2))
         entries.append((self.checked, dict(scalars)))
 
     def _centers(self, direction: str, sender: str) -> Dict[str, float]:
