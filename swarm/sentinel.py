@@ -386,16 +386,16 @@ class SentinelMonitor:
             if direction == FORWARD and "log_rms" in centers:
                 ratio = math.exp(abs(scalars["log_rms"] - centers["log_rms"]))
             if verdict.accepted and ratio > self.cfg.max_rms_ratio:
-                # no statistics needed to see a tensor 4x louder or quieter than everyone else's right now;
-                # this bound holds from the first steps of training, when the statistics are still settling
+                # no statistics needed to see a tensor 4x louder or quieter than everyone else's right now (after
+                # the warm-up steps: early on, replicas one optimizer step apart differ by that much)
                 verdict = Verdict(False, sender, direction, ratio, self.cfg.max_rms_ratio,
-                                  f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "hard")
+                                  f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "relative")
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
             if verdict.accepted:
                 verdict = self._judge(own, "sender", scalars, sender, direction)
-            if step is not None and step < self.cfg.warmup_steps and not verdict.accepted and verdict.baseline != "hard":
+            if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
                 verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
@@ -510,7 +510,7 @@ class SentinelMonitor:
         whole population (training moves every honest sender alike), which the baseline must follow or it would
         reject everything from then on; one sender alone is an outlier."""
         sign = 1 if signed.get(verdict.statistic, 0.0) >= 0 else -1
-        if not verdict.accepted and verdict.baseline in ("population", "momentum"):
+        if not verdict.accepted and verdict.baseline in ("population", "momentum", "relative"):
             self.recent_rejections.setdefault(direction, deque(maxlen=self.cfg.window)).append(
                 (self.checked, sender, verdict.statistic, sign))
         if not self.suspect(sender, direction) and (
