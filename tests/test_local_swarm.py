@@ -70,12 +70,14 @@ def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
     stage_entries = [p for p in summary["peers"] if p["role"] == "stage"]
     assert len(stage_entries) == 4 and all(p["succeeded"] > 0 for p in stage_entries), stage_entries
 
-    # replicas of a stage stay in sync: same optimizer epoch and (nearly) identical weights
+    # replicas of a stage stay in sync: hivemind.Optimizer lets them be one epoch apart at a given moment (the
+    # one behind catches up at its next step); at the same epoch their weights are (nearly) identical
     infos = peer_infos(local_swarm, [c.info["peer_id"] for c in stage_peers])
     for stage in (0, 1):
         a, b = [infos[c.info["peer_id"]] for c in stage_peers if c.stage == stage]
-        assert a["epoch"] == b["epoch"] >= 1
-        assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-4)
+        assert min(a["epoch"], b["epoch"]) >= 1 and abs(a["epoch"] - b["epoch"]) <= 1, (a["epoch"], b["epoch"])
+        if a["epoch"] == b["epoch"]:
+            assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-4)
 
     # a clean leave announces the peer offline
     leaving = stage_peers[0]

@@ -1,0 +1,33 @@
+"""Each experiment's --quick mode runs, so the committed commands cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_quick(script: str, timeout: float) -> str:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script, "run.py"), "--quick"],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_detection_quick():
+    out = run_quick("detection", 300)
+    assert "honest run:" in out and "caught" in out
+
+
+def test_sentinel_overhead_quick():
+    assert "overhead" in run_quick("sentinel_overhead", 300)
+
+
+@pytest.mark.slow
+def test_throughput_quick():
+    out = run_quick("throughput", 600)
+    assert "tokens/s" in out and "raw TCP" in out
