@@ -290,8 +290,8 @@ class StageServer(ServicerBase):
     def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any],
                context: Optional[torch.Tensor] = None) -> None:
         """SENTINEL verdict on one received tensor; a rejection raises and blames the sender."""
-        if self.sentinel is None:
-            return
+        if self.sentinel is None or not tensor.is_floating_point():
+            return  # token ids from the trainer are validated (range, shape) in _validate_request instead
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
         verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step)
