@@ -7,9 +7,9 @@ import json
 import logging
 
 from peers.common import emit, fail, host_maddrs
+from peers.stage_peer import reputation_config
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
-from peers.stage_peer import reputation_config
 from swarm.network import create_dht, fetch_swarm_config
 from swarm.trainer import Trainer, TrainerConfig
 

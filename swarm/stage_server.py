@@ -162,7 +162,10 @@ class StageServer(ServicerBase):
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, load_state: bool = True) -> None:
-        from swarm.network import Announcer, fetch_stage_peers  # network <- stage_server, kept local to the call
+        from swarm.network import (  # network <- stage_server, kept local to the call
+            Announcer,
+            fetch_stage_peers,
+        )
 
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.p2p.peer_id)

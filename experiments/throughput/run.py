@@ -35,7 +35,7 @@ from peers.local import LocalSwarm  # noqa: E402
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import build_model  # noqa: E402
-from swarm.transport import TensorLimits, call, pack, receive  # noqa: E402
+from swarm.transport import TensorLimits, pack, receive  # noqa: E402
 
 
 def steady_rate(rows, skip: int) -> float:
