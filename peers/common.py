@@ -28,6 +28,20 @@ async def wait_for_shutdown() -> str:
     return await stopped
 
 
+def join_swarm(args):
+    """Join the DHT and read the swarm's config: ``(dht, config)``, config None (the reason printed) if absent.
+    The caller shuts the DHT down."""
+    from swarm.network import create_dht, fetch_swarm_config
+
+    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
+                     identity_path=args.identity)
+    try:
+        return dht, fetch_swarm_config(dht, args.run_id)
+    except TimeoutError as e:
+        fail(str(e))
+        return dht, None
+
+
 def fail(message: str) -> int:
     print(f"swarm: error: {message}", file=sys.stderr, flush=True)
     return 2

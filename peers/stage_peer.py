@@ -6,9 +6,8 @@ import asyncio
 
 import torch
 
-from peers.common import emit, fail, host_maddrs, wait_for_shutdown
+from peers.common import emit, fail, join_swarm, wait_for_shutdown
 from swarm.config import ModelConfig
-from swarm.network import create_dht, fetch_swarm_config
 from swarm.optimizer import OptimizerConfig
 from swarm.reputation import ReputationConfig
 from swarm.sentinel import SentinelConfig, SentinelMonitor
@@ -52,13 +51,10 @@ def run(args) -> int:
         device = pick_device(args.device)
     except ValueError as e:
         return fail(str(e))
-    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                     identity_path=args.identity)
+    dht, swarm = join_swarm(args)
     try:
-        try:
-            swarm = fetch_swarm_config(dht, args.run_id)
-        except TimeoutError as e:
-            return fail(str(e))
+        if swarm is None:
+            return 2
         if not 0 <= args.stage < swarm.num_stages:
             return fail(f"--stage must be in [0, {swarm.num_stages}) for swarm {args.run_id!r}")
         server_cfg = StageServerConfig(

@@ -6,24 +6,20 @@ import asyncio
 import json
 import logging
 
-from peers.common import emit, fail, host_maddrs
+from peers.common import emit, fail, join_swarm
 from peers.stage_peer import reputation_config
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
-from swarm.network import create_dht, fetch_swarm_config
 from swarm.trainer import Trainer, TrainerConfig
 
 logger = logging.getLogger("swarm.train")
 
 
 def run(args) -> int:
-    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                     identity_path=args.identity)
+    dht, swarm = join_swarm(args)
     try:
-        try:
-            swarm = fetch_swarm_config(dht, args.run_id)
-        except TimeoutError as e:
-            return fail(str(e))
+        if swarm is None:
+            return 2
         seed = int(swarm.extra.get("seed", 0)) if isinstance(swarm.extra.get("seed", 0), int) else 0
         data_cfg = DataConfig(paths=list(args.data), text_field=args.text_field, tokenizer=args.tokenizer,
                               seq_len=swarm.seq_len, microbatch_size=swarm.microbatch_size, seed=seed)

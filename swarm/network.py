@@ -131,6 +131,16 @@ def fetch_stage_peers(dht: hivemind.DHT, run_id: str, num_stages: int) -> Dict[i
     return result
 
 
+async def cancel_task(task: Optional[asyncio.Task]) -> None:
+    """Cancel a background loop and wait until it has stopped."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
 class Announcer:
     """Keeps one stage record alive: publishes it every ``period_s`` with a ttl of ``ttl_s``; offline on stop."""
 
@@ -165,12 +175,7 @@ class Announcer:
         self._task = asyncio.get_event_loop().create_task(self._loop())
 
     async def stop(self, offline: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_task(self._task)
         if offline:
             self.record.state = "offline"
             await self.publish()

@@ -22,7 +22,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from swarm.network import fetch_stage_peers
+from swarm.network import cancel_task, fetch_stage_peers
 from swarm.records import (
     BlacklistRecord,
     ReputationReport,
@@ -144,12 +144,7 @@ class ReputationService:
         self._task = asyncio.get_event_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_task(self._task)
 
 
 async def read_published_blacklists(dht: hivemind.DHT, run_id: str) -> Dict[str, BlacklistRecord]:
