@@ -6,6 +6,7 @@ Keys (``run`` is the swarm's name, its run id):
 - ``{run}.stage.{k}`` subkey = owner's public key: one peer's announcement for stage k (:class:`StageRecord`)
 - ``{run}.reports``  subkey = owner's public key: one peer's tallies of its counterparts (:class:`ReputationReport`)
 - ``{run}.blacklist`` subkey = owner's public key: one peer's aggregated blacklist verdicts (:class:`BlacklistRecord`)
+- ``{run}.progress`` subkey = owner's public key: one trainer's progress (:class:`TrainerProgressRecord`)
 
 Every subkey must carry the writer's RSA public key (``[owner:...]``), so hivemind's ``RSASignatureValidator``
 makes each record owner-signed: nobody can write or overwrite a record in another peer's name. On top of the
@@ -105,16 +106,21 @@ class StageRecord:
     served: int = 0  # micro-batches served since start
     device: str = "cpu"
     updated_at: float = 0.0  # DHT time of the announcement
+    addrs: List[str] = field(default_factory=list)  # optional: multiaddrs the peer is reachable at (<= 8)
     version: int = RECORD_VERSION
 
     FIELDS = {"peer_id", "stage", "state", "throughput", "served", "device", "updated_at", "version"}
+    OPTIONAL_FIELDS = {"addrs"}
 
     def to_value(self) -> Dict[str, Any]:
-        return asdict(self)
+        value = asdict(self)
+        if not value["addrs"]:
+            del value["addrs"]  # optional field: a record without addresses stays readable by older readers
+        return value
 
     @classmethod
     def from_value(cls, value: Any) -> "StageRecord":
-        _check_fields(value, cls.FIELDS)
+        _check_fields(value, cls.FIELDS | cls.OPTIONAL_FIELDS)
         return cls(
             peer_id=_string(value, "peer_id", max_len=128),
             stage=int(_number(value, "stage", 0, MAX_STAGES - 1, integer=True)),
@@ -123,7 +129,19 @@ class StageRecord:
             served=int(_number(value, "served", 0, 2**62, integer=True)),
             device=_string(value, "device", max_len=64),
             updated_at=float(_number(value, "updated_at", 0.0, 1e11)),
+            addrs=_string_list(value, "addrs", max_items=MAX_ADDRS, max_len=256) if "addrs" in value else [],
         )
+
+
+MAX_ADDRS = 8  # addresses one stage record may list
+
+
+def _string_list(d: Dict[str, Any], name: str, max_items: int, max_len: int) -> List[str]:
+    value = d[name]
+    _require(isinstance(value, list) and len(value) <= max_items, f"{name} must be a list of at most {max_items} items")
+    for item in value:
+        _require(isinstance(item, str) and 0 < len(item) <= max_len, f"{name}: items must be strings of 1..{max_len} characters")
+    return list(value)
 
 
 @dataclass(kw_only=True)
@@ -286,7 +304,8 @@ class SwarmRecordValidator(RecordValidatorBase):
             key = DHTID.generate(source=stage_key(run_id, stage)).to_bytes()
             self._parsers[key] = ("stage", StageRecord.from_value)
         for key, kind, parse in ((reports_key(run_id), "report", ReputationReport.from_value),
-                                 (blacklist_key(run_id), "blacklist", BlacklistRecord.from_value)):
+                                 (blacklist_key(run_id), "blacklist", BlacklistRecord.from_value),
+                                 (progress_key(run_id), "progress", TrainerProgressRecord.from_value)):
             self._parsers[DHTID.generate(source=key).to_bytes()] = (kind, parse)
 
     def validate(self, record: DHTRecord) -> bool:
@@ -352,3 +371,62 @@ def parse_subkeyed(
         except RecordError as e:
             rejected.append(f"{what}: {e}")
     return records, rejected
+
+
+# ---- trainer progress -----------------------------------------------------------------------------------------
+TRAINER_STATES = ("training", "finished")
+
+
+def progress_key(run_id: str) -> str:
+    return f"{run_id}.progress"
+
+
+@dataclass(kw_only=True)
+class TrainerProgressRecord:
+    """One trainer's progress, for ``swarm status``: optimizer steps done, recent loss, throughput, micro-batches.
+
+    ``loss`` is the mean loss of the last optimizer step's completed micro-batches; None (or absent) before the
+    first step, or if that step completed none.
+    """
+
+    peer_id: str  # the trainer's libp2p peer id
+    state: str = "training"
+    step: int = 0  # optimizer steps completed
+    steps_total: int = 0  # steps this trainer was asked for (0: unknown)
+    loss: Optional[float] = None
+    tokens: int = 0  # tokens of completed micro-batches
+    tokens_per_s: float = 0.0
+    completed: int = 0  # micro-batches completed
+    dropped: int = 0  # micro-batches dropped
+    retried: int = 0  # retries (not micro-batches)
+    updated_at: float = 0.0  # DHT time
+    version: int = RECORD_VERSION
+
+    FIELDS = {"peer_id", "state", "step", "steps_total", "loss", "tokens", "tokens_per_s", "completed", "dropped",
+              "retried", "updated_at", "version"}
+
+    def to_value(self) -> Dict[str, Any]:
+        value = asdict(self)
+        if value["loss"] is None:
+            del value["loss"]
+        return value
+
+    @classmethod
+    def from_value(cls, value: Any) -> "TrainerProgressRecord":
+        _check_fields(value, cls.FIELDS)
+        loss = None
+        if value.get("loss") is not None:
+            loss = float(_number(value, "loss", 0.0, 1e6))
+        return cls(
+            peer_id=_string(value, "peer_id", max_len=128),
+            state=_string(value, "state", choices=TRAINER_STATES),
+            step=int(_number(value, "step", 0, MAX_COUNT, integer=True)),
+            steps_total=int(_number(value, "steps_total", 0, MAX_COUNT, integer=True)),
+            loss=loss,
+            tokens=int(_number(value, "tokens", 0, MAX_COUNT, integer=True)),
+            tokens_per_s=float(_number(value, "tokens_per_s", 0.0, 1e12)),
+            completed=int(_number(value, "completed", 0, MAX_COUNT, integer=True)),
+            dropped=int(_number(value, "dropped", 0, MAX_COUNT, integer=True)),
+            retried=int(_number(value, "retried", 0, MAX_COUNT, integer=True)),
+            updated_at=float(_number(value, "updated_at", 0.0, 1e11)),
+        )
