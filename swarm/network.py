@@ -20,6 +20,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from swarm.records import (
+    MAX_ADDRS,
     MAX_TTL_S,
     StageRecord,
     SwarmConfigRecord,
@@ -67,6 +68,16 @@ def create_dht(
 
 def visible_addresses(dht: hivemind.DHT) -> List[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def record_addresses(dht: hivemind.DHT) -> List[str]:
+    """This peer's visible multiaddrs as a stage record lists them (at most MAX_ADDRS of <= 256 characters)."""
+    try:
+        addrs = visible_addresses(dht)
+    except Exception as e:  # an address is a nicety for `swarm status`; never fail an announcement for it
+        logger.debug(f"no visible addresses: {e}")
+        return []
+    return [addr for addr in addrs if 0 < len(addr) <= 256][:MAX_ADDRS]
 
 
 def publish_swarm_config(dht: hivemind.DHT, record: SwarmConfigRecord, ttl_s: float = MAX_TTL_S) -> bool:

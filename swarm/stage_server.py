@@ -165,6 +165,7 @@ class StageServer(ServicerBase):
         from swarm.network import (  # network <- stage_server, kept local to the call
             Announcer,
             fetch_stage_peers,
+            record_addresses,
         )
 
         self.p2p = await self.dht.replicate_p2p()
@@ -172,6 +173,7 @@ class StageServer(ServicerBase):
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
         await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
         self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device))
+        self.record.addrs = await asyncio.get_event_loop().run_in_executor(None, record_addresses, self.dht)
         self.announcer = Announcer(
             self.dht, self.cfg.run_id, self.record, self.cfg.announce_period_s, self.cfg.announce_ttl_s
         )
