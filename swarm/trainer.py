@@ -24,10 +24,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 
 from swarm.data import MicroBatchStream
-from swarm.network import fetch_stage_peers
+from swarm.network import cancel_task, fetch_stage_peers
+from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
 from swarm.reputation import ReputationConfig
 from swarm.reputation_service import ReputationService, read_published_blacklists, swarm_verdict
 from swarm.router import NoRouteError, Router
@@ -50,10 +53,14 @@ class TrainerConfig:
     refresh_peers_s: float = 2.0
     compression: str = "none"
     metrics_path: Optional[str] = None
+    progress_period_s: float = 5.0  # how often the trainer refreshes its {run}.progress record (and after each step)
+    progress_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
             raise ValueError("steps, microbatches_per_step, max_inflight and max_attempts must be >= 1")
+        if not 0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S:
+            raise ValueError("progress: need 0 < progress_period_s < progress_ttl_s <= MAX_TTL_S")
 
 
 class MicroBatchLedger:
@@ -146,6 +153,41 @@ class Trainer:
         self.reputation_cfg = reputation
         self.reputation: Optional[ReputationService] = None
         self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
+        self._started = time.perf_counter()
+        self._progress_kick: Optional[asyncio.Event] = None
+
+    # ---- progress on the DHT (for `swarm status`) ----------------------------------------------------------------
+    def progress_record(self, state: str = "training") -> TrainerProgressRecord:
+        last = self.metrics[-1] if self.metrics else None
+        counts = self.ledger.counts()
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        loss = last["loss"] if last is not None else None
+        return TrainerProgressRecord(
+            peer_id=self.peer_id or "unknown", state=state, step=len(self.metrics), steps_total=self.cfg.steps,
+            loss=float(loss) if loss is not None and 0.0 <= loss <= 1e6 else None, tokens=self.tokens,
+            tokens_per_s=float(min(self.tokens / elapsed, 1e12)), completed=counts["completed"],
+            dropped=counts["dropped"], retried=counts["retried"], updated_at=get_dht_time(),
+        )
+
+    async def publish_progress(self, state: str = "training") -> bool:
+        """Store this trainer's progress record (signed, ttl ``progress_ttl_s``); False if the DHT refused it."""
+        try:
+            future = self.dht.store(progress_key(self.cfg.run_id), self.progress_record(state).to_value(),
+                                    get_dht_time() + self.cfg.progress_ttl_s,
+                                    subkey=RSASignatureValidator().local_public_key, return_future=True)
+            return bool(await asyncio.wait_for(future, timeout=min(10.0, self.cfg.progress_ttl_s)))
+        except Exception as e:  # progress is for onlookers: it must never disturb training
+            logger.debug(f"could not publish progress: {type(e).__name__}: {e}")
+            return False
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await self.publish_progress()
+            try:
+                await asyncio.wait_for(self._progress_kick.wait(), timeout=self.cfg.progress_period_s)
+            except asyncio.TimeoutError:
+                pass
+            self._progress_kick.clear()
 
     async def refresh_peers(self) -> None:
         loop = asyncio.get_event_loop()
@@ -260,6 +302,9 @@ class Trainer:
             self.reputation.start()
         await self.refresh_peers()
         refresher = asyncio.get_event_loop().create_task(self._refresh_loop())
+        self._started = time.perf_counter()
+        self._progress_kick = asyncio.Event()
+        progress = asyncio.get_event_loop().create_task(self._progress_loop())
         metrics_file = open(self.cfg.metrics_path, "w") if self.cfg.metrics_path else None
         total = self.cfg.steps * self.cfg.microbatches_per_step
         started = time.perf_counter()
@@ -295,12 +340,15 @@ class Trainer:
                     metrics_file.flush()
                 if self.on_step:
                     self.on_step(row)
+                self._progress_kick.set()  # the background loop publishes; the step never waits for the DHT
         finally:
             for task in tasks.values():
                 task.cancel()
             refresher.cancel()
+            await cancel_task(progress)
             if metrics_file:
                 metrics_file.close()
+        await self.publish_progress("finished")
         verdicts = {}
         if self.reputation is not None:
             await self.reputation.stop()
