@@ -3,6 +3,7 @@
     swarm dht     bootstrap peer; creates the swarm (publishes its config) and prints the address to join
     swarm serve   a stage peer:  swarm serve --initial-peers ADDR --stage N
     swarm train   the trainer:   swarm train --initial-peers ADDR --steps N
+    swarm status  what a swarm is doing:  swarm status --initial-peers ADDR [--json] [--watch]
     swarm local   a whole swarm of separate processes on 127.0.0.1, trained and stopped
 """
 
@@ -13,6 +14,8 @@ import logging
 import os
 import sys
 from typing import List, Optional
+
+from peers.config_file import ConfigFileError, add_config_flag_everywhere, apply_config_file
 
 DEFAULT_RUN_ID = "swarm"
 
@@ -79,6 +82,9 @@ def _server(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--matchmaking-time", type=float, default=1.0,
                        help="seconds replicas wait to form an averaging group (default: %(default)s)")
     group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"])
+    group.add_argument("--grace", type=float, default=10.0,
+                       help="on SIGINT/SIGTERM: seconds to let in-flight micro-batches finish after announcing "
+                            "offline (default: %(default)s)")
     _sentinel(parser)
     _attack(parser, "--attack")
 
@@ -128,11 +134,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, required=True, help="the stage to serve (0-based)")
     _server(p)
 
+    p = sub.add_parser("join", help="volunteer a machine: serve the stage that needs capacity most",
+                       description="Joins a swarm from a GPU (or CPU) box: reads the swarm's config, picks the stage "
+                                   "with the least announced throughput (unless --stage), loads its current state "
+                                   "from its replicas, serves, and checks that the swarm can connect back. The "
+                                   "peer id is kept in --identity, so a restart keeps its reputation. Ctrl-C leaves "
+                                   "cleanly.")
+    _common(p)
+    p.set_defaults(identity=os.path.join("~", ".swarm", "identity.key"))
+    p.add_argument("--stage", type=int, default=None,
+                   help="serve this stage instead of the one that needs capacity most (0-based)")
+    group = p.add_argument_group("reachability (peers behind NAT or a firewall)")
+    group.add_argument("--announce-addr", action="append", default=[], metavar="MADDR",
+                       help="an address others reach this peer at, e.g. /ip4/203.0.113.7/tcp/31338 (repeatable)")
+    group.add_argument("--public-ip", default=None, metavar="IP",
+                       help="announce /ip4/IP/tcp/PORT with the listening port (a free one is fixed if --port 0)")
+    group.add_argument("--auto-relay", action="store_true",
+                       help="when others cannot connect directly, be reached through relays among the swarm's peers")
+    group.add_argument("--no-relay", action="store_true", help="never use libp2p relays")
+    group.add_argument("--no-reachability-check", action="store_true",
+                       help="skip asking swarm peers to dial this peer back")
+    group.add_argument("--require-reachable", action="store_true",
+                       help="leave (exit 2) if the swarm cannot connect to this peer directly")
+    _server(p)
+
     p = sub.add_parser("train", help="run the trainer against a swarm",
                        description="Trainer: feeds micro-batches of the data through chains of stage peers.")
     _common(p)
     _data(p)
     _training(p)
+
+    p = sub.add_parser("status", help="show a swarm's peers, their reputation and the training progress",
+                       description="Reads the swarm's records from its DHT (joining as a client: it needs no part in "
+                                   "the swarm) and prints one table per stage of every peer (address, state, "
+                                   "throughput, micro-batches served, reputation, blacklisted and why, last seen) and "
+                                   "the totals (step, loss, tokens/s, peers per stage, stages with no peer). "
+                                   "--json prints the schema documented in swarm/status.py and the README.")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
+                   help="multiaddr(s) of any peer of the swarm, as printed by `swarm dht` or `swarm local`")
+    p.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the swarm's name")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (5 if not given) until Ctrl-C")
+    p.add_argument("--timeout", type=float, default=15.0,
+                   help="seconds to wait for the DHT and for each read before giving up")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     p = sub.add_parser("local", help="start a whole swarm on 127.0.0.1, train, summarise, stop",
                        description="Starts a bootstrap peer, STAGES x REPLICAS stage peers and a trainer as separate "
@@ -151,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _attack(p, "--attack")
     _data(p)
     _training(p)
+    add_config_flag_everywhere(parser)  # last: every subcommand above gets --config FILE
     return parser
 
 
@@ -161,11 +208,31 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with the chosen command's ``--config FILE`` (if any) as its defaults: flags win over the
+    file. Bad input prints ``swarm: error: ...`` and raises SystemExit(2)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # first pass: the command's --config FILE becomes its defaults; the command line is parsed after it
+        applied = apply_config_file(parser, argv)
+    except ConfigFileError as e:
+        print(f"swarm: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None and args.config != applied:
+        print(f"swarm: error: write the config flag in full: --config {args.config}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse's errors and --help
+        return e.code if isinstance(e.code, int) else 2
     setup_logging(args.log_level)
     if getattr(args, "threads", None):
         import torch
@@ -175,8 +242,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from peers.dht_peer import run
     elif args.command == "serve":
         from peers.stage_peer import run
+    elif args.command == "join":
+        from peers.join import run
     elif args.command == "train":
         from peers.trainer_peer import run
+    elif args.command == "status":
+        from peers.status import run
     else:
         from peers.local import run
     try:

@@ -1,17 +1,31 @@
-"""`swarm serve`: one stage peer. Reads the swarm config from the DHT, loads the stage's state, serves."""
+"""`swarm serve`: one stage peer. Reads the swarm config from the DHT, loads the stage's state, serves.
+
+:func:`serve_stage` is the part `swarm serve` and `swarm join` share: build the stage server, load the stage's
+state from its replicas (with a progress bar on stderr), announce, serve until SIGINT/SIGTERM, then leave
+cleanly (announce offline, let in-flight micro-batches finish for ``--grace`` seconds, stop).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
+import threading
+import time
+from typing import Awaitable, Callable, List, Optional
 
 import torch
 
 from peers.common import emit, fail, join_swarm, wait_for_shutdown
 from swarm.config import ModelConfig
-from swarm.optimizer import OptimizerConfig
+from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
 from swarm.sentinel import SentinelConfig, SentinelMonitor
 from swarm.stage_server import StageServer, StageServerConfig
+
+logger = logging.getLogger("swarm.stage_peer")
+
+DEFAULT_GRACE_S = 10.0
 
 
 def pick_device(name: str) -> str:
@@ -28,6 +42,15 @@ def autocast_dtype(device: str):
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def describe_device(device: str) -> str:
+    """One line saying where the stage computes and in which precision."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (f"cuda ({props.name}, {props.total_memory / 2**30:.0f} GiB), autocast {autocast_dtype(device)} "
+                f"(weights and optimizer state in float32)")
+    return f"{device} (float32, no autocast)"
+
+
 def reputation_config(swarm) -> ReputationConfig:
     """The swarm's reputation settings (published by its creator), or the defaults."""
     settings = swarm.extra.get("reputation") if isinstance(swarm.extra.get("reputation"), dict) else {}
@@ -38,12 +61,202 @@ def reputation_config(swarm) -> ReputationConfig:
 
 
 def make_adversary(args):
-    if not args.attack:
+    if not getattr(args, "attack", None):
         return None
     from peers.adversary import Adversary, AttackConfig
 
     return Adversary(AttackConfig(name=args.attack, direction=args.attack_direction, magnitude=args.attack_magnitude,
                                   probability=args.attack_probability, start_step=args.attack_start_step))
+
+
+# ---- state download progress ---------------------------------------------------------------------------------
+def state_nbytes(optimizer: StageOptimizer) -> Optional[int]:
+    """Bytes of the state a replica sends to a newcomer: parameters, optimizer statistics, gradient buffers."""
+    if not optimizer.hivemind:
+        return None
+    opt = optimizer.opt
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    sa = opt.state_averager
+    total = size(p for group in sa.optimizer.param_groups for p in group["params"]) + size(sa.extra_tensors)
+    total += size(v for state in sa.optimizer.state.values() for v in state.values())
+    if getattr(opt, "grad_averager", None) is not None:
+        with opt.grad_averager.get_tensors() as buffers:
+            total += size(buffers)
+    return total
+
+
+def download_pids(optimizer: StageOptimizer) -> List[int]:
+    """The processes that download the state (hivemind runs its averagers as child processes)."""
+    if not optimizer.hivemind:
+        return []
+    averagers = [optimizer.opt.state_averager, getattr(optimizer.opt, "grad_averager", None)]
+    return [a.pid for a in averagers if a is not None and getattr(a, "pid", None)]
+
+
+def read_rchar(pid: int) -> Optional[int]:
+    """Bytes process ``pid`` has read through system calls so far (Linux /proc), or None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class StateLoadProgress:
+    """A tqdm bar on stderr while a stage's state downloads.
+
+    hivemind's ``load_state_from_peers`` reports no progress, and the download runs in its averager processes.
+    Where Linux's /proc is readable, the bar counts the bytes those processes read while the download runs
+    (the state stream plus a little control traffic) against the state's size, which is known locally (the
+    same shapes); elsewhere it shows elapsed time only. The closing line gives the measured size and time.
+    """
+
+    def __init__(self, optimizer: StageOptimizer, replicas: int, stage: int, interval_s: float = 0.25,
+                 stream=None):
+        self.optimizer, self.replicas, self.stage, self.interval_s = optimizer, replicas, stage, interval_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.expected: Optional[int] = None
+        self.received = 0
+        self.seconds = 0.0
+        self._base: dict = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.bar = None
+
+    def _read(self) -> Optional[int]:
+        now = {pid: read_rchar(pid) for pid in self._base}
+        if not now or any(v is None for v in now.values()):
+            return None
+        return sum(now[pid] - self._base[pid] for pid in now)
+
+    def __enter__(self) -> "StateLoadProgress":
+        from tqdm import tqdm
+
+        self._started = time.monotonic()
+        try:
+            self.expected = state_nbytes(self.optimizer)
+        except Exception as e:  # a progress bar must never stop a join
+            logger.debug(f"state size unknown: {e}")
+        self._base = {pid: read_rchar(pid) for pid in download_pids(self.optimizer)}
+        counting = bool(self._base) and all(v is not None for v in self._base.values()) and bool(self.expected)
+        if not counting:
+            self._base = {}
+        desc = f"stage {self.stage}: state from {self.replicas} replica(s)"
+        if counting:
+            self.bar = tqdm(total=self.expected, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            file=self.stream, mininterval=self.interval_s, leave=True)
+        else:
+            self.bar = tqdm(total=None, desc=desc, file=self.stream, mininterval=self.interval_s, leave=True,
+                            bar_format="{desc}: downloading, {elapsed} elapsed")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="state-progress")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._update()
+
+    def _update(self) -> None:
+        received = self._read()
+        if received is not None and self.bar.total:
+            self.received = max(self.received, received)
+            shown = min(self.received, self.bar.total)
+            if shown > self.bar.n:
+                self.bar.update(shown - self.bar.n)
+        else:
+            self.bar.refresh()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.seconds = time.monotonic() - self._started
+        self._update()
+        ok = exc_type is None
+        if ok and self.bar.total and self.bar.n < self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)  # done: whatever was not counted (e.g. cached) arrived
+        self.bar.close()
+        size = f"{self.expected / 2**20:.1f} MiB of state" if self.expected else "state"
+        seen = f" ({self.received / 2**20:.1f} MiB read by the download processes)" if self._base else ""
+        epoch = self.optimizer.epoch
+        verdict = f"loaded {size} in {self.seconds:.1f}s{seen}, epoch {epoch}" if ok else \
+            f"state download failed after {self.seconds:.1f}s: {exc_type.__name__}"
+        print(f"swarm: stage {self.stage}: {verdict}", file=self.stream, flush=True)
+
+
+# ---- serving ---------------------------------------------------------------------------------------------------
+def server_configs(args, swarm, stage: int, device: str):
+    server_cfg = StageServerConfig(
+        run_id=args.run_id, stage=stage, num_stages=swarm.num_stages, max_inflight=args.max_inflight,
+        compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
+    )
+    opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
+                              matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging)
+    return server_cfg, opt_cfg
+
+
+OnOnline = Callable[[StageServer], Awaitable[int]]
+
+
+def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve",
+                on_online: Optional[OnOnline] = None) -> int:
+    """Serve ``stage`` of ``swarm`` until SIGINT/SIGTERM; the caller owns (and shuts down) ``dht``.
+
+    ``on_online(server)`` runs once the peer is online (``swarm join``'s reachability check); a non-zero
+    result makes the peer leave at once with that exit code."""
+    server_cfg, opt_cfg = server_configs(args, swarm, stage, device)
+    grace_s = float(getattr(args, "grace", DEFAULT_GRACE_S))
+    logger.info(f"device: {describe_device(device)}")
+
+    async def serve() -> int:
+        sentinel = None if args.no_sentinel else SentinelMonitor(
+            SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup,
+                           warmup_steps=args.sentinel_warmup_steps))
+        adversary = make_adversary(args)
+        server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
+                             sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm))
+        stop = asyncio.ensure_future(wait_for_shutdown())  # from here on, SIGINT/SIGTERM mean "leave cleanly"
+        starting = asyncio.ensure_future(server.start(
+            load_progress=lambda optimizer, replicas: StateLoadProgress(optimizer, replicas, stage)))
+        await asyncio.wait({stop, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # interrupted while loading the state: nobody routes to us yet
+            logger.info(f"stage {stage}: interrupted while joining; leaving")
+            starting.cancel()
+            if server.announcer is not None:
+                await server.announcer.stop(offline=True)
+            emit("left", peer_id=server.peer_id, stage=stage, inflight_left=0, during="join")
+            return 0
+        starting.result()  # a failure to start raises here
+        emit(role, peer_id=server.peer_id, stage=stage, device=device, autocast=server_cfg.autocast_dtype,
+             byzantine=adversary is not None, epoch=server.optimizer.epoch)
+        code = 0
+        if on_online is not None:
+            check = asyncio.ensure_future(on_online(server))
+            await asyncio.wait({stop, check}, return_when=asyncio.FIRST_COMPLETED)
+            if check.done():
+                code = check.result() or 0
+            else:
+                check.cancel()
+        if code == 0 and not stop.done():
+            await stop
+        left = await server.drain(grace_s)
+        # what this peer saw and did, for launchers' summaries
+        emit("ledger", peer_id=server.peer_id, served=server.stats.served, tallies=server.ledger.as_dict(),
+             tampered=adversary.tampered if adversary else 0)
+        await server.shutdown()
+        extra = {}
+        if device == "cuda":
+            extra["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        emit("left", peer_id=server.peer_id, stage=stage, inflight_left=left, served=server.stats.served, **extra)
+        return code
+
+    return asyncio.run(serve())
 
 
 def run(args) -> int:
@@ -57,29 +270,7 @@ def run(args) -> int:
             return 2
         if not 0 <= args.stage < swarm.num_stages:
             return fail(f"--stage must be in [0, {swarm.num_stages}) for swarm {args.run_id!r}")
-        server_cfg = StageServerConfig(
-            run_id=args.run_id, stage=args.stage, num_stages=swarm.num_stages, max_inflight=args.max_inflight,
-            compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
-        )
-        opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
-                                  matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging)
-
-        async def serve() -> None:
-            sentinel = None if args.no_sentinel else SentinelMonitor(
-                SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup,
-                               warmup_steps=args.sentinel_warmup_steps))
-            adversary = make_adversary(args)
-            server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
-                                 sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm))
-            await server.start()
-            emit("serve", peer_id=server.peer_id, stage=args.stage, device=device, byzantine=adversary is not None)
-            await wait_for_shutdown()
-            # what this peer saw and did, for launchers' summaries
-            emit("ledger", peer_id=server.peer_id, served=server.stats.served, tallies=server.ledger.as_dict(),
-                 tampered=adversary.tampered if adversary else 0)
-            await server.shutdown()
-
-        asyncio.run(serve())
+        return serve_stage(args, dht, swarm, args.stage, device)
     finally:
         dht.shutdown()
-    return 0
+

@@ -44,9 +44,16 @@ def create_dht(
     identity_path: Optional[str] = None,
     client_mode: bool = False,
     use_relay: bool = True,
+    use_auto_relay: Optional[bool] = None,
     wait_timeout_s: float = 30.0,
 ) -> hivemind.DHT:
-    """Start a DHT node in a background process with this swarm's record validators."""
+    """Start a DHT node in a background process with this swarm's record validators.
+
+    ``use_relay`` lets libp2p reach peers through relays; ``use_auto_relay`` (default: only in client mode) makes
+    this peer find relays among its peers and advertise ``/p2p-circuit`` addresses through them, so that it can
+    be reached behind a NAT."""
+    if use_auto_relay is None:
+        use_auto_relay = use_relay and client_mode
     kwargs = dict(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
@@ -56,7 +63,7 @@ def create_dht(
         await_ready=True,
         startup_timeout=wait_timeout_s,
         use_relay=use_relay,
-        use_auto_relay=use_relay and client_mode,
+        use_auto_relay=use_auto_relay,
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)

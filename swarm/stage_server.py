@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import time
@@ -159,9 +160,17 @@ class StageServer(ServicerBase):
         self._slots: Optional[asyncio.Semaphore] = None
         self.record: Optional[StageRecord] = None
         self.announcer = None
+        self.draining = False  # set by drain(): new micro-batches are refused, the ones in flight finish
+        self.inflight = 0  # rpc_chain calls being handled now
+        self._dialback_lock: Optional[asyncio.Lock] = None
+        self._dialback_last: Dict[str, float] = {}  # caller -> monotonic time of its last dial-back
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
-    async def start(self, load_state: bool = True) -> None:
+    async def start(self, load_state: bool = True, load_progress: Optional[Callable[..., Any]] = None) -> None:
+        """Announce ``joining``, load the stage's state from online replicas, announce ``online``.
+
+        ``load_progress(optimizer, replicas)``, if given, returns a context manager entered around the download
+        (the CLI's progress bar)."""
         from swarm.network import (  # network <- stage_server, kept local to the call
             Announcer,
             fetch_stage_peers,
@@ -171,6 +180,7 @@ class StageServer(ServicerBase):
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.p2p.peer_id)
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
+        self._dialback_lock = asyncio.Lock()
         await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
         self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device))
         self.record.addrs = await asyncio.get_event_loop().run_in_executor(None, record_addresses, self.dht)
@@ -186,7 +196,9 @@ class StageServer(ServicerBase):
             others = [p for p in peers.get(self.cfg.stage, []) if p.peer_id != self.peer_id and p.record.state == "online"]
             if others:
                 logger.info(f"stage {self.cfg.stage}: {len(others)} replica(s) online, loading their state")
-                await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
+                watch = load_progress(self.optimizer, len(others)) if load_progress else contextlib.nullcontext()
+                with watch:
+                    await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
         self.record.state = "online"
         self.announcer.start()
         if self.reputation_cfg is not None:
@@ -205,6 +217,20 @@ class StageServer(ServicerBase):
     async def lookup_key(self, peer: str) -> Optional[bytes]:
         """Ask a peer (over its authenticated libp2p connection) which RSA key it signs its records with."""
         return await lookup_rsa_key(self.p2p, self.cfg.run_id, peer)
+
+    async def drain(self, grace_s: float) -> int:
+        """Start leaving: announce ``offline`` (routers stop choosing this peer), refuse new micro-batches, and
+        wait up to ``grace_s`` for the ones in flight to finish. Returns how many were still in flight."""
+        self.draining = True
+        if self.announcer is not None:
+            await self.announcer.stop(offline=True)
+        deadline = time.monotonic() + grace_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            logger.warning(f"stage {self.cfg.stage}: leaving with {self.inflight} micro-batch(es) unfinished after "
+                           f"{grace_s:.0f}s; their trainers retry them elsewhere")
+        return self.inflight
 
     async def shutdown(self) -> None:
         logger.info(f"stage {self.cfg.stage}: leaving (served {self.stats.served} micro-batches)")
@@ -267,7 +293,10 @@ class StageServer(ServicerBase):
         """Forward one micro-batch through this stage and the rest of its route, then backward; see module doc."""
         sender = str(context.remote_id)
         started = time.perf_counter()
+        self.inflight += 1
         try:
+            if self.draining:  # the trainer retries elsewhere without blaming anyone
+                raise ChainError(f"stage {self.cfg.stage} peer is leaving", blame=None)
             tensors, reply = await self._chain(requests, sender)
             reply.update(ok=True)
         except ChainError as e:
@@ -275,11 +304,40 @@ class StageServer(ServicerBase):
         except Exception as e:  # a bug must not take the server down; report it without blaming anyone
             logger.exception(f"stage {self.cfg.stage}: internal error")
             tensors, reply = [], dict(ok=False, error=f"internal error at stage {self.cfg.stage}: {e!r}", blame=None)
+        finally:
+            self.inflight -= 1
         reply.setdefault("timings", []).insert(
             0, dict(stage=self.cfg.stage, peer=self.peer_id, total_s=time.perf_counter() - started)
         )
         for message in pack(reply, tensors, compression=self.cfg.compression, message_type=runtime_pb2.ExpertResponse):
             yield message
+
+    async def rpc_dialback(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Reachability check for a joining peer: dial the caller back at the addresses it lists, from a fresh
+        libp2p host (the caller's existing connection to this peer proves nothing), and say which worked.
+
+        Only the caller's own peer id is dialled (libp2p's handshake fails at an address where someone else
+        listens); at most DIALBACK_MAX_ADDRS addresses, one dial-back at a time, one per caller per
+        DIALBACK_COOLDOWN_S, each address bounded by DIALBACK_TIMEOUT_S."""
+        caller = context.remote_id
+        try:
+            received = await receive(single(request), self.cfg.limits)
+            maddrs = dialback_addresses(received.metadata.get("maddrs"), str(caller))
+            now = time.monotonic()
+            last = self._dialback_last.get(str(caller))
+            if last is not None and now - last < DIALBACK_COOLDOWN_S:
+                raise TransportError(f"one dial-back per {DIALBACK_COOLDOWN_S:.0f}s per peer; retry later")
+            if self._dialback_lock is None or self._dialback_lock.locked():
+                raise TransportError("busy with another dial-back; retry later")
+            if len(self._dialback_last) > 4096:
+                self._dialback_last.clear()
+            self._dialback_last[str(caller)] = now
+            async with self._dialback_lock:
+                results = await dial_back(caller, maddrs, DIALBACK_TIMEOUT_S)
+            reply = {"ok": True, "results": results}
+        except TransportError as e:
+            reply = {"ok": False, "error": str(e)}
+        return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
 
     # ---- the chain ----------------------------------------------------------------------------------------
     def _reject(self, sender: str, reason: str, direction: str) -> ChainError:
@@ -293,13 +351,16 @@ class StageServer(ServicerBase):
         return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage)
 
     def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any],
-               context: Optional[torch.Tensor] = None) -> None:
+               context: Optional[torch.Tensor] = None, epoch: Any = None) -> None:
         """SENTINEL verdict on one received tensor; a rejection raises and blames the sender."""
         if self.sentinel is None or not tensor.is_floating_point():
             return  # token ids from the trainer are validated (range, shape) in _validate_request instead
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
-        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step)
+        if direction == FORWARD:
+            epoch = meta.get("sender_epoch")
+        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step,
+                                      epoch=_epoch(epoch))
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction)
@@ -310,7 +371,8 @@ class StageServer(ServicerBase):
             return
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
-        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step)
+        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step,
+                                           epoch=_epoch(meta.get("sender_epoch")))
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD)
@@ -354,6 +416,7 @@ class StageServer(ServicerBase):
         mb, route = self._validate_request(meta, received.tensors, sender)
         x = received.tensors[0]
         self._check(x, FORWARD, sender, meta)
+        epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
         async with self._slots:
             queued = time.perf_counter()
@@ -376,9 +439,9 @@ class StageServer(ServicerBase):
                     self._check_loss(float(loss_t.detach()), sender, meta)
                     loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, loss_t)
                 else:
-                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1)
-                    grad_out, loss, timings = await self._call_next(route[1], next_meta, out.detach(), mb)
-                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach())
+                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch)
+                    grad_out, loss, timings, next_epoch = await self._call_next(route[1], next_meta, out.detach(), mb)
+                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach(), epoch=next_epoch)
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
@@ -388,10 +451,11 @@ class StageServer(ServicerBase):
         self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
         hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
-        reply = dict(loss=float(loss), timings=[hop] + timings)
+        reply = dict(loss=float(loss), timings=[hop] + timings, epoch=epoch)
         return tensors, reply
 
-    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor, mb: str) -> Tuple[torch.Tensor, float, List]:
+    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor,
+                         mb: str) -> Tuple[torch.Tensor, float, List, Any]:
         try:
             peer_id = PeerID.from_base58(peer)
         except Exception:
@@ -425,7 +489,7 @@ class StageServer(ServicerBase):
         if grad.shape != out.shape or not grad.is_floating_point():
             raise self._reject(peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD)
         timings = reply.get("timings") if isinstance(reply.get("timings"), list) else []
-        return grad, loss, timings[:64]
+        return grad, loss, timings[:64], reply.get("epoch")
 
     def _outbound(self, tensor: torch.Tensor, direction: str, meta: Dict[str, Any]) -> torch.Tensor:
         tensor = tensor.detach()
@@ -475,6 +539,11 @@ class StageServer(ServicerBase):
         opt_s = self._optimizer_step(x.shape[0])
         return float(loss.detach()), x.grad if x.is_floating_point() else None, bwd_s, opt_s
 
+def _epoch(value: Any) -> Optional[int]:
+    """A sender's claimed optimizer epoch, if it is a plausible one (it only picks which senders to compare with)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40 else None
+
+
 async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 10.0) -> Dict[str, Any]:
     """Ask a stage peer about itself (its ``rpc_info``)."""
     stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
@@ -489,6 +558,76 @@ async def lookup_rsa_key(p2p: hivemind.P2P, run_id: str, peer: str, timeout: flo
     except Exception:
         return None
     return key if isinstance(key, bytes) else None
+
+
+DIALBACK_MAX_ADDRS = 8
+DIALBACK_COOLDOWN_S = 20.0
+DIALBACK_TIMEOUT_S = 10.0
+
+
+def dialback_addresses(value: Any, caller: str) -> List[str]:
+    """The addresses a dial-back request may name: 1..DIALBACK_MAX_ADDRS multiaddrs, none naming another peer as
+    its destination (a ``/p2p/ID`` suffix must be the caller's; relay addresses name their relay before
+    ``/p2p-circuit``). Returns them without the caller's suffix; raises TransportError otherwise."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    if not isinstance(value, list) or not 0 < len(value) <= DIALBACK_MAX_ADDRS:
+        raise TransportError(f"'maddrs' must list 1..{DIALBACK_MAX_ADDRS} multiaddrs")
+    out = []
+    for addr in value:
+        if not isinstance(addr, str) or not 0 < len(addr) <= 256:
+            raise TransportError("each multiaddr must be a string of 1..256 characters")
+        try:
+            Multiaddr(addr)
+        except Exception:
+            raise TransportError(f"not a multiaddr: {addr[:80]!r}") from None
+        parts = addr.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "p2p":
+            if parts[-1] != caller:
+                raise TransportError("a dial-back goes to the caller's own peer id only")
+            addr = "/".join(parts[:-2])
+        if addr and addr not in out:
+            out.append(addr)
+    if not out:
+        raise TransportError("no address to dial")
+    return out
+
+
+async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[str, str]:
+    """Dial ``peer`` at each address from a new, throw-away libp2p host (no listening, relays allowed so that
+    ``/p2p-circuit`` addresses can be tried): ``{maddr: "ok" | why it failed}``."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    results: Dict[str, str] = {}
+    try:
+        probe = await asyncio.wait_for(hivemind.P2P.create(no_listen=True, use_relay=True, auto_nat=False,
+                                                           nat_port_map=False), timeout_s)
+    except Exception as e:
+        return {addr: f"could not start a probe host: {type(e).__name__}" for addr in maddrs}
+    try:
+        for addr in maddrs:
+            try:
+                await asyncio.wait_for(probe._client.connect(peer, [Multiaddr(addr)]), timeout_s)
+                results[addr] = "ok"
+                with contextlib.suppress(Exception):  # the next address must be dialled afresh
+                    await asyncio.wait_for(probe._client.disconnect(peer), timeout_s)
+            except asyncio.TimeoutError:
+                results[addr] = f"timed out after {timeout_s:.0f}s"
+            except Exception as e:
+                results[addr] = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.shutdown()
+    return results
+
+
+async def request_dialback(p2p: hivemind.P2P, run_id: str, peer: str, maddrs: List[str],
+                           timeout: float = 3 * DIALBACK_TIMEOUT_S) -> Dict[str, Any]:
+    """Ask stage peer ``peer`` to dial this peer back at ``maddrs`` (see ``StageServer.rpc_dialback``)."""
+    stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
+    request = pack({"maddrs": list(maddrs)})[0]
+    reply = await stub.rpc_dialback(request, timeout=timeout)
+    return (await receive(single(reply), TensorLimits())).metadata
 
 
 def _local_rsa_key() -> bytes:

@@ -1,0 +1,277 @@
+"""`swarm join`: the stage choice (pure logic), its input checks, the dial-back request checks, the GPU path
+(skipped without CUDA), and a live local swarm that a joiner enters, loads, serves and leaves (slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from peers.cli import main
+from peers.join import (
+    announce_maddrs,
+    choose_stage,
+    own_dial_addrs,
+    reachability_verdict,
+    stage_loads,
+)
+from swarm.records import StageRecord
+from swarm.transport import TransportError
+
+PEER = "12D3KooWJbBQjdXFRJhdHR1gYhGyLDWMnq6QJh4jqNbRB6pP8oXW"
+
+
+def rec(peer: str, stage: int, throughput: float = 0.0, state: str = "online") -> StageRecord:
+    return StageRecord(peer_id=peer, stage=stage, state=state, throughput=throughput)
+
+
+# ---- stage choice ------------------------------------------------------------------------------------------------
+def test_lowest_total_throughput_wins():
+    records = {0: [rec("a", 0, 10.0), rec("b", 0, 12.0)], 1: [rec("c", 1, 15.0)], 2: [rec("d", 2, 30.0)]}
+    assert choose_stage(records, 3) == 1
+    assert stage_loads(records, 3)[0].throughput == pytest.approx(22.0)
+
+
+def test_empty_stage_first_then_fewest_peers_then_lowest_index():
+    assert choose_stage({0: [rec("a", 0, 5.0)], 1: []}, 2) == 1  # a stage nobody serves
+    assert choose_stage({}, 3) == 0  # nobody anywhere: the first stage
+    # new peers announce 0 throughput until they have served: equal totals, fewer peers wins
+    assert choose_stage({0: [rec("a", 0), rec("b", 0)], 1: [rec("c", 1)]}, 2) == 1
+    assert choose_stage({0: [rec("a", 0, 4.0)], 1: [rec("b", 1, 4.0)]}, 2) == 0
+
+
+def test_only_online_peers_count_and_excluded_ids_are_ignored():
+    records = {0: [rec("a", 0, 50.0, state="offline"), rec("b", 0, 50.0, state="joining")],
+               1: [rec("c", 1, 1.0)]}
+    assert choose_stage(records, 2) == 0  # stage 0 has no online peer
+    # a restarting peer's own earlier record does not count towards its stage
+    records = {0: [rec("me", 0, 100.0), rec("x", 0, 1.0)], 1: [rec("y", 1, 50.0)]}
+    assert choose_stage(records, 2) == 1
+    assert choose_stage(records, 2, exclude=["me"]) == 0
+    with pytest.raises(ValueError):
+        choose_stage({}, 0)
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+def test_announce_addresses():
+    assert announce_maddrs([], "203.0.113.7", 31338) == ["/ip4/203.0.113.7/tcp/31338"]
+    assert announce_maddrs(["/ip4/198.51.100.1/tcp/4000"], "2001:db8::1", 5) == [
+        "/ip4/198.51.100.1/tcp/4000", "/ip6/2001:db8::1/tcp/5"]
+    for bad in (["not-a-maddr"], [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER}"]):
+        with pytest.raises(ValueError):
+            announce_maddrs(bad, None, 1)
+    with pytest.raises(ValueError, match="not an IP"):
+        announce_maddrs([], "example.org", 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--public-ip", "not-an-ip"], "--public-ip"),
+    (["--announce-addr", "nonsense"], "--announce-addr"),
+    (["--stage", "-1"], "--stage"),
+    (["--grace", "-3"], "--grace"),
+])
+def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
+    code = main(["join", "--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}",
+                 "--identity", str(tmp_path / "id.key"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "swarm: error:" in err and message in err and "Traceback" not in err
+
+
+def test_corrupt_identity_file_is_a_clear_error(capsys, tmp_path):
+    bad = tmp_path / "id.key"
+    bad.write_bytes(b"this is not a key")
+    code = main(["join", "--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}", "--identity", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a libp2p private key" in err
+
+
+def test_join_defaults_keep_identity_in_home():
+    from peers.cli import build_parser
+
+    args = build_parser().parse_args(["join", "--initial-peers", "x"])
+    assert args.identity == os.path.join("~", ".swarm", "identity.key") and args.stage is None
+    assert build_parser().parse_args(["serve", "--initial-peers", "x", "--stage", "0"]).identity is None
+
+
+# ---- reachability ------------------------------------------------------------------------------------------------
+def test_dialback_request_checks():
+    from swarm.stage_server import DIALBACK_MAX_ADDRS, dialback_addresses
+
+    assert dialback_addresses([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == [
+        "/ip4/127.0.0.1/tcp/5"]
+    relay = f"/ip4/198.51.100.1/tcp/4/p2p/{PEER[:-4]}AAAA/p2p-circuit"
+    assert dialback_addresses([relay], PEER) == [relay]
+    other = PEER[:-4] + "BBBB"
+    for bad in (None, [], ["/ip4/1.2.3.4/tcp/1"] * (DIALBACK_MAX_ADDRS + 1), ["garbage"], [5],
+                [f"/ip4/127.0.0.1/tcp/5/p2p/{other}"], ["/ip4/1.2.3.4/tcp/" + "1" * 300]):
+        with pytest.raises(TransportError):
+            dialback_addresses(bad, PEER)
+
+
+def test_reachability_verdicts():
+    ok = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "ok"}}
+    failed = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "timed out after 10s"}}
+    relayed = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "refused", "/ip4/9.9.9.9/tcp/1/p2p/R/p2p-circuit": "ok"}}
+    assert reachability_verdict({"a": ok, "b": failed}) == "reachable"
+    assert reachability_verdict({"a": failed}) == "unreachable"
+    assert reachability_verdict({"a": relayed}) == "relay-only"
+    assert reachability_verdict({"a": {"ok": False, "error": "busy"}}) == "unchecked"
+    assert reachability_verdict({}) == "unchecked"
+    assert own_dial_addrs([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == ["/ip4/127.0.0.1/tcp/5"]
+
+
+def test_progress_bar_reports_size_without_averaging():
+    """Without hivemind averaging there is nothing to download; the bar still closes with a clear line."""
+    from peers.stage_peer import StateLoadProgress
+    from swarm.config import model_preset
+    from swarm.model import StageModule
+    from swarm.optimizer import OptimizerConfig, StageOptimizer
+
+    module = StageModule(model_preset("tiny"), 0, 2)
+    optimizer = StageOptimizer(module, OptimizerConfig(averaging=False), None, "x")
+    stream = io.StringIO()
+    with StateLoadProgress(optimizer, 1, 0, stream=stream, interval_s=0.01):
+        time.sleep(0.05)
+    assert "swarm: stage 0: loaded state in" in stream.getvalue()
+
+
+# ---- GPU path ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stage_trains_under_autocast():
+    from peers.stage_peer import autocast_dtype, describe_device, pick_device
+    from swarm.config import model_preset
+    from swarm.optimizer import OptimizerConfig
+    from swarm.stage_server import StageServer, StageServerConfig
+
+    device = pick_device("auto")
+    assert device == "cuda"
+    dtype = autocast_dtype(device)
+    assert dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    assert dtype in describe_device(device)
+    model_cfg = model_preset("tiny")
+    torch.cuda.reset_peak_memory_stats()
+    server = StageServer(StageServerConfig(run_id="gpu", stage=1, num_stages=2, device=device, autocast_dtype=dtype),
+                         model_cfg, None, OptimizerConfig(averaging=False, target_batch_size=4))
+    before = server.param_checksum()
+    for _ in range(2):
+        x = torch.randn(4, 32, model_cfg.hidden_size)
+        labels = torch.randint(0, model_cfg.vocab_size, (4, 32))
+        x, logits, _ = server._forward(x)
+        assert logits.dtype == getattr(torch, dtype)  # computed in reduced precision
+        loss_t, _ = server._loss(logits, labels)
+        loss, grad_in, _, _ = server._backward_loss(x, loss_t)
+        assert torch.isfinite(torch.tensor(loss)) and grad_in is not None and torch.isfinite(grad_in).all()
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in server.module.parameters())  # weights stay fp32
+    assert server.param_checksum() != before  # the optimizer stepped
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    print(f"GPU {torch.cuda.get_device_name()}: autocast {dtype}, peak memory {peak:.1f} MiB")
+    assert 0 < peak < 4096
+
+
+# ---- live ----------------------------------------------------------------------------------------------------------
+SHAPE = ["--stages", "2", "--seq-len", "64", "--microbatch-size", "8", "--target-batch-size", "16", "--lr", "3e-3"]
+
+
+def _client_call(swarm, fn):
+    from swarm.network import create_dht
+
+    dht = create_dht(swarm.run_id, swarm.initial_peers, client_mode=True)
+    try:
+        async def go():
+            p2p = await dht.replicate_p2p()
+            return await fn(dht, p2p)
+
+        return asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        dht.shutdown()
+
+
+def _infos(swarm, peers):
+    from swarm.stage_server import fetch_peer_info
+
+    async def fn(dht, p2p):
+        return {peer: await fetch_peer_info(p2p, swarm.run_id, peer) for peer in peers}
+
+    return _client_call(swarm, fn)
+
+
+def _state_of(swarm, stage: int, peer: str, want: str, timeout: float = 30.0) -> str:
+    from swarm.network import create_dht, fetch_stage_peers
+
+    dht = create_dht(swarm.run_id, swarm.initial_peers, client_mode=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = {p.peer_id: p.record.state for p in fetch_stage_peers(dht, swarm.run_id, 2)[stage]}
+            if records.get(peer) == want or time.monotonic() > deadline:
+                return records.get(peer)
+            time.sleep(1.0)
+    finally:
+        dht.shutdown()
+
+
+def _ctrl_c(child) -> None:
+    """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group (DHT process, p2pd too)."""
+    os.killpg(child.proc.pid, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
+    from peers.local import LocalSwarm
+
+    swarm = LocalSwarm(str(tmp_path / "swarm"), run_id="jtest")
+    identity = str(tmp_path / "home" / ".swarm" / "identity.key")
+    join_cmd = ["join", "--run-id", swarm.run_id, "--initial-peers", None, "--identity", identity,
+                "--threads", "1", "--grace", "5"]
+    try:
+        swarm.start_dht(SHAPE)
+        join_cmd[join_cmd.index(None)] = swarm.initial_peers[0]
+        stage_peers = [swarm.start_stage(s, wait=False) for s in (0, 0, 1)]
+        for child in stage_peers:
+            child.wait_event("serve", 120)
+        trainer = swarm.start_trainer(["--steps", "3", "--metrics-out", str(tmp_path / "m.jsonl"),
+                                       "--summary-json", str(tmp_path / "s.json")])
+        assert trainer.proc.wait(timeout=300) == 0, open(trainer.log_path).read()[-3000:]
+
+        joiner = swarm.spawn("join1", "stage", join_cmd)
+        choice = joiner.wait_event("join", 120)
+        assert choice["stage"] == 1 and choice["reason"] == "least capacity", choice
+        loads = {load["stage"]: load for load in choice["loads"]}
+        assert loads[0]["peers"] == 2 and loads[1]["peers"] == 1 and loads[0]["throughput"] > loads[1]["throughput"]
+        served = joiner.wait_event("serve", 180)
+        peer_id = served["peer_id"]
+        assert served["stage"] == 1 and served["device"] == "cpu" and served["autocast"] is None
+        reach = joiner.wait_event("reachability", 90)
+        assert reach["verdict"] == "reachable", reach
+
+        # the joiner holds the stage's current state: same epoch and (nearly) the same weights as its replica
+        old = next(c for c in stage_peers if c.stage == 1).info["peer_id"]
+        infos = _infos(swarm, [old, peer_id])
+        assert infos[old]["epoch"] >= 2
+        assert infos[peer_id]["epoch"] == infos[old]["epoch"]
+        assert infos[peer_id]["param_checksum"] == pytest.approx(infos[old]["param_checksum"], rel=1e-6)
+        assert _state_of(swarm, 1, peer_id, "online") == "online"
+        log = open(joiner.log_path).read()
+        assert "MiB of state" in log and "state from 1 replica(s)" in log, log[-3000:]
+
+        _ctrl_c(joiner)
+        assert joiner.proc.wait(timeout=60) == 0, open(joiner.log_path).read()[-3000:]
+        left = joiner.wait_event("left", 5)
+        assert left["peer_id"] == peer_id and left["inflight_left"] == 0
+        assert _state_of(swarm, 1, peer_id, "offline") == "offline"
+
+        # a restart with the same identity file is the same peer
+        again = swarm.spawn("join2", "stage", join_cmd + ["--no-reachability-check"])
+        assert again.wait_event("serve", 180)["peer_id"] == peer_id
+        _ctrl_c(again)
+        assert again.proc.wait(timeout=60) == 0, open(again.log_path).read()[-3000:]
+    finally:
+        swarm.stop()
+    for child in swarm.children:
+        assert child.proc.poll() is not None, f"{child.name} still running"
