@@ -55,12 +55,15 @@ class TrainerConfig:
     metrics_path: Optional[str] = None
     progress_period_s: float = 5.0  # how often the trainer refreshes its {run}.progress record (and after each step)
     progress_ttl_s: float = 30.0
+    progress_final_ttl_s: float = 120.0  # the last record ("finished") stays readable this long after the run
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
             raise ValueError("steps, microbatches_per_step, max_inflight and max_attempts must be >= 1")
-        if not 0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S:
-            raise ValueError("progress: need 0 < progress_period_s < progress_ttl_s <= MAX_TTL_S")
+        if not (0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S
+                and 0 < self.progress_final_ttl_s <= MAX_TTL_S):
+            raise ValueError("progress: need 0 < progress_period_s < progress_ttl_s <= MAX_TTL_S and "
+                             "0 < progress_final_ttl_s <= MAX_TTL_S")
 
 
 class MicroBatchLedger:
@@ -172,8 +175,9 @@ class Trainer:
     async def publish_progress(self, state: str = "training") -> bool:
         """Store this trainer's progress record (signed, ttl ``progress_ttl_s``); False if the DHT refused it."""
         try:
+            ttl = self.cfg.progress_final_ttl_s if state == "finished" else self.cfg.progress_ttl_s
             future = self.dht.store(progress_key(self.cfg.run_id), self.progress_record(state).to_value(),
-                                    get_dht_time() + self.cfg.progress_ttl_s,
+                                    get_dht_time() + ttl,
                                     subkey=RSASignatureValidator().local_public_key, return_future=True)
             return bool(await asyncio.wait_for(future, timeout=min(10.0, self.cfg.progress_ttl_s)))
         except Exception as e:  # progress is for onlookers: it must never disturb training

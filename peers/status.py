@@ -1,0 +1,62 @@
+"""`swarm status`: every peer of a swarm, its reputation and blacklisting, and the trainer's progress.
+
+Joins the DHT in client mode (it needs no part in the swarm, and writes nothing), reads the records with
+:class:`swarm.status.StatusReader` and prints text tables, or JSON (``--json``; the schema is in
+:mod:`swarm.status`). ``--watch [SECONDS]`` refreshes in place (with ``--json``: one JSON document per line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+
+from peers.common import fail
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def run(args) -> int:
+    from swarm.status import StatusError, connect
+
+    if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
+        return fail("--watch takes a positive number of seconds")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
+        return fail("--timeout must be in (0, 600] seconds")
+    try:
+        dht = connect(args.run_id, args.initial_peers, timeout_s=args.timeout)
+    except StatusError as e:
+        return fail(str(e))
+    try:
+        return asyncio.run(_show(dht, args))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        dht.shutdown()
+
+
+async def _show(dht, args) -> int:
+    from swarm.status import StatusError, StatusReader, render_text
+
+    reader = StatusReader(dht, args.run_id, timeout_s=args.timeout)
+    tty = sys.stdout.isatty()
+    while True:
+        try:
+            status = await reader.read()
+        except StatusError as e:
+            if args.watch is None or reader.config is None:
+                return fail(str(e))
+            print(f"swarm status: {e}; retrying in {args.watch:g}s", file=sys.stderr, flush=True)
+        else:
+            if args.json:
+                indent = None if args.watch is not None else 2
+                print(json.dumps(status.to_json(), indent=indent, sort_keys=False), flush=True)
+            else:
+                text = render_text(status)
+                if args.watch is not None:
+                    text = (CLEAR if tty else "\n") + text + f"\n\n(refreshing every {args.watch:g}s; Ctrl-C to stop)"
+                print(text, flush=True)
+        if args.watch is None:
+            return 0
+        await asyncio.sleep(args.watch)
