@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -120,11 +120,15 @@ def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tens
     return out
 
 
+def _median(values: List[float]) -> float:
+    """The lower median (as torch's), in plain Python: these lists are short and checked per tensor."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
 def _robust(values: List[float]) -> Tuple[float, float]:
     """Median and normal-consistent MAD: unmoved by a minority of outliers."""
-    t = torch.tensor(values, dtype=torch.float64)
-    median = float(t.median())
-    return median, 1.4826 * float((t - median).abs().median())
+    median = _median(values)
+    return median, 1.4826 * _median([abs(v - median) for v in values])
 
 
 def _z(name: str, value: float, center: float, spread: float, min_spread: float, signed: bool = False) -> float:
@@ -153,6 +157,24 @@ class _Population:
         self.vectors: Dict[str, torch.Tensor] = {}
         self._warm_vectors: List[Dict[str, torch.Tensor]] = []
         self._has_vectors = False
+        # medians of the windows, recomputed only when a window changed (a check asks for each several times)
+        self._version = 0
+        self._cache: Dict[Tuple[str, str], Tuple[int, Any]] = {}
+
+    def _cached(self, kind: str, name: str, compute):
+        hit = self._cache.get((kind, name))
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        value = compute()
+        self._cache[(kind, name)] = (self._version, value)
+        return value
+
+    def window_stats(self, name: str) -> Tuple[int, float, float]:
+        """(count, median, MAD) of a statistic over the window."""
+        def compute():
+            values = [entry[name] for entry in self.window if name in entry]
+            return (len(values), *_robust(values)) if values else (0, 0.0, 0.0)
+        return self._cached("window", name, compute)
 
     @property
     def ready(self) -> bool:
@@ -172,19 +194,21 @@ class _Population:
         (drift that moves everyone alike cancels out), else the window's median."""
         out = {}
         for name, value in scalars.items():
-            values = [entry[name] for entry in self.window if name in entry]
-            if len(values) >= self._min_count(name):
-                center = centers[name] if centers and name in centers else _robust(values)[0]
+            count, median, _ = self.window_stats(name)
+            if count >= self._min_count(name):
+                center = centers[name] if centers and name in centers else median
                 out[name] = value - center
         return out
 
     def spread(self, name: str) -> float:
         """Noise level of a statistic: the MAD of past deviations from their references at the time. Measured
         against concurrent references, it does not grow when training drifts the statistic over the window."""
-        past = [entry[name] for entry in self.past_deviations if name in entry]
-        if len(past) >= self.cfg.warmup:
-            return 1.4826 * float(torch.tensor(past, dtype=torch.float64).abs().median())
-        return _robust([entry[name] for entry in self.window if name in entry])[1]
+        def compute():
+            past = [abs(entry[name]) for entry in self.past_deviations if name in entry]
+            if len(past) >= self.cfg.warmup:
+                return 1.4826 * _median(past)
+            return self.window_stats(name)[2]
+        return self._cached("spread", name, compute)
 
     def scores(self, scalars: Dict[str, float], signed: bool = False,
                centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
@@ -204,17 +228,17 @@ class _Population:
         if self.ready:
             clipped = {}
             for name, value in scalars.items():
-                values = [entry[name] for entry in self.window if name in entry]
-                if len(values) >= self.cfg.warmup:
-                    center, spread = _robust(values)
+                count, center, spread = self.window_stats(name)
+                if count >= self.cfg.warmup:
                     bound = self.cfg.threshold * max(spread, self.cfg.min_spread * max(abs(center), 0.5))
                     value = min(max(value, center - bound), center + bound)
                 clipped[name] = value
             scalars = clipped
-        self.window.append(scalars)
         if deviations:
             self.past_deviations.append({name: max(-bound_, min(bound_, d)) for name, d in deviations.items()
                                          for bound_ in [self.cfg.threshold * max(self.spread(name), 1e-9)]})
+        self.window.append(scalars)
+        self._version += 1
         self._has_vectors = self._has_vectors or bool(vectors)
         if not vectors:
             return
@@ -285,8 +309,8 @@ class SentinelMonitor:
         self.momentum_count: Dict[Tuple[str, str], int] = {}
         self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
         self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
-        # direction -> sender -> its last accepted (when, statistics)
-        self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float]]]]] = {}
+        # direction -> sender -> its last accepted (when, statistics, epoch)
+        self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float], Optional[int]]]]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
         self.checked = 0
         self.rejected = 0
@@ -305,12 +329,15 @@ class SentinelMonitor:
         x = x.detach().float()
         flat = x.reshape(-1, x.shape[-1])  # tokens x features
         eps = 1e-12
-        rms = float(flat.pow(2).mean().sqrt())
+        # per-feature moments from two passes over the tensor (torch's std over dim 0 is several times slower)
         feat_mean = flat.mean(dim=0)
-        feat_std = flat.std(dim=0, unbiased=False) if flat.shape[0] > 1 else torch.zeros_like(feat_mean)
-        feat_rms = flat.pow(2).mean(dim=0).sqrt()
         centred = flat - feat_mean
-        feat_skew = centred.pow(3).mean(dim=0) / (feat_std.pow(3) + eps)  # odd: flips with the tensor's sign
+        centred_sq = centred.square()
+        feat_var = centred_sq.mean(dim=0)
+        feat_std = feat_var.sqrt()
+        feat_rms = (feat_var + feat_mean.square()).sqrt()
+        rms = float(feat_rms.square().mean().sqrt())
+        feat_skew = (centred_sq * centred).mean(dim=0) / (feat_std.pow(3) + eps)  # odd: flips with the tensor's sign
         scalars = {
             "log_rms": math.log(rms + eps),
             "token_spread": float(feat_std.mean()) / (rms + eps),
@@ -342,13 +369,16 @@ class SentinelMonitor:
     def hard_check(self, x: torch.Tensor, sender: str, direction: str) -> Optional[Verdict]:
         if not x.is_floating_point():
             return None
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+        if not x.numel():
+            return None
+        # one pass: min and max carry any NaN or inf, and show an all-zero tensor and an absurd magnitude
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(x)).sum())  # only on the way to a rejection
             return Verdict(False, sender, direction, float(bad), 0.0, f"{bad} non-finite values", "finite", "hard")
-        if x.numel() and not bool(x.any()):
+        if low == 0.0 and high == 0.0:
             return Verdict(False, sender, direction, 0.0, 0.0, "all values are zero", "zeros", "hard")
-        peak = float(x.abs().max()) if x.numel() else 0.0
+        peak = max(-low, high)
         if peak > self.cfg.max_abs_value:
             return Verdict(False, sender, direction, peak, self.cfg.max_abs_value,
                            f"absurd magnitude: max |x| = {peak:.3g}", "peak", "hard")
@@ -362,11 +392,14 @@ class SentinelMonitor:
         microbatch: str = "",
         context: Optional[torch.Tensor] = None,
         step: Optional[int] = None,
+        epoch: Optional[int] = None,
     ) -> Verdict:
         """Judge one received tensor. ``microbatch`` identifies its data (retries of the same data share it);
         ``context`` is, for gradients, the activation this peer sent for the same micro-batch; ``step`` is the
         training step it belongs to: before ``warmup_steps``, while the model changes fastest, only hard checks
-        and replay give verdicts (the baselines still learn)."""
+        and replay give verdicts (the baselines still learn); ``epoch`` is the optimizer epoch of the sender's
+        weights that produced the tensor: it is compared with other senders at the same epoch where there are any
+        (honest replicas one optimizer step apart differ, most early in training)."""
         self.checked += 1
         verdict = self.hard_check(x, sender, direction)
         if verdict is not None:
@@ -379,7 +412,7 @@ class SentinelMonitor:
             own = self.senders.setdefault((sender, direction), _SenderEMA(self.cfg))
             scalars.update(pop.distances(vectors))
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
-            centers = self._centers(direction, sender)
+            centers = self._centers(direction, sender, epoch)
             verdict = self._judge(pop, "population", scalars, sender, direction, centers)
             # activations only: the RMS of honest gradients varies by an order of magnitude between micro-batches
             ratio = 1.0
@@ -400,7 +433,7 @@ class SentinelMonitor:
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
             if verdict.accepted:
-                self._remember(direction, sender, scalars)
+                self._remember(direction, sender, scalars, epoch)
             if verdict.accepted or verdict.baseline == "sender":
                 own.update(scalars)  # a sender's own baseline follows it (clipped), or drift would lock it out
         if verdict.accepted:
@@ -410,7 +443,8 @@ class SentinelMonitor:
             self.rejected += 1
         return verdict
 
-    def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None) -> Verdict:
+    def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None,
+                   epoch: Optional[int] = None) -> Verdict:
         """Judge the loss the last stage computed on ``sender``'s activations, before any backward.
 
         Activations that look statistically normal but belong to other data (a replayed stale tensor, a shuffled
@@ -423,7 +457,7 @@ class SentinelMonitor:
         pop = self.population.setdefault(LOSS, _Population(self.cfg))
         scalars = {"loss": math.log(max(loss, 1e-6))}
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
-        centers = self._centers(LOSS, sender)
+        centers = self._centers(LOSS, sender, epoch)
         verdict = self._judge(pop, "population", scalars, sender, LOSS, centers)
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
@@ -433,31 +467,38 @@ class SentinelMonitor:
                               f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
         if verdict.accepted:
-            self._remember(LOSS, sender, scalars)
+            self._remember(LOSS, sender, scalars, epoch)
         if not verdict.accepted:
             self.rejected += 1
             verdict.direction = FORWARD  # it is the activations that are rejected
         return verdict
 
-    def _remember(self, direction: str, sender: str, scalars: Dict[str, float]) -> None:
-        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=2))
-        entries.append((self.checked, dict(scalars)))
+    def _remember(self, direction: str, sender: str, scalars: Dict[str, float], epoch: Optional[int] = None) -> None:
+        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=4))
+        entries.append((self.checked, dict(scalars), epoch))
 
-    def _centers(self, direction: str, sender: str) -> Dict[str, float]:
+    def _centers(self, direction: str, sender: str, epoch: Optional[int] = None) -> Dict[str, float]:
         """The median of the other senders' last few accepted values (only accepted ones are remembered, so an
-        attacker's tampered tensors never serve as a reference).
+        attacker's tampered tensors never serve as a reference), from senders at the same optimizer epoch where
+        any are known.
 
         Training moves every honest sender's statistics at once (each optimizer step shifts them all); judged
         against history alone, honest tensors right after a big step look like outliers. Judged against what
-        the other senders send *now*, only a sender that differs from its peers stands out."""
-        recent = {other: [values for when, values in entries if self.checked - when <= self.cfg.window]
+        the other senders send *now*, from weights of the same epoch, only a sender that differs from its peers
+        stands out. A sender that lies about its epoch gains nothing: an epoch nobody else has is compared with
+        everyone."""
+        recent = [(values, when_epoch)
                   for other, entries in self.latest.get(direction, {}).items()
-                  if other != sender and not self.suspect(other, direction)}
-        if not any(recent.values()):
+                  if other != sender and not self.suspect(other, direction)
+                  for when, values, when_epoch in entries if self.checked - when <= self.cfg.window]
+        if epoch is not None:
+            same = [entry for entry in recent if entry[1] == epoch]
+            recent = same or recent
+        if not recent:
             return {}
-        others = [values for entries in recent.values() for values in entries]
+        others = [values for values, _ in recent]
         names = set.intersection(*(set(values) for values in others))
-        return {name: float(torch.tensor([values[name] for values in others]).median()) for name in names}
+        return {name: _median([values[name] for values in others]) for name in names}
 
     def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str,
                centers: Optional[Dict[str, float]] = None) -> Verdict:
@@ -492,7 +533,7 @@ class SentinelMonitor:
         relative = {}
         for name, value in state.items():
             others = [self.momentum[k].get(name, 0.0) for k in peers]
-            relative[name] = value - float(torch.tensor(others).median())
+            relative[name] = value - _median(others)
         self.relative[key] = relative
         stat, value = max(relative.items(), key=lambda kv: abs(kv[1]))
         if abs(value) > self.cfg.momentum_threshold:
