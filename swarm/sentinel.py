@@ -26,8 +26,16 @@ minority of peers that are bad from their very first message cannot poison it. A
 tensors update a baseline, so an attacker cannot drag it along. The per-sender baseline catches a peer that
 changes its behaviour (a "sleeper"); the population baseline catches one that was bad from the start while
 honest peers are the majority. Hard checks need no history: non-finite values, all-zero tensors, absurd
-magnitudes, and (activations, once other senders are known) an RMS more than ``max_rms_ratio`` times off
-theirs.
+magnitudes, (activations, once other senders are known) an RMS more than ``max_rms_ratio`` times off theirs, and
+(gradients) the **causal tail**: in a causal LM trained on next-token loss the last position predicts nothing and
+influences no other position, so an honest activation-gradient is exactly zero there at every stage boundary;
+noise, shifts and replacements added to a gradient are not (``causal_tail_tolerance``).
+
+What no statistic here sees: a gradient multiplied by -1 or by a modest factor. Every even statistic is unchanged
+by a sign flip, and the odd ones (``alignment``, ``angle_corr``) are centred on zero for this model (measured:
+alignment -0.0005 +- 0.0027), so a flipped gradient looks honest; honest gradient norms vary by an order of
+magnitude between micro-batches, which hides scaling by 1.5. Those need redundancy (checking a sample of
+micro-batches on a second peer) or robust averaging of the weights, not monitoring.
 
 Knobs (:class:`SentinelConfig`): ``threshold`` (z above which a tensor is rejected), ``warmup``, ``ema_decay``,
 ``replay_window`` and ``replay_threshold``, ``min_spread`` (a relative floor on each spread, so a statistic that
@@ -70,6 +78,10 @@ class SentinelConfig:
     replay_threshold: float = 0.95
     sketch_dim: int = 256  # tokens sampled for the replay sketch
     max_abs_value: float = 1e4
+    # gradients: RMS at the last position, relative to the whole tensor's, above which it is rejected (None: off).
+    # Exactly zero for honest gradients of a causal LM trained on next-token loss (see hard_check); the tolerance
+    # leaves room for lossy wire compression
+    causal_tail_tolerance: Optional[float] = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -382,6 +394,15 @@ class SentinelMonitor:
         if peak > self.cfg.max_abs_value:
             return Verdict(False, sender, direction, peak, self.cfg.max_abs_value,
                            f"absurd magnitude: max |x| = {peak:.3g}", "peak", "hard")
+        if direction == BACKWARD and self.cfg.causal_tail_tolerance is not None and x.ndim == 3 and x.shape[1] > 1:
+            # causal LM: the last position's output predicts nothing (it has no next token), and in a causal model
+            # it influences no other position, so the honest gradient there is exactly zero at every stage boundary
+            tail = float(x[:, -1].float().pow(2).mean().sqrt())
+            whole = float(x.float().pow(2).mean().sqrt())
+            if tail > self.cfg.causal_tail_tolerance * whole:
+                return Verdict(False, sender, direction, tail / whole, self.cfg.causal_tail_tolerance,
+                               f"gradient at the last position is {tail / whole:.3g} of the tensor's RMS; a causal "
+                               f"LM's is zero there", "causal_tail", "hard")
         return None
 
     def check(

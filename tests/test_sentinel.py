@@ -82,9 +82,11 @@ def test_long_honest_run_raises_no_false_alarm(honest):
     ("scale", FORWARD), ("scale", BACKWARD),
     ("signflip", FORWARD),
     ("alie", FORWARD), ("alie", BACKWARD),
-    ("random", FORWARD),
+    ("random", FORWARD), ("random", BACKWARD),
     ("replay", FORWARD), ("replay", BACKWARD),
-    ("noise", FORWARD),
+    ("noise", FORWARD), ("noise", BACKWARD),
+    pytest.param("signflip", BACKWARD, marks=pytest.mark.xfail(
+        strict=True, reason="known limit: a sign-flipped gradient has the honest distribution (see sentinel.py)")),
 ])
 def test_sleeper_attack_caught_quickly(honest, attack, direction):
     """Honest for 60 micro-batches (baselines warm), then Byzantine: caught within 20 micro-batches."""
@@ -104,6 +106,21 @@ def test_bad_from_first_message_caught_by_population(honest):
     results = run(honest, "scale", FORWARD, start=0)
     late = [v for i, s, d, t, v in results if t and i >= 40]
     assert late and all(not v.accepted for v in late)
+
+
+def test_causal_tail_of_gradients(honest):
+    """Honest gradients are exactly zero at the last position; even noise at 1% of the RMS there is rejected by
+    the hard check, with no history; the check can be turned off."""
+    monitor = SentinelMonitor()
+    for i, act, grad in honest[:50]:
+        assert float(grad[:, -1].abs().max()) == 0.0
+        assert monitor.hard_check(grad, "p", BACKWARD) is None
+    _, act, grad = honest[0]
+    noisy = grad + 0.05 * grad.pow(2).mean().sqrt() * torch.randn_like(grad)
+    verdict = SentinelMonitor().check(noisy, "p", BACKWARD, context=act)
+    assert not verdict.accepted and verdict.statistic == "causal_tail" and "last position" in verdict.reason
+    assert SentinelMonitor().hard_check(noisy, "p", FORWARD) is None  # activations have no such structure
+    assert SentinelMonitor(SentinelConfig(causal_tail_tolerance=None)).hard_check(noisy, "p", BACKWARD) is None
 
 
 def test_verdict_names_sender_direction_and_reason(honest):
