@@ -1,0 +1,598 @@
+"""An in-process swarm: the project's own SENTINEL, reputation and router code on real tensors, without a network.
+
+    from experiments.sim.swarm_sim import SimConfig, Byzantine, run_sim
+    result = run_sim(SimConfig(stages=2, replicas=3, byzantine=[Byzantine(stage=0, replica=1, attack="scale")]))
+
+What is real: every stage peer has its own :class:`~swarm.sentinel.SentinelMonitor` and
+:class:`~swarm.reputation.ReputationLedger`; the trainer has a :class:`~swarm.router.Router` (with its
+:class:`~swarm.router.LocalBans`); activations and gradients are those of the project's model
+(:class:`~swarm.model.StageModule`, trained with AdamW on the shipped corpus, so their statistics drift as in
+training); Byzantine peers tamper through :class:`peers.adversary.Adversary`, called exactly as the stage server
+calls its outbound hook; reports are ``ledger.to_report(...)`` round-tripped through the DHT record validator
+(``to_value`` / ``ReputationReport.from_value``) and aggregated with :func:`~swarm.reputation.aggregate`, called as
+``ReputationService.refresh`` calls it (``first_seen`` from stage records and reports, probation by age on a
+simulated clock, vouched work).
+
+What is simulated (and why it does not change what the checks see):
+
+- **Transport**: a function call instead of hivemind P2P. The receiver still knows the sender (the chain's
+  previous / next peer), as the libp2p connection tells a real peer.
+- **One weight copy per stage**: the R replicas of a stage share one :class:`StageModule` and one AdamW. In the
+  real swarm the replicas average gradients and step together (``swarm/optimizer.py``), so their weights are
+  equal after every step; sharing one copy is that, without R-fold compute. Every stage steps every
+  ``microbatches_per_step`` micro-batches of the trainer (the trainer's step), with the gradients of the
+  micro-batches that reached its backward.
+- **Sequential micro-batches**: one micro-batch at a time (no two in flight), so the router's in-flight counts
+  are always 0 and it picks by measured time + jitter, never repeating the previous chain.
+- **Clock**: a simulated clock advances ``seconds_per_microbatch`` (default 1 s, the order of a local swarm on a
+  2-core machine) per micro-batch attempt, and ``wait_step_s`` per wait while no chain is usable. Reputation rounds
+  run every ``report_period_s`` of that clock; the router's local bans and the probation use it too, so results in
+  micro-batches depend on it through them.
+- **One aggregate for everyone**: every honest peer and the trainer read the same reports at the same simulated
+  time and saw every peer announce at the same time, so their ``aggregate(...)`` results are identical; it is
+  computed once per round and used by the router (which then skips blacklisted peers) and by every stage server
+  (which refuses a blacklisted sender).
+- **Reachability**: every reporter, Sybils included, is taken as reachable (``reachable=set(reports)``): a Sybil
+  that runs a libp2p host can answer ``rpc_info`` with its own key. This is the worst case for slander.
+- **Byzantine receivers** run the same checks as honest ones (their verdicts drop micro-batches like anyone's);
+  what they publish is their true ledger, or with ``slander`` their ledger plus accusations against honest
+  peers (and with ``collude``, fake vouching for each other's work).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from peers.adversary import Adversary, AttackConfig  # noqa: E402
+from swarm.config import DataConfig, ModelConfig  # noqa: E402
+from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
+from swarm.model import StageModule, causal_lm_loss  # noqa: E402
+from swarm.records import ReputationReport  # noqa: E402
+from swarm.reputation import ReputationConfig, ReputationLedger, aggregate  # noqa: E402
+from swarm.router import NoRouteError, Router, RouterConfig  # noqa: E402
+from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelMonitor  # noqa: E402
+
+TRAINER = "trainer"
+_PRETRAINED: Dict[tuple, list] = {}  # pretrained (module, optimizer) states per setup, shared by runs in a process
+
+
+@dataclass
+class Byzantine:
+    """One Byzantine stage peer: ``attack`` (None: honest traffic) through peers/adversary.py, and optionally slander
+    in its published reports."""
+
+    stage: int
+    replica: int
+    attack: Optional[str] = "scale"
+    magnitude: float = float("nan")
+    direction: str = "both"
+    probability: float = 1.0
+    start_step: int = 0
+    slander: bool = False  # accuse the slander targets in every report it publishes
+    collude: bool = False  # ... and vouch for the other colluding Byzantine peers' (fake) work
+
+
+@dataclass
+class Sybils:
+    """``count`` extra identities that serve nothing and only publish reports accusing ``target``.
+
+    ``join_s``: simulated time they first appear (first_seen); ``vouch``: they vouch for each other's work."""
+
+    count: int
+    target: str
+    join_s: float = 0.0
+    vouch: bool = False
+    strikes: int = 50
+
+
+@dataclass(kw_only=True)
+class SimConfig:
+    stages: int = 2
+    replicas: int = 3
+    byzantine: List[Byzantine] = field(default_factory=list)
+    sybils: Optional[Sybils] = None
+    slander_targets: List[str] = field(default_factory=list)  # peers slandering Byzantines accuse (default: one)
+    microbatches: int = 300
+    microbatch_size: int = 2
+    seq_len: int = 32
+    microbatches_per_step: int = 8
+    lr: float = 2e-3
+    grad_clip: float = 1.0
+    hidden_size: int = 192  # the tiny preset's
+    num_layers: int = 0  # 0: max(4, stages) (the tiny preset has 4; 8 stages need 8 blocks)
+    max_attempts: int = 5
+    wait_for_peers_s: float = 120.0  # the trainer's default
+    wait_step_s: float = 1.0  # the trainer re-reads the peers every min(1, refresh_peers_s) while it waits
+    hop_s: float = 0.25  # the time the router measures per hop (same for every peer: runs are reproducible)
+    seconds_per_microbatch: float = 1.0  # the simulated clock's advance per attempt (see the module docstring)
+    # the defaults of `swarm local` (peers/cli.py): probation 5 s / 10 clean exchanges, reports every 2 s
+    reputation: ReputationConfig = field(default_factory=lambda: ReputationConfig(
+        probation_s=5.0, probation_work=10, report_period_s=2.0, report_ttl_s=60.0))
+    # the defaults of `swarm serve` (threshold 12, warm-up 12 tensors, 10 optimizer steps of hard checks only)
+    sentinel: SentinelConfig = field(default_factory=lambda: SentinelConfig(threshold=12.0, warmup=12, warmup_steps=10))
+    router_ban_base_s: float = 5.0
+    seed: int = 0
+    log_every: int = 0
+    # micro-batches the model trains (plain pipeline, no checks, no peers) before the swarm starts: the swarm joins a
+    # run past its first, fastest-drifting phase (the activations' RMS grows ~100x in the first few hundred steps)
+    pretrain_microbatches: int = 0
+    keep_reports: bool = False  # keep every round's published reports (for replaying aggregation offline)
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.replicas < 1 or self.microbatches < 1:
+            raise ValueError("stages, replicas and microbatches must be >= 1")
+        for b in self.byzantine:
+            if not (0 <= b.stage < self.stages and 0 <= b.replica < self.replicas):
+                raise ValueError(f"Byzantine peer ({b.stage}, {b.replica}) outside {self.stages}x{self.replicas}")
+
+    @property
+    def dt(self) -> float:
+        return self.seconds_per_microbatch
+
+
+def peer_name(stage: int, replica: int) -> str:
+    return f"s{stage}r{replica}"
+
+
+@dataclass
+class Peer:
+    name: str
+    stage: int
+    sentinel: SentinelMonitor
+    ledger: ReputationLedger = field(default_factory=ReputationLedger)
+    adversary: Optional[Adversary] = None
+    spec: Optional[Byzantine] = None
+
+
+@dataclass
+class Tensors:
+    """Counts of checked tensors."""
+
+    tampered: int = 0
+    tampered_caught: int = 0
+    honest: int = 0
+    honest_rejected: int = 0
+    caught_by: Counter = field(default_factory=Counter)
+    fp_by: Counter = field(default_factory=Counter)
+
+
+class SwarmSim:
+    def __init__(self, cfg: SimConfig):
+        self.cfg = cfg
+        # one compute thread: on a shared 2-core machine, torch's thread pool makes these tiny ops 10x slower
+        torch.set_num_threads(1)
+        torch.manual_seed(cfg.seed)
+        num_layers = cfg.num_layers or max(4, cfg.stages)
+        self.model_cfg = ModelConfig(hidden_size=cfg.hidden_size, num_layers=num_layers, seed=cfg.seed)
+        blocks = load_token_blocks(DataConfig(seq_len=cfg.seq_len, microbatch_size=cfg.microbatch_size, seed=cfg.seed))
+        self.stream = MicroBatchStream(blocks, cfg.microbatch_size, seed=cfg.seed)
+        self.modules = [StageModule(self.model_cfg, s, cfg.stages) for s in range(cfg.stages)]
+        for m in self.modules:
+            m.train()
+        self.optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+                           for m in self.modules]
+        self.accumulated = [0] * cfg.stages
+        self.epoch = 0
+        self.clock = 0.0
+        byz = {(b.stage, b.replica): b for b in cfg.byzantine}
+        self.peers: Dict[str, Peer] = {}
+        for s in range(cfg.stages):
+            for r in range(cfg.replicas):
+                name = peer_name(s, r)
+                sent_cfg = SentinelConfig(**{**cfg.sentinel.__dict__, "seed": cfg.seed * 1000 + s * 100 + r})
+                peer = Peer(name, s, SentinelMonitor(sent_cfg))
+                spec = byz.get((s, r))
+                if spec is not None:
+                    peer.spec = spec
+                    if spec.attack is not None:
+                        peer.adversary = Adversary(AttackConfig(
+                            name=spec.attack, direction=spec.direction, magnitude=spec.magnitude,
+                            probability=spec.probability, start_step=spec.start_step, seed=cfg.seed * 7919 + s * 131 + r))
+                self.peers[name] = peer
+        self.byzantine = {p.name for p in self.peers.values() if p.spec is not None}
+        self.attackers = {p.name for p in self.peers.values() if p.adversary is not None}
+        self.honest = [p for p in self.peers if p not in self.byzantine]
+        targets = cfg.slander_targets or ([self.honest[0]] if self.honest else [])
+        self.slander_targets = list(targets)
+        self.blacklist: Dict[str, dict] = {}
+        self.router = Router(cfg.stages, RouterConfig(seed=cfg.seed, ban_base_s=cfg.router_ban_base_s),
+                             is_blacklisted=lambda p: p in self.blacklist, clock=lambda: self.clock)
+        self.router.microbatch_size = cfg.microbatch_size
+        self.router.update({s: [_Info(peer_name(s, r)) for r in range(cfg.replicas)] for s in range(cfg.stages)})
+        # reputation state, as ReputationService keeps it
+        self.reports: Dict[str, dict] = {}  # reporter -> published value (the DHT's {run}.reports)
+        self.first_seen: Dict[str, float] = {}
+        self.last_round = -math.inf
+        self.rounds = 0
+        self.aggregate = aggregate({}, {}, 0.0, cfg.reputation)
+        # measurements
+        self.tensors = Tensors()  # checked after the sentinel's warm-up steps (statistical verdicts on)
+        self.tensors_warmup = Tensors()  # during them (hard checks and replay only)
+        self.in_warmup = True
+        self.first_tampered: Dict[str, Tuple[int, float]] = {}  # attacker -> (micro-batch index, clock)
+        self.blacklisted_at: Dict[str, Tuple[int, float]] = {}  # peer -> first (micro-batch index, clock)
+        self.ever_blacklisted: set = set()
+        self.outcome: Dict[int, str] = {}
+        self.retried = 0
+        self.retry_reasons: Counter = Counter()
+        self.drop_reasons: Counter = Counter()
+        self.losses: List[float] = []
+        self.agg_seconds: List[float] = []  # aggregate(...) alone
+        self.round_seconds: List[float] = []  # validate every report (DHT read) + aggregate
+        self.score_trace: List[Tuple[float, Dict[str, float]]] = []
+        self.index = 0
+        self.rejections: List[tuple] = []  # (micro-batch, receiver, sender, direction, tampered, reason)
+        self.report_history: List[tuple] = []  # (now, {reporter: value}, first_seen) per round, if kept
+        self.byzantine_receiver_rejections = 0
+        self.waited_s = 0.0  # simulated seconds the trainer spent with no usable chain
+
+    # ---- one micro-batch -------------------------------------------------------------------------------------
+    def _outbound(self, peer: Peer, tensor: torch.Tensor, direction: str, meta: dict) -> Tuple[torch.Tensor, bool]:
+        """What the stage server's ``_outbound`` does: the hook (if any) on the detached tensor, sent as float32."""
+        tensor = tensor.detach()
+        tampered = False
+        if peer.adversary is not None:
+            before = peer.adversary.tampered
+            tensor = peer.adversary(tensor, direction, meta)
+            tampered = peer.adversary.tampered > before
+            if tampered and peer.name not in self.first_tampered:
+                self.first_tampered[peer.name] = (self.index, self.clock)
+        return tensor.to(torch.float32), tampered
+
+    def _count(self, verdict, tampered: bool, receiver: str = "") -> None:
+        """Rates count the verdicts of honest receivers only (a Byzantine receiver's checks still drop micro-batches
+        and feed its ledger, but it is no evidence of what the checks do)."""
+        if not verdict.accepted:
+            self.rejections.append((self.index, receiver, verdict.sender, verdict.direction, tampered, verdict.reason))
+        if receiver in self.byzantine:
+            self.byzantine_receiver_rejections += int(not verdict.accepted)
+            return
+        t = self.tensors_warmup if self.in_warmup else self.tensors
+        if tampered:
+            t.tampered += 1
+            if not verdict.accepted:
+                t.tampered_caught += 1
+                t.caught_by[verdict.statistic or verdict.baseline] += 1
+        else:
+            t.honest += 1
+            if not verdict.accepted:
+                t.honest_rejected += 1
+                t.fp_by[verdict.statistic or verdict.baseline] += 1
+
+    def _chain(self, index: int, chain: List[str], ids: torch.Tensor) -> Tuple[bool, float, str, Optional[str]]:
+        """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, blame)."""
+        cfg = self.cfg
+        step = index // cfg.microbatches_per_step
+        self.in_warmup = step < cfg.sentinel.warmup_steps
+        data_key = f"{TRAINER}:{index}"  # retries of the same data share it, as the stage server's data key
+        meta = {"mb": f"{index}", "step": step, "trainer": TRAINER, "sender_epoch": self.epoch}
+        saved: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) per stage
+        x: torch.Tensor = ids
+        tampered = False
+        loss_t = None
+        for k, name in enumerate(chain):
+            peer = self.peers[name]
+            if k > 0:
+                sender = chain[k - 1]
+                if sender in self.blacklist:
+                    return False, math.nan, f"refused: sender {sender} is blacklisted", None
+                verdict = peer.sentinel.check(x, sender, FORWARD, microbatch=data_key, step=step, epoch=self.epoch)
+                peer.ledger.record_verdict(verdict)
+                self._count(verdict, tampered, name)
+                if not verdict.accepted:
+                    return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", sender
+                x_in = x.detach().float().requires_grad_(True)
+            else:
+                x_in = x
+            with torch.enable_grad():
+                out = self.modules[k](x_in)
+            saved.append((x_in, out))
+            if k == len(chain) - 1:
+                with torch.enable_grad():
+                    loss_t = causal_lm_loss(out, ids)
+                if k > 0:
+                    verdict = peer.sentinel.check_loss(float(loss_t.detach()), chain[k - 1], microbatch=data_key,
+                                                       step=step, epoch=self.epoch)
+                    peer.ledger.record_verdict(verdict)
+                    if not verdict.accepted:
+                        # the activation passed the statistics but its loss did not: count it once, as rejected
+                        if name not in self.byzantine:
+                            self._recount_loss_rejection(tampered)
+                        self.rejections.append((index, name, chain[k - 1], "loss", tampered, verdict.reason))
+                        return False, math.nan, f"stage {k} rejected forward tensor: loss", chain[k - 1]
+            else:
+                x, tampered = self._outbound(peer, out, FORWARD, meta)
+        # backward: the last stage first, then each receiver checks the gradient against what it sent
+        loss_t.backward()
+        self.accumulated[len(chain) - 1] += 1
+        if len(chain) == 1:
+            return True, float(loss_t.detach()), "", None
+        grad, tampered = self._outbound(self.peers[chain[-1]], saved[-1][0].grad, BACKWARD, meta)
+        for k in range(len(chain) - 2, -1, -1):
+            peer = self.peers[chain[k]]
+            sender = chain[k + 1]
+            out = saved[k][1]
+            verdict = peer.sentinel.check(grad, sender, BACKWARD, microbatch=data_key, context=out.detach(),
+                                          step=step, epoch=self.epoch)
+            peer.ledger.record_verdict(verdict)
+            self._count(verdict, tampered, peer.name)
+            if not verdict.accepted:
+                return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", sender
+            out.backward(grad)
+            self.accumulated[k] += 1
+            if k > 0:
+                grad, tampered = self._outbound(peer, saved[k][0].grad, BACKWARD, meta)
+        return True, float(loss_t.detach()), "", None
+
+    def _recount_loss_rejection(self, tampered: bool) -> None:
+        """The forward check counted this activation as accepted; the loss check rejected it after all."""
+        t = self.tensors_warmup if self.in_warmup else self.tensors
+        if tampered:
+            t.tampered_caught += 1
+            t.caught_by["loss"] += 1
+        else:
+            t.honest_rejected += 1
+            t.fp_by["loss"] += 1
+
+    def _optimizer_step(self) -> None:
+        for k, (module, opt) in enumerate(zip(self.modules, self.optimizers)):
+            n = self.accumulated[k]
+            if n:
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(n)
+                if self.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.accumulated[k] = 0
+        self.epoch += 1
+
+    def _pick_chain(self) -> List[str]:
+        """Like ``Trainer._pick_chain``: while no chain is usable (every peer of a stage banned locally or
+        blacklisted), wait (the simulated clock runs) up to ``wait_for_peers_s``, then give up."""
+        waited = 0.0
+        while True:
+            self._maybe_reputation_round()
+            try:
+                return self.router.pick_chain()
+            except NoRouteError:
+                if waited >= self.cfg.wait_for_peers_s:
+                    raise
+                self.clock += self.cfg.wait_step_s
+                waited += self.cfg.wait_step_s
+                self.waited_s += self.cfg.wait_step_s
+
+    def run_microbatch(self, index: int) -> None:
+        """Like ``Trainer.run_microbatch``: retry on another chain after a failure, up to ``max_attempts``."""
+        self.index = index
+        ids = self.stream.microbatch(index)
+        reason = ""
+        for attempt in range(self.cfg.max_attempts):
+            try:
+                chain = self._pick_chain()
+            except NoRouteError as e:
+                self._end(index, "dropped", str(e))
+                return
+            try:
+                ok, loss, reason, blame = self._chain(index, chain, ids)
+            finally:
+                self.router.release(chain)
+            self.clock += self.cfg.dt
+            if ok:
+                # every peer takes the same simulated hop time (no wall-clock noise: runs are reproducible)
+                self.router.report_success(chain, {p: self.cfg.hop_s for p in chain})
+                self.losses.append(loss)
+                self._end(index, "completed")
+                return
+            if blame is not None:
+                self.router.report_failure(blame, reason)
+            if attempt + 1 < self.cfg.max_attempts:
+                self.retried += 1
+                self.retry_reasons[reason.split(":")[0]] += 1
+        self._end(index, "dropped", f"gave up after {self.cfg.max_attempts} attempts; last error: {reason}")
+
+    def _end(self, index: int, outcome: str, reason: str = "") -> None:
+        if index in self.outcome:
+            raise RuntimeError(f"micro-batch {index} already ended as {self.outcome[index]}")
+        self.outcome[index] = outcome
+        if outcome == "dropped":
+            self.drop_reasons[reason.split(";")[0][:80]] += 1
+
+    # ---- reputation ------------------------------------------------------------------------------------------
+    def _report_of(self, peer: Peer) -> ReputationReport:
+        report = peer.ledger.to_report(peer.name, self.clock)
+        spec = peer.spec
+        if spec is not None and spec.slander:
+            for target in self.slander_targets:
+                report.entries[target] = {"clean": 0, "strikes": 50, "reasons": {"log_rms": 50}}
+            if spec.collude:
+                for other in self.byzantine:
+                    if other != peer.name:
+                        report.entries[other] = {"clean": 1000, "strikes": 0, "reasons": {}}
+        return report
+
+    def _maybe_reputation_round(self) -> None:
+        if self.clock - self.last_round < self.cfg.reputation.report_period_s:
+            return
+        self.last_round = self.clock
+        self.rounds += 1
+        now = self.clock
+        # every stage peer publishes (ReputationService.publish_report), honest or not
+        for peer in self.peers.values():
+            self.reports[peer.name] = self._report_of(peer).to_value()
+        sy = self.cfg.sybils
+        if sy is not None and now >= sy.join_s:
+            names = [f"sybil{i}" for i in range(sy.count)]
+            for name in names:
+                entries = {sy.target: {"clean": 0, "strikes": sy.strikes, "reasons": {"log_rms": sy.strikes}}}
+                if sy.vouch:
+                    entries.update({o: {"clean": 1000, "strikes": 0, "reasons": {}} for o in names if o != name})
+                self.reports[name] = ReputationReport(reporter=name, issued_at=now, entries=entries).to_value()
+        # ReputationService.refresh: first_seen from stage records, then from reports; read and validate every
+        # report; aggregate
+        started = time.perf_counter()
+        for name in self.peers:  # every stage peer announces itself (blacklisted ones too)
+            self.first_seen.setdefault(name, now)
+        reports: Dict[str, ReputationReport] = {}
+        ttl = self.cfg.reputation.report_ttl_s
+        for value in self.reports.values():
+            report = ReputationReport.from_value(value)
+            if now - report.issued_at > ttl:
+                continue  # expired on the DHT
+            self.first_seen.setdefault(report.reporter, now)
+            if report.reporter in reports and reports[report.reporter].issued_at >= report.issued_at:
+                continue
+            reports[report.reporter] = report
+        agg_started = time.perf_counter()
+        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg.reputation, reachable=set(reports))
+        done = time.perf_counter()
+        self.agg_seconds.append(done - agg_started)
+        self.round_seconds.append(done - started)
+        if self.cfg.keep_reports:
+            self.report_history.append((now, dict(self.reports), dict(self.first_seen)))
+        self.blacklist = dict(self.aggregate.blacklist)
+        for peer in self.blacklist:
+            self.ever_blacklisted.add(peer)
+            self.blacklisted_at.setdefault(peer, (self.index, now))
+        watched = set(self.byzantine) | set(self.slander_targets) | ({sy.target} if sy else set())
+        self.score_trace.append((now, {p: self.aggregate.score(p) for p in watched}))
+
+    # ---- the run -----------------------------------------------------------------------------------------------
+    def pretrain(self) -> None:
+        """Train the stages for ``pretrain_microbatches`` before the swarm starts (cached per process and setup)."""
+        if not self.cfg.pretrain_microbatches:
+            return
+        c = self.cfg
+        key = (c.stages, self.model_cfg.num_layers, c.hidden_size, c.seed, c.pretrain_microbatches, c.microbatch_size,
+               c.seq_len, c.lr, c.microbatches_per_step)
+        cached = _PRETRAINED.get(key)
+        if cached is not None:
+            for module, opt, (module_state, opt_state) in zip(self.modules, self.optimizers, cached):
+                module.load_state_dict(module_state)
+                opt.load_state_dict(opt_state)
+            self.epoch = c.pretrain_microbatches // c.microbatches_per_step
+            return
+        for index in range(self.cfg.pretrain_microbatches):
+            ids = self.stream.microbatch(index)
+            x = ids
+            for module in self.modules:
+                x = module(x)
+            causal_lm_loss(x, ids).backward()
+            self.accumulated = [1] * self.cfg.stages
+            if (index + 1) % self.cfg.microbatches_per_step == 0:
+                self._optimizer_step()
+        self.accumulated = [0] * self.cfg.stages
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        _PRETRAINED[key] = [(copy.deepcopy(m.state_dict()), copy.deepcopy(o.state_dict()))
+                            for m, o in zip(self.modules, self.optimizers)]
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.pretrain()
+        offset = self.cfg.pretrain_microbatches
+        for index in range(offset, offset + self.cfg.microbatches):
+            self.run_microbatch(index)
+            if (index + 1) % self.cfg.microbatches_per_step == 0:
+                self._optimizer_step()
+            if self.cfg.log_every and (index + 1 - offset) % self.cfg.log_every == 0:
+                recent = self.losses[-self.cfg.log_every:]
+                print(f"  mb {index + 1}: loss {sum(recent) / max(len(recent), 1):.3f} blacklist "
+                      f"{sorted(self.blacklist)} clock {self.clock:.1f}s", flush=True)
+        self.last_round = -math.inf
+        self._maybe_reputation_round()  # a last round, so the final verdicts reflect all the evidence
+        return self.summary(time.perf_counter() - started)
+
+    def summary(self, wall_s: float) -> dict:
+        counts = Counter(self.outcome.values())
+        assert counts["completed"] + counts["dropped"] == self.cfg.microbatches == len(self.outcome), "exactly once"
+        t = self.tensors
+        attackers = {}
+        for name in sorted(self.attackers):
+            first = self.first_tampered.get(name)
+            caught = self.blacklisted_at.get(name)
+            offset = self.cfg.pretrain_microbatches  # micro-batch numbers count from the swarm's start
+            entry = dict(tampered=self.peers[name].adversary.tampered,
+                         first_tampered_mb=first[0] - offset if first else None,
+                         blacklisted_mb=caught[0] - offset if caught else None)
+            if first and caught:
+                entry.update(mb_to_blacklist=caught[0] - first[0], s_to_blacklist=round(caught[1] - first[1], 3))
+            else:
+                entry.update(mb_to_blacklist=None, s_to_blacklist=None)
+            entry["reason"] = self.aggregate.blacklist.get(name, {}).get("reason")
+            attackers[name] = entry
+        honest_blacklisted = sorted(p for p in self.ever_blacklisted if p not in self.byzantine)
+        return dict(
+            stages=self.cfg.stages, replicas=self.cfg.replicas, peers=len(self.peers),
+            byzantine=len(self.byzantine), attackers=attackers,
+            microbatches=dict(total=self.cfg.microbatches, completed=counts["completed"], dropped=counts["dropped"],
+                              retried=self.retried),
+            drop_reasons=dict(self.drop_reasons.most_common(5)), retry_reasons=dict(self.retry_reasons.most_common(8)),
+            tensors=dict(tampered=t.tampered, tampered_caught=t.tampered_caught, honest=t.honest,
+                         honest_rejected=t.honest_rejected, caught_by=dict(t.caught_by), fp_by=dict(t.fp_by)),
+            tensors_warmup=dict(tampered=self.tensors_warmup.tampered, tampered_caught=self.tensors_warmup.tampered_caught,
+                                honest=self.tensors_warmup.honest, honest_rejected=self.tensors_warmup.honest_rejected),
+            byzantine_receiver_rejections=self.byzantine_receiver_rejections,
+            detection_rate=t.tampered_caught / t.tampered if t.tampered else None,
+            false_positive_rate=t.honest_rejected / t.honest if t.honest else None,
+            honest_blacklisted=honest_blacklisted,
+            attackers_blacklisted=sum(1 for a in attackers.values() if a["blacklisted_mb"] is not None),
+            final_blacklist=sorted(self.blacklist),
+            scores={p: round(self.aggregate.score(p), 4) for p in sorted(self.peers)},
+            rounds=self.rounds,
+            aggregate_s_mean=sum(self.agg_seconds) / max(len(self.agg_seconds), 1),
+            aggregate_s_max=max(self.agg_seconds, default=0.0),
+            round_s_mean=sum(self.round_seconds) / max(len(self.round_seconds), 1),
+            loss_first=sum(self.losses[:8]) / max(len(self.losses[:8]), 1),
+            loss_last=sum(self.losses[-8:]) / max(len(self.losses[-8:]), 1),
+            waited_s=round(self.waited_s, 3), clock_s=round(self.clock, 3), wall_s=round(wall_s, 2), seconds_per_microbatch=self.cfg.dt,
+        )
+
+
+@dataclass
+class _Record:
+    peer_id: str
+    state: str = "online"
+    throughput: float = 0.0
+
+
+class _Info:
+    """What ``Router.update`` reads from a DHT stage announcement."""
+
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self.record = _Record(peer_id)
+
+
+def run_sim(cfg: SimConfig) -> dict:
+    return SwarmSim(cfg).run()
+
+
+def mixed_byzantine(stages: int, replicas: int, fraction: float, attacks: List[str], seed: int = 0,
+                    **kwargs) -> List[Byzantine]:
+    """``round(fraction x peers)`` Byzantine peers spread evenly over stages, attacks assigned round robin."""
+    total = round(fraction * stages * replicas)
+    rng = random.Random(seed)
+    per_stage = [total // stages + (1 if s < total % stages else 0) for s in range(stages)]
+    out = []
+    i = 0
+    for s in range(stages):
+        for r in rng.sample(range(replicas), min(per_stage[s], replicas)):
+            out.append(Byzantine(stage=s, replica=r, attack=attacks[i % len(attacks)], **kwargs))
+            i += 1
+    return out
