@@ -52,6 +52,18 @@ def _swarm_shape(parser: argparse.ArgumentParser) -> None:
                        help="independent trusted reporters needed to blacklist a peer (default: %(default)s)")
     group.add_argument("--report-period", type=float, default=5.0,
                        help="seconds between a peer's reputation reports (default: %(default)s)")
+    group.add_argument("--pow-bits", type=int, default=0,
+                       help="admission: proof-of-work difficulty per identity, in bits (0: off; 20 is about a second "
+                            "of one core per identity, each extra bit doubles it) (default: %(default)s)")
+    group.add_argument("--authority-key", default=None, metavar="FILE",
+                       help="admission: an allowlist; identities need a token signed by this Ed25519 key (created if "
+                            "missing; keep it private), issued with `swarm admit`")
+
+
+def _admission(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("admission (only if the swarm's creator turned it on)")
+    group.add_argument("--admission-token", default=None, metavar="TOKEN|@FILE",
+                       help="this identity's allowlist token from the swarm's authority (`swarm admit`), or @FILE")
 
 
 def _data(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +97,7 @@ def _server(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grace", type=float, default=10.0,
                        help="on SIGINT/SIGTERM: seconds to let in-flight micro-batches finish after announcing "
                             "offline (default: %(default)s)")
+    _admission(parser)
     _sentinel(parser)
     _attack(parser, "--attack")
 
@@ -163,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data(p)
     _training(p)
+    _admission(p)
+
+    p = sub.add_parser("admit", help="issue an allowlist token for one identity (the swarm's authority only)",
+                       description="Signs a token that admits one peer id to a swarm whose creator set "
+                                   "--authority-key. Give the peer id, or the identity file the peer runs with.")
+    p.add_argument("--authority-key", required=True, metavar="FILE", help="the swarm's authority key (from swarm dht)")
+    p.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the swarm's name")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--peer-id", default=None, help="the identity to admit (base58 peer id)")
+    who.add_argument("--identity", default=None, metavar="PATH", help="the identity file of the peer to admit")
+    p.add_argument("--ttl-days", type=float, default=30.0, help="days the token stays valid")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     p = sub.add_parser("status", help="show a swarm's peers, their reputation and the training progress",
                        description="Reads the swarm's records from its DHT (joining as a client: it needs no part in "
@@ -246,6 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from peers.join import run
     elif args.command == "train":
         from peers.trainer_peer import run
+    elif args.command == "admit":
+        from peers.admit import run
     elif args.command == "status":
         from peers.status import run
     else:

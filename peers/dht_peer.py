@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from hivemind.utils import get_dht_time
 
 from peers.common import emit, fail, host_maddrs, wait_for_shutdown
+from swarm.admission import AdmissionPolicy, load_or_create_authority_key, public_key_hex
 from swarm.config import model_preset, stage_layer_ranges, to_dict
 from swarm.network import create_dht, publish_swarm_config, visible_addresses
 from swarm.records import SwarmConfigRecord
@@ -23,6 +25,13 @@ def swarm_record(args) -> SwarmConfigRecord:
     stage_layer_ranges(model.num_layers, args.stages)  # raises a clear error for an impossible cut
     if args.target_batch_size % args.microbatch_size:
         raise ValueError("--target-batch-size must be a multiple of --microbatch-size")
+    authority = None
+    if getattr(args, "authority_key", None):
+        try:
+            authority = public_key_hex(load_or_create_authority_key(os.path.expanduser(args.authority_key)))
+        except OSError as e:
+            raise ValueError(f"cannot read or create the authority key {args.authority_key}: {e.strerror}") from None
+    admission = AdmissionPolicy(run_id=args.run_id, pow_bits=getattr(args, "pow_bits", 0), authority=authority)
     return SwarmConfigRecord(
         run_id=args.run_id, model=to_dict(model), num_stages=args.stages, seq_len=args.seq_len,
         microbatch_size=args.microbatch_size, target_batch_size=args.target_batch_size, lr=args.lr,
@@ -30,7 +39,8 @@ def swarm_record(args) -> SwarmConfigRecord:
         extra={"seed": args.seed, "reputation": dict(probation_s=args.probation_s, probation_work=args.probation_work,
                                                      min_reporters=args.min_reporters,
                                                      report_period_s=args.report_period,
-                                                     report_ttl_s=max(60.0, 4 * args.report_period))},
+                                                     report_ttl_s=max(60.0, 4 * args.report_period)),
+               "admission": admission.to_extra()},
     )
 
 

@@ -74,6 +74,7 @@ class LocalSwarm:
         self.workdir = workdir or tempfile.mkdtemp(prefix="swarm-local-")
         os.makedirs(self.workdir, exist_ok=True)
         self.run_id = run_id
+        self.authority_key: Optional[str] = None  # set: every child gets an identity and an allowlist token
         self.children: List[Child] = []
         self.initial_peers: List[str] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
@@ -102,15 +103,34 @@ class LocalSwarm:
                     timeout: float = 120.0) -> Child:
         name = name or f"stage{stage}.{sum(c.stage == stage for c in self.children if c.role == 'stage')}"
         child = self.spawn(name, "stage", ["serve", "--run-id", self.run_id, "--initial-peers", *self.initial_peers,
-                                           "--stage", str(stage), "--threads", "1", *extra], stage=stage)
+                                           "--stage", str(stage), "--threads", "1", *self.admission_args(name),
+                                           *extra], stage=stage)
         if wait:
             child.wait_event("serve", timeout)
         return child
 
     def start_trainer(self, extra: Sequence[str] = (), stderr_to_console: bool = False) -> Child:
         return self.spawn("trainer", "trainer", ["train", "--run-id", self.run_id, "--initial-peers",
-                                                 *self.initial_peers, "--threads", "1", *extra],
+                                                 *self.initial_peers, "--threads", "1",
+                                                 *self.admission_args("trainer"), *extra],
                           stderr_to_console=stderr_to_console)
+
+    def admission_args(self, name: str) -> List[str]:
+        """With an allowlist (``self.authority_key``): a fresh identity file for the child and its signed token."""
+        if not self.authority_key:
+            return []
+        from hivemind.p2p import P2P, PeerID
+
+        from swarm.admission import issue_token, load_or_create_authority_key
+
+        os.makedirs(os.path.join(self.workdir, "identities"), exist_ok=True)
+        path = os.path.join(self.workdir, "identities", f"{name}.key")
+        if not os.path.exists(path):
+            P2P.generate_identity(path)
+        with open(path, "rb") as f:
+            peer_id = PeerID.from_identity(f.read()).to_base58()
+        token = issue_token(load_or_create_authority_key(self.authority_key), self.run_id, peer_id)
+        return ["--identity", path, "--admission-token", token]
 
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         if child.proc.poll() is None:
@@ -185,7 +205,8 @@ def shape_args(args) -> List[str]:
             "--microbatch-size", str(args.microbatch_size), "--target-batch-size", str(args.target_batch_size),
             "--lr", str(args.lr), "--seed", str(args.seed), "--probation-s", str(args.probation_s),
             "--probation-work", str(args.probation_work), "--min-reporters", str(args.min_reporters),
-            "--report-period", str(args.report_period)]
+            "--report-period", str(args.report_period), "--pow-bits", str(args.pow_bits)] + (
+            ["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else [])
 
 
 def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
@@ -262,6 +283,11 @@ def run(args) -> int:
     if not 0 <= args.byzantine < args.stages * args.replicas:
         return fail("--byzantine must leave at least one honest stage peer")
     swarm = LocalSwarm(args.workdir, run_id=args.run_id)
+    if args.authority_key:
+        from swarm.admission import load_or_create_authority_key
+
+        swarm.authority_key = os.path.abspath(args.authority_key)
+        load_or_create_authority_key(swarm.authority_key)
     metrics_out = args.metrics_out or os.path.join(swarm.workdir, "metrics.jsonl")
     summary_json = args.summary_json or os.path.join(swarm.workdir, "summary.json")
     started = time.monotonic()

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, List, Optional
 
 import torch
 
-from peers.common import emit, fail, join_swarm, wait_for_shutdown
+from peers.common import emit, fail, join_swarm, prove_admission, wait_for_shutdown
 from swarm.config import ModelConfig
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
@@ -211,6 +211,10 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
     ``on_online(server)`` runs once the peer is online (``swarm join``'s reachability check); a non-zero
     result makes the peer leave at once with that exit code."""
     server_cfg, opt_cfg = server_configs(args, swarm, stage, device)
+    try:
+        policy, token, proof = prove_admission(args, swarm, dht)
+    except ValueError as e:
+        return fail(str(e))
     grace_s = float(getattr(args, "grace", DEFAULT_GRACE_S))
     logger.info(f"device: {describe_device(device)}")
 
@@ -220,7 +224,9 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
                            warmup_steps=args.sentinel_warmup_steps))
         adversary = make_adversary(args)
         server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
-                             sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm))
+                             sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm),
+                             admission=policy, admission_token=token)
+        server.admission_proof = proof
         stop = asyncio.ensure_future(wait_for_shutdown())  # from here on, SIGINT/SIGTERM mean "leave cleanly"
         starting = asyncio.ensure_future(server.start(
             load_progress=lambda optimizer, replicas: StateLoadProgress(optimizer, replicas, stage)))

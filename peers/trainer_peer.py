@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 
-from peers.common import emit, fail, join_swarm
+from peers.common import emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
@@ -43,7 +43,13 @@ def run(args) -> int:
             logger.info(f"step {row['step'] + 1}/{args.steps} loss {loss} tokens {row['tokens']} "
                         f"elapsed {row['elapsed_s']:.1f}s retried {row['retried']} dropped {row['dropped']}")
 
-        trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm))
+        try:
+            policy, token, proof = prove_admission(args, swarm, dht)
+        except ValueError as e:
+            return fail(str(e))
+        trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm),
+                          admission=policy, admission_token=token)
+        trainer.admission_proof = proof
         summary = asyncio.run(trainer.run())
         if args.summary_json:
             with open(args.summary_json, "w") as f:

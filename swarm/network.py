@@ -129,8 +129,9 @@ class PeerInfo:
         return self.record.peer_id
 
 
-def fetch_stage_peers(dht: hivemind.DHT, run_id: str, num_stages: int) -> Dict[int, List[PeerInfo]]:
-    """All unexpired, well-formed announcements per stage (offline ones included; callers filter by state)."""
+def fetch_stage_peers(dht: hivemind.DHT, run_id: str, num_stages: int, policy=None) -> Dict[int, List[PeerInfo]]:
+    """All unexpired, well-formed announcements per stage (offline ones included; callers filter by state).
+    With an :class:`~swarm.admission.AdmissionPolicy`, announcements of identities it does not admit are left out."""
     keys = [stage_key(run_id, stage) for stage in range(num_stages)]
     found = {key: dht.get(key, latest=True) for key in keys}
     result: Dict[int, List[PeerInfo]] = {}
@@ -141,6 +142,9 @@ def fetch_stage_peers(dht: hivemind.DHT, run_id: str, num_stages: int) -> Dict[i
         by_peer: Dict[str, PeerInfo] = {}
         for rec, expiration in records.values():
             if rec.stage != stage:
+                continue
+            if policy is not None and not policy.admits(rec.peer_id, rec.admission):
+                logger.debug(f"ignored stage {stage} record of {rec.peer_id[-8:]}: not admitted")
                 continue
             known = by_peer.get(rec.peer_id)
             if known is None or rec.updated_at > known.record.updated_at:

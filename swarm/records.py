@@ -107,15 +107,17 @@ class StageRecord:
     device: str = "cpu"
     updated_at: float = 0.0  # DHT time of the announcement
     addrs: List[str] = field(default_factory=list)  # optional: multiaddrs the peer is reachable at (<= 8)
+    admission: Optional[Dict[str, Any]] = None  # optional: proof of work / allowlist token (swarm.admission)
     version: int = RECORD_VERSION
 
     FIELDS = {"peer_id", "stage", "state", "throughput", "served", "device", "updated_at", "version"}
-    OPTIONAL_FIELDS = {"addrs"}
+    OPTIONAL_FIELDS = {"addrs", "admission"}
 
     def to_value(self) -> Dict[str, Any]:
         value = asdict(self)
-        if not value["addrs"]:
-            del value["addrs"]  # optional field: a record without addresses stays readable by older readers
+        for name in self.OPTIONAL_FIELDS:  # absent when empty: such a record stays readable by older readers
+            if not value[name]:
+                del value[name]
         return value
 
     @classmethod
@@ -130,7 +132,24 @@ class StageRecord:
             device=_string(value, "device", max_len=64),
             updated_at=float(_number(value, "updated_at", 0.0, 1e11)),
             addrs=_string_list(value, "addrs", max_items=MAX_ADDRS, max_len=256) if "addrs" in value else [],
+            admission=_admission(value),
         )
+
+
+MAX_TOKEN_CHARS = 512
+
+
+def _admission(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The optional admission proof: ``{"pow": nonce, "token": str}`` (whether it admits is the reader's check)."""
+    if "admission" not in d:
+        return None
+    value = d["admission"]
+    _require(isinstance(value, dict) and set(value) <= {"pow", "token"}, "admission must be a dict of pow/token")
+    if "pow" in value:
+        _number(value, "pow", 0, 2**63 - 1, integer=True)
+    if "token" in value:
+        _string(value, "token", max_len=MAX_TOKEN_CHARS)
+    return dict(value)
 
 
 MAX_ADDRS = 8  # addresses one stage record may list
@@ -246,20 +265,25 @@ class ReputationReport:
     reporter: str  # the writer's peer id; binding it to the signing key is the reader's job
     issued_at: float = 0.0  # DHT time
     entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    admission: Optional[Dict[str, Any]] = None  # optional: the reporter's admission proof (swarm.admission)
     version: int = RECORD_VERSION
 
     FIELDS = {"reporter", "issued_at", "entries", "version"}
 
     def to_value(self) -> Dict[str, Any]:
-        return asdict(self)
+        value = asdict(self)
+        if value["admission"] is None:
+            del value["admission"]
+        return value
 
     @classmethod
     def from_value(cls, value: Any) -> "ReputationReport":
-        _check_fields(value, cls.FIELDS)
+        _check_fields(value, cls.FIELDS | {"admission"})
         return cls(
             reporter=_string(value, "reporter", max_len=128),
             issued_at=float(_number(value, "issued_at", 0.0, 1e11)),
             entries=_peer_entries(value, "entries", _report_entry),
+            admission=_admission(value),
         )
 
 

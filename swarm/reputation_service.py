@@ -22,6 +22,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from swarm.admission import AdmissionPolicy
 from swarm.network import cancel_task, fetch_stage_peers
 from swarm.records import (
     BlacklistRecord,
@@ -56,10 +57,15 @@ class ReputationService:
         ledger: Optional[ReputationLedger] = None,
         lookup_key: Optional[KeyLookup] = None,
         publish_blacklist: bool = False,
+        admission: Optional[AdmissionPolicy] = None,
+        admission_proof: Optional[dict] = None,
     ):
         self.dht, self.run_id, self.num_stages, self.cfg = dht, run_id, num_stages, cfg
         self.peer_id, self.ledger, self.lookup_key = peer_id, ledger, lookup_key
         self.publish_blacklist = publish_blacklist
+        # identities the swarm's admission rule does not let in: their reports and records are ignored
+        self.admission = admission if admission is not None and admission.enabled else None
+        self.admission_proof = admission_proof
         self.first_seen: Dict[str, float] = {}
         self.bound: Dict[str, bytes] = {}  # peer id -> RSA key it confirmed as its own
         self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
@@ -84,6 +90,7 @@ class ReputationService:
         if self.ledger is None:
             return False
         report = self.ledger.to_report(self.peer_id, get_dht_time())
+        report.admission = self.admission_proof
         return await self._store(reports_key(self.run_id), report.to_value())
 
     async def _store(self, key: str, value) -> bool:
@@ -98,7 +105,8 @@ class ReputationService:
         """Read reports and stage records, confirm reporters' identities, aggregate."""
         loop = asyncio.get_event_loop()
         now = get_dht_time()
-        stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages)
+        stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages,
+                                            self.admission)
         for infos in stages.values():
             for info in infos:
                 self.first_seen.setdefault(info.peer_id, now)
@@ -109,6 +117,9 @@ class ReputationService:
         reports: Dict[str, ReputationReport] = {}
         keys: Dict[str, bytes] = {}
         for subkey, (report, _) in parsed.items():
+            if self.admission is not None and not self.admission.admits(report.reporter, report.admission):
+                logger.debug(f"ignored the report of {report.reporter[-8:]}: not admitted")
+                continue
             self.first_seen.setdefault(report.reporter, now)
             if report.reporter in reports and reports[report.reporter].issued_at >= report.issued_at:
                 continue

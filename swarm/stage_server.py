@@ -30,6 +30,7 @@ import torch
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -141,8 +142,15 @@ class StageServer(ServicerBase):
         sentinel: Optional[SentinelMonitor] = None,
         outbound_hook: Optional[OutboundHook] = None,
         reputation: Optional[ReputationConfig] = None,
+        admission: Optional[AdmissionPolicy] = None,
+        admission_token: Optional[str] = None,
     ):
         self.cfg, self.model_cfg, self.dht = cfg, model_cfg, dht
+        # the swarm's admission rule (swarm.admission): senders must prove they were let in; so must this peer
+        self.admission = admission if admission is not None and admission.enabled else None
+        self.admission_cache = AdmissionCache(self.admission) if self.admission is not None else None
+        self.admission_token = admission_token
+        self.admission_proof: Optional[Dict[str, Any]] = None
         self.device = torch.device(cfg.device)
         self.module = StageModule(model_cfg, cfg.stage, cfg.num_stages).to(self.device)
         self.module.train()
@@ -182,7 +190,11 @@ class StageServer(ServicerBase):
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
         self._dialback_lock = asyncio.Lock()
         await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
-        self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device))
+        if self.admission is not None and self.admission_proof is None:  # solve the work, check the token first
+            self.admission_proof = await asyncio.get_event_loop().run_in_executor(
+                None, self.admission.prove, self.peer_id, self.admission_token)
+        self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device),
+                                  admission=self.admission_proof)
         self.record.addrs = await asyncio.get_event_loop().run_in_executor(None, record_addresses, self.dht)
         self.announcer = Announcer(
             self.dht, self.cfg.run_id, self.record, self.cfg.announce_period_s, self.cfg.announce_ttl_s
@@ -207,9 +219,17 @@ class StageServer(ServicerBase):
             self.reputation = ReputationService(
                 self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
                 ledger=self.ledger, lookup_key=self.lookup_key, publish_blacklist=True,
+                admission=self.admission, admission_proof=self.admission_proof,
             )
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
+
+    def not_admitted(self, sender: str, meta: Dict[str, Any]) -> Optional[str]:
+        """Why the swarm's admission rule refuses this sender (its proof travels in the request), or None."""
+        if self.admission_cache is None:
+            return None
+        reason = self.admission_cache.reason(sender, meta.get("admission"))
+        return f"refused: sender is not admitted to this swarm ({reason})" if reason else None
 
     def is_banned(self, peer: str) -> Optional[str]:
         return self.reputation.reason(peer) if self.reputation is not None else None
@@ -275,6 +295,9 @@ class StageServer(ServicerBase):
             if not self.module.is_last:
                 raise TransportError("labels go to the last stage only")
             received = await receive(single(request), self.cfg.limits)
+            refused = self.not_admitted(sender, received.metadata)
+            if refused:
+                raise TransportError(refused)
             mb = received.metadata.get("mb")
             if not isinstance(mb, str) or len(received.tensors) != 1 or received.tensors[0].dtype != torch.int64:
                 raise TransportError("labels need an 'mb' id and one int64 tensor")
@@ -413,6 +436,9 @@ class StageServer(ServicerBase):
         except TransportError as e:
             raise self._reject(sender, f"malformed message: {e}", FORWARD) from e
         meta = received.metadata
+        refused = self.not_admitted(sender, meta)
+        if refused:
+            raise ChainError(refused, blame=sender)
         mb, route = self._validate_request(meta, received.tensors, sender)
         x = received.tensors[0]
         self._check(x, FORWARD, sender, meta)
@@ -439,7 +465,8 @@ class StageServer(ServicerBase):
                     self._check_loss(float(loss_t.detach()), sender, meta)
                     loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, loss_t)
                 else:
-                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch)
+                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch,
+                                     admission=self.admission_proof)
                     grad_out, loss, timings, next_epoch = await self._call_next(route[1], next_meta, out.detach(), mb)
                     self._check(grad_out, BACKWARD, route[1], meta, context=out.detach(), epoch=next_epoch)
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
@@ -560,7 +587,7 @@ async def lookup_rsa_key(p2p: hivemind.P2P, run_id: str, peer: str, timeout: flo
     return key if isinstance(key, bytes) else None
 
 
-DIALBACK_MAX_ADDRS = 8
+DIALBACK_MAX_ADDRS = 4
 DIALBACK_COOLDOWN_S = 20.0
 DIALBACK_TIMEOUT_S = 10.0
 
@@ -594,35 +621,39 @@ def dialback_addresses(value: Any, caller: str) -> List[str]:
 
 
 async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[str, str]:
-    """Dial ``peer`` at each address from a new, throw-away libp2p host (no listening, relays allowed so that
-    ``/p2p-circuit`` addresses can be tried): ``{maddr: "ok" | why it failed}``."""
+    """Dial ``peer`` at each address, each from its own new, throw-away libp2p host (a host that reached the peer
+    once would reuse that connection, or the address it learnt, for the next address), concurrently; the hosts
+    do not listen and may use relays so that ``/p2p-circuit`` addresses can be tried.
+    Returns ``{maddr: "ok" | why it failed}``; TransportError if no probe host can be started here."""
+    from hivemind.p2p import P2P
     from hivemind.utils.multiaddr import Multiaddr
 
-    results: Dict[str, str] = {}
-    try:
-        probe = await asyncio.wait_for(hivemind.P2P.create(no_listen=True, use_relay=True, auto_nat=False,
-                                                           nat_port_map=False), timeout_s)
-    except Exception as e:
-        return {addr: f"could not start a probe host: {type(e).__name__}" for addr in maddrs}
-    try:
-        for addr in maddrs:
-            try:
-                await asyncio.wait_for(probe._client.connect(peer, [Multiaddr(addr)]), timeout_s)
-                results[addr] = "ok"
-                with contextlib.suppress(Exception):  # the next address must be dialled afresh
-                    await asyncio.wait_for(probe._client.disconnect(peer), timeout_s)
-            except asyncio.TimeoutError:
-                results[addr] = f"timed out after {timeout_s:.0f}s"
-            except Exception as e:
-                results[addr] = f"{type(e).__name__}: {str(e)[:200]}"
-    finally:
-        with contextlib.suppress(Exception):
-            await probe.shutdown()
-    return results
+    async def probe(addr: str) -> str:
+        try:
+            host = await asyncio.wait_for(P2P.create(no_listen=True, use_relay=True, auto_nat=False,
+                                                     nat_port_map=False), timeout_s)
+        except Exception as e:
+            raise TransportError(f"could not start a probe host: {type(e).__name__}: {e}") from None
+        try:
+            await asyncio.wait_for(host._client.connect(peer, [Multiaddr(addr)]), timeout_s)
+            return "ok"
+        except asyncio.TimeoutError:
+            return f"timed out after {timeout_s:.0f}s"
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            with contextlib.suppress(Exception):
+                await host.shutdown()
+
+    outcomes = await asyncio.gather(*(probe(addr) for addr in maddrs), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):  # this peer's failure, not the caller's: no verdict
+            raise outcome if isinstance(outcome, TransportError) else TransportError(repr(outcome))
+    return dict(zip(maddrs, outcomes))
 
 
 async def request_dialback(p2p: hivemind.P2P, run_id: str, peer: str, maddrs: List[str],
-                           timeout: float = 3 * DIALBACK_TIMEOUT_S) -> Dict[str, Any]:
+                           timeout: float = 2 * DIALBACK_TIMEOUT_S + 10) -> Dict[str, Any]:
     """Ask stage peer ``peer`` to dial this peer back at ``maddrs`` (see ``StageServer.rpc_dialback``)."""
     stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
     request = pack({"maddrs": list(maddrs)})[0]

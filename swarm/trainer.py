@@ -28,6 +28,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from swarm.admission import AdmissionPolicy
 from swarm.data import MicroBatchStream
 from swarm.network import cancel_task, fetch_stage_peers
 from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
@@ -128,6 +129,18 @@ class Attempt:
     hop_times_s: Dict[str, float] = field(default_factory=dict)
 
 
+async def _bounded(awaitable, seconds: float, what: str):
+    """Await with a deadline, without waiting for a cancellation that may itself hang; None (and a warning) on
+    timeout."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        logger.warning(f"gave up after {seconds:.0f}s: {what}")
+        return None
+    return task.result()
+
+
 class Trainer:
     """Drives training over the swarm. ``await run()`` returns the summary dict."""
 
@@ -140,6 +153,8 @@ class Trainer:
         router: Optional[Router] = None,
         on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
         reputation: Optional[ReputationConfig] = None,
+        admission: Optional[AdmissionPolicy] = None,
+        admission_token: Optional[str] = None,
     ):
         self.cfg, self.dht, self.stream = cfg, dht, stream
         self.router = router or Router(cfg.num_stages)
@@ -156,8 +171,12 @@ class Trainer:
         self.reputation_cfg = reputation
         self.reputation: Optional[ReputationService] = None
         self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
+        self.chosen_at_blacklist: Dict[str, int] = {}  # peer -> times the router had chosen it by then
         self._started = time.perf_counter()
         self._progress_kick: Optional[asyncio.Event] = None
+        self.admission = admission if admission is not None and admission.enabled else None
+        self.admission_token = admission_token
+        self.admission_proof: Optional[Dict[str, Any]] = None  # sent with every request, when the swarm asks for one
 
     # ---- progress on the DHT (for `swarm status`) ----------------------------------------------------------------
     def progress_record(self, state: str = "training") -> TrainerProgressRecord:
@@ -195,7 +214,8 @@ class Trainer:
 
     async def refresh_peers(self) -> None:
         loop = asyncio.get_event_loop()
-        peers = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages)
+        peers = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages,
+                                           self.admission)
         self.router.update(peers)
 
     async def _refresh_loop(self) -> None:
@@ -213,14 +233,15 @@ class Trainer:
         mb = f"{index}.{attempt}"
         try:
             labels_reply = await self._stub(chain[-1]).rpc_labels(
-                pack({"mb": mb}, [ids])[0], timeout=min(30.0, self.cfg.chain_timeout_s)
+                pack({"mb": mb, "admission": self.admission_proof}, [ids])[0], timeout=min(30.0, self.cfg.chain_timeout_s)
             )
             ok = (await receive(single(labels_reply), self.limits)).metadata.get("ok")
             if not ok:
                 return Attempt(False, reason="last stage refused the labels", blame=chain[-1])
         except Exception as e:
             return Attempt(False, reason=f"labels not delivered: {type(e).__name__}: {e}", blame=chain[-1])
-        meta = dict(mb=mb, route=chain, stage=0, trainer=self.peer_id, step=index // self.cfg.microbatches_per_step)
+        meta = dict(mb=mb, route=chain, stage=0, trainer=self.peer_id, step=index // self.cfg.microbatches_per_step,
+                    admission=self.admission_proof)
         try:
             received = await call(
                 self._stub(chain[0]).rpc_chain, pack(meta, [ids], compression=self.cfg.compression),
@@ -297,10 +318,13 @@ class Trainer:
     async def run(self) -> Dict[str, Any]:
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.p2p.peer_id)
+        if self.admission is not None and self.admission_proof is None:  # solve the work, check the token first
+            self.admission_proof = await asyncio.get_event_loop().run_in_executor(
+                None, self.admission.prove, self.peer_id, self.admission_token)
         if self.reputation_cfg is not None:
             self.reputation = ReputationService(
                 self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
-                lookup_key=lambda peer: lookup_rsa_key(self.p2p, self.cfg.run_id, peer),
+                lookup_key=lambda peer: lookup_rsa_key(self.p2p, self.cfg.run_id, peer), admission=self.admission,
             )
             self.router.is_blacklisted = self._is_blacklisted
             self.reputation.start()
@@ -349,15 +373,17 @@ class Trainer:
             for task in tasks.values():
                 task.cancel()
             refresher.cancel()
-            await cancel_task(progress)
+            await _bounded(cancel_task(progress), 5.0, "stopping the progress loop")
             if metrics_file:
                 metrics_file.close()
-        await self.publish_progress("finished")
+        # wind-down: every wait is bounded, so a DHT that stopped answering cannot keep a finished run from ending
+        await _bounded(self.publish_progress("finished"), 15.0, "publishing the final progress")
         verdicts = {}
         if self.reputation is not None:
-            await self.reputation.stop()
+            await _bounded(self.reputation.stop(), 10.0, "stopping the reputation loop")
             try:
-                verdicts = await read_published_blacklists(self.dht, self.cfg.run_id)
+                verdicts = await _bounded(read_published_blacklists(self.dht, self.cfg.run_id), 15.0,
+                                          "reading the published blacklists") or {}
             except Exception as e:
                 logger.warning(f"could not read the published blacklists: {e}")
         return self.summary(time.perf_counter() - started, verdicts)
@@ -365,7 +391,10 @@ class Trainer:
     def _is_blacklisted(self, peer: str) -> bool:
         if self.reputation is None or not self.reputation.is_blacklisted(peer):
             return False
-        self.blacklisted_at.setdefault(peer, len(self.ledger.outcome))
+        if peer not in self.blacklisted_at:
+            self.blacklisted_at[peer] = len(self.ledger.outcome)
+            state = self.router.peers.get(peer)
+            self.chosen_at_blacklist[peer] = state.chosen if state is not None else 0
         return True
 
     def summary(self, elapsed_s: float, blacklists: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -381,7 +410,9 @@ class Trainer:
                 entry.update(reputation=round(self.reputation.score(state.peer_id), 4),
                              blacklisted=swarm_verdict(blacklists or {}, state.peer_id),
                              blacklist_reason=self.reputation.reason(state.peer_id),
-                             blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id))
+                             blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id),
+                             chosen_after_blacklisted=(state.chosen - self.chosen_at_blacklist[state.peer_id]
+                                                       if state.peer_id in self.chosen_at_blacklist else None))
             peers.append(entry)
         return dict(
             steps=len(self.metrics),

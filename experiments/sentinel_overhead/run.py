@@ -30,18 +30,21 @@ from swarm.model import StageModule, causal_lm_loss  # noqa: E402
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor  # noqa: E402
 
 
-def step(stages, ids, monitor=None) -> float:
+def step(stages, ids, monitor=None, sender: int = 0) -> float:
+    """One micro-batch through both stages; with a monitor, the three checks peers run. ``sender`` rotates the
+    senders' names (3 replicas per stage, as in a swarm), so the monitors keep per-sender and cross-sender state."""
     started = time.perf_counter()
     act = stages[0](ids)
+    mb = str(id(ids))
     if monitor is not None:
-        monitor.check(act.detach(), "p0", FORWARD, microbatch=str(id(ids)))
+        monitor.check(act.detach(), f"s0-{sender % 3}", FORWARD, microbatch=mb, epoch=0)
     x = act.detach().requires_grad_(True)
     loss = causal_lm_loss(stages[1](x), ids)
     if monitor is not None:
-        monitor.check_loss(loss.item(), "p0", microbatch=str(id(ids)))
+        monitor.check_loss(loss.item(), f"s0-{sender % 3}", microbatch=mb, epoch=0)
     loss.backward()
     if monitor is not None:
-        monitor.check(x.grad, "p1", BACKWARD, microbatch=str(id(ids)), context=act.detach())
+        monitor.check(x.grad, f"s1-{(sender + 1) % 3}", BACKWARD, microbatch=mb, context=act.detach(), epoch=0)
     act.backward(x.grad)
     for stage in stages:
         stage.zero_grad(set_to_none=True)
@@ -59,18 +62,18 @@ def main() -> None:
     stream = MicroBatchStream(load_token_blocks(DataConfig(seq_len=128, microbatch_size=8)), 8)
     monitor = SentinelMonitor()
     rounds = 6 if args.quick else 120
-    for i in range(20 if not args.quick else 3):  # warm up both paths and the monitor's baselines
-        step(stages, stream.microbatch(i), monitor)
+    for i in range(40 if not args.quick else 3):  # warm up both paths and the monitor's baselines
+        step(stages, stream.microbatch(i), monitor, sender=i)
     off, on = [], []
     for i in range(rounds):
         ids = stream.microbatch(100 + i)
         off.append(step(stages, ids))
-        on.append(step(stages, ids, monitor))
+        on.append(step(stages, ids, monitor, sender=i))
     check_times = []
-    act = stages[0](stream.microbatch(0)).detach()
-    for _ in range(rounds):
+    acts = [stages[0](stream.microbatch(1000 + i)).detach() for i in range(rounds)]  # distinct: no replay verdicts
+    for i, act in enumerate(acts):
         started = time.perf_counter()
-        monitor.check(act, "p0", FORWARD, microbatch="x")
+        monitor.check(act, f"s0-{i % 3}", FORWARD, microbatch=f"x{i}", epoch=0)
         check_times.append(time.perf_counter() - started)
     results = dict(
         threads=args.threads, rounds=rounds, tokens_per_microbatch=8 * 128,
