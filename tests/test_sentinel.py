@@ -112,7 +112,7 @@ def test_causal_tail_of_gradients(honest):
     """Honest gradients are exactly zero at the last position; even noise at 1% of the RMS there is rejected by
     the hard check, with no history; the check can be turned off."""
     monitor = SentinelMonitor()
-    for i, act, grad in honest[:50]:
+    for *_, grad in honest[:50]:
         assert float(grad[:, -1].abs().max()) == 0.0
         assert monitor.hard_check(grad, "p", BACKWARD) is None
     _, act, grad = honest[0]
