@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from peers.common import emit, fail, host_maddrs
 from peers.stage_peer import pick_device, serve_stage
+from swarm.stage_server import DIALBACK_MAX_ADDRS
 
 logger = logging.getLogger("swarm.join")
 
@@ -112,7 +113,7 @@ def own_dial_addrs(maddrs: Sequence[str], peer_id: str) -> List[str]:
             addr = addr[: -len(suffix)]
         if addr and addr not in out:
             out.append(addr)
-    return out[:8]
+    return out[:DIALBACK_MAX_ADDRS]
 
 
 def reachability_verdict(answers: Mapping[str, Dict]) -> str:
@@ -197,8 +198,8 @@ def run(args) -> int:
     try:
         if identity:
             check_identity_file(identity)
-        if args.public_ip is not None and port == 0:
-            port = free_port(args.host)  # the announced address needs the port before the peer starts
+        if port == 0:  # fixed before start: an announced address and the reachability advice need it
+            port = free_port(args.host)
         announce = announce_maddrs(args.announce_addr or [], args.public_ip, port)
     except (ValueError, OSError) as e:
         return fail(str(e))
@@ -209,8 +210,6 @@ def run(args) -> int:
     except Exception as e:
         return fail(f"could not join the DHT through {' '.join(args.initial_peers)}: {type(e).__name__}: {e}")
     try:
-        listen = [str(a) for a in dht.get_visible_maddrs()]
-        port = port or _port_of(listen) or 0
         print(f"swarm join: peer id {dht.peer_id}" + (f" (identity {identity})" if identity else ""),
               file=sys.stderr, flush=True)
         try:
@@ -246,13 +245,3 @@ def run(args) -> int:
     finally:
         dht.shutdown()
 
-
-def _port_of(maddrs: Sequence[str]) -> Optional[int]:
-    for addr in maddrs:
-        parts = addr.split("/")
-        if "tcp" in parts:
-            try:
-                return int(parts[parts.index("tcp") + 1])
-            except (IndexError, ValueError):
-                continue
-    return None

@@ -235,9 +235,14 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
         stage_peers = [swarm.start_stage(s, wait=False) for s in (0, 0, 1)]
         for child in stage_peers:
             child.wait_event("serve", 120)
-        trainer = swarm.start_trainer(["--steps", "3", "--metrics-out", str(tmp_path / "m.jsonl"),
+        metrics = tmp_path / "m.jsonl"
+        trainer = swarm.start_trainer(["--steps", "3", "--metrics-out", str(metrics),
                                        "--summary-json", str(tmp_path / "s.json")])
-        assert trainer.proc.wait(timeout=300) == 0, open(trainer.log_path).read()[-3000:]
+        deadline = time.monotonic() + 300  # 3 optimizer steps: every stage peer has measured its throughput
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and trainer.proc.poll() in (None, 0), open(trainer.log_path).read()[-3000:]
+            time.sleep(0.5)
+        swarm.kill(trainer, signal.SIGTERM)  # the swarm is idle from here on
 
         joiner = swarm.spawn("join1", "stage", join_cmd)
         choice = joiner.wait_event("join", 120)
@@ -266,12 +271,82 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
         assert left["peer_id"] == peer_id and left["inflight_left"] == 0
         assert _state_of(swarm, 1, peer_id, "offline") == "offline"
 
-        # a restart with the same identity file is the same peer
-        again = swarm.spawn("join2", "stage", join_cmd + ["--no-reachability-check"])
+        # a restart with the same identity file is the same peer; this time it announces an address where nobody
+        # listens: the dial-back fails, it says what to open and (--require-reachable) leaves
+        again = swarm.spawn("join2", "stage", join_cmd + ["--announce-addr", "/ip4/127.0.0.1/tcp/1",
+                                                          "--require-reachable"])
         assert again.wait_event("serve", 180)["peer_id"] == peer_id
-        _ctrl_c(again)
-        assert again.proc.wait(timeout=60) == 0, open(again.log_path).read()[-3000:]
+        reach = again.wait_event("reachability", 90)
+        assert reach["verdict"] == "unreachable" and reach["addrs"] == ["/ip4/127.0.0.1/tcp/1"], reach
+        assert again.proc.wait(timeout=60) == 2
+        log = open(again.log_path).read()
+        assert "could not connect to this peer" in log and "open TCP port" in log and "--public-ip" in log, log[-3000:]
+        assert "swarm: error: --require-reachable" in log and "Traceback" not in log
+        assert _state_of(swarm, 1, peer_id, "offline") == "offline"
     finally:
         swarm.stop()
     for child in swarm.children:
         assert child.proc.poll() is not None, f"{child.name} still running"
+
+
+@pytest.mark.slow
+def test_dial_back_reaches_only_the_caller():
+    """The dial-back probe connects from a fresh host: the caller's own listening address succeeds, a closed port
+    fails, and an address where another peer listens fails the libp2p handshake."""
+    from hivemind.p2p import P2P
+
+    from swarm.stage_server import dial_back
+
+    async def go():
+        caller, other = await P2P.create(), await P2P.create()
+        try:
+            addrs = [str(a).split("/p2p/")[0] for a in await caller.get_visible_maddrs()]
+            mine = await dial_back(caller.peer_id, addrs + ["/ip4/127.0.0.1/tcp/1"], 5)
+            theirs = await dial_back(other.peer_id, addrs, 5)
+            return addrs, mine, theirs
+        finally:
+            await caller.shutdown()
+            await other.shutdown()
+
+    addrs, mine, theirs = asyncio.run(asyncio.wait_for(go(), 60))
+    assert mine[addrs[0]] == "ok" and mine["/ip4/127.0.0.1/tcp/1"] != "ok"
+    assert theirs[addrs[0]] != "ok"
+
+
+def test_drain_waits_for_inflight_work_and_refuses_new_work():
+    """A leaving server announces offline, refuses new micro-batches (without blaming the sender) and waits, up to
+    its grace period, for the ones in flight."""
+    from types import SimpleNamespace
+
+    from swarm.config import model_preset
+    from swarm.optimizer import OptimizerConfig
+    from swarm.stage_server import StageServer, StageServerConfig
+    from swarm.transport import TensorLimits, receive
+
+    server = StageServer(StageServerConfig(run_id="d", stage=0, num_stages=2), model_preset("tiny"), None,
+                         OptimizerConfig(averaging=False))
+
+    async def go():
+        server.inflight = 1
+        draining = asyncio.ensure_future(server.drain(5.0))
+        await asyncio.sleep(0.3)
+        assert not draining.done() and server.draining  # still waiting for the micro-batch in flight
+        replies = [m async for m in server.rpc_chain(None, SimpleNamespace(remote_id="QmCaller"))]
+        server.inflight -= 1  # the micro-batch in flight completes
+        left = await asyncio.wait_for(draining, 2)
+        server.inflight = 1  # one that never finishes: the grace period bounds the wait
+        started = time.monotonic()
+        stuck = await server.drain(0.2)
+        return left, stuck, time.monotonic() - started, replies
+
+    left, stuck, waited, replies = asyncio.run(go())
+    assert left == 0 and stuck == 1 and waited < 1.0
+
+    async def decode():
+        async def stream():
+            for m in replies:
+                yield m
+        return (await receive(stream(), TensorLimits())).metadata
+
+    reply = asyncio.run(decode())
+    assert reply["ok"] is False and "leaving" in reply["error"] and reply["blame"] is None
