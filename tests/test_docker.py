@@ -201,6 +201,34 @@ def test_compose_services_run_as_local_processes(tmp_path):
     assert summary["steps"] == 3 and summary["microbatches"]["dropped"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bootstrap_address_form_works(tmp_path):
+    """The compose peers join with /dns4/bootstrap/tcp/PORT/p2p/ID: a DNS name, resolved by the p2p daemon, and
+    the peer id of the committed key. Here the name is `localhost` (127.0.0.1) and the port a free one."""
+    import hivemind
+    from hivemind.utils import get_dht_time
+
+    _, config = config_of(load_compose())
+    addr = config["serve"]["initial_peers"][0]
+    port = free_port()
+    local_addr = DNS_ADDR.sub(f"/dns4/localhost/tcp/{port}", addr)
+    assert local_addr.endswith(f"/p2p/{bootstrap_peer_id()}")
+    boot = hivemind.DHT(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], identity_path=os.path.join(DOCKER, "bootstrap.key"),
+                        start=True)
+    try:
+        assert str(boot.peer_id) == bootstrap_peer_id()
+        peer = hivemind.DHT(initial_peers=[local_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        try:
+            assert boot.store("probe", 42, get_dht_time() + 60)
+            got = peer.get("probe", latest=True)
+            assert got is not None and got.value == 42
+        finally:
+            peer.shutdown()
+    finally:
+        boot.shutdown()
+
+
 # ---------------------------------------------------------------- static agreement: Dockerfile, compose, README
 
 
