@@ -278,7 +278,7 @@ def test_dockerfile_installs_what_ci_installs_and_runs_swarm():
     assert ("ARG", "VARIANT=cpu") in instructions
 
 
-def test_compose_file_is_consistent():
+def test_compose_file_is_consistent(tmp_path):
     compose = load_compose()
     path, config = config_of(compose)
     stages = config["dht"]["stages"]
@@ -299,7 +299,7 @@ def test_compose_file_is_consistent():
     assert f"{config['dht']['port']}:{config['dht']['port']}" in services["bootstrap"]["ports"]
     assert peer_id in open(COMPOSE).read()  # the comment quotes the address users need
     # every service's command parses (config file included), as the container's `swarm` would parse it
-    loc = Localizer(compose, os.path.join("/tmp", f"swarm-docker-test-{os.getpid()}"))
+    loc = Localizer(compose, str(tmp_path))
     loc.finish_configs()
     for name, svc in services.items():
         args = parse_args(loc.command(svc))
@@ -325,7 +325,7 @@ def readme_commands(section: str) -> List[List[str]]:
     return cmds
 
 
-def test_readme_docker_commands_match_the_files():
+def test_readme_docker_commands_match_the_files(tmp_path):
     compose = load_compose()
     services = compose["services"]
     profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
@@ -333,7 +333,7 @@ def test_readme_docker_commands_match_the_files():
     assert cmds, "no docker commands in the README's Docker section"
     kinds = set()
     config_path = config_of(compose)[0]
-    loc = Localizer(compose, os.path.join("/tmp", f"swarm-docker-readme-{os.getpid()}"))
+    loc = Localizer(compose, str(tmp_path))
     loc.finish_configs()
     for cmd in cmds:
         if cmd[:2] == ["docker", "build"]:
