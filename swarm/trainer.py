@@ -174,6 +174,7 @@ class Trainer:
         self.chosen_at_blacklist: Dict[str, int] = {}  # peer -> times the router had chosen it by then
         self._started = time.perf_counter()
         self._progress_kick: Optional[asyncio.Event] = None
+        self._progress_stop = False
         self.admission = admission if admission is not None and admission.enabled else None
         self.admission_token = admission_token
         self.admission_proof: Optional[Dict[str, Any]] = None  # sent with every request, when the swarm asks for one
@@ -204,12 +205,15 @@ class Trainer:
             return False
 
     async def _progress_loop(self) -> None:
-        while True:
+        # asyncio.wait, not wait_for: wait_for swallows a cancellation that coincides with the event being set
+        # (Python 3.11), and this loop is cancelled right after the last step sets it; the flag is a second stop
+        while not self._progress_stop:
             await self.publish_progress()
+            kick = asyncio.ensure_future(self._progress_kick.wait())
             try:
-                await asyncio.wait_for(self._progress_kick.wait(), timeout=self.cfg.progress_period_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({kick}, timeout=self.cfg.progress_period_s)
+            finally:
+                kick.cancel()
             self._progress_kick.clear()
 
     async def refresh_peers(self) -> None:
@@ -373,6 +377,7 @@ class Trainer:
             for task in tasks.values():
                 task.cancel()
             refresher.cancel()
+            self._progress_stop = True
             await _bounded(cancel_task(progress), 5.0, "stopping the progress loop")
             if metrics_file:
                 metrics_file.close()

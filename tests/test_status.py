@@ -380,3 +380,42 @@ def test_status_of_a_live_swarm(tmp_path):
         swarm.stop()
         for child in swarm.children:
             assert child.proc.poll() is not None, f"{child.name} still running"
+
+
+@pytest.mark.slow
+def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
+    """The loop is cancelled just after the last step kicks it; it must stop, and the records must be readable."""
+    import asyncio
+
+    from swarm.network import cancel_task, create_dht
+    from swarm.records import parse_subkeyed
+    from swarm.trainer import Trainer, TrainerConfig
+
+    dht = create_dht("demo")
+    try:
+        cfg = TrainerConfig(run_id="demo", num_stages=2, steps=5, microbatches_per_step=2, progress_period_s=0.5,
+                            progress_ttl_s=5.0)
+        trainer = Trainer(cfg, dht, stream=SimpleNamespace(microbatch_size=2))
+        trainer.peer_id = D
+
+        async def scenario():
+            trainer._progress_kick = asyncio.Event()
+            task = asyncio.get_event_loop().create_task(trainer._progress_loop())
+            await asyncio.sleep(1.2)
+            trainer.metrics.append(dict(step=0, loss=6.5, tokens=16, elapsed_s=1.0, completed=2, dropped=0, retried=0))
+            trainer._progress_kick.set()
+            await asyncio.sleep(0)
+            trainer._progress_stop = True
+            await asyncio.wait_for(cancel_task(task), 10)
+            assert task.done()
+            return await trainer.publish_progress("finished")
+
+        assert asyncio.run(asyncio.wait_for(scenario(), 30))
+        records, rejected = parse_subkeyed(dht.get(progress_key("demo"), latest=True),
+                                           TrainerProgressRecord.from_value, "progress")
+        assert not rejected
+        (record, expiration), = records.values()
+        assert (record.peer_id, record.state, record.step, record.loss) == (D, "finished", 1, 6.5)
+        assert expiration - record.updated_at == pytest.approx(cfg.progress_final_ttl_s, abs=5)
+    finally:
+        dht.shutdown()
