@@ -1,7 +1,7 @@
 """Reputation: time to blacklist each attack of the adversary suite, and resistance to slander by Sybils.
 
-    python experiments/reputation/run.py           # full run (~4 min on 2 cores): results.csv, results.md, results.png
-    python experiments/reputation/run.py --quick   # two attacks, three Sybil counts, for the test suite (~30 s)
+    python experiments/reputation/run.py           # full run (~11 min on 2 cores): results.csv, results.md, results.png
+    python experiments/reputation/run.py --quick   # one attack, three Sybil counts, for the test suite (~40 s)
 
 Runs the in-process swarm of experiments/sim/swarm_sim.py (the project's SentinelMonitor, ReputationLedger,
 aggregate() and Router on real activations and gradients of the tiny model, trained with AdamW on the shipped
@@ -32,13 +32,13 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
-from experiments.sim.swarm_sim import Byzantine, SimConfig, Sybils, SwarmSim  # noqa: E402
+from experiments.sim.swarm_sim import Byzantine, SimConfig, SwarmSim, Sybils  # noqa: E402
 from peers.adversary import ATTACKS  # noqa: E402
 from swarm.records import ReputationReport  # noqa: E402
 from swarm.reputation import aggregate  # noqa: E402
@@ -49,30 +49,29 @@ TARGET = "s1r0"  # the slandered honest peer
 LIAR = "s0r0"  # the trusted reporter that lies in the trusted_liar variant
 
 
-def attack_runs(attacks: List[str], microbatches: int, seed: int, pretrain: int) -> List[dict]:
+def attack_runs(plan: List[tuple], microbatches: int, seed: int, pretrain: int) -> List[dict]:
     rows = []
-    for attack in attacks:
-        for stage in (0, 1):
-            started = time.perf_counter()
-            cfg = SimConfig(stages=2, replicas=3, microbatches=microbatches, seed=seed, pretrain_microbatches=pretrain,
-                            byzantine=[Byzantine(stage=stage, replica=1, attack=attack)])
-            r = SwarmSim(cfg).run()
-            a = r["attackers"]["s%dr1" % stage]
-            row = dict(kind="attack", pretrain=pretrain, attack=attack, direction="forward" if stage == 0 else "backward",
-                       attacker_stage=stage, blacklisted=a["blacklisted_mb"] is not None,
-                       mb_to_blacklist=a["mb_to_blacklist"], s_to_blacklist=a["s_to_blacklist"],
-                       reason=a["reason"] or "", tampered=a["tampered"],
-                       detection_rate=_round(r["detection_rate"]), false_positive_rate=_round(r["false_positive_rate"]),
-                       tampered_checked=r["tensors"]["tampered"], honest_checked=r["tensors"]["honest"],
-                       honest_blacklisted=";".join(r["honest_blacklisted"]), completed=r["microbatches"]["completed"],
-                       dropped=r["microbatches"]["dropped"], retried=r["microbatches"]["retried"],
-                       microbatches=microbatches, loss_last=round(r["loss_last"], 3),
-                       aggregate_ms=round(1e3 * r["aggregate_s_mean"], 3), wall_s=round(time.perf_counter() - started, 1))
-            rows.append(row)
-            print(f"[pretrain {pretrain}] attack {attack:9s} {row['direction']:8s}: blacklisted={row['blacklisted']} after "
-                  f"{row['mb_to_blacklist']} micro-batches / {row['s_to_blacklist']} s ({row['reason']}); detection "
-                  f"{row['detection_rate']} fp {row['false_positive_rate']}; honest blacklisted: "
-                  f"{row['honest_blacklisted'] or 'none'} [{row['wall_s']}s]", flush=True)
+    for attack, stage in plan:
+        started = time.perf_counter()
+        cfg = SimConfig(stages=2, replicas=3, microbatches=microbatches, seed=seed, pretrain_microbatches=pretrain,
+                        byzantine=[Byzantine(stage=stage, replica=1, attack=attack)])
+        r = SwarmSim(cfg).run()
+        a = r["attackers"]["s%dr1" % stage]
+        row = dict(kind="attack", pretrain=pretrain, attack=attack, direction="forward" if stage == 0 else "backward",
+                   attacker_stage=stage, blacklisted=a["blacklisted_mb"] is not None,
+                   mb_to_blacklist=a["mb_to_blacklist"], s_to_blacklist=a["s_to_blacklist"],
+                   reason=a["reason"] or "", tampered=a["tampered"],
+                   detection_rate=_round(r["detection_rate"]), false_positive_rate=_round(r["false_positive_rate"]),
+                   tampered_checked=r["tensors"]["tampered"], honest_checked=r["tensors"]["honest"],
+                   honest_blacklisted=";".join(r["honest_blacklisted"]), completed=r["microbatches"]["completed"],
+                   dropped=r["microbatches"]["dropped"], retried=r["microbatches"]["retried"],
+                   microbatches=microbatches, loss_last=round(r["loss_last"], 3),
+                   aggregate_ms=round(1e3 * r["aggregate_s_mean"], 3), wall_s=round(time.perf_counter() - started, 1))
+        rows.append(row)
+        print(f"[pretrain {pretrain}] attack {attack:9s} {row['direction']:8s}: blacklisted={row['blacklisted']} after "
+              f"{row['mb_to_blacklist']} micro-batches / {row['s_to_blacklist']} s ({row['reason']}); detection "
+              f"{row['detection_rate']} fp {row['false_positive_rate']}; honest blacklisted: "
+              f"{row['honest_blacklisted'] or 'none'} [{row['wall_s']}s]", flush=True)
     return rows
 
 
@@ -126,19 +125,21 @@ def write_outputs(out_dir: str, attack_rows: List[dict], slander_rows: List[dict
             writer.writerow(row)
     honest = sorted({p for row in attack_rows for p in row["honest_blacklisted"].split(";") if p})
     lines = [f"Generated by `python experiments/reputation/run.py{' --quick' if meta['quick'] else ''}` "
-             f"({meta['wall_s']:.0f} s). 2 stages x 3 replicas, one attacker (replica 1 of its stage) from its first "
+             f"({meta['wall_s']:.0f} s on a 2-core CPU machine). 2 stages x 3 replicas, one attacker (replica 1 of its stage) from its first "
              f"message, {meta['microbatches']} micro-batches of {meta['microbatch_size']}x{meta['seq_len']} tokens, "
              f"1 simulated second per micro-batch attempt; reputation as `swarm local` (probation 5 s and 10 vouched "
              f"clean exchanges, reports every 2 s, 2 reporters with >= 3 strikes and a strike ratio >= 0.2 to "
-             f"blacklist).", "",
+             f"blacklist). `pretrain`: micro-batches the model trained before the swarm started (0: from scratch, "
+             f"as `swarm local`; 400: the swarm joins a run past its fastest-drifting phase). Detection and false "
+             f"positives count the verdicts of honest receivers after the sentinel's warm-up steps.", "",
              f"Honest peers ever blacklisted in the attack runs: {', '.join(honest) if honest else 'none'}.", "",
-             "| attack | direction | blacklisted | micro-batches to blacklist | seconds to blacklist | reason | "
+             "| pretrain | attack | direction | blacklisted | micro-batches to blacklist | seconds to blacklist | reason | "
              "detection (after warm-up) | false positives | honest blacklisted | completed / dropped / retried |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in attack_rows:
         det = "n/a" if r["detection_rate"] is None else f"{100 * r['detection_rate']:.0f}% of {r['tampered_checked']}"
         fp = "n/a" if r["false_positive_rate"] is None else f"{100 * r['false_positive_rate']:.2f}% of {r['honest_checked']}"
-        lines.append(f"| {r['attack']} | {r['direction']} | {'yes' if r['blacklisted'] else '**no**'} | "
+        lines.append(f"| {r['pretrain']} | {r['attack']} | {r['direction']} | {'yes' if r['blacklisted'] else '**no**'} | "
                      f"{r['mb_to_blacklist'] if r['mb_to_blacklist'] is not None else '-'} | "
                      f"{r['s_to_blacklist'] if r['s_to_blacklist'] is not None else '-'} | {r['reason'] or '-'} | {det} | "
                      f"{fp} | {r['honest_blacklisted'] or 'none'} | {r['completed']} / {r['dropped']} / {r['retried']} |")
@@ -174,7 +175,7 @@ def plot(out_dir: str, attack_rows: List[dict], slander_rows: List[dict]) -> Non
     ax1.set_ylim(-0.05, 1.05)
     ax1.set_title("Slander: score 0 = blacklisted")
     ax1.legend(fontsize=8)
-    labels = [f"{r['attack']}\n{r['direction'][:3]}" for r in attack_rows]
+    labels = [f"{r['attack']}\n{r['direction'][:3]}\np{r['pretrain']}" for r in attack_rows]
     values = [r["mb_to_blacklist"] if r["mb_to_blacklist"] is not None else 0 for r in attack_rows]
     colors = ["tab:blue" if r["blacklisted"] else "tab:red" for r in attack_rows]
     ax2.bar(range(len(values)), values, color=colors)
@@ -193,23 +194,30 @@ def plot(out_dir: str, attack_rows: List[dict], slander_rows: List[dict]) -> Non
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run for the test suite")
-    parser.add_argument("--microbatches", type=int, default=0, help="per attack run (default: 500, quick: 260)")
+    parser.add_argument("--microbatches", type=int, default=0, help="per attack run (default: 700, quick: 400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain", type=int, nargs="+", default=None,
                         help="micro-batches the model trains before the swarm starts, one regime each "
                              "(default: 0 400; quick: 400)")
     parser.add_argument("--out-dir", default=HERE)
+    parser.add_argument("--render", action="store_true", help="only rewrite results.md/csv/png from summary.json")
     args = parser.parse_args()
+    if args.render:
+        with open(os.path.join(args.out_dir, "summary.json")) as f:
+            saved = json.load(f)
+        write_outputs(args.out_dir, saved["attacks"], saved["slander"], saved["check"], saved["meta"])
+        return 0
     if args.microbatches < 0:
         parser.error("--microbatches must be >= 0")
     started = time.perf_counter()
-    microbatches = args.microbatches or (260 if args.quick else 500)
-    attacks = ["scale", "zero"] if args.quick else list(ATTACKS)
+    microbatches = args.microbatches or (400 if args.quick else 700)
+    # an attacker in stage 0 can only send activations (forward), one in stage 1 only gradients (backward)
+    plan = [("zero", 0)] if args.quick else [(attack, stage) for attack in ATTACKS for stage in (0, 1)]
     counts = (0, 20, 100) if args.quick else SYBIL_COUNTS
     regimes = args.pretrain or ([400] if args.quick else [0, 400])
     if any(p < 0 for p in regimes):
         parser.error("--pretrain values must be >= 0")
-    attack_rows = [row for pretrain in regimes for row in attack_runs(attacks, microbatches, args.seed, pretrain)]
+    attack_rows = [row for pretrain in regimes for row in attack_runs(plan, microbatches, args.seed, pretrain)]
     honest = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=200 if args.quick else 300, seed=args.seed,
                                 keep_reports=True))
     honest_summary = honest.run()

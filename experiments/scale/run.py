@@ -1,6 +1,6 @@
 """Detection and reputation at the papers' scale: up to 176 workers (8 stages x 22 replicas), 10/25/40% Byzantine.
 
-    python experiments/scale/run.py           # full run (~12 min on 2 cores): results.csv, results.md, results.png
+    python experiments/scale/run.py           # full run (~8 min on 2 cores): results.csv, results.md, results.png
     python experiments/scale/run.py --quick   # two small sizes, for the test suite (~30 s)
 
 Runs the in-process swarm of experiments/sim/swarm_sim.py: the project's SentinelMonitor (one per peer), ReputationLedger
@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 from experiments.sim.swarm_sim import SimConfig, SwarmSim, mixed_byzantine  # noqa: E402
 from peers.adversary import ATTACKS  # noqa: E402
 
-SIZES = [(2, 3), (4, 6), (4, 12), (8, 11), (8, 22)]
+SIZES = [(2, 3), (4, 6), (8, 11), (8, 22)]
 FRACTIONS = (0.10, 0.25, 0.40)
 
 
@@ -138,8 +138,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small sizes, one fraction, for the test suite")
     parser.add_argument("--pretrain", type=int, default=400, help="micro-batches trained before the swarm starts")
-    parser.add_argument("--base", type=int, default=300, help="micro-batches per run: base + per_replica x R")
-    parser.add_argument("--per-replica", type=int, default=40)
+    parser.add_argument("--base", type=int, default=150, help="micro-batches per run: base + per_replica x R")
+    parser.add_argument("--per-replica", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=HERE)
     args = parser.parse_args()

@@ -1,0 +1,57 @@
+"""The simulated-swarm experiments (experiments/reputation, experiments/scale) run in --quick mode and their outputs
+make sense: a strong attacker is blacklisted, no honest peer is, slander by fresh Sybils fails, every micro-batch
+is accounted for."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_quick(name: str, out_dir: str, timeout: float = 240) -> str:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name, "run.py"), "--quick",
+                             "--out-dir", out_dir], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for produced in ("results.csv", "results.md", "results.png", "summary.json"):
+        assert os.path.getsize(os.path.join(out_dir, produced)) > 0, produced
+    return result.stdout
+
+
+def test_reputation_quick(tmp_path):
+    out = run_quick("reputation", str(tmp_path))
+    summary = json.load(open(tmp_path / "summary.json"))
+    attacks = summary["attacks"]
+    assert attacks and all(not row["honest_blacklisted"] for row in attacks), attacks
+    # the hard-check attack (all zeros) is caught every time it is checked and its sender is blacklisted
+    zero = [row for row in attacks if row["attack"] == "zero"]
+    assert zero and all(row["detection_rate"] == 1.0 for row in zero if row["tampered_checked"])
+    assert any(row["blacklisted"] and row["mb_to_blacklist"] > 0 for row in zero), zero
+    for row in attacks:
+        assert row["completed"] + row["dropped"] == row["microbatches"]
+    slander = {(row["variant"], row["sybils"]): row for row in summary["slander"]}
+    for n in (0, 20, 100):  # fresh Sybils and aged ones without vouched work weigh nothing
+        assert not slander[("fresh", n)]["blacklisted"] and slander[("fresh", n)]["final_score"] > 0.5
+        assert not slander[("aged", n)]["blacklisted"]
+    liar = slander[("trusted_liar", 0)]
+    assert not liar["blacklisted"] and liar["final_score"] < 1.0  # one trusted accuser lowers a score, never bans
+    assert not summary["check"]["blacklisted"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(attacks) + len(summary["slander"])
+    assert "slander" in out
+
+
+def test_scale_quick(tmp_path):
+    run_quick("scale", str(tmp_path))
+    runs = json.load(open(tmp_path / "summary.json"))["runs"]
+    assert len(runs) == 2
+    for row in runs:
+        assert row["completed"] + row["dropped"] == row["microbatches"]
+        assert row["byzantine"] >= 2 and row["tampered_checked"] > 0 and row["honest_checked"] > 100
+        assert row["false_positive_rate"] < 0.05
+        assert not row["honest_blacklisted"], row
+        assert row["round_ms"] > 0 and row["aggregate_ms"] > 0
