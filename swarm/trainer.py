@@ -172,7 +172,6 @@ class Trainer:
         self.reputation: Optional[ReputationService] = None
         self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
         self.chosen_at_blacklist: Dict[str, int] = {}  # peer -> times the router had chosen it by then
-        self._started = time.perf_counter()
         self._progress_kick: Optional[asyncio.Event] = None
         self._progress_stop = False
         self.admission = admission if admission is not None and admission.enabled else None
@@ -183,7 +182,7 @@ class Trainer:
     def progress_record(self, state: str = "training") -> TrainerProgressRecord:
         last = self.metrics[-1] if self.metrics else None
         counts = self.ledger.counts()
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        elapsed = max(last["elapsed_s"] if last is not None else 0.0, 1e-9)  # the rate up to the last step
         loss = last["loss"] if last is not None else None
         return TrainerProgressRecord(
             peer_id=self.peer_id or "unknown", state=state, step=len(self.metrics), steps_total=self.cfg.steps,
@@ -334,7 +333,6 @@ class Trainer:
             self.reputation.start()
         await self.refresh_peers()
         refresher = asyncio.get_event_loop().create_task(self._refresh_loop())
-        self._started = time.perf_counter()
         self._progress_kick = asyncio.Event()
         progress = asyncio.get_event_loop().create_task(self._progress_loop())
         metrics_file = open(self.cfg.metrics_path, "w") if self.cfg.metrics_path else None
