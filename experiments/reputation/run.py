@@ -162,7 +162,7 @@ def plot(out_dir: str, attack_rows: List[dict], slander_rows: List[dict]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1, 2]})
     for variant, marker in zip(VARIANTS[:3], "os^"):
         rows = [r for r in slander_rows if r["variant"] == variant]
         ax1.plot([max(r["sybils"], 0.5) for r in rows], [r["final_score"] for r in rows], marker=marker, label=variant)
@@ -173,9 +173,9 @@ def plot(out_dir: str, attack_rows: List[dict], slander_rows: List[dict]) -> Non
     ax1.set_xlabel("Sybil identities accusing the peer (0 plotted at 0.5)")
     ax1.set_ylabel(f"score of slandered honest peer {TARGET}")
     ax1.set_ylim(-0.05, 1.05)
-    ax1.set_title("Slander: score 0 = blacklisted")
+    ax1.set_title("Slander: score 0 = blacklisted (fresh and aged overlap at 1.0)", fontsize=10)
     ax1.legend(fontsize=8)
-    labels = [f"{r['attack']}\n{r['direction'][:3]}\np{r['pretrain']}" for r in attack_rows]
+    labels = [f"{r['attack']} {r['direction'][:3]} (pretrain {r['pretrain']})" for r in attack_rows]
     values = [r["mb_to_blacklist"] if r["mb_to_blacklist"] is not None else 0 for r in attack_rows]
     colors = ["tab:blue" if r["blacklisted"] else "tab:red" for r in attack_rows]
     ax2.bar(range(len(values)), values, color=colors)
@@ -183,7 +183,7 @@ def plot(out_dir: str, attack_rows: List[dict], slander_rows: List[dict]) -> Non
         if not r["blacklisted"]:
             ax2.text(i, 1, "never", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
     ax2.set_xticks(range(len(values)))
-    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_xticklabels(labels, fontsize=7, rotation=90)
     ax2.set_ylabel("micro-batches from first tampered tensor to blacklist")
     ax2.set_title("Time to blacklist per attack (1 s per micro-batch; red: never)")
     fig.tight_layout()
