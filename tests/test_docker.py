@@ -196,9 +196,10 @@ def test_compose_services_run_as_local_processes(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(results, "metrics.jsonl")) if line.strip()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows)
-    assert rows[-1]["completed"] >= 6  # 3 steps x 2 micro-batches of 8
+    assert all(r["completed"] == 2 for r in rows)  # per step: --target-batch-size 16 / micro-batches of 8
     summary = json.load(open(os.path.join(results, "summary.json")))
-    assert summary["steps"] == 3 and summary["microbatches"]["dropped"] == 0
+    assert summary["steps"] == 3 and summary["microbatches"]["completed"] == 6
+    assert summary["microbatches"]["dropped"] == 0
 
 
 @pytest.mark.slow
