@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (5 if not given) until Ctrl-C")
     p.add_argument("--timeout", type=float, default=15.0,
-                   help="seconds to wait for the DHT and for each read before giving up")
+                   help="seconds to wait for the DHT to answer before giving up (a read of all records gets "
+                        "twice that, at least 30)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     p = sub.add_parser("local", help="start a whole swarm on 127.0.0.1, train, summarise, stop",

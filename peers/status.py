@@ -39,7 +39,9 @@ def run(args) -> int:
 async def _show(dht, args) -> int:
     from swarm.status import StatusError, StatusReader, render_text
 
-    reader = StatusReader(dht, args.run_id, timeout_s=args.timeout)
+    # reading every record can take longer than joining: a DHT node that just left (a finished trainer) costs
+    # lookups their own timeouts until the routing tables forget it
+    reader = StatusReader(dht, args.run_id, timeout_s=max(30.0, 2 * args.timeout))
     tty = sys.stdout.isatty()
     while True:
         try:
