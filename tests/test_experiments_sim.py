@@ -13,7 +13,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(name: str, out_dir: str, timeout: float = 240) -> str:
+def run_quick(name: str, out_dir: str, timeout: float = 900) -> str:
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name, "run.py"), "--quick",
                              "--out-dir", out_dir], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two small sizes, one fraction, for the test suite")
     parser.add_argument("--pretrain", type=int, default=400, help="micro-batches trained before the swarm starts")
     parser.add_argument("--base", type=int, default=150, help="micro-batches per run: base + per_replica x R")
-    parser.add_argument("--per-replica", type=int, default=25)
+    parser.add_argument("--per-replica", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=HERE)
     args = parser.parse_args()
@@ -148,21 +148,24 @@ def main() -> int:
     started = time.perf_counter()
     rows = []
     if args.quick:
-        plan = [(2, 3, 0.25, False), (4, 3, 0.25, False)]
+        plan = [(2, 3, 0.25, False, args.pretrain), (4, 3, 0.25, False, args.pretrain)]
         base, per_replica = 200, 20
     else:
-        plan = [(s, r, f, False) for s, r in SIZES for f in FRACTIONS] + [(8, 22, 0.25, True)]
+        # all three fractions at the small sizes and at 176 workers; 88 workers at 25% only (CPU time); then 176
+        # workers with slander, and 176 workers from scratch (pretrain 0)
+        plan = [(s, r, f, False, args.pretrain) for s, r in SIZES if (s, r) != (8, 11) for f in FRACTIONS
+                if (s, r) != (8, 22)]
+        plan += [(8, 11, 0.25, False, args.pretrain)] + [(8, 22, f, False, args.pretrain) for f in FRACTIONS]
+        plan += [(8, 22, 0.25, True, args.pretrain), (8, 22, 0.10, False, 0)]
         base, per_replica = args.base, args.per_replica
-    for stages, replicas, fraction, slander in plan:
-        rows.append(one_run(stages, replicas, fraction, base + per_replica * replicas, args.pretrain, args.seed, slander))
-    if not args.quick:  # from scratch: the fast early drift at 1/22 of the traffic per receiver
-        rows.append(one_run(8, 22, 0.10, base + per_replica * 22, 0, args.seed))
-    meta = dict(quick=args.quick, wall_s=time.perf_counter() - started, microbatch_size=SimConfig().microbatch_size,
-                seq_len=SimConfig().seq_len)
     os.makedirs(args.out_dir, exist_ok=True)
-    write_outputs(args.out_dir, rows, meta)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(dict(meta=meta, runs=rows), f, indent=1)
+    meta = dict(quick=args.quick, wall_s=0.0, microbatch_size=SimConfig().microbatch_size, seq_len=SimConfig().seq_len)
+    for stages, replicas, fraction, slander, pretrain in plan:
+        rows.append(one_run(stages, replicas, fraction, base + per_replica * replicas, pretrain, args.seed, slander))
+        meta["wall_s"] = time.perf_counter() - started
+        write_outputs(args.out_dir, rows, meta)  # after every run: a partial run still leaves its results
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump(dict(meta=meta, runs=rows, plan=[list(p) for p in plan]), f, indent=1)
     print(f"wrote {args.out_dir}/results.csv, results.md, results.png, summary.json in {meta['wall_s']:.0f}s")
     return 0
 
