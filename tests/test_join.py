@@ -246,43 +246,48 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
 
         joiner = swarm.spawn("join1", "stage", join_cmd)
         choice = joiner.wait_event("join", 120)
-        assert choice["stage"] == 1 and choice["reason"] == "least capacity", choice
         loads = {load["stage"]: load for load in choice["loads"]}
-        assert loads[0]["peers"] == 2 and loads[1]["peers"] == 1 and loads[0]["throughput"] > loads[1]["throughput"]
+        assert loads[0]["peers"] == 2 and loads[1]["peers"] == 1 and all(v["throughput"] > 0 for v in loads.values())
+        # throughput is each peer's measured compute rate: on a loaded machine stage 0's two peers can measure less
+        # than stage 1's one (seen once); the choice must follow the announced totals
+        want = min(loads.values(), key=lambda v: (v["throughput"], v["peers"], v["stage"]))["stage"]
+        assert choice["stage"] == want and choice["reason"] == "least capacity", choice
+        stage = choice["stage"]
         served = joiner.wait_event("serve", 180)
         peer_id = served["peer_id"]
-        assert served["stage"] == 1 and served["device"] == "cpu" and served["autocast"] is None
+        assert served["stage"] == stage and served["device"] == "cpu" and served["autocast"] is None
         reach = joiner.wait_event("reachability", 90)
         assert reach["verdict"] == "reachable", reach
 
         # the joiner holds the stage's current state: same epoch and (nearly) the same weights as its replica
-        old = next(c for c in stage_peers if c.stage == 1).info["peer_id"]
+        old = next(c for c in stage_peers if c.stage == stage).info["peer_id"]
         infos = _infos(swarm, [old, peer_id])
         assert infos[old]["epoch"] >= 2
         assert infos[peer_id]["epoch"] == infos[old]["epoch"]
         assert infos[peer_id]["param_checksum"] == pytest.approx(infos[old]["param_checksum"], rel=1e-6)
-        assert _state_of(swarm, 1, peer_id, "online") == "online"
+        assert _state_of(swarm, stage, peer_id, "online") == "online"
         log = open(joiner.log_path).read()
-        assert "MiB of state" in log and "state from 1 replica(s)" in log, log[-3000:]
+        assert "MiB of state" in log and f"state from {loads[stage]['peers']} replica(s)" in log, log[-3000:]
 
         _ctrl_c(joiner)
         assert joiner.proc.wait(timeout=60) == 0, open(joiner.log_path).read()[-3000:]
         left = joiner.wait_event("left", 5)
         assert left["peer_id"] == peer_id and left["inflight_left"] == 0
-        assert _state_of(swarm, 1, peer_id, "offline") == "offline"
+        assert _state_of(swarm, stage, peer_id, "offline") == "offline"
 
         # a restart with the same identity file is the same peer; this time it announces an address where nobody
         # listens: the dial-back fails, it says what to open and (--require-reachable) leaves
         again = swarm.spawn("join2", "stage", join_cmd + ["--announce-addr", "/ip4/127.0.0.1/tcp/1",
                                                           "--require-reachable"])
-        assert again.wait_event("serve", 180)["peer_id"] == peer_id
+        second = again.wait_event("serve", 180)
+        assert second["peer_id"] == peer_id
         reach = again.wait_event("reachability", 90)
         assert reach["verdict"] == "unreachable" and reach["addrs"] == ["/ip4/127.0.0.1/tcp/1"], reach
         assert again.proc.wait(timeout=60) == 2
         log = open(again.log_path).read()
         assert "could not connect to this peer" in log and "open TCP port" in log and "--public-ip" in log, log[-3000:]
         assert "swarm: error: --require-reachable" in log and "Traceback" not in log
-        assert _state_of(swarm, 1, peer_id, "offline") == "offline"
+        assert _state_of(swarm, second["stage"], peer_id, "offline") == "offline"
     finally:
         swarm.stop()
     for child in swarm.children:
