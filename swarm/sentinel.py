@@ -434,16 +434,11 @@ class SentinelMonitor:
             scalars.update(pop.distances(vectors))
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
             centers = self._centers(direction, sender, epoch)
+            warm = pop.ready
             verdict = self._judge(pop, "population", scalars, sender, direction, centers)
             # activations only: the RMS of honest gradients varies by an order of magnitude between micro-batches
-            ratio = 1.0
-            if direction == FORWARD and "log_rms" in centers:
-                ratio = math.exp(abs(scalars["log_rms"] - centers["log_rms"]))
-            if verdict.accepted and ratio > self.cfg.max_rms_ratio:
-                # no statistics needed to see a tensor 4x louder or quieter than everyone else's right now (after
-                # the warm-up steps: early on, replicas one optimizer step apart differ by that much)
-                verdict = Verdict(False, sender, direction, ratio, self.cfg.max_rms_ratio,
-                                  f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "relative")
+            if direction == FORWARD and verdict.accepted:
+                verdict = self._relative_rms(scalars, sender, epoch) or verdict
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
@@ -453,7 +448,7 @@ class SentinelMonitor:
                 verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
-            if verdict.accepted:
+            if verdict.accepted and warm:
                 self._remember(direction, sender, scalars, epoch)
             if verdict.accepted or verdict.baseline == "sender":
                 own.update(scalars)  # a sender's own baseline follows it (clipped), or drift would lock it out
@@ -479,6 +474,7 @@ class SentinelMonitor:
         scalars = {"loss": math.log(max(loss, 1e-6))}
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
         centers = self._centers(LOSS, sender, epoch)
+        warm = pop.ready
         verdict = self._judge(pop, "population", scalars, sender, LOSS, centers)
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
@@ -487,7 +483,7 @@ class SentinelMonitor:
             verdict = Verdict(True, sender, LOSS, verdict.score, verdict.threshold,
                               f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
-        if verdict.accepted:
+        if verdict.accepted and warm:
             self._remember(LOSS, sender, scalars, epoch)
         if not verdict.accepted:
             self.rejected += 1
@@ -498,28 +494,49 @@ class SentinelMonitor:
         entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=4))
         entries.append((self.checked, dict(scalars), epoch))
 
+    def _representatives(self, direction: str, sender: str, epoch: Optional[int] = None) -> List[Dict[str, float]]:
+        """The other senders' latest accepted values, one entry per sender: from weights of the same optimizer
+        epoch where that sender has one, else its latest. Only tensors accepted by a warm baseline are remembered,
+        so an attacker's tensors never serve as a reference, not even those of the warm-up."""
+        representatives = []
+        for other, entries in self.latest.get(direction, {}).items():
+            if other == sender or self.suspect(other, direction):
+                continue
+            fresh = [(values, when_epoch) for when, values, when_epoch in entries
+                     if self.checked - when <= self.cfg.window]
+            if not fresh:
+                continue
+            same = [values for values, when_epoch in fresh if epoch is not None and when_epoch == epoch]
+            representatives.append(same[-1] if same else fresh[-1][0])
+        return representatives
+
     def _centers(self, direction: str, sender: str, epoch: Optional[int] = None) -> Dict[str, float]:
-        """The median of the other senders' last few accepted values (only accepted ones are remembered, so an
-        attacker's tampered tensors never serve as a reference), from senders at the same optimizer epoch where
-        any are known.
+        """The median over the other senders of their representative values (see :meth:`_representatives`).
 
         Training moves every honest sender's statistics at once (each optimizer step shifts them all); judged
-        against history alone, honest tensors right after a big step look like outliers. Judged against what
-        the other senders send *now*, from weights of the same epoch, only a sender that differs from its peers
-        stands out. A sender that lies about its epoch gains nothing: an epoch nobody else has is compared with
-        everyone."""
-        recent = [(values, when_epoch)
-                  for other, entries in self.latest.get(direction, {}).items()
-                  if other != sender and not self.suspect(other, direction)
-                  for when, values, when_epoch in entries if self.checked - when <= self.cfg.window]
-        if epoch is not None:
-            same = [entry for entry in recent if entry[1] == epoch]
-            recent = same or recent
-        if not recent:
+        against history alone, honest tensors right after a big step look like outliers. Judged against what the
+        other senders send *now*, from weights of the same epoch (honest replicas one optimizer step apart
+        differ, most early in training), only a sender that differs from its peers stands out. A sender that lies
+        about its epoch gains nothing: an epoch nobody else has is compared with everyone's latest."""
+        representatives = self._representatives(direction, sender, epoch)
+        if not representatives:
             return {}
-        others = [values for values, _ in recent]
-        names = set.intersection(*(set(values) for values in others))
-        return {name: _median([values[name] for values in others]) for name in names}
+        names = set.intersection(*(set(values) for values in representatives))
+        return {name: _median([values[name] for values in representatives]) for name in names}
+
+    def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int]) -> Optional[Verdict]:
+        """No statistics needed to see an activation ``max_rms_ratio`` times louder or quieter than what the other
+        senders send now: rejected when it is that far off from a majority of at least two other senders (so one
+        other sender that is itself off cannot get an honest one rejected)."""
+        others = [values["log_rms"] for values in self._representatives(FORWARD, sender, epoch) if "log_rms" in values]
+        if len(others) < 2:
+            return None
+        ratios = sorted(math.exp(abs(scalars["log_rms"] - value)) for value in others)
+        ratio = ratios[len(ratios) // 2]  # off from more than half of them by at least this much
+        if ratio <= self.cfg.max_rms_ratio:
+            return None
+        return Verdict(False, sender, FORWARD, ratio, self.cfg.max_rms_ratio,
+                       f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "relative")
 
     def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str,
                centers: Optional[Dict[str, float]] = None) -> Verdict:
