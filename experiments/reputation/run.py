@@ -218,14 +218,14 @@ def main() -> int:
     if any(p < 0 for p in regimes):
         parser.error("--pretrain values must be >= 0")
     attack_rows = [row for pretrain in regimes for row in attack_runs(plan, microbatches, args.seed, pretrain)]
-    honest = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=200 if args.quick else 300, seed=args.seed,
+    honest = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=120 if args.quick else 300, seed=args.seed,
                                 keep_reports=True))
     honest_summary = honest.run()
     print(f"honest run: blacklist {honest_summary['final_blacklist']}, false positives "
           f"{honest_summary['tensors']['honest_rejected']} / {honest_summary['tensors']['honest']}", flush=True)
     slander_rows = slander_replay(honest.report_history, counts, honest.cfg.reputation)
     join_s = 100.0
-    check_sim = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=200 if args.quick else 300, seed=args.seed,
+    check_sim = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=120 if args.quick else 300, seed=args.seed,
                                    sybils=Sybils(count=20, target=TARGET, join_s=join_s)))
     cs = check_sim.run()
     check = dict(join_s=join_s, blacklisted=TARGET in check_sim.ever_blacklisted, score=cs["scores"][TARGET])
