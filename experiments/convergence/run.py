@@ -216,13 +216,16 @@ def local_run(args, mode: str, workdir: str) -> dict:
     started = time.perf_counter()
     print(f"[real] {mode}: {' '.join(cmd[2:])}", flush=True)
     log = open(os.path.join(workdir, name + ".out"), "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # SIGINT back to its default in the child: a background job of a non-interactive shell inherits it ignored, and
+    # `swarm local` stops what it started only on Ctrl-C
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         code = proc.wait(timeout=args.local_timeout)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)  # `swarm local` stops every process it started on Ctrl-C
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
