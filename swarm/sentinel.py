@@ -526,13 +526,13 @@ class SentinelMonitor:
 
     def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int]) -> Optional[Verdict]:
         """No statistics needed to see an activation ``max_rms_ratio`` times louder or quieter than what the other
-        senders send now: rejected when it is that far off from a majority of at least two other senders (so one
-        other sender that is itself off cannot get an honest one rejected)."""
+        senders send now: rejected when it is that far off from a majority of them (with two others, from both:
+        one other sender that is itself off cannot get an honest one rejected)."""
         others = [values["log_rms"] for values in self._representatives(FORWARD, sender, epoch) if "log_rms" in values]
-        if len(others) < 2:
+        if not others:
             return None
         ratios = sorted(math.exp(abs(scalars["log_rms"] - value)) for value in others)
-        ratio = ratios[len(ratios) // 2]  # off from more than half of them by at least this much
+        ratio = ratios[(len(ratios) + 1) // 2 - 1]  # off by at least this much from a majority of them
         if ratio <= self.cfg.max_rms_ratio:
             return None
         return Verdict(False, sender, FORWARD, ratio, self.cfg.max_rms_ratio,
