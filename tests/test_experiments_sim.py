@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(name: str, out_dir: str, timeout: float = 900) -> str:
+def run_quick(name: str, out_dir: str, timeout: float = 1200) -> str:
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name, "run.py"), "--quick",
                              "--out-dir", out_dir], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,6 +24,7 @@ def run_quick(name: str, out_dir: str, timeout: float = 900) -> str:
     return result.stdout
 
 
+@pytest.mark.timeout(1500)  # a simulated swarm of real model compute: minutes on a loaded 2-core machine
 def test_reputation_quick(tmp_path):
     out = run_quick("reputation", str(tmp_path))
     summary = json.load(open(tmp_path / "summary.json"))
@@ -45,6 +48,7 @@ def test_reputation_quick(tmp_path):
     assert "slander" in out
 
 
+@pytest.mark.timeout(1500)  # a simulated swarm of real model compute: minutes on a loaded 2-core machine
 def test_scale_quick(tmp_path):
     run_quick("scale", str(tmp_path))
     runs = json.load(open(tmp_path / "summary.json"))["runs"]
