@@ -28,11 +28,15 @@ def run(args) -> int:
         dht = connect(args.run_id, args.initial_peers, timeout_s=args.timeout)
     except StatusError as e:
         return fail(str(e))
+    # not asyncio.run: on Ctrl-C it would wait for the DHT reads still running in executor threads (tens of
+    # seconds against a slow DHT); close() leaves them behind, and the process exits without waiting for them
+    loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(_show(dht, args))
+        return loop.run_until_complete(_show(dht, args))
     except KeyboardInterrupt:
         return 0
     finally:
+        loop.close()
         dht.shutdown()
 
 
