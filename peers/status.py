@@ -37,7 +37,18 @@ def run(args) -> int:
         return 0
     finally:
         loop.close()
-        dht.shutdown()
+        _shutdown(dht)
+
+
+def _shutdown(dht, grace_s: float = 10.0) -> None:
+    """Stop the DHT process, but never let a slow goodbye keep a Ctrl-C waiting: kill it after ``grace_s``."""
+    import threading
+
+    stopper = threading.Thread(target=dht.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(grace_s)
+    if dht.is_alive():
+        dht.kill()
 
 
 async def _show(dht, args) -> int:
