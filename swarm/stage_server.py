@@ -380,8 +380,6 @@ class StageServer(ServicerBase):
             return  # token ids from the trainer are validated (range, shape) in _validate_request instead
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
-        if direction == FORWARD:
-            epoch = meta.get("sender_epoch")
         verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step,
                                       epoch=_epoch(epoch))
         self.ledger.record_verdict(verdict)
@@ -441,7 +439,7 @@ class StageServer(ServicerBase):
             raise ChainError(refused, blame=sender)
         mb, route = self._validate_request(meta, received.tensors, sender)
         x = received.tensors[0]
-        self._check(x, FORWARD, sender, meta)
+        self._check(x, FORWARD, sender, meta, epoch=meta.get("sender_epoch"))
         epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
         async with self._slots:
