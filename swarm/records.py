@@ -36,6 +36,7 @@ MAX_STAGES = 64
 MAX_REPORT_ENTRIES = 256  # peers one reputation report or blacklist record may mention
 MAX_REPORT_REASONS = 8  # distinct strike reasons per peer in a report
 MAX_COUNT = 2**62  # bound on every tally
+RECENT_WINDOW = 32  # a report's "recent_strikes" counts the strikes among this many latest exchanges
 MAX_TTL_S = 600.0  # no record of ours may claim to live longer than this past "now"
 STAGE_STATES = ("joining", "online", "offline")
 OWNER_MARKER = b"[owner:"
@@ -226,7 +227,7 @@ def _peer_entries(value: Dict[str, Any], name: str, parse_entry: Callable[[str, 
 
 
 def _report_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
-    extra = set(entry) - {"clean", "strikes", "reasons"}
+    extra = set(entry) - {"clean", "strikes", "reasons", "recent_strikes"}
     _require(not extra, f"entries[{peer!r}]: unknown fields {sorted(extra)}")
     _require("reasons" in entry, f"entries[{peer!r}]: missing field 'reasons'")
     reasons = entry["reasons"]
@@ -237,11 +238,16 @@ def _report_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
                  f"entries[{peer!r}].reasons: names must be strings of 1..32 characters")
         _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_COUNT,
                  f"entries[{peer!r}].reasons[{reason!r}] must be an integer in [0, {MAX_COUNT}]")
-    return {
+    parsed = {
         "clean": int(_number(entry, "clean", 0, MAX_COUNT, integer=True)),
         "strikes": int(_number(entry, "strikes", 0, MAX_COUNT, integer=True)),
         "reasons": dict(reasons),
     }
+    if "recent_strikes" in entry:  # optional (reports of older peers lack it)
+        recent = int(_number(entry, "recent_strikes", 0, RECENT_WINDOW, integer=True))
+        _require(recent <= parsed["strikes"], f"entries[{peer!r}]: recent_strikes exceeds strikes")
+        parsed["recent_strikes"] = recent
+    return parsed
 
 
 def _blacklist_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
@@ -259,7 +265,8 @@ class ReputationReport:
     """One peer's local tallies of its counterparts: ``entries[peer] = {"clean", "strikes", "reasons"}``.
 
     ``clean`` and ``strikes`` count the exchanges with that peer that passed / failed the sentinel's checks;
-    ``reasons`` counts strikes by reason (statistic name). How reports are weighed is :mod:`swarm.reputation`.
+    ``reasons`` counts strikes by reason (statistic name); the optional ``recent_strikes`` counts the strikes among
+    the latest ``RECENT_WINDOW`` exchanges (so a peer honest for hours that turns bad is judged on what it does now). How reports are weighed is :mod:`swarm.reputation`.
     """
 
     reporter: str  # the writer's peer id; binding it to the signing key is the reader's job

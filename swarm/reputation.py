@@ -15,7 +15,8 @@ The method, and why:
    (``reachable``) weigh 0 as well, and their vouching does not count either.
 2. **One liar cannot ban.** A peer is blacklisted only when at least ``min_reporters`` distinct weighted
    reporters each accuse it with enough evidence: ``min_strikes`` strikes and a strike ratio of at least
-   ``strike_ratio`` of their exchanges with it. A single reporter, however trusted, only lowers a score.
+   ``strike_ratio`` of their exchanges with it, overall or among the latest ``RECENT_WINDOW`` (a sleeper that
+   turns bad after a long clean record is judged on what it does now). A single reporter, however trusted, only lowers a score.
 3. **A banned peer's word stops counting.** Verdicts are recomputed with the blacklisted reporters' weights (and
    vouching) zeroed until the blacklist is stable (at most ``MAX_ROUNDS``), so an attacker that accuses its
    accusers back, or vouches for its own Sybils, loses that influence once it is caught.
@@ -33,11 +34,12 @@ live outside this module.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set
 
-from swarm.records import MAX_REPORT_ENTRIES, MAX_REPORT_REASONS, MAX_TTL_S, BlacklistRecord, ReputationReport
+from swarm.records import (MAX_REPORT_ENTRIES, MAX_REPORT_REASONS, MAX_TTL_S, RECENT_WINDOW, BlacklistRecord,
+                           ReputationReport)
 
 STRIKE_PENALTY = 4.0  # a strike outweighs this many clean exchanges in a score
 MAX_ROUNDS = 5  # blacklist / re-weigh iterations
@@ -73,6 +75,7 @@ class Tally:
     strikes: int = 0
     reasons: Counter = field(default_factory=Counter)  # strikes by reason
     directions: Counter = field(default_factory=Counter)  # exchanges by direction (local diagnostics only)
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))  # latest outcomes, True = strike
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ReputationLedger:
         """Count one exchange with ``peer``; a failed one is a strike, filed under ``reason`` (else ``direction``)."""
         tally = self.tallies.setdefault(peer, Tally())
         tally.directions[direction] += 1
+        tally.recent.append(not ok)
         if ok:
             tally.clean += 1
         else:
@@ -114,7 +118,8 @@ class ReputationLedger:
         for peer in peers[:MAX_REPORT_ENTRIES]:
             tally = self.tallies[peer]
             reasons = sorted(tally.reasons.items(), key=lambda item: (-item[1], item[0]))[:MAX_REPORT_REASONS]
-            entries[peer] = {"clean": tally.clean, "strikes": tally.strikes, "reasons": dict(reasons)}
+            entries[peer] = {"clean": tally.clean, "strikes": tally.strikes, "reasons": dict(reasons),
+                             "recent_strikes": sum(tally.recent)}
         return ReputationReport(reporter=reporter, issued_at=float(issued_at), entries=entries)
 
 
@@ -191,8 +196,7 @@ def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], c
         if weights[r] <= 0:
             continue
         for peer, e in report.entries.items():
-            strikes, clean = e["strikes"], e["clean"]
-            if peer != r and strikes >= cfg.min_strikes and strikes / (clean + strikes) >= cfg.strike_ratio:
+            if peer != r and _accuses(e, cfg):
                 accusations.setdefault(peer, []).append(e)
     blacklist = {}
     for peer, evidence in accusations.items():
@@ -200,6 +204,18 @@ def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], c
             blacklist[peer] = {"reason": _main_reason(evidence), "reporters": len(evidence),
                                "strikes": sum(e["strikes"] for e in evidence)}
     return blacklist
+
+
+def _accuses(e: dict, cfg: ReputationConfig) -> bool:
+    """Enough evidence in one entry: ``min_strikes`` strikes, and a strike ratio of at least ``strike_ratio`` over
+    all exchanges or over the latest ``RECENT_WINDOW`` (a sleeper's long clean record does not dilute its attack)."""
+    strikes, clean = e["strikes"], e["clean"]
+    if strikes < cfg.min_strikes:
+        return False
+    if strikes / (clean + strikes) >= cfg.strike_ratio:
+        return True
+    recent = e.get("recent_strikes", 0)
+    return recent / min(clean + strikes, RECENT_WINDOW) >= cfg.strike_ratio
 
 
 def _main_reason(evidence: List[dict]) -> str:

@@ -5,9 +5,10 @@ the activation this peer itself sent for the same micro-batch. Per tensor ``x`` 
 way forward, activation-gradients on the way back) the monitor computes:
 
 - ``log_rms``       log of the root mean square: scaling, zeroing, most noise;
-- ``mean_shift``    distance of the per-feature mean over tokens from its EMA, in units of the per-feature spread
-                    (the median over features): ALIE-style shifts, random replacement;
-- ``profile``       1 - cosine between the per-feature RMS profile and its EMA: replacement by structureless data;
+- ``mean_shift``    (activations only) distance of the per-feature mean over tokens from its EMA, in units of the
+                    per-feature spread (the median over features): ALIE-style shifts, random replacement;
+- ``profile``       (activations only) 1 - cosine between the per-feature RMS profile and its EMA: replacement by
+                    structureless data;
 - ``token_spread``  per-feature standard deviation across tokens relative to the RMS: constant tensors;
 - ``skew_align``    (activations only) cosine between the per-feature skewness and its EMA: odd moments flip
                     with the sign, so this catches sign flips that leave every even statistic intact;
@@ -321,6 +322,9 @@ class SentinelMonitor:
         self.momentum_count: Dict[Tuple[str, str], int] = {}
         self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
         self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
+        # direction -> (when, sender, statistic, sign, z) of every population verdict over the threshold
+        self.recent_outliers: Dict[str, Deque[Tuple[int, str, str, int, float]]] = {}
+        self.last_seen: Dict[str, Dict[str, int]] = {}  # direction -> sender -> when it last sent
         # direction -> sender -> its last accepted (when, statistics, epoch)
         self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float], Optional[int]]]]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
@@ -427,6 +431,11 @@ class SentinelMonitor:
             self.rejected += 1
             return verdict
         scalars, vectors, sketch = self.statistics(x, context if direction == BACKWARD else None)
+        if direction == BACKWARD:
+            # no per-feature distances on gradients: every attack they caught there is caught by the causal tail
+            # from its first message, and their baselines cannot follow the per-feature drift of honest gradients
+            # (measured in a live 2 x 3 run: all three honest stage-1 peers rejected at once for mean_shift)
+            vectors = {}
         verdict = self._replay(sketch, sender, direction, microbatch)
         if verdict is None:
             pop = self.population.setdefault(direction, _Population(self.cfg))
@@ -435,15 +444,22 @@ class SentinelMonitor:
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
             centers = self._centers(direction, sender, epoch)
             warm = pop.ready
+            self.last_seen.setdefault(direction, {})[sender] = self.checked
             verdict = self._judge(pop, "population", scalars, sender, direction, centers)
+            if not verdict.accepted:
+                deviation = pop.deviations(scalars, centers).get(verdict.statistic, 0.0)
+                verdict = self._shared_drift(verdict, deviation) or verdict
             # activations only: the RMS of honest gradients varies by an order of magnitude between micro-batches
             if direction == FORWARD and verdict.accepted:
                 verdict = self._relative_rms(scalars, sender, epoch) or verdict
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
-            if verdict.accepted:
+            if verdict.accepted and verdict.baseline != "drift":  # a shared drift moves each sender's own baseline too
                 verdict = self._judge(own, "sender", scalars, sender, direction)
+                if not verdict.accepted:
+                    deviation = scalars[verdict.statistic] - own.mean.get(verdict.statistic, 0.0)
+                    verdict = self._shared_drift(verdict, deviation) or verdict
             if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
                 verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
@@ -523,6 +539,35 @@ class SentinelMonitor:
             return {}
         names = set.intersection(*(set(values) for values in representatives))
         return {name: _median([values[name] for values in representatives]) for name in names}
+
+    def _shared_drift(self, verdict: Verdict, deviation: float) -> Optional[Verdict]:
+        """A baseline's verdict is overturned when most of the senders recently seen deviate alike: training moved
+        them all (an optimizer step, a learning-rate change), and an honest majority that drifts together is the
+        new normal. Measured in a live 2 x 3 run: after such a step every honest stage-0 peer was rejected for
+        token_spread for 30 micro-batches, and both were blacklisted. "Most": a strict majority of the *other*
+        senders seen in the last half window of checks (so an attacker's own outliers can never carry an honest
+        majority's verdict on it, nor one honest sender's drift an attacker's). "Alike": the same statistic, the
+        same sign, and not more than ``3x`` the smallest of those deviations (a sender far beyond the shared drift
+        is still rejected). Suspects count too: drift makes honest senders look suspect. Hard and relative-RMS
+        checks still apply afterwards (and momentum, which compares senders with each other)."""
+        direction, sender, stat = verdict.direction, verdict.sender, verdict.statistic
+        sign = 1 if deviation >= 0 else -1
+        outliers = self.recent_outliers.setdefault(direction, deque(maxlen=self.cfg.window))
+        outliers.append((self.checked, sender, stat, sign, verdict.score))
+        horizon = self.checked - self.cfg.window // 2
+        active = {s for s, when in self.last_seen.get(direction, {}).items() if when >= horizon}
+        alike: Dict[str, float] = {}
+        for when, other, other_stat, other_sign, z in outliers:
+            if other != sender and when >= horizon and other_stat == stat and other_sign == sign and other in active:
+                alike[other] = min(z, alike.get(other, math.inf))
+        others = active - {sender}
+        if not alike or 2 * len(alike) <= len(others):
+            return None
+        if verdict.score > 3 * min(alike.values()):
+            return None
+        return Verdict(True, sender, direction, verdict.score, verdict.threshold,
+                       f"ok (drift shared by {len(alike)} of the {len(others)} other senders: {verdict.reason})",
+                       stat, "drift")
 
     def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int]) -> Optional[Verdict]:
         """No statistics needed to see an activation ``max_rms_ratio`` times louder or quieter than what the other

@@ -122,11 +122,16 @@ class LabelBox:
 
 
 class ChainError(Exception):
-    """A micro-batch cannot go on; ``blame`` is the peer at fault (None when nobody can be blamed)."""
+    """A micro-batch cannot go on; ``blame`` is the peer at fault (None when nobody can be blamed).
 
-    def __init__(self, reason: str, blame: Optional[str] = None, blame_stage: Optional[int] = None):
+    ``judge``: set when the blamed peer's tensor was well-formed but a SENTINEL check rejected it, to the peer id of
+    the receiver that did (the trainer bans such a peer only briefly and routes it to receivers that have not judged
+    it yet, so that the independent evidence a swarm-wide verdict needs accumulates)."""
+
+    def __init__(self, reason: str, blame: Optional[str] = None, blame_stage: Optional[int] = None,
+                 judge: Optional[str] = None):
         super().__init__(reason)
-        self.reason, self.blame, self.blame_stage = reason, blame, blame_stage
+        self.reason, self.blame, self.blame_stage, self.judge = reason, blame, blame_stage, judge
 
 
 class StageServer(ServicerBase):
@@ -323,7 +328,8 @@ class StageServer(ServicerBase):
             tensors, reply = await self._chain(requests, sender)
             reply.update(ok=True)
         except ChainError as e:
-            tensors, reply = [], dict(ok=False, error=e.reason, blame=e.blame, blame_stage=e.blame_stage)
+            tensors, reply = [], dict(ok=False, error=e.reason, blame=e.blame, blame_stage=e.blame_stage,
+                                      judge=e.judge)
         except Exception as e:  # a bug must not take the server down; report it without blaming anyone
             logger.exception(f"stage {self.cfg.stage}: internal error")
             tensors, reply = [], dict(ok=False, error=f"internal error at stage {self.cfg.stage}: {e!r}", blame=None)
@@ -363,7 +369,8 @@ class StageServer(ServicerBase):
         return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
 
     # ---- the chain ----------------------------------------------------------------------------------------
-    def _reject(self, sender: str, reason: str, direction: str) -> ChainError:
+    def _reject(self, sender: str, reason: str, direction: str, verdict: bool = False) -> ChainError:
+        """Count and log a rejected tensor; ``verdict``: a SENTINEL check rejected it (else it was malformed)."""
         self.stats.flagged[sender] = self.stats.flagged.get(sender, 0) + 1
         if direction == FORWARD:
             self.stats.rejected_inputs += 1
@@ -371,7 +378,8 @@ class StageServer(ServicerBase):
             self.stats.rejected_grads += 1
         stage = self.cfg.stage - 1 if direction == FORWARD else self.cfg.stage + 1
         logger.info(f"stage {self.cfg.stage}: rejected {direction} tensor from {sender[-8:]}: {reason}")
-        return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage)
+        return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage,
+                          judge=self.peer_id if verdict else None)
 
     def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any],
                context: Optional[torch.Tensor] = None, epoch: Any = None) -> None:
@@ -384,7 +392,7 @@ class StageServer(ServicerBase):
                                       epoch=_epoch(epoch))
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
-            raise self._reject(sender, verdict.reason, direction)
+            raise self._reject(sender, verdict.reason, direction, verdict=True)
 
     def _check_loss(self, loss: float, sender: str, meta: Dict[str, Any]) -> None:
         """The last stage's loss on the sender's activations, judged before any backward (see SentinelMonitor)."""
@@ -396,7 +404,7 @@ class StageServer(ServicerBase):
                                            epoch=_epoch(meta.get("sender_epoch")))
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
-            raise self._reject(sender, verdict.reason, FORWARD)
+            raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
     def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
         mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
@@ -506,7 +514,9 @@ class StageServer(ServicerBase):
             blame, blame_stage = reply.get("blame"), reply.get("blame_stage")
             if not (blame is None or isinstance(blame, str)):
                 blame = peer
-            raise ChainError(str(reply.get("error", "unknown error"))[:500], blame=blame, blame_stage=blame_stage)
+            judge = reply.get("judge")
+            raise ChainError(str(reply.get("error", "unknown error"))[:500], blame=blame, blame_stage=blame_stage,
+                             judge=judge if isinstance(judge, str) and 0 < len(judge) <= 128 else None)
         loss = reply.get("loss")
         if not isinstance(loss, float) or not math.isfinite(loss) or len(received.tensors) != 1:
             raise self._reject(peer, "reply needs a finite loss and one gradient tensor", BACKWARD)

@@ -126,6 +126,7 @@ class Attempt:
     loss: float = float("nan")
     reason: str = ""
     blame: Optional[str] = None
+    judge: Optional[str] = None  # the receiver whose SENTINEL check rejected the blamed peer's tensor (ChainError)
     hop_times_s: Dict[str, float] = field(default_factory=dict)
 
 
@@ -259,8 +260,10 @@ class Trainer:
         reply = received.metadata
         if not reply.get("ok"):
             blame = reply.get("blame")
+            judge = reply.get("judge")
             return Attempt(False, reason=str(reply.get("error", "unknown error"))[:300],
-                           blame=blame if isinstance(blame, str) and blame != self.peer_id else None)
+                           blame=blame if isinstance(blame, str) and blame != self.peer_id else None,
+                           judge=judge if isinstance(judge, str) and 0 < len(judge) <= 128 else None)
         loss = reply.get("loss")
         if not isinstance(loss, float):
             return Attempt(False, reason="reply without a loss", blame=chain[0])
@@ -310,7 +313,7 @@ class Trainer:
                 return
             reason = result.reason
             if result.blame is not None:
-                duration = self.router.report_failure(result.blame, reason)
+                duration = self.router.report_failure(result.blame, reason, judge=result.judge)
                 logger.info(f"micro-batch {index} attempt {attempt}: {reason}; banned {result.blame[-8:]} for {duration:.0f}s")
             else:
                 logger.info(f"micro-batch {index} attempt {attempt}: {reason}")

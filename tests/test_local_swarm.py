@@ -158,3 +158,41 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
     assert mb["completed"] + mb["dropped"] == 64 and mb["dropped"] == 0 and mb["retried"] >= byzantine[0]["tampered"]
     assert abs(attacked["loss_last"] - clean["loss_last"]) < 0.1 * clean["loss_last"], (attacked, clean)
 
+
+
+REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
+
+
+def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
+    """2 stages x 3 replicas, one stage-0 peer scales its activations x10 from step 11 on (micro-batch 44, after the
+    sentinel's 10 warm-up steps): the stage-1 receivers reject its tensors and report it; it is blacklisted
+    swarm-wide within 50 micro-batches of its first attack, the trainer's router stops picking it, and no honest
+    peer is blacklisted or rejected more than twice. Every micro-batch is accounted for exactly once."""
+    swarm = LocalSwarm(str(tmp_path / "swarm"), run_id="itest-bl")
+    steps, start_step, per_step = 26, 11, 4  # 32 / 8: micro-batches per optimizer step
+    try:
+        swarm.start_dht(SHAPE + REPUTATION)
+        sentinel = ["--sentinel-warmup", "8"]
+        attack = ["--attack", "scale", "--attack-magnitude", "10", "--attack-start-step", str(start_step)]
+        stages = [swarm.start_stage(s, wait=False, extra=sentinel) for s in (0, 0, 1, 1, 1)]
+        stages.append(swarm.start_stage(0, name="stage0.byzantine", wait=False, extra=sentinel + attack))
+        for child in stages:
+            child.wait_event("serve", 180)
+        trainer, _, summary_path = train(swarm, tmp_path, steps=steps)
+        assert trainer.proc.wait(timeout=600) == 0, open(trainer.log_path).read()[-3000:]
+    finally:
+        swarm.stop()
+    summary = json.load(open(summary_path))
+    peers = swarm.peers_summary()
+    attacker_id = stages[-1].info["peer_id"]
+    views = {p["peer_id"]: p for p in summary["peers"] if p.get("role") == "stage"}
+    attacker = views[attacker_id]
+    assert attacker["blacklisted"], (attacker, peers)  # the swarm-wide verdict read back from the DHT
+    assert attacker["blacklisted_after_microbatches"] - start_step * per_step <= 50, attacker
+    assert attacker["chosen_after_blacklisted"] <= 1, attacker  # at most a pick already under way at the time
+    assert attacker["reputation"] < 0.5, attacker
+    honest = [v for pid, v in views.items() if pid != attacker_id]
+    assert len(honest) == 5 and not any(v["blacklisted"] or v["blacklist_reason"] for v in honest), honest
+    assert sum(p["flagged"] for p in peers if p["role"] == "stage" and not p.get("byzantine")) <= 2, peers
+    mb = summary["microbatches"]
+    assert mb["completed"] + mb["dropped"] == steps * per_step and mb["dropped"] == 0, mb

@@ -115,6 +115,9 @@ def test_report_and_blacklist_round_trip():
         (dict(entries={"QmA": report_entry(reasons={"r": 1.5})}), "must be an integer in"),
         (dict(entries={"QmA": report_entry(reasons={"r": True})}), "must be an integer in"),
         (dict(entries={"QmA": report_entry(reasons={"r": math.nan})}), "must be an integer in"),
+        (dict(entries={"QmA": report_entry(strikes=40, recent_strikes=33)}), "recent_strikes=33 is outside"),
+        (dict(entries={"QmA": report_entry(strikes=2, recent_strikes=3)}), "recent_strikes exceeds strikes"),
+        (dict(entries={"QmA": report_entry(strikes=2, recent_strikes=1.0)}), "recent_strikes must be an integer"),
     ],
 )
 def test_report_rejections(overrides, message):
@@ -279,7 +282,7 @@ def test_ledger_counts():
     assert (b.clean, b.strikes, dict(b.reasons)) == (1, 3, {"x" * 32: 1, "norm_corr": 1, "hard": 1})
     report = ledger.to_report("QmMe", 123.0)
     assert report.reporter == "QmMe" and report.issued_at == 123.0
-    assert report.entries["QmA"] == {"clean": 5, "strikes": 2, "reasons": {"log_rms": 1, "backward": 1}}
+    assert report.entries["QmA"] == {"clean": 5, "strikes": 2, "reasons": {"log_rms": 1, "backward": 1}, "recent_strikes": 2}
     assert ReputationReport.from_value(MSGPackSerializer.loads(MSGPackSerializer.dumps(report.to_value()))) == report
 
 
@@ -374,6 +377,31 @@ def test_byzantine_peer_blacklisted_by_three_honest():
     record = agg.to_blacklist_record("QmH0", NOW)
     assert BlacklistRecord.from_value(record.to_value()) == record
     assert record.entries == {"QmX": {"reason": "norm_corr", "reporters": 3, "strikes": 30}}
+
+
+def test_sleeper_judged_on_its_recent_exchanges():
+    """A peer clean for 400 exchanges that then fails 8 of the latest 32 is accused (recent strike ratio 0.25),
+    though its overall ratio is 0.02; honest noise (2 recent strikes) and reports without the field are not."""
+    ledger = ReputationLedger()
+    for _ in range(400):
+        ledger.record("QmX", True, "forward")
+    for i in range(24):
+        ledger.record("QmX", i % 3 != 0, "forward", "log_rms")  # 8 strikes among the latest 24 ...
+    for _ in range(8):
+        ledger.record("QmX", True, "forward")  # ... and 8 more clean: 8 of the latest 32
+    entry = ledger.to_report("QmH0", NOW).entries["QmX"]
+    assert (entry["clean"], entry["strikes"], entry["recent_strikes"]) == (424, 8, 8)
+    ReputationReport.from_value(ledger.to_report("QmH0", NOW).to_value())
+    s, honest = honest_swarm(4)
+    for h in honest[:2]:
+        s.entries[h]["QmX"] = dict(entry)
+    assert set(s.aggregate().blacklist) == {"QmX"}
+    for h in honest[:2]:
+        s.entries[h]["QmX"] = dict(entry, recent_strikes=2)
+    assert not s.aggregate().blacklist
+    for h in honest[:2]:
+        s.entries[h]["QmX"] = {k: v for k, v in entry.items() if k != "recent_strikes"}
+    assert not s.aggregate().blacklist
 
 
 def test_accusation_thresholds():

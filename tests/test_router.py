@@ -255,6 +255,73 @@ def test_ban_expires_with_the_clock():
     assert not bans.is_banned("p")
 
 
+def test_sentinel_verdict_bans_are_short_and_do_not_escalate():
+    """A rejected tensor bans its sender for verdict_ban_s each time (it keeps meeting receivers, so the evidence
+    for a swarm-wide blacklist accumulates); a longer ban already in force is kept; failures still escalate."""
+    clock = FakeClock()
+    router = make_router({0: ["a"], 1: ["b0", "b1"]}, clock=clock)
+    assert [router.report_failure("b0", "stage 1 rejected forward tensor: log_rms", judge="a")
+            for _ in range(4)] == [2.0, 2.0, 2.0, 2.0]
+    assert router.peers["b0"].failed == 4
+    clock.advance(2.0)
+    assert not router.bans.is_banned("b0")
+    assert router.report_failure("b1", "timeout") == 5.0  # not escalated by the verdicts of another peer
+    assert router.report_failure("b0", "timeout") == 5.0  # verdicts add no escalation strikes
+    clock.advance(1.0)
+    assert router.report_failure("b0", "rejected", judge="a") == pytest.approx(4.0)  # the 5 s ban is kept
+    assert router.bans.reason("b0") == "timeout"
+    assert router.report_failure("b0", "timeout") == 10.0
+
+
+def test_suspect_spread_evenly_over_receivers():
+    """By speed, the fastest receiver would see all of a suspect's tensors; once a receiver rejected one, the
+    suspect's neighbours are drawn uniformly (so several receivers gather evidence, and an accomplice that never
+    judges it is not favoured either), in both directions."""
+    clock = FakeClock()
+    router = make_router({0: ["a0", "a1"], 1: ["x", "b"], 2: ["c0", "c1", "c2"]}, clock=clock)
+    for peer, seconds in {"a0": 0.1, "a1": 0.5, "x": 0.1, "b": 0.9, "c0": 0.1, "c1": 0.2, "c2": 0.3}.items():
+        router.peers[peer].time_ema_s = seconds
+    assert router.pick_chain() == ["a0", "x", "c0"]
+    router.release(["a0", "x", "c0"])
+    router.report_failure("x", "stage 2 rejected forward tensor: log_rms", judge="c0")
+    assert dict(router.judges["x"]) == {"c0": 1}
+    seen = Counter()
+    banned_until = clock() + 2.0  # the verdict's ban
+    for _ in range(600):
+        clock.advance(0.1)
+        router.last_chain = None
+        chain = router.pick_chain()
+        router.release(chain)
+        assert "x" not in chain or clock() >= banned_until
+        if chain[1] == "x":
+            seen.update([chain[0], chain[2]])
+    assert 150 <= seen["a1"] <= 450 and all(100 <= seen[c] <= 300 for c in ("c0", "c1", "c2")), seen
+
+
+def test_slow_suspect_is_retried_then_forgotten():
+    """A suspect the router would never pick by speed is put in about half the chains while it is a suspect (so
+    evidence about it keeps coming), and picked by speed again once suspect_memory_s has passed."""
+    clock = FakeClock()
+    router = make_router({0: ["a"], 1: ["fast", "slow", "other"]}, clock=clock)
+    for peer, seconds in {"a": 0.1, "fast": 0.1, "slow": 5.0, "other": 0.2}.items():
+        router.peers[peer].time_ema_s = seconds
+    router.report_failure("slow", "stage 1 rejected backward tensor: causal_tail", judge="a")
+    clock.advance(2.0)
+    picks = Counter()
+    for _ in range(400):
+        chain = router.pick_chain()
+        router.release(chain)
+        picks[chain[1]] += 1
+    assert 140 <= picks["slow"] <= 260, picks
+    clock.advance(router.cfg.suspect_memory_s)
+    picks = Counter()
+    for _ in range(100):
+        chain = router.pick_chain()
+        router.release(chain)
+        picks[chain[1]] += 1
+    assert picks["slow"] == 0, picks
+
+
 def test_success_halves_strikes():
     clock = FakeClock()
     bans = LocalBans(base_s=5.0, max_s=300.0, clock=clock)

@@ -140,3 +140,28 @@ def test_tamper_functions_change_tensors():
         assert not torch.equal(tamper(x, name, 2.0, gen), x), name
     with pytest.raises(ValueError):
         AttackConfig(name="nope")
+
+
+def _shifted(honest, start: int, senders, shift: float = 2.0):
+    """Activations of ``senders`` from micro-batch ``start`` on, shifted by ``shift`` x their RMS on every feature."""
+    out = []
+    for i, act, grad in honest:
+        if i >= start and f"p{i % 3}" in senders:
+            act = act + shift * act.pow(2).mean().sqrt()
+        out.append((i, act, grad))
+    return out
+
+
+def test_drift_shared_by_most_senders_is_followed_not_rejected(honest):
+    """Training can move every honest sender at once (an optimizer step): a shift that most senders share is the
+    new normal once a majority of the *other* senders show it: with three senders, the first two to show each
+    statistic's move are rejected, then everything is accepted again (without the rule: 20 rejections in a row,
+    and counting); the same shift from one sender alone is rejected (the sleeper case)."""
+    shared = [r for r in run(_shifted(honest, 150, {"p0", "p1", "p2"})) if r[2] == FORWARD and r[0] >= 150]
+    rejected = [(i, s, v.reason) for i, s, _, _, v in shared if not v.accepted]
+    assert len(rejected) <= 6 and all(i < 160 for i, *_ in rejected), rejected
+    assert any(v.baseline == "drift" for *_, v in shared)
+    alone = [r for r in run(_shifted(honest, 150, {"p2"})) if r[2] == FORWARD and r[0] >= 150]
+    caught = [v for i, s, _, _, v in alone if s == "p2" and not v.accepted]
+    assert len(caught) >= 0.9 * sum(1 for r in alone if r[1] == "p2"), [v.reason for *_, v in alone if v.sender == "p2"]
+    assert all(v.accepted for i, s, _, _, v in alone if s != "p2")

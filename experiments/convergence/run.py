@@ -36,7 +36,6 @@ attacked with defences on and attacked with defences off (``--no-sentinel``). Th
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import fcntl
 import json
@@ -98,14 +97,6 @@ class ConvergenceSim(SwarmSim):
         self.eval_ids = [self.stream.microbatch(i) for i in range(first, per_epoch)]
         self.curve: List[tuple] = []  # (micro-batches since the swarm started, held-out loss)
         self.train_losses: List[tuple] = []  # (micro-batch since the swarm started, training loss) of completed ones
-
-    def pretrain(self) -> None:
-        """``SwarmSim.pretrain``, then the optimizers' state replaced by private copies: the simulator's per-process
-        cache hands its own state tensors to ``load_state_dict``, which keeps them on CPU, so without this every run
-        would update the cache in place and the next run in the process would start from this run's Adam moments."""
-        super().pretrain()
-        for opt in self.optimizers:
-            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
     def _maybe_reputation_round(self) -> None:
         if self.defences:

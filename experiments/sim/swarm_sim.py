@@ -273,8 +273,8 @@ class SwarmSim:
                 t.honest_rejected += 1
                 t.fp_by[verdict.statistic or verdict.baseline] += 1
 
-    def _chain(self, index: int, chain: List[str], ids: torch.Tensor) -> Tuple[bool, float, str, Optional[str]]:
-        """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, blame)."""
+    def _chain(self, index: int, chain: List[str], ids: torch.Tensor) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
+        """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, (blamed sender, judge))."""
         cfg = self.cfg
         step = index // cfg.microbatches_per_step
         self.in_warmup = step < cfg.sentinel.warmup_steps
@@ -294,7 +294,7 @@ class SwarmSim:
                 peer.ledger.record_verdict(verdict)
                 self._count(verdict, tampered, name)
                 if not verdict.accepted:
-                    return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", sender
+                    return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", (sender, name)
                 x_in = x.detach().float().requires_grad_(True)
             else:
                 x_in = x
@@ -313,7 +313,7 @@ class SwarmSim:
                         if name not in self.byzantine:
                             self._recount_loss_rejection(tampered)
                         self.rejections.append((index, name, chain[k - 1], "loss", tampered, verdict.reason))
-                        return False, math.nan, f"stage {k} rejected forward tensor: loss", chain[k - 1]
+                        return False, math.nan, f"stage {k} rejected forward tensor: loss", (chain[k - 1], name)
             else:
                 x, tampered = self._outbound(peer, out, FORWARD, meta)
         # backward: the last stage first, then each receiver checks the gradient against what it sent
@@ -331,7 +331,7 @@ class SwarmSim:
             peer.ledger.record_verdict(verdict)
             self._count(verdict, tampered, peer.name)
             if not verdict.accepted:
-                return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", sender
+                return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", (sender, peer.name)
             out.backward(grad)
             self.accumulated[k] += 1
             if k > 0:
@@ -399,8 +399,8 @@ class SwarmSim:
                 self.losses.append(loss)
                 self._end(index, "completed")
                 return
-            if blame is not None:
-                self.router.report_failure(blame, reason)
+            if blame is not None:  # every blame here is a SENTINEL verdict (the stage server's ChainError.judge)
+                self.router.report_failure(blame[0], reason, judge=blame[1])
             if attempt + 1 < self.cfg.max_attempts:
                 self.retried += 1
                 self.retry_reasons[reason.split(":")[0]] += 1
@@ -484,7 +484,9 @@ class SwarmSim:
         if cached is not None:
             for module, opt, (module_state, opt_state) in zip(self.modules, self.optimizers, cached):
                 module.load_state_dict(module_state)
-                opt.load_state_dict(opt_state)
+                # a private copy: the optimizer keeps the state tensors it is given (same device and dtype), and
+                # its steps would otherwise update the cache in place for the next run in this process
+                opt.load_state_dict(copy.deepcopy(opt_state))
             self.epoch = c.pretrain_microbatches // c.microbatches_per_step
             return
         for index in range(self.cfg.pretrain_microbatches):
