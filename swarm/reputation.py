@@ -96,7 +96,11 @@ class ReputationLedger:
             tally.reasons[(reason or direction or UNSPECIFIED)[:32]] += 1
 
     def record_verdict(self, verdict) -> None:
-        """Count a sentinel :class:`~swarm.sentinel.Verdict`; a rejection's reason is its statistic (or baseline)."""
+        """Count a sentinel :class:`~swarm.sentinel.Verdict`; a rejection's reason is its statistic (or baseline).
+        A rejection that is no evidence about its sender (``verdict.evidence`` False: others deviated alike just
+        before, which looks like training drift) is not counted at all."""
+        if not verdict.accepted and not getattr(verdict, "evidence", True):
+            return
         self.record(verdict.sender, verdict.accepted, verdict.direction, verdict.statistic or verdict.baseline)
 
     def flagged(self, peer: str) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Dict, Optional
+from typing import Awaitable, Callable, Dict, List, Optional
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -70,6 +70,7 @@ class ReputationService:
         self.bound: Dict[str, bytes] = {}  # peer id -> RSA key it confirmed as its own
         self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
         self.banned_since: Dict[str, float] = {}
+        self.on_blacklisted: List[Callable[[str], None]] = []  # called once with each newly blacklisted peer
         self._task: Optional[asyncio.Task] = None
 
     # ---- verdicts ----------------------------------------------------------------------------------------------
@@ -124,19 +125,23 @@ class ReputationService:
             if report.reporter in reports and reports[report.reporter].issued_at >= report.issued_at:
                 continue
             reports[report.reporter], keys[report.reporter] = report, subkey
-        reachable = set()
-        for reporter, subkey in keys.items():
-            if reporter not in self.bound and self.lookup_key is not None:
-                claimed = await self.lookup_key(reporter)
-                if claimed is not None:
-                    self.bound[reporter] = claimed
-            if self.bound.get(reporter) == subkey:
-                reachable.add(reporter)
+        # this peer's own key needs no lookup (libp2p cannot dial itself: asking would always fail, and this peer's
+        # own report would weigh nothing in its own aggregate); the others' are asked for concurrently
+        self.bound.setdefault(self.peer_id, local_public_key())
+        unbound = [r for r in keys if r not in self.bound]
+        if unbound and self.lookup_key is not None:
+            claimed = await asyncio.gather(*(self.lookup_key(r) for r in unbound), return_exceptions=True)
+            for reporter, key in zip(unbound, claimed):
+                if isinstance(key, bytes):
+                    self.bound[reporter] = key
+        reachable = {reporter for reporter, subkey in keys.items() if self.bound.get(reporter) == subkey}
         self.aggregate = aggregate(reports, self.first_seen, now, self.cfg, reachable=reachable)
         for peer in self.aggregate.blacklist:
             if peer not in self.banned_since:
                 self.banned_since[peer] = now
                 logger.info(f"blacklisted {peer[-8:]}: {self.reason(peer)}")
+                for listener in self.on_blacklisted:
+                    listener(peer)
         if self.publish_blacklist:
             record = self.aggregate.to_blacklist_record(self.peer_id, now)
             await self._store(blacklist_key(self.run_id), record.to_value())

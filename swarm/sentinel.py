@@ -103,7 +103,11 @@ class Verdict:
     threshold: float
     reason: str  # human-readable; "ok" when accepted
     statistic: str = ""
-    baseline: str = ""  # "sender", "population", "hard", "replay" or "warmup"
+    baseline: str = ""  # "sender", "population", "relative", "momentum", "drift", "hard", "replay" or "warmup"
+    # a rejection that counts against the sender in reputation; False when another sender was just rejected for the
+    # same statistic in the same direction (more likely training drift than two attackers: the tensor is still
+    # rejected, but it is no evidence about this sender)
+    evidence: bool = True
 
     def __str__(self) -> str:
         return self.reason
@@ -166,6 +170,7 @@ class _Population:
     def __init__(self, cfg: SentinelConfig):
         self.cfg = cfg
         self.window: Deque[Dict[str, float]] = deque(maxlen=cfg.window)
+        self.window_senders: Deque[str] = deque(maxlen=cfg.window)  # who sent each window entry
         self.past_deviations: Deque[Dict[str, float]] = deque(maxlen=max(cfg.warmup, cfg.window // 2))
         self.vectors: Dict[str, torch.Tensor] = {}
         self._warm_vectors: List[Dict[str, torch.Tensor]] = []
@@ -183,10 +188,23 @@ class _Population:
         return value
 
     def window_stats(self, name: str) -> Tuple[int, float, float]:
-        """(count, median, MAD) of a statistic over the window."""
+        """(count, median, MAD) of a statistic over the window; with three or more senders in it, the median is
+        the median of the senders' own medians (one vote per sender): a receiver that happened to get most of its
+        first tensors from one bad sender does not take that sender for the norm (measured: in a 4 x 3 swarm one
+        receiver did, and rejected its honest senders for 5-11x RMS 59 times)."""
         def compute():
-            values = [entry[name] for entry in self.window if name in entry]
-            return (len(values), *_robust(values)) if values else (0, 0.0, 0.0)
+            by_sender: Dict[str, List[float]] = {}
+            values = []
+            for sender, entry in zip(self.window_senders, self.window):
+                if name in entry:
+                    values.append(entry[name])
+                    by_sender.setdefault(sender, []).append(entry[name])
+            if not values:
+                return 0, 0.0, 0.0
+            if len(by_sender) < 3:
+                return (len(values), *_robust(values))
+            center = _median([_median(v) for v in by_sender.values()])
+            return len(values), center, 1.4826 * _median([abs(v - center) for v in values])
         return self._cached("window", name, compute)
 
     @property
@@ -233,7 +251,7 @@ class _Population:
         return out
 
     def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor], accepted: bool,
-               deviations: Optional[Dict[str, float]] = None) -> None:
+               deviations: Optional[Dict[str, float]] = None, sender: str = "") -> None:
         """Follow the traffic, rejected tensors included but bounded: scalars enter the window clipped to
         ``threshold`` spreads (so honest drift still moves the median while a minority pushing one way cannot
         move it far), and rejected tensors move the vector EMAs at a quarter of the rate. Without this, a baseline
@@ -251,6 +269,7 @@ class _Population:
             self.past_deviations.append({name: max(-bound_, min(bound_, d)) for name, d in deviations.items()
                                          for bound_ in [self.cfg.threshold * max(self.spread(name), 1e-9)]})
         self.window.append(scalars)
+        self.window_senders.append(sender)
         self._version += 1
         self._has_vectors = self._has_vectors or bool(vectors)
         if not vectors:
@@ -330,6 +349,18 @@ class SentinelMonitor:
         self._projections: Dict[int, torch.Tensor] = {}
         self.checked = 0
         self.rejected = 0
+
+    def forget(self, sender: str) -> None:
+        """Drop what is kept about ``sender`` as a reference for the others (call it when the sender is blacklisted
+        or leaves): its latest values, its momentum and its place among the recently seen senders. Its own
+        baseline stays, in case it comes back."""
+        for by_sender in (self.latest, self.last_seen):
+            for entries in by_sender.values():
+                entries.pop(sender, None)
+        for key in [k for k in self.momentum if k[0] == sender]:
+            self.momentum.pop(key, None)
+            self.momentum_count.pop(key, None)
+            self.relative.pop(key, None)
 
     # ---- statistics ------------------------------------------------------------------------------------------
     def _projection(self, hidden: int) -> torch.Tensor:
@@ -451,7 +482,7 @@ class SentinelMonitor:
                 verdict = self._shared_drift(verdict, deviation) or verdict
             # activations only: the RMS of honest gradients varies by an order of magnitude between micro-batches
             if direction == FORWARD and verdict.accepted:
-                verdict = self._relative_rms(scalars, sender, epoch) or verdict
+                verdict = self._relative_rms(scalars, sender, epoch, pop) or verdict
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
@@ -464,6 +495,9 @@ class SentinelMonitor:
                 verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
                                   f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
             self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
+            if not verdict.accepted and verdict.baseline in ("population", "sender", "momentum", "relative"):
+                sign = 1 if signed.get(verdict.statistic, 0.0) >= 0 else -1
+                verdict.evidence = not self._shared_recently(sender, direction, verdict.statistic, sign)
             if verdict.accepted and warm:
                 self._remember(direction, sender, scalars, epoch)
             if verdict.accepted or verdict.baseline == "sender":
@@ -547,7 +581,7 @@ class SentinelMonitor:
         token_spread for 30 micro-batches, and both were blacklisted. "Most": a strict majority of the *other*
         senders seen in the last half window of checks (so an attacker's own outliers can never carry an honest
         majority's verdict on it, nor one honest sender's drift an attacker's). "Alike": the same statistic, the
-        same sign, and not more than ``3x`` the smallest of those deviations (a sender far beyond the shared drift
+        same sign, and not more than ``5x`` the smallest of those deviations (a sender far beyond the shared drift
         is still rejected). Suspects count too: drift makes honest senders look suspect. Hard and relative-RMS
         checks still apply afterwards (and momentum, which compares senders with each other)."""
         direction, sender, stat = verdict.direction, verdict.sender, verdict.statistic
@@ -563,16 +597,20 @@ class SentinelMonitor:
         others = active - {sender}
         if not alike or 2 * len(alike) <= len(others):
             return None
-        if verdict.score > 3 * min(alike.values()):
+        if verdict.score > 5 * min(alike.values()):
             return None
         return Verdict(True, sender, direction, verdict.score, verdict.threshold,
                        f"ok (drift shared by {len(alike)} of the {len(others)} other senders: {verdict.reason})",
                        stat, "drift")
 
-    def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int]) -> Optional[Verdict]:
+    def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int],
+                      pop: Optional["_Population"] = None) -> Optional[Verdict]:
         """No statistics needed to see an activation ``max_rms_ratio`` times louder or quieter than what the other
         senders send now: rejected when it is that far off from a majority of them (with two others, from both:
-        one other sender that is itself off cannot get an honest one rejected)."""
+        one other sender that is itself off cannot get an honest one rejected). With a single other sender to
+        compare with, it must also be that far off the population's centre (one vote per sender): measured in a
+        4 x 3 swarm, an attacker's x10 tensors accepted during a receiver's warm-up were the only reference at
+        first, and honest senders were rejected against it 59 times."""
         others = [values["log_rms"] for values in self._representatives(FORWARD, sender, epoch) if "log_rms" in values]
         if not others:
             return None
@@ -580,6 +618,10 @@ class SentinelMonitor:
         ratio = ratios[(len(ratios) + 1) // 2 - 1]  # off by at least this much from a majority of them
         if ratio <= self.cfg.max_rms_ratio:
             return None
+        if len(others) == 1 and pop is not None:
+            count, center, _ = pop.window_stats("log_rms")
+            if count >= self.cfg.warmup and math.exp(abs(scalars["log_rms"] - center)) <= self.cfg.max_rms_ratio:
+                return None
         return Verdict(False, sender, FORWARD, ratio, self.cfg.max_rms_ratio,
                        f"RMS is {ratio:.1f}x off what the other senders send now", "log_rms", "relative")
 
@@ -609,7 +651,13 @@ class SentinelMonitor:
         for name, z in signed.items():
             z = max(-self.cfg.momentum_clip, min(self.cfg.momentum_clip, z))  # one wild value must not dominate
             state[name] = b * state.get(name, 0.0) + (1 - b) * z
-        peers = [k for k in self.momentum if k[1] == direction and self.momentum_count[k] >= self.cfg.momentum_min_count]
+        # only senders still sending: a departed or blacklisted one's momentum is frozen, and compared with it an
+        # honest majority that drifts together looks persistently off (measured in live 2 x 3 runs, right after
+        # the attacker was blacklisted)
+        seen = self.last_seen.get(direction, {})
+        horizon = self.checked - self.cfg.window
+        peers = [k for k in self.momentum if k[1] == direction and self.momentum_count[k] >= self.cfg.momentum_min_count
+                 and seen.get(k[0], self.checked) >= horizon]
         # with two senders the median cannot tell which one is off: relative momentum needs three or more
         if count < self.cfg.momentum_min_count or len(peers) < 3:
             return None
@@ -640,7 +688,18 @@ class SentinelMonitor:
         if not self.suspect(sender, direction) and (
             verdict.accepted or self._drift(sender, direction, verdict.statistic, sign)
         ):
-            pop.update(scalars, vectors, verdict.accepted, deviations)
+            pop.update(scalars, vectors, verdict.accepted, deviations, sender)
+
+    def _shared_recently(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
+        """Whether another sender deviated in ``statistic`` with the same sign within the last quarter window of
+        checks (an outlier of any baseline, or a rejection)."""
+        horizon = self.checked - self.cfg.window // 4
+        outliers = self.recent_outliers.get(direction, ())
+        rejections = self.recent_rejections.get(direction, ())
+        return (any(other != sender and stat == statistic and sgn == sign and when >= horizon
+                    for when, other, stat, sgn, _ in outliers)
+                or any(other != sender and stat == statistic and sgn == sign and when >= horizon
+                       for when, other, stat, sgn in rejections))
 
     def _drift(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
         recent = self.recent_rejections.get(direction, ())

@@ -226,6 +226,8 @@ class StageServer(ServicerBase):
                 ledger=self.ledger, lookup_key=self.lookup_key, publish_blacklist=True,
                 admission=self.admission, admission_proof=self.admission_proof,
             )
+            if self.sentinel is not None:  # a blacklisted sender is no reference for the others any more
+                self.reputation.on_blacklisted.append(self.sentinel.forget)
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
 

@@ -57,7 +57,5 @@ def test_scale_quick(tmp_path):
         assert row["completed"] + row["dropped"] == row["microbatches"]  # every micro-batch ends exactly once
         assert row["byzantine"] >= 2 and row["tampered_checked"] > 0 and row["honest_checked"] > 100
         assert row["round_ms"] > 0 and row["aggregate_ms"] > 0
-    small = runs[0]  # 2 x 3: honest peers are never rejected or blacklisted
-    assert small["false_positive_rate"] < 0.05 and not small["honest_blacklisted"], small
-    # 4 x 3 from the same start is a known failure at commit 64a75a3: honest stage-2 peers get blacklisted (false
-    # positives 8%); reported in experiments/scale/README.md, not asserted here
+    for row in runs:  # no honest peer blacklisted, few honest tensors rejected (measured: 0% at both sizes)
+        assert row["false_positive_rate"] < 0.02 and not row["honest_blacklisted"], row

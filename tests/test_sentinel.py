@@ -159,9 +159,13 @@ def test_drift_shared_by_most_senders_is_followed_not_rejected(honest):
     and counting); the same shift from one sender alone is rejected (the sleeper case)."""
     shared = [r for r in run(_shifted(honest, 150, {"p0", "p1", "p2"})) if r[2] == FORWARD and r[0] >= 150]
     rejected = [(i, s, v.reason) for i, s, _, _, v in shared if not v.accepted]
-    assert len(rejected) <= 6 and all(i < 160 for i, *_ in rejected), rejected
+    assert len(rejected) <= 8 and all(i < 170 for i, *_ in rejected), rejected
     assert any(v.baseline == "drift" for *_, v in shared)
+    # rejected, but not evidence against the sender (reputation ignores them) once another sender moved alike
+    evidence = [(i, s, v.reason) for i, s, _, _, v in shared if not v.accepted and v.evidence]
+    assert len(evidence) <= 2, evidence
     alone = [r for r in run(_shifted(honest, 150, {"p2"})) if r[2] == FORWARD and r[0] >= 150]
     caught = [v for i, s, _, _, v in alone if s == "p2" and not v.accepted]
     assert len(caught) >= 0.9 * sum(1 for r in alone if r[1] == "p2"), [v.reason for *_, v in alone if v.sender == "p2"]
+    assert all(v.evidence for v in caught)  # a sender that moved alone: every rejection is a strike
     assert all(v.accepted for i, s, _, _, v in alone if s != "p2")

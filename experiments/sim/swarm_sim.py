@@ -465,6 +465,9 @@ class SwarmSim:
         self.round_seconds.append(done - started)
         if self.cfg.keep_reports:
             self.report_history.append((now, dict(self.reports), dict(self.first_seen)))
+        for peer in set(self.aggregate.blacklist) - set(self.blacklist):
+            for other in self.peers.values():  # as the stage server's ReputationService.on_blacklisted does
+                other.sentinel.forget(peer)
         self.blacklist = dict(self.aggregate.blacklist)
         for peer in self.blacklist:
             self.ever_blacklisted.add(peer)
