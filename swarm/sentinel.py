@@ -78,7 +78,9 @@ class SentinelConfig:
     replay_window: int = 64
     replay_threshold: float = 0.95
     sketch_dim: int = 256  # tokens sampled for the replay sketch
-    max_abs_value: float = 1e4
+    # far above anything honest: the residual stream of a model trained from scratch grows past 1e4 (measured in the
+    # simulator after ~650 micro-batches: every honest stage-0 peer was rejected for it and blacklisted)
+    max_abs_value: float = 1e6
     # gradients: RMS at the last position, relative to the whole tensor's, above which it is rejected (None: off).
     # Exactly zero for honest gradients of a causal LM trained on next-token loss (see hard_check); the tolerance
     # leaves room for lossy wire compression

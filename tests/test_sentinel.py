@@ -169,3 +169,16 @@ def test_drift_shared_by_most_senders_is_followed_not_rejected(honest):
     assert len(caught) >= 0.9 * sum(1 for r in alone if r[1] == "p2"), [v.reason for *_, v in alone if v.sender == "p2"]
     assert all(v.evidence for v in caught)  # a sender that moved alone: every rejection is a strike
     assert all(v.accepted for i, s, _, _, v in alone if s != "p2")
+
+
+def test_forget_drops_a_sender_as_reference(honest):
+    """A blacklisted sender's frozen momentum and stale values must not serve as references for the others."""
+    monitor = SentinelMonitor(SentinelConfig())
+    for i, act, grad in honest[:90]:
+        monitor.check(act, f"p{i % 3}", FORWARD, microbatch=str(i))
+    assert "p2" in monitor.latest[FORWARD] and ("p2", FORWARD) in monitor.momentum
+    monitor.forget("p2")
+    assert "p2" not in monitor.latest[FORWARD] and "p2" not in monitor.last_seen[FORWARD]
+    assert ("p2", FORWARD) not in monitor.momentum and ("p2", FORWARD) in monitor.senders  # its own baseline stays
+    verdict = monitor.check(honest[90][1], "p0", FORWARD, microbatch="90")
+    assert verdict.accepted, verdict.reason
