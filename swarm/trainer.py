@@ -172,6 +172,7 @@ class Trainer:
         self.reputation_cfg = reputation
         self.reputation: Optional[ReputationService] = None
         self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
+        self.first_rejected_at: Dict[str, int] = {}  # peer -> micro-batches ended at the first SENTINEL rejection of it
         self.chosen_at_blacklist: Dict[str, int] = {}  # peer -> times the router had chosen it by then
         self._progress_kick: Optional[asyncio.Event] = None
         self._progress_stop = False
@@ -314,6 +315,8 @@ class Trainer:
             reason = result.reason
             if result.blame is not None:
                 duration = self.router.report_failure(result.blame, reason, judge=result.judge)
+                if result.judge is not None:
+                    self.first_rejected_at.setdefault(result.blame, len(self.ledger.outcome))
                 logger.info(f"micro-batch {index} attempt {attempt}: {reason}; banned {result.blame[-8:]} for {duration:.0f}s")
             else:
                 logger.info(f"micro-batch {index} attempt {attempt}: {reason}")
@@ -416,6 +419,7 @@ class Trainer:
                 entry.update(reputation=round(self.reputation.score(state.peer_id), 4),
                              blacklisted=swarm_verdict(blacklists or {}, state.peer_id),
                              blacklist_reason=self.reputation.reason(state.peer_id),
+                             first_rejected_after_microbatches=self.first_rejected_at.get(state.peer_id),
                              blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id),
                              chosen_after_blacklisted=(state.chosen - self.chosen_at_blacklist[state.peer_id]
                                                        if state.peer_id in self.chosen_at_blacklist else None))
