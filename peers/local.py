@@ -291,6 +291,11 @@ def run(args) -> int:
     metrics_out = args.metrics_out or os.path.join(swarm.workdir, "metrics.jsonl")
     summary_json = args.summary_json or os.path.join(swarm.workdir, "summary.json")
     started = time.monotonic()
+
+    def terminated(signum, frame):  # SIGTERM (a supervisor, `kill`) stops the children too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         swarm.start_dht(shape_args(args), timeout=args.startup_timeout)
         print(f"swarm local: bootstrap address: {swarm.initial_peers[0]}", flush=True)

@@ -202,3 +202,36 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     assert sum(p["flagged"] for p in peers if p["role"] == "stage" and not p.get("byzantine")) <= 10, peers
     mb = summary["microbatches"]  # each accounted for once; a burst of honest rejections may exhaust 5 attempts
     assert mb["completed"] + mb["dropped"] == steps * per_step and mb["dropped"] <= 2, mb
+
+
+def test_swarm_local_stops_its_children_on_sigterm(tmp_path):
+    """`kill` (SIGTERM) of `swarm local` stops every peer process it started, as Ctrl-C does."""
+    import subprocess
+    import sys
+
+    run_id = f"itest-term-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "peers.cli", "local", "--workdir", str(tmp_path / "w"),
+                             "--run-id", run_id, "--stages", "2", "--replicas", "1", "--steps", "500",
+                             "--seq-len", "32", "--microbatch-size", "2", "--target-batch-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def children() -> int:
+        return int(subprocess.run(["pgrep", "-cf", f"run-id {run_id}"], capture_output=True, text=True).stdout or 0)
+
+    try:
+        for line in proc.stdout:
+            if "training" in line and "stage peers up" in line:
+                break
+        else:
+            pytest.fail(f"swarm local exited early with {proc.wait()}")
+        assert children() >= 3  # bootstrap and two stage peers (the trainer runs in its own process too)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) != 0
+        deadline = time.monotonic() + 30
+        while children() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert children() == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", f"run-id {run_id}"])
