@@ -266,7 +266,8 @@ class ReputationReport:
 
     ``clean`` and ``strikes`` count the exchanges with that peer that passed / failed the sentinel's checks;
     ``reasons`` counts strikes by reason (statistic name); the optional ``recent_strikes`` counts the strikes among
-    the latest ``RECENT_WINDOW`` exchanges (so a peer honest for hours that turns bad is judged on what it does now). How reports are weighed is :mod:`swarm.reputation`.
+    the latest ``RECENT_WINDOW`` exchanges (so a peer honest for hours that turns bad is judged on what it does
+    now). How reports are weighed is :mod:`swarm.reputation`.
     """
 
     reporter: str  # the writer's peer id; binding it to the signing key is the reader's job

@@ -16,7 +16,8 @@ The method, and why:
 2. **One liar cannot ban.** A peer is blacklisted only when at least ``min_reporters`` distinct weighted
    reporters each accuse it with enough evidence: ``min_strikes`` strikes and a strike ratio of at least
    ``strike_ratio`` of their exchanges with it, overall or among the latest ``RECENT_WINDOW`` (a sleeper that
-   turns bad after a long clean record is judged on what it does now). A single reporter, however trusted, only lowers a score.
+   turns bad after a long clean record is judged on what it does now). A single reporter, however trusted, only
+   lowers a score.
 3. **A banned peer's word stops counting.** Verdicts are recomputed with the blacklisted reporters' weights (and
    vouching) zeroed until the blacklist is stable (at most ``MAX_ROUNDS``), so an attacker that accuses its
    accusers back, or vouches for its own Sybils, loses that influence once it is caught.
