@@ -580,12 +580,12 @@ class SentinelMonitor:
         """A baseline's verdict is overturned when most of the senders recently seen deviate alike: training moved
         them all (an optimizer step, a learning-rate change), and an honest majority that drifts together is the
         new normal. Measured in a live 2 x 3 run: after such a step every honest stage-0 peer was rejected for
-        token_spread for 30 micro-batches, and both were blacklisted. "Most": a strict majority of the *other*
-        senders seen in the last half window of checks (so an attacker's own outliers can never carry an honest
-        majority's verdict on it, nor one honest sender's drift an attacker's). "Alike": the same statistic, the
-        same sign, and not more than ``5x`` the smallest of those deviations (a sender far beyond the shared drift
-        is still rejected). Suspects count too: drift makes honest senders look suspect. Hard and relative-RMS
-        checks still apply afterwards (and momentum, which compares senders with each other)."""
+        token_spread for 30 micro-batches, and both were blacklisted. "Most": a strict majority, and at least two,
+        of the *other* senders seen in the last half window of checks (so an attacker's own outliers can never carry
+        an honest majority's verdict on it, nor one honest sender's drift an attacker's). "Alike": the same
+        statistic, the same sign, and not more than ``5x`` the smallest of those deviations (a sender far beyond
+        the shared drift is still rejected). Suspects count too: drift makes honest senders look suspect. Hard and
+        relative-RMS checks still apply afterwards (and momentum, which compares senders with each other)."""
         direction, sender, stat = verdict.direction, verdict.sender, verdict.statistic
         sign = 1 if deviation >= 0 else -1
         outliers = self.recent_outliers.setdefault(direction, deque(maxlen=self.cfg.window))
@@ -597,8 +597,8 @@ class SentinelMonitor:
             if other != sender and when >= horizon and other_stat == stat and other_sign == sign and other in active:
                 alike[other] = min(z, alike.get(other, math.inf))
         others = active - {sender}
-        if not alike or 2 * len(alike) <= len(others):
-            return None
+        if len(alike) < 2 or 2 * len(alike) <= len(others):
+            return None  # at least two others: with one, an attacker and an honest sender could each excuse the other
         if verdict.score > 5 * min(alike.values()):
             return None
         return Verdict(True, sender, direction, verdict.score, verdict.threshold,
