@@ -185,10 +185,7 @@ class LocalSwarm:
         ledgers = self.ledgers()
         flagged: Dict[str, int] = {}  # tensors rejected (strikes count only those that are evidence, see Verdict)
         for ledger in ledgers.values():
-            rejected = ledger.get("rejected")
-            if not isinstance(rejected, dict):  # a peer of an older version: its strikes
-                rejected = {peer: tally.get("strikes", 0) for peer, tally in ledger.get("tallies", {}).items()}
-            for peer, count in rejected.items():
+            for peer, count in ledger.get("rejected", {}).items():
                 flagged[peer] = flagged.get(peer, 0) + int(count)
         peers = []
         for child in self.children:

@@ -52,9 +52,10 @@ class LocalBans:
         prev = self._bans.get(peer)
         now = self.clock()
         if fixed_s is not None:
-            until = max(now + fixed_s, prev.until if prev else now)
-            self._bans[peer] = _Ban(until, prev.strikes if prev else 0, reason if until == now + fixed_s else prev.reason)
-            return until - now
+            if prev is not None and prev.until >= now + fixed_s:
+                return prev.until - now
+            self._bans[peer] = _Ban(now + fixed_s, prev.strikes if prev else 0, reason)
+            return fixed_s
         strikes = prev.strikes + 1 if prev else 1
         duration = min(self.base_s * 2 ** (strikes - 1), self.max_s)
         self._bans[peer] = _Ban(now + duration, strikes, reason)
