@@ -183,16 +183,20 @@ class LocalSwarm:
 
     def peers_summary(self) -> List[Dict[str, Any]]:
         ledgers = self.ledgers()
-        flagged: Dict[str, int] = {}  # tensors rejected (strikes count only those that are evidence, see Verdict)
+        flagged: Dict[str, int] = {}  # tensors rejected
+        strikes: Dict[str, int] = {}  # ... of which evidence against the sender (reputation), see Verdict.evidence
         for ledger in ledgers.values():
             for peer, count in ledger.get("rejected", {}).items():
                 flagged[peer] = flagged.get(peer, 0) + int(count)
+            for peer, tally in ledger.get("tallies", {}).items():
+                strikes[peer] = strikes.get(peer, 0) + int(tally.get("strikes", 0))
         peers = []
         for child in self.children:
             if child.role == "stage":
                 peer_id = child.info.get("peer_id")
                 peers.append(dict(peer_id=peer_id, stage=child.stage, role="stage", name=child.name,
                                   byzantine=bool(child.info.get("byzantine", False)), flagged=flagged.get(peer_id, 0),
+                                  strikes=strikes.get(peer_id, 0),
                                   tampered=ledgers.get(peer_id, {}).get("tampered"), exit_code=child.proc.poll()))
             elif child.role == "bootstrap":
                 peers.append(dict(peer_id=child.info.get("peer_id"), stage=None, role="bootstrap", name=child.name,

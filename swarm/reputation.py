@@ -18,7 +18,16 @@ The method, and why:
    ``strike_ratio`` of their exchanges with it, overall or among the latest ``RECENT_WINDOW`` (a sleeper that
    turns bad after a long clean record is judged on what it does now). A single reporter, however trusted, only
    lowers a score.
-3. **A banned peer's word stops counting.** Verdicts are recomputed with the blacklisted reporters' weights (and
+3. **Only neighbours can witness, and a verdict needs a share of them.** A stage peer exchanges tensors only
+   with the peers of the adjacent stages (it receives activations from stage ``s - 1`` and gradients from stage
+   ``s + 1``), so when the aggregator knows who serves which stage (``stages``), an entry by a reporter that
+   does not serve a stage adjacent to the peer's is a claim about exchanges that never happened, and is ignored
+   (for accusations, vouching and scores alike). A verdict also needs the accusers to be at least
+   ``witness_share`` of the *witnesses* on one side of the peer (the weighted reporters of that adjacent stage
+   that exchanged at least ``min_strikes`` tensors with it, accusers included): Byzantine insiders whose honest
+   work earned them weight cannot ban an honest peer that the rest of its neighbours find clean. Sides are
+   judged separately (and together), since an attacker may tamper with one direction only.
+4. **A banned peer's word stops counting.** Verdicts are recomputed with the blacklisted reporters' weights (and
    vouching) zeroed until the blacklist is stable (at most ``MAX_ROUNDS``), so an attacker that accuses its
    accusers back, or vouches for its own Sybils, loses that influence once it is caught.
 
@@ -26,14 +35,17 @@ Scores: ``weighted clean / weighted (clean + 4 x strikes)`` over weighted report
 four clean exchanges. A peer no weighted reporter has evidence on scores 1.0 (neutral: unknown is not bad, or
 every newcomer would be starved of the work it needs to build a record); a blacklisted peer scores 0.0.
 
-Known limit: a clique of Sybils that stay online past probation and vouch for each other's "work" gains weight,
-and with ``min_reporters`` of them it can ban an honest peer. Admission controls bound the size of such a
+Known limit: a clique of Sybils that stay online past probation, announce a stage next to their target's and
+vouch for each other's "work" gains weight, and when they are ``min_reporters`` and ``witness_share`` of its
+witnesses on that side they can ban an honest peer (so can Byzantine insiders that make up that share of its
+neighbours). Admission controls bound the size of such a
 clique (a proof-of-work cost per identity, or an allowlist of identities signed by a swarm authority); they
 live outside this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -56,14 +68,17 @@ class ReputationConfig:
     min_reporters: int = 2  # independent weighted reporters needed for a blacklist verdict
     min_strikes: int = 3  # strikes one reporter must have seen for its accusation to count
     strike_ratio: float = 0.2  # ... and strikes / (clean + strikes) it must have seen
+    witness_share: float = 1 / 3  # accusers needed among the reporters of one adjacent stage that saw >= min_strikes
     report_period_s: float = 5.0  # how often a peer publishes its report
     report_ttl_s: float = 60.0  # how long a published report lives
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.probation_s) and self.probation_s >= 0 and self.probation_work >= 0):
             raise ValueError("reputation: probation_s and probation_work must be finite and >= 0")
-        if not (self.min_reporters >= 1 and self.min_strikes >= 1 and 0 < self.strike_ratio <= 1):
-            raise ValueError("reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1]")
+        if not (self.min_reporters >= 1 and self.min_strikes >= 1 and 0 < self.strike_ratio <= 1
+                and 0 <= self.witness_share <= 1):
+            raise ValueError("reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1], "
+                             "witness_share in [0, 1]")
         if not (0 < self.report_period_s <= self.report_ttl_s <= MAX_TTL_S):
             raise ValueError(f"reputation: need 0 < report_period_s <= report_ttl_s <= {MAX_TTL_S:.0f}")
 
@@ -156,15 +171,22 @@ def aggregate(
     now: float,
     cfg: Optional[ReputationConfig] = None,
     reachable: Optional[Set[str]] = None,
+    stages: Optional[Dict[str, Iterable[int]]] = None,
 ) -> Aggregate:
     """Weigh the reports, reach blacklist verdicts and score every peer mentioned (see the module docstring).
 
     ``reports`` is keyed by the reporter's peer id (the caller binds it to the signing key; a report whose
     ``reporter`` field disagrees with its key weighs 0). ``first_seen[r]`` is when this aggregator first saw
-    reporter ``r`` (missing: now). If ``reachable`` is given, only those reporters may weigh or vouch.
-    Self-reports (a reporter's entry about itself) are ignored everywhere.
+    reporter ``r`` (missing: now). If ``reachable`` is given, only those reporters may weigh or vouch. If
+    ``stages`` (peer id -> the stages it announced) is given, only entries between peers of adjacent stages count;
+    an entry where either side announced no stage is ignored. Self-reports (a reporter's entry about itself) are
+    ignored everywhere.
     """
     cfg = cfg or ReputationConfig()
+    sides: Optional[Dict[str, Dict[str, int]]] = None
+    if stages is not None:
+        stages = {peer: set(served) for peer, served in stages.items()}
+        reports, sides = _plausible(reports, stages)
     eligible = {
         r for r, report in reports.items()
         if report.reporter == r and now - first_seen.get(r, now) >= cfg.probation_s
@@ -175,11 +197,29 @@ def aggregate(
     while not converged and rounds < MAX_ROUNDS:
         rounds += 1
         weights = _weights(reports, eligible - set(blacklist), cfg)
-        verdicts = _verdicts(reports, weights, cfg)
+        verdicts = _verdicts(reports, weights, cfg, sides)
         converged = verdicts.keys() == blacklist.keys()
         blacklist = verdicts
     return Aggregate(weights=weights, scores=_scores(reports, weights, blacklist), blacklist=blacklist,
                      rounds=rounds, converged=converged)
+
+
+def _plausible(reports: Dict[str, ReputationReport], stages: Dict[str, Set[int]]):
+    """The reports with only the entries a reporter can have witnessed (it serves a stage next to the peer's), and
+    the side each remaining entry sees its peer from: +1 when the reporter serves the next stage (it receives the
+    peer's activations), -1 the previous one (the peer's gradients)."""
+    kept: Dict[str, ReputationReport] = {}
+    sides: Dict[str, Dict[str, int]] = {}
+    for r, report in reports.items():
+        entries, seen_from = {}, {}
+        for peer, e in report.entries.items():
+            offsets = {a - b for a in stages.get(r, ()) for b in stages.get(peer, ())}
+            side = 1 if 1 in offsets else -1 if -1 in offsets else 0
+            if side:
+                entries[peer], seen_from[peer] = e, side
+        kept[r] = dataclasses.replace(report, entries=entries)
+        sides[r] = seen_from
+    return kept, sides
 
 
 def _entries_about(reports: Dict[str, ReputationReport], reporters: Iterable[str], peer: str) -> List[dict]:
@@ -195,17 +235,31 @@ def _weights(reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: Repu
     return weights
 
 
-def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], cfg: ReputationConfig) -> Dict:
+def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], cfg: ReputationConfig,
+              sides: Optional[Dict[str, Dict[str, int]]] = None) -> Dict:
+    """Blacklist verdicts: per peer, on either side (see :func:`_plausible`; one side when stages are unknown) or
+    both together, at least ``min_reporters`` accusers that are at least ``witness_share`` of the witnesses there."""
     accusations: Dict[str, List[dict]] = {}
+    # peer -> side -> [accusers, witnesses]
+    counts: Dict[str, Dict[int, List[int]]] = {}
     for r, report in reports.items():
         if weights[r] <= 0:
             continue
         for peer, e in report.entries.items():
-            if peer != r and _accuses(e, cfg):
+            if peer == r:
+                continue
+            accuses = _accuses(e, cfg)
+            side = sides[r][peer] if sides is not None else 0
+            tally = counts.setdefault(peer, {}).setdefault(side, [0, 0])
+            tally[0] += accuses
+            tally[1] += accuses or e["clean"] + e["strikes"] >= cfg.min_strikes
+            if accuses:
                 accusations.setdefault(peer, []).append(e)
     blacklist = {}
     for peer, evidence in accusations.items():
-        if len(evidence) >= cfg.min_reporters:
+        groups = list(counts[peer].values())
+        groups.append([sum(g[0] for g in groups), sum(g[1] for g in groups)])
+        if any(accusers >= max(cfg.min_reporters, cfg.witness_share * witnesses) for accusers, witnesses in groups):
             blacklist[peer] = {"reason": _main_reason(evidence), "reporters": len(evidence),
                                "strikes": sum(e["strikes"] for e in evidence)}
     return blacklist

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Dict, List, Optional
+from typing import Awaitable, Callable, Dict, List, Optional, Set
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -68,6 +68,7 @@ class ReputationService:
         self.admission_proof = admission_proof
         self.first_seen: Dict[str, float] = {}
         self.bound: Dict[str, bytes] = {}  # peer id -> RSA key it confirmed as its own
+        self.stages_of: Dict[str, Set[int]] = {}  # peer id -> stages it announced (only neighbours can witness)
         self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
         self.banned_since: Dict[str, float] = {}
         self.on_blacklisted: List[Callable[[str], None]] = []  # called once with each newly blacklisted peer
@@ -108,9 +109,13 @@ class ReputationService:
         now = get_dht_time()
         stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages,
                                             self.admission)
-        for infos in stages.values():
+        # every stage a peer ever announced, kept after its record expires (a blacklisted peer that left stays
+        # blacklisted when it comes back). Every one, not its latest: stage records are not bound to the peer's key,
+        # and a forged record that moved an honest peer elsewhere would silence every true witness of it
+        for stage, infos in stages.items():
             for info in infos:
                 self.first_seen.setdefault(info.peer_id, now)
+                self.stages_of.setdefault(info.peer_id, set()).add(stage)
         entry = await self.dht.get(reports_key(self.run_id), latest=True, return_future=True)
         parsed, rejected = parse_subkeyed(entry, ReputationReport.from_value, "reputation report")
         for note in rejected:
@@ -135,7 +140,8 @@ class ReputationService:
                 if isinstance(key, bytes):
                     self.bound[reporter] = key
         reachable = {reporter for reporter, subkey in keys.items() if self.bound.get(reporter) == subkey}
-        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg, reachable=reachable)
+        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg, reachable=reachable,
+                                   stages=self.stages_of)
         for peer in self.aggregate.blacklist:
             if peer not in self.banned_since:
                 self.banned_since[peer] = now

@@ -200,9 +200,13 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     assert attacker["reputation"] < 0.5, attacker
     honest = [v for pid, v in views.items() if pid != attacker_id]
     assert len(honest) == 5 and not any(v["blacklisted"] or v["blacklist_reason"] for v in honest), honest
-    # honest strikes happen here: on this loaded 2-core machine replicas sometimes miss an averaging round
-    # ("could not find a group"), their weights then really differ, and one stands out (measured: 0-6 strikes)
-    assert sum(p["flagged"] for p in peers if p["role"] == "stage" and not p.get("byzantine")) <= 10, peers
+    # honest rejections happen here: on this loaded 2-core machine replicas sometimes miss an averaging round
+    # ("could not find a group") and their weights really differ; after the attacker is blacklisted the two honest
+    # stage-0 peers drift alike (a shared drift of two is no evidence, but their tensors are refused until the
+    # baseline follows). Measured: 11-14 rejections, of which strikes (evidence in reputation) 0-6
+    honest_peers = [p for p in peers if p["role"] == "stage" and not p.get("byzantine")]
+    assert sum(p["strikes"] for p in honest_peers) <= 10, peers
+    assert sum(p["flagged"] for p in honest_peers) <= 0.2 * steps * per_step, peers
     mb = summary["microbatches"]  # each accounted for once; a burst of honest rejections may exhaust 5 attempts
     assert mb["completed"] + mb["dropped"] == steps * per_step and mb["dropped"] <= 2, mb
 

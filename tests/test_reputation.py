@@ -560,3 +560,73 @@ def test_empty_and_config_validation():
                 dict(report_ttl_s=MAX_TTL_S + 1), dict(report_period_s=10.0, report_ttl_s=5.0)):
         with pytest.raises(ValueError):
             ReputationConfig(**bad)
+
+
+def staged_swarm(sizes=(8, 4, 4)):
+    """Aged peers ``S{stage}P{i}`` that served each other across adjacent stages (vouched work), and their stages."""
+    s = Swarm()
+    names = [[s.peer(f"S{k}P{i}") for i in range(n)] for k, n in enumerate(sizes)]
+    for k in range(len(sizes) - 1):
+        for a in names[k]:
+            for b in names[k + 1]:
+                s.link(a, b, clean=50)
+                s.link(b, a, clean=50)
+    stages = {name: (k,) for k, group in enumerate(names) for name in group}
+    return s, names, stages
+
+
+def test_insiders_cannot_ban_a_peer_its_other_neighbours_find_clean():
+    """Byzantine insiders with vouched work (trusted reporters) accuse an honest stage-1 peer: two of its eight
+    stage-0 witnesses are not a third of them, so no ban; three of them are."""
+    s, (s0, s1, _), stages = staged_swarm()
+    target = s1[0]
+    for liar in s0[:2]:
+        s.link(liar, target, clean=0, strikes=50)
+    assert not s.aggregate(stages=stages).blacklist
+    assert s.aggregate(ReputationConfig(witness_share=0.0), stages=stages).blacklist  # two reporters alone would
+    s.link(s0[2], target, clean=0, strikes=50)  # a third of its witnesses on that side: the verdict
+    assert set(s.aggregate(stages=stages).blacklist) == {target}
+
+
+def test_accusations_from_a_stage_that_cannot_have_witnessed_are_ignored():
+    """Stage-2 peers never exchange tensors with a stage-0 peer: however trusted, their accusations do not count,
+    nor do those about or by a peer that announced no stage."""
+    s, (s0, _, s2), stages = staged_swarm()
+    for liar in s2:
+        s.link(liar, s0[0], clean=0, strikes=50)
+    agg = s.aggregate(stages=stages)
+    assert not agg.blacklist and agg.score(s0[0]) == 1.0
+    unknown = dict(stages)
+    del unknown[s0[0]]
+    for h in s.entries:
+        if stages[h] == (1,):
+            s.link(h, s0[0], clean=0, strikes=50)
+    assert not s.aggregate(stages=unknown).blacklist
+    assert set(s.aggregate(stages=stages).blacklist) == {s0[0]}
+
+
+def test_an_attacker_tampering_one_direction_is_judged_on_that_side():
+    """A stage-1 peer that tampers only with its activations: all its stage-2 receivers accuse it, its eight stage-0
+    neighbours (who get its honest gradients) find it clean. Together they are 4 of 12, but the stage-2 side alone
+    is 4 of 4: blacklisted."""
+    s, (s0, s1, s2), stages = staged_swarm(sizes=(12, 4, 4))
+    attacker = s1[0]
+    for h in s2:
+        s.link(h, attacker, clean=20, strikes=10)
+    agg = s.aggregate(stages=stages)
+    assert set(agg.blacklist) == {attacker} and agg.blacklist[attacker]["reporters"] == 4
+
+
+def test_witness_share_counts_only_reporters_that_saw_enough():
+    """A neighbour that exchanged fewer than min_strikes tensors with a peer could not have accused it, so it does
+    not count as a witness that found it clean."""
+    s, (s0, s1, _), stages = staged_swarm()
+    attacker = s1[0]
+    for h in s0:
+        s.link(h, attacker, clean=1)  # six of them saw it once or twice
+    for h in s0[:2]:
+        s.link(h, attacker, clean=5, strikes=5)
+    assert set(s.aggregate(stages=stages).blacklist) == {attacker}
+    for h in s0[2:]:
+        s.link(h, attacker, clean=3)  # now they saw enough to have accused it, and did not
+    assert not s.aggregate(stages=stages).blacklist

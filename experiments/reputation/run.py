@@ -103,7 +103,9 @@ def slander_replay(history: List[tuple], counts, cfg) -> List[dict]:
                         reports[name] = ReputationReport(reporter=name, issued_at=now, entries=entries)
                         seen[name] = now if variant == "fresh" else 0.0
                 started = time.perf_counter()
-                agg = aggregate(reports, seen, now, cfg, reachable=set(reports))
+                # every peer at the stage in its name; the Sybils announce the stage next to the target's (stage 0)
+                stages = {r: (0,) if r.startswith("sybil") else (int(r[1:].split("r")[0]),) for r in reports}
+                agg = aggregate(reports, seen, now, cfg, reachable=set(reports), stages=stages)
                 agg_ms.append(1e3 * (time.perf_counter() - started))
                 score = agg.score(TARGET)
                 if TARGET in agg.blacklist and not ever:

@@ -90,7 +90,8 @@ class Byzantine:
 class Sybils:
     """``count`` extra identities that serve nothing and only publish reports accusing ``target``.
 
-    ``join_s``: simulated time they first appear (first_seen); ``vouch``: they vouch for each other's work."""
+    ``join_s``: simulated time they first appear (first_seen); ``vouch``: they vouch for each other's work. They
+    announce a stage next to the target's (the worst case: an accusation from any other stage is ignored)."""
 
     count: int
     target: str
@@ -426,6 +427,16 @@ class SwarmSim:
                         report.entries[other] = {"clean": 1000, "strikes": 0, "reasons": {}}
         return report
 
+    def stages_of(self) -> Dict[str, tuple]:
+        """What ``ReputationService`` reads from stage records: the stage each peer announced (Sybils: one next to
+        their target's)."""
+        stages = {name: (peer.stage,) for name, peer in self.peers.items()}
+        sy = self.cfg.sybils
+        if sy is not None and sy.target in self.peers:
+            target = self.peers[sy.target].stage
+            stages.update({f"sybil{i}": (target - 1 if target > 0 else target + 1,) for i in range(sy.count)})
+        return stages
+
     def _maybe_reputation_round(self) -> None:
         if self.clock - self.last_round < self.cfg.reputation.report_period_s:
             return
@@ -459,7 +470,8 @@ class SwarmSim:
                 continue
             reports[report.reporter] = report
         agg_started = time.perf_counter()
-        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg.reputation, reachable=set(reports))
+        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg.reputation, reachable=set(reports),
+                                   stages=self.stages_of())
         done = time.perf_counter()
         self.agg_seconds.append(done - agg_started)
         self.round_seconds.append(done - started)
