@@ -621,19 +621,22 @@ class SentinelMonitor:
         ratio = ratios[(len(ratios) + 1) // 2 - 1]  # off by at least this much from a majority of them
         if ratio <= self.cfg.max_rms_ratio:
             return None
-        basis = f"{len(others)} other senders"
+        basis, evidence = f"{len(others)} other senders", True
         if len(others) == 1 and pop is not None:
             count, center, _ = pop.window_stats("log_rms")
             off_center = math.exp(abs(scalars["log_rms"] - center))
             if count >= self.cfg.warmup and off_center <= self.cfg.max_rms_ratio:
                 return None
-            basis = f"1 other sender, and {off_center:.1f}x off the centre of {count} recent tensors"
-        # against a single other sender the tensor is still refused, but it is no evidence against its sender: one
-        # reference cannot tell which of the two is off (measured in a live 2 x 3 run: a receiver that had seen
-        # mostly the attacker rejected both honest senders against it)
+            voters = len(set(pop.window_senders))
+            basis = f"1 other sender, and {off_center:.1f}x off the centre of {count} recent tensors of {voters} senders"
+            # the tensor is refused either way, but it is evidence against its sender only if that centre is one vote
+            # per sender of three or more (see _Population.window_stats): one reference alone, or a centre most of
+            # whose tensors came from one sender, cannot tell which is off (measured in a live 2 x 3 run: a receiver
+            # that had seen mostly the attacker rejected both honest senders against it)
+            evidence = count >= self.cfg.warmup and voters >= 3
         return Verdict(False, sender, FORWARD, ratio, self.cfg.max_rms_ratio,
                        f"RMS is {ratio:.1f}x off what the other senders send now ({basis})", "log_rms", "relative",
-                       evidence=len(others) > 1)
+                       evidence=evidence)
 
     def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str,
                centers: Optional[Dict[str, float]] = None) -> Verdict:

@@ -292,7 +292,8 @@ class SwarmSim:
                 if sender in self.blacklist:
                     return False, math.nan, f"refused: sender {sender} is blacklisted", None
                 verdict = peer.sentinel.check(x, sender, FORWARD, microbatch=data_key, step=step, epoch=self.epoch)
-                peer.ledger.record_verdict(verdict)
+                if not verdict.accepted or k < len(chain) - 1:  # the last stage's loss verdict is its ledger entry
+                    peer.ledger.record_verdict(verdict)
                 self._count(verdict, tampered, name)
                 if not verdict.accepted:
                     return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", (sender, name)
