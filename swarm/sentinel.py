@@ -704,9 +704,11 @@ class SentinelMonitor:
             pop.update(scalars, vectors, verdict.accepted, deviations, sender)
 
     def _shared_recently(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
-        """Whether another sender deviated in ``statistic`` with the same sign within the last quarter window of
-        checks (an outlier of any baseline, or a rejection)."""
-        horizon = self.checked - self.cfg.window // 4
+        """Whether another sender deviated in ``statistic`` with the same sign within the last half window of
+        checks (an outlier of any baseline, or a rejection), the horizon of the drift rule. A quarter window was too
+        short: in a live 2 x 3 run the two honest stage-0 peers drifted alike in token_spread for a minute, each
+        receiver saw one of them every ~10 checks, and half of their rejections counted as strikes."""
+        horizon = self.checked - self.cfg.window // 2
         outliers = self.recent_outliers.get(direction, ())
         rejections = self.recent_rejections.get(direction, ())
         return (any(other != sender and stat == statistic and sgn == sign and when >= horizon

@@ -176,7 +176,10 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     steps, start_step, per_step = 26, 11, 4  # 32 / 8: micro-batches per optimizer step
     try:
         swarm.start_dht(SHAPE + REPUTATION)
-        sentinel = ["--sentinel-warmup", "8"]
+        # 3 s to form an averaging group: with 1 s, on this 2-core machine running 8 processes, most peers missed
+        # a round every other step (9-21 "could not find a group" per peer in 26 steps), and replicas that step
+        # alone really diverge, which SENTINEL then sees
+        sentinel = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]
         attack = ["--attack", "scale", "--attack-magnitude", "10", "--attack-start-step", str(start_step)]
         stages = [swarm.start_stage(s, wait=False, extra=sentinel) for s in (0, 0, 1, 1, 1)]
         stages.append(swarm.start_stage(0, name="stage0.byzantine", wait=False, extra=sentinel + attack))
