@@ -17,7 +17,13 @@ way forward, activation-gradients on the way back) the monitor computes:
                     and of the per-token angle with the activation norm. Only the gradient *of these activations*
                     has this per-token structure: stale, foreign or sign-flipped gradients do not;
 - ``replay``        the largest correlation between a random sketch of ``x`` and the sketches of recent tensors
-                    of *other* micro-batches: a stale tensor replayed (even with a little noise on top).
+                    of *other* micro-batches: a stale tensor replayed (even with a little noise on top);
+- ``token_mismatch`` (the last stage, which has the micro-batch's tokens as labels; with the loss) 1 - the mean
+                    cosine between each position's activation and the running mean of the activations accepted for
+                    that position's token (hashed into ``token_buckets``): the residual stream carries its token, so
+                    honest activations fit their tokens (measured on the tiny model: 0.25 from scratch, 0.79 after
+                    400 micro-batches) and activations of other data do not (0.00 +- 0.04), however normal their
+                    statistics look: a replayed stale tensor, or one computed on other tokens.
 
 Each scalar is scored against two baselines, one for the sender and one for the whole population of senders
 to this stage in this direction: ``z = |s - mean| / spread`` where ``mean`` and ``spread`` are EMAs (the spread an
@@ -56,7 +62,7 @@ FORWARD, BACKWARD = "forward", "backward"
 LOSS = "loss"  # the last stage's loss on received activations: a free check of what statistics cannot see
 SCALARS = ("log_rms", "mean_shift", "profile", "skew_align", "token_spread", "alignment", "norm_corr", "angle_corr")
 # distances and spikes are suspicious only when large; the others in both directions
-ONE_SIDED = {"mean_shift", "profile", "loss"}
+ONE_SIDED = {"mean_shift", "profile", "loss", "token_mismatch"}
 DISTANCES = {"mean_shift", "profile", "skew_align"}
 
 
@@ -85,6 +91,8 @@ class SentinelConfig:
     # Exactly zero for honest gradients of a causal LM trained on next-token loss (see hard_check); the tolerance
     # leaves room for lossy wire compression
     causal_tail_tolerance: Optional[float] = 0.01
+    token_buckets: int = 1024  # hashed token ids of the last stage's token-fit check (0: off)
+    token_decay: float = 0.99  # per accepted tensor: the token means follow training
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -349,6 +357,9 @@ class SentinelMonitor:
         # direction -> sender -> its last accepted (when, statistics, epoch)
         self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float], Optional[int]]]]] = {}
         self._projections: Dict[int, torch.Tensor] = {}
+        # token_mismatch: decayed sums and counts of accepted activations per hashed token id
+        self.token_sums: Optional[torch.Tensor] = None
+        self.token_counts: Optional[torch.Tensor] = None
         self.checked = 0
         self.rejected = 0
 
@@ -512,12 +523,50 @@ class SentinelMonitor:
             self.rejected += 1
         return verdict
 
+    # ---- the last stage: checks that need the micro-batch's tokens ----------------------------------------------
+    def _token_ids(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if (not self.cfg.token_buckets or tokens is None or x.dim() != 3 or tuple(tokens.shape) != tuple(x.shape[:2])
+                or tokens.is_floating_point()):
+            return None
+        return tokens.reshape(-1).to(x.device).long() % self.cfg.token_buckets
+
+    def token_fit(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> Optional[float]:
+        """Mean cosine between each position's activation (centred) and the running mean of the accepted activations
+        of its token (centred), over the positions whose token was seen before; None until a quarter are."""
+        ids = self._token_ids(x, tokens)
+        if ids is None or self.token_sums is None or self.token_sums.shape[1] != x.shape[-1]:
+            return None
+        flat = x.detach().float().reshape(-1, x.shape[-1])
+        known = self.token_counts[ids] >= 1.0
+        if int(known.sum()) < max(8, flat.shape[0] // 4):
+            return None
+        seen = self.token_counts >= 1.0
+        means = self.token_sums[seen] / self.token_counts[seen, None]
+        token_means = self.token_sums[ids[known]] / self.token_counts[ids[known], None]
+        cos = torch.nn.functional.cosine_similarity(flat[known] - flat.mean(dim=0), token_means - means.mean(dim=0),
+                                                    dim=1)
+        return float(cos.mean())
+
+    def _learn_tokens(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> None:
+        ids = self._token_ids(x, tokens)
+        if ids is None:
+            return
+        flat = x.detach().float().reshape(-1, x.shape[-1])
+        if self.token_sums is None or self.token_sums.shape[1] != flat.shape[1]:
+            self.token_sums = torch.zeros(self.cfg.token_buckets, flat.shape[1], device=flat.device)
+            self.token_counts = torch.zeros(self.cfg.token_buckets, device=flat.device)
+        self.token_sums.mul_(self.cfg.token_decay).index_add_(0, ids, flat)
+        self.token_counts.mul_(self.cfg.token_decay).index_add_(0, ids, torch.ones_like(ids, dtype=flat.dtype))
+
     def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None,
-                   epoch: Optional[int] = None) -> Verdict:
-        """Judge the loss the last stage computed on ``sender``'s activations, before any backward.
+                   epoch: Optional[int] = None, activations: Optional[torch.Tensor] = None,
+                   tokens: Optional[torch.Tensor] = None) -> Verdict:
+        """Judge the loss the last stage computed on ``sender``'s ``activations``, before any backward, and how well
+        those activations fit the micro-batch's ``tokens`` (the labels; ``token_mismatch``, see the module
+        docstring).
 
         Activations that look statistically normal but belong to other data (a replayed stale tensor, a shuffled
-        one) give a loss far above the usual: the check costs nothing, the loss is computed anyway.
+        one) give a loss above the usual and do not fit their tokens: both checks cost next to nothing.
         """
         self.checked += 1
         if not math.isfinite(loss):
@@ -525,6 +574,9 @@ class SentinelMonitor:
             return Verdict(False, sender, LOSS, float("inf"), 0.0, "non-finite loss", "loss", "hard")
         pop = self.population.setdefault(LOSS, _Population(self.cfg))
         scalars = {"loss": math.log(max(loss, 1e-6))}
+        fit = self.token_fit(activations, tokens) if activations is not None else None
+        if fit is not None:
+            scalars["token_mismatch"] = 1.0 - fit
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
         centers = self._centers(LOSS, sender, epoch)
         warm = pop.ready
@@ -538,6 +590,8 @@ class SentinelMonitor:
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
         if verdict.accepted and warm:
             self._remember(LOSS, sender, scalars, epoch)
+        if verdict.accepted and activations is not None:
+            self._learn_tokens(activations, tokens)
         if not verdict.accepted:
             self.rejected += 1
             verdict.direction = FORWARD  # it is the activations that are rejected

@@ -398,7 +398,7 @@ class StageServer(ServicerBase):
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction, verdict=True)
 
-    def _check_loss(self, loss: float, sender: str, meta: Dict[str, Any]) -> None:
+    def _check_loss(self, loss: float, sender: str, meta: Dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> None:
         """The last stage's loss on the sender's activations, judged before any backward (see SentinelMonitor). Its
         verdict is the ledger's one entry for those activations: counting both checks of an accepted tensor as two
         clean exchanges halved the strike ratio of an attacker at the last stage's inputs (measured in a live 2 x 3
@@ -408,7 +408,7 @@ class StageServer(ServicerBase):
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
         verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step,
-                                           epoch=_epoch(meta.get("sender_epoch")))
+                                           epoch=_epoch(meta.get("sender_epoch")), activations=x, tokens=labels)
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
@@ -475,7 +475,7 @@ class StageServer(ServicerBase):
                         raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
                     loss_t, loss_s = await loop.run_in_executor(self.executor, self._loss, out, labels)
                     fwd_s += loss_s
-                    self._check_loss(float(loss_t.detach()), sender, meta)
+                    self._check_loss(float(loss_t.detach()), sender, meta, x, labels)
                     loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, loss_t)
                 else:
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch,

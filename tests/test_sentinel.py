@@ -182,3 +182,46 @@ def test_forget_drops_a_sender_as_reference(honest):
     assert ("p2", FORWARD) not in monitor.momentum and ("p2", FORWARD) in monitor.senders  # its own baseline stays
     verdict = monitor.check(honest[90][1], "p0", FORWARD, microbatch="90")
     assert verdict.accepted, verdict.reason
+
+
+def _last_stage_traffic(num: int, pretrain: int = 40):
+    """(activations, tokens, loss) arriving at the last stage of a 2-stage pipeline training on the shipped corpus."""
+    torch.manual_seed(1)
+    stages = [StageModule(CFG, s, 2) for s in range(2)]
+    opt = torch.optim.AdamW([p for s in stages for p in s.parameters()], lr=2e-3)
+    stream = MicroBatchStream(load_token_blocks(DataConfig(seq_len=32, microbatch_size=4)), 4, seed=1)
+    out = []
+    for i in range(pretrain + num):
+        ids = stream.microbatch(i)
+        act = stages[0](ids)
+        loss = causal_lm_loss(stages[1](act), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= pretrain:
+            out.append((act.detach(), ids, float(loss.detach())))
+    return out
+
+
+def test_activations_of_other_tokens_do_not_fit_and_are_rejected():
+    """The last stage knows the micro-batch's tokens (its labels). Honest activations fit them; a sender that
+    replays activations of other data (here: the activations of the micro-batch 5 before) does not, however normal
+    its statistics and loss look, and is rejected for token_mismatch while the honest senders are not."""
+    data = _last_stage_traffic(150)
+    monitor = SentinelMonitor(SentinelConfig())
+    verdicts = []
+    for i, (act, ids, loss) in enumerate(data):
+        sender = f"p{i % 3}"
+        replay = sender == "p2" and i >= 90
+        sent = data[i - 5][0] if replay else act
+        if i == 60:
+            assert monitor.token_fit(act, ids) > 0.15
+            assert abs(monitor.token_fit(data[i - 5][0], ids)) < 0.1
+        verdicts.append((sender, replay, monitor.check_loss(loss, sender, str(i), activations=sent, tokens=ids)))
+    caught = [v for s, r, v in verdicts if r and not v.accepted]
+    assert len(caught) >= 0.5 * sum(r for _, r, _ in verdicts), [v.reason for _, r, v in verdicts if r]
+    assert any(v.statistic == "token_mismatch" for v in caught)
+    assert not [v.reason for s, r, v in verdicts if not r and not v.accepted]
+    # without the tokens there is nothing to compare with, and the check is silent
+    assert monitor.token_fit(data[0][0], None) is None
+    assert monitor.token_fit(data[0][0], data[0][1][:, :5]) is None
