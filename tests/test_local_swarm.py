@@ -164,15 +164,11 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
 
 
-@pytest.mark.xfail(strict=False, reason="met its assertions in 5 of its last 6 runs on the loaded 2-core build "
-                   "machine; in the 6th an honest stage-0 peer was rejected as 4-16x off the other senders and "
-                   "blacklisted, and the attacker only after 51 micro-batches (see issue 4's note)")
-def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
-    """2 stages x 3 replicas, one stage-0 peer scales its activations x10 from step 11 on (micro-batch 44, after the
-    sentinel's 10 warm-up steps): the stage-1 receivers reject its tensors and report it; it is blacklisted
-    swarm-wide within 50 micro-batches of its first attack, the trainer's router stops picking it, and no honest
-    peer is blacklisted. Every micro-batch is accounted for exactly once."""
-    swarm = LocalSwarm(str(tmp_path / "swarm"), run_id="itest-bl")
+def _blacklist_run(tmp_path, attempt: int) -> tuple:
+    """One live 2 x 3 swarm with a stage-0 attacker scaling its activations x10 from step 11 (micro-batch 44, after
+    the sentinel's 8 warm-up steps): (trainer summary, swarm local's peers summary, attacker id, steps x per_step)."""
+    os.makedirs(tmp_path, exist_ok=True)
+    swarm = LocalSwarm(str(tmp_path / "swarm"), run_id=f"itest-bl{attempt}")
     steps, start_step, per_step = 26, 11, 4  # 32 / 8: micro-batches per optimizer step
     try:
         swarm.start_dht(SHAPE + REPUTATION)
@@ -189,29 +185,52 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
         assert trainer.proc.wait(timeout=600) == 0, open(trainer.log_path).read()[-3000:]
     finally:
         swarm.stop()
-    summary = json.load(open(summary_path))
-    peers = swarm.peers_summary()
-    attacker_id = stages[-1].info["peer_id"]
-    views = {p["peer_id"]: p for p in summary["peers"] if p.get("role") == "stage"}
-    attacker = views[attacker_id]
-    assert attacker["blacklisted"], (attacker, peers)  # the swarm-wide verdict read back from the DHT
-    # within 50 micro-batches of its first attack: the first of its tensors a receiver rejected (the attack starts
-    # at step 11, micro-batch 44, but the attacker sends its first tampered tensor when the router next picks it; an
-    # honest-looking rejection before that would only make this stricter)
-    assert attacker["blacklisted_after_microbatches"] - attacker["first_rejected_after_microbatches"] <= 50, attacker
-    assert attacker["chosen_after_blacklisted"] <= 1, attacker  # at most a pick already under way at the time
-    assert attacker["reputation"] < 0.5, attacker
-    honest = [v for pid, v in views.items() if pid != attacker_id]
-    assert len(honest) == 5 and not any(v["blacklisted"] or v["blacklist_reason"] for v in honest), honest
-    # honest rejections happen here: on this loaded 2-core machine replicas sometimes miss an averaging round
-    # ("could not find a group") and their weights really differ; after the attacker is blacklisted the two honest
-    # stage-0 peers drift alike (a shared drift of two is no evidence, but their tensors are refused until the
-    # baseline follows). Measured: 11-14 rejections, of which strikes (evidence in reputation) 0-6
-    honest_peers = [p for p in peers if p["role"] == "stage" and not p.get("byzantine")]
-    assert sum(p["strikes"] for p in honest_peers) <= 10, peers
-    assert sum(p["flagged"] for p in honest_peers) <= 0.2 * steps * per_step, peers
-    mb = summary["microbatches"]  # each accounted for once; a burst of honest rejections may exhaust 5 attempts
-    assert mb["completed"] + mb["dropped"] == steps * per_step and mb["dropped"] <= 2, mb
+    return json.load(open(summary_path)), swarm.peers_summary(), stages[-1].info["peer_id"], steps * per_step
+
+
+def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
+    """2 stages x 3 replicas, one stage-0 attacker (x10 activations from micro-batch 44): the stage-1 receivers reject
+    its tensors and report it; it is blacklisted swarm-wide within 50 micro-batches of its first rejected tensor,
+    the trainer's router stops picking it, and no honest peer is blacklisted.
+
+    Safety is asserted on every run: no honest peer blacklisted, every micro-batch accounted for exactly once, the
+    attacker never picked after its verdict. Timing and noise (the verdict within 50 micro-batches, at most 2
+    micro-batches dropped, few honest strikes) get up to three runs: on the loaded 2-core build machine they depend
+    on how the processes are scheduled (measured: 3 of 3 runs met them at the first try; verdicts 20-47
+    micro-batches after the first rejection, 4-10 honest strikes, 0-1 dropped)."""
+    misses = []
+    for attempt in range(3):
+        summary, peers, attacker_id, microbatches = _blacklist_run(tmp_path / f"run{attempt}", attempt)
+        views = {p["peer_id"]: p for p in summary["peers"] if p.get("role") == "stage"}
+        attacker = views[attacker_id]
+        honest = [v for pid, v in views.items() if pid != attacker_id]
+        # safety, on every run
+        assert len(honest) == 5 and not any(v["blacklisted"] or v["blacklist_reason"] for v in honest), honest
+        mb = summary["microbatches"]
+        assert mb["completed"] + mb["dropped"] == microbatches, mb
+        if attacker["blacklisted"]:  # the swarm-wide verdict read back from the DHT
+            assert attacker["chosen_after_blacklisted"] <= 1, attacker  # at most a pick already under way
+            assert attacker["reputation"] < 0.5, attacker
+        # timing and noise. The 50 micro-batches count from the first of its tensors a receiver rejected (the attack
+        # starts at micro-batch 44, but the attacker sends its first tampered tensor when the router next picks it).
+        # Honest rejections happen: replicas that miss an averaging round really differ, and after the attacker's
+        # verdict the two honest stage-0 peers drift alike (no evidence, but refused until the baseline follows)
+        honest_peers = [p for p in peers if p["role"] == "stage" and not p.get("byzantine")]
+        strikes, flagged = sum(p["strikes"] for p in honest_peers), sum(p["flagged"] for p in honest_peers)
+        late = []
+        if not attacker["blacklisted"]:
+            late.append("attacker not blacklisted")
+        elif attacker["blacklisted_after_microbatches"] - attacker["first_rejected_after_microbatches"] > 50:
+            late.append(f"blacklisted at {attacker['blacklisted_after_microbatches']}, first rejected at "
+                        f"{attacker['first_rejected_after_microbatches']}")
+        if mb["dropped"] > 2:
+            late.append(f"{mb['dropped']} dropped")
+        if strikes > 10 or flagged > 0.2 * microbatches:
+            late.append(f"honest peers: {strikes} strikes, {flagged} rejections")
+        if not late:
+            return
+        misses.append((attempt, late, attacker, peers))
+    pytest.fail(f"the attacker's verdict was late or noisy in all three runs: {misses}")
 
 
 def test_swarm_local_stops_its_children_on_sigterm(tmp_path):
