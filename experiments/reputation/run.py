@@ -103,8 +103,11 @@ def slander_replay(history: List[tuple], counts, cfg) -> List[dict]:
                         reports[name] = ReputationReport(reporter=name, issued_at=now, entries=entries)
                         seen[name] = now if variant == "fresh" else 0.0
                 started = time.perf_counter()
-                # every peer at the stage in its name; the Sybils announce the stage next to the target's (stage 0)
-                stages = {r: (0,) if r.startswith("sybil") else (int(r[1:].split("r")[0]),) for r in reports}
+                # every peer at the stage in its name. The Sybils announce the stage next to the target's (stage 0),
+                # except that half of a clique announces the target's own stage: only vouching between adjacent
+                # stages counts, so that is the clique that can earn weight (the worst case)
+                stages = {r: (int(r[1:].split("r")[0]),) for r in reports if not r.startswith("sybil")}
+                stages.update({f"sybil{i}": (1,) if variant == "aged_clique" and i % 2 else (0,) for i in range(n)})
                 agg = aggregate(reports, seen, now, cfg, reachable=set(reports), stages=stages)
                 agg_ms.append(1e3 * (time.perf_counter() - started))
                 score = agg.score(TARGET)
@@ -203,10 +206,14 @@ def main() -> int:
                              "(default: 0 400; quick: 400)")
     parser.add_argument("--out-dir", default=HERE)
     parser.add_argument("--render", action="store_true", help="only rewrite results.md/csv/png from summary.json")
+    parser.add_argument("--slander-only", action="store_true",
+                        help="re-run the slander part only; keep the attack runs of summary.json")
     args = parser.parse_args()
-    if args.render:
+    saved = None
+    if args.render or args.slander_only:
         with open(os.path.join(args.out_dir, "summary.json")) as f:
             saved = json.load(f)
+    if args.render:
         write_outputs(args.out_dir, saved["attacks"], saved["slander"], saved["check"], saved["meta"])
         return 0
     if args.microbatches < 0:
@@ -219,7 +226,10 @@ def main() -> int:
     regimes = args.pretrain or ([400] if args.quick else [0, 400])
     if any(p < 0 for p in regimes):
         parser.error("--pretrain values must be >= 0")
-    attack_rows = [row for pretrain in regimes for row in attack_runs(plan, microbatches, args.seed, pretrain)]
+    if saved is not None:
+        attack_rows = saved["attacks"]
+    else:
+        attack_rows = [row for pretrain in regimes for row in attack_runs(plan, microbatches, args.seed, pretrain)]
     honest = SwarmSim(SimConfig(stages=2, replicas=3, microbatches=120 if args.quick else 300, seed=args.seed,
                                 keep_reports=True))
     honest_summary = honest.run()
@@ -233,11 +243,15 @@ def main() -> int:
     check = dict(join_s=join_s, blacklisted=TARGET in check_sim.ever_blacklisted, score=cs["scores"][TARGET])
     print(f"in-simulation check, 20 Sybils from t={join_s:.0f}s: target blacklisted={check['blacklisted']} "
           f"score {check['score']}", flush=True)
+    # with --slander-only: the full run's time stays, and the slander re-run's is kept beside it
+    wall_s = saved["meta"]["wall_s"] if saved is not None else time.perf_counter() - started
     meta = dict(quick=args.quick, microbatches=microbatches, microbatch_size=honest.cfg.microbatch_size,
-                seq_len=honest.cfg.seq_len, wall_s=time.perf_counter() - started,
+                seq_len=honest.cfg.seq_len, wall_s=wall_s,
                 honest_run=dict(false_positives=honest_summary["tensors"]["honest_rejected"],
                                 honest_tensors=honest_summary["tensors"]["honest"],
                                 blacklist=honest_summary["final_blacklist"]))
+    if saved is not None:
+        meta["slander_rerun_s"] = time.perf_counter() - started
     os.makedirs(args.out_dir, exist_ok=True)
     write_outputs(args.out_dir, attack_rows, slander_rows, check, meta)
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
