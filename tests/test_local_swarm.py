@@ -153,8 +153,8 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
     honest = [p for p in peers if p["role"] == "stage" and not p.get("byzantine")]
     assert len(byzantine) == 1 and byzantine[0]["stage"] == 0
     assert byzantine[0]["tampered"] > 0
-    # every tampered tensor rejected: at least as many rejections as tampered tensors; a rejection or two more can be
-    # of its honest tensors before the attack (seen in CI: 13 for 12, the attacker's replica an epoch behind while
+    # no fewer rejections than tampered tensors (counts cannot tell which tensors were refused; the loss check below
+    # shows none that got through did harm); a rejection or two more can be of its honest tensors before the attack (seen in CI: 13 for 12, the attacker's replica an epoch behind while
     # the residual stream of a model trained from scratch grows fast), as the honest peers may have
     assert 0 <= byzantine[0]["flagged"] - byzantine[0]["tampered"] <= 2, byzantine
     assert sum(p["flagged"] for p in honest) <= 2, honest
