@@ -18,9 +18,9 @@ way forward, activation-gradients on the way back) the monitor computes:
                     has this per-token structure: stale, foreign or sign-flipped gradients do not;
 - ``replay``        the largest correlation between a random sketch of ``x`` and the sketches of recent tensors
                     of *other* micro-batches: a stale tensor replayed (even with a little noise on top);
-- ``token_mismatch`` (the last stage, which has the micro-batch's tokens as labels; with the loss) 1 - the mean
-                    cosine between each position's activation and the running mean of the activations accepted for
-                    that position's token (hashed into ``token_buckets``): the residual stream carries its token, so
+- ``token_mismatch`` (the last stage, which has the micro-batch's tokens as labels, when its sender serves stage
+                    0; with the loss) 1 - the mean cosine between each position's activation and the running mean
+                    of the activations accepted for that position's token (hashed into ``token_buckets``): the residual stream carries its token, so
                     honest activations fit their tokens (measured on the tiny model: 0.25 from scratch, 0.79 after
                     400 micro-batches) and activations of other data do not (0.00 +- 0.04), however normal their
                     statistics look: a replayed stale tensor, or one computed on other tokens.
@@ -560,13 +560,20 @@ class SentinelMonitor:
 
     def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None,
                    epoch: Optional[int] = None, activations: Optional[torch.Tensor] = None,
-                   tokens: Optional[torch.Tensor] = None) -> Verdict:
+                   tokens: Optional[torch.Tensor] = None, attributable: bool = True) -> Verdict:
         """Judge the loss the last stage computed on ``sender``'s ``activations``, before any backward, and how well
         those activations fit the micro-batch's ``tokens`` (the labels; ``token_mismatch``, see the module
         docstring).
 
         Activations that look statistically normal but belong to other data (a replayed stale tensor, a shuffled
         one) give a loss above the usual and do not fit their tokens: both checks cost next to nothing.
+
+        ``attributable`` False: the sender computed these activations from another peer's (it does not serve stage
+        0), so a bad fit may come from any stage before it, and the token fit is not checked (measured in a 4 x 6
+        simulation: activations that honest stage-2 peers computed from a stage-1 attacker's undetected sign flips
+        did not fit their tokens at stage 3, and three honest stage-2 peers were blacklisted for it; counted as no
+        evidence instead, the refusals steered the router away from the honest stage-2 peers rather than the
+        attacker, and no attacker was blacklisted).
         """
         self.checked += 1
         if not math.isfinite(loss):
@@ -574,7 +581,7 @@ class SentinelMonitor:
             return Verdict(False, sender, LOSS, float("inf"), 0.0, "non-finite loss", "loss", "hard")
         pop = self.population.setdefault(LOSS, _Population(self.cfg))
         scalars = {"loss": math.log(max(loss, 1e-6))}
-        fit = self.token_fit(activations, tokens) if activations is not None else None
+        fit = self.token_fit(activations, tokens) if activations is not None and attributable else None
         if fit is not None:
             scalars["token_mismatch"] = 1.0 - fit
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
@@ -590,7 +597,7 @@ class SentinelMonitor:
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
         if verdict.accepted and warm:
             self._remember(LOSS, sender, scalars, epoch)
-        if verdict.accepted and activations is not None:
+        if verdict.accepted and activations is not None and attributable:
             self._learn_tokens(activations, tokens)
         if not verdict.accepted:
             self.rejected += 1

@@ -408,7 +408,8 @@ class StageServer(ServicerBase):
         data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
         step = meta.get("step") if isinstance(meta.get("step"), int) else None
         verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step,
-                                           epoch=_epoch(meta.get("sender_epoch")), activations=x, tokens=labels)
+                                           epoch=_epoch(meta.get("sender_epoch")), activations=x, tokens=labels,
+                                           attributable=self.cfg.stage == 1)
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)

@@ -71,7 +71,8 @@ class _Unchecked:
     def check(self, x, sender, direction, microbatch="", context=None, step=None, epoch=None) -> Verdict:
         return Verdict(True, sender, direction, 0.0, math.inf, "ok", baseline="off")
 
-    def check_loss(self, loss, sender, microbatch="", step=None, epoch=None, activations=None, tokens=None) -> Verdict:
+    def check_loss(self, loss, sender, microbatch="", step=None, epoch=None, activations=None, tokens=None,
+                   attributable=True) -> Verdict:
         return Verdict(True, sender, "loss", 0.0, math.inf, "ok", baseline="off")
 
 

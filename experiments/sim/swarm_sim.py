@@ -308,7 +308,8 @@ class SwarmSim:
                     loss_t = causal_lm_loss(out, ids)
                 if k > 0:
                     verdict = peer.sentinel.check_loss(float(loss_t.detach()), chain[k - 1], microbatch=data_key,
-                                                       step=step, epoch=self.epoch, activations=x, tokens=ids)
+                                                       step=step, epoch=self.epoch, activations=x, tokens=ids,
+                                                       attributable=k == 1)
                     peer.ledger.record_verdict(verdict)
                     if not verdict.accepted:
                         # the activation passed the statistics but its loss did not: count it once, as rejected
