@@ -20,10 +20,11 @@ way forward, activation-gradients on the way back) the monitor computes:
                     of *other* micro-batches: a stale tensor replayed (even with a little noise on top);
 - ``token_mismatch`` (the last stage, which has the micro-batch's tokens as labels, when its sender serves stage
                     0; with the loss) 1 - the mean cosine between each position's activation and the running mean
-                    of the activations accepted for that position's token (hashed into ``token_buckets``): the residual stream carries its token, so
-                    honest activations fit their tokens (measured on the tiny model: 0.25 from scratch, 0.79 after
-                    400 micro-batches) and activations of other data do not (0.00 +- 0.04), however normal their
-                    statistics look: a replayed stale tensor, or one computed on other tokens.
+                    of the activations accepted for that position's token (hashed into ``token_buckets``): the
+                    residual stream carries its token, so honest activations fit their tokens (measured on the tiny
+                    model: 0.25 from scratch, 0.79 after 400 micro-batches) and activations of other data do not
+                    (0.00 +- 0.04), however normal their statistics look: a replayed stale tensor, or one computed on
+                    other tokens.
 
 Each scalar is scored against two baselines, one for the sender and one for the whole population of senders
 to this stage in this direction: ``z = |s - mean| / spread`` where ``mean`` and ``spread`` are EMAs (the spread an
