@@ -16,6 +16,7 @@ asynchronous pipelines (PipeDream without weight stashing), and never an error.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional
@@ -56,6 +57,7 @@ class StageOptimizer:
         make_opt = partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.samples_since_step = 0
         self.local_steps = 0
+        self.last_step_at = time.monotonic()  # when step() last ran (a replica that gets no work cannot catch up in it)
         self._accumulators: Optional[List[torch.Tensor]] = None
         if cfg.averaging and dht is not None:
             self.opt = hivemind.Optimizer(
@@ -84,12 +86,30 @@ class StageOptimizer:
         """Optimizer steps taken (the stage's global epoch when averaging)."""
         return self.opt.local_epoch if self.hivemind else self.local_steps
 
+    @property
+    def epochs_behind(self) -> int:
+        """How many optimizer steps the stage's replicas have taken that this one has not (0 without averaging)."""
+        return max(0, self.opt.tracker.global_epoch - self.opt.local_epoch) if self.hivemind else 0
+
+    def should_catch_up(self, now: Optional[float] = None) -> bool:
+        """Whether this replica missed its stage's steps and must download the state now, rather than at its next
+        ``step`` (hivemind's own rule, which a replica the routers do not pick never reaches, and which otherwise
+        comes after it has served forwards with stale weights).
+
+        Two epochs behind: always (hivemind would discard this replica's gradients at its next step anyway). One
+        behind: only after a whole averaging round's time without a step of its own, since one epoch is the normal
+        lag of a replica whose partners just stepped and which joins them at its next micro-batch."""
+        behind = self.epochs_behind
+        idle_s = (time.monotonic() if now is None else now) - self.last_step_at
+        return behind >= 2 or (behind == 1 and idle_s > self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s)
+
     def load_state_from_peers(self) -> bool:
         """Download parameters and optimizer state from the stage's replicas; False if nobody answered."""
         if not self.hivemind:
             return False
         before = self.opt.local_epoch
         self.opt.load_state_from_peers()
+        self.last_step_at = time.monotonic()
         logger.info(f"loaded stage state from peers: epoch {before} -> {self.opt.local_epoch}")
         return True
 
@@ -99,6 +119,7 @@ class StageOptimizer:
         Each micro-batch's gradient is clipped on its own before it is accumulated, which also bounds how
         far any single (possibly tampered) micro-batch can move the weights.
         """
+        self.last_step_at = time.monotonic()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

@@ -67,6 +67,7 @@ class StageServerConfig:
     autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
     announce_period_s: float = 5.0
     announce_ttl_s: float = 20.0
+    resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
 
     def __post_init__(self) -> None:
@@ -177,6 +178,7 @@ class StageServer(ServicerBase):
         self.inflight = 0  # rpc_chain calls being handled now
         self._dialback_lock: Optional[asyncio.Lock] = None
         self._dialback_last: Dict[str, float] = {}  # caller -> monotonic time of its last dial-back
+        self._resync_task: Optional[asyncio.Task] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, load_state: bool = True, load_progress: Optional[Callable[..., Any]] = None) -> None:
@@ -218,6 +220,8 @@ class StageServer(ServicerBase):
                     await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
         self.record.state = "online"
         self.announcer.start()
+        if self.optimizer.hivemind:
+            self._resync_task = asyncio.create_task(self._resync_loop())
         if self.reputation_cfg is not None:
             from swarm.reputation_service import ReputationService
 
@@ -230,6 +234,33 @@ class StageServer(ServicerBase):
                 self.reputation.on_blacklisted.append(self.sentinel.forget)
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
+
+    async def _resync_loop(self) -> None:
+        """Download the stage's state when this replica missed its optimizer steps (``StageOptimizer.should_catch_up``).
+
+        Without it a replica that the routers stopped picking (slow, or judged a suspect for a while) stays behind
+        until its next micro-batch, which it then computes with stale weights; and replicas that a run leaves
+        epochs apart stay so. Runs on the compute thread, so never in the middle of a step; an attempt that does not
+        bring the replica level (the peers ahead left) is retried with a doubling pause, up to a minute."""
+        loop = asyncio.get_event_loop()
+        pause = self.cfg.resync_period_s
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                if self.draining or not self.optimizer.should_catch_up():
+                    pause = self.cfg.resync_period_s
+                    continue
+                behind = self.optimizer.epochs_behind
+                logger.info(f"stage {self.cfg.stage}: {behind} optimizer step(s) behind the other replicas, "
+                            f"loading their state")
+                await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
+                caught_up = self.optimizer.epochs_behind == 0
+                pause = self.cfg.resync_period_s if caught_up else min(2 * pause, 60.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the loop must outlive any one failed download
+                logger.warning(f"stage {self.cfg.stage}: catching up with the other replicas failed: {e!r}")
+                pause = min(2 * pause, 60.0)
 
     def not_admitted(self, sender: str, meta: Dict[str, Any]) -> Optional[str]:
         """Why the swarm's admission rule refuses this sender (its proof travels in the request), or None."""
@@ -261,6 +292,8 @@ class StageServer(ServicerBase):
 
     async def shutdown(self) -> None:
         logger.info(f"stage {self.cfg.stage}: leaving (served {self.stats.served} micro-batches)")
+        if self._resync_task is not None:
+            self._resync_task.cancel()
         if self.reputation is not None:
             await self.reputation.stop()
         if self.announcer is not None:

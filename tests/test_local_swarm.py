@@ -70,15 +70,22 @@ def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
     stage_entries = [p for p in summary["peers"] if p["role"] == "stage"]
     assert len(stage_entries) == 4 and all(p["succeeded"] > 0 for p in stage_entries), stage_entries
 
-    # replicas of a stage stay in sync: hivemind.Optimizer lets them be one epoch apart at a given moment (the
-    # one behind catches up at its next step); at the same epoch their weights are (nearly) identical
-    infos = peer_infos(local_swarm, [c.info["peer_id"] for c in stage_peers])
-    for stage in (0, 1):
-        a, b = [infos[c.info["peer_id"]] for c in stage_peers if c.stage == stage]
-        assert min(a["epoch"], b["epoch"]) >= 1 and abs(a["epoch"] - b["epoch"]) <= 1, (a["epoch"], b["epoch"])
-        if a["epoch"] == b["epoch"]:  # under load an all-reduce can time out for a part (hivemind then keeps the
-            # local values of that part: measured 1.5e-4 apart once, with other jobs running)
-            assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-3)
+    # replicas of a stage end level: hivemind.Optimizer lets them be an epoch apart while they work, and one that
+    # the router stopped picking (or that missed an averaging round) would stay behind until its next micro-batch;
+    # StageServer's resync loop downloads the state within a round's time without work (seen in CI: epochs 8 and 6)
+    ids = [c.info["peer_id"] for c in stage_peers]
+    deadline = time.monotonic() + 60
+    while True:
+        infos = peer_infos(local_swarm, ids)
+        pairs = [[infos[c.info["peer_id"]] for c in stage_peers if c.stage == stage] for stage in (0, 1)]
+        if all(a["epoch"] == b["epoch"] for a, b in pairs) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for a, b in pairs:
+        assert a["epoch"] == b["epoch"] >= 1, (a["epoch"], b["epoch"])
+        # under load an all-reduce can time out for a part (hivemind then keeps the local values of that part:
+        # measured 1.5e-4 apart once, with other jobs running)
+        assert a["param_checksum"] == pytest.approx(b["param_checksum"], rel=1e-3)
 
     # a clean leave announces the peer offline
     leaving = stage_peers[0]

@@ -1,0 +1,66 @@
+"""Integration: two replicas of one stage optimizer, on two real DHT nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from swarm.network import create_dht
+from swarm.optimizer import OptimizerConfig, StageOptimizer
+
+pytestmark = pytest.mark.slow
+
+
+def _replica(dht, seed: int) -> StageOptimizer:
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(4, 4)
+    cfg = OptimizerConfig(lr=0.1, target_batch_size=4, matchmaking_time_s=0.5, averaging_timeout_s=3.0,
+                          load_state_timeout_s=20.0)
+    return StageOptimizer(module, cfg, dht, run_id="otest_stage0")
+
+
+def _step(replica: StageOptimizer) -> None:
+    loss = replica.module(torch.randn(4, 4)).square().mean()
+    loss.backward()
+    replica.step(batch_size=4)
+
+
+def test_replica_that_missed_steps_catches_up_without_work():
+    first = create_dht("otest")
+    second = create_dht("otest", initial_peers=[str(a) for a in first.get_visible_maddrs()])
+    a, b = _replica(first, 0), _replica(second, 1)
+    try:
+        assert not b.should_catch_up()
+        deadline = time.monotonic() + 60
+        while a.epoch < 1:
+            assert time.monotonic() < deadline, "replica a never stepped"
+            _step(a)
+        while b.epochs_behind < 1:  # b learns of a's progress through the DHT
+            assert time.monotonic() < deadline, f"b never saw a's epoch {a.epoch}"
+            time.sleep(0.2)
+        # one behind is the normal lag right after a partner stepped: tolerated for a whole averaging round
+        round_s = b.cfg.matchmaking_time_s + b.cfg.averaging_timeout_s
+        assert not b.should_catch_up(now=b.last_step_at + round_s - 0.1)
+        assert b.should_catch_up(now=b.last_step_at + round_s + 0.1)
+        while a.epoch < 3:  # the only replica with work steps on its own (no partner to average with)
+            assert time.monotonic() < deadline, "replica a never stepped"
+            _step(a)
+        while b.epochs_behind < 2:
+            assert time.monotonic() < deadline, f"b never saw a's epoch {a.epoch}"
+            time.sleep(0.2)
+        assert b.epoch == 0 and b.should_catch_up()
+        assert b.load_state_from_peers()
+        assert b.epoch == a.epoch and b.epochs_behind == 0 and not b.should_catch_up()
+        for pa, pb in zip(a.module.parameters(), b.module.parameters()):
+            assert torch.equal(pa, pb)
+    finally:
+        a.shutdown(), b.shutdown()
+        second.shutdown(), first.shutdown()
+
+
+def test_without_averaging_a_replica_is_never_behind():
+    cfg = OptimizerConfig(lr=0.1, target_batch_size=4, averaging=False)
+    local = StageOptimizer(torch.nn.Linear(2, 2), cfg, None, run_id="unused")
+    assert local.epochs_behind == 0 and not local.should_catch_up(now=time.monotonic() + 1e6)
