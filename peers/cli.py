@@ -79,6 +79,11 @@ def _training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=50, help="optimizer steps to train (default: %(default)s)")
     group.add_argument("--max-inflight", type=int, default=4, help="micro-batches in flight (default: %(default)s)")
     group.add_argument("--max-attempts", type=int, default=5, help="tries per micro-batch (default: %(default)s)")
+    group.add_argument("--audit-rate", type=float, default=0.1,
+                       help="share of micro-batches whose last-stage gradient a second (and if they disagree a third) "
+                            "replica recomputes, to catch what SENTINEL cannot see (sign flips, stale gradients); "
+                            "every micro-batch of a suspect last-stage peer is audited; 0 turns audits off "
+                            "(default: %(default)s)")
     group.add_argument("--metrics-out", default=None, metavar="FILE", help="JSON lines, one per optimizer step")
     group.add_argument("--summary-json", default=None, metavar="FILE", help="the run's summary as JSON")
     group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"],

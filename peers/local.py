@@ -215,7 +215,8 @@ def shape_args(args) -> List[str]:
 
 def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
     extra = ["--steps", str(args.steps), "--max-inflight", str(args.max_inflight), "--max-attempts",
-             str(args.max_attempts), "--metrics-out", metrics_out, "--summary-json", summary_json,
+             str(args.max_attempts), "--audit-rate", str(args.audit_rate), "--metrics-out", metrics_out,
+             "--summary-json", summary_json,
              "--compression", args.compression, "--text-field", args.text_field]
     if args.data:
         extra += ["--data", *args.data]

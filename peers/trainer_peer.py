@@ -8,6 +8,7 @@ import logging
 
 from peers.common import emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
+from swarm.audit import AuditConfig
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
 from swarm.trainer import Trainer, TrainerConfig
@@ -47,8 +48,11 @@ def run(args) -> int:
             policy, token, proof = prove_admission(args, swarm, dht)
         except ValueError as e:
             return fail(str(e))
+        if not 0 <= args.audit_rate <= 1:
+            return fail(f"--audit-rate must be in [0, 1], got {args.audit_rate}")
+        audit = AuditConfig(rate=args.audit_rate) if args.audit_rate > 0 else None
         trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm),
-                          admission=policy, admission_token=token)
+                          admission=policy, admission_token=token, audit=audit)
         trainer.admission_proof = proof
         summary = asyncio.run(trainer.run())
         if args.summary_json:

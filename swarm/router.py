@@ -195,8 +195,7 @@ class Router:
             if alternatives:
                 stage = self.rng.choice(alternatives)
                 chain[stage] = ranked[stage][1]
-        now = self.clock()
-        suspect = {p for p, when in self.suspects.items() if now - when <= self.cfg.suspect_memory_s}
+        suspect = {p for p in self.suspects if self.is_suspect(p)}
         for stage, options in enumerate(ranked):
             retry = [p for p in options if p in suspect]
             if retry and chain[stage] not in suspect and self.rng.random() < self.cfg.suspect_probe:
@@ -212,6 +211,12 @@ class Router:
             self.peers[peer].inflight += 1
             self.peers[peer].chosen += 1
         return chain
+
+    def is_suspect(self, peer: str) -> bool:
+        """Whether a receiver's SENTINEL (or an audit) rejected one of the peer's tensors in the last
+        ``suspect_memory_s``."""
+        when = self.suspects.get(peer)
+        return when is not None and self.clock() - when <= self.cfg.suspect_memory_s
 
     def release(self, chain: Sequence[str]) -> None:
         """The chain's micro-batch is over (success or failure): it no longer occupies its peers."""

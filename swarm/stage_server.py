@@ -31,6 +31,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
+from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditOutcome, judge
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -67,6 +68,7 @@ class StageServerConfig:
     autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
     announce_period_s: float = 5.0
     announce_ttl_s: float = 20.0
+    audit_min_cosine: float = 0.5  # how alike an auditor's gradient must be to the route's (swarm.audit)
     resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
 
@@ -87,6 +89,9 @@ class StageStats:
     failed_downstream: int = 0
     throughput_ema: float = 0.0  # samples/s of forward+backward compute
     flagged: Dict[str, int] = field(default_factory=dict)  # peer id -> tensors of theirs rejected
+    audits_run: int = 0  # audits this (penultimate) stage ran on the last stage's gradients
+    audits_failed: Dict[str, int] = field(default_factory=dict)  # outcome ("route", "audit", "inconclusive") -> count
+    audits_served: int = 0  # audit-only micro-batches this (last) stage computed for others
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
@@ -325,6 +330,7 @@ class StageServer(ServicerBase):
             sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(), rsa_key=_local_rsa_key(),
             blacklist=dict(self.reputation.aggregate.blacklist) if self.reputation else {},
             param_checksum=self.param_checksum(),
+            audits=dict(run=self.stats.audits_run, failed=dict(self.stats.audits_failed), served=self.stats.audits_served),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
 
@@ -447,6 +453,58 @@ class StageServer(ServicerBase):
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
+    def _auditors(self, meta: Dict[str, Any], route: List[str]) -> List[str]:
+        """The auditors a trainer asked this stage to consult (``swarm.audit``): only the penultimate stage audits;
+        a malformed list is ignored (an audit is the trainer's option, not a condition of serving)."""
+        auditors = meta.get("audit")
+        if auditors is None or self.cfg.stage != self.cfg.num_stages - 2:
+            return []
+        if not (isinstance(auditors, list) and len(auditors) <= 2
+                and all(isinstance(p, str) and 0 < len(p) <= 128 for p in auditors)
+                and len(set(auditors)) == len(auditors) and not {route[1], self.peer_id} & set(auditors)):
+            logger.info(f"stage {self.cfg.stage}: ignoring a malformed audit request {str(auditors)[:80]}")
+            return []
+        return auditors
+
+    async def _audit(self, grad: torch.Tensor, peer: str, auditors: List[str], meta: Dict[str, Any],
+                     out: torch.Tensor, mb: str) -> None:
+        """Ask the auditors for the gradient of the same activations and judge the route's against theirs
+        (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
+        ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed."""
+        answers: List[Tuple[str, torch.Tensor]] = []
+        outcome: Optional[AuditOutcome] = None
+        for auditor in auditors:
+            try:
+                answer = (await self._call_next(auditor, dict(meta, route=[auditor], audit_only=True), out, mb,
+                                                timeout_s=min(self.cfg.hop_timeout_s, 30.0)))[0]
+            except ChainError as e:
+                logger.info(f"stage {self.cfg.stage}: auditor {auditor[-8:]} gave no gradient: {e.reason}")
+                continue
+            answers.append((auditor, answer))
+            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None, self.cfg.audit_min_cosine)
+            if not outcome.needs_tiebreak:
+                break
+        if outcome is None:  # no auditor answered: the route's gradient stands on its SENTINEL verdict alone
+            self.ledger.record(peer, True, BACKWARD)
+            return
+        self.stats.audits_run += 1
+        roles = {ROUTE: peer, AUDIT: answers[0][0], TIEBREAK: answers[1][0] if len(answers) > 1 else None}
+        if outcome.agree or outcome.odd is not None:  # inconclusive: no entry for anyone (a liar frames nobody)
+            for role, who in roles.items():
+                if who is not None:
+                    self.ledger.record(who, role != outcome.odd, BACKWARD, "audit")
+        if outcome.agree and outcome.odd is None:
+            return
+        failed = outcome.odd or "inconclusive"
+        self.stats.audits_failed[failed] = self.stats.audits_failed.get(failed, 0) + 1
+        logger.info(f"stage {self.cfg.stage}: micro-batch {mb}: {outcome.reason()}")
+        if outcome.odd == AUDIT:
+            self.stats.flagged[roles[AUDIT]] = self.stats.flagged.get(roles[AUDIT], 0) + 1
+            return
+        if outcome.odd == ROUTE:
+            raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
+        raise ChainError(f"stage {self.cfg.stage}: {outcome.reason()}", blame=None)
+
     def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
         mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
         if not isinstance(mb, str) or not 0 < len(mb) <= 256:
@@ -487,6 +545,9 @@ class StageServer(ServicerBase):
         if refused:
             raise ChainError(refused, blame=sender)
         mb, route = self._validate_request(meta, received.tensors, sender)
+        audit_only = meta.get("audit_only") is True
+        if audit_only and not self.module.is_last:
+            raise ChainError("'audit_only' asks the last stage for a gradient; this peer serves a middle stage", blame=sender)
         x = received.tensors[0]
         self._check(x, FORWARD, sender, meta, epoch=meta.get("sender_epoch"), final=not self.module.is_last)
         epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
@@ -510,26 +571,39 @@ class StageServer(ServicerBase):
                     loss_t, loss_s = await loop.run_in_executor(self.executor, self._loss, out, labels)
                     fwd_s += loss_s
                     self._check_loss(float(loss_t.detach()), sender, meta, x, labels)
-                    loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss, x, loss_t)
+                    if audit_only:  # the gradient for a penultimate stage's audit: no training on it
+                        loss, grad_in, bwd_s = await loop.run_in_executor(self.executor, self._audit_gradient, x, loss_t)
+                        opt_s = 0.0
+                    else:
+                        loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss,
+                                                                                 x, loss_t)
                 else:
+                    auditors = self._auditors(meta, route)
                     next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch,
                                      admission=self.admission_proof)
+                    next_meta.pop("audit", None)  # the audited peer must not know
                     grad_out, loss, timings, next_epoch = await self._call_next(route[1], next_meta, out.detach(), mb)
-                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach(), epoch=next_epoch)
+                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach(), epoch=next_epoch,
+                                final=not auditors)
+                    if auditors:
+                        await self._audit(grad_out, route[1], auditors, next_meta, out.detach(), mb)
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
                 raise
-        self.stats.served += 1
-        self.stats.record_compute(x.shape[0], fwd_s + bwd_s + opt_s)
-        self.refresh_record()
+        if audit_only:
+            self.stats.audits_served += 1
+        else:
+            self.stats.served += 1
+            self.stats.record_compute(x.shape[0], fwd_s + bwd_s + opt_s)
+            self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
         hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
         reply = dict(loss=float(loss), timings=[hop] + timings, epoch=epoch)
         return tensors, reply
 
-    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor,
-                         mb: str) -> Tuple[torch.Tensor, float, List, Any]:
+    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor, mb: str,
+                         timeout_s: Optional[float] = None) -> Tuple[torch.Tensor, float, List, Any]:
         try:
             peer_id = PeerID.from_base58(peer)
         except Exception:
@@ -538,11 +612,12 @@ class StageServer(ServicerBase):
         stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
         messages = pack(meta, [sent], compression=self.cfg.compression)
         stage = self.cfg.stage + 1
+        timeout_s = timeout_s or self.cfg.hop_timeout_s
         try:
-            received = await call(stub.rpc_chain, messages, self.cfg.limits, timeout=self.cfg.hop_timeout_s)
+            received = await call(stub.rpc_chain, messages, self.cfg.limits, timeout=timeout_s)
         except asyncio.TimeoutError:
             self.stats.failed_downstream += 1
-            raise ChainError(f"stage {stage} peer timed out after {self.cfg.hop_timeout_s:.0f}s", blame=peer, blame_stage=stage) from None
+            raise ChainError(f"stage {stage} peer timed out after {timeout_s:.0f}s", blame=peer, blame_stage=stage) from None
         except TransportError as e:
             self.stats.failed_downstream += 1
             raise self._reject(peer, f"malformed reply: {e}", BACKWARD) from e
@@ -605,6 +680,13 @@ class StageServer(ServicerBase):
         with torch.enable_grad():
             loss = causal_lm_loss(logits, labels.to(logits.device))
         return loss, time.perf_counter() - started
+
+    def _audit_gradient(self, x: torch.Tensor, loss: torch.Tensor) -> Tuple[float, torch.Tensor, float]:
+        """The gradient of an audited micro-batch's loss with respect to this stage's inputs only: the weights'
+        gradients are neither computed nor accumulated, so an audit never trains."""
+        started = time.perf_counter()
+        (grad,) = torch.autograd.grad(loss, x)
+        return float(loss.detach()), grad, time.perf_counter() - started
 
     def _backward_loss(
         self, x: torch.Tensor, loss: torch.Tensor

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.admission import AdmissionPolicy
+from swarm.audit import AuditConfig, pick_auditors
 from swarm.data import MicroBatchStream
 from swarm.network import cancel_task, fetch_stage_peers
 from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
@@ -156,8 +158,13 @@ class Trainer:
         reputation: Optional[ReputationConfig] = None,
         admission: Optional[AdmissionPolicy] = None,
         admission_token: Optional[str] = None,
+        audit: Optional[AuditConfig] = None,
     ):
         self.cfg, self.dht, self.stream = cfg, dht, stream
+        # audits of the last stage's gradients (swarm.audit); None: never (a single-stage swarm has nothing to audit)
+        self.audit = audit if audit is not None and cfg.num_stages >= 2 else None
+        self.audit_rng = random.Random()
+        self.audits = 0  # micro-batch attempts sent with auditors
         self.router = router or Router(cfg.num_stages)
         self.router.microbatch_size = stream.microbatch_size
         self.ledger = MicroBatchLedger()
@@ -247,6 +254,9 @@ class Trainer:
             return Attempt(False, reason=f"labels not delivered: {type(e).__name__}: {e}", blame=chain[-1])
         meta = dict(mb=mb, route=chain, stage=0, trainer=self.peer_id, step=index // self.cfg.microbatches_per_step,
                     admission=self.admission_proof)
+        auditors = await self._auditors(chain, mb, ids)
+        if auditors:
+            meta["audit"] = auditors
         try:
             received = await call(
                 self._stub(chain[0]).rpc_chain, pack(meta, [ids], compression=self.cfg.compression),
@@ -277,6 +287,28 @@ class Trainer:
                 hop_times[t["peer"]] = parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]  # busy time, not queueing
                 self.timing.add(t["stage"], parts)
         return Attempt(True, loss=loss, hop_times_s=hop_times)
+
+    async def _auditors(self, chain: List[str], mb: str, ids: torch.Tensor) -> List[str]:
+        """Draw this attempt's auditors (``swarm.audit.pick_auditors``) and deposit the labels with them; an auditor
+        that does not take them is left out (an audit is best effort: the micro-batch never waits for one)."""
+        if self.audit is None:
+            return []
+        drawn = pick_auditors(self.router.usable(self.cfg.num_stages - 1), chain[-1],
+                              self.router.is_suspect(chain[-1]), self.audit, self.audit_rng)
+
+        async def deposit(peer: str) -> bool:
+            try:
+                reply = await self._stub(peer).rpc_labels(pack({"mb": mb, "admission": self.admission_proof}, [ids])[0],
+                                                          timeout=min(10.0, self.cfg.chain_timeout_s))
+                return bool((await receive(single(reply), self.limits)).metadata.get("ok"))
+            except Exception as e:
+                logger.debug(f"auditor {peer[-8:]} did not take the labels of {mb}: {e}")
+                return False
+
+        taken = await asyncio.gather(*(deposit(peer) for peer in drawn))
+        auditors = [peer for peer, ok in zip(drawn, taken) if ok]
+        self.audits += bool(auditors)
+        return auditors
 
     async def _pick_chain(self) -> List[str]:
         deadline = time.monotonic() + self.cfg.wait_for_peers_s
@@ -435,6 +467,7 @@ class Trainer:
             drop_reasons=dict(Counter(self.ledger.drop_reason.values()).most_common(10)),
             retry_reasons=dict(self.ledger.retry_reasons.most_common(10)),
             timing=self.timing.means(),
+            audits=self.audits,
             peers=peers,
         )
 

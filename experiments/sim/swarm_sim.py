@@ -34,6 +34,10 @@ What is simulated (and why it does not change what the checks see):
   (which refuses a blacklisted sender).
 - **Reachability**: every reporter, Sybils included, is taken as reachable (``reachable=set(reports)``): a Sybil
   that runs a libp2p host can answer ``rpc_info`` with its own key. This is the worst case for slander.
+- **Audits** (``swarm/audit.py``): the trainer draws auditors with the same function and probability; an auditor's
+  gradient is computed with the shared last-stage weights from the activations the route's last peer got, and goes
+  through the auditor's own outbound hook (a Byzantine auditor tampers with it). The auditor's own checks of the
+  activations it is sent are not run (they only add evidence about the penultimate peer).
 - **Byzantine receivers** run the same checks as honest ones (their verdicts drop micro-batches like anyone's);
   what they publish is their true ledger, or with ``slander`` their ledger plus accusations against honest
   peers (and with ``collude``, fake vouching for each other's work).
@@ -49,7 +53,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +62,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from peers.adversary import Adversary, AttackConfig  # noqa: E402
+from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditConfig, judge, pick_auditors  # noqa: E402
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
@@ -126,6 +131,8 @@ class SimConfig:
     # the defaults of `swarm serve` (threshold 12, warm-up 12 tensors, 10 optimizer steps of hard checks only)
     sentinel: SentinelConfig = field(default_factory=lambda: SentinelConfig(threshold=12.0, warmup=12, warmup_steps=10))
     router_ban_base_s: float = 5.0
+    # audits of the last stage's gradients (swarm/audit.py), the trainer's default; None: off
+    audit: Optional[AuditConfig] = field(default_factory=AuditConfig)
     seed: int = 0
     log_every: int = 0
     # micro-batches the model trains (plain pipeline, no checks, no peers) before the swarm starts: the swarm joins a
@@ -239,6 +246,8 @@ class SwarmSim:
         self.rejections: List[tuple] = []  # (micro-batch, receiver, sender, direction, tampered, reason)
         self.report_history: List[tuple] = []  # (now, {reporter: value}, first_seen) per round, if kept
         self.byzantine_receiver_rejections = 0
+        self.audit_rng = random.Random(cfg.seed * 31 + 7)
+        self.audits: Counter = Counter()  # "run", and outcomes "route", "audit", "inconclusive"
         self.waited_s = 0.0  # simulated seconds the trainer spent with no usable chain
 
     # ---- one micro-batch -------------------------------------------------------------------------------------
@@ -274,8 +283,10 @@ class SwarmSim:
                 t.honest_rejected += 1
                 t.fp_by[verdict.statistic or verdict.baseline] += 1
 
-    def _chain(self, index: int, chain: List[str], ids: torch.Tensor) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
-        """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, (blamed sender, judge))."""
+    def _chain(self, index: int, chain: List[str], ids: torch.Tensor,
+               auditors: Sequence[str] = ()) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
+        """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, (blamed sender, judge)).
+        ``auditors``: the last-stage replicas the trainer drew to audit this attempt (``swarm.audit``)."""
         cfg = self.cfg
         step = index // cfg.microbatches_per_step
         self.in_warmup = step < cfg.sentinel.warmup_steps
@@ -314,7 +325,7 @@ class SwarmSim:
                     if not verdict.accepted:
                         # the activation passed the statistics but its loss did not: count it once, as rejected
                         if name not in self.byzantine:
-                            self._recount_loss_rejection(tampered)
+                            self._recount_rejection(tampered, "loss")
                         self.rejections.append((index, name, chain[k - 1], "loss", tampered, verdict.reason))
                         return False, math.nan, f"stage {k} rejected forward tensor: loss", (chain[k - 1], name)
             else:
@@ -331,25 +342,67 @@ class SwarmSim:
             out = saved[k][1]
             verdict = peer.sentinel.check(grad, sender, BACKWARD, microbatch=data_key, context=out.detach(),
                                           step=step, epoch=self.epoch)
-            peer.ledger.record_verdict(verdict)
+            audited = bool(auditors) and k == len(chain) - 2
+            if not verdict.accepted or not audited:  # an audit's verdict is the ledger entry of an accepted gradient
+                peer.ledger.record_verdict(verdict)
             self._count(verdict, tampered, peer.name)
             if not verdict.accepted:
                 return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", (sender, peer.name)
+            if audited:
+                failure = self._audit(peer, sender, grad, tampered, auditors, saved[-1][0], ids, meta)
+                if failure is not None:
+                    return (False, math.nan, *failure)
             out.backward(grad)
             self.accumulated[k] += 1
             if k > 0:
                 grad, tampered = self._outbound(peer, saved[k][0].grad, BACKWARD, meta)
         return True, float(loss_t.detach()), "", None
 
-    def _recount_loss_rejection(self, tampered: bool) -> None:
-        """The forward check counted this activation as accepted; the loss check rejected it after all."""
+    def _audit(self, peer: Peer, sender: str, grad: torch.Tensor, tampered: bool, auditors: Sequence[str],
+               x_last: torch.Tensor, ids: torch.Tensor, meta: dict) -> Optional[Tuple[str, Optional[Tuple[str, str]]]]:
+        """``StageServer._audit``: the auditors recompute the last stage's input gradient from the same activations
+        (the shared weights: replicas hold the same ones) and send it through their own outbound hook; the
+        penultimate peer judges. None if the route's gradient stands, else (reason, blame) for the attempt.
+        Simplified: an auditor's own checks of the activations it is sent (forward and loss) are not run."""
+        answers: List[Tuple[str, torch.Tensor]] = []
+        outcome = None
+        for auditor in auditors:
+            x_in = x_last.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(causal_lm_loss(self.modules[-1](x_in), ids), x_in)
+            g, _ = self._outbound(self.peers[auditor], g, BACKWARD, dict(meta, audit_only=True))
+            answers.append((auditor, g))
+            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
+                            self.cfg.audit.min_cosine)
+            if not outcome.needs_tiebreak:
+                break
+        self.audits["run"] += 1
+        roles = {ROUTE: sender, AUDIT: answers[0][0], TIEBREAK: answers[1][0] if len(answers) > 1 else None}
+        if outcome.agree or outcome.odd is not None:
+            for role, who in roles.items():
+                if who is not None:
+                    peer.ledger.record(who, role != outcome.odd, BACKWARD, "audit")
+        if outcome.agree and outcome.odd is None:
+            return None
+        self.audits[outcome.odd or "inconclusive"] += 1
+        if outcome.odd == AUDIT:
+            return None
+        if outcome.odd == ROUTE:
+            if peer.name not in self.byzantine:
+                self._recount_rejection(tampered, "audit")
+            self.rejections.append((self.index, peer.name, sender, BACKWARD, tampered, outcome.reason()))
+            return f"stage {peer.stage} rejected backward tensor: audit", (sender, peer.name)
+        return f"stage {peer.stage}: {outcome.reason()}", None
+
+    def _recount_rejection(self, tampered: bool, statistic: str) -> None:
+        """The statistics counted this tensor as accepted; a later check (``loss``, ``audit``) rejected it after all."""
         t = self.tensors_warmup if self.in_warmup else self.tensors
         if tampered:
             t.tampered_caught += 1
-            t.caught_by["loss"] += 1
+            t.caught_by[statistic] += 1
         else:
             t.honest_rejected += 1
-            t.fp_by["loss"] += 1
+            t.fp_by[statistic] += 1
 
     def _optimizer_step(self) -> None:
         for k, (module, opt) in enumerate(zip(self.modules, self.optimizers)):
@@ -391,8 +444,11 @@ class SwarmSim:
             except NoRouteError as e:
                 self._end(index, "dropped", str(e))
                 return
+            auditors = [] if self.cfg.audit is None or self.cfg.stages < 2 else pick_auditors(
+                self.router.usable(self.cfg.stages - 1), chain[-1], self.router.is_suspect(chain[-1]), self.cfg.audit,
+                self.audit_rng)
             try:
-                ok, loss, reason, blame = self._chain(index, chain, ids)
+                ok, loss, reason, blame = self._chain(index, chain, ids, auditors)
             finally:
                 self.router.release(chain)
             self.clock += self.cfg.dt
@@ -567,6 +623,7 @@ class SwarmSim:
             tensors_warmup=dict(tampered=self.tensors_warmup.tampered, tampered_caught=self.tensors_warmup.tampered_caught,
                                 honest=self.tensors_warmup.honest, honest_rejected=self.tensors_warmup.honest_rejected),
             byzantine_receiver_rejections=self.byzantine_receiver_rejections,
+            audits=dict(self.audits),
             detection_rate=t.tampered_caught / t.tampered if t.tampered else None,
             false_positive_rate=t.honest_rejected / t.honest if t.honest else None,
             honest_blacklisted=honest_blacklisted,
