@@ -197,7 +197,8 @@ class LocalSwarm:
                 peers.append(dict(peer_id=peer_id, stage=child.stage, role="stage", name=child.name,
                                   byzantine=bool(child.info.get("byzantine", False)), flagged=flagged.get(peer_id, 0),
                                   strikes=strikes.get(peer_id, 0),
-                                  tampered=ledgers.get(peer_id, {}).get("tampered"), exit_code=child.proc.poll()))
+                                  tampered=ledgers.get(peer_id, {}).get("tampered"),
+                                  audits=ledgers.get(peer_id, {}).get("audits"), exit_code=child.proc.poll()))
             elif child.role == "bootstrap":
                 peers.append(dict(peer_id=child.info.get("peer_id"), stage=None, role="bootstrap", name=child.name,
                                   exit_code=child.proc.poll()))

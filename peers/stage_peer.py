@@ -254,7 +254,9 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
         left = await server.drain(grace_s)
         # what this peer saw and did, for launchers' summaries
         emit("ledger", peer_id=server.peer_id, served=server.stats.served, tallies=server.ledger.as_dict(),
-             rejected=dict(server.stats.flagged), tampered=adversary.tampered if adversary else 0)
+             rejected=dict(server.stats.flagged), tampered=adversary.tampered if adversary else 0,
+             audits=dict(run=server.stats.audits_run, failed=dict(server.stats.audits_failed),
+                         served=server.stats.audits_served))
         await server.shutdown()
         extra = {}
         if device == "cuda":

@@ -12,7 +12,7 @@ tampered one points elsewhere. The protocol, for pipelines of two stages or more
    audited micro-batch from any other. Once the route's gradient has passed its SENTINEL check, it sends the same
    activations to the first auditor with ``audit_only``: the auditor checks them, computes the loss and the
    gradient of its inputs, and neither trains on them nor counts them as served.
-3. :func:`judge` compares the gradients by cosine. Agreement ends the audit (both peers get a clean exchange in
+3. :func:`judge` compares the gradients by cosine and norm. Agreement ends the audit (both peers get a clean exchange in
    the ledger). On disagreement the second auditor breaks the tie: the gradient that disagrees with both others is
    the odd one; its sender gets a strike (``audit``), and if it is the route's peer the micro-batch is dropped and
    retried elsewhere, blaming it. Without a majority (no second auditor, or all three apart) nobody is blamed,
@@ -26,9 +26,10 @@ re-running every later stage).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,20 +39,24 @@ ROUTE, AUDIT, TIEBREAK = "route", "audit", "tiebreak"
 @dataclass(kw_only=True)
 class AuditConfig:
     """How often the trainer audits (``rate`` of all micro-batches; ``suspect_rate`` of those whose last-stage peer
-    is a suspect), and how alike two gradients must be to agree (``min_cosine``). Measured on the tiny model (two
-    stages, 8 x 64 tokens, AdamW 3e-3, over its first 120 steps): the same activations through last-stage weights
-    one optimizer step apart 0.989-0.999, five steps apart 0.95-0.99; a sign flip -1; the gradient of another
-    micro-batch (a replay) -0.02 to 0.02."""
+    is a suspect), and how alike two gradients must be to agree: cosine >= ``min_cosine`` and norms at most
+    ``max_norm_ratio`` times apart. Measured on the tiny model (two stages, 8 x 64 tokens, AdamW 3e-3, over its first
+    120 steps), the same activations through last-stage weights one optimizer step apart: cosine 0.989-0.999, norm
+    ratio up to 1.21 (in the first 5 steps; 1.01 after 10); two steps apart 0.985, 1.29; five steps apart 0.95, 1.38.
+    A sign flip has cosine -1, the gradient of another micro-batch (a replay) -0.02 to 0.02, a x1.5 scaling ratio
+    1.5."""
 
     rate: float = 0.1
     suspect_rate: float = 1.0
     min_cosine: float = 0.5
+    max_norm_ratio: float = 1.4
     auditors: int = 2  # the first recomputes; the second breaks a tie
 
     def __post_init__(self) -> None:
         if not (0 <= self.rate <= 1 and 0 <= self.suspect_rate <= 1 and -1 < self.min_cosine < 1
-                and 1 <= self.auditors <= 2):
-            raise ValueError("audit: rate and suspect_rate in [0, 1], min_cosine in (-1, 1), auditors 1 or 2")
+                and self.max_norm_ratio > 1 and 1 <= self.auditors <= 2):
+            raise ValueError("audit: rate and suspect_rate in [0, 1], min_cosine in (-1, 1), max_norm_ratio > 1, "
+                             "auditors 1 or 2")
 
 
 @dataclass
@@ -62,18 +67,19 @@ class AuditOutcome:
     agree: bool
     odd: Optional[str] = None
     cosines: Dict[str, float] = field(default_factory=dict)
+    ratios: Dict[str, float] = field(default_factory=dict)  # the pairs' norm ratios (>= 1)
 
     @property
     def needs_tiebreak(self) -> bool:
         return not self.agree and self.odd is None and f"{ROUTE}-{TIEBREAK}" not in self.cosines
 
     def reason(self) -> str:
-        pairs = ", ".join(f"{k} {v:+.2f}" for k, v in self.cosines.items())
+        pairs = ", ".join(f"{k} {v:+.2f} x{self.ratios.get(k, 1.0):.2f}" for k, v in self.cosines.items())
         if self.agree:
-            return f"audit agrees (cosine {pairs})"
+            return f"audit agrees (cosine, norm ratio: {pairs})"
         if self.odd is None:
-            return f"audit inconclusive: gradients disagree and no majority (cosine {pairs})"
-        return f"audit: the {self.odd} gradient disagrees with two other replicas' (cosine {pairs})"
+            return f"audit inconclusive: gradients disagree and no majority (cosine, norm ratio: {pairs})"
+        return f"audit: the {self.odd} gradient disagrees with two other replicas' (cosine, norm ratio: {pairs})"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,23 +91,43 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / norm if norm > 0 else 0.0
 
 
+def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How many times larger the bigger of two gradients' norms is (>= 1; inf when exactly one is all zeros)."""
+    na, nb = float(a.detach().double().norm()), float(b.detach().double().norm())
+    if not (math.isfinite(na) and math.isfinite(nb)):
+        return math.inf
+    if na == nb:
+        return 1.0
+    return max(na, nb) / min(na, nb) if min(na, nb) > 0 else math.inf
+
+
+def alike(a: torch.Tensor, b: torch.Tensor, min_cosine: float, max_norm_ratio: float) -> Tuple[bool, float, float]:
+    """Whether two gradients agree: (agree, cosine, norm ratio)."""
+    cos, ratio = cosine(a, b), norm_ratio(a, b)
+    return cos >= min_cosine and ratio <= max_norm_ratio, cos, ratio
+
+
 def judge(route: torch.Tensor, audit: torch.Tensor, tiebreak: Optional[torch.Tensor] = None,
-          min_cosine: float = 0.5) -> AuditOutcome:
+          min_cosine: float = 0.5, max_norm_ratio: float = 1.4) -> AuditOutcome:
     """Compare the route's gradient with an auditor's and, if they disagree, with a tie-breaker's."""
-    cosines = {f"{ROUTE}-{AUDIT}": cosine(route, audit)}
-    if cosines[f"{ROUTE}-{AUDIT}"] >= min_cosine:
-        return AuditOutcome(True, None, cosines)
+    outcome = AuditOutcome(False)
+
+    def pair(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+        ok, outcome.cosines[name], outcome.ratios[name] = alike(a, b, min_cosine, max_norm_ratio)
+        return ok
+
+    if pair(f"{ROUTE}-{AUDIT}", route, audit):
+        outcome.agree = True
+        return outcome
     if tiebreak is None:
-        return AuditOutcome(False, None, cosines)
-    cosines[f"{ROUTE}-{TIEBREAK}"] = cosine(route, tiebreak)
-    cosines[f"{AUDIT}-{TIEBREAK}"] = cosine(audit, tiebreak)
-    route_ok = cosines[f"{ROUTE}-{TIEBREAK}"] >= min_cosine
-    audit_ok = cosines[f"{AUDIT}-{TIEBREAK}"] >= min_cosine
+        return outcome
+    route_ok = pair(f"{ROUTE}-{TIEBREAK}", route, tiebreak)
+    audit_ok = pair(f"{AUDIT}-{TIEBREAK}", audit, tiebreak)
     if route_ok and not audit_ok:
-        return AuditOutcome(True, AUDIT, cosines)
-    if audit_ok and not route_ok:
-        return AuditOutcome(False, ROUTE, cosines)
-    return AuditOutcome(False, None, cosines)
+        outcome.agree, outcome.odd = True, AUDIT
+    elif audit_ok and not route_ok:
+        outcome.odd = ROUTE
+    return outcome
 
 
 def pick_auditors(candidates: Sequence[str], route_peer: str, suspect: bool, cfg: AuditConfig,

@@ -31,7 +31,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
-from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditOutcome, judge
+from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditConfig, AuditOutcome, judge
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -68,7 +68,7 @@ class StageServerConfig:
     autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
     announce_period_s: float = 5.0
     announce_ttl_s: float = 20.0
-    audit_min_cosine: float = 0.5  # how alike an auditor's gradient must be to the route's (swarm.audit)
+    audit: AuditConfig = field(default_factory=AuditConfig)  # how alike an auditor's gradient must be (swarm.audit)
     resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
 
@@ -481,7 +481,8 @@ class StageServer(ServicerBase):
                 logger.info(f"stage {self.cfg.stage}: auditor {auditor[-8:]} gave no gradient: {e.reason}")
                 continue
             answers.append((auditor, answer))
-            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None, self.cfg.audit_min_cosine)
+            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
+                            self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
             if not outcome.needs_tiebreak:
                 break
         if outcome is None:  # no auditor answered: the route's gradient stands on its SENTINEL verdict alone

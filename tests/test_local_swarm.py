@@ -264,6 +264,9 @@ def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
         summary, peers, attacker_id, microbatches = _blacklist_run(
             tmp_path / f"run{attempt}", f"itest-au{attempt}", (0, 0, 1, 1), 1, attack, steps=20)
         assert summary["audits"] > 0, summary
+        by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
+        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, by_name  # the penultimate judges
+        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, by_name  # ... what they recompute
         late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=4)
         attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
         if attacker["blacklisted"]:

@@ -373,7 +373,7 @@ class SwarmSim:
             g, _ = self._outbound(self.peers[auditor], g, BACKWARD, dict(meta, audit_only=True))
             answers.append((auditor, g))
             outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
-                            self.cfg.audit.min_cosine)
+                            self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
             if not outcome.needs_tiebreak:
                 break
         self.audits["run"] += 1
