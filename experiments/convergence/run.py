@@ -12,7 +12,7 @@ aggregate() and Router on real activations and gradients of the tiny model, Adam
 
 - ``clean``: no attacker (defences on, as a swarm runs by default): the reference;
 - ``off``: attacked, defences off: every received tensor used unchecked (what ``--no-sentinel`` does), no
-  reputation rounds, so no blacklist (the router still bans a peer locally after a failure, as the trainer does,
+  audits, no reputation rounds, so no blacklist (the router still bans a peer locally after a failure, as the trainer does,
   but nothing fails);
 - ``on``: attacked, defences on: SENTINEL checks at every receiver, ledgers -> signed reports -> ``aggregate`` ->
   blacklist, the router skipping blacklisted and locally banned peers, stage peers refusing blacklisted senders.
@@ -87,9 +87,10 @@ class ConvergenceSim(SwarmSim):
         # much the final loss moves under a perturbation that does no harm by itself
         rng = random.Random(cfg.seed + 12345)
         self.skip = {cfg.pretrain_microbatches + i for i in range(cfg.microbatches) if rng.random() < skip_fraction}
-        if not defences:
+        if not defences:  # no checks, no audits
             for peer in self.peers.values():
                 peer.sentinel = _Unchecked()
+            self.cfg.audit = None
         self.eval_every = eval_every
         per_epoch = self.stream.blocks.shape[0] // cfg.microbatch_size
         first = per_epoch - eval_batches  # the end of the first epoch: blocks training never reaches
@@ -204,7 +205,7 @@ def local_run(args, mode: str, workdir: str) -> dict:
         cmd += ["--byzantine", "1", "--attack", "scale", "--attack-direction", "forward", "--attack-magnitude", "10",
                 "--attack-start-step", str(args.local_attack_start)]
     if mode == "off":
-        cmd += ["--no-sentinel"]
+        cmd += ["--no-sentinel", "--audit-rate", "0"]
     started = time.perf_counter()
     print(f"[real] {mode}: {' '.join(cmd[2:])}", flush=True)
     log = open(os.path.join(workdir, name + ".out"), "w")
