@@ -176,7 +176,8 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
 
 
-def _blacklist_run(tmp_path, run_id: str, stages, attacker_stage: int, attack, steps: int) -> tuple:
+def _blacklist_run(tmp_path, run_id: str, stages, attacker_stage: int, attack, steps: int,
+                   trainer_extra=()) -> tuple:
     """One live swarm with reputation on: honest peers of ``stages`` plus one attacker at ``attacker_stage`` with
     ``attack`` flags: (trainer summary, swarm local's peers summary, attacker id, micro-batches)."""
     os.makedirs(tmp_path, exist_ok=True)
@@ -193,7 +194,7 @@ def _blacklist_run(tmp_path, run_id: str, stages, attacker_stage: int, attack, s
                                           extra=sentinel + list(attack)))
         for child in children:
             child.wait_event("serve", 180)
-        trainer, _, summary_path = train(swarm, tmp_path, steps=steps)
+        trainer, _, summary_path = train(swarm, tmp_path, steps=steps, extra=trainer_extra)
         assert trainer.proc.wait(timeout=600) == 0, open(trainer.log_path).read()[-3000:]
     finally:
         swarm.stop()
@@ -231,6 +232,7 @@ def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_
     return late
 
 
+@pytest.mark.timeout(1800)  # up to three runs of about four minutes each
 def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     """2 stages x 3 replicas, one stage-0 attacker (x10 activations from micro-batch 44): the stage-1 receivers reject
     its tensors and report it; it is blacklisted swarm-wide within 50 micro-batches of its first rejected tensor,
@@ -253,16 +255,20 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     pytest.fail(f"the attacker's verdict was late or noisy in all three runs: {misses}")
 
 
+@pytest.mark.timeout(1800)  # up to three runs of about four minutes each
 def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
     """A last-stage replica that flips the sign of every gradient it sends back (from step 2): no statistic of one
-    tensor sees it; audits (the trainer's default 10%, every micro-batch once it is a suspect) compare its gradient
-    with two other last-stage replicas', and it is blacklisted swarm-wide for ``audit`` while no honest peer is.
-    Safety on every run; timing and noise as in the 2 x 3 test, up to three runs."""
+    tensor sees it; audits (25% of micro-batches here, every one once it is a suspect) compare its gradient with two
+    other last-stage replicas', and it is blacklisted swarm-wide for ``audit`` while no honest peer is. Safety on
+    every run; timing and noise as in the 2 x 3 test, up to three runs. The rate is raised from the default 10% so
+    that the first catch comes early in 80 micro-batches: at 10% it is a draw of about 1 in 30 per micro-batch (the
+    attacker on the route and the micro-batch audited), and one CI run's first catch came at micro-batch 63."""
     misses = []
     attack = ["--attack", "signflip", "--attack-direction", "backward", "--attack-start-step", "2"]
     for attempt in range(3):
         summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}", f"itest-au{attempt}", (0, 0, 1, 1), 1, attack, steps=20)
+            tmp_path / f"run{attempt}", f"itest-au{attempt}", (0, 0, 1, 1), 1, attack, steps=20,
+            trainer_extra=["--audit-rate", "0.25"])
         assert summary["audits"] > 0, summary
         by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
         assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, by_name  # the penultimate judges
