@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import sys
 
 from peers.common import fail
@@ -32,21 +31,13 @@ def run(args) -> int:
     # not asyncio.run: on Ctrl-C it would wait for the DHT reads still running in executor threads (tens of
     # seconds against a slow DHT); close() leaves them behind, and the process exits without waiting for them
     loop = asyncio.new_event_loop()
-    interrupted = False
     try:
         return loop.run_until_complete(_show(dht, args))
     except KeyboardInterrupt:
-        interrupted = True
         return 0
     finally:
         loop.close()
         _shutdown(dht)
-        if interrupted:
-            # a read still waiting in an executor thread on the (now stopped) DHT would hold the interpreter's exit,
-            # which joins those threads (seen in CI: --watch not gone 90 s after SIGINT); nothing is left to do
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
 
 
 def _shutdown(dht, grace_s: float = 10.0) -> None:

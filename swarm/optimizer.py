@@ -16,6 +16,8 @@ asynchronous pipelines (PipeDream without weight stashing), and never an error.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +62,7 @@ class StageOptimizer:
         self.last_step_at = time.monotonic()  # when step() last ran (a replica that gets no work cannot catch up in it)
         self._accumulators: Optional[List[torch.Tensor]] = None
         if cfg.averaging and dht is not None:
+            sigint = signal.getsignal(signal.SIGINT)
             self.opt = hivemind.Optimizer(
                 dht=dht,
                 run_id=run_id,
@@ -74,6 +77,10 @@ class StageOptimizer:
                 tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5),
                 verbose=False,
             )
+            # hivemind's averagers set SIGINT to "ignore" in the *calling* process before they fork (and leave it so):
+            # Ctrl-C would no longer reach this program, nor any process it starts afterwards, which inherits the
+            # setting (seen in the test suite: a `swarm status --watch` started after an optimizer ignored SIGINT)
+            _restore_sigint(sigint)
         else:
             self.opt = make_opt(self.aliases)
 
@@ -150,3 +157,9 @@ class StageOptimizer:
     def shutdown(self) -> None:
         if self.hivemind:
             self.opt.shutdown()
+
+
+def _restore_sigint(handler) -> None:
+    """Put back a SIGINT handler (possible only from the main thread; elsewhere hivemind could not have set it)."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)

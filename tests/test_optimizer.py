@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -30,7 +31,11 @@ def _step(replica: StageOptimizer) -> None:
 def test_replica_that_missed_steps_catches_up_without_work():
     first = create_dht("otest")
     second = create_dht("otest", initial_peers=[str(a) for a in first.get_visible_maddrs()])
+    sigint = signal.getsignal(signal.SIGINT)
     a, b = _replica(first, 0), _replica(second, 1)
+    # hivemind's averagers ignore SIGINT in the calling process; the stage optimizer puts the handler back, or Ctrl-C
+    # would stop working here and in every process started from here afterwards
+    assert signal.getsignal(signal.SIGINT) is sigint
     try:
         assert not b.should_catch_up()
         deadline = time.monotonic() + 60
