@@ -73,6 +73,13 @@ class AuditOutcome:
     def needs_tiebreak(self) -> bool:
         return not self.agree and self.odd is None and f"{ROUTE}-{TIEBREAK}" not in self.cosines
 
+    def entries(self, route: str, answered: Sequence[str]) -> List[Tuple[str, bool]]:
+        """The judging peer's ledger entries for this audit, (peer, clean) for the route's peer and each auditor that
+        answered; none when inconclusive (so a liar frames nobody)."""
+        if not self.agree and self.odd is None:
+            return []
+        return [(who, role != self.odd) for role, who in zip((ROUTE, AUDIT, TIEBREAK), [route, *answered])]
+
     def reason(self) -> str:
         pairs = ", ".join(f"{k} {v:+.2f} x{self.ratios.get(k, 1.0):.2f}" for k, v in self.cosines.items())
         if self.agree:

@@ -31,7 +31,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
-from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditConfig, AuditOutcome, judge
+from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -489,18 +489,15 @@ class StageServer(ServicerBase):
             self.ledger.record(peer, True, BACKWARD)
             return
         self.stats.audits_run += 1
-        roles = {ROUTE: peer, AUDIT: answers[0][0], TIEBREAK: answers[1][0] if len(answers) > 1 else None}
-        if outcome.agree or outcome.odd is not None:  # inconclusive: no entry for anyone (a liar frames nobody)
-            for role, who in roles.items():
-                if who is not None:
-                    self.ledger.record(who, role != outcome.odd, BACKWARD, "audit")
+        for who, clean in outcome.entries(peer, [auditor for auditor, _ in answers]):
+            self.ledger.record(who, clean, BACKWARD, "audit")
         if outcome.agree and outcome.odd is None:
             return
         failed = outcome.odd or "inconclusive"
         self.stats.audits_failed[failed] = self.stats.audits_failed.get(failed, 0) + 1
         logger.info(f"stage {self.cfg.stage}: micro-batch {mb}: {outcome.reason()}")
         if outcome.odd == AUDIT:
-            self.stats.flagged[roles[AUDIT]] = self.stats.flagged.get(roles[AUDIT], 0) + 1
+            self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
             return
         if outcome.odd == ROUTE:
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)

@@ -62,7 +62,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from peers.adversary import Adversary, AttackConfig  # noqa: E402
-from swarm.audit import AUDIT, ROUTE, TIEBREAK, AuditConfig, judge, pick_auditors  # noqa: E402
+from swarm.audit import AUDIT, ROUTE, AuditConfig, judge, pick_auditors  # noqa: E402
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
@@ -377,11 +377,8 @@ class SwarmSim:
             if not outcome.needs_tiebreak:
                 break
         self.audits["run"] += 1
-        roles = {ROUTE: sender, AUDIT: answers[0][0], TIEBREAK: answers[1][0] if len(answers) > 1 else None}
-        if outcome.agree or outcome.odd is not None:
-            for role, who in roles.items():
-                if who is not None:
-                    peer.ledger.record(who, role != outcome.odd, BACKWARD, "audit")
+        for who, clean in outcome.entries(sender, [auditor for auditor, _ in answers]):
+            peer.ledger.record(who, clean, BACKWARD, "audit")
         if outcome.agree and outcome.odd is None:
             return None
         self.audits[outcome.odd or "inconclusive"] += 1
