@@ -12,6 +12,16 @@ Attacks (``magnitude`` m):
     random    i.i.d. normal with x's mean and standard deviation (matched moments, no structure)
     replay    a stale tensor this peer sent int(m) micro-batches earlier (same shape), instead of the fresh one
     alie      x + m * std_f(x): each feature shifted by m of its own standard deviations ("a little is enough")
+
+Averaging attacks (on the stage's gradient all-reduce and state sharing, through ``swarm.averaging.AveragingHooks``;
+``start_step`` counts this peer's averaging rounds):
+    avg-scale       its gradient contribution x m (default -20)
+    avg-signflip    its contribution x -m (default 1)
+    avg-weight      claims m x its sample count (default 100) with a sign-flipped contribution
+    avg-aggregate   as the aggregator of a part, returns m x the aggregate (default -5) to everyone
+    avg-equivocate  sends different gradients to different aggregators: every other tensor x -m (default 10)
+    avg-state       serves joiners its parameters x m (default 5)
+    avg-progress    claims to be m epochs ahead of its stage in its progress records (default 1000)
 """
 
 from __future__ import annotations
@@ -23,10 +33,14 @@ from typing import Any, Deque, Dict
 
 import torch
 
-ATTACKS = ("noise", "signflip", "scale", "zero", "constant", "random", "replay", "alie")
+CHAIN_ATTACKS = ("noise", "signflip", "scale", "zero", "constant", "random", "replay", "alie")
+AVERAGING_ATTACKS = ("avg-scale", "avg-signflip", "avg-weight", "avg-aggregate", "avg-equivocate", "avg-state",
+                     "avg-progress")
+ATTACKS = CHAIN_ATTACKS + AVERAGING_ATTACKS
 DIRECTIONS = ("forward", "backward", "both")
 DEFAULT_MAGNITUDE = {"noise": 1.0, "signflip": 1.0, "scale": 10.0, "zero": 1.0, "constant": 1.0, "random": 1.0,
-                     "replay": 4.0, "alie": 2.0}
+                     "replay": 4.0, "alie": 2.0, "avg-scale": -20.0, "avg-signflip": 1.0, "avg-weight": 100.0,
+                     "avg-aggregate": -5.0, "avg-equivocate": 10.0, "avg-state": 5.0, "avg-progress": 1000.0}
 
 
 @dataclass(kw_only=True)
@@ -103,3 +117,49 @@ class Adversary:
                 self.tampered += 1
         past.append(fresh.clone())
         return out
+
+
+class AveragingAdversary:
+    """Averaging attacks as :class:`swarm.averaging.AveragingHooks` (see the module doc for each one)."""
+
+    def __init__(self, cfg: AttackConfig):
+        if cfg.name not in AVERAGING_ATTACKS:
+            raise ValueError(f"{cfg.name!r} is not an averaging attack")
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.rounds = 0  # averaging rounds this peer took part in (counted in its averager process)
+
+    def _active(self) -> bool:
+        return self.rounds >= self.cfg.start_step and self.rng.random() < self.cfg.probability
+
+    def contribution(self, tensors):
+        self.rounds += 1
+        m, name = self.cfg.magnitude, self.cfg.name
+        if not self._active() or name not in ("avg-scale", "avg-signflip", "avg-weight", "avg-equivocate"):
+            return tensors
+        if name == "avg-scale":
+            return [m * t for t in tensors]
+        if name in ("avg-signflip", "avg-weight"):
+            return [-(m if name == "avg-signflip" else 1.0) * t for t in tensors]
+        return [-m * t if i % 2 else t for i, t in enumerate(tensors)]
+
+    def weight(self, claimed: float) -> float:
+        return claimed * self.cfg.magnitude if self.cfg.name == "avg-weight" and self._active() else claimed
+
+    def aggregate(self, part: torch.Tensor) -> torch.Tensor:
+        return part * self.cfg.magnitude if self.cfg.name == "avg-aggregate" and self._active() else part
+
+    def state(self, tensors):
+        return [t * self.cfg.magnitude if t.is_floating_point() else t for t in tensors] \
+            if self.cfg.name == "avg-state" else tensors
+
+    def progress(self, epoch: int) -> int:
+        return epoch + int(self.cfg.magnitude) if self.cfg.name == "avg-progress" else epoch
+
+    def hooks(self):
+        from swarm.averaging import AveragingHooks
+
+        hooks = {"avg-aggregate": dict(aggregate=self.aggregate), "avg-state": dict(state=self.state),
+                 "avg-weight": dict(contribution=self.contribution, weight=self.weight),
+                 "avg-progress": dict(progress=self.progress)}
+        return AveragingHooks(**hooks.get(self.cfg.name, dict(contribution=self.contribution)))

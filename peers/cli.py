@@ -52,6 +52,13 @@ def _swarm_shape(parser: argparse.ArgumentParser) -> None:
                        help="independent trusted reporters needed to blacklist a peer (default: %(default)s)")
     group.add_argument("--report-period", type=float, default=5.0,
                        help="seconds between a peer's reputation reports (default: %(default)s)")
+    group.add_argument("--aggregator", default="centered_clip", choices=("centered_clip", "mean"),
+                       help="how a stage's replicas combine their gradients: centered_clip (Byzantine-tolerant) or "
+                            "mean (hivemind's weighted mean, no defence) (default: %(default)s)")
+    group.add_argument("--clip-radius", type=float, default=1.0,
+                       help="CenteredClip radius, in lower-median distances of the replicas' contributions from "
+                            "their median (default: %(default)s)")
+    group.add_argument("--clip-iters", type=int, default=20, help="CenteredClip iterations (default: %(default)s)")
     group.add_argument("--pow-bits", type=int, default=0,
                        help="admission: proof-of-work difficulty per identity, in bits (0: off; 20 is about a second "
                             "of one core per identity, each extra bit doubles it) (default: %(default)s)")

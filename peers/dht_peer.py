@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 
@@ -10,6 +11,7 @@ from hivemind.utils import get_dht_time
 
 from peers.common import emit, fail, host_maddrs, wait_for_shutdown
 from swarm.admission import AdmissionPolicy, load_or_create_authority_key, public_key_hex
+from swarm.averaging import AveragingConfig
 from swarm.config import model_preset, stage_layer_ranges, to_dict
 from swarm.network import create_dht, publish_swarm_config, visible_addresses
 from swarm.records import SwarmConfigRecord
@@ -22,6 +24,7 @@ def swarm_record(args) -> SwarmConfigRecord:
     model = model_preset(args.model, seed=args.seed)
     ReputationConfig(probation_s=args.probation_s, probation_work=args.probation_work, min_reporters=args.min_reporters,
                      report_period_s=args.report_period, report_ttl_s=max(60.0, 4 * args.report_period))
+    averaging = AveragingConfig(aggregator=args.aggregator, clip_radius=args.clip_radius, clip_iters=args.clip_iters)
     stage_layer_ranges(model.num_layers, args.stages)  # raises a clear error for an impossible cut
     if args.target_batch_size % args.microbatch_size:
         raise ValueError("--target-batch-size must be a multiple of --microbatch-size")
@@ -40,7 +43,7 @@ def swarm_record(args) -> SwarmConfigRecord:
                                                      min_reporters=args.min_reporters,
                                                      report_period_s=args.report_period,
                                                      report_ttl_s=max(60.0, 4 * args.report_period)),
-               "admission": admission.to_extra()},
+               "admission": admission.to_extra(), "averaging": dataclasses.asdict(averaging)},
     )
 
 

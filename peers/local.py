@@ -210,7 +210,9 @@ def shape_args(args) -> List[str]:
             "--microbatch-size", str(args.microbatch_size), "--target-batch-size", str(args.target_batch_size),
             "--lr", str(args.lr), "--seed", str(args.seed), "--probation-s", str(args.probation_s),
             "--probation-work", str(args.probation_work), "--min-reporters", str(args.min_reporters),
-            "--report-period", str(args.report_period), "--pow-bits", str(args.pow_bits)] + (
+            "--report-period", str(args.report_period), "--pow-bits", str(args.pow_bits),
+            "--aggregator", args.aggregator, "--clip-radius", str(args.clip_radius),
+            "--clip-iters", str(args.clip_iters)] + (
             ["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else [])
 
 

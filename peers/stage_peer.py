@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, List, Optional
 import torch
 
 from peers.common import emit, fail, join_swarm, prove_admission, wait_for_shutdown
+from swarm.averaging import AveragingConfig
 from swarm.config import ModelConfig
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
@@ -60,13 +61,26 @@ def reputation_config(swarm) -> ReputationConfig:
         return ReputationConfig()
 
 
-def make_adversary(args):
-    if not getattr(args, "attack", None):
-        return None
-    from peers.adversary import Adversary, AttackConfig
+def _attack_config(args):
+    from peers.adversary import AttackConfig
 
-    return Adversary(AttackConfig(name=args.attack, direction=args.attack_direction, magnitude=args.attack_magnitude,
-                                  probability=args.attack_probability, start_step=args.attack_start_step))
+    return AttackConfig(name=args.attack, direction=args.attack_direction, magnitude=args.attack_magnitude,
+                        probability=args.attack_probability, start_step=args.attack_start_step)
+
+
+def make_adversary(args):
+    """The outbound hook of a chain attack (``--attack`` naming one), else None."""
+    from peers.adversary import CHAIN_ATTACKS, Adversary
+
+    return Adversary(_attack_config(args)) if getattr(args, "attack", None) in CHAIN_ATTACKS else None
+
+
+def make_averaging_hooks(args):
+    """The averaging hooks of an averaging attack (``--attack avg-...``), else None."""
+    from peers.adversary import AVERAGING_ATTACKS, AveragingAdversary
+
+    return AveragingAdversary(_attack_config(args)).hooks() if getattr(args, "attack", None) in AVERAGING_ATTACKS \
+        else None
 
 
 # ---- state download progress ---------------------------------------------------------------------------------
@@ -197,7 +211,8 @@ def server_configs(args, swarm, stage: int, device: str):
         compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
     )
     opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
-                              matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging)
+                              matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging,
+                              robust=AveragingConfig.from_dict(swarm.extra.get("averaging")))
     return server_cfg, opt_cfg
 
 
@@ -222,10 +237,10 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
         sentinel = None if args.no_sentinel else SentinelMonitor(
             SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup,
                            warmup_steps=args.sentinel_warmup_steps))
-        adversary = make_adversary(args)
+        adversary, averaging_hooks = make_adversary(args), make_averaging_hooks(args)
         server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
                              sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm),
-                             admission=policy, admission_token=token)
+                             admission=policy, admission_token=token, averaging_hooks=averaging_hooks)
         server.admission_proof = proof
         stop = asyncio.ensure_future(wait_for_shutdown())  # from here on, SIGINT/SIGTERM mean "leave cleanly"
         starting = asyncio.ensure_future(server.start(
@@ -240,7 +255,7 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
             return 0
         starting.result()  # a failure to start raises here
         emit(role, peer_id=server.peer_id, stage=stage, device=device, autocast=server_cfg.autocast_dtype,
-             byzantine=adversary is not None, epoch=server.optimizer.epoch)
+             byzantine=adversary is not None or averaging_hooks is not None, epoch=server.optimizer.epoch)
         code = 0
         if on_online is not None:
             check = asyncio.ensure_future(on_online(server))

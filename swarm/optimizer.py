@@ -19,12 +19,20 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import hivemind
 import torch
+
+from swarm.averaging import (
+    AveragingConfig,
+    AveragingHooks,
+    RobustGradientAverager,
+    RobustOptimizer,
+    StateCheck,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ class OptimizerConfig:
     averaging_timeout_s: float = 15.0
     load_state_timeout_s: float = 60.0
     averaging: bool = True  # False: a plain local optimizer (a single peer, or tests)
+    robust: AveragingConfig = field(default_factory=AveragingConfig)  # how replicas combine (swarm.averaging)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and self.target_batch_size >= 1 and self.matchmaking_time_s > 0):
@@ -51,7 +60,8 @@ class OptimizerConfig:
 class StageOptimizer:
     """Accumulates a stage's gradients micro-batch by micro-batch and steps with the stage's replicas."""
 
-    def __init__(self, module: torch.nn.Module, cfg: OptimizerConfig, dht: Optional[hivemind.DHT], run_id: str):
+    def __init__(self, module: torch.nn.Module, cfg: OptimizerConfig, dht: Optional[hivemind.DHT], run_id: str,
+                 hooks: Optional[AveragingHooks] = None):
         self.module, self.cfg = module, cfg
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         # aliases with their own version counters (see the module docstring)
@@ -63,7 +73,9 @@ class StageOptimizer:
         self._accumulators: Optional[List[torch.Tensor]] = None
         if cfg.averaging and dht is not None:
             sigint = signal.getsignal(signal.SIGINT)
-            self.opt = hivemind.Optimizer(
+            self.opt = RobustOptimizer(
+                averaging=cfg.robust,
+                hooks=hooks,
                 dht=dht,
                 run_id=run_id,
                 params=self.aliases,
@@ -109,6 +121,28 @@ class StageOptimizer:
         behind = self.epochs_behind
         idle_s = (time.monotonic() if now is None else now) - self.last_step_at
         return behind >= 2 or (behind == 1 and idle_s > self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s)
+
+    def set_state_check(self, check: Optional[StateCheck]) -> None:
+        """Who vouches for a downloaded state before it is applied (the stage server's quorum check)."""
+        if self.hivemind:
+            self.opt.state_averager.state_check = check
+
+    def set_excluded(self, peers) -> None:
+        """Blacklisted peers: their gradient contributions are left out, and they are never a state source."""
+        if self.hivemind:
+            peers = frozenset(peers)
+            self.opt.state_averager.excluded_sources = tuple(peers)
+            if isinstance(self.opt.grad_averager, RobustGradientAverager):
+                self.opt.grad_averager.set_excluded(peers)
+
+    def drain_averaging_outcomes(self) -> List[Tuple[str, bool]]:
+        """(peer, clean?) for each contribution this replica aggregated since the last call."""
+        averager = self.opt.grad_averager if self.hivemind else None
+        return averager.drain_outcomes() if isinstance(averager, RobustGradientAverager) else []
+
+    def drain_refused_states(self) -> List[Tuple[str, str]]:
+        """(source, reason) for each downloaded state this replica refused since the last call."""
+        return self.opt.state_averager.drain_refused() if self.hivemind else []
 
     def load_state_from_peers(self) -> bool:
         """Download parameters and optimizer state from the stage's replicas; False if nobody answered."""

@@ -20,8 +20,8 @@ The method, and why:
    lowers a score.
 3. **Only neighbours can witness, and a verdict needs a share of them.** A stage peer exchanges tensors only
    with the peers of the adjacent stages (it receives activations from stage ``s - 1`` and gradients from stage
-   ``s + 1``), so when the aggregator knows who serves which stage (``stages``), an entry by a reporter that
-   does not serve a stage adjacent to the peer's is a claim about exchanges that never happened, and is ignored
+   ``s + 1``) and with the other replicas of its own stage (gradient averaging, state downloads), so when the aggregator knows who serves which stage (``stages``), an entry by a reporter that
+   serves neither the peer's stage nor one adjacent to it is a claim about exchanges that never happened, and is ignored
    (for accusations, vouching and scores alike). A verdict also needs the accusers to be at least
    ``witness_share`` of the *witnesses* on one side of the peer (the weighted reporters of that adjacent stage
    that exchanged at least ``min_strikes`` tensors with it, accusers included): Byzantine insiders whose honest
@@ -57,6 +57,7 @@ from swarm.records import (MAX_REPORT_ENTRIES, MAX_REPORT_REASONS, MAX_TTL_S, RE
 STRIKE_PENALTY = 4.0  # a strike outweighs this many clean exchanges in a score
 MAX_ROUNDS = 5  # blacklist / re-weigh iterations
 UNSPECIFIED = "unspecified"
+SAME_STAGE = 0  # the side a replica of the same stage sees a peer from (their gradient averaging, their state)
 
 
 @dataclass(kw_only=True)
@@ -205,17 +206,18 @@ def aggregate(
 
 
 def _plausible(reports: Dict[str, ReputationReport], stages: Dict[str, Set[int]]):
-    """The reports with only the entries a reporter can have witnessed (it serves a stage next to the peer's), and
-    the side each remaining entry sees its peer from: +1 when the reporter serves the next stage (it receives the
-    peer's activations), -1 the previous one (the peer's gradients)."""
+    """The reports with only the entries a reporter can have witnessed (it serves a stage next to the peer's, or the
+    same one), and the side each remaining entry sees its peer from: +1 when the reporter serves the next stage (it
+    receives the peer's activations), -1 the previous one (the peer's gradients), ``SAME_STAGE`` (0) a replica of
+    the peer's own stage (their gradient averaging and state downloads)."""
     kept: Dict[str, ReputationReport] = {}
     sides: Dict[str, Dict[str, int]] = {}
     for r, report in reports.items():
         entries, seen_from = {}, {}
         for peer, e in report.entries.items():
             offsets = {a - b for a in stages.get(r, ()) for b in stages.get(peer, ())}
-            side = 1 if 1 in offsets else -1 if -1 in offsets else 0
-            if side:
+            side = 1 if 1 in offsets else -1 if -1 in offsets else SAME_STAGE if 0 in offsets else None
+            if side is not None:
                 entries[peer], seen_from[peer] = e, side
         kept[r] = dataclasses.replace(report, entries=entries)
         sides[r] = seen_from

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
@@ -32,6 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
+from swarm.averaging import AVERAGING, STATE, AveragingHooks, param_sketch, sketch_distance, state_verdict
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -92,6 +94,8 @@ class StageStats:
     audits_run: int = 0  # audits this (penultimate) stage ran on the last stage's gradients
     audits_failed: Dict[str, int] = field(default_factory=dict)  # outcome ("route", "audit", "inconclusive") -> count
     audits_served: int = 0  # audit-only micro-batches this (last) stage computed for others
+    averaging_strikes: Dict[str, int] = field(default_factory=dict)  # peer -> its contributions found far off
+    refused_states: Dict[str, int] = field(default_factory=dict)  # source -> states of its refused here
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
@@ -155,6 +159,7 @@ class StageServer(ServicerBase):
         reputation: Optional[ReputationConfig] = None,
         admission: Optional[AdmissionPolicy] = None,
         admission_token: Optional[str] = None,
+        averaging_hooks: Optional[AveragingHooks] = None,
     ):
         self.cfg, self.model_cfg, self.dht = cfg, model_cfg, dht
         # the swarm's admission rule (swarm.admission): senders must prove they were let in; so must this peer
@@ -165,7 +170,9 @@ class StageServer(ServicerBase):
         self.device = torch.device(cfg.device)
         self.module = StageModule(model_cfg, cfg.stage, cfg.num_stages).to(self.device)
         self.module.train()
-        self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}")
+        self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}",
+                                        hooks=averaging_hooks)
+        self.optimizer.set_state_check(self._check_state)
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         self.outbound_hook = outbound_hook
@@ -184,6 +191,8 @@ class StageServer(ServicerBase):
         self._dialback_lock: Optional[asyncio.Lock] = None
         self._dialback_last: Dict[str, float] = {}  # caller -> monotonic time of its last dial-back
         self._resync_task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sketch_last: Dict[str, float] = {}  # caller -> monotonic time of its last state sketch
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, load_state: bool = True, load_progress: Optional[Callable[..., Any]] = None) -> None:
@@ -198,6 +207,7 @@ class StageServer(ServicerBase):
         )
 
         self.p2p = await self.dht.replicate_p2p()
+        self._loop = asyncio.get_event_loop()
         self.peer_id = str(self.p2p.peer_id)
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
         self._dialback_lock = asyncio.Lock()
@@ -252,6 +262,7 @@ class StageServer(ServicerBase):
         while True:
             await asyncio.sleep(pause)
             try:
+                self.record_averaging()
                 if self.draining or not self.optimizer.should_catch_up():
                     pause = self.cfg.resync_period_s
                     continue
@@ -266,6 +277,67 @@ class StageServer(ServicerBase):
             except Exception as e:  # the loop must outlive any one failed download
                 logger.warning(f"stage {self.cfg.stage}: catching up with the other replicas failed: {e!r}")
                 pause = min(2 * pause, 60.0)
+
+    def record_averaging(self) -> None:
+        """Count what the stage's averaging learnt about the other replicas since the last call: each contribution
+        this replica aggregated (clean, or an ``averaging`` strike when it lay far outside the honest spread) and each
+        state it refused (a ``state`` strike against the source); and tell the averagers who is blacklisted."""
+        for peer, clean in self.optimizer.drain_averaging_outcomes():
+            self.ledger.record(peer, clean, AVERAGING, AVERAGING)
+            if not clean:
+                self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + 1
+                logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s gradient contribution was far outside the "
+                               f"other replicas' spread (clipped; an averaging strike)")
+        for source, _reason in self.optimizer.drain_refused_states():
+            self.ledger.record(source, False, STATE, STATE)
+            self.stats.refused_states[source] = self.stats.refused_states.get(source, 0) + 1
+        if self.reputation is not None:
+            self.optimizer.set_excluded(self.reputation.aggregate.blacklist.keys())
+
+    def _check_state(self, source: str, epoch: int, params) -> Optional[str]:
+        """``state_check`` of the stage's state downloads (runs on the compute thread): ask the other online
+        replicas for a sketch of their parameters under a seed picked here, and compare (``state_verdict``)."""
+        if self._loop is None:
+            return None
+        cfg = self.optimizer.cfg.robust
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+        mine = param_sketch(params, seed, cfg.state_sketch_dims)
+        future = asyncio.run_coroutine_threadsafe(self._replica_sketches(source, seed, cfg.state_sketch_dims), self._loop)
+        try:
+            answers = future.result(timeout=30.0)
+        except Exception as e:
+            answers = []
+            logger.warning(f"stage {self.cfg.stage}: could not ask the other replicas about a state: {e!r}")
+        distances = [sketch_distance(mine, sketch) for peer_epoch, sketch in answers if abs(peer_epoch - epoch) <= 1]
+        ok, why = state_verdict(distances, cfg.state_tolerance)
+        logger.info(f"stage {self.cfg.stage}: state of epoch {epoch} from {source[-8:]}: {why}")
+        return None if ok else why
+
+    async def _replica_sketches(self, source: str, seed: int, dims: int) -> List[Tuple[int, List[float]]]:
+        """(epoch, sketch) from every other online, not blacklisted replica of this stage but ``source``."""
+        from swarm.network import fetch_stage_peers  # network <- stage_server, kept local to the call
+
+        peers = await asyncio.get_event_loop().run_in_executor(
+            None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages)
+        others = [p.peer_id for p in peers.get(self.cfg.stage, []) if p.record.state == "online"
+                  and p.peer_id not in (self.peer_id, source) and not self.is_banned(p.peer_id)]
+
+        async def ask(peer: str):
+            try:
+                stub = StageServer.get_stub(self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id))
+                request = pack(dict(seed=seed, dims=dims))[0]
+                reply = (await receive(single(await stub.rpc_state_sketch(request, timeout=20.0)),
+                                       self.cfg.limits)).metadata
+                sketch, epoch = reply.get("sketch"), reply.get("epoch")
+                if isinstance(epoch, int) and isinstance(sketch, list) and len(sketch) == dims and \
+                        all(isinstance(v, float) for v in sketch):
+                    return epoch, sketch
+            except Exception as e:
+                logger.debug(f"no state sketch from {peer}: {e!r}")
+            return None
+
+        answers = await asyncio.gather(*(ask(peer) for peer in others[:8]))
+        return [a for a in answers if a is not None]
 
     def not_admitted(self, sender: str, meta: Dict[str, Any]) -> Optional[str]:
         """Why the swarm's admission rule refuses this sender (its proof travels in the request), or None."""
@@ -330,6 +402,7 @@ class StageServer(ServicerBase):
             sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(), rsa_key=_local_rsa_key(),
             blacklist=dict(self.reputation.aggregate.blacklist) if self.reputation else {},
             param_checksum=self.param_checksum(),
+            averaging=dict(strikes=dict(self.stats.averaging_strikes), refused_states=dict(self.stats.refused_states)),
             audits=dict(run=self.stats.audits_run, failed=dict(self.stats.audits_failed), served=self.stats.audits_served),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
@@ -381,6 +454,33 @@ class StageServer(ServicerBase):
         )
         for message in pack(reply, tensors, compression=self.cfg.compression, message_type=runtime_pb2.ExpertResponse):
             yield message
+
+    async def rpc_state_sketch(self, request: runtime_pb2.ExpertRequest,
+                               context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A random sketch of this replica's parameters under the caller's seed (``swarm.averaging.param_sketch``),
+        with its epoch: how a replica that downloaded the stage's state checks it against the others. It costs a
+        pass over the parameters, so one request per caller per SKETCH_COOLDOWN_S, and at most 256 dimensions."""
+        caller = str(context.remote_id)
+        try:
+            received = await receive(single(request), self.cfg.limits)
+            seed, dims = received.metadata.get("seed"), received.metadata.get("dims")
+            if not (isinstance(seed, int) and 0 <= seed < 2**63 and isinstance(dims, int) and 1 <= dims <= 256):
+                raise TransportError("need an integer 'seed' in [0, 2^63) and 'dims' in [1, 256]")
+            now = time.monotonic()
+            if now - self._sketch_last.get(caller, -SKETCH_COOLDOWN_S) < SKETCH_COOLDOWN_S:
+                raise TransportError(f"one state sketch per {SKETCH_COOLDOWN_S:.0f}s per peer; retry later")
+            if len(self._sketch_last) > 4096:
+                self._sketch_last.clear()
+            self._sketch_last[caller] = now
+            params = [p.detach() for p in self.module.parameters()]
+            epoch = self.optimizer.epoch
+            # not on the compute thread, which may be waiting out an averaging round: a sketch taken during a step is
+            # off by at most that step, well inside the tolerance
+            sketch = await asyncio.get_event_loop().run_in_executor(None, param_sketch, params, seed, dims)
+            reply = {"ok": True, "epoch": epoch, "sketch": [float(v) for v in sketch]}
+        except TransportError as e:
+            reply = {"ok": False, "error": str(e)}
+        return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
 
     async def rpc_dialback(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Reachability check for a joining peer: dial the caller back at the addresses it lists, from a fresh
@@ -716,6 +816,7 @@ async def lookup_rsa_key(p2p: hivemind.P2P, run_id: str, peer: str, timeout: flo
     return key if isinstance(key, bytes) else None
 
 
+SKETCH_COOLDOWN_S = 2.0
 DIALBACK_MAX_ADDRS = 4
 DIALBACK_COOLDOWN_S = 20.0
 DIALBACK_TIMEOUT_S = 10.0

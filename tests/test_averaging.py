@@ -1,0 +1,212 @@
+"""Byzantine-tolerant averaging (swarm.averaging): the aggregation rule, quorum progress and state checks as pure
+logic; then hivemind averagers in this process, on a real DHT on 127.0.0.1, with one attacker among three."""
+
+import asyncio
+import concurrent.futures
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils.timed_storage import ValueWithExpiration
+
+from peers.adversary import AttackConfig, AveragingAdversary
+from swarm.averaging import (
+    AveragingConfig,
+    QuorumProgressTracker,
+    RobustGradientAverager,
+    RobustPartReducer,
+    param_sketch,
+    quorum_epoch,
+    robust_aggregate,
+    sketch_distance,
+    state_verdict,
+)
+
+CFG = AveragingConfig()
+
+
+def honest(n: int, dim: int = 4000, noise: float = 0.5, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    true = torch.randn(dim, generator=gen)
+    return true, [true + noise * torch.randn(dim, generator=gen) for _ in range(n)]
+
+
+def cos(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0))
+
+
+@pytest.mark.parametrize("attack", [lambda g: -20 * g, lambda g: 1000 * torch.randn_like(g), lambda g: 0 * g + 50,
+                                    lambda g: -g])
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_centered_clip_tolerates_a_minority_of_attackers(n, attack):
+    """floor((n-1)/2) attackers sending the same poison: the aggregate stays close to the honest mean."""
+    true, parts = honest(n)
+    byz = (n - 1) // 2
+    mean_honest = torch.stack(parts[byz:]).mean(0)
+    poisoned = [attack(p) for p in parts[:byz]] + parts[byz:]
+    robust = robust_aggregate(poisoned, CFG).result
+    plain = torch.stack(poisoned).mean(0)
+    honest_spread = torch.stack([(p - mean_honest).norm() for p in parts[byz:]]).max()
+    assert (robust - mean_honest).norm() <= 1.5 * honest_spread, n
+    assert cos(robust, true) > 0.8
+    if n >= 5 or attack(torch.ones(1)).abs().max() > 5:  # plain averaging is ruined by the same attack
+        assert (plain - mean_honest).norm() > (robust - mean_honest).norm()
+
+
+def test_outliers_are_flagged_and_honest_ones_are_not():
+    _, parts = honest(3)
+    assert robust_aggregate(parts, CFG).outliers == [False, False, False]
+    flagged = robust_aggregate([parts[0], parts[1], -20 * parts[2]], CFG).outliers
+    assert flagged == [False, False, True]
+
+
+def test_two_replicas_bound_the_norm_of_a_scaled_contribution():
+    """With 2 replicas the rule cannot tell who is honest; what it guarantees is the norm bound."""
+    true, (good, _) = honest(2)
+    out = robust_aggregate([good, -20 * good], CFG)
+    assert out.result.norm() <= good.norm() * (1 + CFG.norm_bound) / 2 + 1e-4
+    assert out.outliers == [False, True]  # the honest replica reports its partner (one reporter: no verdict alone)
+
+
+def test_mean_aggregator_is_the_plain_mean():
+    _, parts = honest(3)
+    cfg = AveragingConfig(aggregator="mean")
+    assert torch.allclose(robust_aggregate(parts, cfg).result, torch.stack(parts).mean(0))
+
+
+def test_reducer_ignores_claimed_weights_and_excluded_senders():
+    """hivemind's reducer weighs by claimed batch size: here a claim of 1000x changes nothing, and a blacklisted
+    sender's part is left out."""
+    _, parts = honest(3, dim=64)
+
+    async def reduce(weights, excluded=()):
+        reducer = RobustPartReducer([parts[0].shape], 3, CFG, excluded=excluded)
+        out = await asyncio.gather(*(reducer.accumulate_part(i, 0, p, weight=w)
+                                     for i, (p, w) in enumerate(zip(parts, weights))))
+        return out[0]
+
+    equal = asyncio.run(reduce([1.0, 1.0, 1.0]))
+    assert torch.allclose(asyncio.run(reduce([1.0, 1.0, 1000.0])), equal)
+    without = asyncio.run(reduce([1.0, 1.0, 1.0], excluded=[2]))
+    assert torch.allclose(without, robust_aggregate(parts[:2], CFG).result)
+    assert not torch.allclose(without, equal)
+
+
+def test_config_from_a_record_falls_back_to_defaults():
+    assert AveragingConfig.from_dict({"clip_radius": 2.0}).clip_radius == 2.0
+    assert AveragingConfig.from_dict({"clip_radius": -1}) == AveragingConfig()
+    assert AveragingConfig.from_dict({"bogus": 1}) == AveragingConfig()
+    assert AveragingConfig.from_dict("nonsense") == AveragingConfig()
+    with pytest.raises(ValueError):
+        AveragingConfig(aggregator="median-of-means")
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+def test_quorum_epoch_needs_a_majority_of_the_others():
+    assert quorum_epoch(5, []) == 5
+    assert quorum_epoch(5, [1000, 5]) == 5  # a lone liar among 3
+    assert quorum_epoch(5, [6, 6]) == 6  # both others are ahead: this replica is behind
+    assert quorum_epoch(5, [6]) == 6  # 2 replicas: the partner alone decides (no quorum possible)
+    assert quorum_epoch(5, [1000, 1000, 5, 5, 5]) == 5
+    assert quorum_epoch(7, [3, 3]) == 7  # never below its own
+
+
+def test_progress_tracker_ignores_a_lone_far_ahead_claim_and_caps_sample_counts():
+    tracker = QuorumProgressTracker.__new__(QuorumProgressTracker)  # the parsing only, no DHT or thread
+    tracker.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=5, samples_accumulated=8,
+                                                   samples_per_second=1.0, time=time.time(), client_mode=False)
+    tracker.target_batch_size, tracker.min_refresh_period, tracker.max_refresh_period = 64, 0.5, 1.0
+    tracker.expected_drift_peers, tracker.expected_drift_rate = 3, 0.2
+    tracker.performance_ema = hivemind.utils.PerformanceEMA(alpha=0.1)
+    tracker.status_loglevel, tracker.prefix, tracker.default_refresh_period = 10, "test", 1.0
+    tracker.is_alive = lambda: False  # never started (its __del__ asks)
+
+    def record(peer: bytes, epoch: int, samples: int):
+        value = LocalTrainingProgress(peer_id=peer, epoch=epoch, samples_accumulated=samples, samples_per_second=1.0,
+                                      time=time.time(), client_mode=False).dict()
+        return ValueWithExpiration(value, time.time() + 60)
+
+    progress = tracker._parse_swarm_progress_data(
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 1000, 10**6)})
+    assert progress.epoch == 5 and progress.samples_accumulated == 16
+    progress = tracker._parse_swarm_progress_data(
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 5, 10**6)})
+    assert progress.epoch == 5 and progress.samples_accumulated == 8 + 8 + 16  # the liar counts as 2x the median
+    progress = tracker._parse_swarm_progress_data(
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 6, 8), b"b": record(b"b", 6, 0)})
+    assert progress.epoch == 6  # both others moved on: this replica is behind
+
+
+# ---- state -------------------------------------------------------------------------------------------------------
+def test_sketch_estimates_relative_distance_and_depends_on_the_seed():
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(300, 70, generator=gen), torch.randn(5000, generator=gen)]
+    near = [p + 0.01 * torch.randn(p.shape, generator=gen) for p in params]
+    seed = 12345
+    base = param_sketch(params, seed, 16)
+    assert sketch_distance(param_sketch(params, seed, 16), base) == 0.0
+    assert sketch_distance(param_sketch(near, seed, 16), base) < 0.05
+    assert 3.0 < sketch_distance(param_sketch([5 * p for p in params], seed, 16), base) < 5.5
+    assert sketch_distance(param_sketch(params, seed + 1, 16), base) > 0.5  # another seed, another sketch
+    assert sketch_distance(base, base[:8]) == float("inf")
+    assert sketch_distance([float("nan")] * 16, base) == float("inf")
+
+
+def test_state_verdict_is_a_quorum_of_the_other_replicas():
+    assert state_verdict([0.01, 0.02], 0.25)[0]
+    assert not state_verdict([4.0, 4.0], 0.25)[0]  # a poisoned source: every other replica disagrees
+    assert state_verdict([0.01, 4.0], 0.25)[0]  # one other replica lies about its own weights: still accepted
+    assert not state_verdict([4.0], 0.25)[0]
+    ok, why = state_verdict([], 0.25)
+    assert ok and "no quorum" in why
+
+
+# ---- live averagers ----------------------------------------------------------------------------------------------
+def _averagers(attack: str, n: int = 3, dim: int = 6000):
+    dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                  initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
+    true, grads = honest(n, dim=dim)
+    averagers = []
+    for i, dht in enumerate(dhts):
+        param = torch.nn.Parameter(torch.zeros(dim))
+        param.grad = grads[i].clone()
+        hooks = AveragingAdversary(AttackConfig(name=attack)).hooks() if i == n - 1 else None
+        averager = RobustGradientAverager([param], dht=dht, prefix="test_avg", averaging=CFG, hooks=hooks,
+                                          start=True, min_matchmaking_time=2.0, request_timeout=1.0,
+                                          target_group_size=n, min_vector_size=1)
+        averager.accumulate_grads_(batch_size=4)
+        averagers.append(averager)
+    return dhts, averagers, true, grads
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", ["avg-scale", "avg-weight", "avg-equivocate"])
+def test_one_attacker_among_three_averagers(attack):
+    """Three hivemind gradient averagers on a real DHT, one attacking its contribution: the honest two end with an
+    average close to the honest mean (plain hivemind averaging would point the other way), and each honest one
+    that aggregated a part of the attacker's contribution reports it and only it."""
+    dhts, averagers, true, grads = _averagers(attack)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            done = [f.result() for f in [pool.submit(a.step, timeout=60) for a in averagers]]
+        assert all(d is not None for d in done)
+        mean_honest = torch.stack(grads[:2]).mean(0)
+        for averager in averagers[:2]:
+            with averager.get_tensors() as (avg,):
+                assert cos(avg, mean_honest) > 0.9, attack
+        time.sleep(0.5)
+        attacker = str(dhts[2].peer_id)
+        reports = [averager.drain_outcomes() for averager in averagers[:2]]
+        flagged = {peer for report in reports for peer, clean in report if not clean}
+        if attack == "avg-weight":  # a flip of norm 1x hides in the honest spread; its weight claim is what is ignored
+            assert flagged <= {attacker}, reports
+        else:
+            assert flagged == {attacker}, reports
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
