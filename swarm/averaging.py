@@ -1,4 +1,4 @@
-"""Byzantine-tolerant averaging of a stage's replicas, honest progress and verified state downloads (BTARD-style).
+"""Byzantine-tolerant averaging of a stage's gradients among its replicas (BTARD-style), inside hivemind's all-reduce.
 
 Built on hivemind's averaging machinery, not beside it: the replicas still meet through hivemind's matchmaking and
 run its butterfly all-reduce (each peer aggregates one slice of the gradient vector for everyone), but
@@ -15,15 +15,11 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
   ``outlier_factor`` x the norm bound) in at least ``outlier_share`` of the parts of a round is reported to the
   stage server as an ``averaging`` strike against its sender; every other sender of the round gets a clean
   exchange (so replicas vouch for each other's work, and a strike ratio means something).
-- :class:`QuorumProgressTracker` reads hivemind's progress records with suspicion: the stage is "ahead" of this
-  replica only when a strict majority of the other replicas say so (a lone peer's far-ahead epoch changes
-  nothing), and no peer's claimed sample count counts for more than twice the median claim.
-- :class:`VerifiedStateAverager` downloads parameters and optimizer state from a source picked **at random**
-  among the stage's averagers (hivemind picks the one that declares the highest priority, which a liar sets
-  to anything), and hands what it got to a ``state_check`` callback before applying it: the stage server
-  compares a random sketch of the parameters (:func:`param_sketch`, with a seed the downloader picks, so it
-  cannot be precomputed) with the same sketch computed by the other online replicas. Refused state is never
-  applied; the source gets a ``state`` strike and the download is retried from another one.
+- :class:`RobustAllReduceRunner` signs every part it sends and every result it returns, refuses unsigned ones, and
+  keeps what a re-check needs; :class:`RobustGradientAverager` re-checks random parts of other aggregators'
+  slices after each round (``swarm.aggregator_check``) and stops using an aggregator it caught.
+- Blacklisted peers (the stage server passes them in) are left out: their contributions are not aggregated and
+  their aggregates are not used.
 
 What it tolerates (n replicas in an averaging group): up to floor((n-1)/2) Byzantine contributions per part;
 their pull on the result is bounded by about ``tau`` each, whatever they send. With **2 replicas** no rule can
@@ -31,43 +27,54 @@ tell which of two contributions is the honest one: the coordinate-wise median of
 CenteredClip gives the mean of the two norm-bounded contributions. What remains is the norm bound: a contribution
 scaled up (the x20 attack) counts as at most ``norm_bound`` times the other's norm, so one attacker can slow its
 stage (a flipped contribution of equal norm cancels the honest one) but not blow it up; its partner reports it,
-but one reporter is not enough for a swarm-wide verdict (``min_reporters``). A part's aggregator is trusted for
-its part (see the README: verifying aggregators is not built yet).
+but one reporter is not enough for a swarm-wide verdict (``min_reporters``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import multiprocessing as mp
 import queue
 import random
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
-import hivemind
+import msgpack
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
-from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
-from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.streaming import combine_from_streaming
-from hivemind.utils.timed_storage import ValueWithExpiration
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.aggregator_check import (
+    IN,
+    MAX_BLOB_BYTES,
+    OUT,
+    CheckResult,
+    RoundInputs,
+    SignedPart,
+    check_signed_inputs,
+    part_payload,
+    pick_parts,
+    relative_error,
+    sign,
+    signer_key,
+    tensor_digest,
+)
 
 logger = logging.getLogger(__name__)
 
 AGGREGATORS = ("centered_clip", "mean")
-AVERAGING, STATE = "averaging", "state"  # strike reasons
+AVERAGING, AGGREGATE, STATE = "averaging", "aggregate", "state"  # strike reasons
+MAX_KEPT_ROUNDS = 2  # rounds whose signed inputs an aggregator keeps for re-checks
+EVIDENCE_TIMEOUT_S = 30.0
+AGGREGATE_TOLERANCE = 1e-4  # relative error between a recomputed aggregate and the one received (float rounding)
 
 
 @dataclass(kw_only=True)
@@ -83,6 +90,8 @@ class AveragingConfig:
     state_tolerance: float = 0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
     state_sketch_dims: int = 16
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
+    verify_rate: float = 1.0  # aggregators each replica re-checks per round, on average (swarm.aggregator_check)
+    verify_parts: int = 1  # parts of an aggregator's slice a re-check recomputes
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -93,6 +102,8 @@ class AveragingConfig:
                              "outlier_factor >= 1, outlier_share in (0, 1]")
         if not (self.state_tolerance > 0 and 1 <= self.state_sketch_dims <= 256 and self.state_sources >= 1):
             raise ValueError("averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1")
+        if not (0 <= self.verify_rate <= 8 and 1 <= self.verify_parts <= 16):
+            raise ValueError("averaging: need verify_rate in [0, 8] and verify_parts in [1, 16]")
 
     @classmethod
     def from_dict(cls, settings: Any) -> "AveragingConfig":
@@ -228,16 +239,130 @@ class AveragingHooks:
     progress: Optional[Callable[[int], int]] = None
 
 
-class RobustAllReduceRunner(AllReduceRunner):
-    """hivemind's butterfly all-reduce with :class:`RobustPartReducer` for the parts this peer aggregates."""
+class KeyBook:
+    """Which RSA key each group member signs its parts with, learnt by asking that member's averager over its
+    authenticated libp2p connection (``rpc_averaging_key``); a bounded cache, since peer ids are free to mint."""
 
-    def __init__(self, *, averaging: AveragingConfig, aggregate_hook=None, excluded: Sequence[str] = (), **kwargs):
+    def __init__(self, averager: "RobustGradientAverager", max_size: int = 1024):
+        self.averager, self.max_size = averager, max_size
+        self.keys: Dict[PeerID, bytes] = {}
+
+    async def get(self, peer: PeerID, timeout: float = 10.0) -> Optional[bytes]:
+        if peer == self.averager.peer_id:
+            return self.averager.signing_key.get_public_key().to_bytes()
+        if peer not in self.keys:
+            try:
+                stub = type(self.averager).get_stub(self.averager._p2p, peer, namespace=self.averager.prefix)
+                reply = await stub.rpc_averaging_key(averaging_pb2.AveragingData(), timeout=timeout)
+            except Exception as e:
+                logger.debug(f"no averaging key from {peer}: {e!r}")
+                return None
+            if not 0 < len(reply.metadata) <= MAX_BLOB_BYTES:
+                return None
+            if len(self.keys) >= self.max_size:
+                self.keys.pop(next(iter(self.keys)))
+            self.keys[peer] = reply.metadata
+        return self.keys[peer]
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce with :class:`RobustPartReducer` for the parts this peer aggregates, signed
+    parts both ways (``swarm.aggregator_check``), and what a later re-check of one aggregator needs kept aside."""
+
+    def __init__(self, *, averaging: AveragingConfig, key_book: KeyBook, signing_key, aggregate_hook=None,
+                 excluded: Sequence[str] = (), check_targets: Sequence[PeerID] = (), **kwargs):
         super().__init__(**kwargs)
+        self.averaging, self.key_book, self.signing_key = averaging, key_book, signing_key
+        self.excluded = set(excluded)
         self.tensor_part_reducer.finished.set()  # hivemind's own reducer, replaced before any use (no finalize noise)
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), averaging,
             aggregate_hook=aggregate_hook,
-            excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in set(excluded)])
+            excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded])
+        me = self.ordered_peer_ids.index(self.peer_id)
+        # the inputs of the parts this peer aggregates, signed by their senders (served to re-checkers)
+        self.kept_inputs = RoundInputs(self.group_id, self.peer_id.to_bytes(),
+                                       [p.to_bytes() for p in self.sender_peer_ids])
+        self.kept_inputs.parts[self.peer_id.to_bytes()] = []
+        self.own_parts = [t.clone() for t in self.parts_for_local_averaging] if self.peer_id in self.sender_peer_ids \
+            and self.tensor_part_container.num_parts_by_peer[me] else []
+        # for each aggregator to re-check: this peer's own input parts and the (signed) results it received
+        self.check_targets = [p for p in check_targets if p in self.ordered_peer_ids and p != self.peer_id
+                              and self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(p)]]
+        self.sent_parts: Dict[PeerID, List[torch.Tensor]] = {p: [] for p in self.check_targets}
+        self.received_results: Dict[PeerID, List[torch.Tensor]] = {p: [] for p in self.check_targets}
+
+    def _payload(self, kind: bytes, aggregator: PeerID, sender: PeerID, part_index: int, digest: bytes,
+                 contributes: bool = True) -> bytes:
+        return part_payload(kind, self.group_id, aggregator.to_bytes(), sender.to_bytes(), part_index, digest,
+                            contributes)
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        if peer_id != self.peer_id and str(peer_id) in self.excluded:  # caught lying as an aggregator: not used
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
+            return
+        await super()._communicate_with_peer(peer_id)
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        aggregator = self.ordered_peer_ids[peer_index]
+        part_index = 0
+        async for message in super()._generate_input_for_peer(peer_index):
+            payload = self._payload(IN, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part),
+                                    self.weight > 0)
+            message.peer_id = sign(self.signing_key, payload)
+            if aggregator in self.sent_parts:  # kept for a re-check of this aggregator (as it will see them)
+                self.sent_parts[aggregator].append(deserialize_torch_tensor(message.tensor_part))
+            part_index += 1
+            yield message
+
+    def _get_peer_stub(self, peer: PeerID):
+        stub, runner = super()._get_peer_stub(peer), self
+
+        class CheckedStub:
+            async def rpc_aggregate_part(self, inputs):
+                return runner._checked_results(peer, await stub.rpc_aggregate_part(inputs))
+
+        return CheckedStub()
+
+    async def _checked_results(self, aggregator: PeerID, stream):
+        """The results an aggregator returns, each checked against its signature (a bad one fails that aggregator:
+        this peer keeps its own values for the slice, as hivemind does for an aggregator that fails)."""
+        key, part_index = await self.key_book.get(aggregator), 0
+        async for message in stream:
+            if message.code == averaging_pb2.AVERAGED_PART:
+                payload = self._payload(OUT, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part))
+                if key is None or signer_key(message.peer_id, payload) != key:
+                    raise AllreduceException(f"{aggregator} returned a result it did not sign")
+                if aggregator in self.received_results:
+                    self.received_results[aggregator].append(deserialize_torch_tensor(message.tensor_part))
+                part_index += 1
+            yield message
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        sender = self.sender_peer_ids[sender_index]
+        key = await self.key_book.get(sender)
+        kept = self.kept_inputs.parts.setdefault(sender.to_bytes(), [])
+
+        async def checked():
+            part_index = 0
+            async for message in stream:
+                contributes = message.weight > 0
+                payload = self._payload(IN, self.peer_id, sender, part_index, tensor_digest(message.tensor_part),
+                                        contributes)
+                if key is None or signer_key(message.peer_id, payload) != key:
+                    raise AllreduceException(f"{sender} sent part {part_index} without a valid signature")
+                kept.append(SignedPart(message.tensor_part, message.peer_id, contributes,
+                                       used=contributes and str(sender) not in self.excluded))
+                part_index += 1
+                yield message
+
+        part_index = 0
+        async for reply in super()._accumulate_parts_streaming(checked(), sender_index):
+            if reply.code == averaging_pb2.AVERAGED_PART:
+                payload = self._payload(OUT, self.peer_id, sender, part_index, tensor_digest(reply.tensor_part))
+                reply.peer_id = sign(self.signing_key, payload)
+                part_index += 1
+            yield reply
 
     def sender_outcomes(self) -> List[Tuple[str, bool]]:
         """(sender, outlier?) for every sender whose contribution this peer aggregated this round (not itself)."""
@@ -246,26 +371,49 @@ class RobustAllReduceRunner(AllReduceRunner):
                                                              self.tensor_part_reducer.parts_seen)
                 if seen > 0 and peer != self.peer_id]
 
+    def round_inputs(self) -> RoundInputs:
+        """The signed inputs of this peer's slice, its own included (signed now: see swarm.aggregator_check)."""
+        me = self.peer_id.to_bytes()
+        self.kept_inputs.parts[me] = []
+        for part_index, tensor in enumerate(self.own_parts):
+            proto = serialize_torch_tensor(tensor)
+            payload = self._payload(IN, self.peer_id, self.peer_id, part_index, tensor_digest(proto), self.weight > 0)
+            self.kept_inputs.parts[me].append(SignedPart(proto, sign(self.signing_key, payload), self.weight > 0,
+                                                         used=self.weight > 0))
+        return self.kept_inputs
+
 
 class RobustGradientAverager(GradientAverager):
-    """hivemind's gradient averager, all-reducing with :class:`RobustAllReduceRunner`.
+    """hivemind's gradient averager, all-reducing with :class:`RobustAllReduceRunner` and re-checking aggregators.
 
-    Runs in its own process (as every hivemind averager); what it learns about the other senders (outlier or
-    clean, per round) goes to the stage server through :meth:`drain_outcomes`."""
+    Runs in its own process (as every hivemind averager); what it learns about the other replicas (a contribution
+    that was an outlier or clean, an aggregator whose result did or did not check out) goes to the stage server
+    through :meth:`drain_outcomes`."""
 
     def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
         self.averaging, self.hooks = averaging, hooks or AveragingHooks()
         self._outcomes: "mp.Queue" = mp.Queue()  # created before the averager forks, read by the host process
         self._excluded_updates: "mp.Queue" = mp.Queue()  # written by the host process (blacklisted peers)
         self._excluded: frozenset = frozenset()  # the averager process's copy; the host's last one sent
+        self._caught: set = set()  # aggregators this averager proved wrong (averager process)
+        self._rounds: Dict[bytes, RoundInputs] = {}  # the last few rounds' signed inputs of this peer's slices
+        self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
+        self._rng = random.Random()
+        self.signing_key = RSAPrivateKey.process_wide()
+        self._key_book: Optional[KeyBook] = None
         super().__init__(*args, **kwargs)
 
     def set_excluded(self, peers) -> None:
-        """Leave these peers' contributions out of every part this replica aggregates (host process)."""
+        """Leave these peers out of every round: their contributions, and their aggregates (host process)."""
         peers = frozenset(peers)
         if peers != self._excluded:
             self._excluded = peers
             self._excluded_updates.put(peers)
+
+    def _check_targets(self, group_info) -> List[PeerID]:
+        others = [p for p in group_info.peer_ids if p != self.peer_id]
+        rate = self.averaging.verify_rate / max(1, len(others))
+        return [p for p in others if self._rng.random() < rate]
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
@@ -274,13 +422,17 @@ class RobustGradientAverager(GradientAverager):
                 self._excluded = self._excluded_updates.get_nowait()
             except queue.Empty:
                 break
+        if self._key_book is None:
+            self._key_book = KeyBook(self)
         if self.hooks.contribution is not None:
             for tensor, sent in zip(tensors, self.hooks.contribution(tensors)):
                 tensor.copy_(sent)
         if self.hooks.weight is not None and kwargs.get("weight") is not None:
             kwargs["weight"] = float(self.hooks.weight(kwargs["weight"]))
         runner = RobustAllReduceRunner(
-            averaging=self.averaging, aggregate_hook=self.hooks.aggregate, excluded=self._excluded, p2p=self._p2p, servicer_type=type(self),
+            averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
+            aggregate_hook=self.hooks.aggregate, excluded={str(p) for p in self._excluded} | self._caught,
+            check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
             prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
@@ -289,10 +441,97 @@ class RobustGradientAverager(GradientAverager):
             self.last_updated = get_dht_time()
             self._state_updated.set()
         for peer, far in runner.sender_outcomes():
-            self._outcomes.put((peer, not far))
+            self._outcomes.put((peer, not far, AVERAGING))
+        self._rounds[group_id] = runner.round_inputs()
+        while len(self._rounds) > MAX_KEPT_ROUNDS:
+            self._rounds.pop(next(iter(self._rounds)))
+        for target in runner.check_targets:
+            asyncio.create_task(self._recheck(runner, target))
 
-    def drain_outcomes(self) -> List[Tuple[str, bool]]:
-        """(peer, clean?) for each sender aggregated since the last call (host process)."""
+    async def _recheck(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> None:
+        """Ask ``aggregator`` for its evidence on a few random parts of its slice, recompute, compare."""
+        try:
+            result = await asyncio.wait_for(self._recheck_inner(runner, aggregator), EVIDENCE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            result = CheckResult(str(aggregator), False, "no evidence within the deadline")
+        except Exception as e:
+            result = CheckResult(str(aggregator), False, f"evidence unusable: {e!r}")
+        if not result.ok:
+            logger.warning(f"aggregator {aggregator} failed a re-check: {result.reason}")
+            if result.reason.startswith("wrong aggregate"):
+                self._caught.add(str(aggregator))
+        self._outcomes.put((result.aggregator, result.ok, AGGREGATE))
+
+    async def _recheck_inner(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> CheckResult:
+        sent, received = runner.sent_parts[aggregator], runner.received_results[aggregator]
+        if len(received) != len(sent):  # this peer did not get the whole slice back: nothing to compare against
+            return CheckResult(str(aggregator), True, "incomplete round, not checked")
+        parts = pick_parts(len(sent), self.averaging.verify_parts, self._rng)
+        stub = type(self).get_stub(self._p2p, aggregator, namespace=self.prefix)
+        request = averaging_pb2.AveragingData(group_id=runner.group_id,
+                                              tensor_part=runtime_pb2.Tensor(size=parts, dtype="int64"))
+        stream = await stub.rpc_averaging_evidence(request)
+        senders = {p.to_bytes(): p for p in runner.sender_peer_ids}
+        inputs: Dict[int, Dict[bytes, SignedPart]] = {i: {} for i in parts}
+        async for message in aiter_with_timeout(stream, EVIDENCE_TIMEOUT_S):
+            meta = msgpack.unpackb(message.metadata) if message.metadata else None
+            if not (isinstance(meta, list) and len(meta) == 3 and meta[0] in senders and meta[1] in inputs
+                    and isinstance(meta[2], bytes) and meta[0] not in inputs[meta[1]]):
+                return CheckResult(str(aggregator), False, "malformed evidence")
+            if tuple(message.tensor_part.size) != tuple(sent[meta[1]].shape):
+                return CheckResult(str(aggregator), False, "evidence of the wrong shape")
+            inputs[meta[1]][meta[0]] = SignedPart(message.tensor_part, meta[2], True)
+        keys = {}
+        for sender in {s for part in inputs.values() for s in part}:
+            key = await self._key_book.get(senders[sender])
+            if key is not None:
+                keys[sender] = key
+        me = self.peer_id.to_bytes()
+        for part_index in parts:
+            if me not in inputs[part_index] and runner.weight > 0:
+                return CheckResult(str(aggregator), False, "evidence leaves out this peer's own part")
+            why = check_signed_inputs(runner.group_id, aggregator.to_bytes(), part_index, inputs[part_index], keys)
+            if why:
+                return CheckResult(str(aggregator), False, f"evidence refused: {why}")
+            order = [s for s in senders if s in inputs[part_index]]
+            expected = robust_aggregate([deserialize_torch_tensor(inputs[part_index][s].tensor) for s in order],
+                                        self.averaging).result
+            got = sent[part_index] + received[part_index]
+            error = relative_error(expected, got)
+            if error > AGGREGATE_TOLERANCE:
+                return CheckResult(str(aggregator), False, f"wrong aggregate: part {part_index} is off by "
+                                                           f"{error:.3g} (relative) from its signed inputs")
+        return CheckResult(str(aggregator), True)
+
+    async def rpc_averaging_key(self, request: averaging_pb2.AveragingData,
+                                context: P2PContext) -> averaging_pb2.DownloadData:
+        """The RSA key this averager signs its parts with (the caller learns it over an authenticated connection)."""
+        return averaging_pb2.DownloadData(metadata=self.signing_key.get_public_key().to_bytes())
+
+    async def rpc_averaging_evidence(self, request: averaging_pb2.AveragingData,
+                                     context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """The signed inputs of the asked parts of this peer's slice in a recent round, to a member of that round
+        only, at most ``verify_parts`` parts and one request per member and round."""
+        kept = self._rounds.get(request.group_id)
+        caller = context.remote_id
+        parts = list(request.tensor_part.size)
+        if kept is None or caller.to_bytes() not in kept.senders or not 0 < len(parts) <= self.averaging.verify_parts:
+            return
+        if self._evidence_served.get((request.group_id, caller), 0) >= 1:
+            return
+        if len(self._evidence_served) > 4096:
+            self._evidence_served.clear()
+        self._evidence_served[(request.group_id, caller)] = 1
+        for sender, signed in kept.parts.items():
+            for part_index in sorted(set(parts)):
+                if 0 <= part_index < len(signed) and signed[part_index].used:
+                    part = signed[part_index]
+                    yield averaging_pb2.DownloadData(tensor_part=part.tensor,
+                                                     metadata=msgpack.packb([sender, part_index, part.signature]))
+
+    def drain_outcomes(self) -> List[Tuple[str, bool, str]]:
+        """(peer, clean?, reason) for each contribution aggregated and each aggregator re-checked since the last
+        call (host process)."""
         out = []
         while True:
             try:
@@ -309,216 +548,3 @@ async def _azip(tensors: Sequence[torch.Tensor], updates):
     it = iter(tensors)
     async for update in updates:
         yield next(it), update
-
-
-# ---- honest progress -------------------------------------------------------------------------------------------
-def quorum_epoch(local_epoch: int, others: Sequence[int]) -> int:
-    """The stage's epoch as this replica may believe it: the highest epoch that a strict majority of the *other*
-    replicas claim to have reached (never below its own). One liar among three cannot make the others skip."""
-    if not others:
-        return local_epoch
-    ranked = sorted(others, reverse=True)
-    return max(local_epoch, ranked[len(ranked) // 2])
-
-
-class QuorumProgressTracker(ProgressTracker):
-    """hivemind's progress tracker, believing a stage epoch only on a quorum and capping claimed sample counts."""
-
-    def __init__(self, *args, progress_hook: Optional[Callable[[int], int]] = None, **kwargs):
-        self.progress_hook = progress_hook
-        super().__init__(*args, **kwargs)
-
-    def _get_local_progress(self, local_epoch: int, samples_accumulated: int):
-        if self.progress_hook is not None:
-            local_epoch = self.progress_hook(local_epoch)
-        return super()._get_local_progress(local_epoch, samples_accumulated)
-
-    def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
-        if not isinstance(metadata, dict) or not metadata:
-            return super()._parse_swarm_progress_data(metadata)
-        me = self.local_progress.peer_id
-        entries: Dict[Any, LocalTrainingProgress] = {}
-        for subkey, item in metadata.items():
-            try:
-                if item.value is not None:
-                    entries[subkey] = LocalTrainingProgress.parse_obj(item.value)
-            except Exception:  # a malformed record is no claim at all
-                continue
-        others = [e.epoch for e in entries.values() if e.peer_id != me and not e.client_mode]
-        epoch = quorum_epoch(self.local_progress.epoch, others)
-        at_epoch = sorted(e.samples_accumulated for e in entries.values() if e.epoch == epoch)
-        cap = max(1, 2 * at_epoch[(len(at_epoch) - 1) // 2]) if at_epoch else 1
-        kept = {}
-        for subkey, item in metadata.items():
-            entry = entries.get(subkey)
-            if entry is None or entry.epoch > epoch:  # a claim to be ahead that no quorum backs: ignored
-                continue
-            if entry.peer_id != me and entry.samples_accumulated > cap:
-                entry = entry.copy(update=dict(samples_accumulated=cap))
-            kept[subkey] = ValueWithExpiration(entry.dict(), item.expiration_time)
-        return super()._parse_swarm_progress_data(kept)
-
-
-# ---- verified state downloads ------------------------------------------------------------------------------------
-def param_sketch(tensors: Sequence[torch.Tensor], seed: int, dims: int) -> List[float]:
-    """A random linear sketch of the concatenated tensors: ``dims`` projections on Gaussian vectors drawn from
-    ``seed`` (scaled by 1/sqrt(dims)), so that ||sketch(a) - sketch(b)|| estimates ||a - b||. The seed is the
-    asker's: a replica cannot answer for a state it does not hold."""
-    gen = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
-    out = torch.zeros(dims, dtype=torch.float64)
-    for tensor in tensors:
-        flat = tensor.detach().reshape(-1).to("cpu", torch.float32)
-        for start in range(0, flat.numel(), 1 << 20):
-            chunk = flat[start:start + (1 << 20)]
-            out += (torch.randn(dims, chunk.numel(), generator=gen) @ chunk).double()
-    return (out / math.sqrt(dims)).tolist()
-
-
-def sketch_distance(a: Sequence[float], b: Sequence[float]) -> float:
-    """Relative distance ||a - b|| / ||b|| of two sketches (inf if they do not match in length or are not finite)."""
-    ta, tb = torch.tensor(list(a), dtype=torch.float64), torch.tensor(list(b), dtype=torch.float64)
-    if ta.shape != tb.shape or not (torch.isfinite(ta).all() and torch.isfinite(tb).all()):
-        return float("inf")
-    return float((ta - tb).norm() / tb.norm().clamp_min(1e-12))
-
-
-def state_verdict(distances: Sequence[float], tolerance: float) -> Tuple[bool, str]:
-    """Accept a downloaded state when at least one other replica matches it and no more disagree than agree.
-
-    ``distances``: the sketch distance to each other replica that answered (at a comparable epoch). No answer at
-    all: accepted, and said so (no quorum to check against)."""
-    agree = sum(d <= tolerance for d in distances)
-    disagree = len(distances) - agree
-    if not distances:
-        return True, "no other replica to check against (no quorum): accepted unverified"
-    if agree >= 1 and agree >= disagree:
-        return True, f"matches {agree} of {len(distances)} other replicas"
-    return False, f"differs from {disagree} of {len(distances)} other replicas (relative distance " \
-                  f"{min(distances):.3g} > {tolerance})"
-
-
-# state_check(source, epoch, parameters) -> None to accept, or the reason to refuse
-StateCheck = Callable[[str, int, Sequence[torch.Tensor]], Optional[str]]
-
-
-class _VerifiedDownload(DecentralizedAverager):
-    """The download half of :class:`VerifiedStateAverager` (sits below TrainingStateAverager in the MRO, so that
-    hivemind's own code applies the state only once it passed)."""
-
-    state_check: Optional[StateCheck] = None
-    excluded_sources: Sequence[str] = ()  # blacklisted peers: never a source
-    num_checked_tensors: int = 0
-    max_sources: int = 3
-
-    def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
-        excluded: List[str] = list(self.excluded_sources)
-        for _ in range(self.max_sources):
-            future = MPFuture()
-            self._outer_pipe.send(("_load_state_from_random_peer", [],
-                                   dict(timeout=timeout, exclude=list(excluded), future=future)))
-            loaded = future.result(timeout=None if timeout is None else 2 * timeout + 5)
-            if loaded is None:
-                return None
-            metadata, tensors, source = loaded
-            epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
-            if not isinstance(epoch, int):
-                reason = "its state carries no epoch"
-            elif any(not torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
-                reason = "its state holds NaN or inf"
-            else:
-                reason = self.state_check(source, epoch, tensors[:self.num_checked_tensors]) \
-                    if self.state_check is not None else None
-            if reason is None:
-                return metadata, tensors
-            logger.warning(f"refused the state served by {source}: {reason}")
-            self.refused_sources.append((source, reason))
-            excluded.append(source)
-        logger.warning(f"no acceptable state after {self.max_sources} sources; keeping this replica's own")
-        return None
-
-    async def _load_state_from_random_peer(self, future, timeout: Optional[float] = None, exclude=()):
-        """Like hivemind's ``_load_state_from_peers``, but the source is drawn at random among the stage's
-        averagers (their declared priority is a claim, so it is not used) and its peer id comes back too."""
-        if timeout is None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
-        try:
-            key_manager = self._matchmaking.group_key_manager
-            found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
-            candidates: List[PeerID] = []
-            for peer_id, info in (found.items() if isinstance(found, dict) else ()):
-                try:
-                    peer = PeerID(peer_id) if isinstance(peer_id, bytes) else PeerID.from_base58(str(peer_id))
-                except Exception:
-                    continue
-                if isinstance(info, ValueWithExpiration) and peer != self.peer_id and str(peer) not in exclude:
-                    candidates.append(peer)
-            random.shuffle(candidates)
-            for peer in candidates:
-                try:
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    metadata, parts, tensors = None, [], []
-                    async for message in aiter_with_timeout(stream, timeout=timeout):
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and parts:
-                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                            parts = []
-                        parts.append(message.tensor_part)
-                    if parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata:
-                        future.set_result((metadata, tensors, str(peer)))
-                        return
-                except Exception as e:
-                    logger.info(f"state download from {peer} failed: {e!r}")
-        finally:
-            if not future.done():
-                future.set_result(None)
-
-
-class VerifiedStateAverager(TrainingStateAverager, _VerifiedDownload):
-    """hivemind's training-state averager whose downloads come from a random replica and pass ``state_check``."""
-
-    def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
-        self.hooks = hooks or AveragingHooks()
-        self.refused_sources: List[Tuple[str, str]] = []
-        self.max_sources = averaging.state_sources
-        super().__init__(*args, **kwargs)
-        self.num_checked_tensors = sum(len(g["params"]) for g in self.optimizer.param_groups)
-
-    def get_current_state(self):
-        metadata, tensors, infos = super().get_current_state()
-        if self.hooks.state is not None:
-            tensors = tuple(self.hooks.state(tensors))
-        return metadata, tensors, infos
-
-    def drain_refused(self) -> List[Tuple[str, str]]:
-        out, self.refused_sources = self.refused_sources, []
-        return out
-
-
-class RobustOptimizer(hivemind.Optimizer):
-    """``hivemind.Optimizer`` whose three parts are the ones above: robust gradient all-reduce, quorum progress and
-    verified state downloads (``averaging.aggregator == "mean"`` keeps hivemind's weighted mean, for comparison)."""
-
-    def __init__(self, *, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
-        self.averaging, self.hooks = averaging, hooks or AveragingHooks()
-        if averaging.aggregator != "mean":
-            kwargs.setdefault("grad_averager_factory", partial(RobustGradientAverager, averaging=averaging,
-                                                               hooks=self.hooks))
-        super().__init__(**kwargs)
-
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        return VerifiedStateAverager(
-            averaging=self.averaging, hooks=self.hooks, dht=self.dht, prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout, offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer, status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout, client_mode=self.client_mode, auxiliary=self.auxiliary,
-            start=True, **kwargs)
-
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
-        return QuorumProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
-                                     client_mode=self.client_mode, status_loglevel=self.status_loglevel,
-                                     progress_hook=self.hooks.progress, start=True, **kwargs)

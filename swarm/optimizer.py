@@ -25,14 +25,11 @@ from typing import List, Optional, Tuple
 
 import hivemind
 import torch
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarm.averaging import (
-    AveragingConfig,
-    AveragingHooks,
-    RobustGradientAverager,
-    RobustOptimizer,
-    StateCheck,
-)
+from swarm.averaging import AveragingConfig, AveragingHooks, RobustGradientAverager
+from swarm.replica_sync import QuorumProgressTracker, StateCheck, VerifiedStateAverager
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +132,9 @@ class StageOptimizer:
             if isinstance(self.opt.grad_averager, RobustGradientAverager):
                 self.opt.grad_averager.set_excluded(peers)
 
-    def drain_averaging_outcomes(self) -> List[Tuple[str, bool]]:
-        """(peer, clean?) for each contribution this replica aggregated since the last call."""
+    def drain_averaging_outcomes(self) -> List[Tuple[str, bool, str]]:
+        """(peer, clean?, reason) for each contribution this replica aggregated and each aggregator it re-checked
+        since the last call (reasons: ``averaging``, ``aggregate``)."""
         averager = self.opt.grad_averager if self.hivemind else None
         return averager.drain_outcomes() if isinstance(averager, RobustGradientAverager) else []
 
@@ -191,6 +189,32 @@ class StageOptimizer:
     def shutdown(self) -> None:
         if self.hivemind:
             self.opt.shutdown()
+
+
+class RobustOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` whose three parts are the ones above: robust gradient all-reduce, quorum progress and
+    verified state downloads (``averaging.aggregator == "mean"`` keeps hivemind's weighted mean, for comparison)."""
+
+    def __init__(self, *, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
+        self.averaging, self.hooks = averaging, hooks or AveragingHooks()
+        if averaging.aggregator != "mean":
+            kwargs.setdefault("grad_averager_factory", partial(RobustGradientAverager, averaging=averaging,
+                                                               hooks=self.hooks))
+        super().__init__(**kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        return VerifiedStateAverager(
+            averaging=self.averaging, hooks=self.hooks, dht=self.dht, prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout, offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer, status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout, client_mode=self.client_mode, auxiliary=self.auxiliary,
+            start=True, **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return QuorumProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                     client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                     progress_hook=self.hooks.progress, start=True, **kwargs)
 
 
 def _restore_sigint(handler) -> None:

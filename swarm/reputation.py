@@ -51,8 +51,14 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set
 
-from swarm.records import (MAX_REPORT_ENTRIES, MAX_REPORT_REASONS, MAX_TTL_S, RECENT_WINDOW, BlacklistRecord,
-                           ReputationReport)
+from swarm.records import (
+    MAX_REPORT_ENTRIES,
+    MAX_REPORT_REASONS,
+    MAX_TTL_S,
+    RECENT_WINDOW,
+    BlacklistRecord,
+    ReputationReport,
+)
 
 STRIKE_PENALTY = 4.0  # a strike outweighs this many clean exchanges in a score
 MAX_ROUNDS = 5  # blacklist / re-weigh iterations

@@ -33,11 +33,12 @@ from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
-from swarm.averaging import AVERAGING, STATE, AveragingHooks, param_sketch, sketch_distance, state_verdict
+from swarm.averaging import AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.records import StageRecord
+from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
 from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
@@ -282,12 +283,13 @@ class StageServer(ServicerBase):
         """Count what the stage's averaging learnt about the other replicas since the last call: each contribution
         this replica aggregated (clean, or an ``averaging`` strike when it lay far outside the honest spread) and each
         state it refused (a ``state`` strike against the source); and tell the averagers who is blacklisted."""
-        for peer, clean in self.optimizer.drain_averaging_outcomes():
-            self.ledger.record(peer, clean, AVERAGING, AVERAGING)
+        for peer, clean, reason in self.optimizer.drain_averaging_outcomes():
+            self.ledger.record(peer, clean, AVERAGING, reason)
             if not clean:
                 self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + 1
-                logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s gradient contribution was far outside the "
-                               f"other replicas' spread (clipped; an averaging strike)")
+                what = "gradient contribution was far outside the other replicas' spread (clipped)" \
+                    if reason == AVERAGING else "aggregate failed a re-check (not used any more here)"
+                logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s {what}; an {reason} strike")
         for source, _reason in self.optimizer.drain_refused_states():
             self.ledger.record(source, False, STATE, STATE)
             self.stats.refused_states[source] = self.stats.refused_states.get(source, 0) + 1

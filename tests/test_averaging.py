@@ -12,14 +12,11 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from peers.adversary import AttackConfig, AveragingAdversary
-from swarm.averaging import (
-    AveragingConfig,
+from swarm.averaging import AveragingConfig, RobustGradientAverager, RobustPartReducer, robust_aggregate
+from swarm.replica_sync import (
     QuorumProgressTracker,
-    RobustGradientAverager,
-    RobustPartReducer,
     param_sketch,
     quorum_epoch,
-    robust_aggregate,
     sketch_distance,
     state_verdict,
 )
@@ -164,19 +161,21 @@ def test_state_verdict_is_a_quorum_of_the_other_replicas():
 
 
 # ---- live averagers ----------------------------------------------------------------------------------------------
-def _averagers(attack: str, n: int = 3, dim: int = 6000):
+def _averagers(attack: str, n: int = 3, dim: int = 6000, cfg: AveragingConfig = CFG):
     dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                   initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
     true, grads = honest(n, dim=dim)
     averagers = []
     for i, dht in enumerate(dhts):
-        param = torch.nn.Parameter(torch.zeros(dim))
-        param.grad = grads[i].clone()
+        # six tensors: equivocation tampers with every other one, so every aggregator's slice holds some of it
+        params = [torch.nn.Parameter(torch.zeros(dim // 6)) for _ in range(6)]
+        for param, grad in zip(params, grads[i].clone().chunk(6)):
+            param.grad = grad.clone()
         hooks = AveragingAdversary(AttackConfig(name=attack)).hooks() if i == n - 1 else None
-        averager = RobustGradientAverager([param], dht=dht, prefix="test_avg", averaging=CFG, hooks=hooks,
+        averager = RobustGradientAverager(params, dht=dht, prefix="test_avg", averaging=cfg, hooks=hooks,
                                           start=True, min_matchmaking_time=2.0, request_timeout=1.0,
-                                          target_group_size=n, min_vector_size=1)
+                                          target_group_size=n, min_vector_size=1, allreduce_timeout=8.0)
         averager.accumulate_grads_(batch_size=4)
         averagers.append(averager)
     return dhts, averagers, true, grads
@@ -195,16 +194,69 @@ def test_one_attacker_among_three_averagers(attack):
         assert all(d is not None for d in done)
         mean_honest = torch.stack(grads[:2]).mean(0)
         for averager in averagers[:2]:
-            with averager.get_tensors() as (avg,):
-                assert cos(avg, mean_honest) > 0.9, attack
+            with averager.get_tensors() as avg:
+                assert cos(torch.cat(list(avg)), mean_honest) > 0.9, attack
         time.sleep(0.5)
         attacker = str(dhts[2].peer_id)
         reports = [averager.drain_outcomes() for averager in averagers[:2]]
-        flagged = {peer for report in reports for peer, clean in report if not clean}
+        flagged = {peer for report in reports for peer, clean, _ in report if not clean}
         if attack == "avg-weight":  # a flip of norm 1x hides in the honest spread; its weight claim is what is ignored
             assert flagged <= {attacker}, reports
         else:
             assert flagged == {attacker}, reports
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def _round(averagers, timeout: float = 60):
+    """One averaging round of all averagers; the result of each (None: it failed, as a caught aggregator whose
+    groupmates no longer send it anything does)."""
+    for averager in averagers:
+        averager.reset_accumulated_grads_()
+        averager.accumulate_grads_(batch_size=4)
+
+    def step(averager):
+        try:
+            return averager.step(timeout=timeout)
+        except Exception:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
+        return list(pool.map(step, averagers))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("attack", ["avg-aggregate", None])
+def test_a_lying_aggregator_is_caught_by_rechecks_and_dropped(attack):
+    """The attacker returns -5x the true aggregate of its slice to everyone. Every honest replica re-checks every
+    other aggregator each round (verify_rate 2 among 3): the signed inputs it gets back do not reproduce what it
+    received, so it counts an ``aggregate`` strike and stops using that aggregator (later rounds are clean again).
+    Without an attack, no re-check fails (the recomputation reproduces the result to float rounding)."""
+    cfg = AveragingConfig(verify_rate=2.0, verify_parts=2)
+    dhts, averagers, true, grads = _averagers(attack or "avg-state", cfg=cfg, dim=600_000)  # avg-state: no-op here
+    attacker = str(dhts[2].peer_id)
+    mean_honest = torch.stack(grads[:2]).mean(0)
+    try:
+        outcomes, quality = [], []
+        for _ in range(3):
+            assert all(d is not None for d in _round(averagers, timeout=20)[:2])
+            time.sleep(2.0)  # re-checks run after the round
+            for averager in averagers[:2]:
+                outcomes += averager.drain_outcomes()
+                with averager.get_tensors() as avg:
+                    quality.append(cos(torch.cat(list(avg)), mean_honest))
+        checks = [(peer, clean) for peer, clean, reason in outcomes if reason == "aggregate"]
+        assert checks, outcomes
+        if attack is None:
+            assert all(clean for _, clean in checks), checks
+            assert min(quality) > 0.95  # the robust aggregate of three honest contributions, vs the mean of two
+        else:
+            caught = {peer for peer, clean in checks if not clean}
+            assert caught == {attacker}, checks
+            assert min(quality[-2:]) > 0.9, quality  # the last round does not use the caught aggregator
     finally:
         for averager in averagers:
             averager.shutdown()
