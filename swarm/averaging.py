@@ -11,8 +11,8 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
   coordinate-wise median, clip every contribution's pull to radius ``tau``, iterate) with ``tau`` =
   ``clip_radius`` x the lower median distance of the contributions from that median. Both scales are taken
   from the contributions themselves, so they follow the honest majority, whatever the units of the gradients.
-- A contribution that lies far outside the honest spread (``outlier_factor`` x ``tau`` from the aggregate, or
-  ``outlier_factor`` x the norm bound) in at least ``outlier_share`` of the parts of a round is reported to the
+- A contribution that lies far outside the honest spread (``outlier_factor`` x ``tau`` from the aggregate, or a
+  norm ``outlier_factor`` x the lower median norm) in at least ``outlier_share`` of the parts of a round is reported to the
   stage server as an ``averaging`` strike against its sender; every other sender of the round gets a clean
   exchange (so replicas vouch for each other's work, and a strike ratio means something).
 - :class:`RobustAllReduceRunner` signs every part it sends and every result it returns, refuses unsigned ones, and
@@ -71,7 +71,9 @@ from swarm.aggregator_check import (
 logger = logging.getLogger(__name__)
 
 AGGREGATORS = ("centered_clip", "mean")
-AVERAGING, AGGREGATE, STATE = "averaging", "aggregate", "state"  # strike reasons
+# strike reasons: a contribution far off; a wrong aggregate proven by its signed inputs; no (valid) evidence for a
+# re-check; a refused state
+AVERAGING, AGGREGATE, EVIDENCE, STATE = "averaging", "aggregate", "evidence", "state"
 MAX_KEPT_ROUNDS = 2  # rounds whose signed inputs an aggregator keeps for re-checks
 EVIDENCE_TIMEOUT_S = 30.0
 AGGREGATE_TOLERANCE = 1e-4  # relative error between a recomputed aggregate and the one received (float rounding)
@@ -85,7 +87,9 @@ class AveragingConfig:
     clip_radius: float = 1.0  # tau = clip_radius x lower median distance of the contributions from their median
     clip_iters: int = 20  # CenteredClip iterations per part (stops early once the aggregate moves < 1e-6 rel.)
     norm_bound: float = 2.0  # a contribution's norm is clipped to this x the lower median norm
-    outlier_factor: float = 4.0  # a contribution this far outside the spread (x tau, or x the norm bound) is reported
+    # a contribution this far outside the spread (x tau from the aggregate, or x the lower median norm) is reported; 8,
+    # since a replica that accumulated one micro-batch sends a gradient ~3x noisier than one that accumulated ten
+    outlier_factor: float = 8.0
     outlier_share: float = 0.25  # ... in at least this share of the round's parts
     state_tolerance: float = 0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
     state_sketch_dims: int = 16
@@ -137,8 +141,9 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig) -> Par
     if cfg.aggregator == "mean" or n == 1:
         return PartOutcome(x.mean(0).reshape(parts[0].shape), [False] * n, 0.0)
     norms = x.norm(dim=1)
-    bound = cfg.norm_bound * _lower_median(norms)
-    too_big = norms > cfg.outlier_factor * bound
+    median_norm = _lower_median(norms)
+    bound = cfg.norm_bound * median_norm
+    too_big = norms > cfg.outlier_factor * median_norm
     scale = torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))
     x = x * scale[:, None]
     v = x.median(dim=0).values if n > 2 else x.mean(0)
@@ -396,7 +401,8 @@ class RobustGradientAverager(GradientAverager):
         self._excluded_updates: "mp.Queue" = mp.Queue()  # written by the host process (blacklisted peers)
         self._excluded: frozenset = frozenset()  # the averager process's copy; the host's last one sent
         self._caught: set = set()  # aggregators this averager proved wrong (averager process)
-        self._rounds: Dict[bytes, RoundInputs] = {}  # the last few rounds' signed inputs of this peer's slices
+        # the last few rounds' runners (their signed inputs of this peer's slices) and whether each is over
+        self._rounds: Dict[bytes, Tuple[RobustAllReduceRunner, asyncio.Event]] = {}
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
         self.signing_key = RSAPrivateKey.process_wide()
@@ -415,13 +421,40 @@ class RobustGradientAverager(GradientAverager):
         rate = self.averaging.verify_rate / max(1, len(others))
         return [p for p in others if self._rng.random() < rate]
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
+    def _excluded_now(self) -> set:
+        """Blacklisted (from the host) and caught (here) peers, as seen by the averager process now."""
         while not self._excluded_updates.empty():
             try:
                 self._excluded = self._excluded_updates.get_nowait()
             except queue.Empty:
                 break
+        return {str(p) for p in self._excluded} | self._caught
+
+    async def _step(self, **kwargs):
+        """hivemind's round, with matchmaking that keeps excluded peers out of this peer's groups: it does not ask
+        them to lead its group (follower side) and refuses their requests to join (leader side, rpc_join_group)."""
+        matchmaking = getattr(self, "_matchmaking", None)
+        if matchmaking is not None and not getattr(matchmaking, "_swarm_filtered", False):
+            request_join = matchmaking._request_join_group
+
+            async def request_join_unless_excluded(leader):
+                return None if str(leader) in self._excluded_now() else await request_join(leader)
+
+            matchmaking._request_join_group = request_join_unless_excluded
+            matchmaking._swarm_filtered = True
+        return await super()._step(**kwargs)
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if str(context.remote_id) in self._excluded_now():
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        excluded = self._excluded_now()
         if self._key_book is None:
             self._key_book = KeyBook(self)
         if self.hooks.contribution is not None:
@@ -431,22 +464,28 @@ class RobustGradientAverager(GradientAverager):
             kwargs["weight"] = float(self.hooks.weight(kwargs["weight"]))
         runner = RobustAllReduceRunner(
             averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
-            aggregate_hook=self.hooks.aggregate, excluded={str(p) for p in self._excluded} | self._caught,
+            aggregate_hook=self.hooks.aggregate, excluded=excluded,
             check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
             prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
-        async for tensor, update in _azip(tensors, runner):
-            tensor.add_(update, alpha=self._averaging_alpha)
-            self.last_updated = get_dht_time()
-            self._state_updated.set()
-        for peer, far in runner.sender_outcomes():
-            self._outcomes.put((peer, not far, AVERAGING))
-        self._rounds[group_id] = runner.round_inputs()
+        finished = asyncio.Event()  # a re-checker may ask before this peer is done with the round: it waits for this
+        self._rounds[group_id] = (runner, finished)
         while len(self._rounds) > MAX_KEPT_ROUNDS:
             self._rounds.pop(next(iter(self._rounds)))
+        try:
+            async for tensor, update in _azip(tensors, runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        finally:
+            runner.round_inputs()
+            finished.set()
+        for peer, far in runner.sender_outcomes():
+            self._outcomes.put((peer, not far, AVERAGING))
         for target in runner.check_targets:
-            asyncio.create_task(self._recheck(runner, target))
+            if str(target) not in excluded:  # a caught or blacklisted aggregator's slice was not used: nothing to check
+                asyncio.create_task(self._recheck(runner, target))
 
     async def _recheck(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> None:
         """Ask ``aggregator`` for its evidence on a few random parts of its slice, recompute, compare."""
@@ -456,11 +495,12 @@ class RobustGradientAverager(GradientAverager):
             result = CheckResult(str(aggregator), False, "no evidence within the deadline")
         except Exception as e:
             result = CheckResult(str(aggregator), False, f"evidence unusable: {e!r}")
+        proof = not result.ok and result.reason.startswith("wrong aggregate")
         if not result.ok:
             logger.warning(f"aggregator {aggregator} failed a re-check: {result.reason}")
-            if result.reason.startswith("wrong aggregate"):
+            if proof:
                 self._caught.add(str(aggregator))
-        self._outcomes.put((result.aggregator, result.ok, AGGREGATE))
+        self._outcomes.put((result.aggregator, result.ok, AGGREGATE if result.ok or proof else EVIDENCE))
 
     async def _recheck_inner(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> CheckResult:
         sent, received = runner.sent_parts[aggregator], runner.received_results[aggregator]
@@ -512,11 +552,16 @@ class RobustGradientAverager(GradientAverager):
                                      context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         """The signed inputs of the asked parts of this peer's slice in a recent round, to a member of that round
         only, at most ``verify_parts`` parts and one request per member and round."""
-        kept = self._rounds.get(request.group_id)
+        entry = self._rounds.get(request.group_id)
         caller = context.remote_id
         parts = list(request.tensor_part.size)
-        if kept is None or caller.to_bytes() not in kept.senders or not 0 < len(parts) <= self.averaging.verify_parts:
+        if entry is None or caller not in entry[0].sender_peer_ids or not 0 < len(parts) <= self.averaging.verify_parts:
             return
+        try:
+            await asyncio.wait_for(entry[1].wait(), EVIDENCE_TIMEOUT_S / 2)
+        except asyncio.TimeoutError:
+            return
+        kept = entry[0].kept_inputs
         if self._evidence_served.get((request.group_id, caller), 0) >= 1:
             return
         if len(self._evidence_served) > 4096:

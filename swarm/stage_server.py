@@ -33,7 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
-from swarm.averaging import AVERAGING, STATE, AveragingHooks
+from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -284,12 +284,17 @@ class StageServer(ServicerBase):
         this replica aggregated (clean, or an ``averaging`` strike when it lay far outside the honest spread) and each
         state it refused (a ``state`` strike against the source); and tell the averagers who is blacklisted."""
         for peer, clean, reason in self.optimizer.drain_averaging_outcomes():
-            self.ledger.record(peer, clean, AVERAGING, reason)
+            # a wrong aggregate is proven by the signed inputs that do not reproduce it: it weighs as a whole
+            # accusation (min_strikes), since the prover stops using that aggregator and will see no more of it
+            count = self.reputation_cfg.min_strikes if not clean and reason == AGGREGATE and self.reputation_cfg else 1
+            for _ in range(count):
+                self.ledger.record(peer, clean, AVERAGING, reason)
             if not clean:
-                self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + 1
-                what = "gradient contribution was far outside the other replicas' spread (clipped)" \
-                    if reason == AVERAGING else "aggregate failed a re-check (not used any more here)"
-                logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s {what}; an {reason} strike")
+                self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + count
+                what = {AVERAGING: "gradient contribution was far outside the other replicas' spread (clipped)",
+                        AGGREGATE: "aggregate is wrong: its signed inputs do not reproduce it (not used any more)",
+                        }.get(reason, "aggregator gave no valid evidence for a re-check")
+                logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s {what}; {count} {reason} strike(s)")
         for source, _reason in self.optimizer.drain_refused_states():
             self.ledger.record(source, False, STATE, STATE)
             self.stats.refused_states[source] = self.stats.refused_states.get(source, 0) + 1

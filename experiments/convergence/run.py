@@ -56,7 +56,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from experiments.sim.swarm_sim import Byzantine, SimConfig, SwarmSim  # noqa: E402
-from peers.adversary import ATTACKS, DEFAULT_MAGNITUDE  # noqa: E402
+from peers.adversary import ATTACKS, CHAIN_ATTACKS, DEFAULT_MAGNITUDE  # noqa: E402
 from swarm.model import causal_lm_loss  # noqa: E402
 from swarm.sentinel import Verdict  # noqa: E402
 
@@ -87,10 +87,11 @@ class ConvergenceSim(SwarmSim):
         # much the final loss moves under a perturbation that does no harm by itself
         rng = random.Random(cfg.seed + 12345)
         self.skip = {cfg.pretrain_microbatches + i for i in range(cfg.microbatches) if rng.random() < skip_fraction}
-        if not defences:  # no checks, no audits
+        if not defences:  # no checks, no audits, hivemind's plain weighted mean between a stage's replicas
             for peer in self.peers.values():
                 peer.sentinel = _Unchecked()
             self.cfg.audit = None
+            self.cfg.averaging = None
         self.eval_every = eval_every
         per_epoch = self.stream.blocks.shape[0] // cfg.microbatch_size
         first = per_epoch - eval_batches  # the end of the first epoch: blocks training never reaches
@@ -423,7 +424,9 @@ def main(argv=None) -> int:
                    "from OUT_DIR/summary.json")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables and the plot from the saved rows")
     p.add_argument("--out-dir", default=HERE)
-    p.add_argument("--attacks", nargs="*", default=list(ATTACKS))
+    p.add_argument("--attacks", nargs="*", default=list(CHAIN_ATTACKS),
+                   help="attacks of peers/adversary.py (default: the chain attacks; the averaging ones, avg-*, are "
+                        "run into their own folder: see the README)")
     p.add_argument("--microbatches", type=int, default=480, help="micro-batches per swarm run")
     p.add_argument("--pretrain", type=int, default=400, help="plain-pipeline micro-batches before the swarm starts")
     p.add_argument("--microbatch-size", type=int, default=2)

@@ -61,8 +61,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from peers.adversary import Adversary, AttackConfig  # noqa: E402
+from peers.adversary import AVERAGING_ATTACKS, Adversary, AttackConfig, AveragingAdversary  # noqa: E402
 from swarm.audit import AUDIT, ROUTE, AuditConfig, judge, pick_auditors  # noqa: E402
+from swarm.averaging import AGGREGATE, AVERAGING, AveragingConfig, robust_aggregate  # noqa: E402
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
@@ -139,6 +140,10 @@ class SimConfig:
     # run past its first, fastest-drifting phase (the activations' RMS grows ~100x in the first few hundred steps)
     pretrain_microbatches: int = 0
     keep_reports: bool = False  # keep every round's published reports (for replaying aggregation offline)
+    # how a stage's replicas combine their gradients (swarm.averaging); None: hivemind's plain weighted mean, and no
+    # re-checks of aggregators (the "defences off" of averaging)
+    averaging: Optional[AveragingConfig] = field(default_factory=AveragingConfig)
+    part_floats: int = 1 << 17  # floats per part of a slice (hivemind's 512 KiB parts)
 
     def __post_init__(self) -> None:
         if self.stages < 1 or self.replicas < 1 or self.microbatches < 1:
@@ -163,6 +168,7 @@ class Peer:
     sentinel: SentinelMonitor
     ledger: ReputationLedger = field(default_factory=ReputationLedger)
     adversary: Optional[Adversary] = None
+    averaging: Optional[AveragingAdversary] = None  # an averaging attack (peers/adversary.py, avg-*)
     spec: Optional[Byzantine] = None
 
 
@@ -206,13 +212,24 @@ class SwarmSim:
                 spec = byz.get((s, r))
                 if spec is not None:
                     peer.spec = spec
-                    if spec.attack is not None:
+                    if spec.attack in AVERAGING_ATTACKS:
+                        peer.averaging = AveragingAdversary(AttackConfig(
+                            name=spec.attack, magnitude=spec.magnitude, probability=spec.probability,
+                            start_step=spec.start_step, seed=cfg.seed * 7919 + s * 131 + r))
+                    elif spec.attack is not None:
                         peer.adversary = Adversary(AttackConfig(
                             name=spec.attack, direction=spec.direction, magnitude=spec.magnitude,
                             probability=spec.probability, start_step=spec.start_step, seed=cfg.seed * 7919 + s * 131 + r))
                 self.peers[name] = peer
         self.byzantine = {p.name for p in self.peers.values() if p.spec is not None}
-        self.attackers = {p.name for p in self.peers.values() if p.adversary is not None}
+        self.attackers = {p.name for p in self.peers.values() if p.adversary is not None or p.averaging is not None}
+        # per replica: its accumulated flat gradient and micro-batch count since the last step (the replicas share one
+        # weight copy, but each contributes its own gradients to its stage's averaging)
+        self.replica_grads: Dict[str, torch.Tensor] = {}
+        self.replica_counts: Counter = Counter()
+        self.caught_aggregators: set = set()  # aggregators whose lie a re-check proved (not used again)
+        self.averaging_stats: Counter = Counter()
+        self.averaging_rng = random.Random(cfg.seed * 31 + 17)
         self.honest = [p for p in self.peers if p not in self.byzantine]
         targets = cfg.slander_targets or ([self.honest[0]] if self.honest else [])
         self.slander_targets = list(targets)
@@ -333,6 +350,7 @@ class SwarmSim:
         # backward: the last stage first, then each receiver checks the gradient against what it sent
         loss_t.backward()
         self.accumulated[len(chain) - 1] += 1
+        self._collect(len(chain) - 1, chain[-1])
         if len(chain) == 1:
             return True, float(loss_t.detach()), "", None
         grad, tampered = self._outbound(self.peers[chain[-1]], saved[-1][0].grad, BACKWARD, meta)
@@ -354,6 +372,7 @@ class SwarmSim:
                     return (False, math.nan, *failure)
             out.backward(grad)
             self.accumulated[k] += 1
+            self._collect(k, peer.name)
             if k > 0:
                 grad, tampered = self._outbound(peer, saved[k][0].grad, BACKWARD, meta)
         return True, float(loss_t.detach()), "", None
@@ -401,18 +420,95 @@ class SwarmSim:
             t.honest_rejected += 1
             t.fp_by[statistic] += 1
 
+    def _collect(self, stage: int, name: str) -> None:
+        """Move the shared module's fresh gradients into replica ``name``'s own accumulator."""
+        params = list(self.modules[stage].parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        if name in self.replica_grads:
+            self.replica_grads[name] += flat
+        else:
+            self.replica_grads[name] = flat.clone()
+        self.replica_counts[name] += 1
+        for p in params:
+            p.grad = None
+
+    def _average(self, stage: int) -> Optional[torch.Tensor]:
+        """The stage's averaging round (swarm.averaging's code on the replicas' contributions): each replica's mean
+        gradient, tampered by averaging attackers, combined per part of each aggregator's slice; outliers and
+        re-checks become ledger entries of the aggregator / re-checker, as the stage server records them."""
+        names = [peer_name(stage, r) for r in range(self.cfg.replicas)]
+        names = [n for n in names if self.replica_counts[n] > 0 and n not in self.blacklist]
+        if not names:
+            return None
+        contributions, weights = [], []
+        for n in names:
+            g = self.replica_grads[n] / self.replica_counts[n]
+            weight = float(self.replica_counts[n])
+            attacker = self.peers[n].averaging
+            if attacker is not None:
+                self.first_tampered.setdefault(n, (self.index, self.clock))
+                g = attacker.contribution([g])[0]
+                weight = attacker.weight(weight)
+            contributions.append(g)
+            weights.append(weight)
+        cfg = self.cfg.averaging
+        if cfg is None:  # hivemind: a mean weighted by the claimed batch sizes
+            w = torch.tensor(weights)
+            return (torch.stack(contributions) * (w / w.sum())[:, None]).sum(0)
+        size = contributions[0].numel()
+        bounds = [round(i * size / len(names)) for i in range(len(names) + 1)]
+        out = torch.empty(size)
+        for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part
+            far = Counter()
+            lo, hi = bounds[a], bounds[a + 1]
+            honest_result = torch.empty(hi - lo)
+            for start in range(lo, hi, self.cfg.part_floats):
+                end = min(hi, start + self.cfg.part_floats)
+                outcome = robust_aggregate([c[start:end] for c in contributions], cfg)
+                honest_result[start - lo:end - lo] = outcome.result
+                far.update(i for i, f in enumerate(outcome.outliers) if f)
+            parts = max(1, math.ceil((hi - lo) / self.cfg.part_floats))
+            result = honest_result
+            liar = self.peers[aggregator].averaging
+            if liar is not None and aggregator not in self.caught_aggregators:
+                result = liar.aggregate(honest_result.clone())
+            lied = not torch.equal(result, honest_result)
+            out[lo:hi] = result if aggregator not in self.caught_aggregators else honest_result
+            if aggregator not in self.byzantine:  # an honest aggregator's ledger: outliers are strikes
+                for i, n in enumerate(names):
+                    if n != aggregator:
+                        self.peers[aggregator].ledger.record(n, far[i] < cfg.outlier_share * parts, AVERAGING,
+                                                             AVERAGING)
+            self.averaging_stats["outliers"] += sum(1 for i in far if far[i] >= cfg.outlier_share * parts)
+            for checker in names:  # re-checks: each other replica checks this aggregator with verify_rate/(R-1)
+                if checker == aggregator or checker in self.byzantine or aggregator in self.caught_aggregators:
+                    continue
+                if self.averaging_rng.random() < cfg.verify_rate / max(1, len(names) - 1):
+                    self.averaging_stats["rechecks"] += 1
+                    for _ in range(self.cfg.reputation.min_strikes if lied else 1):  # a proof weighs min_strikes
+                        self.peers[checker].ledger.record(aggregator, not lied, AVERAGING, AGGREGATE)
+                    if lied:
+                        self.averaging_stats["caught"] += 1
+                        self.caught_aggregators.add(aggregator)
+        return out
+
     def _optimizer_step(self) -> None:
         for k, (module, opt) in enumerate(zip(self.modules, self.optimizers)):
             n = self.accumulated[k]
             if n:
-                for p in module.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(n)
+                averaged = self._average(k)
+                if averaged is not None:
+                    offset = 0
+                    for p in module.parameters():
+                        p.grad = averaged[offset:offset + p.numel()].reshape(p.shape).clone()
+                        offset += p.numel()
                 if self.cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
                 opt.step()
             opt.zero_grad(set_to_none=True)
             self.accumulated[k] = 0
+        self.replica_grads.clear()
+        self.replica_counts.clear()
         self.epoch += 1
 
     def _pick_chain(self) -> List[str]:
@@ -599,7 +695,8 @@ class SwarmSim:
             first = self.first_tampered.get(name)
             caught = self.blacklisted_at.get(name)
             offset = self.cfg.pretrain_microbatches  # micro-batch numbers count from the swarm's start
-            entry = dict(tampered=self.peers[name].adversary.tampered,
+            peer = self.peers[name]
+            entry = dict(tampered=peer.adversary.tampered if peer.adversary else peer.averaging.rounds,
                          first_tampered_mb=first[0] - offset if first else None,
                          blacklisted_mb=caught[0] - offset if caught else None)
             if first and caught:
@@ -621,6 +718,7 @@ class SwarmSim:
                                 honest=self.tensors_warmup.honest, honest_rejected=self.tensors_warmup.honest_rejected),
             byzantine_receiver_rejections=self.byzantine_receiver_rejections,
             audits=dict(self.audits),
+            averaging=dict(self.averaging_stats, caught_aggregators=sorted(self.caught_aggregators)),
             detection_rate=t.tampered_caught / t.tampered if t.tampered else None,
             false_positive_rate=t.honest_rejected / t.honest if t.honest else None,
             honest_blacklisted=honest_blacklisted,
