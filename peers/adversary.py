@@ -19,7 +19,7 @@ Averaging attacks (on the stage's gradient all-reduce and state sharing, through
     avg-signflip    its contribution x -m (default 1)
     avg-weight      claims m x its sample count (default 100) with a sign-flipped contribution
     avg-aggregate   as the aggregator of a part, returns m x the aggregate (default -5) to everyone
-    avg-equivocate  sends different gradients to different aggregators: every other tensor x -m (default 10)
+    avg-equivocate  sends different gradients to different aggregators: every other tensor x -m (default 20)
     avg-state       serves joiners its parameters x m (default 5)
     avg-progress    claims to be m epochs ahead of its stage in its progress records (default 1000)
 """
@@ -40,7 +40,7 @@ ATTACKS = CHAIN_ATTACKS + AVERAGING_ATTACKS
 DIRECTIONS = ("forward", "backward", "both")
 DEFAULT_MAGNITUDE = {"noise": 1.0, "signflip": 1.0, "scale": 10.0, "zero": 1.0, "constant": 1.0, "random": 1.0,
                      "replay": 4.0, "alie": 2.0, "avg-scale": -20.0, "avg-signflip": 1.0, "avg-weight": 100.0,
-                     "avg-aggregate": -5.0, "avg-equivocate": 10.0, "avg-state": 5.0, "avg-progress": 1000.0}
+                     "avg-aggregate": -5.0, "avg-equivocate": 20.0, "avg-state": 5.0, "avg-progress": 1000.0}
 
 
 @dataclass(kw_only=True)

@@ -6,15 +6,13 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
 - :class:`RobustPartReducer` replaces hivemind's weighted mean inside the all-reduce: every part (a chunk of the
   slice this peer aggregates) is combined by :func:`robust_aggregate` once all senders' copies have arrived:
   **equal weights** (a claimed batch size is never taken on faith; only a claim of weight 0, "nothing to add",
-  is honoured, since it can only lower the claimer's influence), each contribution's **norm bounded** by
-  ``norm_bound`` x the lower median of the contributions' norms, then **CenteredClip** (start from the
+  is honoured, since it can only lower the claimer's influence), then **CenteredClip** (start from the
   coordinate-wise median, clip every contribution's pull to radius ``tau``, iterate) with ``tau`` =
-  ``clip_radius`` x the lower median distance of the contributions from that median. Both scales are taken
-  from the contributions themselves, so they follow the honest majority, whatever the units of the gradients.
-- A contribution that lies far outside the honest spread (``outlier_factor`` x ``tau`` from the aggregate, or a
-  norm ``outlier_factor`` x the lower median norm) in at least ``outlier_share`` of the parts of a round is reported to the
-  stage server as an ``averaging`` strike against its sender; every other sender of the round gets a clean
-  exchange (so replicas vouch for each other's work, and a strike ratio means something).
+  ``clip_radius`` x the lower median distance of the contributions from that median: a scale taken from the
+  contributions themselves, so it follows the honest majority whatever the units of the gradients.
+- A sender whose contribution to the whole slice has a norm ``outlier_factor`` x the lower median of the senders'
+  (:func:`slice_outliers`) is reported to the stage server as an ``averaging`` strike; every other sender of the
+  round gets a clean exchange (so replicas vouch for each other's work, and a strike ratio means something).
 - :class:`RobustAllReduceRunner` signs every part it sends and every result it returns, refuses unsigned ones, and
   keeps what a re-check needs; :class:`RobustGradientAverager` re-checks random parts of other aggregators'
   slices after each round (``swarm.aggregator_check``) and stops using an aggregator it caught.
@@ -24,16 +22,19 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
 What it tolerates (n replicas in an averaging group): up to floor((n-1)/2) Byzantine contributions per part;
 their pull on the result is bounded by about ``tau`` each, whatever they send. With **2 replicas** no rule can
 tell which of two contributions is the honest one: the coordinate-wise median of two is their mean, so
-CenteredClip gives the mean of the two norm-bounded contributions. What remains is the norm bound: a contribution
-scaled up (the x20 attack) counts as at most ``norm_bound`` times the other's norm, so one attacker can slow its
-stage (a flipped contribution of equal norm cancels the honest one) but not blow it up; its partner reports it,
-but one reporter is not enough for a swarm-wide verdict (``min_reporters``).
+CenteredClip gives their mean. What remains is a norm bound, part by part: the larger contribution is clipped to
+``norm_bound`` x the smaller one's norm, so a contribution scaled up (the x20 attack) counts as at most twice the
+other, and one attacker can slow its stage (a flipped contribution of equal norm cancels the honest one) but not
+blow it up; its partner reports it, but one reporter is not enough for a swarm-wide verdict (``min_reporters``).
+The price, with two honest replicas: a part where one replica's gradient is far larger than the other's (rows of an
+embedding for tokens only its micro-batches held) is clipped too, so such rows learn more slowly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing as mp
 import queue
 import random
@@ -86,11 +87,10 @@ class AveragingConfig:
     aggregator: str = "centered_clip"  # "mean": hivemind's weighted mean (no defence; for comparison only)
     clip_radius: float = 1.0  # tau = clip_radius x lower median distance of the contributions from their median
     clip_iters: int = 20  # CenteredClip iterations per part (stops early once the aggregate moves < 1e-6 rel.)
-    norm_bound: float = 2.0  # a contribution's norm is clipped to this x the lower median norm
-    # a contribution this far outside the spread (x tau from the aggregate, or x the lower median norm) is reported; 8,
+    norm_bound: float = 2.0  # with two senders, the larger contribution is clipped to this x the smaller one's norm
+    # a contribution whose norm over a slice is this many times the lower median is reported (slice_outliers); 8,
     # since a replica that accumulated one micro-batch sends a gradient ~3x noisier than one that accumulated ten
     outlier_factor: float = 8.0
-    outlier_share: float = 0.25  # ... in at least this share of the round's parts
     state_tolerance: float = 0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
     state_sketch_dims: int = 16
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
@@ -101,9 +101,9 @@ class AveragingConfig:
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"averaging: aggregator must be one of {AGGREGATORS}")
         if not (self.clip_radius > 0 and 1 <= self.clip_iters <= 1000 and self.norm_bound >= 1
-                and self.outlier_factor >= 1 and 0 < self.outlier_share <= 1):
+                and self.outlier_factor >= 1):
             raise ValueError("averaging: need clip_radius > 0, 1 <= clip_iters <= 1000, norm_bound >= 1, "
-                             "outlier_factor >= 1, outlier_share in (0, 1]")
+                             "outlier_factor >= 1")
         if not (self.state_tolerance > 0 and 1 <= self.state_sketch_dims <= 256 and self.state_sources >= 1):
             raise ValueError("averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1")
         if not (0 <= self.verify_rate <= 8 and 1 <= self.verify_parts <= 16):
@@ -123,10 +123,10 @@ class AveragingConfig:
 # ---- aggregation (pure) ------------------------------------------------------------------------------------------
 @dataclass
 class PartOutcome:
-    """One part's robust aggregate and, per sender, whether its contribution lay far outside the honest spread."""
+    """One part's robust aggregate, and each sender's contribution norm (before any clipping)."""
 
     result: torch.Tensor
-    outliers: List[bool]
+    norms: List[float]
     tau: float
 
 
@@ -135,30 +135,39 @@ def _lower_median(values: torch.Tensor) -> float:
 
 
 def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig) -> PartOutcome:
-    """Equal-weight, norm-bounded CenteredClip of ``parts`` (one tensor per sender, same shape)."""
+    """Equal-weight CenteredClip of ``parts`` (one tensor per sender, same shape); with two senders, a norm bound."""
     x = torch.stack([p.detach().float().reshape(-1) for p in parts])
     n = x.shape[0]
-    if cfg.aggregator == "mean" or n == 1:
-        return PartOutcome(x.mean(0).reshape(parts[0].shape), [False] * n, 0.0)
     norms = x.norm(dim=1)
-    median_norm = _lower_median(norms)
-    bound = cfg.norm_bound * median_norm
-    too_big = norms > cfg.outlier_factor * median_norm
-    scale = torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))
-    x = x * scale[:, None]
+    if cfg.aggregator == "mean" or n == 1:
+        return PartOutcome(x.mean(0).reshape(parts[0].shape), norms.tolist(), 0.0)
+    if n == 2:  # no majority to centre on: bound the larger contribution by norm_bound x the smaller
+        bound = cfg.norm_bound * float(norms.min())
+        x = x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
     v = x.median(dim=0).values if n > 2 else x.mean(0)
     tau = cfg.clip_radius * _lower_median((x - v).norm(dim=1))
     if tau > 0:
         for _ in range(cfg.clip_iters):
             diff = x - v
-            dist = diff.norm(dim=1)
-            weights = torch.clamp(tau / dist.clamp_min(1e-30), max=1.0)
+            weights = torch.clamp(tau / diff.norm(dim=1).clamp_min(1e-30), max=1.0)
             step = (diff * weights[:, None]).mean(0)
             v = v + step
             if float(step.norm()) <= 1e-6 * max(float(v.norm()), 1e-30):
                 break
-    far = (x - v).norm(dim=1) > cfg.outlier_factor * tau if tau > 0 else torch.zeros(n, dtype=torch.bool)
-    return PartOutcome(v.reshape(parts[0].shape), [bool(a or b) for a, b in zip(too_big, far)], tau)
+    return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), tau)
+
+
+def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool]:
+    """Which senders' contributions to a whole slice are far out: a norm over the slice above ``outlier_factor`` x
+    the lower median of the senders' slice norms. Judged over the slice, not part by part: a part of an embedding
+    matrix is often large for the one replica whose micro-batches held its rare tokens and near zero for the others
+    (part-level norms of honest replicas differed up to 17x in the simulator), while over a slice they stay within a
+    few times each other (noise: a replica that accumulated one micro-batch against one that accumulated ten)."""
+    norms = torch.tensor([math.sqrt(max(v, 0.0)) for v in sq_norms])
+    if norms.numel() < 2:
+        return [False] * norms.numel()
+    reference = _lower_median(norms)
+    return [bool(v > cfg.outlier_factor * reference) for v in norms]
 
 
 # ---- inside hivemind's all-reduce --------------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class RobustPartReducer(TensorPartReducer):
     def __init__(self, part_shapes, num_senders: int, cfg: AveragingConfig,
                  aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, excluded: Sequence[int] = ()):
         self.cfg, self.aggregate_hook, self.excluded = cfg, aggregate_hook, set(excluded)
-        self.outlier_parts = [0] * num_senders  # parts in which each sender's contribution was an outlier
+        self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts aggregated here
         self.parts_seen = [0] * num_senders
         self._contributions: Dict[int, torch.Tensor] = {}
         super().__init__(part_shapes, num_senders)
@@ -211,9 +220,9 @@ class RobustPartReducer(TensorPartReducer):
         if senders:
             outcome = robust_aggregate([self._contributions[i] for i in senders], self.cfg)
             result = outcome.result
-            for i, far in zip(senders, outcome.outliers):
+            for i, norm in zip(senders, outcome.norms):
                 self.parts_seen[i] += 1
-                self.outlier_parts[i] += int(far)
+                self.sq_norms[i] += norm * norm
         else:
             result = torch.zeros(self.part_shapes[self.current_part_index])
         if self.aggregate_hook is not None:
@@ -222,9 +231,11 @@ class RobustPartReducer(TensorPartReducer):
         self.reset_accumulators()
 
     def outliers(self) -> List[bool]:
-        """Per sender: whether it was an outlier in at least ``outlier_share`` of the parts it sent this round."""
-        return [seen > 0 and far >= self.cfg.outlier_share * seen
-                for far, seen in zip(self.outlier_parts, self.parts_seen)]
+        """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`), among the senders
+        whose parts were aggregated here."""
+        seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
+        flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
+        return [flags.get(i, False) for i in range(self.num_senders)]
 
 
 @dataclass

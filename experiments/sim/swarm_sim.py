@@ -63,7 +63,7 @@ if ROOT not in sys.path:
 
 from peers.adversary import AVERAGING_ATTACKS, Adversary, AttackConfig, AveragingAdversary  # noqa: E402
 from swarm.audit import AUDIT, ROUTE, AuditConfig, judge, pick_auditors  # noqa: E402
-from swarm.averaging import AGGREGATE, AVERAGING, AveragingConfig, robust_aggregate  # noqa: E402
+from swarm.averaging import AGGREGATE, AVERAGING, AveragingConfig, robust_aggregate, slice_outliers  # noqa: E402
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
@@ -228,6 +228,7 @@ class SwarmSim:
         self.replica_grads: Dict[str, torch.Tensor] = {}
         self.replica_counts: Counter = Counter()
         self.caught_aggregators: set = set()  # aggregators whose lie a re-check proved (not used again)
+        self.caught_by: set = set()  # (checker, aggregator): that checker has its proof and stops checking it
         self.averaging_stats: Counter = Counter()
         self.averaging_rng = random.Random(cfg.seed * 31 + 17)
         self.honest = [p for p in self.peers if p not in self.byzantine]
@@ -459,29 +460,31 @@ class SwarmSim:
         bounds = [round(i * size / len(names)) for i in range(len(names) + 1)]
         out = torch.empty(size)
         for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part
-            far = Counter()
+            sq_norms = [0.0] * len(names)
             lo, hi = bounds[a], bounds[a + 1]
             honest_result = torch.empty(hi - lo)
             for start in range(lo, hi, self.cfg.part_floats):
                 end = min(hi, start + self.cfg.part_floats)
                 outcome = robust_aggregate([c[start:end] for c in contributions], cfg)
                 honest_result[start - lo:end - lo] = outcome.result
-                far.update(i for i, f in enumerate(outcome.outliers) if f)
-            parts = max(1, math.ceil((hi - lo) / self.cfg.part_floats))
+                sq_norms = [t + v * v for t, v in zip(sq_norms, outcome.norms)]
+            far = slice_outliers(sq_norms, cfg)
             result = honest_result
             liar = self.peers[aggregator].averaging
-            if liar is not None and aggregator not in self.caught_aggregators:
+            if liar is not None:
                 result = liar.aggregate(honest_result.clone())
             lied = not torch.equal(result, honest_result)
+            # one weight copy per stage: once any honest replica caught the liar, its slice is aggregated honestly
+            # (the real replicas leave it out of their groups)
             out[lo:hi] = result if aggregator not in self.caught_aggregators else honest_result
             if aggregator not in self.byzantine:  # an honest aggregator's ledger: outliers are strikes
                 for i, n in enumerate(names):
                     if n != aggregator:
-                        self.peers[aggregator].ledger.record(n, far[i] < cfg.outlier_share * parts, AVERAGING,
-                                                             AVERAGING)
-            self.averaging_stats["outliers"] += sum(1 for i in far if far[i] >= cfg.outlier_share * parts)
+                        self.peers[aggregator].ledger.record(n, not far[i], AVERAGING, AVERAGING)
+                        if far[i]:
+                            self.averaging_stats["flagged_byzantine" if n in self.byzantine else "flagged_honest"] += 1
             for checker in names:  # re-checks: each other replica checks this aggregator with verify_rate/(R-1)
-                if checker == aggregator or checker in self.byzantine or aggregator in self.caught_aggregators:
+                if checker == aggregator or checker in self.byzantine or (checker, aggregator) in self.caught_by:
                     continue
                 if self.averaging_rng.random() < cfg.verify_rate / max(1, len(names) - 1):
                     self.averaging_stats["rechecks"] += 1
@@ -490,6 +493,7 @@ class SwarmSim:
                     if lied:
                         self.averaging_stats["caught"] += 1
                         self.caught_aggregators.add(aggregator)
+                        self.caught_by.add((checker, aggregator))
         return out
 
     def _optimizer_step(self) -> None:
