@@ -89,7 +89,7 @@ def test_lying_aggregator_and_scaled_contribution_are_blacklisted(tmp_path):
     for stage, attacker in attackers.items():
         view = views[attacker]
         assert view["blacklisted"], (stage, view)
-        assert view["blacklist_reason"] in ("aggregate", "averaging"), view
+        assert re.search(r": (aggregate|averaging) \(", view["blacklist_reason"] or ""), view  # an averaging reason
     _same_weights(infos, joiner.info["peer_id"], 1, attackers)
 
 
@@ -106,7 +106,7 @@ def test_poisoned_state_refused_and_fake_progress_ignored(tmp_path):
     _check_common(summary, attackers, steps)
     _same_weights(infos, joiner.info["peer_id"], 1, attackers)
     log = open(joiner.log_path).read()
-    refused = re.findall(r"refused the state served by (\S+)", log)
+    refused = re.findall(r"refused the state served by (\w+):", log)
     assert set(refused) <= {attackers[1]}, refused  # only ever the attacker's state is refused
     stage0_logs = [open(p.log_path).read() for p in joiner_siblings(tmp_path, 0)]
     reloads = sum(len(re.findall(r"behind the other replicas, loading their state", text)) for text in stage0_logs)

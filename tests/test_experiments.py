@@ -31,3 +31,9 @@ def test_sentinel_overhead_quick():
 def test_throughput_quick():
     out = run_quick("throughput", 600)
     assert "tokens/s" in out and "raw TCP" in out
+
+
+@pytest.mark.slow
+def test_averaging_benchmark_quick():
+    out = run_quick("averaging", 300)
+    assert "plain s" in out and "robust s" in out

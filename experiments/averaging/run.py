@@ -11,7 +11,6 @@ re-checks of aggregators: ``verify_rate`` 1, ``verify_parts`` 1). Rounds of the 
 Figures per round (median over repeats):
 - all-reduce seconds: the slowest replica's time inside the all-reduce (group formed -> its averaged gradient is in
   place), measured in the averager processes; matchmaking is the same code for both and left out;
-- re-check seconds (robust only): the slowest re-check after the round (evidence download + recomputation);
 - bytes: loopback bytes sent during the round and its re-checks (``/proc/net/dev``, interface ``lo``; every byte any
   process on the machine sent on loopback, so run nothing else next to it), per replica;
 - CPU seconds: user + system time of the averager processes during the round and re-checks, per replica.
@@ -107,7 +106,7 @@ def make_group(kind: str, n: int, floats: int, prefix: str):
 
 
 def one_round(averagers, recheck_wait_s: float):
-    """(all-reduce s, re-check s, bytes per replica, CPU s per replica) of one round, or None if it failed."""
+    """(all-reduce s, bytes per replica, CPU s per replica) of one round and its re-checks, or None if it failed."""
     for averager in averagers:
         averager.reset_accumulated_grads_()
         averager.accumulate_grads_(batch_size=8)
@@ -119,12 +118,11 @@ def one_round(averagers, recheck_wait_s: float):
         return None
     time.sleep(recheck_wait_s)  # re-checks run after the round (robust only)
     allreduce = max(a.timings.get(timeout=10) for a in averagers)
-    recheck = 0.0
     for a in averagers:
         for _, clean, reason in (a.drain_outcomes() if hasattr(a, "drain_outcomes") else []):
             assert clean, f"an honest round failed a check: {reason}"
     n = len(averagers)
-    return allreduce, recheck, (lo_tx_bytes() - bytes0) / n, (cpu_seconds(pids) - cpu0) / n
+    return allreduce, (lo_tx_bytes() - bytes0) / n, (cpu_seconds(pids) - cpu0) / n
 
 
 def main() -> None:
@@ -159,8 +157,8 @@ def main() -> None:
             if values:
                 row[kind] = dict(rounds=len(values),
                                  allreduce_s=statistics.median(v[0] for v in values),
-                                 bytes_per_replica=statistics.median(v[2] for v in values),
-                                 cpu_s_per_replica=statistics.median(v[3] for v in values))
+                                 bytes_per_replica=statistics.median(v[1] for v in values),
+                                 cpu_s_per_replica=statistics.median(v[2] for v in values))
         if "plain" in row and "robust" in row:
             row["time_ratio"] = row["robust"]["allreduce_s"] / row["plain"]["allreduce_s"]
             row["bytes_ratio"] = row["robust"]["bytes_per_replica"] / row["plain"]["bytes_per_replica"]
