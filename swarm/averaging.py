@@ -98,6 +98,9 @@ class AveragingConfig:
     verify_parts: int = 1  # parts of an aggregator's slice a re-check recomputes
 
     def __post_init__(self) -> None:
+        numbers = (self.clip_radius, self.norm_bound, self.outlier_factor, self.state_tolerance, self.verify_rate)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            raise ValueError("averaging: every setting must be a finite number")
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"averaging: aggregator must be one of {AGGREGATORS}")
         if not (self.clip_radius > 0 and 1 <= self.clip_iters <= 1000 and self.norm_bound >= 1
@@ -184,6 +187,7 @@ class RobustPartReducer(TensorPartReducer):
         self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts aggregated here
         self.parts_seen = [0] * num_senders
         self._contributions: Dict[int, torch.Tensor] = {}
+        self._combining = False
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -213,22 +217,43 @@ class RobustPartReducer(TensorPartReducer):
         return await current_part_future
 
     def check_current_part_finished(self):
+        """Once every sender's copy of the current part is in, combine them off the event loop (CenteredClip costs
+        milliseconds per part, and the event loop carries every stream of the round meanwhile), then move on."""
         assert self.current_part_accumulated_from <= self.num_current_senders
-        if self.current_part_accumulated_from != self.num_current_senders:
+        if self.current_part_accumulated_from != self.num_current_senders or self._combining:
             return
+        self._combining = True
         senders = sorted(self._contributions)
-        if senders:
-            outcome = robust_aggregate([self._contributions[i] for i in senders], self.cfg)
-            result = outcome.result
-            for i, norm in zip(senders, outcome.norms):
-                self.parts_seen[i] += 1
-                self.sq_norms[i] += norm * norm
-        else:
-            result = torch.zeros(self.part_shapes[self.current_part_index])
+        parts = [self._contributions[i] for i in senders]
+        shape = self.part_shapes[self.current_part_index]
+        future = self.current_part_future
+        task = asyncio.get_event_loop().run_in_executor(None, self._combine, parts, shape)
+        task.add_done_callback(lambda done: self._combined(done, senders, future))
+
+    def _combine(self, parts: List[torch.Tensor], shape) -> PartOutcome:
+        if not parts:
+            return PartOutcome(torch.zeros(shape), [], 0.0)
+        outcome = robust_aggregate(parts, self.cfg)
         if self.aggregate_hook is not None:
-            result = self.aggregate_hook(result)
-        self.current_part_future.set_result(result)
+            outcome.result = self.aggregate_hook(outcome.result)
+        return outcome
+
+    def _combined(self, done: asyncio.Future, senders: List[int], future: asyncio.Future) -> None:
+        self._combining = False
+        if self.finished.is_set() or future.done():
+            return
+        if done.exception() is not None:
+            future.set_exception(done.exception())
+            self.finalize()
+            return
+        outcome = done.result()
+        for i, norm in zip(senders, outcome.norms):
+            self.parts_seen[i] += 1
+            self.sq_norms[i] += norm * norm
+        future.set_result(outcome.result)
         self.reset_accumulators()
+        if self.current_part_index < self.num_parts and not self.finished.is_set():
+            self.check_current_part_finished()  # the next part may be complete already
 
     def outliers(self) -> List[bool]:
         """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`), among the senders

@@ -1,9 +1,11 @@
 """The optimizer of one stage peer: replicas of a stage average gradients and share state through hivemind.
 
-All replicas of stage k use ``hivemind.Optimizer`` with run id ``{run}.stage{k}``: they accumulate a global
-batch of ``target_batch_size`` samples between them, average gradients (weighted by samples), and step in
-lockstep; a peer that joins late (or falls behind) downloads the current parameters and optimizer state from
-its stage with ``load_state_from_peers``.
+All replicas of stage k run :class:`RobustOptimizer` (``hivemind.Optimizer`` with Byzantine-tolerant parts) with run
+id ``{run}_stage{k}``: they accumulate a global batch of ``target_batch_size`` samples between them, average their
+gradients (``swarm.averaging``: equal weights, CenteredClip inside hivemind's all-reduce, signed parts and
+re-checks of aggregators) and step in lockstep; the stage's progress is believed on a quorum, and a peer that joins
+late (or falls behind) downloads the parameters and optimizer state from a random replica and checks them against
+the others before applying them (``swarm.replica_sync``).
 
 Why the parameters are wrapped: a pipeline stage keeps the autograd graphs of its in-flight micro-batches
 while their gradients travel back from later stages. An optimizer step that updates parameters in place

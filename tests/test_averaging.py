@@ -95,6 +95,8 @@ def test_config_from_a_record_falls_back_to_defaults():
     assert AveragingConfig.from_dict({"clip_radius": -1}) == AveragingConfig()
     assert AveragingConfig.from_dict({"bogus": 1}) == AveragingConfig()
     assert AveragingConfig.from_dict("nonsense") == AveragingConfig()
+    assert AveragingConfig.from_dict({"clip_radius": float("inf")}) == AveragingConfig()
+    assert AveragingConfig.from_dict({"verify_rate": float("nan")}) == AveragingConfig()
     with pytest.raises(ValueError):
         AveragingConfig(aggregator="median-of-means")
 

@@ -38,6 +38,11 @@ What is simulated (and why it does not change what the checks see):
   gradient is computed with the shared last-stage weights from the activations the route's last peer got, and goes
   through the auditor's own outbound hook (a Byzantine auditor tampers with it). The auditor's own checks of the
   activations it is sent are not run (they only add evidence about the penultimate peer).
+- **Averaging**: every replica accumulates its own gradients (moved out of the shared module after each backward);
+  at a step the stage's weights get the replicas' contributions combined by ``swarm.averaging.robust_aggregate``
+  per part of each aggregator's slice (``averaging=None``: hivemind's mean weighted by claimed batch sizes), with
+  averaging attackers (``avg-*``) tampering through ``AveragingAdversary`` and re-checks of aggregators at
+  ``verify_rate``. No signatures, no transport; one weight copy, so a lie caught by any replica is left out for all.
 - **Byzantine receivers** run the same checks as honest ones (their verdicts drop micro-batches like anyone's);
   what they publish is their true ledger, or with ``slander`` their ledger plus accusations against honest
   peers (and with ``collude``, fake vouching for each other's work).
@@ -446,18 +451,24 @@ class SwarmSim:
             g = self.replica_grads[n] / self.replica_counts[n]
             weight = float(self.replica_counts[n])
             attacker = self.peers[n].averaging
-            if attacker is not None:
+            if attacker is not None:  # it sees its gradient as the averager does: one tensor per parameter
                 self.first_tampered.setdefault(n, (self.index, self.clock))
-                g = attacker.contribution([g])[0]
+                sizes = [p.numel() for p in self.modules[stage].parameters()]
+                g = torch.cat([t.reshape(-1) for t in attacker.contribution(list(g.split(sizes)))])
                 weight = attacker.weight(weight)
             contributions.append(g)
             weights.append(weight)
         cfg = self.cfg.averaging
-        if cfg is None:  # hivemind: a mean weighted by the claimed batch sizes
-            w = torch.tensor(weights)
-            return (torch.stack(contributions) * (w / w.sum())[:, None]).sum(0)
         size = contributions[0].numel()
         bounds = [round(i * size / len(names)) for i in range(len(names) + 1)]
+        if cfg is None:  # hivemind: a mean weighted by the claimed batch sizes; each aggregator returns its slice's
+            w = torch.tensor(weights)
+            out = (torch.stack(contributions) * (w / w.sum())[:, None]).sum(0)
+            for a, aggregator in enumerate(names):
+                liar = self.peers[aggregator].averaging
+                if liar is not None:
+                    out[bounds[a]:bounds[a + 1]] = liar.aggregate(out[bounds[a]:bounds[a + 1]].clone())
+            return out
         out = torch.empty(size)
         for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part
             sq_norms = [0.0] * len(names)
