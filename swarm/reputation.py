@@ -20,9 +20,10 @@ The method, and why:
    lowers a score.
 3. **Only neighbours can witness, and a verdict needs a share of them.** A stage peer exchanges tensors only
    with the peers of the adjacent stages (it receives activations from stage ``s - 1`` and gradients from stage
-   ``s + 1``) and with the other replicas of its own stage (gradient averaging, state downloads), so when the aggregator knows who serves which stage (``stages``), an entry by a reporter that
-   serves neither the peer's stage nor one adjacent to it is a claim about exchanges that never happened, and is ignored
-   (for accusations, vouching and scores alike). A verdict also needs the accusers to be at least
+   ``s + 1``) and with the other replicas of its own stage (gradient averaging, state downloads), so when the
+   aggregator knows who serves which stage (``stages``), an entry by a reporter that serves neither the peer's
+   stage nor one adjacent to it is a claim about exchanges that never happened, and is ignored (for accusations,
+   vouching and scores alike). A verdict also needs the accusers to be at least
    ``witness_share`` of the *witnesses* on one side of the peer (the weighted reporters of that adjacent stage
    that exchanged at least ``min_strikes`` tensors with it, accusers included): Byzantine insiders whose honest
    work earned them weight cannot ban an honest peer that the rest of its neighbours find clean. Sides are

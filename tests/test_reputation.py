@@ -630,3 +630,17 @@ def test_witness_share_counts_only_reporters_that_saw_enough():
     for h in s0[2:]:
         s.link(h, attacker, clean=3)  # now they saw enough to have accused it, and did not
     assert not s.aggregate(stages=stages).blacklist
+
+
+def test_replicas_of_the_same_stage_witness_each_others_averaging():
+    """Replicas of one stage exchange gradients in their averaging and state with joiners: two of them accusing a
+    third (averaging strikes) blacklist it, while one alone among its stage-mates does not."""
+    s, (_, s1, _), stages = staged_swarm()
+    target = s1[3]
+    for mate in s1[:3]:
+        s.link(mate, target, clean=2, strikes=0)
+    s.link(s1[0], target, clean=2, strikes=10, reason="averaging")
+    assert not s.aggregate(stages=stages).blacklist  # one reporter
+    s.link(s1[1], target, clean=2, strikes=10, reason="averaging")
+    agg = s.aggregate(stages=stages)
+    assert set(agg.blacklist) == {target} and agg.blacklist[target]["reason"] == "averaging"
