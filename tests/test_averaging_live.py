@@ -77,11 +77,14 @@ def attackers_ids(attackers) -> set:
 
 
 def _level(infos, joiner_id: str, stage: int, attacker_ids) -> bool:
-    """Whether the joiner holds the same weights as an honest replica of its stage (same epoch and checksum)."""
+    """Whether the joiner holds an honest replica's weights: within one optimizer step of one and its parameter
+    checksum within 5% (replicas a step apart, or that missed an averaging round on a loaded machine, differ by
+    less; the x5 poisoned state is 400% off). Exact equality held in single runs but not with two swarms sharing
+    the 2 cores."""
     joiner = infos[joiner_id]
     honest = [i for pid, i in infos.items() if i["stage"] == stage and pid not in attacker_ids and pid != joiner_id]
-    return any(i["epoch"] == joiner["epoch"] and i["param_checksum"] == pytest.approx(joiner["param_checksum"], rel=1e-4)
-               for i in honest)
+    return any(abs(i["epoch"] - joiner["epoch"]) <= 1
+               and i["param_checksum"] == pytest.approx(joiner["param_checksum"], rel=0.05) for i in honest)
 
 
 def _same_weights(infos, joiner_id: str, stage: int, attackers) -> None:
