@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import msgpack
 from hivemind.proto import runtime_pb2
@@ -126,7 +126,3 @@ def relative_error(expected, got) -> float:
 def pick_parts(num_parts: int, k: int, rng) -> List[int]:
     """``k`` distinct random part indices (all of them when there are fewer)."""
     return sorted(rng.sample(range(num_parts), min(k, num_parts))) if num_parts > 0 else []
-
-
-def senders_in_order(senders: Sequence[bytes], used: Sequence[bytes]) -> List[bytes]:
-    return [s for s in senders if s in set(used)]

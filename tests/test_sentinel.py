@@ -174,7 +174,7 @@ def test_drift_shared_by_most_senders_is_followed_not_rejected(honest):
 def test_forget_drops_a_sender_as_reference(honest):
     """A blacklisted sender's frozen momentum and stale values must not serve as references for the others."""
     monitor = SentinelMonitor(SentinelConfig())
-    for i, act, grad in honest[:90]:
+    for i, act, _grad in honest[:90]:
         monitor.check(act, f"p{i % 3}", FORWARD, microbatch=str(i))
     assert "p2" in monitor.latest[FORWARD] and ("p2", FORWARD) in monitor.momentum
     monitor.forget("p2")
