@@ -18,9 +18,10 @@ Averaging attacks (on the stage's gradient all-reduce and state sharing, through
     avg-scale       its gradient contribution x m (default -20)
     avg-signflip    its contribution x -m (default 1)
     avg-weight      claims m x its sample count (default 100) with a sign-flipped contribution
-    avg-aggregate   as the aggregator of a part, returns m x the aggregate (default -5) to everyone
+    avg-aggregate   as the aggregator of a part, returns m x the aggregate (default -5) to everyone, in the
+                    gradient round and in the parameter round
     avg-equivocate  sends different gradients to different aggregators: every other tensor x -m (default 20)
-    avg-state       serves joiners its parameters x m (default 5)
+    avg-state       serves joiners its parameters x m (default 5), and sends them so into the parameter round
     avg-progress    claims to be m epochs ahead of its stage in its progress records (default 1000)
 """
 

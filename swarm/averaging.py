@@ -18,6 +18,13 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
   slices after each round (``swarm.aggregator_check``) and stops using an aggregator it caught.
 - Blacklisted peers (the stage server passes them in) are left out: their contributions are not aggregated and
   their aggregates are not used.
+- Every member aggregates an equal slice: hivemind sizes slices by the bandwidth each member claims, a claim.
+- The same machinery (:class:`RobustAveraging`) runs hivemind's **parameter round** (``TrainingStateAverager``,
+  every epoch): CenteredClip per part, and a receiver applies the result only if the round had at least 3
+  senders and it moves its parameters by at most ``state_tolerance`` (relative L2); a sender whose parameters lie
+  farther than that from the result, or an aggregator whose result would move a receiver that far, gets a
+  ``state`` strike. With 2 replicas the parameter round changes nothing (each keeps its own weights; they stay in
+  step through the identical averaged gradients, and a lagging one through the checked state download).
 
 What it tolerates (n replicas in an averaging group): up to floor((n-1)/2) Byzantine contributions per part;
 their pull on the result is bounded by about ``tau`` each, whatever they send. With **2 replicas** no rule can
@@ -43,7 +50,8 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence,
 
 import msgpack
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
@@ -131,19 +139,23 @@ class PartOutcome:
     result: torch.Tensor
     norms: List[float]
     tau: float
+    distances: Optional[List[float]] = None  # each contribution's distance from the result (state rounds only)
 
 
 def _lower_median(values: torch.Tensor) -> float:
     return float(values.sort().values[(values.numel() - 1) // 2]) if values.numel() else 0.0
 
 
-def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig) -> PartOutcome:
-    """Equal-weight CenteredClip of ``parts`` (one tensor per sender, same shape); with two senders, a norm bound."""
+def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distances: bool = False) -> PartOutcome:
+    """Equal-weight CenteredClip of ``parts`` (one tensor per sender, same shape); with two senders, a norm bound.
+    ``distances``: also measure each contribution's distance from the result (what a state round judges by)."""
     x = torch.stack([p.detach().float().reshape(-1) for p in parts])
     n = x.shape[0]
     norms = x.norm(dim=1)
     if cfg.aggregator == "mean" or n == 1:
-        return PartOutcome(x.mean(0).reshape(parts[0].shape), norms.tolist(), 0.0)
+        v = x.mean(0)
+        return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), 0.0,
+                           (x - v).norm(dim=1).tolist() if distances else None)
     if n == 2:  # no majority to centre on: bound the larger contribution by norm_bound x the smaller
         bound = cfg.norm_bound * float(norms.min())
         x = x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
@@ -157,7 +169,9 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig) -> Par
             v = v + step
             if float(step.norm()) <= 1e-6 * max(float(v.norm()), 1e-30):
                 break
-    return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), tau)
+    x_norms = torch.stack([p.detach().float().reshape(-1) for p in parts]) if n == 2 else x  # before the bound
+    return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), tau,
+                       (x_norms - v).norm(dim=1).tolist() if distances else None)
 
 
 def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool]:
@@ -173,6 +187,17 @@ def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool
     return [bool(v > cfg.outlier_factor * reference) for v in norms]
 
 
+def state_outliers(sq_distances: Sequence[float], sq_result_norm: float, cfg: AveragingConfig) -> List[bool]:
+    """Which senders' parameters, over a whole slice of a state round, lie farther than ``state_tolerance``
+    (relative L2) from the robust result: the same tolerance a downloaded state is held to. Honest replicas step
+    with the same averaged gradients, so their parameters differ by far less. Needs 3 senders: of two that differ,
+    nothing tells which one is off, so nobody is reported."""
+    if len(sq_distances) < 3:
+        return [False] * len(sq_distances)
+    limit = cfg.state_tolerance * math.sqrt(max(sq_result_norm, 0.0))
+    return [bool(math.sqrt(max(v, 0.0)) > limit) for v in sq_distances]
+
+
 # ---- inside hivemind's all-reduce --------------------------------------------------------------------------------
 class RobustPartReducer(TensorPartReducer):
     """hivemind's part reducer, with every part combined by :func:`robust_aggregate` instead of a weighted mean.
@@ -182,9 +207,13 @@ class RobustPartReducer(TensorPartReducer):
     on the wire is hivemind's, unchanged."""
 
     def __init__(self, part_shapes, num_senders: int, cfg: AveragingConfig,
-                 aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, excluded: Sequence[int] = ()):
-        self.cfg, self.aggregate_hook, self.excluded = cfg, aggregate_hook, set(excluded)
+                 aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, excluded: Sequence[int] = (),
+                 state: bool = False):
+        self.cfg, self.aggregate_hook, self.excluded, self.state = cfg, aggregate_hook, set(excluded), state
         self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts aggregated here
+        # state rounds: each sender's squared distance from the results, and the results' squared norm
+        self.sq_distances = [0.0] * num_senders
+        self.sq_result_norm = 0.0
         self.parts_seen = [0] * num_senders
         self._contributions: Dict[int, torch.Tensor] = {}
         self._combining = False
@@ -233,7 +262,9 @@ class RobustPartReducer(TensorPartReducer):
     def _combine(self, parts: List[torch.Tensor], shape) -> PartOutcome:
         if not parts:
             return PartOutcome(torch.zeros(shape), [], 0.0)
-        outcome = robust_aggregate(parts, self.cfg)
+        outcome = robust_aggregate(parts, self.cfg, distances=self.state)
+        if self.state:
+            self.sq_result_norm += float(outcome.result.float().norm()) ** 2
         if self.aggregate_hook is not None:
             outcome.result = self.aggregate_hook(outcome.result)
         return outcome
@@ -250,6 +281,8 @@ class RobustPartReducer(TensorPartReducer):
         for i, norm in zip(senders, outcome.norms):
             self.parts_seen[i] += 1
             self.sq_norms[i] += norm * norm
+        for i, distance in zip(senders, outcome.distances or ()):
+            self.sq_distances[i] += distance * distance
         future.set_result(outcome.result)
         self.reset_accumulators()
         if self.current_part_index < self.num_parts and not self.finished.is_set():
@@ -259,7 +292,10 @@ class RobustPartReducer(TensorPartReducer):
         """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`), among the senders
         whose parts were aggregated here."""
         seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
-        flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
+        if self.state:
+            flags = dict(zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg)))
+        else:
+            flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
         return [flags.get(i, False) for i in range(self.num_senders)]
 
 
@@ -269,9 +305,10 @@ class AveragingHooks:
 
     ``contribution(tensors) -> tensors``: what this peer sends into its stage's gradient all-reduce;
     ``weight(claimed) -> claimed``: the weight it claims there; ``aggregate(part) -> part``: the result of each part
-    it aggregates for the others; ``state(tensors) -> tensors``: the parameters and optimizer state it serves to
-    joiners; ``progress(epoch) -> epoch``: the epoch it claims in its progress records. Contribution, weight and
-    aggregate run in the averager's own process."""
+    it aggregates for the others (in both rounds); ``state(tensors) -> tensors``: the parameters and optimizer
+    state it serves to joiners and sends into the parameter round; ``progress(epoch) -> epoch``: the epoch it
+    claims in its progress records. Contribution, weight, aggregate and the parameter round's state run in the
+    averager's own process."""
 
     contribution: Optional[Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]] = None
     weight: Optional[Callable[[float], float]] = None
@@ -284,7 +321,7 @@ class KeyBook:
     """Which RSA key each group member signs its parts with, learnt by asking that member's averager over its
     authenticated libp2p connection (``rpc_averaging_key``); a bounded cache, since peer ids are free to mint."""
 
-    def __init__(self, averager: "RobustGradientAverager", max_size: int = 1024):
+    def __init__(self, averager: "RobustAveraging", max_size: int = 1024):
         self.averager, self.max_size = averager, max_size
         self.keys: Dict[PeerID, bytes] = {}
 
@@ -311,15 +348,19 @@ class RobustAllReduceRunner(AllReduceRunner):
     parts both ways (``swarm.aggregator_check``), and what a later re-check of one aggregator needs kept aside."""
 
     def __init__(self, *, averaging: AveragingConfig, key_book: KeyBook, signing_key, aggregate_hook=None,
-                 excluded: Sequence[str] = (), check_targets: Sequence[PeerID] = (), **kwargs):
+                 excluded: Sequence[str] = (), check_targets: Sequence[PeerID] = (), state: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.averaging, self.key_book, self.signing_key = averaging, key_book, signing_key
+        self.averaging, self.key_book, self.signing_key, self.state = averaging, key_book, signing_key, state
         self.excluded = set(excluded)
         self.tensor_part_reducer.finished.set()  # hivemind's own reducer, replaced before any use (no finalize noise)
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), averaging,
-            aggregate_hook=aggregate_hook,
+            aggregate_hook=aggregate_hook, state=state,
             excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded])
+        # state rounds: per aggregator, the squared norm of what this peer sent it and of how far its results move
+        # this peer's values (a receiver refuses to be moved far: see RobustAveraging._apply_state_round)
+        self.sent_sq: Dict[PeerID, float] = {}
+        self.moved_sq: Dict[PeerID, float] = {}
         me = self.ordered_peer_ids.index(self.peer_id)
         # the inputs of the parts this peer aggregates, signed by their senders (served to re-checkers)
         self.kept_inputs = RoundInputs(self.group_id, self.peer_id.to_bytes(),
@@ -351,8 +392,12 @@ class RobustAllReduceRunner(AllReduceRunner):
             payload = self._payload(IN, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part),
                                     self.weight > 0)
             message.peer_id = sign(self.signing_key, payload)
-            if aggregator in self.sent_parts:  # kept for a re-check of this aggregator (as it will see them)
-                self.sent_parts[aggregator].append(deserialize_torch_tensor(message.tensor_part))
+            if aggregator in self.sent_parts or self.state:
+                sent = deserialize_torch_tensor(message.tensor_part)
+                if aggregator in self.sent_parts:  # kept for a re-check of this aggregator (as it will see them)
+                    self.sent_parts[aggregator].append(sent)
+                if self.state:
+                    self.sent_sq[aggregator] = self.sent_sq.get(aggregator, 0.0) + float(sent.float().norm()) ** 2
             part_index += 1
             yield message
 
@@ -374,8 +419,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                 payload = self._payload(OUT, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part))
                 if key is None or signer_key(message.peer_id, payload) != key:
                     raise AllreduceException(f"{aggregator} returned a result it did not sign")
-                if aggregator in self.received_results:
-                    self.received_results[aggregator].append(deserialize_torch_tensor(message.tensor_part))
+                if aggregator in self.received_results or self.state:
+                    delta = deserialize_torch_tensor(message.tensor_part)
+                    if aggregator in self.received_results:
+                        self.received_results[aggregator].append(delta)
+                    if self.state:
+                        self.moved_sq[aggregator] = self.moved_sq.get(aggregator, 0.0) + float(delta.float().norm()) ** 2
                 part_index += 1
             yield message
 
@@ -424,12 +473,18 @@ class RobustAllReduceRunner(AllReduceRunner):
         return self.kept_inputs
 
 
-class RobustGradientAverager(GradientAverager):
-    """hivemind's gradient averager, all-reducing with :class:`RobustAllReduceRunner` and re-checking aggregators.
+class RobustAveraging(DecentralizedAverager):
+    """What makes a hivemind averager Byzantine-tolerant, for both of a stage's rounds (mixed in before hivemind's
+    class: :class:`RobustGradientAverager`, and ``swarm.replica_sync.VerifiedStateAverager`` for the parameters):
+    all-reduce with :class:`RobustAllReduceRunner` over **equal slices** (hivemind sizes each peer's slice by the
+    bandwidth it claims, so a liar claiming a huge one would aggregate nearly everything), re-check aggregators,
+    keep excluded peers out of matchmaking, serve keys and evidence.
 
     Runs in its own process (as every hivemind averager); what it learns about the other replicas (a contribution
     that was an outlier or clean, an aggregator whose result did or did not check out) goes to the stage server
     through :meth:`drain_outcomes`."""
+
+    state_round = False  # True: the averaged tensors are parameters (see _apply_state_round)
 
     def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
         self.averaging, self.hooks = averaging, hooks or AveragingHooks()
@@ -493,14 +548,18 @@ class RobustGradientAverager(GradientAverager):
         excluded = self._excluded_now()
         if self._key_book is None:
             self._key_book = KeyBook(self)
-        if self.hooks.contribution is not None:
-            for tensor, sent in zip(tensors, self.hooks.contribution(tensors)):
+        kwargs["peer_fractions"] = self._equal_fractions(group_info)
+        contribution = self.hooks.state if self.state_round else self.hooks.contribution
+        originals = None
+        if contribution is not None:  # an experiment's adversary: sends something else, keeps its own values
+            originals = [t.clone() for t in tensors] if self.state_round else None
+            for tensor, sent in zip(tensors, contribution(tensors)):
                 tensor.copy_(sent)
-        if self.hooks.weight is not None and kwargs.get("weight") is not None:
+        if self.hooks.weight is not None and kwargs.get("weight") is not None and not self.state_round:
             kwargs["weight"] = float(self.hooks.weight(kwargs["weight"]))
         runner = RobustAllReduceRunner(
             averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
-            aggregate_hook=self.hooks.aggregate, excluded=excluded,
+            aggregate_hook=self.hooks.aggregate, excluded=excluded, state=self.state_round,
             check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
             prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -510,18 +569,76 @@ class RobustGradientAverager(GradientAverager):
         while len(self._rounds) > MAX_KEPT_ROUNDS:
             self._rounds.pop(next(iter(self._rounds)))
         try:
-            async for tensor, update in _azip(tensors, runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
+            if self.state_round:
+                updates = [update async for update in runner]
+                self._apply_state_round(runner, tensors, updates, originals)
+            else:
+                async for tensor, update in _azip(tensors, runner):
+                    tensor.add_(update, alpha=self._averaging_alpha)
+                    self.last_updated = get_dht_time()
+                    self._state_updated.set()
+        except BaseException:
+            if originals is not None:
+                for tensor, original in zip(tensors, originals):
+                    tensor.copy_(original)
+            raise
         finally:
             runner.round_inputs()
             finished.set()
         for peer, far in runner.sender_outcomes():
-            self._outcomes.put((peer, not far, AVERAGING))
+            self._outcomes.put((peer, not far, STATE if self.state_round else AVERAGING))
         for target in runner.check_targets:
             if str(target) not in excluded:  # a caught or blacklisted aggregator's slice was not used: nothing to check
                 asyncio.create_task(self._recheck(runner, target))
+
+    def _equal_fractions(self, group_info) -> Tuple[float, ...]:
+        """Every member that aggregates (all but client-mode ones) aggregates an equal slice, whatever bandwidth it
+        claimed in the gathered data (read the same way by every member, so the partition stays consistent)."""
+        modes = [AveragingMode(self.serializer.loads(blob)[1]) for blob in group_info.gathered]
+        count = sum(mode != AveragingMode.CLIENT for mode in modes)
+        return tuple(1.0 / count if mode != AveragingMode.CLIENT else 0.0 for mode in modes)
+
+    def _apply_state_round(self, runner: RobustAllReduceRunner, tensors, updates, originals) -> None:
+        """Apply a parameter round's result only if it is one to trust: a round of at least 3 senders (of two that
+        differ, neither is a majority: each replica keeps its own), complete, and moving this replica's parameters
+        by at most ``state_tolerance`` (relative L2). An honest majority's CenteredClip result lies within the honest
+        replicas' spread, far inside that; a lying aggregator's does not, and it gets a ``state`` strike."""
+        if self.averaging.aggregator == "mean":  # hivemind's plain round (the undefended comparison)
+            for tensor, update in zip(tensors, updates):
+                tensor.add_(update, alpha=self._averaging_alpha)
+            return
+        senders = [p for p in runner.sender_peer_ids if str(p) not in runner.excluded]
+        tolerance = self.averaging.state_tolerance
+        moves = {aggregator: math.sqrt(moved / max(runner.sent_sq.get(aggregator, 0.0), 1e-30))
+                 for aggregator, moved in runner.moved_sq.items()}
+        # blame an aggregator whose result moved this replica far only when the others' did not: if every result
+        # does, this replica is the one that is off (it drifted, or it is the attacker), and it blames nobody
+        if len(senders) >= 3 and moves and _lower_median(torch.tensor(list(moves.values()))) <= tolerance:
+            for aggregator, move in moves.items():
+                if aggregator != self.peer_id and move > tolerance:
+                    logger.warning(f"state round: {aggregator}'s aggregate would move this replica's parameters by "
+                                   f"{move:.3g} (relative) > {tolerance}")
+                    self._outcomes.put((str(aggregator), False, STATE))
+        moved = math.sqrt(sum(float(u.float().norm()) ** 2 for u in updates))
+        size = math.sqrt(sum(float(t.float().norm()) ** 2 for t in tensors))
+        if len(senders) < 3:
+            why = f"{len(senders)} replicas in the round: no majority to trust"
+        elif len(updates) != len(tensors):
+            why = "the round did not complete"
+        elif moved > tolerance * size:
+            why = f"it would move this replica's parameters by {moved / max(size, 1e-30):.3g} (relative) > {tolerance}"
+        else:
+            why = None
+        if why is not None:
+            logger.info(f"state round not applied: {why}")
+            if originals is not None:
+                for tensor, original in zip(tensors, originals):
+                    tensor.copy_(original)
+            return
+        for tensor, update in zip(tensors, updates):
+            tensor.add_(update, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
 
     async def _recheck(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> None:
         """Ask ``aggregator`` for its evidence on a few random parts of its slice, recompute, compare."""
@@ -619,6 +736,11 @@ class RobustGradientAverager(GradientAverager):
                 out.append(self._outcomes.get_nowait())
             except queue.Empty:
                 return out
+
+
+
+class RobustGradientAverager(RobustAveraging, GradientAverager):
+    """hivemind's gradient averager, made robust by :class:`RobustAveraging`."""
 
     def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
         """Nothing to download: accumulated gradients are reset after a replica loads the stage's state."""

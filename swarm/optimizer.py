@@ -30,7 +30,7 @@ import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarm.averaging import AveragingConfig, AveragingHooks, RobustGradientAverager
+from swarm.averaging import AveragingConfig, AveragingHooks, RobustAveraging, RobustGradientAverager
 from swarm.replica_sync import QuorumProgressTracker, StateCheck, VerifiedStateAverager
 
 logger = logging.getLogger(__name__)
@@ -131,14 +131,18 @@ class StageOptimizer:
         if self.hivemind:
             peers = frozenset(peers)
             self.opt.state_averager.excluded_sources = tuple(peers)
-            if isinstance(self.opt.grad_averager, RobustGradientAverager):
-                self.opt.grad_averager.set_excluded(peers)
+            for averager in self._robust_averagers():
+                averager.set_excluded(peers)
+
+    def _robust_averagers(self) -> List[RobustAveraging]:
+        if not self.hivemind:
+            return []
+        return [a for a in (self.opt.grad_averager, self.opt.state_averager) if isinstance(a, RobustAveraging)]
 
     def drain_averaging_outcomes(self) -> List[Tuple[str, bool, str]]:
         """(peer, clean?, reason) for each contribution this replica aggregated and each aggregator it re-checked
-        since the last call (reasons: ``averaging``, ``aggregate``)."""
-        averager = self.opt.grad_averager if self.hivemind else None
-        return averager.drain_outcomes() if isinstance(averager, RobustGradientAverager) else []
+        since the last call, in both rounds (reasons: ``averaging``, ``aggregate``, ``evidence``, ``state``)."""
+        return [outcome for averager in self._robust_averagers() for outcome in averager.drain_outcomes()]
 
     def drain_refused_states(self) -> List[Tuple[str, str]]:
         """(source, reason) for each downloaded state this replica refused since the last call."""

@@ -34,7 +34,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
-from swarm.averaging import AveragingConfig, AveragingHooks
+from swarm.averaging import AveragingConfig, AveragingHooks, RobustAveraging
 
 logger = logging.getLogger(__name__)
 
@@ -205,14 +205,18 @@ class _VerifiedDownload(DecentralizedAverager):
                 future.set_result(None)
 
 
-class VerifiedStateAverager(TrainingStateAverager, _VerifiedDownload):
-    """hivemind's training-state averager whose downloads come from a random replica and pass ``state_check``."""
+class VerifiedStateAverager(RobustAveraging, TrainingStateAverager, _VerifiedDownload):
+    """hivemind's training-state averager whose downloads come from a random replica and pass ``state_check``, and
+    whose parameter averaging rounds are robust (``swarm.averaging.RobustAveraging``: CenteredClip per part, signed
+    and re-checked aggregators, and a result applied only from 3 senders up and only if it moves this replica's
+    parameters by at most ``state_tolerance``)."""
+
+    state_round = True
 
     def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
-        self.hooks = hooks or AveragingHooks()
         self.refused_sources: List[Tuple[str, str]] = []
         self.max_sources = averaging.state_sources
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, averaging=averaging, hooks=hooks, **kwargs)
         self.num_checked_tensors = sum(len(g["params"]) for g in self.optimizer.param_groups)
 
     def get_current_state(self):

@@ -4,14 +4,18 @@ logic; then hivemind averagers in this process, on a real DHT on 127.0.0.1, with
 import asyncio
 import concurrent.futures
 import time
+from types import SimpleNamespace
+from typing import Optional
 
 import hivemind
 import pytest
 import torch
+from hivemind.averaging.averager import DecentralizedAverager
 
 from peers.adversary import AttackConfig, AveragingAdversary
 from swarm.averaging import (
     AveragingConfig,
+    RobustAveraging,
     RobustGradientAverager,
     RobustPartReducer,
     robust_aggregate,
@@ -203,3 +207,93 @@ def test_a_lying_aggregator_is_caught_by_rechecks_and_dropped(attack):
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+# ---- the parameter (state) round ---------------------------------------------------------------------------------
+class _StateRound(RobustAveraging, DecentralizedAverager):
+    """The parameter round of VerifiedStateAverager, without an optimizer around it."""
+
+    state_round = True
+
+
+def _state_averagers(attack: Optional[str], n: int, dim: int = 60_000, bandwidths=None):
+    dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                  initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
+    torch.manual_seed(0)
+    base = torch.randn(dim)
+    replicas = [base + 1e-3 * torch.randn(dim) for _ in range(n)]  # honest replicas: the same weights, give or take
+    averagers = []
+    for i, dht in enumerate(dhts):
+        hooks = AveragingAdversary(AttackConfig(name=attack)).hooks() if attack and i == n - 1 else None
+        averagers.append(_StateRound(list(replicas[i].clone().chunk(6)), dht=dht, prefix="test_state", averaging=CFG,
+                                     hooks=hooks, start=True, min_matchmaking_time=2.0, request_timeout=1.0,
+                                     target_group_size=n, min_vector_size=1, allreduce_timeout=8.0,
+                                     bandwidth=(bandwidths or {}).get(i)))
+    return dhts, averagers, base, replicas
+
+
+def _state_round(averagers, timeout: float = 30):
+    def step(averager):
+        try:
+            return averager.step(timeout=timeout)
+        except Exception:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
+        return list(pool.map(step, averagers))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", ["avg-state", "avg-aggregate", None])
+def test_parameter_round_among_three(attack):
+    """hivemind averages parameters every epoch with a plain mean: one replica sending x5 parameters (or, as an
+    aggregator, returning -5x) would set everyone's weights. Robust: the honest replicas end within their own
+    spread of the honest weights, and the attacker is reported (``state``); a clean round averages as before. The
+    attacker also claims a huge bandwidth, which in hivemind would make it aggregate nearly everything."""
+    dhts, averagers, base, replicas = _state_averagers(attack, 3, bandwidths={2: 1e12})
+    attacker = str(dhts[2].peer_id)
+    try:
+        assert all(r is not None for r in _state_round(averagers)[:2])
+        time.sleep(1.0)
+        for averager, before in zip(averagers[:2], replicas):
+            with averager.get_tensors() as tensors:
+                after = torch.cat([t.detach().clone() for t in tensors])
+            assert (after - base).norm() <= 2 * (before - base).norm()
+            if attack is None:  # the round did apply: every replica moved towards the others
+                assert (after - before).norm() > 0
+        flagged = {peer for a in averagers[:2] for peer, clean, reason in a.drain_outcomes()
+                   if not clean and reason == "state"}
+        assert flagged == ({attacker} if attack else set())
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_parameter_round_of_two_is_not_applied():
+    """Of two replicas that differ, neither is a majority: each keeps its own parameters (an attacker's x5 would
+    otherwise pull its partner to x3)."""
+    dhts, averagers, base, replicas = _state_averagers("avg-state", 2)
+    try:
+        _state_round(averagers)
+        with averagers[0].get_tensors() as tensors:
+            assert torch.equal(torch.cat([t.detach().clone() for t in tensors]), replicas[0])
+        assert not [o for o in averagers[0].drain_outcomes() if not o[1]]  # and nobody is blamed
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def test_equal_slices_whatever_bandwidth_is_claimed():
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    class Group:
+        gathered = [MSGPackSerializer.dumps((bw, mode, b"")) for bw, mode in [(1e12, 0), (1.0, 0), (5.0, 1), (1.0, 2)]]
+
+    fractions = RobustAveraging._equal_fractions(SimpleNamespace(serializer=MSGPackSerializer), Group())
+    assert fractions == (1 / 3, 1 / 3, 0.0, 1 / 3)  # a client aggregates nothing; an auxiliary peer does
