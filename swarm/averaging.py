@@ -59,7 +59,6 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
-from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.aggregator_check import (
     IN,
@@ -68,6 +67,7 @@ from swarm.aggregator_check import (
     CheckResult,
     RoundInputs,
     SignedPart,
+    SigningKey,
     check_signed_inputs,
     part_payload,
     pick_parts,
@@ -146,32 +146,61 @@ def _lower_median(values: torch.Tensor) -> float:
     return float(values.sort().values[(values.numel() - 1) // 2]) if values.numel() else 0.0
 
 
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise lower median of the rows of ``x`` (as ``x.median(dim=0)``, bit for bit). Up to 16 rows by
+    an odd-even transposition network of element-wise min/max: 5-10x faster than torch's strided median here."""
+    n = x.shape[0]
+    if n > 16:
+        return x.median(dim=0).values
+    rows = list(x.unbind(0))
+    for r in range(n):
+        for i in range(r % 2, n - 1, 2):
+            rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
+    return rows[(n - 1) // 2].clone()
+
+
 def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distances: bool = False) -> PartOutcome:
     """Equal-weight CenteredClip of ``parts`` (one tensor per sender, same shape); with two senders, a norm bound.
-    ``distances``: also measure each contribution's distance from the result (what a state round judges by)."""
+    A contribution holding NaN or inf is left out (its norm and distance reported as inf). ``distances``: also
+    measure each contribution's distance from the result (what a state round judges by)."""
+    shape = parts[0].shape
     x = torch.stack([p.detach().float().reshape(-1) for p in parts])
+    norms = torch.linalg.vector_norm(x, dim=1)
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        norms = torch.where(finite, norms, torch.full_like(norms, math.inf))
+        if not bool(finite.any()):
+            return PartOutcome(torch.zeros(shape), norms.tolist(), 0.0, norms.tolist() if distances else None)
+        outcome = robust_aggregate([p for p, ok in zip(parts, finite.tolist()) if ok], cfg, distances)
+        kept_norms, kept_distances = iter(outcome.norms), iter(outcome.distances or ())
+        outcome.norms = [next(kept_norms) if ok else math.inf for ok in finite.tolist()]
+        if distances:
+            outcome.distances = [next(kept_distances) if ok else math.inf for ok in finite.tolist()]
+        return outcome
     n = x.shape[0]
-    norms = x.norm(dim=1)
+    clipped = x
     if cfg.aggregator == "mean" or n == 1:
-        v = x.mean(0)
-        return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), 0.0,
-                           (x - v).norm(dim=1).tolist() if distances else None)
-    if n == 2:  # no majority to centre on: bound the larger contribution by norm_bound x the smaller
+        v, tau = x.mean(0), 0.0
+    elif n == 2:
+        # no majority to centre on: bound the larger contribution by norm_bound x the smaller. CenteredClip of two
+        # points is their mean (the median of two is the mean, both are equally far from it), so no iterations
         bound = cfg.norm_bound * float(norms.min())
-        x = x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
-    v = x.median(dim=0).values if n > 2 else x.mean(0)
-    tau = cfg.clip_radius * _lower_median((x - v).norm(dim=1))
-    if tau > 0:
-        for _ in range(cfg.clip_iters):
-            diff = x - v
-            weights = torch.clamp(tau / diff.norm(dim=1).clamp_min(1e-30), max=1.0)
-            step = (diff * weights[:, None]).mean(0)
-            v = v + step
-            if float(step.norm()) <= 1e-6 * max(float(v.norm()), 1e-30):
-                break
-    x_norms = torch.stack([p.detach().float().reshape(-1) for p in parts]) if n == 2 else x  # before the bound
-    return PartOutcome(v.reshape(parts[0].shape), norms.tolist(), tau,
-                       (x_norms - v).norm(dim=1).tolist() if distances else None)
+        clipped = x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
+        v, tau = clipped.mean(0), 0.0
+    else:
+        v = coordinate_median(x)
+        diff = x - v
+        tau = cfg.clip_radius * _lower_median(torch.linalg.vector_norm(diff, dim=1))
+        if tau > 0:
+            for _ in range(cfg.clip_iters):
+                weights = torch.clamp(tau / torch.linalg.vector_norm(diff, dim=1).clamp_min(1e-30), max=1.0)
+                step = (weights @ diff) / n
+                v += step
+                if float(torch.linalg.vector_norm(step)) <= 1e-6 * max(float(torch.linalg.vector_norm(v)), 1e-30):
+                    break
+                diff -= step
+    return PartOutcome(v.reshape(shape), norms.tolist(), tau,
+                       torch.linalg.vector_norm(x - v, dim=1).tolist() if distances else None)
 
 
 def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool]:
@@ -318,7 +347,7 @@ class AveragingHooks:
 
 
 class KeyBook:
-    """Which RSA key each group member signs its parts with, learnt by asking that member's averager over its
+    """Which Ed25519 key each group member signs its parts with, learnt by asking that member's averager over its
     authenticated libp2p connection (``rpc_averaging_key``); a bounded cache, since peer ids are free to mint."""
 
     def __init__(self, averager: "RobustAveraging", max_size: int = 1024):
@@ -327,7 +356,7 @@ class KeyBook:
 
     async def get(self, peer: PeerID, timeout: float = 10.0) -> Optional[bytes]:
         if peer == self.averager.peer_id:
-            return self.averager.signing_key.get_public_key().to_bytes()
+            return self.averager.signing_key.public_bytes()
         if peer not in self.keys:
             try:
                 stub = type(self.averager).get_stub(self.averager._p2p, peer, namespace=self.averager.prefix)
@@ -462,8 +491,11 @@ class RobustAllReduceRunner(AllReduceRunner):
                 if seen > 0 and peer != self.peer_id]
 
     def round_inputs(self) -> RoundInputs:
-        """The signed inputs of this peer's slice, its own included (signed now: see swarm.aggregator_check)."""
+        """The signed inputs of this peer's slice, its own included (signed on the first call: see
+        swarm.aggregator_check)."""
         me = self.peer_id.to_bytes()
+        if self.kept_inputs.parts.get(me) or not self.own_parts:
+            return self.kept_inputs
         self.kept_inputs.parts[me] = []
         for part_index, tensor in enumerate(self.own_parts):
             proto = serialize_torch_tensor(tensor)
@@ -496,7 +528,7 @@ class RobustAveraging(DecentralizedAverager):
         self._rounds: Dict[bytes, Tuple[RobustAllReduceRunner, asyncio.Event]] = {}
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
-        self.signing_key = RSAPrivateKey.process_wide()
+        self.signing_key = SigningKey.process_wide()
         self._key_book: Optional[KeyBook] = None
         super().__init__(*args, **kwargs)
 
@@ -583,8 +615,7 @@ class RobustAveraging(DecentralizedAverager):
                     tensor.copy_(original)
             raise
         finally:
-            runner.round_inputs()
-            finished.set()
+            finished.set()  # this peer's own inputs are signed when evidence is first asked for (off the round)
         for peer, far in runner.sender_outcomes():
             self._outcomes.put((peer, not far, STATE if self.state_round else AVERAGING))
         for target in runner.check_targets:
@@ -698,8 +729,9 @@ class RobustAveraging(DecentralizedAverager):
 
     async def rpc_averaging_key(self, request: averaging_pb2.AveragingData,
                                 context: P2PContext) -> averaging_pb2.DownloadData:
-        """The RSA key this averager signs its parts with (the caller learns it over an authenticated connection)."""
-        return averaging_pb2.DownloadData(metadata=self.signing_key.get_public_key().to_bytes())
+        """The Ed25519 key this averager signs its parts with (the caller learns it over an authenticated
+        connection)."""
+        return averaging_pb2.DownloadData(metadata=self.signing_key.public_bytes())
 
     async def rpc_averaging_evidence(self, request: averaging_pb2.AveragingData,
                                      context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
@@ -714,7 +746,7 @@ class RobustAveraging(DecentralizedAverager):
             await asyncio.wait_for(entry[1].wait(), EVIDENCE_TIMEOUT_S / 2)
         except asyncio.TimeoutError:
             return
-        kept = entry[0].kept_inputs
+        kept = entry[0].round_inputs()
         if self._evidence_served.get((request.group_id, caller), 0) >= 1:
             return
         if len(self._evidence_served) > 4096:

@@ -297,3 +297,26 @@ def test_equal_slices_whatever_bandwidth_is_claimed():
 
     fractions = RobustAveraging._equal_fractions(SimpleNamespace(serializer=MSGPackSerializer), Group())
     assert fractions == (1 / 3, 1 / 3, 0.0, 1 / 3)  # a client aggregates nothing; an auxiliary peer does
+
+
+def test_nonfinite_contributions_are_left_out():
+    """A contribution holding NaN or inf would make every coordinate of the aggregate NaN: it is left out and
+    reported with an infinite norm (so slice_outliers flags it)."""
+    true, grads = honest(4, dim=1000)
+    poisoned = grads[3].clone()
+    poisoned[7] = float("nan")
+    outcome = robust_aggregate([*grads[:3], poisoned], CFG, distances=True)
+    assert torch.isfinite(outcome.result).all()
+    assert torch.equal(outcome.result, robust_aggregate(grads[:3], CFG).result)
+    assert outcome.norms[3] == float("inf") and outcome.distances[3] == float("inf")
+    assert slice_outliers([v * v for v in outcome.norms], CFG) == [False, False, False, True]
+    alone = robust_aggregate([poisoned], CFG)
+    assert alone.norms == [float("inf")] and not alone.result.any()  # nothing usable: zeros, not NaN
+
+
+def test_coordinate_median_matches_torch():
+    from swarm.averaging import coordinate_median
+
+    for n in (1, 2, 3, 4, 7, 8, 16, 17):
+        x = torch.randn(n, 999)
+        assert torch.equal(coordinate_median(x), x.median(dim=0).values)
