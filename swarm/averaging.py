@@ -45,6 +45,7 @@ import math
 import multiprocessing as mp
 import queue
 import random
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -104,6 +105,10 @@ class AveragingConfig:
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
     verify_rate: float = 1.0  # aggregators each replica re-checks per round, on average (swarm.aggregator_check)
     verify_parts: int = 1  # parts of an aggregator's slice a re-check recomputes
+    # a sender whose contributions point against the others' (leave-one-out cosine significantly below 0 over its
+    # last direction_window rounds: one-sided t below -direction_t) is reported, as a far-out one is; 0 disables
+    direction_window: int = 8
+    direction_t: float = 3.0
 
     def __post_init__(self) -> None:
         numbers = (self.clip_radius, self.norm_bound, self.outlier_factor, self.state_tolerance, self.verify_rate)
@@ -119,6 +124,9 @@ class AveragingConfig:
             raise ValueError("averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1")
         if not (0 <= self.verify_rate <= 8 and 1 <= self.verify_parts <= 16):
             raise ValueError("averaging: need verify_rate in [0, 8] and verify_parts in [1, 16]")
+        if not (0 <= self.direction_window <= 1024 and self.direction_window != 1 and math.isfinite(self.direction_t)
+                and self.direction_t > 0):
+            raise ValueError("averaging: need direction_window 0 or in [2, 1024], direction_t > 0")
 
     @classmethod
     def from_dict(cls, settings: Any) -> "AveragingConfig":
@@ -140,6 +148,10 @@ class PartOutcome:
     norms: List[float]
     tau: float
     distances: Optional[List[float]] = None  # each contribution's distance from the result (state rounds only)
+    # with 3+ senders: each contribution's dot product with the mean of the others' (leave-one-out), and that
+    # mean's squared norm (DirectionMonitor)
+    loo_dots: Optional[List[float]] = None
+    loo_sq: Optional[List[float]] = None
 
 
 def _lower_median(values: torch.Tensor) -> float:
@@ -176,6 +188,10 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
         outcome.norms = [next(kept_norms) if ok else math.inf for ok in finite.tolist()]
         if distances:
             outcome.distances = [next(kept_distances) if ok else math.inf for ok in finite.tolist()]
+        if outcome.loo_dots is not None:
+            dots, sqs = iter(outcome.loo_dots), iter(outcome.loo_sq)
+            outcome.loo_dots = [next(dots) if ok else math.nan for ok in finite.tolist()]
+            outcome.loo_sq = [next(sqs) if ok else math.nan for ok in finite.tolist()]
         return outcome
     n = x.shape[0]
     clipped = x
@@ -199,8 +215,55 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
                 if float(torch.linalg.vector_norm(step)) <= 1e-6 * max(float(torch.linalg.vector_norm(v)), 1e-30):
                     break
                 diff -= step
-    return PartOutcome(v.reshape(shape), norms.tolist(), tau,
-                       torch.linalg.vector_norm(x - v, dim=1).tolist() if distances else None)
+    outcome = PartOutcome(v.reshape(shape), norms.tolist(), tau,
+                          torch.linalg.vector_norm(x - v, dim=1).tolist() if distances else None)
+    if n >= 3:
+        total = x.sum(0)
+        dots, sq = x @ total, norms * norms
+        outcome.loo_dots = ((dots - sq) / (n - 1)).tolist()
+        outcome.loo_sq = ((float(total @ total) - 2 * dots + sq) / (n - 1) ** 2).clamp_min(0).tolist()
+    return outcome
+
+
+class DirectionMonitor:
+    """Whether a sender's contributions point against the others': per sender, the cosine of its contribution to a
+    slice with the mean of the other senders' (leave-one-out), over its last ``window`` rounds; reported when their
+    mean is significantly below zero (one-sided t statistic below ``-t``).
+
+    What it catches: a flipped gradient of honest norm, which CenteredClip bounds but does not remove (it lies
+    inside the honest spread, so neither the clip nor the norm test sees it; in the simulator its leave-one-out
+    cosine averaged -0.15 per round against +0.04 for honest replicas, sd 0.1-0.12). Scale-free: an honest replica
+    that sends noisier gradients (fewer micro-batches) has a smaller but still positive expected cosine, so it is
+    never significantly negative. The worst honest case is 3 senders, one of them flipping: an honest sender's
+    leave-one-out mean is then its honest partner's and the flip's, expected cosine 0, and a window is flagged with
+    probability about 1% (t with 7 degrees of freedom below -3). A bounded number of senders is remembered."""
+
+    def __init__(self, window: int = 8, t: float = 3.0, max_senders: int = 1024):
+        self.window, self.t, self.max_senders = window, t, max_senders
+        self.history: "OrderedDict[str, deque]" = OrderedDict()
+
+    def observe(self, sender: str, cosine: float) -> bool:
+        """Record one round's cosine of ``sender``; True if its window is now significantly negative."""
+        if self.window < 2 or not math.isfinite(cosine):
+            return False
+        values = self.history.pop(sender, None) or deque(maxlen=self.window)
+        values.append(cosine)
+        self.history[sender] = values
+        while len(self.history) > self.max_senders:
+            self.history.popitem(last=False)
+        if len(values) < self.window:
+            return False
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if sd == 0:
+            return mean < 0
+        return mean / (sd / math.sqrt(len(values))) < -self.t
+
+
+def slice_cosines(loo_dots: Sequence[float], sq_norms: Sequence[float], loo_sq: Sequence[float]) -> List[float]:
+    """Per sender, the cosine of its contribution to a slice with the leave-one-out mean (sums over the parts)."""
+    return [d / math.sqrt(a * b) if a > 0 and b > 0 and math.isfinite(d) else math.nan
+            for d, a, b in zip(loo_dots, sq_norms, loo_sq)]
 
 
 def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool]:
@@ -243,6 +306,8 @@ class RobustPartReducer(TensorPartReducer):
         # state rounds: each sender's squared distance from the results, and the results' squared norm
         self.sq_distances = [0.0] * num_senders
         self.sq_result_norm = 0.0
+        # each sender's leave-one-out sums over the parts with 3+ senders (DirectionMonitor): dot, own and mean norms
+        self.loo = [[0.0, 0.0, 0.0] for _ in range(num_senders)]
         self.parts_seen = [0] * num_senders
         self._contributions: Dict[int, torch.Tensor] = {}
         self._combining = False
@@ -312,6 +377,11 @@ class RobustPartReducer(TensorPartReducer):
             self.sq_norms[i] += norm * norm
         for i, distance in zip(senders, outcome.distances or ()):
             self.sq_distances[i] += distance * distance
+        if outcome.loo_dots is not None:
+            for i, norm, dot, sq in zip(senders, outcome.norms, outcome.loo_dots, outcome.loo_sq):
+                self.loo[i][0] += dot
+                self.loo[i][1] += norm * norm
+                self.loo[i][2] += sq
         future.set_result(outcome.result)
         self.reset_accumulators()
         if self.current_part_index < self.num_parts and not self.finished.is_set():
@@ -326,6 +396,10 @@ class RobustPartReducer(TensorPartReducer):
         else:
             flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
         return [flags.get(i, False) for i in range(self.num_senders)]
+
+    def cosines(self) -> List[float]:
+        """Per sender, its leave-one-out cosine over this slice (NaN where no part had 3 senders)."""
+        return slice_cosines(*zip(*self.loo)) if self.num_senders else []
 
 
 @dataclass
@@ -483,11 +557,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                 part_index += 1
             yield reply
 
-    def sender_outcomes(self) -> List[Tuple[str, bool]]:
-        """(sender, outlier?) for every sender whose contribution this peer aggregated this round (not itself)."""
-        outliers = self.tensor_part_reducer.outliers()
-        return [(str(peer), far) for peer, far, seen in zip(self.sender_peer_ids, outliers,
-                                                             self.tensor_part_reducer.parts_seen)
+    def sender_outcomes(self) -> List[Tuple[str, bool, float]]:
+        """(sender, outlier?, leave-one-out cosine) for every sender whose contribution this peer aggregated this
+        round (not itself)."""
+        reducer = self.tensor_part_reducer
+        return [(str(peer), far, cosine) for peer, far, cosine, seen in zip(self.sender_peer_ids, reducer.outliers(),
+                                                                            reducer.cosines(), reducer.parts_seen)
                 if seen > 0 and peer != self.peer_id]
 
     def round_inputs(self) -> RoundInputs:
@@ -528,6 +603,7 @@ class RobustAveraging(DecentralizedAverager):
         self._rounds: Dict[bytes, Tuple[RobustAllReduceRunner, asyncio.Event]] = {}
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
+        self._directions = DirectionMonitor(averaging.direction_window, averaging.direction_t)
         self.signing_key = SigningKey.process_wide()
         self._key_book: Optional[KeyBook] = None
         super().__init__(*args, **kwargs)
@@ -616,7 +692,11 @@ class RobustAveraging(DecentralizedAverager):
             raise
         finally:
             finished.set()  # this peer's own inputs are signed when evidence is first asked for (off the round)
-        for peer, far in runner.sender_outcomes():
+        for peer, far, cosine in runner.sender_outcomes():
+            if not self.state_round and self._directions.observe(peer, cosine):
+                logger.warning(f"{peer}'s gradient contributions point against the other replicas' (leave-one-out "
+                               f"cosine significantly below 0 over its last {self._directions.window} rounds)")
+                far = True
             self._outcomes.put((peer, not far, STATE if self.state_round else AVERAGING))
         for target in runner.check_targets:
             if str(target) not in excluded:  # a caught or blacklisted aggregator's slice was not used: nothing to check

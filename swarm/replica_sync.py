@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.mpfuture import MPFuture
@@ -37,6 +38,9 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 from swarm.averaging import AveragingConfig, AveragingHooks, RobustAveraging
 
 logger = logging.getLogger(__name__)
+
+MAX_CONCURRENT_DOWNLOADS = 2  # state downloads a replica serves at once
+DOWNLOAD_COOLDOWN_S = 10.0  # and how often one caller may have one
 
 
 # ---- honest progress -------------------------------------------------------------------------------------------
@@ -216,8 +220,30 @@ class VerifiedStateAverager(RobustAveraging, TrainingStateAverager, _VerifiedDow
     def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
         self.refused_sources: List[Tuple[str, str]] = []
         self.max_sources = averaging.state_sources
+        self._served_at: Dict[PeerID, float] = {}  # (averager process) when each caller last got a state
+        self._serving = 0
         super().__init__(*args, averaging=averaging, hooks=hooks, **kwargs)
         self.num_checked_tensors = sum(len(g["params"]) for g in self.optimizer.param_groups)
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """hivemind's state download, rationed: a whole copy of the stage's parameters and optimizer state costs the
+        server a trip through its host process and the full upload, and anyone may ask. At most
+        ``MAX_CONCURRENT_DOWNLOADS`` at once and one per caller every ``DOWNLOAD_COOLDOWN_S`` (a refused caller gets
+        an empty stream, which hivemind's downloader takes as "try the next replica")."""
+        now, caller = time.monotonic(), context.remote_id
+        if self._serving >= MAX_CONCURRENT_DOWNLOADS or now - self._served_at.get(caller, -math.inf) < DOWNLOAD_COOLDOWN_S:
+            logger.info(f"state download by {caller} refused: {self._serving} in progress, or asked again too soon")
+            return
+        self._served_at[caller] = now
+        while len(self._served_at) > 1024:
+            self._served_at.pop(next(iter(self._served_at)))
+        self._serving += 1
+        try:
+            async for message in super().rpc_download_state(request, context):
+                yield message
+        finally:
+            self._serving -= 1
 
     def get_current_state(self):
         metadata, tensors, infos = super().get_current_state()

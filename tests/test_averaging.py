@@ -320,3 +320,42 @@ def test_coordinate_median_matches_torch():
     for n in (1, 2, 3, 4, 7, 8, 16, 17):
         x = torch.randn(n, 999)
         assert torch.equal(coordinate_median(x), x.median(dim=0).values)
+
+
+def test_leave_one_out_sums_match_a_direct_computation():
+    _, grads = honest(4, dim=500)
+    outcome = robust_aggregate(grads, CFG)
+    for i, g in enumerate(grads):
+        others = torch.stack([h for j, h in enumerate(grads) if j != i]).mean(0)
+        assert outcome.loo_dots[i] == pytest.approx(float(g @ others), rel=1e-4)
+        assert outcome.loo_sq[i] == pytest.approx(float(others @ others), rel=1e-4)
+    assert robust_aggregate(grads[:2], CFG).loo_dots is None  # two senders: each one's "others" is the other
+
+
+def test_direction_monitor_flags_a_consistent_flip_not_a_noisy_honest_replica():
+    """Honest replicas (one of them much noisier, as one that accumulated fewer micro-batches) and one that sends
+    its gradient flipped, all of honest norm, over 30 rounds: only the flip is ever flagged."""
+    from swarm.averaging import DirectionMonitor, slice_cosines
+
+    gen = torch.Generator().manual_seed(3)
+    monitor, flagged = DirectionMonitor(window=8, t=3.0), set()
+    for _ in range(30):
+        g = torch.randn(2000, generator=gen) * 0.3
+        sends = [g + torch.randn(2000, generator=gen) * s for s in (1.0, 1.0, 3.0)]
+        sends.append(-(g + torch.randn(2000, generator=gen)))
+        outcome = robust_aggregate(sends, CFG)
+        cosines = slice_cosines(outcome.loo_dots, [v * v for v in outcome.norms], outcome.loo_sq)
+        for i, cosine in enumerate(cosines):
+            if monitor.observe(f"p{i}", cosine):
+                flagged.add(i)
+    assert flagged == {3}
+
+
+def test_direction_monitor_is_bounded():
+    from swarm.averaging import DirectionMonitor
+
+    monitor = DirectionMonitor(window=4, max_senders=16)
+    for i in range(1000):
+        monitor.observe(f"id{i}", -1.0)
+    assert len(monitor.history) == 16
+    assert not monitor.observe("x", float("nan")) and "x" not in monitor.history

@@ -60,6 +60,12 @@ def test_replica_that_missed_steps_catches_up_without_work():
         assert b.epoch == a.epoch and b.epochs_behind == 0 and not b.should_catch_up()
         for pa, pb in zip(a.module.parameters(), b.module.parameters()):
             assert torch.equal(pa, pb)
+        # a replica serves one caller a state at most every DOWNLOAD_COOLDOWN_S: asked again at once, it refuses
+        # (a peer that claims to be far behind cannot make its partners upload their whole state in a loop)
+        while a.epoch < 4:
+            _step(a)
+        b.load_state_from_peers()
+        assert b.epoch == 3 < a.epoch
     finally:
         a.shutdown(), b.shutdown()
         second.shutdown(), first.shutdown()

@@ -68,7 +68,15 @@ if ROOT not in sys.path:
 
 from peers.adversary import AVERAGING_ATTACKS, Adversary, AttackConfig, AveragingAdversary  # noqa: E402
 from swarm.audit import AUDIT, ROUTE, AuditConfig, judge, pick_auditors  # noqa: E402
-from swarm.averaging import AGGREGATE, AVERAGING, AveragingConfig, robust_aggregate, slice_outliers  # noqa: E402
+from swarm.averaging import (  # noqa: E402
+    AGGREGATE,
+    AVERAGING,
+    AveragingConfig,
+    DirectionMonitor,
+    robust_aggregate,
+    slice_cosines,
+    slice_outliers,
+)
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
@@ -236,6 +244,7 @@ class SwarmSim:
         self.caught_by: set = set()  # (checker, aggregator): that checker has its proof and stops checking it
         self.averaging_stats: Counter = Counter()
         self.averaging_rng = random.Random(cfg.seed * 31 + 17)
+        self.direction_monitors: Dict[str, DirectionMonitor] = {}  # each aggregator's, as in its averager process
         self.honest = [p for p in self.peers if p not in self.byzantine]
         targets = cfg.slander_targets or ([self.honest[0]] if self.honest else [])
         self.slander_targets = list(targets)
@@ -472,6 +481,7 @@ class SwarmSim:
         out = torch.empty(size)
         for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part
             sq_norms = [0.0] * len(names)
+            loo = [[0.0, 0.0, 0.0] for _ in names]  # as RobustPartReducer: leave-one-out dot, norms (DirectionMonitor)
             lo, hi = bounds[a], bounds[a + 1]
             honest_result = torch.empty(hi - lo)
             for start in range(lo, hi, self.cfg.part_floats):
@@ -479,7 +489,16 @@ class SwarmSim:
                 outcome = robust_aggregate([c[start:end] for c in contributions], cfg)
                 honest_result[start - lo:end - lo] = outcome.result
                 sq_norms = [t + v * v for t, v in zip(sq_norms, outcome.norms)]
+                for i, (dot, sq) in enumerate(zip(outcome.loo_dots or (), outcome.loo_sq or ())):
+                    loo[i][0] += dot
+                    loo[i][1] += outcome.norms[i] ** 2
+                    loo[i][2] += sq
             far = slice_outliers(sq_norms, cfg)
+            monitor = self.direction_monitors.setdefault(aggregator, DirectionMonitor(cfg.direction_window,
+                                                                                      cfg.direction_t))
+            for i, cosine in enumerate(slice_cosines(*zip(*loo))):
+                if names[i] != aggregator and monitor.observe(names[i], cosine):
+                    far[i] = True
             result = honest_result
             liar = self.peers[aggregator].averaging
             if liar is not None:
