@@ -35,7 +35,6 @@ from typing import Dict, List, Optional
 
 import blake3
 import msgpack
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hivemind.proto import runtime_pb2
@@ -118,7 +117,7 @@ def signer_key(blob: bytes, payload: bytes) -> Optional[bytes]:
             return None
         _public_key(key).verify(sig, payload)
         return key
-    except (InvalidSignature, Exception):  # a wrong signature, or a blob that is not one
+    except Exception:  # cryptography's InvalidSignature, or a blob that is not a signature at all
         return None
 
 

@@ -194,7 +194,6 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
             outcome.loo_sq = [next(sqs) if ok else math.nan for ok in finite.tolist()]
         return outcome
     n = x.shape[0]
-    clipped = x
     if cfg.aggregator == "mean" or n == 1:
         v, tau = x.mean(0), 0.0
     elif n == 2:
@@ -826,12 +825,12 @@ class RobustAveraging(DecentralizedAverager):
             await asyncio.wait_for(entry[1].wait(), EVIDENCE_TIMEOUT_S / 2)
         except asyncio.TimeoutError:
             return
-        kept = entry[0].round_inputs()
         if self._evidence_served.get((request.group_id, caller), 0) >= 1:
             return
         if len(self._evidence_served) > 4096:
             self._evidence_served.clear()
         self._evidence_served[(request.group_id, caller)] = 1
+        kept = entry[0].round_inputs()
         for sender, signed in kept.parts.items():
             for part_index in sorted(set(parts)):
                 if 0 <= part_index < len(signed) and signed[part_index].used:
@@ -848,7 +847,6 @@ class RobustAveraging(DecentralizedAverager):
                 out.append(self._outcomes.get_nowait())
             except queue.Empty:
                 return out
-
 
 
 class RobustGradientAverager(RobustAveraging, GradientAverager):
