@@ -85,6 +85,10 @@ AGGREGATORS = ("centered_clip", "mean")
 # re-check; a refused state
 AVERAGING, AGGREGATE, EVIDENCE, STATE = "averaging", "aggregate", "evidence", "state"
 MAX_KEPT_ROUNDS = 2  # rounds whose signed inputs an aggregator keeps for re-checks
+# an aggregator leaves a sender it just reported (far out, or against the others) out of its own slices for this
+# many of its rounds, without waiting for a swarm-wide verdict: with two senders in a round there is no majority, and
+# a -20x contribution bounded to twice the honest norm still reverses the step
+SUSPECT_ROUNDS = 8
 EVIDENCE_TIMEOUT_S = 30.0
 AGGREGATE_TOLERANCE = 1e-4  # relative error between a recomputed aggregate and the one received (float rounding)
 
@@ -603,6 +607,8 @@ class RobustAveraging(DecentralizedAverager):
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
         self._directions = DirectionMonitor(averaging.direction_window, averaging.direction_t)
+        self._round_count = 0
+        self._suspects: "OrderedDict[str, int]" = OrderedDict()  # sender -> round until which it is left out here
         self.signing_key = SigningKey.process_wide()
         self._key_book: Optional[KeyBook] = None
         super().__init__(*args, **kwargs)
@@ -652,7 +658,8 @@ class RobustAveraging(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
-        excluded = self._excluded_now()
+        self._round_count += 1
+        excluded = self._excluded_now() | self._suspected()
         if self._key_book is None:
             self._key_book = KeyBook(self)
         kwargs["peer_fractions"] = self._equal_fractions(group_info)
@@ -697,9 +704,23 @@ class RobustAveraging(DecentralizedAverager):
                                f"cosine significantly below 0 over its last {self._directions.window} rounds)")
                 far = True
             self._outcomes.put((peer, not far, STATE if self.state_round else AVERAGING))
+            if far:
+                self._suspect(peer)
         for target in runner.check_targets:
             if str(target) not in excluded:  # a caught or blacklisted aggregator's slice was not used: nothing to check
                 asyncio.create_task(self._recheck(runner, target))
+
+    def _suspect(self, peer: str) -> None:
+        self._suspects.pop(peer, None)
+        self._suspects[peer] = self._round_count + SUSPECT_ROUNDS
+        while len(self._suspects) > 1024:
+            self._suspects.popitem(last=False)
+
+    def _suspected(self) -> set:
+        """Senders this averager reported within its last ``SUSPECT_ROUNDS`` rounds: their contributions are left out
+        of the parts it aggregates and their aggregates unused (the evidence it serves says so: their parts are
+        marked unused, so a re-check recomputes without them)."""
+        return {peer for peer, until in self._suspects.items() if until >= self._round_count}
 
     def _equal_fractions(self, group_info) -> Tuple[float, ...]:
         """Every member that aggregates (all but client-mode ones) aggregates an equal slice, whatever bandwidth it

@@ -359,3 +359,24 @@ def test_direction_monitor_is_bounded():
         monitor.observe(f"id{i}", -1.0)
     assert len(monitor.history) == 16
     assert not monitor.observe("x", float("nan")) and "x" not in monitor.history
+
+
+@pytest.mark.timeout(120)
+def test_a_reported_sender_is_left_out_at_once_even_with_two_senders():
+    """Two replicas, one handing the all-reduce -20x its gradient. Bounded to twice the honest norm it would still
+    reverse the step (no majority of two). The honest replica reports it in the first round and, from the next one
+    on, leaves it out of its own slice and does not use the attacker's slice: it steps on its own gradient."""
+    dhts, averagers, true, grads = _averagers("avg-scale", n=2)
+    try:
+        first = _round(averagers, timeout=20)
+        assert first[0] is not None
+        reported = [o for o in averagers[0].drain_outcomes() if not o[1]]
+        assert [peer for peer, _, _ in reported] == [str(dhts[1].peer_id)]
+        _round(averagers, timeout=20)
+        with averagers[0].get_tensors() as avg:
+            assert torch.allclose(torch.cat(list(avg)), grads[0])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
