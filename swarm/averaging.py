@@ -228,6 +228,29 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
     return outcome
 
 
+def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: Sequence[torch.Tensor]) -> None:
+    """Append to ``outcome`` the measures of contributions that were left out of it (senders excluded by this
+    aggregator), so that they are still judged round after round: each one's norm, its distance from the result (if
+    the outcome has distances) and, given 2+ included senders, its dot product with their mean (its leave-one-out
+    mean: the others are exactly the included ones) and that mean's squared norm."""
+    x = torch.stack([p.detach().float().reshape(-1) for p in judged])
+    norms = torch.linalg.vector_norm(x, dim=1)
+    norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
+    outcome.norms = list(outcome.norms) + norms.tolist()
+    if outcome.distances is not None:
+        outcome.distances = list(outcome.distances) + torch.linalg.vector_norm(
+            x - outcome.result.float().reshape(-1), dim=1).nan_to_num(math.inf).tolist()
+    if len(parts) >= 2:
+        mean = torch.stack([p.detach().float().reshape(-1) for p in parts]).mean(0)
+        if outcome.loo_dots is None:  # two included senders: robust_aggregate measured no leave-one-out sums
+            outcome.loo_dots, outcome.loo_sq = [math.nan] * len(parts), [math.nan] * len(parts)
+        outcome.loo_dots = list(outcome.loo_dots) + (x @ mean).tolist()
+        outcome.loo_sq = list(outcome.loo_sq) + [float(mean @ mean)] * len(judged)
+    elif outcome.loo_dots is not None:
+        outcome.loo_dots = list(outcome.loo_dots) + [math.nan] * len(judged)
+        outcome.loo_sq = list(outcome.loo_sq) + [math.nan] * len(judged)
+
+
 class DirectionMonitor:
     """Whether a sender's contributions point against the others': per sender, the cosine of its contribution to a
     slice with the mean of the other senders' (leave-one-out), over its last ``window`` rounds; reported when their
@@ -313,11 +336,12 @@ class RobustPartReducer(TensorPartReducer):
         self.loo = [[0.0, 0.0, 0.0] for _ in range(num_senders)]
         self.parts_seen = [0] * num_senders
         self._contributions: Dict[int, torch.Tensor] = {}
+        self._judged: Dict[int, torch.Tensor] = {}  # excluded senders' parts: judged (reported), never aggregated
         self._combining = False
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
-        self._contributions = {}
+        self._contributions, self._judged = {}, {}
         super().reset_accumulators()
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
@@ -336,8 +360,8 @@ class RobustPartReducer(TensorPartReducer):
             raise BannedException(f"sender {sender_index} was banned in background")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            if weight > 0 and sender_index not in self.excluded:
-                self._contributions[sender_index] = tensor_part
+            if weight > 0:
+                (self._judged if sender_index in self.excluded else self._contributions)[sender_index] = tensor_part
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -349,17 +373,22 @@ class RobustPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from != self.num_current_senders or self._combining:
             return
         self._combining = True
-        senders = sorted(self._contributions)
+        senders, judged = sorted(self._contributions), sorted(self._judged)
         parts = [self._contributions[i] for i in senders]
+        judged_parts = [self._judged[i] for i in judged]
         shape = self.part_shapes[self.current_part_index]
         future = self.current_part_future
-        task = asyncio.get_event_loop().run_in_executor(None, self._combine, parts, shape)
-        task.add_done_callback(lambda done: self._combined(done, senders, future))
+        task = asyncio.get_event_loop().run_in_executor(None, self._combine, parts, shape, judged_parts)
+        task.add_done_callback(lambda done: self._combined(done, senders + judged, future))
 
-    def _combine(self, parts: List[torch.Tensor], shape) -> PartOutcome:
+    def _combine(self, parts: List[torch.Tensor], shape, judged_parts: Sequence[torch.Tensor] = ()) -> PartOutcome:
+        """The robust aggregate of ``parts``, with the measures of ``judged_parts`` (excluded senders) appended to
+        the outcome's per-sender lists, as if each of them had been one more sender (see :func:`judge_excluded`)."""
         if not parts:
             return PartOutcome(torch.zeros(shape), [], 0.0)
         outcome = robust_aggregate(parts, self.cfg, distances=self.state)
+        if judged_parts:
+            judge_excluded(outcome, parts, judged_parts)
         if self.state:
             self.sq_result_norm += float(outcome.result.float().norm()) ** 2
         if self.aggregate_hook is not None:
@@ -382,6 +411,8 @@ class RobustPartReducer(TensorPartReducer):
             self.sq_distances[i] += distance * distance
         if outcome.loo_dots is not None:
             for i, norm, dot, sq in zip(senders, outcome.norms, outcome.loo_dots, outcome.loo_sq):
+                if not (math.isfinite(dot) and math.isfinite(sq) and math.isfinite(norm)):
+                    continue  # not measured for this sender in this part (see judge_excluded)
                 self.loo[i][0] += dot
                 self.loo[i][1] += norm * norm
                 self.loo[i][2] += sq
@@ -392,7 +423,7 @@ class RobustPartReducer(TensorPartReducer):
 
     def outliers(self) -> List[bool]:
         """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`), among the senders
-        whose parts were aggregated here."""
+        whose parts reached this aggregator (aggregated, or judged only)."""
         seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
         if self.state:
             flags = dict(zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg)))

@@ -372,11 +372,30 @@ def test_a_reported_sender_is_left_out_at_once_even_with_two_senders():
         assert first[0] is not None
         reported = [o for o in averagers[0].drain_outcomes() if not o[1]]
         assert [peer for peer, _, _ in reported] == [str(dhts[1].peer_id)]
-        _round(averagers, timeout=20)
-        with averagers[0].get_tensors() as avg:
-            assert torch.allclose(torch.cat(list(avg)), grads[0])
+        for _ in range(2):  # still judged while left out: reported again each round, not silently ignored
+            _round(averagers, timeout=20)
+            with averagers[0].get_tensors() as avg:
+                assert torch.allclose(torch.cat(list(avg)), grads[0])
+            time.sleep(0.5)
+            assert [o for o in averagers[0].drain_outcomes() if not o[1]] == reported
     finally:
         for averager in averagers:
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def test_excluded_senders_are_still_judged():
+    """A sender this aggregator excluded is not aggregated, but its norm and direction are measured against the
+    included ones, so the aggregator keeps reporting it (or finds it clean again)."""
+    from swarm.averaging import judge_excluded
+
+    _, grads = honest(4, dim=800)
+    flipped = -grads[3]
+    outcome = robust_aggregate(grads[:3], CFG)
+    judge_excluded(outcome, grads[:3], [flipped * 20])
+    assert torch.equal(outcome.result, robust_aggregate(grads[:3], CFG).result)
+    assert len(outcome.norms) == len(outcome.loo_dots) == 4
+    assert outcome.norms[3] == pytest.approx(float((flipped * 20).norm()), rel=1e-5)
+    assert outcome.loo_dots[3] < 0 < min(outcome.loo_dots[:3])
+    assert slice_outliers([v * v for v in outcome.norms], CFG) == [False, False, False, True]

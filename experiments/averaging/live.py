@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -115,7 +116,12 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
                 joiner_level=level, wall_s=round(time.monotonic() - started, 1))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # so that the running swarm's ``finally: swarm.stop()`` runs
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--attacks", nargs="*", default=list(AVERAGING_ATTACKS))
     parser.add_argument("--steps", type=int, default=24)
