@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from peers.config_file import ConfigFileError, add_config_flag_everywhere, apply_config_file
@@ -264,6 +266,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must work even when the parent left SIGINT ignored (an ignored signal is inherited across exec)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -45,6 +45,8 @@ import math
 import multiprocessing as mp
 import queue
 import random
+import signal
+import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
@@ -642,7 +644,12 @@ class RobustAveraging(DecentralizedAverager):
         self._suspects: "OrderedDict[str, int]" = OrderedDict()  # sender -> round until which it is left out here
         self.signing_key = SigningKey.process_wide()
         self._key_book: Optional[KeyBook] = None
+        sigint = signal.getsignal(signal.SIGINT)
         super().__init__(*args, **kwargs)
+        # hivemind's averager sets SIGINT to "ignore" in the calling process before it forks, and leaves it so: Ctrl-C
+        # would no longer reach this program, nor any process it starts afterwards, which inherits the setting (seen
+        # in the test suite: a `swarm status --watch` started after in-process averagers ignored SIGINT)
+        restore_sigint(sigint)
 
     def set_excluded(self, peers) -> None:
         """Leave these peers out of every round: their contributions, and their aggregates (host process)."""
@@ -907,6 +914,12 @@ class RobustGradientAverager(RobustAveraging, GradientAverager):
     def load_state_from_peers(self, wait: bool = True, timeout: Optional[float] = None):
         """Nothing to download: accumulated gradients are reset after a replica loads the stage's state."""
         return None
+
+
+def restore_sigint(handler) -> None:
+    """Put back a SIGINT handler (possible only from the main thread; elsewhere hivemind could not have set it)."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 async def _azip(tensors: Sequence[torch.Tensor], updates):

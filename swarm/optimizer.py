@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +29,13 @@ import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarm.averaging import AveragingConfig, AveragingHooks, RobustAveraging, RobustGradientAverager
+from swarm.averaging import (
+    AveragingConfig,
+    AveragingHooks,
+    RobustAveraging,
+    RobustGradientAverager,
+    restore_sigint,
+)
 from swarm.replica_sync import QuorumProgressTracker, StateCheck, VerifiedStateAverager
 
 logger = logging.getLogger(__name__)
@@ -91,7 +96,7 @@ class StageOptimizer:
             # hivemind's averagers set SIGINT to "ignore" in the *calling* process before they fork (and leave it so):
             # Ctrl-C would no longer reach this program, nor any process it starts afterwards, which inherits the
             # setting (seen in the test suite: a `swarm status --watch` started after an optimizer ignored SIGINT)
-            _restore_sigint(sigint)
+            restore_sigint(sigint)
         else:
             self.opt = make_opt(self.aliases)
 
@@ -222,8 +227,3 @@ class RobustOptimizer(hivemind.Optimizer):
                                      client_mode=self.client_mode, status_loglevel=self.status_loglevel,
                                      progress_hook=self.hooks.progress, start=True, **kwargs)
 
-
-def _restore_sigint(handler) -> None:
-    """Put back a SIGINT handler (possible only from the main thread; elsewhere hivemind could not have set it)."""
-    if handler is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)

@@ -3,6 +3,7 @@ logic; then hivemind averagers in this process, on a real DHT on 127.0.0.1, with
 
 import asyncio
 import concurrent.futures
+import signal
 import time
 from types import SimpleNamespace
 from typing import Optional
@@ -367,6 +368,9 @@ def test_a_reported_sender_is_left_out_at_once_even_with_two_senders():
     reverse the step (no majority of two). The honest replica reports it in the first round and, from the next one
     on, leaves it out of its own slice and does not use the attacker's slice: it steps on its own gradient."""
     dhts, averagers, true, grads = _averagers("avg-scale", n=2)
+    # hivemind leaves SIGINT ignored in the process that creates an averager; ours puts the handler back (else every
+    # process started from here, such as `swarm status --watch` in a later test, would ignore Ctrl-C)
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     try:
         first = _round(averagers, timeout=20)
         assert first[0] is not None
