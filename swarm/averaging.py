@@ -487,15 +487,19 @@ class RobustAllReduceRunner(AllReduceRunner):
     parts both ways (``swarm.aggregator_check``), and what a later re-check of one aggregator needs kept aside."""
 
     def __init__(self, *, averaging: AveragingConfig, key_book: KeyBook, signing_key, aggregate_hook=None,
-                 excluded: Sequence[str] = (), check_targets: Sequence[PeerID] = (), state: bool = False, **kwargs):
+                 excluded: Sequence[str] = (), ignored: Sequence[str] = (), check_targets: Sequence[PeerID] = (),
+                 state: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.averaging, self.key_book, self.signing_key, self.state = averaging, key_book, signing_key, state
-        self.excluded = set(excluded)
+        # excluded (blacklisted or caught): not talked to as an aggregator, contributions left out; ignored
+        # (suspects this peer reported lately): the round runs with them as usual, so nobody waits for a timeout,
+        # but their contributions are only judged and the results of their slices are not applied here
+        self.excluded, self.ignored = set(excluded), set(ignored) - set(excluded)
         self.tensor_part_reducer.finished.set()  # hivemind's own reducer, replaced before any use (no finalize noise)
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), averaging,
             aggregate_hook=aggregate_hook, state=state,
-            excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded])
+            excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded | self.ignored])
         # state rounds: per aggregator, the squared norm of what this peer sent it and of how far its results move
         # this peer's values (a receiver refuses to be moved far: see RobustAveraging._apply_state_round)
         self.sent_sq: Dict[PeerID, float] = {}
@@ -564,6 +568,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                         self.received_results[aggregator].append(delta)
                     if self.state:
                         self.moved_sq[aggregator] = self.moved_sq.get(aggregator, 0.0) + float(delta.float().norm()) ** 2
+                if str(aggregator) in self.ignored:  # a suspect's aggregate: keep this peer's own values there
+                    dtype = getattr(torch, message.tensor_part.dtype, None)
+                    zeros = torch.zeros(tuple(message.tensor_part.size),
+                                        dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+                    message = averaging_pb2.AveragingData(code=message.code, group_id=message.group_id,
+                                                          tensor_part=serialize_torch_tensor(zeros))
                 part_index += 1
             yield message
 
@@ -581,7 +591,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 if key is None or signer_key(message.peer_id, payload) != key:
                     raise AllreduceException(f"{sender} sent part {part_index} without a valid signature")
                 kept.append(SignedPart(message.tensor_part, message.peer_id, contributes,
-                                       used=contributes and str(sender) not in self.excluded))
+                                       used=contributes and str(sender) not in self.excluded | self.ignored))
                 part_index += 1
                 yield message
 
@@ -697,7 +707,7 @@ class RobustAveraging(DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         self._round_count += 1
-        excluded = self._excluded_now() | self._suspected()
+        excluded = self._excluded_now()
         if self._key_book is None:
             self._key_book = KeyBook(self)
         kwargs["peer_fractions"] = self._equal_fractions(group_info)
@@ -711,7 +721,7 @@ class RobustAveraging(DecentralizedAverager):
             kwargs["weight"] = float(self.hooks.weight(kwargs["weight"]))
         runner = RobustAllReduceRunner(
             averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
-            aggregate_hook=self.hooks.aggregate, excluded=excluded, state=self.state_round,
+            aggregate_hook=self.hooks.aggregate, excluded=excluded, ignored=self._suspected(), state=self.state_round,
             check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
             prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -776,7 +786,7 @@ class RobustAveraging(DecentralizedAverager):
             for tensor, update in zip(tensors, updates):
                 tensor.add_(update, alpha=self._averaging_alpha)
             return
-        senders = [p for p in runner.sender_peer_ids if str(p) not in runner.excluded]
+        senders = [p for p in runner.sender_peer_ids if str(p) not in runner.excluded | runner.ignored]
         tolerance = self.averaging.state_tolerance
         moves = {aggregator: math.sqrt(moved / max(runner.sent_sq.get(aggregator, 0.0), 1e-30))
                  for aggregator, moved in runner.moved_sq.items()}
