@@ -18,6 +18,11 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
   slices after each round (``swarm.aggregator_check``) and stops using an aggregator it caught.
 - Blacklisted peers (the stage server passes them in) are left out: their contributions are not aggregated and
   their aggregates are not used.
+- A sender whose contributions point against the others' (:class:`DirectionMonitor`: leave-one-out cosine
+  significantly below 0 over 8 rounds, a flip of honest norm) is reported too; a sender this aggregator reported is
+  left out of its slices, and that sender's aggregates unused here, for ``SUSPECT_ROUNDS`` rounds, while still
+  judged each round (no majority exists in a round of two, so waiting for a swarm-wide verdict costs steps);
+  NaN/inf contributions are left out of their part.
 - Every member aggregates an equal slice: hivemind sizes slices by the bandwidth each member claims, a claim.
 - The same machinery (:class:`RobustAveraging`) runs hivemind's **parameter round** (``TrainingStateAverager``,
   every epoch): CenteredClip per part, and a receiver applies the result only if the round had at least 3
