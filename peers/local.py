@@ -181,6 +181,23 @@ class LocalSwarm:
                 out[child.info["peer_id"]] = child.info["ledger"]
         return out
 
+    def peer_infos(self, peers: Sequence[str], timeout: float = 60.0) -> Dict[str, Any]:
+        """Each peer's ``rpc_info`` (epoch, parameter checksum, stats...), asked over the swarm's DHT as a client."""
+        import asyncio
+
+        from swarm.network import create_dht
+        from swarm.stage_server import fetch_peer_info
+
+        dht = create_dht(self.run_id, self.initial_peers, client_mode=True)
+        try:
+            async def query():
+                p2p = await dht.replicate_p2p()
+                return {peer: await fetch_peer_info(p2p, self.run_id, peer) for peer in peers}
+
+            return asyncio.run(asyncio.wait_for(query(), timeout))
+        finally:
+            dht.shutdown()
+
     def peers_summary(self) -> List[Dict[str, Any]]:
         ledgers = self.ledgers()
         flagged: Dict[str, int] = {}  # tensors rejected

@@ -163,15 +163,7 @@ def _round(averagers, timeout: float = 60):
     for averager in averagers:
         averager.reset_accumulated_grads_()
         averager.accumulate_grads_(batch_size=4)
-
-    def step(averager):
-        try:
-            return averager.step(timeout=timeout)
-        except Exception:
-            return None
-
-    with concurrent.futures.ThreadPoolExecutor(len(averagers)) as pool:
-        return list(pool.map(step, averagers))
+    return _state_round(averagers, timeout)
 
 
 @pytest.mark.timeout(180)
@@ -235,6 +227,8 @@ def _state_averagers(attack: Optional[str], n: int, dim: int = 60_000, bandwidth
 
 
 def _state_round(averagers, timeout: float = 30):
+    """One round of every averager at once: the result of each (None where it failed)."""
+
     def step(averager):
         try:
             return averager.step(timeout=timeout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import pytest
 
 from peers.local import LocalSwarm
 from swarm.network import create_dht, fetch_stage_peers
-from swarm.stage_server import fetch_peer_info
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +43,7 @@ def train(swarm: LocalSwarm, tmp_path, steps: int, extra=()):
 
 
 def peer_infos(swarm: LocalSwarm, peers) -> dict:
-    dht = create_dht(swarm.run_id, swarm.initial_peers, client_mode=True)
-    try:
-        async def query():
-            p2p = await dht.replicate_p2p()
-            return {peer: await fetch_peer_info(p2p, swarm.run_id, peer) for peer in peers}
-
-        return asyncio.run(asyncio.wait_for(query(), 60))
-    finally:
-        dht.shutdown()
+    return swarm.peer_infos(peers)
 
 
 def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):

@@ -17,7 +17,6 @@ swarms on 2 cores distort each other's timing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -32,25 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from peers.adversary import AVERAGING_ATTACKS  # noqa: E402
 from peers.local import LocalSwarm  # noqa: E402
-from swarm.network import create_dht  # noqa: E402
-from swarm.stage_server import fetch_peer_info  # noqa: E402
 
 SHAPE = ["--stages", "2", "--seq-len", "64", "--microbatch-size", "8", "--target-batch-size", "32", "--lr", "3e-3",
          "--seed", "0", "--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
 STAGE = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]
 ATTACK_STAGE = 1
-
-
-def _infos(swarm: LocalSwarm, peers) -> dict:
-    dht = create_dht(swarm.run_id, swarm.initial_peers, client_mode=True)
-    try:
-        async def query():
-            p2p = await dht.replicate_p2p()
-            return {peer: await fetch_peer_info(p2p, swarm.run_id, peer) for peer in peers}
-
-        return asyncio.run(asyncio.wait_for(query(), 60))
-    finally:
-        dht.shutdown()
 
 
 def _joiner_level(infos: dict, joiner: str, honest: list) -> bool:
@@ -92,7 +77,7 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
             honest_same_stage.append(third.info["peer_id"])
         level, infos, deadline = False, {}, time.monotonic() + 90
         while not level and time.monotonic() < deadline:
-            infos = _infos(swarm, honest_same_stage + [joiner.info["peer_id"]])
+            infos = swarm.peer_infos(honest_same_stage + [joiner.info["peer_id"]])
             level = _joiner_level(infos, joiner.info["peer_id"], honest_same_stage)
             if not level:
                 time.sleep(5)
