@@ -20,7 +20,8 @@ Averaging attacks (on the stage's gradient all-reduce and state sharing, through
     avg-weight      claims m x its sample count (default 100) with a sign-flipped contribution
     avg-aggregate   as the aggregator of a part, returns m x the aggregate (default -5) to everyone, in the
                     gradient round and in the parameter round
-    avg-equivocate  sends different gradients to different aggregators: every other tensor x -m (default 20)
+    avg-equivocate  sends different gradients to different aggregators: each round, its honest contribution to some
+                    and x -m (default 20) to the others, each picked with probability 1/2
     avg-state       serves joiners its parameters x m (default 5), and sends them so into the parameter round
     avg-progress    claims to be m epochs ahead of its stage in its progress records (default 1000)
 """
@@ -129,20 +130,29 @@ class AveragingAdversary:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.rounds = 0  # averaging rounds this peer took part in (counted in its averager process)
+        self._lied_to: dict = {}  # avg-equivocate: this round's aggregators, and whether each one is lied to
 
     def _active(self) -> bool:
         return self.rounds >= self.cfg.start_step and self.rng.random() < self.cfg.probability
 
     def contribution(self, tensors):
         self.rounds += 1
+        self._lied_to = {}
         m, name = self.cfg.magnitude, self.cfg.name
-        if not self._active() or name not in ("avg-scale", "avg-signflip", "avg-weight", "avg-equivocate"):
+        if not self._active() or name not in ("avg-scale", "avg-signflip", "avg-weight"):
             return tensors
         if name == "avg-scale":
             return [m * t for t in tensors]
-        if name in ("avg-signflip", "avg-weight"):
-            return [-(m if name == "avg-signflip" else 1.0) * t for t in tensors]
-        return [-m * t if i % 2 else t for i, t in enumerate(tensors)]
+        return [-(m if name == "avg-signflip" else 1.0) * t for t in tensors]
+
+    def part(self, aggregator: str, part: torch.Tensor) -> torch.Tensor:
+        """avg-equivocate: each round, its honest contribution to some of the other aggregators and -m x it to the
+        others (each one picked with probability 1/2, anew every round)."""
+        if self.cfg.name != "avg-equivocate":
+            return part
+        if aggregator not in self._lied_to:
+            self._lied_to[aggregator] = self._active() and self.rng.random() < 0.5
+        return -self.cfg.magnitude * part if self._lied_to[aggregator] else part
 
     def weight(self, claimed: float) -> float:
         return claimed * self.cfg.magnitude if self.cfg.name == "avg-weight" and self._active() else claimed
@@ -162,5 +172,6 @@ class AveragingAdversary:
 
         hooks = {"avg-aggregate": dict(aggregate=self.aggregate), "avg-state": dict(state=self.state),
                  "avg-weight": dict(contribution=self.contribution, weight=self.weight),
+                 "avg-equivocate": dict(contribution=self.contribution, part=self.part),
                  "avg-progress": dict(progress=self.progress)}
         return AveragingHooks(**hooks.get(self.cfg.name, dict(contribution=self.contribution)))

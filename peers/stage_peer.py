@@ -211,6 +211,7 @@ def server_configs(args, swarm, stage: int, device: str):
         compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
     )
     opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
+                              microbatch_size=swarm.microbatch_size,
                               matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging,
                               robust=AveragingConfig.from_dict(swarm.extra.get("averaging")))
     return server_cfg, opt_cfg

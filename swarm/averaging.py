@@ -235,11 +235,26 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
     return outcome
 
 
-def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: Sequence[torch.Tensor]) -> None:
+def own_reference(outcome: PartOutcome, parts: Sequence[torch.Tensor], own: int) -> None:
+    """In a part of two senders, one of them this aggregator itself (``parts[own]``): measure the other one's
+    contribution against this peer's own, the one contribution it knows to be honest (its leave-one-out mean is
+    exactly that). Of two senders that are both others, a negative cosine says only that one of them is off, so
+    :func:`robust_aggregate` measures nothing there. Without this, a replica that flips its gradient is judged only
+    in parts with 3+ senders, which a stage of 3 replicas whose micro-batches are spread thin rarely has."""
+    mine = parts[own].detach().float().reshape(-1)
+    other = 1 - own
+    outcome.loo_dots, outcome.loo_sq = [math.nan, math.nan], [math.nan, math.nan]
+    outcome.loo_dots[other] = float(parts[other].detach().float().reshape(-1) @ mine)
+    outcome.loo_sq[other] = float(mine @ mine)
+
+
+def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: Sequence[torch.Tensor],
+                   trusted: bool = False) -> None:
     """Append to ``outcome`` the measures of contributions that were left out of it (senders excluded by this
     aggregator), so that they are still judged round after round: each one's norm, its distance from the result (if
-    the outcome has distances) and, given 2+ included senders, its dot product with their mean (its leave-one-out
-    mean: the others are exactly the included ones) and that mean's squared norm."""
+    the outcome has distances) and, given 2+ included senders (or one that is this aggregator itself:
+    ``trusted``), its dot product with their mean (its leave-one-out mean: the others are exactly the included
+    ones) and that mean's squared norm."""
     x = torch.stack([p.detach().float().reshape(-1) for p in judged])
     norms = torch.linalg.vector_norm(x, dim=1)
     norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
@@ -247,9 +262,9 @@ def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: 
     if outcome.distances is not None:
         outcome.distances = list(outcome.distances) + torch.linalg.vector_norm(
             x - outcome.result.float().reshape(-1), dim=1).nan_to_num(math.inf).tolist()
-    if len(parts) >= 2:
+    if len(parts) >= 2 or (parts and trusted):
         mean = torch.stack([p.detach().float().reshape(-1) for p in parts]).mean(0)
-        if outcome.loo_dots is None:  # two included senders: robust_aggregate measured no leave-one-out sums
+        if outcome.loo_dots is None:  # 1-2 included senders: robust_aggregate measured no leave-one-out sums
             outcome.loo_dots, outcome.loo_sq = [math.nan] * len(parts), [math.nan] * len(parts)
         outcome.loo_dots = list(outcome.loo_dots) + (x @ mean).tolist()
         outcome.loo_sq = list(outcome.loo_sq) + [float(mean @ mean)] * len(judged)
@@ -323,6 +338,78 @@ def state_outliers(sq_distances: Sequence[float], sq_result_norm: float, cfg: Av
     return [bool(math.sqrt(max(v, 0.0)) > limit) for v in sq_distances]
 
 
+class SliceJudge:
+    """What an aggregator learns about each sender over the slice it aggregates, part by part: the robust aggregate
+    of each part (:meth:`combine`) and, summed over the parts, each sender's contribution norm, leave-one-out sums
+    (direction), distance from the results (state rounds) and the largest weight it claimed. Pure, and the one
+    implementation shared by :class:`RobustPartReducer` and the simulator (``experiments/sim``).
+
+    ``own_index``: this aggregator's own sender index, if it sends: its contribution is the one reference it can
+    trust (see :func:`own_reference`). ``max_weight``: the most samples an honest sender can claim."""
+
+    def __init__(self, num_senders: int, cfg: AveragingConfig, *, state: bool = False,
+                 own_index: Optional[int] = None, max_weight: float = math.inf):
+        self.cfg, self.state, self.own_index, self.max_weight = cfg, state, own_index, max_weight
+        self.claimed = [0.0] * num_senders  # the largest weight (sample count) each sender claimed for a part
+        self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts combined
+        # state rounds: each sender's squared distance from the results, and the results' squared norm
+        self.sq_distances = [0.0] * num_senders
+        self.sq_result_norm = 0.0
+        # each sender's leave-one-out sums over the parts where they were measured (DirectionMonitor): dot, own and
+        # mean squared norms
+        self.loo = [[0.0, 0.0, 0.0] for _ in range(num_senders)]
+        self.parts_seen = [0] * num_senders
+
+    def claim(self, sender: int, weight: float) -> None:
+        if not weight <= self.claimed[sender]:  # a NaN claim is kept (and judged as over any bound)
+            self.claimed[sender] = weight
+
+    def combine(self, senders: Sequence[int], parts: Sequence[torch.Tensor], judged: Sequence[int] = (),
+                judged_parts: Sequence[torch.Tensor] = ()) -> PartOutcome:
+        """The robust aggregate of one part from ``senders`` (their ``parts``, in the same order), with ``judged``
+        senders (excluded by this aggregator) measured but not aggregated (:func:`judge_excluded`); every measure
+        is added to the slice's sums. ``parts`` must not be empty."""
+        outcome = robust_aggregate(parts, self.cfg, distances=self.state)
+        own = list(senders).index(self.own_index) if self.own_index in senders else None
+        if len(parts) == 2 and own is not None:
+            own_reference(outcome, parts, own)
+        if judged_parts:
+            judge_excluded(outcome, parts, judged_parts, trusted=own is not None)
+        everyone = list(senders) + list(judged)
+        for i, norm in zip(everyone, outcome.norms):
+            self.parts_seen[i] += 1
+            self.sq_norms[i] += norm * norm
+        for i, distance in zip(everyone, outcome.distances or ()):
+            self.sq_distances[i] += distance * distance
+        if self.state:
+            self.sq_result_norm += float(outcome.result.float().norm()) ** 2
+        for i, norm, dot, sq in zip(everyone, outcome.norms, outcome.loo_dots or (), outcome.loo_sq or ()):
+            if math.isfinite(dot) and math.isfinite(sq) and math.isfinite(norm):  # else not measured for it here
+                self.loo[i][0] += dot
+                self.loo[i][1] += norm * norm
+                self.loo[i][2] += sq
+        return outcome
+
+    def outliers(self) -> List[bool]:
+        """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`;
+        :func:`state_outliers` in a state round), among the senders whose parts were combined or judged here, or it
+        claimed a weight above ``max_weight``: more samples than its whole stage accumulates between two steps, a
+        lie whatever it sent."""
+        seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
+        if self.state:
+            flags = dict(zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg)))
+        else:
+            flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
+        return [flags.get(i, False) or self.overclaimed(i) for i in range(len(self.parts_seen))]
+
+    def overclaimed(self, sender: int) -> bool:
+        return not self.claimed[sender] <= self.max_weight
+
+    def cosines(self) -> List[float]:
+        """Per sender, its leave-one-out cosine over this slice (NaN where it was never measured)."""
+        return slice_cosines(*zip(*self.loo)) if self.loo else []
+
+
 # ---- inside hivemind's all-reduce --------------------------------------------------------------------------------
 class RobustPartReducer(TensorPartReducer):
     """hivemind's part reducer, with every part combined by :func:`robust_aggregate` instead of a weighted mean.
@@ -333,15 +420,9 @@ class RobustPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes, num_senders: int, cfg: AveragingConfig,
                  aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, excluded: Sequence[int] = (),
-                 state: bool = False):
-        self.cfg, self.aggregate_hook, self.excluded, self.state = cfg, aggregate_hook, set(excluded), state
-        self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts aggregated here
-        # state rounds: each sender's squared distance from the results, and the results' squared norm
-        self.sq_distances = [0.0] * num_senders
-        self.sq_result_norm = 0.0
-        # each sender's leave-one-out sums over the parts with 3+ senders (DirectionMonitor): dot, own and mean norms
-        self.loo = [[0.0, 0.0, 0.0] for _ in range(num_senders)]
-        self.parts_seen = [0] * num_senders
+                 state: bool = False, own_index: Optional[int] = None, max_weight: float = math.inf):
+        self.cfg, self.aggregate_hook, self.excluded = cfg, aggregate_hook, set(excluded)
+        self.judge = SliceJudge(num_senders, cfg, state=state, own_index=own_index, max_weight=max_weight)
         self._contributions: Dict[int, torch.Tensor] = {}
         self._judged: Dict[int, torch.Tensor] = {}  # excluded senders' parts: judged (reported), never aggregated
         self._combining = False
@@ -358,6 +439,7 @@ class RobustPartReducer(TensorPartReducer):
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
         self.num_parts_received[sender_index] += 1
+        self.judge.claim(sender_index, weight)
         while part_index > self.current_part_index:
             await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
                                return_when=asyncio.FIRST_COMPLETED)
@@ -385,24 +467,21 @@ class RobustPartReducer(TensorPartReducer):
         judged_parts = [self._judged[i] for i in judged]
         shape = self.part_shapes[self.current_part_index]
         future = self.current_part_future
-        task = asyncio.get_event_loop().run_in_executor(None, self._combine, parts, shape, judged_parts)
-        task.add_done_callback(lambda done: self._combined(done, senders + judged, future))
+        task = asyncio.get_event_loop().run_in_executor(None, self._combine, senders, parts, shape, judged,
+                                                        judged_parts)
+        task.add_done_callback(lambda done: self._combined(done, future))
 
-    def _combine(self, parts: List[torch.Tensor], shape, judged_parts: Sequence[torch.Tensor] = ()) -> PartOutcome:
-        """The robust aggregate of ``parts``, with the measures of ``judged_parts`` (excluded senders) appended to
-        the outcome's per-sender lists, as if each of them had been one more sender (see :func:`judge_excluded`)."""
+    def _combine(self, senders: List[int], parts: List[torch.Tensor], shape, judged: List[int],
+                 judged_parts: List[torch.Tensor]) -> PartOutcome:
+        """The part's robust aggregate (measured by the slice's :class:`SliceJudge`), then the adversary's hook."""
         if not parts:
             return PartOutcome(torch.zeros(shape), [], 0.0)
-        outcome = robust_aggregate(parts, self.cfg, distances=self.state)
-        if judged_parts:
-            judge_excluded(outcome, parts, judged_parts)
-        if self.state:
-            self.sq_result_norm += float(outcome.result.float().norm()) ** 2
+        outcome = self.judge.combine(senders, parts, judged, judged_parts)
         if self.aggregate_hook is not None:
             outcome.result = self.aggregate_hook(outcome.result)
         return outcome
 
-    def _combined(self, done: asyncio.Future, senders: List[int], future: asyncio.Future) -> None:
+    def _combined(self, done: asyncio.Future, future: asyncio.Future) -> None:
         self._combining = False
         if self.finished.is_set() or future.done():
             return
@@ -411,36 +490,10 @@ class RobustPartReducer(TensorPartReducer):
             self.finalize()
             return
         outcome = done.result()
-        for i, norm in zip(senders, outcome.norms):
-            self.parts_seen[i] += 1
-            self.sq_norms[i] += norm * norm
-        for i, distance in zip(senders, outcome.distances or ()):
-            self.sq_distances[i] += distance * distance
-        if outcome.loo_dots is not None:
-            for i, norm, dot, sq in zip(senders, outcome.norms, outcome.loo_dots, outcome.loo_sq):
-                if not (math.isfinite(dot) and math.isfinite(sq) and math.isfinite(norm)):
-                    continue  # not measured for this sender in this part (see judge_excluded)
-                self.loo[i][0] += dot
-                self.loo[i][1] += norm * norm
-                self.loo[i][2] += sq
         future.set_result(outcome.result)
         self.reset_accumulators()
         if self.current_part_index < self.num_parts and not self.finished.is_set():
             self.check_current_part_finished()  # the next part may be complete already
-
-    def outliers(self) -> List[bool]:
-        """Per sender: whether its contribution to this slice was far out (:func:`slice_outliers`), among the senders
-        whose parts reached this aggregator (aggregated, or judged only)."""
-        seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
-        if self.state:
-            flags = dict(zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg)))
-        else:
-            flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
-        return [flags.get(i, False) for i in range(self.num_senders)]
-
-    def cosines(self) -> List[float]:
-        """Per sender, its leave-one-out cosine over this slice (NaN where no part had 3 senders)."""
-        return slice_cosines(*zip(*self.loo)) if self.num_senders else []
 
 
 @dataclass
@@ -448,6 +501,8 @@ class AveragingHooks:
     """Where experiments plug averaging adversaries in (the library has no attack branches). Each is optional.
 
     ``contribution(tensors) -> tensors``: what this peer sends into its stage's gradient all-reduce;
+    ``part(aggregator, part) -> part``: what it sends one aggregator (a peer id) as one part of that contribution
+    (different things to different aggregators: equivocation);
     ``weight(claimed) -> claimed``: the weight it claims there; ``aggregate(part) -> part``: the result of each part
     it aggregates for the others (in both rounds); ``state(tensors) -> tensors``: the parameters and optimizer
     state it serves to joiners and sends into the parameter round; ``progress(epoch) -> epoch``: the epoch it
@@ -455,6 +510,7 @@ class AveragingHooks:
     averager's own process."""
 
     contribution: Optional[Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]] = None
+    part: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None
     weight: Optional[Callable[[float], float]] = None
     aggregate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     state: Optional[Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]] = None
@@ -493,9 +549,10 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     def __init__(self, *, averaging: AveragingConfig, key_book: KeyBook, signing_key, aggregate_hook=None,
                  excluded: Sequence[str] = (), ignored: Sequence[str] = (), check_targets: Sequence[PeerID] = (),
-                 state: bool = False, **kwargs):
+                 state: bool = False, max_weight: float = math.inf, part_hook=None, **kwargs):
         super().__init__(**kwargs)
         self.averaging, self.key_book, self.signing_key, self.state = averaging, key_book, signing_key, state
+        self.part_hook = part_hook
         # excluded (blacklisted or caught): not talked to as an aggregator, contributions left out; ignored
         # (suspects this peer reported lately): the round runs with them as usual, so nobody waits for a timeout,
         # but their contributions are only judged and the results of their slices are not applied here
@@ -503,7 +560,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer.finished.set()  # hivemind's own reducer, replaced before any use (no finalize noise)
         self.tensor_part_reducer = RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), averaging,
-            aggregate_hook=aggregate_hook, state=state,
+            aggregate_hook=aggregate_hook, state=state, max_weight=max_weight,
+            own_index=self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None,
             excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded | self.ignored])
         # state rounds: per aggregator, the squared norm of what this peer sent it and of how far its results move
         # this peer's values (a receiver refuses to be moved far: see RobustAveraging._apply_state_round)
@@ -537,6 +595,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         aggregator = self.ordered_peer_ids[peer_index]
         part_index = 0
         async for message in super()._generate_input_for_peer(peer_index):
+            if self.part_hook is not None:  # an experiment's adversary
+                sent = self.part_hook(str(aggregator), deserialize_torch_tensor(message.tensor_part))
+                message.tensor_part.CopyFrom(serialize_torch_tensor(sent))
             payload = self._payload(IN, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part),
                                     self.weight > 0)
             message.peer_id = sign(self.signing_key, payload)
@@ -611,9 +672,13 @@ class RobustAllReduceRunner(AllReduceRunner):
     def sender_outcomes(self) -> List[Tuple[str, bool, float]]:
         """(sender, outlier?, leave-one-out cosine) for every sender whose contribution this peer aggregated this
         round (not itself)."""
-        reducer = self.tensor_part_reducer
-        return [(str(peer), far, cosine) for peer, far, cosine, seen in zip(self.sender_peer_ids, reducer.outliers(),
-                                                                            reducer.cosines(), reducer.parts_seen)
+        judge = self.tensor_part_reducer.judge
+        for i, peer in enumerate(self.sender_peer_ids):
+            if peer != self.peer_id and judge.parts_seen[i] and judge.overclaimed(i):
+                logger.warning(f"{peer} claimed {judge.claimed[i]:.6g} samples in a gradient round, more than its "
+                               f"whole stage accumulates between two steps (at most {judge.max_weight:.6g})")
+        return [(str(peer), far, cosine) for peer, far, cosine, seen in zip(self.sender_peer_ids, judge.outliers(),
+                                                                            judge.cosines(), judge.parts_seen)
                 if seen > 0 and peer != self.peer_id]
 
     def round_inputs(self) -> RoundInputs:
@@ -644,8 +709,12 @@ class RobustAveraging(DecentralizedAverager):
 
     state_round = False  # True: the averaged tensors are parameters (see _apply_state_round)
 
-    def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
-        self.averaging, self.hooks = averaging, hooks or AveragingHooks()
+    def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None,
+                 max_weight: float = math.inf, **kwargs):
+        """``max_weight``: the most samples an honest replica can claim in one round (gradient rounds: about the
+        stage's ``target_batch_size``, which the replicas accumulate between them); a sender that claims more is
+        reported, though its claim changes nothing here (equal weights)."""
+        self.averaging, self.hooks, self.max_weight = averaging, hooks or AveragingHooks(), max_weight
         self._outcomes: "mp.Queue" = mp.Queue()  # created before the averager forks, read by the host process
         self._excluded_updates: "mp.Queue" = mp.Queue()  # written by the host process (blacklisted peers)
         self._excluded: frozenset = frozenset()  # the averager process's copy; the host's last one sent
@@ -727,6 +796,8 @@ class RobustAveraging(DecentralizedAverager):
         runner = RobustAllReduceRunner(
             averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
             aggregate_hook=self.hooks.aggregate, excluded=excluded, ignored=self._suspected(), state=self.state_round,
+            max_weight=math.inf if self.state_round else self.max_weight,
+            part_hook=None if self.state_round else self.hooks.part,
             check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
             prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"

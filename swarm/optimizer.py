@@ -50,6 +50,7 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm of this stage's gradients, 0 disables
     target_batch_size: int = 64  # samples per optimizer step, summed over the stage's replicas
+    microbatch_size: int = 0  # the swarm's samples per micro-batch (0: unknown; bounds a replica's claimed count)
     matchmaking_time_s: float = 1.0  # how long replicas wait to form an averaging group
     averaging_timeout_s: float = 15.0
     load_state_timeout_s: float = 60.0
@@ -57,8 +58,9 @@ class OptimizerConfig:
     robust: AveragingConfig = field(default_factory=AveragingConfig)  # how replicas combine (swarm.averaging)
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and self.target_batch_size >= 1 and self.matchmaking_time_s > 0):
-            raise ValueError("lr and target_batch_size must be positive, matchmaking_time_s > 0")
+        if not (self.lr > 0 and self.target_batch_size >= 1 and self.matchmaking_time_s > 0
+                and self.microbatch_size >= 0):
+            raise ValueError("lr and target_batch_size must be positive, matchmaking_time_s > 0, microbatch_size >= 0")
 
 
 class StageOptimizer:
@@ -85,6 +87,7 @@ class StageOptimizer:
                 params=self.aliases,
                 optimizer=make_opt,
                 target_batch_size=cfg.target_batch_size,
+                microbatch_size=cfg.microbatch_size,
                 matchmaking_time=cfg.matchmaking_time_s,
                 averaging_timeout=cfg.averaging_timeout_s,
                 load_state_timeout=cfg.load_state_timeout_s,
@@ -206,11 +209,16 @@ class RobustOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` whose three parts are the ones above: robust gradient all-reduce, quorum progress and
     verified state downloads (``averaging.aggregator == "mean"`` keeps hivemind's weighted mean, for comparison)."""
 
-    def __init__(self, *, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None, **kwargs):
+    def __init__(self, *, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None,
+                 microbatch_size: int = 0, **kwargs):
         self.averaging, self.hooks = averaging, hooks or AveragingHooks()
         if averaging.aggregator != "mean":
+            # an honest replica accumulates at most the stage's target batch (plus the micro-batch that crossed it)
+            # between two steps; twice that is a claim no honest replica makes
+            max_weight = 2.0 * (kwargs["target_batch_size"] + (microbatch_size or kwargs["target_batch_size"]))
             kwargs.setdefault("grad_averager_factory", partial(RobustGradientAverager, averaging=averaging,
-                                                               hooks=self.hooks))
+                                                               hooks=self.hooks,
+                                                               max_weight=max_weight))
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:

@@ -39,7 +39,7 @@ What is simulated (and why it does not change what the checks see):
   through the auditor's own outbound hook (a Byzantine auditor tampers with it). The auditor's own checks of the
   activations it is sent are not run (they only add evidence about the penultimate peer).
 - **Averaging**: every replica accumulates its own gradients (moved out of the shared module after each backward);
-  at a step the stage's weights get the replicas' contributions combined by ``swarm.averaging.robust_aggregate``
+  at a step the stage's weights get the replicas' contributions combined by ``swarm.averaging.SliceJudge``
   per part of each aggregator's slice (``averaging=None``: hivemind's mean weighted by claimed batch sizes), with
   averaging attackers (``avg-*``) tampering through ``AveragingAdversary`` and re-checks of aggregators at
   ``verify_rate``. No signatures, no transport; one weight copy, so a lie caught by any replica is left out for all.
@@ -73,9 +73,7 @@ from swarm.averaging import (  # noqa: E402
     AVERAGING,
     AveragingConfig,
     DirectionMonitor,
-    robust_aggregate,
-    slice_cosines,
-    slice_outliers,
+    SliceJudge,
 )
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
@@ -479,24 +477,27 @@ class SwarmSim:
                     out[bounds[a]:bounds[a + 1]] = liar.aggregate(out[bounds[a]:bounds[a + 1]].clone())
             return out
         out = torch.empty(size)
-        for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part
-            sq_norms = [0.0] * len(names)
-            loo = [[0.0, 0.0, 0.0] for _ in names]  # as RobustPartReducer: leave-one-out dot, norms (DirectionMonitor)
+        # an honest replica's claim is at most the micro-batches of one step (the simulator's unit of weight)
+        max_weight = 2.0 * (self.cfg.microbatches_per_step + 1)
+        for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part (swarm.averaging)
             lo, hi = bounds[a], bounds[a + 1]
+            sent = []  # what each sender sends this aggregator (an equivocating attacker: its own choice per aggregator)
+            for n, c in zip(names, contributions):
+                liar = self.peers[n].averaging
+                sent.append(liar.part(aggregator, c[lo:hi].clone()) if liar is not None and n != aggregator
+                            else c[lo:hi])
+            judge = SliceJudge(len(names), cfg, own_index=a, max_weight=max_weight)
+            for i, weight in enumerate(weights):
+                judge.claim(i, weight)
             honest_result = torch.empty(hi - lo)
-            for start in range(lo, hi, self.cfg.part_floats):
-                end = min(hi, start + self.cfg.part_floats)
-                outcome = robust_aggregate([c[start:end] for c in contributions], cfg)
-                honest_result[start - lo:end - lo] = outcome.result
-                sq_norms = [t + v * v for t, v in zip(sq_norms, outcome.norms)]
-                for i, (dot, sq) in enumerate(zip(outcome.loo_dots or (), outcome.loo_sq or ())):
-                    loo[i][0] += dot
-                    loo[i][1] += outcome.norms[i] ** 2
-                    loo[i][2] += sq
-            far = slice_outliers(sq_norms, cfg)
+            for start in range(0, hi - lo, self.cfg.part_floats):
+                end = min(hi - lo, start + self.cfg.part_floats)
+                outcome = judge.combine(range(len(names)), [c[start:end] for c in sent])
+                honest_result[start:end] = outcome.result
+            far = judge.outliers()
             monitor = self.direction_monitors.setdefault(aggregator, DirectionMonitor(cfg.direction_window,
                                                                                       cfg.direction_t))
-            for i, cosine in enumerate(slice_cosines(*zip(*loo))):
+            for i, cosine in enumerate(judge.cosines()):
                 if names[i] != aggregator and monitor.observe(names[i], cosine):
                     far[i] = True
             result = honest_result
