@@ -26,12 +26,14 @@ def _common(parser: argparse.ArgumentParser, initial_peers: bool = True) -> None
     group = parser.add_argument_group("network")
     if initial_peers:
         group.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR",
-                           help="multiaddr(s) of any peer already in the swarm, as printed by `swarm dht`")
+                           help="multiaddr(s) of the swarm's creator, as printed by `swarm dht` (its /p2p/ peer id "
+                                "pins whose swarm config is read), and of any other peers already in the swarm")
     group.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the swarm's name (default: %(default)s)")
     group.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     group.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0 picks a free one")
     group.add_argument("--identity", default=None, metavar="PATH",
-                       help="file holding this peer's libp2p key; created if missing, so restarts keep the peer id")
+                       help="file holding this peer's libp2p key (it also signs this peer's DHT records); created "
+                            "if missing, so restarts keep the peer id")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads for this process")
     group.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 

@@ -23,6 +23,7 @@ from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
 from swarm.sentinel import SentinelConfig, SentinelMonitor
 from swarm.stage_server import StageServer, StageServerConfig
+from swarm.transport import limits_for
 
 logger = logging.getLogger("swarm.stage_peer")
 
@@ -209,6 +210,9 @@ def server_configs(args, swarm, stage: int, device: str):
     server_cfg = StageServerConfig(
         run_id=args.run_id, stage=stage, num_stages=swarm.num_stages, max_inflight=args.max_inflight,
         compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
+        # a micro-batch of the swarm's shape and nothing larger (the server's own limits allow far more)
+        max_batch=swarm.microbatch_size, max_seq_len=swarm.seq_len,
+        limits=limits_for(swarm.microbatch_size, swarm.seq_len, ModelConfig(**swarm.model).hidden_size),
     )
     opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
                               microbatch_size=swarm.microbatch_size,

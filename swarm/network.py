@@ -1,9 +1,19 @@
 """Joining the DHT, the swarm's identity record, and stage announcements (publish with heartbeat, read back).
 
-A swarm is named by its run id. Its creator publishes a :class:`SwarmConfigRecord` under ``{run}.config``;
-everyone else reads it, so joining needs nothing but an initial peer address. If several signed configs
-exist under the key (anyone may write their own subkey), the oldest one wins: the creator came first, and
-a latecomer cannot take over an existing swarm by publishing another config.
+**Identity.** A DHT node's records are signed with its libp2p identity key (an RSA key, the one its peer id is
+derived from): :func:`create_dht` loads the ``identity_path`` file (creating it if missing), or generates a fresh
+identity in a private temporary file that is deleted once the node runs, and gives that key to the node's
+signature validator. Records are stored under :func:`owner_subkey` (the key's ``[owner:...]`` marker), so every
+reader can check that a record about peer X was written by X (:func:`swarm.records.check_signer`).
+
+**The swarm config is owned.** A swarm is named by its run id. Its creator (the ``swarm dht`` bootstrap) publishes
+a :class:`SwarmConfigRecord` under ``{run}.config``; everyone else reads it, so joining needs nothing but an
+initial peer address, and that address pins the config's owner: a reader accepts only a config signed by a peer
+named in the ``/p2p/<peer id>`` part of its initial peers, or by itself (the creator reads its own)
+(:func:`config_owners`). Anyone may write a config under their own subkey; such configs are never read. Among
+owned configs the oldest wins. If configs exist but none is owned (a reader that joined through some other peer's
+address), :func:`fetch_swarm_config` fails with a clear error naming the cause rather than fall back to an
+unowned one: falling back would let any latecomer's config (``created_at=0``) replace the swarm's for that reader.
 """
 
 from __future__ import annotations
@@ -11,14 +21,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Collection, Dict, FrozenSet, List, Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.identity import load_identity_key
 from swarm.records import (
     MAX_ADDRS,
     MAX_TTL_S,
@@ -26,6 +41,7 @@ from swarm.records import (
     SwarmConfigRecord,
     config_key,
     make_validators,
+    owner_peer_id,
     parse_subkeyed,
     stage_key,
 )
@@ -47,17 +63,17 @@ def create_dht(
     use_auto_relay: Optional[bool] = None,
     wait_timeout_s: float = 30.0,
 ) -> hivemind.DHT:
-    """Start a DHT node in a background process with this swarm's record validators.
+    """Start a DHT node in a background process with this swarm's record validators, signing with its identity key.
 
-    ``use_relay`` lets libp2p reach peers through relays; ``use_auto_relay`` (default: only in client mode) makes
-    this peer find relays among its peers and advertise ``/p2p-circuit`` addresses through them, so that it can
-    be reached behind a NAT."""
+    ``identity_path``: the libp2p identity file (created if missing); None: a fresh identity, kept only in memory
+    (its file lives in a private temporary directory until the node has started). ``use_relay`` lets libp2p reach
+    peers through relays; ``use_auto_relay`` (default: only in client mode) makes this peer find relays among its
+    peers and advertise ``/p2p-circuit`` addresses through them, so that it can be reached behind a NAT."""
     if use_auto_relay is None:
         use_auto_relay = use_relay and client_mode
     kwargs = dict(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
-        record_validators=make_validators(run_id),
         client_mode=client_mode,
         start=True,
         await_ready=True,
@@ -67,10 +83,55 @@ def create_dht(
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
-    if identity_path is not None:
+    temporary_dir = None
+    if identity_path is None:
+        temporary_dir = tempfile.mkdtemp(prefix="swarm-identity-")  # mode 0o700: private to this user
+        identity_path = os.path.join(temporary_dir, "identity.key")
+    else:
         os.makedirs(os.path.dirname(os.path.abspath(identity_path)), exist_ok=True)
-        kwargs["identity_path"] = identity_path
-    return hivemind.DHT(**kwargs)
+    if not os.path.isfile(identity_path):
+        P2P.generate_identity(identity_path)  # as hivemind would (mode 0o400), but now, so that we hold the key
+        kwargs["check_if_identity_free"] = False  # a key made this instant is nobody else's
+    try:
+        key = load_identity_key(identity_path)
+        dht = hivemind.DHT(identity_path=identity_path, record_validators=make_validators(run_id, key), **kwargs)
+    finally:
+        if temporary_dir is not None:  # the daemon has read it (await_ready): the key now lives only in memory
+            shutil.rmtree(temporary_dir, ignore_errors=True)
+    dht.swarm_owner_subkey = RSASignatureValidator(key).local_public_key
+    dht.swarm_identity_key = key
+    return dht
+
+
+def identity_key(dht: hivemind.DHT) -> Optional[RSAPrivateKey]:
+    """The private key of a node made by :func:`create_dht` (its libp2p identity; it signs chain headers and hop
+    reports), or None."""
+    return getattr(dht, "swarm_identity_key", None)
+
+
+def owner_subkey(dht: hivemind.DHT) -> bytes:
+    """The subkey a DHT node stores its records under: the ``[owner:...]`` marker of its identity key, which its
+    validator signs with. A node not made by :func:`create_dht` signs with the process-wide key (hivemind's default).
+    """
+    marker = getattr(dht, "swarm_owner_subkey", None)
+    return marker if marker is not None else RSASignatureValidator().local_public_key
+
+
+def peer_ids_in(maddrs: Sequence) -> FrozenSet[str]:
+    """The peer ids in the ``/p2p/<id>`` (or ``/ipfs/<id>``) parts of multiaddrs; of a relay address
+    (``.../p2p/RELAY/p2p-circuit/p2p/TARGET``) only the target's."""
+    ids = set()
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        found = [parts[i + 1] for i in range(len(parts) - 1) if parts[i] in ("p2p", "ipfs") and parts[i + 1]]
+        if found:
+            ids.add(found[-1])
+    return frozenset(ids)
+
+
+def config_owners(dht: hivemind.DHT) -> FrozenSet[str]:
+    """Whose swarm config this node reads: the peers named by the initial peers it joined through, and itself."""
+    return peer_ids_in(dht.initial_peers or ()) | {str(dht.peer_id)}
 
 
 def visible_addresses(dht: hivemind.DHT) -> List[str]:
@@ -89,27 +150,44 @@ def record_addresses(dht: hivemind.DHT) -> List[str]:
 
 def publish_swarm_config(dht: hivemind.DHT, record: SwarmConfigRecord, ttl_s: float = MAX_TTL_S) -> bool:
     """Store (or refresh) the swarm config, signed by this node. Returns whether the DHT accepted it."""
-    return bool(dht.store(config_key(record.run_id), record.to_value(), get_dht_time() + ttl_s, subkey=_public_key()))
+    return bool(dht.store(config_key(record.run_id), record.to_value(), get_dht_time() + ttl_s,
+                          subkey=owner_subkey(dht)))
 
 
-def _public_key() -> bytes:
-    """This process's RSA public key marker: records under it are signed by the DHT's RSASignatureValidator."""
-    return RSASignatureValidator().local_public_key
-
-
-def fetch_swarm_config(dht: hivemind.DHT, run_id: str, timeout_s: float = 30.0) -> SwarmConfigRecord:
-    """Read the swarm's config from the DHT, waiting up to ``timeout_s`` for it to appear."""
+def fetch_swarm_config(dht: hivemind.DHT, run_id: str, timeout_s: float = 30.0,
+                       owners: Optional[Collection[str]] = None) -> SwarmConfigRecord:
+    """Read the swarm's config from the DHT, waiting up to ``timeout_s`` for it to appear. Only a config signed by
+    one of ``owners`` (peer ids; default :func:`config_owners`) is read; the oldest of those wins."""
+    owners = config_owners(dht) if owners is None else frozenset(owners)
     deadline = get_dht_time() + timeout_s
+    ignored: set = set()
     while True:
         records, rejected = parse_subkeyed(
             dht.get(config_key(run_id), latest=True), SwarmConfigRecord.from_value, "swarm config"
         )
         for note in rejected:
             logger.warning(f"ignored a swarm config record: {note}")
-        valid = [rec for rec, _ in records.values() if rec.run_id == run_id]
-        if valid:
-            return min(valid, key=lambda rec: rec.created_at)
+        owned, foreign = [], set()
+        for subkey, (rec, _) in records.items():
+            if rec.run_id != run_id:
+                continue
+            owner = owner_peer_id(subkey)
+            if owner in owners:
+                owned.append(rec)
+            else:
+                foreign.add(owner)
+        for owner in foreign - ignored:
+            logger.warning(f"ignored a swarm config record signed by {owner}: not a peer this node joined through")
+        ignored |= foreign
+        if owned:
+            return min(owned, key=lambda rec: rec.created_at)
         if get_dht_time() > deadline:
+            if ignored:
+                raise TimeoutError(
+                    f"swarm {run_id!r} has config records on the DHT, but none signed by a peer this node joined "
+                    f"through ({', '.join(sorted(owners))}): join through the address of the swarm's creator (the "
+                    f"`--initial-peers` address that `swarm dht` / `swarm local` prints)"
+                )
             raise TimeoutError(
                 f"no config for swarm {run_id!r} found on the DHT within {timeout_s:.0f}s: is the run id right, "
                 f"and is the swarm's creator (swarm dht / swarm local) running?"
@@ -179,7 +257,7 @@ class Announcer:
             stage_key(self.run_id, self.record.stage),
             self.record.to_value(),
             get_dht_time() + self.ttl_s,
-            subkey=_public_key(),
+            subkey=owner_subkey(self.dht),
             return_future=True,
         )
         try:

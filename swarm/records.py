@@ -9,18 +9,28 @@ Keys (``run`` is the swarm's name, its run id):
 - ``{run}.progress`` subkey = owner's public key: one trainer's progress (:class:`TrainerProgressRecord`)
 
 Every subkey must carry the writer's RSA public key (``[owner:...]``), so hivemind's ``RSASignatureValidator``
-makes each record owner-signed: nobody can write or overwrite a record in another peer's name. On top of the
-signature, :class:`SwarmRecordValidator` checks the schema (types, bounded numbers, no NaN/inf, short strings)
-and a bound on how far in the future a record may expire, so a record cannot outlive its owner's heartbeats.
-Readers parse what they get with the same ``from_value`` functions, so a record that slipped past an old or
-foreign DHT node is still rejected with a reason before anyone uses it.
+makes each record owner-signed: nobody can write or overwrite a record in another peer's name. The signing key is
+the peer's **libp2p identity key** (:class:`IdentitySignatureValidator`), so the owner marker names a peer id:
+:func:`owner_peer_id` derives it exactly as libp2p does. A record that speaks for a peer (a stage record's or
+progress record's ``peer_id``, a report's ``reporter``, a blacklist's ``publisher``: its ``SIGNER_FIELD``) is
+accepted only when that field equals the peer id its owner key derives (:func:`check_signer`), so no key can
+announce, report or publish in another peer's name. Which key owns the swarm config is the reader's decision
+(:func:`swarm.network.fetch_swarm_config`).
+
+On top of the signature, :class:`SwarmRecordValidator` checks the schema (types, bounded numbers, no NaN/inf,
+short strings), the signer binding, and a bound on how far in the future a record may expire, so a record cannot
+outlive its owner's heartbeats. Readers parse what they get with the same ``from_value`` functions and
+:func:`parse_subkeyed`, so a record that slipped past an old or foreign DHT node is still rejected with a reason
+before anyone uses it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -28,6 +38,9 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +78,61 @@ def blacklist_key(run_id: str) -> str:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise RecordError(message)
+
+
+# ---- owners: the signing key is the libp2p identity key ---------------------------------------------------------
+_OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+
+
+@lru_cache(maxsize=4096)
+def owner_peer_id(subkey: bytes) -> Optional[str]:
+    """The base58 libp2p peer id of the RSA key in a subkey's ``[owner:...]`` marker (None: no single RSA key).
+
+    libp2p's rule for RSA keys: the sha2-256 multihash of the protobuf ``PublicKey{Type: RSA, Data: DER
+    SubjectPublicKeyInfo}`` (hivemind's ``PeerID.from_identity`` does the same from the private key). hivemind writes
+    the marker's key in OpenSSH format (``RSAPublicKey.to_bytes``), so it is converted to DER first. Works on the raw
+    marker and on its msgpack serialization alike (the bytes survive inside the bin payload)."""
+    if not isinstance(subkey, bytes):
+        return None
+    keys = set(_OWNER_RE.findall(subkey))
+    if len(keys) != 1:
+        return None
+    try:
+        return peer_id_of(keys.pop())
+    except Exception:  # malformed or unsupported key material: not an owner
+        return None
+
+
+def check_signer(subkey: Any, record: Any) -> None:
+    """Raise :class:`RecordError` unless the peer a record speaks for (its ``SIGNER_FIELD``) is the subkey's owner.
+    Records without a ``SIGNER_FIELD`` (the swarm config: its owner is checked by the reader) pass."""
+    name = getattr(record, "SIGNER_FIELD", None)
+    if name is None:
+        return
+    claimed, owner = getattr(record, name), owner_peer_id(subkey)
+    _require(owner is not None, "record must be signed by an RSA identity key")
+    _require(claimed == owner, f"{name} {claimed!r} is not the signer {owner!r}: a record about a peer must be "
+                               f"signed by that peer's identity key")
+
+
+class IdentitySignatureValidator(RSASignatureValidator):
+    """hivemind's ``RSASignatureValidator`` signing with this peer's libp2p identity key (pass it in), so the
+    ``[owner:...]`` marker of its records derives its peer id (:func:`owner_peer_id`).
+
+    Records marked with the process-wide key (what a default ``RSASignatureValidator()`` uses: hivemind's own
+    components such as the optimizer's progress tracker, whose validators merge into this one) are still signed with
+    that key, exactly as before; validation is hivemind's, unchanged."""
+
+    def __init__(self, private_key: Optional[RSAPrivateKey] = None):
+        super().__init__(private_key)
+        process_wide = RSAPrivateKey.process_wide()
+        self._process_wide = None if process_wide is self._private_key else RSASignatureValidator(process_wide)
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        mine = self.local_public_key in record.key or self.local_public_key in (record.subkey or b"")
+        if not mine and self._process_wide is not None:
+            return self._process_wide.sign_value(record)
+        return super().sign_value(record)
 
 
 def _number(d: Dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> float:
@@ -113,6 +181,7 @@ class StageRecord:
 
     FIELDS = {"peer_id", "stage", "state", "throughput", "served", "device", "updated_at", "version"}
     OPTIONAL_FIELDS = {"addrs", "admission"}
+    SIGNER_FIELD = "peer_id"  # must be the peer id of the record's owner key (check_signer)
 
     def to_value(self) -> Dict[str, Any]:
         value = asdict(self)
@@ -270,13 +339,14 @@ class ReputationReport:
     now). How reports are weighed is :mod:`swarm.reputation`.
     """
 
-    reporter: str  # the writer's peer id; binding it to the signing key is the reader's job
+    reporter: str  # the writer's peer id: must be the one its signing key derives (check_signer)
     issued_at: float = 0.0  # DHT time
     entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     admission: Optional[Dict[str, Any]] = None  # optional: the reporter's admission proof (swarm.admission)
     version: int = RECORD_VERSION
 
     FIELDS = {"reporter", "issued_at", "entries", "version"}
+    SIGNER_FIELD = "reporter"
 
     def to_value(self) -> Dict[str, Any]:
         value = asdict(self)
@@ -299,12 +369,13 @@ class ReputationReport:
 class BlacklistRecord:
     """One peer's blacklist verdicts: ``entries[peer] = {"reason", "reporters", "strikes"}`` (the evidence)."""
 
-    publisher: str  # the writer's peer id
+    publisher: str  # the writer's peer id: must be the one its signing key derives (check_signer)
     issued_at: float = 0.0  # DHT time
     entries: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     version: int = RECORD_VERSION
 
     FIELDS = {"publisher", "issued_at", "entries", "version"}
+    SIGNER_FIELD = "publisher"
 
     def to_value(self) -> Dict[str, Any]:
         return asdict(self)
@@ -320,7 +391,8 @@ class BlacklistRecord:
 
 
 class SwarmRecordValidator(RecordValidatorBase):
-    """Rejects records under this swarm's keys that are unsigned, malformed or claim too long a life.
+    """Rejects records under this swarm's keys that are unsigned, malformed, speak for a peer other than their
+    signer, or claim too long a life.
 
     DHT keys reach validators hashed, so the validator precomputes the hashes of every key this swarm uses.
     Runs after hivemind's ``RSASignatureValidator`` (which has a higher priority), on the stripped value.
@@ -359,7 +431,8 @@ class SwarmRecordValidator(RecordValidatorBase):
 
 
 def check_record(record: DHTRecord, parse: Callable[[Any], Any], max_ttl_s: float = MAX_TTL_S) -> Any:
-    """Parse one (signature-stripped) record or raise :class:`RecordError` with the reason."""
+    """Parse one (signature-stripped) record, check that it speaks for its signer (:func:`check_signer`), or raise
+    :class:`RecordError` with the reason."""
     _require(record.subkey is not None and OWNER_MARKER in record.subkey,
              "record must be owner-signed (subkey must hold the owner's public key)")
     _require(record.expiration_time <= get_dht_time() + max_ttl_s,
@@ -368,12 +441,15 @@ def check_record(record: DHTRecord, parse: Callable[[Any], Any], max_ttl_s: floa
         value = DHTProtocol.serializer.loads(record.value)
     except Exception as e:  # msgpack raises many types on garbage
         raise RecordError(f"undecodable value: {type(e).__name__}") from e
-    return parse(value)
+    parsed = parse(value)
+    check_signer(record.subkey, parsed)
+    return parsed
 
 
-def make_validators(run_id: str) -> List[RecordValidatorBase]:
-    """The validators every DHT node of this swarm should run (signature first, then schema)."""
-    return [RSASignatureValidator(), SwarmRecordValidator(run_id)]
+def make_validators(run_id: str, private_key: Optional[RSAPrivateKey] = None) -> List[RecordValidatorBase]:
+    """The validators every DHT node of this swarm should run (signature first, then schema and signer binding).
+    ``private_key``: the node's libp2p identity key, which signs its records (None: the process-wide key)."""
+    return [IdentitySignatureValidator(private_key), SwarmRecordValidator(run_id)]
 
 
 def parse_subkeyed(
@@ -381,8 +457,9 @@ def parse_subkeyed(
 ) -> Tuple[Dict[bytes, Tuple[Any, float]], List[str]]:
     """Parse a ``dht.get(key)`` result of a subkeyed key into {subkey: (record, expiration)} and rejection notes.
 
-    Values arrive already stripped of their signature and verified by the DHT node; the schema is checked again
-    here so that a record accepted by a foreign or outdated node is still refused.
+    Values arrive already stripped of their signature and verified by the DHT node; the schema and the signer
+    binding (:func:`check_signer`) are checked again here so that a record accepted by a foreign or outdated node is
+    still refused.
     """
     records: Dict[bytes, Tuple[Any, float]] = {}
     rejected: List[str] = []
@@ -399,7 +476,9 @@ def parse_subkeyed(
             rejected.append(f"{what}: unsigned subkey")
             continue
         try:
-            records[subkey] = (parse(item.value), item.expiration_time)
+            record = parse(item.value)
+            check_signer(subkey, record)
+            records[subkey] = (record, item.expiration_time)
         except RecordError as e:
             rejected.append(f"{what}: {e}")
     return records, rejected
@@ -436,6 +515,7 @@ class TrainerProgressRecord:
 
     FIELDS = {"peer_id", "state", "step", "steps_total", "loss", "tokens", "tokens_per_s", "completed", "dropped",
               "retried", "updated_at", "version"}
+    SIGNER_FIELD = "peer_id"
 
     def to_value(self) -> Dict[str, Any]:
         value = asdict(self)

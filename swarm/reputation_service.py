@@ -6,24 +6,27 @@ reads all reports and runs :func:`~swarm.reputation.aggregate` itself; no one ha
 verdicts. Stage peers publish the blacklist they computed under ``{run}.blacklist`` (with reason and evidence
 count per entry) for operators and scripts; routers and servers act on their own computation.
 
-A report's signature proves which RSA key wrote it, not which libp2p peer it speaks for; the service confirms
-the binding by asking the claimed peer, over its authenticated libp2p connection, for its RSA key (``rpc_info``).
-A report whose claimed peer does not answer with the same key weighs nothing, so nobody can borrow an honest
-peer's record.
+A record is signed with its writer's libp2p identity key, and readers accept a report or a blacklist only when its
+``reporter`` / ``publisher`` is the peer id that key derives (:func:`swarm.records.check_signer`): nobody can
+report or publish in another peer's name, and no lookup is needed to bind a key to a peer.
+
+The swarm-wide verdict on the published blacklists (:func:`swarm_verdict`) weighs each publisher by the trust its
+reports earned in the reader's own aggregate (:attr:`Aggregate.weights <swarm.reputation.Aggregate>`: probation,
+verified work, not blacklisted), never by head count: identities on probation publishing blacklists change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Dict, List, Optional, Set
+from functools import partial
+from typing import Callable, Dict, List, Mapping, Optional, Set
 
 import hivemind
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from swarm.admission import AdmissionPolicy
-from swarm.network import cancel_task, fetch_stage_peers
+from swarm.network import cancel_task, fetch_stage_peers, owner_subkey
 from swarm.records import (
     BlacklistRecord,
     ReputationReport,
@@ -36,11 +39,6 @@ from swarm.reputation import Aggregate, ReputationConfig, ReputationLedger, aggr
 logger = logging.getLogger(__name__)
 
 # (peer id) -> the RSA public key marker that peer says is its own, or None if it cannot be asked
-KeyLookup = Callable[[str], Awaitable[Optional[bytes]]]
-
-
-def local_public_key() -> bytes:
-    return RSASignatureValidator().local_public_key
 
 
 class ReputationService:
@@ -55,19 +53,17 @@ class ReputationService:
         peer_id: str,
         *,
         ledger: Optional[ReputationLedger] = None,
-        lookup_key: Optional[KeyLookup] = None,
         publish_blacklist: bool = False,
         admission: Optional[AdmissionPolicy] = None,
         admission_proof: Optional[dict] = None,
     ):
         self.dht, self.run_id, self.num_stages, self.cfg = dht, run_id, num_stages, cfg
-        self.peer_id, self.ledger, self.lookup_key = peer_id, ledger, lookup_key
+        self.peer_id, self.ledger = peer_id, ledger
         self.publish_blacklist = publish_blacklist
         # identities the swarm's admission rule does not let in: their reports and records are ignored
         self.admission = admission if admission is not None and admission.enabled else None
         self.admission_proof = admission_proof
         self.first_seen: Dict[str, float] = {}
-        self.bound: Dict[str, bytes] = {}  # peer id -> RSA key it confirmed as its own
         self.stages_of: Dict[str, Set[int]] = {}  # peer id -> stages it announced (only neighbours can witness)
         self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
         self.banned_since: Dict[str, float] = {}
@@ -98,20 +94,19 @@ class ReputationService:
     async def _store(self, key: str, value) -> bool:
         try:
             return bool(await self.dht.store(key, value, get_dht_time() + self.cfg.report_ttl_s,
-                                             subkey=local_public_key(), return_future=True))
+                                             subkey=owner_subkey(self.dht), return_future=True))
         except Exception as e:
             logger.warning(f"could not publish {key}: {e}")
             return False
 
     async def refresh(self) -> Aggregate:
-        """Read reports and stage records, confirm reporters' identities, aggregate."""
+        """Read reports and stage records, aggregate (a report is read only if signed by its reporter's key)."""
         loop = asyncio.get_event_loop()
         now = get_dht_time()
         stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages,
                                             self.admission)
         # every stage a peer ever announced, kept after its record expires (a blacklisted peer that left stays
-        # blacklisted when it comes back). Every one, not its latest: stage records are not bound to the peer's key,
-        # and a forged record that moved an honest peer elsewhere would silence every true witness of it
+        # blacklisted when it comes back); every one, not its latest: a peer may move between stages
         for stage, infos in stages.items():
             for info in infos:
                 self.first_seen.setdefault(info.peer_id, now)
@@ -121,27 +116,20 @@ class ReputationService:
         for note in rejected:
             logger.debug(note)
         reports: Dict[str, ReputationReport] = {}
-        keys: Dict[str, bytes] = {}
-        for subkey, (report, _) in parsed.items():
+        for report, _ in parsed.values():
             if self.admission is not None and not self.admission.admits(report.reporter, report.admission):
                 logger.debug(f"ignored the report of {report.reporter[-8:]}: not admitted")
                 continue
             self.first_seen.setdefault(report.reporter, now)
             if report.reporter in reports and reports[report.reporter].issued_at >= report.issued_at:
                 continue
-            reports[report.reporter], keys[report.reporter] = report, subkey
-        # this peer's own key needs no lookup (libp2p cannot dial itself: asking would always fail, and this peer's
-        # own report would weigh nothing in its own aggregate); the others' are asked for concurrently
-        self.bound.setdefault(self.peer_id, local_public_key())
-        unbound = [r for r in keys if r not in self.bound]
-        if unbound and self.lookup_key is not None:
-            claimed = await asyncio.gather(*(self.lookup_key(r) for r in unbound), return_exceptions=True)
-            for reporter, key in zip(unbound, claimed):
-                if isinstance(key, bytes):
-                    self.bound[reporter] = key
-        reachable = {reporter for reporter, subkey in keys.items() if self.bound.get(reporter) == subkey}
-        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg, reachable=reachable,
-                                   stages=self.stages_of)
+            reports[report.reporter] = report
+        # every report read is bound to its reporter (parse_subkeyed checked that its key derives the reporter's id)
+        # off the event loop, which routes every chain RPC of this peer (an aggregation over many reports costs
+        # seconds); on copies, so nothing it reads changes under it
+        self.aggregate = await loop.run_in_executor(None, partial(
+            aggregate, reports, dict(self.first_seen), now, self.cfg,
+            stages={peer: set(s) for peer, s in self.stages_of.items()}))
         for peer in self.aggregate.blacklist:
             if peer not in self.banned_since:
                 self.banned_since[peer] = now
@@ -168,6 +156,10 @@ class ReputationService:
     async def stop(self) -> None:
         await cancel_task(self._task)
 
+    def swarm_verdict(self, blacklists: Dict[str, BlacklistRecord], peer: str) -> bool:
+        """:func:`swarm_verdict` with the publishers weighed by this service's current aggregate."""
+        return swarm_verdict(blacklists, peer, self.aggregate.weights)
+
 
 async def read_published_blacklists(dht: hivemind.DHT, run_id: str) -> Dict[str, BlacklistRecord]:
     """Every peer's published blacklist, by publisher peer id (newest per publisher)."""
@@ -180,11 +172,21 @@ async def read_published_blacklists(dht: hivemind.DHT, run_id: str) -> Dict[str,
     return out
 
 
-def swarm_verdict(blacklists: Dict[str, BlacklistRecord], peer: str) -> bool:
-    """The swarm-wide verdict: listed by a majority of the publishers that a majority has not blacklisted."""
-    everyone = list(blacklists)
-    publishers = [p for p in everyone if sum(p in blacklists[q].entries for q in everyone) * 2 <= len(everyone)]
-    if not publishers:
+def swarm_verdict(blacklists: Dict[str, BlacklistRecord], peer: str, weights: Mapping[str, float]) -> bool:
+    """The swarm-wide verdict: listed by publishers holding a strict majority of the trusted weight.
+
+    ``weights`` are the reader's trust in each peer as a reporter (:attr:`swarm.reputation.Aggregate.weights`:
+    zero on probation, without verified work, or blacklisted), so a publisher counts as much as its reports do and
+    a crowd of fresh identities counts for nothing. Publishers that trusted publishers holding a majority of the
+    weight list are left out (their say about others is void), as in the reader's own aggregate.
+    """
+    trusted = {p: w for p in blacklists if (w := float(weights.get(p, 0.0))) > 0}
+    total = sum(trusted.values())
+
+    def listing(target: str) -> float:
+        return sum(w for p, w in trusted.items() if target in blacklists[p].entries)
+
+    voters = {p: w for p, w in trusted.items() if listing(p) * 2 <= total}
+    if not voters:
         return False
-    votes = sum(peer in blacklists[p].entries for p in publishers)
-    return votes * 2 > len(publishers)
+    return sum(w for p, w in voters.items() if peer in blacklists[p].entries) * 2 > sum(voters.values())

@@ -20,10 +20,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 import hivemind
@@ -37,6 +37,16 @@ from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
+from swarm.protocol import (
+    DOWNSTREAM,
+    UPSTREAM,
+    ChainHeader,
+    HopReport,
+    ProtocolError,
+    audit_reveal,
+    check_reports,
+    tensor_digest,
+)
 from swarm.records import StageRecord
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
@@ -64,6 +74,9 @@ class StageServerConfig:
     max_inflight: int = 8  # micro-batches held (forward done, waiting for gradients) at once
     hop_timeout_s: float = 120.0  # deadline for the rest of the chain to answer
     labels_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0  # deadline for reading a whole inbound request (a stream that stalls is dropped)
+    max_label_deposits: int = 64  # labels held at once for one trainer (the last stage) ...
+    max_labels_total: int = 1024  # ... and for all trainers together
     max_batch: int = 1024
     max_seq_len: int = 8192
     compression: str = "none"
@@ -78,8 +91,10 @@ class StageServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages}), got {self.stage}")
-        if self.max_inflight < 1 or self.hop_timeout_s <= 0:
-            raise ValueError("max_inflight must be >= 1 and hop_timeout_s > 0")
+        if self.max_inflight < 1 or self.hop_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("max_inflight must be >= 1, hop_timeout_s and read_timeout_s > 0")
+        if not 1 <= self.max_label_deposits <= self.max_labels_total:
+            raise ValueError("need 1 <= max_label_deposits <= max_labels_total")
 
 
 @dataclass
@@ -104,45 +119,82 @@ class StageStats:
 
 
 class LabelBox:
-    """Labels deposited by trainers, waited for by the last stage; entries expire so nothing accumulates."""
+    """Labels deposited by trainers, waited for by the last stage. Bounded: at most ``per_trainer`` deposits held
+    for one trainer and ``total`` for all, each expiring after ``ttl_s``; a key whose labels were used is
+    remembered for ``ttl_s``, so a replayed request is refused at once instead of waiting for labels that never
+    come again."""
 
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
+    def __init__(self, ttl_s: float, per_trainer: int = 64, total: int = 1024):
+        self.ttl_s, self.per_trainer, self.total = ttl_s, per_trainer, total
         self._futures: Dict[Tuple[str, str], Tuple[asyncio.Future, float]] = {}
+        self._used: Dict[Tuple[str, str], float] = {}
 
-    def _future(self, key: Tuple[str, str]) -> asyncio.Future:
-        now = time.monotonic()
+    def _expire(self, now: float) -> None:
         for stale in [k for k, (_, t) in self._futures.items() if now - t > self.ttl_s]:
             self._futures.pop(stale)[0].cancel()
+        for stale in [k for k, t in self._used.items() if now - t > self.ttl_s]:
+            del self._used[stale]
+
+    def _future(self, key: Tuple[str, str], deposit: bool = False) -> asyncio.Future:
+        now = time.monotonic()
+        self._expire(now)
         if key not in self._futures:
+            if len(self._futures) >= self.total or \
+                    sum(k[0] == key[0] for k in self._futures) >= self.per_trainer:
+                # a waiter's key is refused too: it would hold a slot that no deposit may fill
+                raise TransportError(f"labels of {'this trainer' if deposit else 'this request'} over the limit "
+                                     f"({self.per_trainer} per trainer, {self.total} in all); retry later")
             self._futures[key] = (asyncio.get_event_loop().create_future(), now)
         return self._futures[key][0]
 
+    def used(self, key: Tuple[str, str]) -> bool:
+        return key in self._used
+
     def put(self, key: Tuple[str, str], labels: torch.Tensor) -> None:
-        future = self._future(key)
-        if not future.done():
-            future.set_result(labels)
+        if key in self._used:
+            raise TransportError(f"labels of micro-batch {key[1]!r} were used already")
+        future = self._future(key, deposit=True)
+        if future.done():
+            raise TransportError(f"labels of micro-batch {key[1]!r} were deposited already")
+        future.set_result(labels)
 
     async def take(self, key: Tuple[str, str], timeout: float) -> torch.Tensor:
+        """The labels of ``key``, waiting up to ``timeout`` for them. Taken or not, the key is spent: its slot is
+        freed, and a later deposit or request for it is refused (the trainer retries under a new id)."""
         try:
             return await asyncio.wait_for(asyncio.shield(self._future(key)), timeout)
         finally:
-            entry = self._futures.get(key)
-            if entry is not None and entry[0].done():
-                self._futures.pop(key, None)
+            entry = self._futures.pop(key, None)
+            if entry is not None:
+                entry[0].cancel()
+            self._used[key] = time.monotonic()
+            while len(self._used) > 8 * self.total:  # bounded even under a flood of distinct (signed) ids
+                self._used.pop(next(iter(self._used)))
+
+
+class Refusal(Exception):
+    """A request refused before its header verified: answered unsigned (the caller reports it in its own name).
+    ``no_fault``: refused for a reason that is nobody's fault (this peer is leaving; the sender is blacklisted)."""
+
+    def __init__(self, reason: str, no_fault: bool = False):
+        super().__init__(reason)
+        self.reason, self.no_fault = reason, no_fault
 
 
 class ChainError(Exception):
     """A micro-batch cannot go on; ``blame`` is the peer at fault (None when nobody can be blamed).
+
+    ``reports``: when the failure is a later hop's, its signed reports (wire form), relayed unchanged.
 
     ``judge``: set when the blamed peer's tensor was well-formed but a SENTINEL check rejected it, to the peer id of
     the receiver that did (the trainer bans such a peer only briefly and routes it to receivers that have not judged
     it yet, so that the independent evidence a swarm-wide verdict needs accumulates)."""
 
     def __init__(self, reason: str, blame: Optional[str] = None, blame_stage: Optional[int] = None,
-                 judge: Optional[str] = None):
+                 judge: Optional[str] = None, reports: Optional[List[Dict[str, Any]]] = None):
         super().__init__(reason)
         self.reason, self.blame, self.blame_stage, self.judge = reason, blame, blame_stage, judge
+        self.reports = reports
 
 
 class StageServer(ServicerBase):
@@ -161,6 +213,7 @@ class StageServer(ServicerBase):
         admission: Optional[AdmissionPolicy] = None,
         admission_token: Optional[str] = None,
         averaging_hooks: Optional[AveragingHooks] = None,
+        identity_key=None,
     ):
         self.cfg, self.model_cfg, self.dht = cfg, model_cfg, dht
         # the swarm's admission rule (swarm.admission): senders must prove they were let in; so must this peer
@@ -180,8 +233,13 @@ class StageServer(ServicerBase):
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
         self.stats = StageStats()
-        self.labels = LabelBox(ttl_s=max(cfg.labels_timeout_s * 4, 60.0))
+        self.labels = LabelBox(ttl_s=max(cfg.labels_timeout_s * 4, 60.0), per_trainer=cfg.max_label_deposits,
+                               total=cfg.max_labels_total)
+        self.identity_key = identity_key  # this peer's libp2p identity key: it signs this hop's reports
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        # SENTINEL's checks and audit judging: one thread, so the monitor's state has a single writer, and off the
+        # event loop, which only routes
+        self.checks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-checks")
         self.p2p: Optional[hivemind.P2P] = None
         self.peer_id: str = ""
         self._slots: Optional[asyncio.Semaphore] = None
@@ -204,12 +262,17 @@ class StageServer(ServicerBase):
         from swarm.network import (  # network <- stage_server, kept local to the call
             Announcer,
             fetch_stage_peers,
+            identity_key,
             record_addresses,
         )
 
         self.p2p = await self.dht.replicate_p2p()
         self._loop = asyncio.get_event_loop()
         self.peer_id = str(self.p2p.peer_id)
+        self.identity_key = self.identity_key or identity_key(self.dht)
+        if self.identity_key is None:
+            raise ValueError("a stage peer signs its reports with its DHT's identity key: make the DHT with "
+                             "swarm.network.create_dht, or pass identity_key")
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
         self._dialback_lock = asyncio.Lock()
         await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
@@ -243,11 +306,11 @@ class StageServer(ServicerBase):
 
             self.reputation = ReputationService(
                 self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
-                ledger=self.ledger, lookup_key=self.lookup_key, publish_blacklist=True,
+                ledger=self.ledger, publish_blacklist=True,
                 admission=self.admission, admission_proof=self.admission_proof,
             )
             if self.sentinel is not None:  # a blacklisted sender is no reference for the others any more
-                self.reputation.on_blacklisted.append(self.sentinel.forget)
+                self.reputation.on_blacklisted.append(lambda peer: self.checks.submit(self.sentinel.forget, peer))
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
 
@@ -356,10 +419,6 @@ class StageServer(ServicerBase):
     def is_banned(self, peer: str) -> Optional[str]:
         return self.reputation.reason(peer) if self.reputation is not None else None
 
-    async def lookup_key(self, peer: str) -> Optional[bytes]:
-        """Ask a peer (over its authenticated libp2p connection) which RSA key it signs its records with."""
-        return await lookup_rsa_key(self.p2p, self.cfg.run_id, peer)
-
     async def drain(self, grace_s: float) -> int:
         """Start leaving: announce ``offline`` (routers stop choosing this peer), refuse new micro-batches, and
         wait up to ``grace_s`` for the ones in flight to finish. Returns how many were still in flight."""
@@ -386,6 +445,7 @@ class StageServer(ServicerBase):
             await self.remove_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
         await asyncio.get_event_loop().run_in_executor(self.executor, self.optimizer.shutdown)
         self.executor.shutdown(wait=False)
+        self.checks.shutdown(wait=False)
 
     def param_checksum(self) -> float:
         """A cheap fingerprint of this stage's weights: replicas in sync report (nearly) the same number."""
@@ -405,62 +465,136 @@ class StageServer(ServicerBase):
             state=self.record.state if self.record else "joining", served=self.stats.served,
             rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
             failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
-            epoch=self.optimizer.epoch, flagged=dict(self.stats.flagged), device=str(self.device),
-            sentinel=self.sentinel is not None, ledger=self.ledger.as_dict(), rsa_key=_local_rsa_key(),
-            blacklist=dict(self.reputation.aggregate.blacklist) if self.reputation else {},
-            param_checksum=self.param_checksum(),
-            averaging=dict(strikes=dict(self.stats.averaging_strikes), refused_states=dict(self.stats.refused_states)),
+            epoch=self.optimizer.epoch, flagged=_top(self.stats.flagged, INFO_PEERS), device=str(self.device),
+            sentinel=self.sentinel is not None,
+            # bounded whatever the number of peers ever seen (peer ids are free to mint): the peers with the most
+            # strikes, then the most exchanges, as in a published report
+            ledger=dict(list(self.ledger.to_report(self.peer_id, 0.0).entries.items())[:INFO_LEDGER]),
+            blacklist=dict(list(self.reputation.aggregate.blacklist.items())[:INFO_PEERS]) if self.reputation else {},
+            param_checksum=await asyncio.get_event_loop().run_in_executor(None, self.param_checksum),
+            averaging=dict(strikes=_top(self.stats.averaging_strikes, INFO_PEERS),
+                           refused_states=_top(self.stats.refused_states, INFO_PEERS)),
             audits=dict(run=self.stats.audits_run, failed=dict(self.stats.audits_failed), served=self.stats.audits_served),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
 
-    async def rpc_labels(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """A trainer deposits the labels of one micro-batch at the last stage."""
+    async def rpc_labels(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                         context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A trainer deposits the labels of one micro-batch at the last stage (streamed like any tensor; bounded by
+        the micro-batch limits and by ``max_label_deposits`` per trainer)."""
         sender = str(context.remote_id)
         try:
             if not self.module.is_last:
                 raise TransportError("labels go to the last stage only")
-            received = await receive(single(request), self.cfg.limits)
+            received = await self._receive(requests)
             refused = self.not_admitted(sender, received.metadata)
             if refused:
                 raise TransportError(refused)
             mb = received.metadata.get("mb")
-            if not isinstance(mb, str) or len(received.tensors) != 1 or received.tensors[0].dtype != torch.int64:
+            if not (isinstance(mb, str) and 0 < len(mb) <= 256) or len(received.tensors) != 1 \
+                    or received.tensors[0].dtype != torch.int64:
                 raise TransportError("labels need an 'mb' id and one int64 tensor")
             labels = received.tensors[0]
-            if labels.ndim != 2 or labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= self.model_cfg.vocab_size:
-                raise TransportError("labels must be a [batch, seq] tensor of valid token ids")
+            if labels.ndim != 2:
+                raise TransportError(f"labels must be a [batch, seq] tensor, got {tuple(labels.shape)}")
+            self._check_shape(labels)
+            if int(labels.min()) < 0 or int(labels.max()) >= self.model_cfg.vocab_size:
+                raise TransportError("labels must be token ids inside the vocabulary")
             self.labels.put((sender, mb), labels)
             reply = {"ok": True}
         except TransportError as e:
             reply = {"ok": False, "error": str(e)}
+        except asyncio.TimeoutError:
+            reply = {"ok": False, "error": f"labels not received within {self.cfg.read_timeout_s:.0f}s"}
         return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
+
+    async def _receive(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        """Read a whole inbound request within this server's limits and ``read_timeout_s``."""
+        return await asyncio.wait_for(receive(requests, self.cfg.limits), self.cfg.read_timeout_s)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        """A micro-batch's [batch, seq] within this server's limits (the swarm's micro-batch size and sequence
+        length, when the peer was started from a swarm config)."""
+        if x.ndim < 2 or not (1 <= x.shape[0] <= self.cfg.max_batch
+                              and 2 <= x.shape[1] <= min(self.cfg.max_seq_len, self.model_cfg.max_position_embeddings)):
+            raise TransportError(f"batch/sequence size {tuple(x.shape[:2])} outside this server's limits "
+                                 f"({self.cfg.max_batch} x {self.cfg.max_seq_len})")
 
     async def rpc_chain(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Forward one micro-batch through this stage and the rest of its route, then backward; see module doc."""
+        """Forward one micro-batch through this stage and the rest of its route, then backward; see module doc.
+
+        The reply holds this hop's signed report followed by the later hops' (``swarm.protocol``), or, for a
+        request refused before its header verified, an unsigned refusal."""
         sender = str(context.remote_id)
         started = time.perf_counter()
         self.inflight += 1
+        header: Optional[ChainHeader] = None
+        tensors: List[torch.Tensor] = []
         try:
-            if self.draining:  # the trainer retries elsewhere without blaming anyone
-                raise ChainError(f"stage {self.cfg.stage} peer is leaving", blame=None)
-            tensors, reply = await self._chain(requests, sender)
-            reply.update(ok=True)
-        except ChainError as e:
-            tensors, reply = [], dict(ok=False, error=e.reason, blame=e.blame, blame_stage=e.blame_stage,
-                                      judge=e.judge)
-        except Exception as e:  # a bug must not take the server down; report it without blaming anyone
-            logger.exception(f"stage {self.cfg.stage}: internal error")
-            tensors, reply = [], dict(ok=False, error=f"internal error at stage {self.cfg.stage}: {e!r}", blame=None)
+            try:
+                if self.draining:  # the trainer retries elsewhere without blaming anyone
+                    raise Refusal(f"stage {self.cfg.stage} peer is leaving", no_fault=True)
+                banned = self.is_banned(sender)
+                if banned:
+                    raise Refusal(f"refused: sender is blacklisted ({banned})", no_fault=True)
+                try:
+                    received = await self._receive(requests)
+                except TransportError as e:
+                    self._reject(sender, f"malformed message: {e}", FORWARD)
+                    raise Refusal(f"malformed message: {e}") from None
+                except asyncio.TimeoutError:
+                    raise Refusal(f"request not received within {self.cfg.read_timeout_s:.0f}s") from None
+                refused = self.not_admitted(sender, received.metadata)
+                if refused:
+                    raise Refusal(refused)
+                header = self._verify_header(received.metadata, sender)
+            except Refusal as e:
+                reply = dict(ok=False, error=e.reason, no_fault=e.no_fault)
+                for message in pack(reply, message_type=runtime_pb2.ExpertResponse):
+                    yield message
+                return
+            try:
+                tensors, report = await self._chain(received, header, sender)
+                later: List[Dict[str, Any]] = report.pop("reports")
+            except ChainError as e:
+                report, later = self._failure(e, header, sender), e.reports or []
+            except Exception as e:  # a bug must not take the server down; report it without blaming anyone
+                logger.exception(f"stage {self.cfg.stage}: internal error")
+                report, later = dict(ok=False, error=f"internal error at stage {self.cfg.stage}: {e!r}"), []
         finally:
             self.inflight -= 1
-        reply.setdefault("timings", []).insert(
-            0, dict(stage=self.cfg.stage, peer=self.peer_id, total_s=time.perf_counter() - started)
-        )
-        for message in pack(reply, tensors, compression=self.cfg.compression, message_type=runtime_pb2.ExpertResponse):
+        report.setdefault("timings", {})["total_s"] = time.perf_counter() - started
+        signed = HopReport.create(self.identity_key, header_digest=header.digest, stage=self.cfg.stage,
+                                  peer=self.peer_id, **report)
+        for message in pack(dict(reports=[signed.to_wire()] + later), tensors, compression=self.cfg.compression,
+                            message_type=runtime_pb2.ExpertResponse):
             yield message
+
+    def _failure(self, e: ChainError, header: ChainHeader, sender: str) -> Dict[str, Any]:
+        """This hop's report of a failure: whom it blames, relative to itself (it can blame only the neighbours
+        it exchanged tensors with), or a relay of a later hop's signed failure."""
+        if e.reports:
+            return dict(ok=False, error=e.reason[:300], relay=True)
+        route = header.route
+        downstream = route[self.cfg.stage + 1] if self.cfg.stage + 1 < len(route) else None
+        blame = UPSTREAM if e.blame is not None and e.blame == sender else \
+            DOWNSTREAM if e.blame is not None and e.blame == downstream else None
+        return dict(ok=False, error=e.reason[:300], blame=blame, judged=blame is not None and e.judge is not None)
+
+    def _verify_header(self, meta: Dict[str, Any], sender: str) -> ChainHeader:
+        """The request's signed header (``swarm.protocol.ChainHeader``), checked for this peer; raises Refusal."""
+        try:
+            header = ChainHeader.from_wire(meta.get("header"))
+            header.check(run_id=self.cfg.run_id, stage=self.cfg.stage, me=self.peer_id, sender=sender,
+                         now=time.time(), audit_only=meta.get("audit_only") is True)
+        except ProtocolError as e:
+            self._reject(sender, f"bad header: {e}", FORWARD)
+            raise Refusal(f"bad header: {e}") from None
+        if len(header.route) != self.cfg.num_stages:
+            raise Refusal(f"header route has {len(header.route)} stages; this swarm has {self.cfg.num_stages}")
+        return header
 
     async def rpc_state_sketch(self, request: runtime_pb2.ExpertRequest,
                                context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -471,7 +605,7 @@ class StageServer(ServicerBase):
         try:
             received = await receive(single(request), self.cfg.limits)
             seed, dims = received.metadata.get("seed"), received.metadata.get("dims")
-            if not (isinstance(seed, int) and 0 <= seed < 2**63 and isinstance(dims, int) and 1 <= dims <= 256):
+            if not (type(seed) is int and 0 <= seed < 2**63 and type(dims) is int and 1 <= dims <= 256):
                 raise TransportError("need an integer 'seed' in [0, 2^63) and 'dims' in [1, 256]")
             now = time.monotonic()
             if now - self._sketch_last.get(caller, -SKETCH_COOLDOWN_S) < SKETCH_COOLDOWN_S:
@@ -529,52 +663,53 @@ class StageServer(ServicerBase):
         return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage,
                           judge=self.peer_id if verdict else None)
 
-    def _check(self, tensor: torch.Tensor, direction: str, sender: str, meta: Dict[str, Any],
-               context: Optional[torch.Tensor] = None, epoch: Any = None, final: bool = True) -> None:
+    async def _check(self, tensor: torch.Tensor, direction: str, sender: str, header: ChainHeader,
+                     context: Optional[torch.Tensor] = None, epoch: Any = None, final: bool = True) -> None:
         """SENTINEL verdict on one received tensor; a rejection raises and blames the sender. ``final`` False: an
         acceptance is not counted in the ledger yet, because another check of the same tensor follows (the loss)."""
         if self.sentinel is None or not tensor.is_floating_point():
             return  # token ids from the trainer are validated (range, shape) in _validate_request instead
-        data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"  # retries share their data
-        step = meta.get("step") if isinstance(meta.get("step"), int) else None
-        verdict = self.sentinel.check(tensor, sender, direction, microbatch=data_key, context=context, step=step,
-                                      epoch=_epoch(epoch))
+        # on the checks thread: statistics over a whole tensor cost milliseconds, and the event loop routes
+        verdict = await self._off_loop(self.sentinel.check, tensor, sender, direction, microbatch=_data_key(header),
+                                       context=context, step=header.step, epoch=_epoch(epoch))
         if final or not verdict.accepted:
             self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction, verdict=True)
 
-    def _check_loss(self, loss: float, sender: str, meta: Dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> None:
+    async def _check_loss(self, loss: float, sender: str, header: ChainHeader, sender_epoch: Any, x: torch.Tensor,
+                          labels: torch.Tensor) -> None:
         """The last stage's loss on the sender's activations, judged before any backward (see SentinelMonitor). Its
         verdict is the ledger's one entry for those activations: counting both checks of an accepted tensor as two
         clean exchanges halved the strike ratio of an attacker at the last stage's inputs (measured in a live 2 x 3
         run: an attacker with 5 strikes for its 5 tampered tensors stood at 5 of 29 exchanges, below the ratio)."""
         if self.sentinel is None:
             return
-        data_key = f"{meta.get('trainer')}:{str(meta.get('mb')).split('.')[0]}"
-        step = meta.get("step") if isinstance(meta.get("step"), int) else None
-        verdict = self.sentinel.check_loss(loss, sender, microbatch=data_key, step=step,
-                                           epoch=_epoch(meta.get("sender_epoch")), activations=x, tokens=labels,
+        verdict = await self._off_loop(self.sentinel.check_loss, loss, sender, microbatch=_data_key(header),
+                                       step=header.step,
+                                           epoch=_epoch(sender_epoch), activations=x, tokens=labels,
                                            attributable=self.cfg.stage == 1)
         self.ledger.record_verdict(verdict)
         if not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
-    def _auditors(self, meta: Dict[str, Any], route: List[str]) -> List[str]:
-        """The auditors a trainer asked this stage to consult (``swarm.audit``): only the penultimate stage audits;
-        a malformed list is ignored (an audit is the trainer's option, not a condition of serving)."""
-        auditors = meta.get("audit")
-        if auditors is None or self.cfg.stage != self.cfg.num_stages - 2:
+    def _auditors(self, header: ChainHeader, meta: Dict[str, Any], sender: str) -> List[str]:
+        """The auditors the trainer asked for (``swarm.audit``), from the reveal that travels beside the header and
+        must match its signed commitment at every hop (a hop that swapped or stripped them is blamed); only the
+        penultimate stage consults them, and never the audited peer or itself."""
+        try:
+            auditors = audit_reveal(header, meta.get("audit"))
+        except ProtocolError as e:
+            raise ChainError(f"stage {self.cfg.stage}: {e}", blame=sender, blame_stage=self.cfg.stage - 1) from None
+        if self.cfg.stage != self.cfg.num_stages - 2:
             return []
-        if not (isinstance(auditors, list) and len(auditors) <= 2
-                and all(isinstance(p, str) and 0 < len(p) <= 128 for p in auditors)
-                and len(set(auditors)) == len(auditors) and not {route[1], self.peer_id} & set(auditors)):
+        if len(set(auditors)) != len(auditors) or {header.route[-1], self.peer_id} & set(auditors):
             logger.info(f"stage {self.cfg.stage}: ignoring a malformed audit request {str(auditors)[:80]}")
             return []
         return auditors
 
-    async def _audit(self, grad: torch.Tensor, peer: str, auditors: List[str], meta: Dict[str, Any],
-                     out: torch.Tensor, mb: str) -> None:
+    async def _audit(self, grad: torch.Tensor, peer: str, auditors: List[str], header: ChainHeader,
+                     meta: Dict[str, Any], out: torch.Tensor) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
         ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed."""
@@ -582,14 +717,14 @@ class StageServer(ServicerBase):
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
             try:
-                answer = (await self._call_next(auditor, dict(meta, route=[auditor], audit_only=True), out, mb,
+                answer = (await self._call_next(auditor, header, dict(meta, audit_only=True), out,
                                                 timeout_s=min(self.cfg.hop_timeout_s, 30.0)))[0]
             except ChainError as e:
                 logger.info(f"stage {self.cfg.stage}: auditor {auditor[-8:]} gave no gradient: {e.reason}")
                 continue
             answers.append((auditor, answer))
-            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
-                            self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
+            outcome = await self._off_loop(judge, grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
+                                           self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
             if not outcome.needs_tiebreak:
                 break
         if outcome is None:  # no auditor answered: the route's gradient stands on its SENTINEL verdict alone
@@ -602,7 +737,7 @@ class StageServer(ServicerBase):
             return
         failed = outcome.odd or "inconclusive"
         self.stats.audits_failed[failed] = self.stats.audits_failed.get(failed, 0) + 1
-        logger.info(f"stage {self.cfg.stage}: micro-batch {mb}: {outcome.reason()}")
+        logger.info(f"stage {self.cfg.stage}: micro-batch {header.mb}: {outcome.reason()}")
         if outcome.odd == AUDIT:
             self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
             return
@@ -610,16 +745,7 @@ class StageServer(ServicerBase):
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
         raise ChainError(f"stage {self.cfg.stage}: {outcome.reason()}", blame=None)
 
-    def _validate_request(self, meta: Dict[str, Any], tensors: List[torch.Tensor], sender: str) -> Tuple[str, List[str]]:
-        mb, route, stage = meta.get("mb"), meta.get("route"), meta.get("stage")
-        if not isinstance(mb, str) or not 0 < len(mb) <= 256:
-            raise ChainError("metadata needs a string 'mb' id", blame=sender)
-        if stage != self.cfg.stage:
-            raise ChainError(f"this peer serves stage {self.cfg.stage}, not {stage!r}", blame=sender)
-        if not isinstance(route, list) or len(route) != self.cfg.num_stages - self.cfg.stage:
-            raise ChainError(f"route must list one peer for each of stages {self.cfg.stage}..{self.cfg.num_stages - 1}", blame=sender)
-        if not all(isinstance(p, str) and 0 < len(p) <= 128 for p in route) or route[0] != self.peer_id:
-            raise ChainError("route must start with this peer and hold peer ids", blame=sender)
+    def _validate_request(self, header: ChainHeader, tensors: List[torch.Tensor], sender: str) -> torch.Tensor:
         if len(tensors) != 1:
             raise ChainError(f"expected exactly one input tensor, got {len(tensors)}", blame=sender)
         x = tensors[0]
@@ -631,51 +757,61 @@ class StageServer(ServicerBase):
             expected = f"float activations [batch, seq, {self.model_cfg.hidden_size}]"
         if not ok:
             raise ChainError(f"bad input {tuple(x.shape)} {x.dtype}: expected {expected}", blame=sender)
-        if not (1 <= x.shape[0] <= self.cfg.max_batch and 2 <= x.shape[1] <= min(self.cfg.max_seq_len, self.model_cfg.max_position_embeddings)):
-            raise ChainError(f"batch/sequence size {tuple(x.shape[:2])} outside this server's limits", blame=sender)
-        if self.module.is_first and (int(x.min()) < 0 or int(x.max()) >= self.model_cfg.vocab_size):
-            raise ChainError("token ids outside the vocabulary", blame=sender)
-        return mb, route
-
-    async def _chain(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], sender: str) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
-        banned = self.is_banned(sender)
-        if banned:
-            raise ChainError(f"refused: sender is blacklisted ({banned})", blame=None)
         try:
-            received = await receive(requests, self.cfg.limits)
+            self._check_shape(x)
         except TransportError as e:
-            raise self._reject(sender, f"malformed message: {e}", FORWARD) from e
+            raise ChainError(str(e), blame=sender) from None
+        if self.module.is_first:
+            if int(x.min()) < 0 or int(x.max()) >= self.model_cfg.vocab_size:
+                raise ChainError("token ids outside the vocabulary", blame=sender)
+            if tensor_digest(x) != header.labels_digest:
+                raise ChainError("token ids do not match the header's digest", blame=sender)
+        return x
+
+    async def _chain(self, received, header: ChainHeader, sender: str) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+        """This hop's work on a request whose header verified: returns the upstream gradient and this hop's report
+        fields (with the later hops' reports under ``reports``); a failure raises ChainError."""
         meta = received.metadata
-        refused = self.not_admitted(sender, meta)
-        if refused:
-            raise ChainError(refused, blame=sender)
-        mb, route = self._validate_request(meta, received.tensors, sender)
         audit_only = meta.get("audit_only") is True
         if audit_only and not self.module.is_last:
             raise ChainError("'audit_only' asks the last stage for a gradient; this peer serves a middle stage", blame=sender)
-        x = received.tensors[0]
-        self._check(x, FORWARD, sender, meta, epoch=meta.get("sender_epoch"), final=not self.module.is_last)
+        x = self._validate_request(header, received.tensors, sender)
+        auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
+        if audit_only:  # the penultimate stage passes the reveal on to its auditors: this one must be listed
+            try:
+                listed = audit_reveal(header, meta.get("audit"))
+            except ProtocolError as e:
+                raise ChainError(f"audit request: {e}", blame=sender) from None
+            if self.peer_id not in listed:
+                raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
+        await self._check(x, FORWARD, sender, header, epoch=meta.get("sender_epoch"), final=not self.module.is_last)
         epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
+        loss: Optional[float] = None
         async with self._slots:
             queued = time.perf_counter()
             x, out, fwd_s = await loop.run_in_executor(self.executor, self._forward, x)
             wait_s = time.perf_counter() - queued - fwd_s
-            timings: List[Dict[str, Any]] = []
+            later: List[Dict[str, Any]] = []
             try:
                 if self.module.is_last:
-                    trainer = meta.get("trainer")
-                    if not isinstance(trainer, str):
-                        raise ChainError("metadata needs the 'trainer' peer id", blame=sender)
+                    key = (header.trainer, header.mb)
+                    if self.labels.used(key):
+                        raise ChainError(f"micro-batch {header.mb} was computed here already (a replay)", blame=sender)
                     try:
-                        labels = await self.labels.take((trainer, mb), self.cfg.labels_timeout_s)
+                        labels = await self.labels.take(key, self.cfg.labels_timeout_s)
                     except asyncio.TimeoutError:
-                        raise ChainError(f"labels for micro-batch {mb} never arrived", blame=None) from None
+                        raise ChainError(f"labels for micro-batch {header.mb} never arrived", blame=None) from None
+                    except TransportError as e:
+                        raise ChainError(str(e), blame=None) from None
+                    if tensor_digest(labels) != header.labels_digest:  # the trainer's own labels contradict its header
+                        raise ChainError(f"labels deposited for {header.mb} do not match its header", blame=None)
                     if labels.shape != out.shape[:2]:
-                        raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}", blame=None)
+                        raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}",
+                                         blame=sender)
                     loss_t, loss_s = await loop.run_in_executor(self.executor, self._loss, out, labels)
                     fwd_s += loss_s
-                    self._check_loss(float(loss_t.detach()), sender, meta, x, labels)
+                    await self._check_loss(float(loss_t.detach()), sender, header, meta.get("sender_epoch"), x, labels)
                     if audit_only:  # the gradient for a penultimate stage's audit: no training on it
                         loss, grad_in, bwd_s = await loop.run_in_executor(self.executor, self._audit_gradient, x, loss_t)
                         opt_s = 0.0
@@ -683,15 +819,17 @@ class StageServer(ServicerBase):
                         loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss,
                                                                                  x, loss_t)
                 else:
-                    auditors = self._auditors(meta, route)
-                    next_meta = dict(meta, route=route[1:], stage=self.cfg.stage + 1, sender_epoch=epoch,
-                                     admission=self.admission_proof)
-                    next_meta.pop("audit", None)  # the audited peer must not know
-                    grad_out, loss, timings, next_epoch = await self._call_next(route[1], next_meta, out.detach(), mb)
-                    self._check(grad_out, BACKWARD, route[1], meta, context=out.detach(), epoch=next_epoch,
-                                final=not auditors)
+                    next_meta = dict(header=meta["header"], sender_epoch=epoch, admission=self.admission_proof)
+                    if self.cfg.stage + 1 < self.cfg.num_stages - 1:
+                        next_meta["audit"] = meta.get("audit")  # checked again at the next hop; the last never sees it
+                    grad_out, later, next_epoch = await self._call_next(header.route[self.cfg.stage + 1], header,
+                                                                        next_meta, out.detach())
+                    await self._check(grad_out, BACKWARD, header.route[self.cfg.stage + 1], header, context=out.detach(),
+                                epoch=next_epoch, final=not auditors)
                     if auditors:
-                        await self._audit(grad_out, route[1], auditors, next_meta, out.detach(), mb)
+                        audit_meta = dict(next_meta, audit=meta.get("audit"))
+                        await self._audit(grad_out, header.route[self.cfg.stage + 1], auditors, header, audit_meta,
+                                          out.detach())
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
@@ -702,18 +840,22 @@ class StageServer(ServicerBase):
             self.stats.served += 1
             self.stats.record_compute(x.shape[0], fwd_s + bwd_s + opt_s)
             self.refresh_record()
-        tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, meta)]
-        hop = dict(stage=self.cfg.stage, peer=self.peer_id, fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
-        reply = dict(loss=float(loss), timings=[hop] + timings, epoch=epoch)
-        return tensors, reply
+        tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, header)]
+        timings = dict(fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
+        return tensors, dict(ok=True, loss=float(loss) if loss is not None else None, epoch=epoch, timings=timings,
+                             reports=later)
 
-    async def _call_next(self, peer: str, meta: Dict[str, Any], out: torch.Tensor, mb: str,
-                         timeout_s: Optional[float] = None) -> Tuple[torch.Tensor, float, List, Any]:
+    async def _call_next(self, peer: str, header: ChainHeader, meta: Dict[str, Any], out: torch.Tensor,
+                         timeout_s: Optional[float] = None) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int]]:
+        """Send ``out`` to ``peer`` (the next stage's route peer, or an auditor) and return the gradient it sent back,
+        its signed reports (checked: ``swarm.protocol.check_reports``) and its epoch. A failure raises ChainError:
+        this hop's own claim about ``peer`` (unreachable, timed out, a malformed or unsigned reply), or the later
+        hops' signed reports relayed."""
         try:
             peer_id = PeerID.from_base58(peer)
         except Exception:
             raise ChainError(f"route holds an invalid peer id {peer[:20]!r}", blame=None) from None
-        sent = self._outbound(out, FORWARD, meta)
+        sent = self._outbound(out, FORWARD, header)
         stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
         messages = pack(meta, [sent], compression=self.cfg.compression)
         stage = self.cfg.stage + 1
@@ -730,28 +872,34 @@ class StageServer(ServicerBase):
             self.stats.failed_downstream += 1
             raise ChainError(f"stage {stage} peer unreachable: {type(e).__name__}: {e}", blame=peer, blame_stage=stage) from None
         reply = received.metadata
-        if not reply.get("ok"):
+        if "reports" not in reply:  # refused before it verified the header: its word against this hop's
             self.stats.failed_downstream += 1
-            blame, blame_stage = reply.get("blame"), reply.get("blame_stage")
-            if not (blame is None or isinstance(blame, str)):
-                blame = peer
-            judge = reply.get("judge")
-            raise ChainError(str(reply.get("error", "unknown error"))[:500], blame=blame, blame_stage=blame_stage,
-                             judge=judge if isinstance(judge, str) and 0 < len(judge) <= 128 else None)
-        loss = reply.get("loss")
-        if not isinstance(loss, float) or not math.isfinite(loss) or len(received.tensors) != 1:
-            raise self._reject(peer, "reply needs a finite loss and one gradient tensor", BACKWARD)
+            no_fault = reply.get("no_fault") is True
+            raise ChainError(f"stage {stage} peer refused: {str(reply.get('error', 'no reason'))[:200]}",
+                             blame=None if no_fault else peer, blame_stage=None if no_fault else stage)
+        try:
+            reports = check_reports(header, reply["reports"], stage, peer)
+        except ProtocolError as e:
+            self.stats.failed_downstream += 1
+            raise self._reject(peer, f"invalid reply: {e}", BACKWARD) from None
+        if not reports[0].ok:
+            self.stats.failed_downstream += 1
+            raise ChainError(f"stage {stage}: {reports[0].error}", reports=reply["reports"])
+        if len(received.tensors) != 1:
+            raise self._reject(peer, "reply needs one gradient tensor", BACKWARD)
         grad = received.tensors[0]
         if grad.shape != out.shape or not grad.is_floating_point():
             raise self._reject(peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD)
-        timings = reply.get("timings") if isinstance(reply.get("timings"), list) else []
-        return grad, loss, timings[:64], reply.get("epoch")
+        return grad, reply["reports"], reports[0].epoch
 
-    def _outbound(self, tensor: torch.Tensor, direction: str, meta: Dict[str, Any]) -> torch.Tensor:
+    def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()
         if self.outbound_hook is not None:
-            tensor = self.outbound_hook(tensor, direction, meta)
+            tensor = self.outbound_hook(tensor, direction, dict(trainer=header.trainer, mb=header.mb, step=header.step))
         return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.cpu()
+
+    async def _off_loop(self, fn, *args, **kwargs):
+        return await asyncio.get_event_loop().run_in_executor(self.checks, partial(fn, *args, **kwargs))
 
     # ---- compute (runs on the single compute thread) ---------------------------------------------------------
     def _autocast(self):
@@ -802,6 +950,19 @@ class StageServer(ServicerBase):
         opt_s = self._optimizer_step(x.shape[0])
         return float(loss.detach()), x.grad if x.is_floating_point() else None, bwd_s, opt_s
 
+INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)
+
+
+def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
+    """The ``n`` largest counts."""
+    return dict(sorted(counts.items(), key=lambda item: -item[1])[:n]) if len(counts) > n else dict(counts)
+
+
+def _data_key(header: ChainHeader) -> str:
+    """What SENTINEL's replay check keys on: the trainer and the micro-batch's index (its retries share their data)."""
+    return f"{header.trainer}:{header.mb.split('.')[0]}"
+
+
 def _epoch(value: Any) -> Optional[int]:
     """A sender's claimed optimizer epoch, if it is a plausible one (it only picks which senders to compare with)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40 else None
@@ -814,19 +975,11 @@ async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: fl
     return (await receive(single(reply), TensorLimits())).metadata
 
 
-async def lookup_rsa_key(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 5.0) -> Optional[bytes]:
-    """The RSA key a stage peer says it signs with, or None if it does not answer."""
-    try:
-        key = (await fetch_peer_info(p2p, run_id, peer, timeout=timeout)).get("rsa_key")
-    except Exception:
-        return None
-    return key if isinstance(key, bytes) else None
-
-
 SKETCH_COOLDOWN_S = 2.0
 DIALBACK_MAX_ADDRS = 4
 DIALBACK_COOLDOWN_S = 20.0
 DIALBACK_TIMEOUT_S = 10.0
+UNREACHABLE = "unreachable (timed out, refused, or another peer answered)"
 
 
 def dialback_addresses(value: Any, caller: str) -> List[str]:
@@ -861,7 +1014,10 @@ async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[s
     """Dial ``peer`` at each address, each from its own new, throw-away libp2p host (a host that reached the peer
     once would reuse that connection, or the address it learnt, for the next address), concurrently; the hosts
     do not listen and may use relays so that ``/p2p-circuit`` addresses can be tried.
-    Returns ``{maddr: "ok" | why it failed}``; TransportError if no probe host can be started here."""
+    Returns ``{maddr: "ok" | UNREACHABLE}``; TransportError if no probe host can be started here.
+
+    Not a port scanner: every failure reads the same (a closed port, a silent one and another libp2p node alike),
+    and an answer with a failure comes only once ``timeout_s`` has passed, so its timing tells nothing either."""
     from hivemind.p2p import P2P
     from hivemind.utils.multiaddr import Multiaddr
 
@@ -874,15 +1030,16 @@ async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[s
         try:
             await asyncio.wait_for(host._client.connect(peer, [Multiaddr(addr)]), timeout_s)
             return "ok"
-        except asyncio.TimeoutError:
-            return f"timed out after {timeout_s:.0f}s"
-        except Exception as e:
-            return f"{type(e).__name__}: {str(e)[:200]}"
+        except Exception:  # timed out, refused, another peer's handshake: one answer for all
+            return UNREACHABLE
         finally:
             with contextlib.suppress(Exception):
                 await host.shutdown()
 
+    started = time.monotonic()
     outcomes = await asyncio.gather(*(probe(addr) for addr in maddrs), return_exceptions=True)
+    if any(outcome != "ok" for outcome in outcomes):
+        await asyncio.sleep(max(0.0, started + timeout_s - time.monotonic()))
     for outcome in outcomes:
         if isinstance(outcome, BaseException):  # this peer's failure, not the caller's: no verdict
             raise outcome if isinstance(outcome, TransportError) else TransportError(repr(outcome))
@@ -898,7 +1055,3 @@ async def request_dialback(p2p: hivemind.P2P, run_id: str, peer: str, maddrs: Li
     return (await receive(single(reply), TensorLimits())).metadata
 
 
-def _local_rsa_key() -> bytes:
-    from hivemind.dht.crypto import RSASignatureValidator
-
-    return RSASignatureValidator().local_public_key

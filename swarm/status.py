@@ -10,12 +10,12 @@ Where each figure comes from:
 - peers: the stage records ``{run}.stage.{k}`` (state, throughput, micro-batches served, device, addresses,
   ``updated_at``); a peer whose record expired is gone and not listed.
 - reputation: the signed reports ``{run}.reports``, aggregated with :func:`swarm.reputation.aggregate` through a
-  :class:`swarm.reputation_service.ReputationService`, as every peer does (reporters' identities confirmed over
-  libp2p). One difference: a one-shot reader cannot observe how long a reporter has been around, so the
+  :class:`swarm.reputation_service.ReputationService`, as every peer does (a report counts only if signed by its
+  reporter's identity key). One difference: a one-shot reader cannot observe how long a reporter has been around, so the
   age part of probation is waived (``probation_s = 0``); the verified-work part still applies.
 - blacklisted and why: the blacklists peers publish under ``{run}.blacklist``; the swarm-wide verdict is
-  :func:`swarm.reputation_service.swarm_verdict` (a majority of the trusted publishers), the reason the one most
-  publishers cite.
+  :func:`swarm.reputation_service.swarm_verdict` (publishers holding a majority of the trust this reader's
+  reputation aggregate gives them; none while reputation is not computed), the reason the one most publishers cite.
 - totals: the trainers' progress records ``{run}.progress`` (:class:`swarm.records.TrainerProgressRecord`).
 
 JSON schema (``swarm status --json``; version 1). Keys marked * are stable promises; others may be added:
@@ -148,8 +148,9 @@ def short_id(peer_id: str) -> str:
     return peer_id[-SHORT_ID_LEN:]
 
 
-def _blacklist_verdicts(blacklists: Dict[str, BlacklistRecord]) -> Dict[str, Dict[str, Any]]:
-    """Per listed peer: the swarm-wide verdict, how many publishers list it, and the reason most of them cite."""
+def _blacklist_verdicts(blacklists: Dict[str, BlacklistRecord], weights: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
+    """Per listed peer: the swarm-wide verdict (publishers weighed by ``weights``), how many publishers list it, and
+    the reason most of them cite."""
     from swarm.reputation_service import swarm_verdict
 
     listed: Dict[str, List[Dict[str, Any]]] = {}
@@ -163,7 +164,7 @@ def _blacklist_verdicts(blacklists: Dict[str, BlacklistRecord]) -> Dict[str, Dic
         reporters = max(entry["reporters"] for entry in entries)
         strikes = max(entry["strikes"] for entry in entries)
         verdicts[peer] = dict(
-            blacklisted=swarm_verdict(blacklists, peer), listed_by=len(entries),
+            blacklisted=swarm_verdict(blacklists, peer, weights), listed_by=len(entries),
             reason=f"{reason} (listed by {len(entries)} of {len(blacklists)} publishers; "
                    f"{reporters} reporters, {strikes} strikes)",
         )
@@ -191,7 +192,7 @@ def build_status(
     blacklists = blacklists or {}
     if num_stages is None:
         num_stages = config.num_stages if config is not None else (max(stage_peers, default=-1) + 1)
-    verdicts = _blacklist_verdicts(blacklists)
+    verdicts = _blacklist_verdicts(blacklists, reputation.weights if reputation is not None else {})
     stages: List[StageStatus] = []
     for stage in range(num_stages):
         peers = []
@@ -379,13 +380,11 @@ def _reputation_config(config: SwarmConfigRecord):
 class StatusReader:
     """Reads a swarm's status from a DHT node, again and again (``--watch``) in one event loop."""
 
-    def __init__(self, dht, run_id: str, *, timeout_s: float = 15.0, lookup_timeout_s: float = 3.0):
+    def __init__(self, dht, run_id: str, *, timeout_s: float = 15.0):
         self.dht, self.run_id = dht, run_id
-        self.timeout_s, self.lookup_timeout_s = timeout_s, lookup_timeout_s
+        self.timeout_s = timeout_s
         self.config: Optional[SwarmConfigRecord] = None
-        self.p2p = None
         self.service = None
-        self.keys: Dict[str, bytes] = {}  # reporter -> the RSA key it confirmed over libp2p
 
     async def read(self) -> SwarmStatus:
         """One status, within ``timeout_s`` (else :class:`StatusError`)."""
@@ -398,7 +397,7 @@ class StatusReader:
         from hivemind.utils import get_dht_time
 
         from swarm.network import fetch_stage_peers, fetch_swarm_config
-        from swarm.records import ReputationReport, parse_subkeyed, progress_key, reports_key
+        from swarm.records import parse_subkeyed, progress_key
         from swarm.reputation_service import ReputationService, read_published_blacklists
 
         loop = asyncio.get_event_loop()
@@ -422,14 +421,10 @@ class StatusReader:
 
         reputation = None
         try:
-            if self.p2p is None:
-                self.p2p = await self.dht.replicate_p2p()
             if self.service is None:
+                peer_id = await loop.run_in_executor(None, lambda: str(self.dht.peer_id))  # asks the DHT process
                 self.service = ReputationService(self.dht, self.run_id, config.num_stages, _reputation_config(config),
-                                                 peer_id=str(self.p2p.peer_id), lookup_key=self._lookup)
-            reports, _ = parse_subkeyed(await self.dht.get(reports_key(self.run_id), latest=True, return_future=True),
-                                        ReputationReport.from_value, "reputation report")
-            await self._confirm_keys({report.reporter for report, _ in reports.values()})
+                                                 peer_id=peer_id)
             reputation = await self.service.refresh()
             if not any(w > 0 for w in reputation.weights.values()):
                 notes.append("reputation: no reporter has verified work yet, so every score is neutral (1.00)")
@@ -437,20 +432,6 @@ class StatusReader:
             notes.append(f"reputation not computed: {type(e).__name__}: {e}")
         return build_status(self.run_id, config, stage_peers, progress=list(latest.values()), blacklists=blacklists,
                             reputation=reputation, now=get_dht_time(), notes=notes)
-
-    async def _confirm_keys(self, reporters) -> None:
-        """Ask every reporter not yet confirmed for its RSA key, all at once (each bounded by lookup_timeout_s)."""
-        from swarm.stage_server import lookup_rsa_key
-
-        todo = sorted(r for r in reporters if r not in self.keys)
-        found = await asyncio.gather(*(lookup_rsa_key(self.p2p, self.run_id, r, timeout=self.lookup_timeout_s)
-                                       for r in todo))
-        for reporter, key in zip(todo, found):
-            if key is not None:
-                self.keys[reporter] = key
-
-    async def _lookup(self, peer: str) -> Optional[bytes]:
-        return self.keys.get(peer)
 
 
 def read_status(dht, run_id: str, timeout_s: float = 15.0) -> SwarmStatus:

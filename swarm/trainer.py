@@ -25,20 +25,20 @@ from typing import Any, Callable, Dict, List, Optional
 
 import hivemind
 import torch
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.admission import AdmissionPolicy
 from swarm.audit import AuditConfig, pick_auditors
 from swarm.data import MicroBatchStream
-from swarm.network import cancel_task, fetch_stage_peers
+from swarm.network import cancel_task, fetch_stage_peers, identity_key, owner_subkey
+from swarm.protocol import ChainHeader, ProtocolError, check_reports, resolve
 from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
 from swarm.reputation import ReputationConfig
-from swarm.reputation_service import ReputationService, read_published_blacklists, swarm_verdict
+from swarm.reputation_service import ReputationService, read_published_blacklists
 from swarm.router import NoRouteError, Router
-from swarm.stage_server import StageServer, lookup_rsa_key, namespace
-from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
+from swarm.stage_server import StageServer, namespace
+from swarm.transport import TensorLimits, TransportError, aiter_messages, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,10 @@ class Trainer:
         admission: Optional[AdmissionPolicy] = None,
         admission_token: Optional[str] = None,
         audit: Optional[AuditConfig] = None,
+        identity_key=None,
     ):
         self.cfg, self.dht, self.stream = cfg, dht, stream
+        self.identity_key = identity_key  # this trainer's libp2p identity key: it signs every request header
         # audits of the last stage's gradients (swarm.audit); None: never (a single-stage swarm has nothing to audit)
         self.audit = audit if audit is not None and cfg.num_stages >= 2 else None
         self.audit_rng = random.Random()
@@ -206,7 +208,7 @@ class Trainer:
             ttl = self.cfg.progress_final_ttl_s if state == "finished" else self.cfg.progress_ttl_s
             future = self.dht.store(progress_key(self.cfg.run_id), self.progress_record(state).to_value(),
                                     get_dht_time() + ttl,
-                                    subkey=RSASignatureValidator().local_public_key, return_future=True)
+                                    subkey=owner_subkey(self.dht), return_future=True)
             return bool(await asyncio.wait_for(future, timeout=min(10.0, self.cfg.progress_ttl_s)))
         except Exception as e:  # progress is for onlookers: it must never disturb training
             logger.debug(f"could not publish progress: {type(e).__name__}: {e}")
@@ -241,22 +243,26 @@ class Trainer:
     def _stub(self, peer: str):
         return self._stub_cls.get_stub(self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id))
 
+    async def _deposit_labels(self, peer: str, mb: str, ids: torch.Tensor, timeout: float) -> Optional[str]:
+        """Stream the labels of ``mb`` to a last-stage peer; None when it took them, else why not."""
+        try:
+            reply = await self._stub(peer).rpc_labels(
+                aiter_messages(pack({"mb": mb, "admission": self.admission_proof}, [ids])), timeout=timeout)
+            meta = (await receive(single(reply), self.limits)).metadata
+            return None if meta.get("ok") is True else f"refused the labels: {str(meta.get('error'))[:200]}"
+        except Exception as e:
+            return f"labels not delivered: {type(e).__name__}: {e}"
+
     async def _attempt(self, index: int, attempt: int, chain: List[str], ids: torch.Tensor) -> Attempt:
         mb = f"{index}.{attempt}"
-        try:
-            labels_reply = await self._stub(chain[-1]).rpc_labels(
-                pack({"mb": mb, "admission": self.admission_proof}, [ids])[0], timeout=min(30.0, self.cfg.chain_timeout_s)
-            )
-            ok = (await receive(single(labels_reply), self.limits)).metadata.get("ok")
-            if not ok:
-                return Attempt(False, reason="last stage refused the labels", blame=chain[-1])
-        except Exception as e:
-            return Attempt(False, reason=f"labels not delivered: {type(e).__name__}: {e}", blame=chain[-1])
-        meta = dict(mb=mb, route=chain, stage=0, trainer=self.peer_id, step=index // self.cfg.microbatches_per_step,
-                    admission=self.admission_proof)
+        why = await self._deposit_labels(chain[-1], mb, ids, timeout=min(30.0, self.cfg.chain_timeout_s))
+        if why is not None:
+            return Attempt(False, reason=f"last stage {why}", blame=chain[-1])
         auditors = await self._auditors(chain, mb, ids)
-        if auditors:
-            meta["audit"] = auditors
+        header, reveal = ChainHeader.create(self.identity_key, run_id=self.cfg.run_id, trainer=self.peer_id, mb=mb,
+                                            step=index // self.cfg.microbatches_per_step, route=chain, tokens=ids,
+                                            auditors=auditors, now=time.time())
+        meta = dict(header=header.to_wire(), audit=reveal, admission=self.admission_proof)
         try:
             received = await call(
                 self._stub(chain[0]).rpc_chain, pack(meta, [ids], compression=self.cfg.compression),
@@ -269,24 +275,23 @@ class Trainer:
         except Exception as e:
             return Attempt(False, reason=f"first peer unreachable: {type(e).__name__}: {e}", blame=chain[0])
         reply = received.metadata
-        if not reply.get("ok"):
-            blame = reply.get("blame")
-            judge = reply.get("judge")
-            return Attempt(False, reason=str(reply.get("error", "unknown error"))[:300],
-                           blame=blame if isinstance(blame, str) and blame != self.peer_id else None,
-                           judge=judge if isinstance(judge, str) and 0 < len(judge) <= 128 else None)
-        loss = reply.get("loss")
-        if not isinstance(loss, float):
-            return Attempt(False, reason="reply without a loss", blame=chain[0])
+        if "reports" not in reply:  # refused before it verified the header (the one it was sent is valid)
+            no_fault = reply.get("no_fault") is True
+            return Attempt(False, reason=f"stage 0 peer refused: {str(reply.get('error', 'no reason'))[:200]}",
+                           blame=None if no_fault else chain[0])
+        try:
+            verdict = resolve(header, check_reports(header, reply["reports"], 0, chain[0]))
+        except ProtocolError as e:  # the first peer delivered what does not verify: its fault, whoever made it
+            return Attempt(False, reason=f"invalid reply: {e}", blame=chain[0])
+        if not verdict.ok:
+            return Attempt(False, reason=verdict.reason, blame=verdict.blame, judge=verdict.judge)
         hop_times = {}
-        for t in reply.get("timings", []) if isinstance(reply.get("timings"), list) else []:
-            if not (isinstance(t, dict) and isinstance(t.get("peer"), str) and isinstance(t.get("stage"), int)):
-                continue
-            parts = {k: t[k] for k in ("fwd_s", "bwd_s", "opt_s", "wait_s") if isinstance(t.get(k), float)}
+        for report in verdict.reports:
+            parts = {k: report.timings[k] for k in ("fwd_s", "bwd_s", "opt_s", "wait_s") if k in report.timings}
             if len(parts) == 4:
-                hop_times[t["peer"]] = parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]  # busy time, not queueing
-                self.timing.add(t["stage"], parts)
-        return Attempt(True, loss=loss, hop_times_s=hop_times)
+                hop_times[report.peer] = parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]  # busy time, not queueing
+                self.timing.add(report.stage, parts)
+        return Attempt(True, loss=verdict.loss, hop_times_s=hop_times)
 
     async def _auditors(self, chain: List[str], mb: str, ids: torch.Tensor) -> List[str]:
         """Draw this attempt's auditors (``swarm.audit.pick_auditors``) and deposit the labels with them; an auditor
@@ -297,13 +302,10 @@ class Trainer:
                               self.router.is_suspect(chain[-1]), self.audit, self.audit_rng)
 
         async def deposit(peer: str) -> bool:
-            try:
-                reply = await self._stub(peer).rpc_labels(pack({"mb": mb, "admission": self.admission_proof}, [ids])[0],
-                                                          timeout=min(10.0, self.cfg.chain_timeout_s))
-                return bool((await receive(single(reply), self.limits)).metadata.get("ok"))
-            except Exception as e:
-                logger.debug(f"auditor {peer[-8:]} did not take the labels of {mb}: {e}")
-                return False
+            why = await self._deposit_labels(peer, mb, ids, timeout=min(10.0, self.cfg.chain_timeout_s))
+            if why is not None:
+                logger.debug(f"auditor {peer[-8:]} {why} of {mb}")
+            return why is None
 
         taken = await asyncio.gather(*(deposit(peer) for peer in drawn))
         auditors = [peer for peer, ok in zip(drawn, taken) if ok]
@@ -359,13 +361,17 @@ class Trainer:
     async def run(self) -> Dict[str, Any]:
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.p2p.peer_id)
+        self.identity_key = self.identity_key or identity_key(self.dht)
+        if self.identity_key is None:
+            raise ValueError("the trainer signs its requests with its DHT's identity key: make the DHT with "
+                             "swarm.network.create_dht, or pass identity_key")
         if self.admission is not None and self.admission_proof is None:  # solve the work, check the token first
             self.admission_proof = await asyncio.get_event_loop().run_in_executor(
                 None, self.admission.prove, self.peer_id, self.admission_token)
         if self.reputation_cfg is not None:
             self.reputation = ReputationService(
                 self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
-                lookup_key=lambda peer: lookup_rsa_key(self.p2p, self.cfg.run_id, peer), admission=self.admission,
+                admission=self.admission,
             )
             self.router.is_blacklisted = self._is_blacklisted
             self.reputation.start()
@@ -449,7 +455,7 @@ class Trainer:
                          succeeded=state.succeeded, failed=state.failed, time_ema_s=state.time_ema_s)
             if self.reputation is not None:
                 entry.update(reputation=round(self.reputation.score(state.peer_id), 4),
-                             blacklisted=swarm_verdict(blacklists or {}, state.peer_id),
+                             blacklisted=self.reputation.swarm_verdict(blacklists or {}, state.peer_id),
                              blacklist_reason=self.reputation.reason(state.peer_id),
                              first_rejected_after_microbatches=self.first_rejected_at.get(state.peer_id),
                              blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id),

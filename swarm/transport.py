@@ -33,6 +33,9 @@ COMPRESSION = {
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 
 
+MIN_CHUNK_BYTES = 1024  # a sender may split a tensor into chunks no smaller than this on average (ours: 1 MiB)
+
+
 class TransportError(ValueError):
     """A message that breaks the protocol or the receiver's limits; the text is sent back to the sender."""
 
@@ -46,6 +49,9 @@ class TensorLimits:
     max_elements: int = 2**28  # per tensor
     max_total_bytes: int = 1 << 30  # per message, serialized
     max_metadata_bytes: int = 1 << 16
+    # stream messages that carry nothing (each costs the receiver far more than its bytes on the wire): a stream of
+    # them is refused after this many
+    max_empty_messages: int = 16
     dtypes: Tuple[str, ...] = ("float32", "float16", "bfloat16", "int64")
 
     def __post_init__(self) -> None:
@@ -61,6 +67,13 @@ class Received:
     tensors: List[torch.Tensor]
     num_bytes: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def limits_for(microbatch_size: int, seq_len: int, hidden_size: int, slack: float = 1.25) -> TensorLimits:
+    """What a stage peer of a swarm accepts: one micro-batch of float32 activations [microbatch, seq, hidden] (or
+    int64 token ids), with ``slack`` for framing, and nothing larger."""
+    elements = microbatch_size * seq_len * max(hidden_size, 2)
+    return TensorLimits(max_elements=elements, max_total_bytes=int(elements * 4 * slack) + (1 << 20))
 
 
 def pack(
@@ -110,9 +123,13 @@ def _check_header(part: runtime_pb2.Tensor, limits: TensorLimits) -> int:
         raise TransportError(f"tensor of {numel} elements exceeds the limit of {limits.max_elements}")
     if part.chunks < 1:
         raise TransportError("tensor header declares no chunks")
+    budget = numel * _ITEMSIZE.get(part.dtype, 8) + 4096 + 8 * numel // 256
+    if part.chunks > 1 + budget // MIN_CHUNK_BYTES:  # a tensor in a flood of tiny (or empty) chunks
+        raise TransportError(f"tensor of {budget} bytes declared in {part.chunks} chunks (at least "
+                             f"{MIN_CHUNK_BYTES} bytes each, please)")
     # the serialized buffer of an uncompressed tensor is exactly numel * itemsize; codecs only shrink it
     # (plus a few bytes of statistics), so anything beyond that is a lie about the shape
-    return numel * _ITEMSIZE.get(part.dtype, 8) + 4096 + 8 * numel // 256
+    return budget
 
 
 async def receive(stream: AsyncIterator[Message], limits: TensorLimits) -> Received:
@@ -137,7 +154,12 @@ async def receive(stream: AsyncIterator[Message], limits: TensorLimits) -> Recei
         tensors.append(tensor)
         current = []
 
+    empty = 0
     async for message in stream:
+        if metadata is not None and not message.tensors and not message.metadata:
+            empty += 1
+            if empty > limits.max_empty_messages:
+                raise TransportError(f"more than {limits.max_empty_messages} empty stream messages")
         if metadata is None:
             if len(message.metadata) > limits.max_metadata_bytes:
                 raise TransportError(f"metadata of {len(message.metadata)} bytes exceeds the limit")

@@ -129,20 +129,26 @@ def test_records_carry_proofs():
 
 def test_unadmitted_stage_records_are_ignored_on_a_real_dht():
     """Records in the real DHT: the router's view (fetch_stage_peers with the policy) keeps only admitted peers."""
-    from swarm.network import _public_key, create_dht, fetch_stage_peers
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    from swarm.network import create_dht, fetch_stage_peers, owner_subkey
+    from swarm.records import owner_peer_id
 
     policy = AdmissionPolicy(run_id=RUN, pow_bits=8)
     dht = create_dht(RUN)
     try:
-        good = StageRecord(peer_id=PEER, stage=0, updated_at=get_dht_time(), admission=policy.prove(PEER))
-        # one signer (this process) per key: the unadmitted record goes under stage 1
-        bad = StageRecord(peer_id=OTHER, stage=1, updated_at=get_dht_time(), admission={"pow": 0})
-        for rec in (good, bad):
-            assert dht.store(stage_key(RUN, rec.stage), rec.to_value(), get_dht_time() + 30, subkey=_public_key())
+        # a record speaks for its signer: two signers, the node's identity and this process's key (which the node
+        # also signs with, for hivemind's own records)
+        me, process_key = owner_subkey(dht), RSASignatureValidator().local_public_key
+        peer, other = owner_peer_id(me), owner_peer_id(process_key)
+        good = StageRecord(peer_id=peer, stage=0, updated_at=get_dht_time(), admission=policy.prove(peer))
+        bad = StageRecord(peer_id=other, stage=1, updated_at=get_dht_time(), admission={"pow": 0})
+        for rec, subkey in ((good, me), (bad, process_key)):
+            assert dht.store(stage_key(RUN, rec.stage), rec.to_value(), get_dht_time() + 30, subkey=subkey)
         everyone = fetch_stage_peers(dht, RUN, 2)
-        assert [p.peer_id for p in everyone[0]] == [PEER] and [p.peer_id for p in everyone[1]] == [OTHER]
+        assert [p.peer_id for p in everyone[0]] == [peer] and [p.peer_id for p in everyone[1]] == [other]
         admitted = fetch_stage_peers(dht, RUN, 2, policy)
-        assert [p.peer_id for p in admitted[0]] == [PEER]
+        assert [p.peer_id for p in admitted[0]] == [peer]
         assert admitted[1] == []
     finally:
         dht.shutdown()

@@ -13,6 +13,7 @@ import math
 import re
 
 import pytest
+from fake_dht import FakeDHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -29,19 +30,23 @@ from swarm.records import (
     StageRecord,
     SwarmConfigRecord,
     SwarmRecordValidator,
+    TrainerProgressRecord,
     check_record,
     config_key,
     make_validators,
+    owner_peer_id,
     parse_subkeyed,
+    progress_key,
     stage_key,
 )
 
 RUN = "test-run"
 dumps = DHTProtocol.serializer.dumps
+ME = owner_peer_id(RSASignatureValidator().local_public_key)  # the peer id of this process's key (make_validators)
 
 
 def stage_value(**overrides):
-    value = StageRecord(peer_id="QmPeerA", stage=1, state="online", throughput=12.5, served=3, device="cpu",
+    value = StageRecord(peer_id=ME, stage=1, state="online", throughput=12.5, served=3, device="cpu",
                         updated_at=1000.0).to_value()
     value.update(overrides)
     return value
@@ -272,13 +277,15 @@ def test_every_stage_key_is_covered(composite, owner_marker):
 def test_record_signed_in_another_owners_name_is_valid_for_that_owner(composite, other_key):
     # B signs its own record: that is legitimate, and our validator accepts it
     other = RSASignatureValidator(other_key)
-    record = _signed(other, _record(stage_key(RUN, 0), other.local_public_key, stage_value()))
+    record = _signed(other, _record(stage_key(RUN, 0), other.local_public_key,
+                                    stage_value(peer_id=owner_peer_id(other.local_public_key))))
     assert composite.validate(record)
 
 
 def test_forged_signature_rejected(composite, owner_marker, other_key):
     other = RSASignatureValidator(other_key)
-    record = _record(stage_key(RUN, 0), other.local_public_key, stage_value())
+    record = _record(stage_key(RUN, 0), other.local_public_key,
+                     stage_value(peer_id=owner_peer_id(other.local_public_key)))
     # our validator refuses to sign a record that claims another owner's key: the value stays unsigned
     assert composite.sign_value(record) == record.value
     assert not composite.validate(record)
@@ -384,7 +391,7 @@ def test_parse_subkeyed_filters_and_reports(owner_marker, other_key):
     now = get_dht_time()
     other_marker = RSASignatureValidator(other_key).local_public_key
     third_marker = owner_marker.replace(b"[owner:", b"[owner:x")
-    good = stage_value(peer_id="QmGood")
+    good = stage_value(peer_id=ME)
     entry = ValueWithExpiration(
         {
             owner_marker: ValueWithExpiration(good, now + 30),
@@ -414,3 +421,122 @@ def test_parse_subkeyed_empty_or_non_dictionary():
     plain = ValueWithExpiration([1, 2], get_dht_time() + 10)
     assert parse_subkeyed(plain, StageRecord.from_value, "x") == ({}, [])
 
+
+# ------------------------------------------------------------------------------------------------ signer binding
+
+
+def progress_value(**overrides):
+    value = TrainerProgressRecord(peer_id=ME, step=3, updated_at=1000.0).to_value()
+    value.update(overrides)
+    return value
+
+
+def test_owner_peer_id_is_the_libp2p_peer_id(tmp_path):
+    from hivemind.p2p import P2P, PeerID
+
+    from swarm.identity import load_identity_key
+
+    path = str(tmp_path / "identity.key")
+    P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        expected = PeerID.from_identity(f.read()).to_base58()
+    marker = RSASignatureValidator(load_identity_key(path)).local_public_key
+    assert owner_peer_id(marker) == expected
+    assert owner_peer_id(dumps(marker)) == expected  # a stored record's serialized subkey carries the same marker
+    other = RSASignatureValidator(RSAPrivateKey()).local_public_key
+    for not_one_key in (b"plain", marker.replace(b"ssh-rsa ", b"ssh-rsa x"), marker + other, None, "text"):
+        assert owner_peer_id(not_one_key) is None
+    (tmp_path / "junk.key").write_bytes(b"\xff\x00 not a key")
+    with pytest.raises(ValueError, match="junk.key"):
+        load_identity_key(str(tmp_path / "junk.key"))
+
+
+SIGNED_BY_PEER = [(stage_key(RUN, 0), stage_value, StageRecord.from_value),
+                  (progress_key(RUN), progress_value, TrainerProgressRecord.from_value)]
+
+
+@pytest.mark.parametrize("key, make_value, parse", SIGNED_BY_PEER)
+def test_record_naming_another_peer_is_refused(composite, owner_marker, other_key, key, make_value, parse):
+    attacker = RSASignatureValidator(other_key)  # a stock hivemind peer, signing with its own key
+    forged = _signed(attacker, _record(key, attacker.local_public_key, make_value(peer_id=ME)))
+    assert attacker.validate(forged)  # a valid signature: hivemind alone would store it
+    assert not composite.validate(forged)  # our DHT nodes refuse it
+    with pytest.raises(RecordError, match="is not the signer"):
+        check_record(composite_strip(composite, forged), parse)
+    # and so do readers (a foreign DHT node may have stored it); the honest peer's own record stays
+    now = get_dht_time()
+    entry = ValueWithExpiration({owner_marker: ValueWithExpiration(make_value(), now + 30),
+                                 attacker.local_public_key: ValueWithExpiration(make_value(peer_id=ME), now + 30)},
+                                now + 30)
+    records, rejected = parse_subkeyed(entry, parse, "record")
+    assert list(records) == [owner_marker]
+    assert len(rejected) == 1 and "is not the signer" in rejected[0] and ME in rejected[0]
+
+
+def test_stage_record_naming_an_honest_peer_cannot_move_it_or_take_it_offline(owner_marker, other_key):
+    """The attack run live: the attacker's own records name the honest stage-0 peer, newer than its own."""
+    from swarm.network import fetch_stage_peers
+
+    attacker = RSASignatureValidator(other_key).local_public_key
+    dht = FakeDHT()
+    dht.put(stage_key(RUN, 0), owner_marker, stage_value(stage=0, updated_at=1000.0))
+    dht.put(stage_key(RUN, 0), attacker, stage_value(stage=0, state="offline", updated_at=2000.0))
+    dht.put(stage_key(RUN, 1), attacker, stage_value(stage=1, updated_at=2000.0))
+    dht.put(stage_key(RUN, 1), owner_marker, stage_value(stage=1, peer_id=owner_peer_id(attacker)))  # not its own
+    peers = fetch_stage_peers(dht, RUN, 2)
+    assert [(p.peer_id, p.record.state) for p in peers[0]] == [(ME, "online")]
+    assert peers[1] == []
+
+
+def test_peer_ids_in_initial_peers():
+    from swarm.network import peer_ids_in
+
+    a, b, relay = "QmaaaaA", "QmbbbbB", "QmrelayR"
+    assert peer_ids_in([f"/ip4/127.0.0.1/tcp/1/p2p/{a}", f"/ip6/::1/tcp/1/p2p/{a}", f"/dns/x/tcp/2/ipfs/{b}",
+                        f"/ip4/1.2.3.4/tcp/3/p2p/{relay}/p2p-circuit/p2p/{b}", "/ip4/1.2.3.4/tcp/4"]) == {a, b}
+    assert peer_ids_in([]) == frozenset()
+
+
+def test_identity_key_signs_and_config_is_read_only_from_its_owner_on_a_real_dht():
+    """One bootstrap and one reader on 127.0.0.1. The bootstrap's records are signed with its libp2p identity key; a
+    record of it naming another peer is refused; a latecomer's older config never replaces the creator's."""
+    from swarm.network import (
+        config_owners,
+        create_dht,
+        fetch_swarm_config,
+        owner_subkey,
+        publish_swarm_config,
+    )
+
+    boot = create_dht(RUN)
+    reader = None
+    try:
+        me = owner_subkey(boot)
+        assert owner_peer_id(me) == str(boot.peer_id)
+        now = get_dht_time()
+        assert boot.store(stage_key(RUN, 0), stage_value(stage=0, peer_id=str(boot.peer_id)), now + 30, subkey=me)
+        assert not boot.store(stage_key(RUN, 1), stage_value(stage=1, peer_id=ME), now + 30, subkey=me)
+        assert boot.get(stage_key(RUN, 1), latest=True) is None
+
+        honest = SwarmConfigRecord.from_value(config_value(created_at=now))
+        assert publish_swarm_config(boot, honest)
+        # a latecomer's validly signed config, older and of another shape, under another key (this process's, which
+        # the node also signs with, for hivemind's own records)
+        latecomer = SwarmConfigRecord.from_value(config_value(created_at=0.0, num_stages=3, lr=9.5))
+        assert boot.store(config_key(RUN), latecomer.to_value(), now + 60, subkey=owner_marker_of_process())
+
+        reader = create_dht(RUN, [str(addr) for addr in boot.get_visible_maddrs()], client_mode=True)
+        assert config_owners(reader) == {str(boot.peer_id), str(reader.peer_id)}
+        assert fetch_swarm_config(reader, RUN, timeout_s=10) == honest
+        assert fetch_swarm_config(boot, RUN, timeout_s=10) == honest  # the creator reads its own
+        # a reader that joined through anyone else finds no owned config: a clear error, never the latecomer's
+        with pytest.raises(TimeoutError, match="none signed by a peer this node joined through"):
+            fetch_swarm_config(reader, RUN, timeout_s=1, owners={ME + "x"})
+    finally:
+        if reader is not None:
+            reader.shutdown()
+        boot.shutdown()
+
+
+def owner_marker_of_process() -> bytes:
+    return RSASignatureValidator().local_public_key

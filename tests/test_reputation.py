@@ -13,6 +13,7 @@ import random
 import re
 
 import pytest
+from fake_dht import FakeDHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -26,21 +27,26 @@ from swarm.records import (
     BlacklistRecord,
     RecordError,
     ReputationReport,
+    StageRecord,
     blacklist_key,
     check_record,
     make_validators,
+    owner_peer_id,
+    parse_subkeyed,
     reports_key,
     stage_key,
 )
 from swarm.reputation import MAX_ROUNDS, ReputationConfig, ReputationLedger, aggregate
+from swarm.reputation_service import ReputationService, read_published_blacklists, swarm_verdict
 from swarm.sentinel import Verdict
 
 RUN = "test-run"
 dumps = DHTProtocol.serializer.dumps
+ME = owner_peer_id(RSASignatureValidator().local_public_key)  # the peer id of this process's key (make_validators)
 
 
 def report_value(**overrides):
-    value = ReputationReport(reporter="QmReporter", issued_at=1000.0, entries={
+    value = ReputationReport(reporter=ME, issued_at=1000.0, entries={
         "QmA": {"clean": 10, "strikes": 0, "reasons": {}},
         "QmB": {"clean": 3, "strikes": 4, "reasons": {"log_rms": 3, "finite": 1}},
     }).to_value()
@@ -49,7 +55,7 @@ def report_value(**overrides):
 
 
 def blacklist_value(**overrides):
-    value = BlacklistRecord(publisher="QmPublisher", issued_at=1000.0, entries={
+    value = BlacklistRecord(publisher=ME, issued_at=1000.0, entries={
         "QmB": {"reason": "log_rms", "reporters": 3, "strikes": 12},
     }).to_value()
     value.update(overrides)
@@ -208,6 +214,12 @@ def _signed(validator, record: DHTRecord) -> DHTRecord:
 KEYED_VALUES = [(reports_key(RUN), report_value), (blacklist_key(RUN), blacklist_value)]
 
 
+def signed_by(make_value, marker: bytes, **overrides):
+    """A report or blacklist value whose reporter / publisher is the peer id of ``marker``'s key."""
+    signer = "reporter" if make_value is report_value else "publisher"
+    return make_value(**{signer: owner_peer_id(marker)}, **overrides)
+
+
 @pytest.mark.parametrize("key, make_value", KEYED_VALUES)
 def test_signed_records_validate(composite, owner_marker, key, make_value):
     record = _signed(composite, _record(key, owner_marker, make_value()))
@@ -225,7 +237,8 @@ def test_wrong_key_rejected(composite, owner_marker, other_key, key, make_value)
     forged_signature = RSAPrivateKey.process_wide().sign(MSGPackSerializer.dumps(dataclasses.astuple(record)))
     forged = dataclasses.replace(record, value=record.value + b"[signature:" + forged_signature + b"]")
     assert not composite.validate(forged)
-    genuine = _signed(other, record)
+    assert not composite.validate(_signed(other, record))  # B's own signature on a record in A's name: refused
+    genuine = _signed(other, _record(key, other.local_public_key, signed_by(make_value, other.local_public_key)))
     assert composite.validate(genuine)  # B writing its own report is fine
     assert not composite.validate(dataclasses.replace(genuine, subkey=dumps(owner_marker)))
 
@@ -644,3 +657,93 @@ def test_replicas_of_the_same_stage_witness_each_others_averaging():
     s.link(s1[1], target, clean=2, strikes=10, reason="averaging")
     agg = s.aggregate(stages=stages)
     assert set(agg.blacklist) == {target} and agg.blacklist[target]["reason"] == "averaging"
+
+
+# ------------------------------------------------------------------------------------------------ signer binding
+
+
+@pytest.mark.parametrize("key, make_value", KEYED_VALUES)
+def test_report_or_blacklist_in_another_peers_name_is_refused(composite, owner_marker, other_key, key, make_value):
+    attacker = RSASignatureValidator(other_key)
+    parse = ReputationReport.from_value if make_value is report_value else BlacklistRecord.from_value
+    forged = _signed(attacker, _record(key, attacker.local_public_key, make_value()))  # names ME, signed by B
+    assert attacker.validate(forged) and not composite.validate(forged)
+    with pytest.raises(RecordError, match="is not the signer"):
+        check_record(dataclasses.replace(forged, value=composite.strip_value(forged)), parse)
+    dht = FakeDHT()
+    dht.put(key, attacker.local_public_key, make_value())
+    dht.put(key, owner_marker, make_value(issued_at=1.0))
+    records, rejected = parse_subkeyed(dht.get(key), parse, "record")
+    assert list(records) == [owner_marker] and len(rejected) == 1 and "is not the signer" in rejected[0]
+
+
+def _listing(*peers):
+    return {peer: {"reason": "log_rms", "reporters": 3, "strikes": 30} for peer in peers}
+
+
+def test_swarm_verdict_weighs_publishers_by_trust_not_head_count():
+    s, honest = honest_swarm(4, byzantine=())
+    weights = s.aggregate().weights
+    assert all(weights[h] == 1.0 for h in honest)
+    sybils = [f"QmSybil{i}" for i in range(3)]  # fresh: not in the reader's aggregate, or weight 0
+    blacklists = {p: BlacklistRecord(publisher=p, issued_at=NOW, entries=_listing(honest[0])) for p in sybils}
+    assert not swarm_verdict(blacklists, honest[0], weights)  # only untrusted publishers: nothing
+    blacklists.update({h: BlacklistRecord(publisher=h, issued_at=NOW, entries={}) for h in honest[1:3]})
+    assert not swarm_verdict(blacklists, honest[0], weights)  # 3 of 5 heads, 0 of 2 trust
+    assert not swarm_verdict(blacklists, honest[0], dict(weights, **{p: 0.0 for p in sybils}))
+    # trusted publishers holding a majority of the trust do decide
+    blacklists.update({h: BlacklistRecord(publisher=h, issued_at=NOW, entries=_listing("QmX")) for h in honest[:2]})
+    assert swarm_verdict(blacklists, "QmX", weights)  # 2 of the 3 trusted publishers (honest[0..2])
+    blacklists[honest[1]] = BlacklistRecord(publisher=honest[1], issued_at=NOW, entries={})
+    assert not swarm_verdict(blacklists, "QmX", weights)  # 1 of 3: no majority
+    # a publisher that the trusted majority lists has no say about others
+    votes = {h: BlacklistRecord(publisher=h, issued_at=NOW, entries=_listing(honest[3])) for h in honest[:3]}
+    votes[honest[3]] = BlacklistRecord(publisher=honest[3], issued_at=NOW, entries=_listing(honest[0]))
+    assert swarm_verdict(votes, honest[3], weights) and not swarm_verdict(votes, honest[0], weights)
+
+
+@pytest.fixture(scope="module")
+def identities():
+    """Eight identities (RSA keys, as libp2p peers have): four honest peers, three fresh Sybils, one forger."""
+    markers = [RSASignatureValidator(RSAPrivateKey()).local_public_key for _ in range(8)]
+    return [(owner_peer_id(m), m) for m in markers]
+
+
+def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities):
+    """Through the reader's ReputationService and the published blacklists: four honest aged peers of stages 0 and 1
+    vouch for each other and two of them publish (empty) blacklists; three fresh Sybils (announced next to them,
+    vouching for each other) accuse an honest peer and publish blacklists naming it: a majority of the publishers.
+    A forger publishes a blacklist in a trusted publisher's name."""
+    import asyncio
+
+    honest, sybils, (_, forger) = identities[:4], identities[4:7], identities[7]
+    target = honest[0][0]
+    cfg = ReputationConfig(probation_s=600.0)
+    dht = FakeDHT()
+    for i, (peer, marker) in enumerate(honest + sybils):
+        dht.put(stage_key(RUN, i % 2), marker, StageRecord(peer_id=peer, stage=i % 2, updated_at=NOW).to_value())
+    for group in (honest, sybils):
+        for peer, marker in group:
+            entries = {other: report_entry(clean=50) for other, _ in group if other != peer}
+            if group is sybils:
+                entries[target] = report_entry(clean=0, strikes=30, reasons={"log_rms": 30})
+            report = ReputationReport(reporter=peer, issued_at=NOW, entries=entries)
+            dht.put(reports_key(RUN), marker, report.to_value())
+    for (peer, marker), entries in [(h, {}) for h in honest[1:3]] + [(s, _listing(target)) for s in sybils]:
+        dht.put(blacklist_key(RUN), marker, BlacklistRecord(publisher=peer, issued_at=NOW, entries=entries).to_value())
+    forged = BlacklistRecord(publisher=honest[1][0], issued_at=NOW + 1, entries=_listing(target))  # newer
+    dht.put(blacklist_key(RUN), forger, forged.to_value())
+
+    async def scenario():
+        service = ReputationService(dht, RUN, 2, cfg, peer_id=honest[3][0])
+        for peer, _ in honest:  # the reader has watched the honest peers for a while; the Sybils are new
+            service.first_seen[peer] = get_dht_time() - 2 * cfg.probation_s
+        await service.refresh()
+        return service, await read_published_blacklists(dht, RUN)
+
+    service, blacklists = asyncio.run(scenario())
+    assert {p for p, w in service.aggregate.weights.items() if w > 0} == {p for p, _ in honest}
+    assert not service.is_blacklisted(target)
+    assert len(blacklists) == 5 and blacklists[honest[1][0]].entries == {}  # the forgery did not replace it
+    assert sum(target in record.entries for record in blacklists.values()) == 3  # a majority of heads (3 of 5)...
+    assert not service.swarm_verdict(blacklists, target)  # ...but none of the trust

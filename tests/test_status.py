@@ -403,7 +403,7 @@ def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
         cfg = TrainerConfig(run_id="demo", num_stages=2, steps=5, microbatches_per_step=2, progress_period_s=0.5,
                             progress_ttl_s=5.0)
         trainer = Trainer(cfg, dht, stream=SimpleNamespace(microbatch_size=2))
-        trainer.peer_id = D
+        trainer.peer_id = me = str(dht.peer_id)  # a progress record speaks for its signer only
 
         async def scenario():
             trainer._progress_kick = asyncio.Event()
@@ -422,7 +422,7 @@ def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
                                            TrainerProgressRecord.from_value, "progress")
         assert not rejected
         (record, expiration), = records.values()
-        assert (record.peer_id, record.state, record.step, record.loss) == (D, "finished", 1, 6.5)
+        assert (record.peer_id, record.state, record.step, record.loss) == (me, "finished", 1, 6.5)
         assert expiration - record.updated_at == pytest.approx(cfg.progress_final_ttl_s, abs=5)
     finally:
         dht.shutdown()

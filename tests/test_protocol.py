@@ -1,0 +1,157 @@
+"""The chain protocol (swarm.protocol) as pure logic: signed headers, signed hop reports, who is blamed."""
+
+import time
+
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.identity import peer_id_of
+from swarm.protocol import (
+    DOWNSTREAM,
+    UPSTREAM,
+    ChainHeader,
+    HopReport,
+    ProtocolError,
+    audit_reveal,
+    check_reports,
+    resolve,
+)
+
+KEYS = [RSAPrivateKey() for _ in range(5)]  # trainer, stage 0, stage 1, stage 2, an outsider
+IDS = [peer_id_of(k.get_public_key().to_bytes()) for k in KEYS]
+TRAINER, ROUTE, OUTSIDER = IDS[0], IDS[1:4], IDS[4]
+TOKENS = torch.arange(24).reshape(2, 12)
+
+
+def header(**overrides):
+    fields = dict(run_id="run", trainer=TRAINER, mb="7.0", step=1, route=ROUTE, tokens=TOKENS, now=time.time())
+    fields.update(overrides)
+    key = fields.pop("key", KEYS[0])
+    return ChainHeader.create(key, **fields)
+
+
+def test_peer_id_of_matches_libp2p(tmp_path):
+    from hivemind.p2p import P2P, PeerID
+
+    from swarm.identity import load_identity_key
+
+    path = str(tmp_path / "id.key")
+    P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        expected = PeerID.from_identity(f.read()).to_base58()
+    assert peer_id_of(load_identity_key(path).get_public_key().to_bytes()) == expected
+
+
+def test_a_header_verifies_where_the_route_puts_each_hop():
+    h, _ = header()
+    wire = ChainHeader.from_wire(h.to_wire())
+    now = time.time()
+    wire.check(run_id="run", stage=0, me=ROUTE[0], sender=TRAINER, now=now)
+    wire.check(run_id="run", stage=2, me=ROUTE[2], sender=ROUTE[1], now=now)
+    wire.check(run_id="run", stage=2, me=OUTSIDER, sender=ROUTE[1], now=now, audit_only=True)
+
+
+@pytest.mark.parametrize("what", ["trainer", "mb", "step", "route", "labels", "key", "stale", "run", "sender", "me"])
+def test_a_rewritten_or_misused_header_is_refused(what):
+    """Every field a hop used to forward on faith is signed: rewriting any of them (the trainer, to get another
+    trainer's labels used; the micro-batch id, to slip a replay by; the route) breaks the signature, and a header
+    signed by a key that is not the named trainer's is refused even if the signature itself is valid."""
+    h, _ = header(now=time.time() - 3600 if what == "stale" else time.time())
+    wire = h.to_wire()
+    if what == "trainer":
+        wire["trainer"] = OUTSIDER
+    elif what == "mb":
+        wire["mb"] = "8.0"
+    elif what == "step":
+        wire["step"] = 99
+    elif what == "route":
+        wire["route"] = [ROUTE[0], OUTSIDER, ROUTE[2]]
+    elif what == "labels":
+        wire["labels"] = bytes(32)
+    elif what == "key":  # an outsider signs a header naming the trainer with its own key
+        forged, _ = header(key=KEYS[4])
+        wire = forged.to_wire()
+    parsed = ChainHeader.from_wire(wire)
+    kwargs = dict(run_id="run", stage=1, me=ROUTE[1], sender=ROUTE[0], now=time.time())
+    if what == "run":
+        kwargs["run_id"] = "other"
+    elif what == "sender":
+        kwargs["sender"] = OUTSIDER  # not the route's stage-0 peer
+    elif what == "me":
+        kwargs["me"] = OUTSIDER
+    with pytest.raises(ProtocolError):
+        parsed.check(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, [], {"route": "x"}, {"route": ["a"] * 100}, {"route": ["a"], "run": 5}])
+def test_malformed_headers_are_refused_with_a_reason(bad):
+    with pytest.raises(ProtocolError):
+        ChainHeader.from_wire(bad)
+
+
+def test_audit_reveal_must_match_the_commitment():
+    h, reveal = header(auditors=[OUTSIDER])
+    assert audit_reveal(h, reveal) == [OUTSIDER]
+    with pytest.raises(ProtocolError):
+        audit_reveal(h, dict(reveal, auditors=[ROUTE[0]]))  # swapped for a friend
+    with pytest.raises(ProtocolError):
+        audit_reveal(h, dict(reveal, auditors=[]))  # stripped
+    with pytest.raises(ProtocolError):
+        audit_reveal(h, None)
+    plain, plain_reveal = header()
+    assert audit_reveal(plain, plain_reveal) == []
+    assert plain.audit_commitment != header()[0].audit_commitment  # salted: no audit looks like any other header
+
+
+def report(h, stage, key=None, **fields):
+    return HopReport.create(key or KEYS[stage + 1], header_digest=h.digest, stage=stage, peer=ROUTE[stage],
+                            **fields).to_wire()
+
+
+def test_resolve_an_ok_chain_and_a_failure_deep_in_it():
+    h, _ = header()
+    ok = [report(h, 0, ok=True), report(h, 1, ok=True), report(h, 2, ok=True, loss=2.5)]
+    verdict = resolve(h, check_reports(h, ok, 0, ROUTE[0]))
+    assert verdict.ok and verdict.loss == 2.5
+    # stage 2 rejects stage 1's activations; stages 1 and 0 relay: stage 1 is blamed, judged by stage 2
+    failed = [report(h, 0, ok=False, relay=True, error="x"), report(h, 1, ok=False, relay=True, error="x"),
+              report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected")]
+    verdict = resolve(h, check_reports(h, failed, 0, ROUTE[0]))
+    assert (verdict.ok, verdict.blame, verdict.blame_stage, verdict.judge) == (False, ROUTE[1], 1, ROUTE[2])
+    # stage 0 blames its upstream, the trainer: nobody is blamed
+    verdict = resolve(h, check_reports(h, [report(h, 0, ok=False, blame=UPSTREAM, error="x")], 0, ROUTE[0]))
+    assert verdict.blame is None
+
+
+def test_a_relayed_report_cannot_be_forged_or_altered():
+    """Stage 0 used to rewrite ``blame`` to frame any downstream peer. Now each verdict is signed by the hop that
+    made it: altering stage 2's report, or writing one in its name, breaks the reply (and the peer that delivered
+    it is the one at fault); stage 0 can only blame its own neighbour, in its own name."""
+    h, _ = header()
+    honest = [report(h, 0, ok=False, relay=True), report(h, 1, ok=False, relay=True),
+              report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected")]
+    altered = [dict(r) for r in honest]
+    altered[2]["blame"] = DOWNSTREAM
+    forged = honest[:2] + [report(h, 2, key=KEYS[1], ok=False, blame=UPSTREAM)]  # signed by stage 0's key
+    loss_forged = [report(h, 0, ok=True), report(h, 1, ok=True), dict(report(h, 2, ok=True, loss=2.5), loss=0.1)]
+    other_request = [report(header(mb="9.0")[0], 0, ok=True), report(h, 1, ok=True), report(h, 2, ok=True, loss=1.0)]
+    for reports in (altered, forged, loss_forged, other_request):
+        with pytest.raises(ProtocolError):
+            check_reports(h, reports, 0, ROUTE[0])
+
+
+@pytest.mark.parametrize("case", ["ok-without-downstream", "ok-over-failure", "relay-without-failure",
+                                  "own-failure-then-more", "too-many"])
+def test_inconsistent_report_chains_are_refused(case):
+    h, _ = header()
+    reports = {
+        "ok-without-downstream": [report(h, 0, ok=True)],
+        "ok-over-failure": [report(h, 0, ok=True), report(h, 1, ok=False, error="x"), ],
+        "relay-without-failure": [report(h, 0, ok=False, relay=True)],
+        "own-failure-then-more": [report(h, 0, ok=False, blame=DOWNSTREAM), report(h, 1, ok=False, error="x")],
+        "too-many": [report(h, 0, ok=True), report(h, 1, ok=True), report(h, 2, ok=True, loss=1.0),
+                     report(h, 2, ok=True, loss=1.0)],
+    }[case]
+    with pytest.raises(ProtocolError):
+        check_reports(h, reports, 0, ROUTE[0])
