@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from peers.common import emit, fail, host_maddrs
 from peers.stage_peer import pick_device, serve_stage
-from swarm.stage_server import DIALBACK_MAX_ADDRS
+from swarm.reachability import DIALBACK_MAX_ADDRS
 
 logger = logging.getLogger("swarm.join")
 
@@ -145,7 +145,7 @@ def guidance(args, port: int, addrs: Sequence[str]) -> str:
 async def check_reachability(server, args, port: int) -> Dict:
     """Ask up to DIALBACK_PEERS online peers of the swarm to dial this peer back; report and return the outcome."""
     from swarm.network import fetch_stage_peers, visible_addresses
-    from swarm.stage_server import request_dialback
+    from swarm.stage_client import request_dialback
 
     loop = asyncio.get_event_loop()
     addrs = own_dial_addrs(await loop.run_in_executor(None, visible_addresses, server.dht), server.peer_id)

@@ -186,7 +186,7 @@ class LocalSwarm:
         import asyncio
 
         from swarm.network import create_dht
-        from swarm.stage_server import fetch_peer_info
+        from swarm.stage_client import fetch_peer_info
 
         dht = create_dht(self.run_id, self.initial_peers, client_mode=True)
         try:

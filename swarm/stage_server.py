@@ -1,17 +1,20 @@
 """One stage peer: serves a pipeline stage over hivemind P2P, checks what it receives, trains its weights.
 
 The chain RPC (``rpc_chain``) carries one micro-batch through the rest of its chain: the receiver checks the
-incoming activations, runs its stage forward, calls the next peer of the route with its outputs (activations
-travel peer to peer, never through the trainer), and receives the gradient of its outputs in the reply. It
-checks that gradient, runs its backward, hands the micro-batch's gradients to the stage optimizer, and replies
-upstream with the gradient of its own inputs. The last stage computes the loss with labels that the trainer
-sent it directly (``rpc_labels``), so no intermediate peer can alter them.
+request's signed header (``swarm.protocol``: the trainer's, naming this peer at this stage and its sender as the
+route's previous peer) and the incoming activations, runs its stage forward, calls the next peer of the route with
+its outputs (activations travel peer to peer, never through the trainer), and receives the gradient of its outputs
+in the reply. It checks that gradient, runs its backward, hands the micro-batch's gradients to the stage optimizer,
+and replies upstream with the gradient of its own inputs and its signed hop report, followed by the later hops'
+reports. The last stage computes the loss with labels that the trainer streamed to it directly (``rpc_labels``) and
+whose digest is the signed header's, so no intermediate peer can alter or swap them.
 
 Every tensor is attributable: the sender of activations is the libp2p peer on the other end of the inbound
 stream, the sender of gradients is the peer this server called. A tensor that fails a check is never used:
-the micro-batch is dropped here before it touches any weight, and the reply says which peer is to blame so
-the trainer can retry on another chain. Checks and (for experiments) tampering plug in as hooks, so the
-server has no attack branches.
+the micro-batch is dropped here before it touches any weight, and this hop's signed report says which neighbour is
+to blame, so the trainer can retry on another chain. Limits come from the swarm config (one micro-batch of its
+shape), every inbound read has a deadline, label deposits are capped, and checks run off the event loop. Checks and
+(for experiments) tampering plug in as hooks, so the server has no attack branches.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
 from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
+from swarm.labels import LabelBox
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.protocol import (
@@ -47,6 +51,7 @@ from swarm.protocol import (
     check_reports,
     tensor_digest,
 )
+from swarm.reachability import DIALBACK_COOLDOWN_S, DIALBACK_TIMEOUT_S, dial_back, dialback_addresses
 from swarm.records import StageRecord
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
@@ -116,60 +121,6 @@ class StageStats:
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
         self.throughput_ema = rate if self.throughput_ema == 0 else (1 - alpha) * self.throughput_ema + alpha * rate
-
-
-class LabelBox:
-    """Labels deposited by trainers, waited for by the last stage. Bounded: at most ``per_trainer`` deposits held
-    for one trainer and ``total`` for all, each expiring after ``ttl_s``; a key whose labels were used is
-    remembered for ``ttl_s``, so a replayed request is refused at once instead of waiting for labels that never
-    come again."""
-
-    def __init__(self, ttl_s: float, per_trainer: int = 64, total: int = 1024):
-        self.ttl_s, self.per_trainer, self.total = ttl_s, per_trainer, total
-        self._futures: Dict[Tuple[str, str], Tuple[asyncio.Future, float]] = {}
-        self._used: Dict[Tuple[str, str], float] = {}
-
-    def _expire(self, now: float) -> None:
-        for stale in [k for k, (_, t) in self._futures.items() if now - t > self.ttl_s]:
-            self._futures.pop(stale)[0].cancel()
-        for stale in [k for k, t in self._used.items() if now - t > self.ttl_s]:
-            del self._used[stale]
-
-    def _future(self, key: Tuple[str, str], deposit: bool = False) -> asyncio.Future:
-        now = time.monotonic()
-        self._expire(now)
-        if key not in self._futures:
-            if len(self._futures) >= self.total or \
-                    sum(k[0] == key[0] for k in self._futures) >= self.per_trainer:
-                # a waiter's key is refused too: it would hold a slot that no deposit may fill
-                raise TransportError(f"labels of {'this trainer' if deposit else 'this request'} over the limit "
-                                     f"({self.per_trainer} per trainer, {self.total} in all); retry later")
-            self._futures[key] = (asyncio.get_event_loop().create_future(), now)
-        return self._futures[key][0]
-
-    def used(self, key: Tuple[str, str]) -> bool:
-        return key in self._used
-
-    def put(self, key: Tuple[str, str], labels: torch.Tensor) -> None:
-        if key in self._used:
-            raise TransportError(f"labels of micro-batch {key[1]!r} were used already")
-        future = self._future(key, deposit=True)
-        if future.done():
-            raise TransportError(f"labels of micro-batch {key[1]!r} were deposited already")
-        future.set_result(labels)
-
-    async def take(self, key: Tuple[str, str], timeout: float) -> torch.Tensor:
-        """The labels of ``key``, waiting up to ``timeout`` for them. Taken or not, the key is spent: its slot is
-        freed, and a later deposit or request for it is refused (the trainer retries under a new id)."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._future(key)), timeout)
-        finally:
-            entry = self._futures.pop(key, None)
-            if entry is not None:
-                entry[0].cancel()
-            self._used[key] = time.monotonic()
-            while len(self._used) > 8 * self.total:  # bounded even under a flood of distinct (signed) ids
-                self._used.pop(next(iter(self._used)))
 
 
 class Refusal(Exception):
@@ -953,6 +904,9 @@ class StageServer(ServicerBase):
 INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)
 
 
+SKETCH_COOLDOWN_S = 2.0
+
+
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
     """The ``n`` largest counts."""
     return dict(sorted(counts.items(), key=lambda item: -item[1])[:n]) if len(counts) > n else dict(counts)
@@ -966,92 +920,5 @@ def _data_key(header: ChainHeader) -> str:
 def _epoch(value: Any) -> Optional[int]:
     """A sender's claimed optimizer epoch, if it is a plausible one (it only picks which senders to compare with)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40 else None
-
-
-async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: float = 10.0) -> Dict[str, Any]:
-    """Ask a stage peer about itself (its ``rpc_info``)."""
-    stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
-    reply = await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=timeout)
-    return (await receive(single(reply), TensorLimits())).metadata
-
-
-SKETCH_COOLDOWN_S = 2.0
-DIALBACK_MAX_ADDRS = 4
-DIALBACK_COOLDOWN_S = 20.0
-DIALBACK_TIMEOUT_S = 10.0
-UNREACHABLE = "unreachable (timed out, refused, or another peer answered)"
-
-
-def dialback_addresses(value: Any, caller: str) -> List[str]:
-    """The addresses a dial-back request may name: 1..DIALBACK_MAX_ADDRS multiaddrs, none naming another peer as
-    its destination (a ``/p2p/ID`` suffix must be the caller's; relay addresses name their relay before
-    ``/p2p-circuit``). Returns them without the caller's suffix; raises TransportError otherwise."""
-    from hivemind.utils.multiaddr import Multiaddr
-
-    if not isinstance(value, list) or not 0 < len(value) <= DIALBACK_MAX_ADDRS:
-        raise TransportError(f"'maddrs' must list 1..{DIALBACK_MAX_ADDRS} multiaddrs")
-    out = []
-    for addr in value:
-        if not isinstance(addr, str) or not 0 < len(addr) <= 256:
-            raise TransportError("each multiaddr must be a string of 1..256 characters")
-        try:
-            Multiaddr(addr)
-        except Exception:
-            raise TransportError(f"not a multiaddr: {addr[:80]!r}") from None
-        parts = addr.rstrip("/").split("/")
-        if len(parts) >= 2 and parts[-2] == "p2p":
-            if parts[-1] != caller:
-                raise TransportError("a dial-back goes to the caller's own peer id only")
-            addr = "/".join(parts[:-2])
-        if addr and addr not in out:
-            out.append(addr)
-    if not out:
-        raise TransportError("no address to dial")
-    return out
-
-
-async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[str, str]:
-    """Dial ``peer`` at each address, each from its own new, throw-away libp2p host (a host that reached the peer
-    once would reuse that connection, or the address it learnt, for the next address), concurrently; the hosts
-    do not listen and may use relays so that ``/p2p-circuit`` addresses can be tried.
-    Returns ``{maddr: "ok" | UNREACHABLE}``; TransportError if no probe host can be started here.
-
-    Not a port scanner: every failure reads the same (a closed port, a silent one and another libp2p node alike),
-    and an answer with a failure comes only once ``timeout_s`` has passed, so its timing tells nothing either."""
-    from hivemind.p2p import P2P
-    from hivemind.utils.multiaddr import Multiaddr
-
-    async def probe(addr: str) -> str:
-        try:
-            host = await asyncio.wait_for(P2P.create(no_listen=True, use_relay=True, auto_nat=False,
-                                                     nat_port_map=False), timeout_s)
-        except Exception as e:
-            raise TransportError(f"could not start a probe host: {type(e).__name__}: {e}") from None
-        try:
-            await asyncio.wait_for(host._client.connect(peer, [Multiaddr(addr)]), timeout_s)
-            return "ok"
-        except Exception:  # timed out, refused, another peer's handshake: one answer for all
-            return UNREACHABLE
-        finally:
-            with contextlib.suppress(Exception):
-                await host.shutdown()
-
-    started = time.monotonic()
-    outcomes = await asyncio.gather(*(probe(addr) for addr in maddrs), return_exceptions=True)
-    if any(outcome != "ok" for outcome in outcomes):
-        await asyncio.sleep(max(0.0, started + timeout_s - time.monotonic()))
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):  # this peer's failure, not the caller's: no verdict
-            raise outcome if isinstance(outcome, TransportError) else TransportError(repr(outcome))
-    return dict(zip(maddrs, outcomes))
-
-
-async def request_dialback(p2p: hivemind.P2P, run_id: str, peer: str, maddrs: List[str],
-                           timeout: float = 2 * DIALBACK_TIMEOUT_S + 10) -> Dict[str, Any]:
-    """Ask stage peer ``peer`` to dial this peer back at ``maddrs`` (see ``StageServer.rpc_dialback``)."""
-    stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
-    request = pack({"maddrs": list(maddrs)})[0]
-    reply = await stub.rpc_dialback(request, timeout=timeout)
-    return (await receive(single(reply), TensorLimits())).metadata
 
 

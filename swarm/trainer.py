@@ -2,8 +2,10 @@
 
 Several micro-batches are in flight at once (``max_inflight``), so different stages work on different
 micro-batches at the same time (pipelining across chains). For each micro-batch the trainer asks the router for
-a chain, sends the labels straight to the chain's last peer, and sends the token ids to its first peer; the
-activations then travel peer to peer and the reply carries the loss. A failed attempt names the peer to blame;
+a chain, streams the labels straight to the chain's last peer, and sends the token ids to its first peer under a
+header it signs (``swarm.protocol``); the activations then travel peer to peer and the reply carries one signed
+report per hop, the last stage's with the loss. A failed attempt names the peer to blame (from the signed reports:
+the deepest hop that failed of its own making names a neighbour; a reply that does not verify blames its deliverer);
 the trainer bans it locally and retries on another chain, up to ``max_attempts``, then drops the micro-batch
 with the reason. The :class:`MicroBatchLedger` guarantees each micro-batch ends exactly once: completed, or
 dropped with a reason; retries are counted separately.

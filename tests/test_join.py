@@ -100,7 +100,7 @@ def test_join_defaults_keep_identity_in_home():
 
 # ---- reachability ------------------------------------------------------------------------------------------------
 def test_dialback_request_checks():
-    from swarm.stage_server import DIALBACK_MAX_ADDRS, dialback_addresses
+    from swarm.reachability import DIALBACK_MAX_ADDRS, dialback_addresses
 
     assert dialback_addresses([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == [
         "/ip4/127.0.0.1/tcp/5"]
@@ -193,7 +193,7 @@ def _client_call(swarm, fn):
 
 
 def _infos(swarm, peers):
-    from swarm.stage_server import fetch_peer_info
+    from swarm.stage_client import fetch_peer_info
 
     async def fn(dht, p2p):
         return {peer: await fetch_peer_info(p2p, swarm.run_id, peer) for peer in peers}
@@ -300,7 +300,7 @@ def test_dial_back_reaches_only_the_caller():
     fails, and an address where another peer listens fails the libp2p handshake, and both failures read the same."""
     from hivemind.p2p import P2P
 
-    from swarm.stage_server import UNREACHABLE, dial_back
+    from swarm.reachability import UNREACHABLE, dial_back
 
     async def go():
         caller, other = await P2P.create(), await P2P.create()
