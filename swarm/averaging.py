@@ -116,10 +116,12 @@ class AveragingConfig:
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
     verify_rate: float = 1.0  # aggregators each replica re-checks per round, on average (swarm.aggregator_check)
     verify_parts: int = 1  # parts of an aggregator's slice a re-check recomputes
-    # a sender whose contributions point against the others' (leave-one-out cosine significantly below 0 over its
-    # last direction_window rounds: one-sided t below -direction_t) is reported, as a far-out one is; 0 disables
+    # a sender whose contributions point against the others' (leave-one-out cosine significantly below 0: one-sided
+    # t below -direction_t over its latest rounds, judged once direction_window of them were seen and over up to
+    # direction_memory of them) is reported, as a far-out one is; 0 disables
     direction_window: int = 8
     direction_t: float = 3.0
+    direction_memory: int = 32
 
     def __post_init__(self) -> None:
         numbers = (self.clip_radius, self.norm_bound, self.outlier_factor, self.state_tolerance, self.verify_rate)
@@ -136,8 +138,9 @@ class AveragingConfig:
         if not (0 <= self.verify_rate <= 8 and 1 <= self.verify_parts <= 16):
             raise ValueError("averaging: need verify_rate in [0, 8] and verify_parts in [1, 16]")
         if not (0 <= self.direction_window <= 1024 and self.direction_window != 1 and math.isfinite(self.direction_t)
-                and self.direction_t > 0):
-            raise ValueError("averaging: need direction_window 0 or in [2, 1024], direction_t > 0")
+                and self.direction_t > 0 and self.direction_window <= self.direction_memory <= 4096):
+            raise ValueError("averaging: need direction_window 0 or in [2, 1024], direction_t > 0, "
+                             "direction_window <= direction_memory <= 4096")
 
     @classmethod
     def from_dict(cls, settings: Any) -> "AveragingConfig":
@@ -275,8 +278,11 @@ def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: 
 
 class DirectionMonitor:
     """Whether a sender's contributions point against the others': per sender, the cosine of its contribution to a
-    slice with the mean of the other senders' (leave-one-out), over its last ``window`` rounds; reported when their
-    mean is significantly below zero (one-sided t statistic below ``-t``).
+    slice with the mean of the other senders' (leave-one-out), over its latest rounds (judged from ``window`` of them
+    on, over up to ``memory``); reported when their mean is significantly below zero (one-sided t statistic below
+    ``-t``). The longer memory gives the test power where honest gradients are nearly orthogonal (small
+    micro-batches: a flip's cosine is then small too, and 8 rounds cannot tell it from noise), at the same
+    per-test false-positive rate (the t threshold is fixed; with more rounds its tail only gets thinner).
 
     What it catches: a flipped gradient of honest norm, which CenteredClip bounds but does not remove (it lies
     inside the honest spread, so neither the clip nor the norm test sees it; in the simulator its leave-one-out
@@ -286,15 +292,15 @@ class DirectionMonitor:
     leave-one-out mean is then its honest partner's and the flip's, expected cosine 0, and a window is flagged with
     probability about 1% (t with 7 degrees of freedom below -3). A bounded number of senders is remembered."""
 
-    def __init__(self, window: int = 8, t: float = 3.0, max_senders: int = 1024):
-        self.window, self.t, self.max_senders = window, t, max_senders
+    def __init__(self, window: int = 8, t: float = 3.0, max_senders: int = 1024, memory: int = 32):
+        self.window, self.t, self.max_senders, self.memory = window, t, max_senders, max(memory, window)
         self.history: "OrderedDict[str, deque]" = OrderedDict()
 
     def observe(self, sender: str, cosine: float) -> bool:
         """Record one round's cosine of ``sender``; True if its window is now significantly negative."""
         if self.window < 2 or not math.isfinite(cosine):
             return False
-        values = self.history.pop(sender, None) or deque(maxlen=self.window)
+        values = self.history.pop(sender, None) or deque(maxlen=self.memory)
         values.append(cosine)
         self.history[sender] = values
         while len(self.history) > self.max_senders:
@@ -723,7 +729,8 @@ class RobustAveraging(DecentralizedAverager):
         self._rounds: Dict[bytes, Tuple[RobustAllReduceRunner, asyncio.Event]] = {}
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
-        self._directions = DirectionMonitor(averaging.direction_window, averaging.direction_t)
+        self._directions = DirectionMonitor(averaging.direction_window, averaging.direction_t,
+                                            memory=averaging.direction_memory)
         self._round_count = 0
         self._suspects: "OrderedDict[str, int]" = OrderedDict()  # sender -> round until which it is left out here
         self.signing_key = SigningKey.process_wide()

@@ -454,3 +454,18 @@ def test_equivocation_sends_different_parts_to_different_aggregators():
     for values in seen.values():
         assert set(values) == {1.0, -20.0}
     assert any(a != b for a, b in zip(seen["a"], seen["b"]))
+
+
+def test_a_weak_flip_is_caught_over_a_longer_memory():
+    """Where honest gradients are nearly orthogonal (small micro-batches), a flip's cosine is small too: 8 rounds
+    cannot tell -0.05 (sd 0.06) from noise, but the monitor keeps up to 32 and tests them all, at the same t."""
+    from swarm.averaging import DirectionMonitor
+
+    rng = torch.Generator().manual_seed(0)
+    flips = (-0.05 + 0.06 * torch.randn(32, generator=rng)).tolist()
+    honest_values = (0.0 + 0.06 * torch.randn(32, generator=rng)).tolist()  # the worst honest case: expectation 0
+    short, long = DirectionMonitor(window=8, memory=8), DirectionMonitor(window=8, memory=32)
+    caught_short = [short.observe("flip", v) for v in flips]
+    caught_long = [long.observe("flip", v) for v in flips]
+    assert any(caught_long) and sum(caught_long) > sum(caught_short)
+    assert not any(long.observe("honest", v) for v in honest_values)

@@ -495,8 +495,8 @@ class SwarmSim:
                 outcome = judge.combine(range(len(names)), [c[start:end] for c in sent])
                 honest_result[start:end] = outcome.result
             far = judge.outliers()
-            monitor = self.direction_monitors.setdefault(aggregator, DirectionMonitor(cfg.direction_window,
-                                                                                      cfg.direction_t))
+            monitor = self.direction_monitors.setdefault(aggregator, DirectionMonitor(
+                cfg.direction_window, cfg.direction_t, memory=cfg.direction_memory))
             for i, cosine in enumerate(judge.cosines()):
                 if names[i] != aggregator and monitor.observe(names[i], cosine):
                     far[i] = True
