@@ -305,8 +305,11 @@ class StageServer(ServicerBase):
                 self.ledger.record(peer, clean, AVERAGING, reason)
             if not clean:
                 self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + count
-                what = {AVERAGING: "gradient contribution was far outside the other replicas' spread (clipped)",
+                what = {AVERAGING: "gradient contribution was far outside the other replicas' spread (clipped), "
+                                   "against their direction, or with an impossible sample count",
                         AGGREGATE: "aggregate is wrong: its signed inputs do not reproduce it (not used any more)",
+                        STATE: "parameters in the parameter round lay far from the others' (or its aggregate would "
+                               "have moved this replica far)",
                         }.get(reason, "aggregator gave no valid evidence for a re-check")
                 logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s {what}; {count} {reason} strike(s)")
         for source, _reason in self.optimizer.drain_refused_states():
@@ -317,12 +320,25 @@ class StageServer(ServicerBase):
 
     def _check_state(self, source: str, epoch: int, params) -> Optional[str]:
         """``state_check`` of the stage's state downloads (runs on the compute thread): ask the other online
-        replicas for a sketch of their parameters under a seed picked here, and compare (``state_verdict``)."""
+        replicas for a sketch of their parameters under a seed picked here, and compare (``state_verdict``).
+
+        A state that is not ahead of this replica's own epoch is also held against this replica's own parameters:
+        such a download can bring nothing new, and at a swarm's start (epoch 0, every replica initialised alike
+        from the same seed) the source may be the only replica online, with no quorum to ask (seen live: two honest
+        replicas loaded x5 weights from a lone poisoner that way)."""
         if self._loop is None:
             return None
         cfg = self.optimizer.cfg.robust
         seed = int.from_bytes(os.urandom(8), "little") >> 1
         mine = param_sketch(params, seed, cfg.state_sketch_dims)
+        if epoch <= self.optimizer.epoch:
+            own = param_sketch([p.detach() for p in self.module.parameters()], seed, cfg.state_sketch_dims)
+            distance = sketch_distance(mine, own)
+            if distance > cfg.state_tolerance:
+                why = (f"its epoch {epoch} is not ahead of this replica's ({self.optimizer.epoch}), yet its parameters "
+                       f"differ from this replica's own (relative distance {distance:.3g} > {cfg.state_tolerance})")
+                logger.info(f"stage {self.cfg.stage}: state of epoch {epoch} from {source[-8:]}: {why}")
+                return why
         future = asyncio.run_coroutine_threadsafe(self._replica_sketches(source, seed, cfg.state_sketch_dims), self._loop)
         try:
             answers = future.result(timeout=30.0)

@@ -75,3 +75,30 @@ def test_state_verdict_is_a_quorum_of_the_other_replicas():
     assert ok and "no quorum" in why
 
 
+
+
+def test_a_state_not_ahead_of_this_replica_must_match_its_own_weights():
+    """At a swarm's start every replica is initialised alike from the seed, and the only replica online may be a
+    poisoner, with no quorum to ask: a downloaded state whose epoch is not ahead of this replica's is held against
+    this replica's own parameters (x5 refused; an identical one goes on to the usual quorum check)."""
+    import asyncio
+    import threading
+
+    from swarm.config import model_preset
+    from swarm.optimizer import OptimizerConfig
+    from swarm.stage_server import StageServer, StageServerConfig
+
+    server = StageServer(StageServerConfig(run_id="own", stage=0, num_stages=2), model_preset("tiny", num_layers=2),
+                         None, OptimizerConfig(averaging=False))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server._loop = loop
+    try:
+        params = [p.detach().clone() for p in server.module.parameters()]
+        why = server._check_state("QmPoisoner", 0, [5 * p for p in params])
+        assert why is not None and "not ahead" in why
+        assert server._check_state("QmHonest", 0, params) is None  # no quorum reachable here: accepted, and said so
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
