@@ -52,6 +52,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set
 
+from swarm.peer_table import DEFAULT_MAX_PEERS, PeerTable
 from swarm.records import (
     MAX_REPORT_ENTRIES,
     MAX_REPORT_REASONS,
@@ -63,6 +64,9 @@ from swarm.records import (
 
 STRIKE_PENALTY = 4.0  # a strike outweighs this many clean exchanges in a score
 MAX_ROUNDS = 5  # blacklist / re-weigh iterations
+# a ledger's tally with at least this many exchanges is kept preferentially (see ReputationLedger): the default
+# min_strikes, so every tally that can back an accusation is
+ESTABLISHED_EXCHANGES = 3
 UNSPECIFIED = "unspecified"
 SAME_STAGE = 0  # the side a replica of the same stage sees a peer from (their gradient averaging, their state)
 
@@ -102,11 +106,29 @@ class Tally:
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))  # latest outcomes, True = strike
 
 
+def _established(peer: str, tally: Tally) -> bool:
+    return tally.clean + tally.strikes >= ESTABLISHED_EXCHANGES
+
+
+def tally_table(max_peers: int = DEFAULT_MAX_PEERS) -> PeerTable:
+    """The bounded table of a :class:`ReputationLedger` (see there)."""
+    return PeerTable(max_peers, protect=_established)
+
+
 @dataclass
 class ReputationLedger:
-    """Local per-counterpart tallies of clean exchanges and strikes, published as a :class:`ReputationReport`."""
+    """Local per-counterpart tallies of clean exchanges and strikes, published as a :class:`ReputationReport`.
 
-    tallies: Dict[str, Tally] = field(default_factory=dict)
+    Bounded: ``tallies`` holds at most ``DEFAULT_MAX_PEERS`` counterparts (:class:`~swarm.peer_table.PeerTable`),
+    least recently recorded evicted first, and tallies of at least ``ESTABLISHED_EXCHANGES`` exchanges (every one that
+    can accuse, and the work that vouches for a reporter) only once every other tally is established too. A flood of
+    fresh ids with one message each therefore evicts itself; to evict an established tally an attacker needs that
+    many exchanges from each of ``DEFAULT_MAX_PEERS`` ids within the victim's idle time. An evicted counterpart is
+    a stranger again: its clean work and its strikes seen here are forgotten (it drops out of this peer's report),
+    and a new tally starts with its next exchange. No realistic swarm has that many counterparts.
+    """
+
+    tallies: PeerTable[str, Tally] = field(default_factory=tally_table)
 
     def record(self, peer: str, ok: bool, direction: str, reason: str = "") -> None:
         """Count one exchange with ``peer``; a failed one is a strike, filed under ``reason`` (else ``direction``)."""

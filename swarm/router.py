@@ -10,6 +10,11 @@ meets many different neighbours (stochastic wiring: load spreads, and a Byzantin
 Failing peers are banned locally with exponential backoff (``base_s x 2^k``, capped); a success halves k. A peer
 whose tensor a SENTINEL check rejected is banned for a short fixed time instead (``verdict_ban_s``).
 A swarm-wide blacklist (the reputation layer) plugs in as a predicate.
+
+Everything kept per peer is bounded (:class:`~swarm.peer_table.PeerTable`, ``RouterConfig.max_peers`` keys per
+table): peers are announced in the DHT by anyone, and blame can name any id. What eviction means is documented on
+:class:`LocalBans` (bans in force are kept preferentially) and :class:`Router` (a peer's measured speed, suspect
+mark and judges).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from swarm.peer_table import DEFAULT_MAX_PEERS, PeerTable
 
 
 class NoRouteError(RuntimeError):
@@ -38,11 +44,25 @@ class _Ban:
 
 
 class LocalBans:
-    """Temporary local bans with exponential backoff."""
+    """Temporary local bans with exponential backoff.
 
-    def __init__(self, base_s: float = 5.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+    Bounded: at most ``max_peers`` peers are remembered, each for ``memory_s`` after its last ban or success (None:
+    until evicted by size). ``memory_s`` must be at least any ban's duration, so expiry only ever drops a ban that is
+    over: what it forgets is the peer's strikes, and a peer not seen failing for that long starts again from a
+    ``base_s`` ban. Size eviction keeps **bans in force** preferentially: the least recently banned peer whose ban is
+    over goes first (its strikes are forgotten as above). A ban in force is evicted only when all ``max_peers``
+    remembered peers are banned at once (then the least recently banned goes, and that peer can be picked before its
+    ban would have ended): that takes ``max_peers`` distinct peers failing at this router within one ban's duration
+    (at most ``max_s``), far more than a realistic swarm has, and an attacker able to do it already has that many
+    peers to fail with."""
+
+    def __init__(self, base_s: float = 5.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 *, max_peers: int = DEFAULT_MAX_PEERS, memory_s: Optional[float] = 3600.0):
+        if memory_s is not None and memory_s < max_s:
+            raise ValueError("bans: memory_s must be at least max_s (a ban in force must not expire)")
         self.base_s, self.max_s, self.clock = base_s, max_s, clock
-        self._bans: Dict[str, _Ban] = {}
+        self._bans: PeerTable[str, _Ban] = PeerTable(max_peers, memory_s, clock=clock,
+                                                     protect=lambda peer, ban: ban.until > self.clock())
 
     def ban(self, peer: str, reason: str, fixed_s: Optional[float] = None) -> float:
         """Ban ``peer``; returns the ban's duration in seconds.
@@ -52,7 +72,10 @@ class LocalBans:
         prev = self._bans.get(peer)
         now = self.clock()
         if fixed_s is not None:
+            if self._bans.ttl_s is not None and fixed_s > self._bans.ttl_s:
+                raise ValueError(f"bans: a {fixed_s:g} s ban would outlive the memory of bans ({self._bans.ttl_s:g} s)")
             if prev is not None and prev.until >= now + fixed_s:
+                self._bans.touch(peer)
                 return prev.until - now
             self._bans[peer] = _Ban(now + fixed_s, prev.strikes if prev else 0, reason)
             return fixed_s
@@ -67,6 +90,8 @@ class LocalBans:
             ban.strikes //= 2
             if ban.strikes == 0 and ban.until <= self.clock():
                 del self._bans[peer]
+            else:
+                self._bans.touch(peer)
 
     def reason(self, peer: str) -> Optional[str]:
         ban = self._bans.get(peer)
@@ -103,16 +128,39 @@ class RouterConfig:
     suspect_probe: float = 0.5  # chance that a usable suspect is put in a chain (see Router.pick_chain)
     suspect_memory_s: float = 120.0  # a peer stays a suspect this long after its last rejected tensor
     seed: Optional[int] = None
+    # bounds of the per-peer tables (see Router and LocalBans): peers remembered per table, and how long a peer's
+    # strikes are remembered after its last ban or success (at least ban_max_s and verdict_ban_s)
+    max_peers: int = DEFAULT_MAX_PEERS
+    ban_memory_s: Optional[float] = 3600.0
+    max_judges: int = 16  # receivers remembered per suspect (diagnostics)
 
     def __post_init__(self) -> None:
         if not (0 < self.ema_alpha <= 1 and 0 <= self.jitter < 1 and self.ban_base_s > 0 and self.verdict_ban_s >= 0
                 and 0 <= self.suspect_probe <= 1 and self.suspect_memory_s >= 0):
             raise ValueError("router: ema_alpha in (0, 1], jitter in [0, 1), ban_base_s > 0, verdict_ban_s >= 0, "
                              "suspect_probe in [0, 1], suspect_memory_s >= 0")
+        if not (self.max_peers >= 1 and self.max_judges >= 1 and (
+                self.ban_memory_s is None or self.ban_memory_s >= max(self.ban_max_s, self.verdict_ban_s))):
+            raise ValueError("router: max_peers >= 1, max_judges >= 1, ban_memory_s >= ban_max_s and verdict_ban_s")
 
 
 class Router:
-    """Picks chains; learns peers' speed from completed chains; bans failing peers."""
+    """Picks chains; learns peers' speed from completed chains; bans failing peers.
+
+    Per-peer tables (``cfg.max_peers`` peers each, least recently used evicted first), and what eviction means:
+
+    - ``peers`` (:class:`PeerState`: measured speed, in-flight count, counters): a peer is used when the DHT
+      announces it (:meth:`update`), a chain takes it or it completes one. Peers in a chain right now and peers
+      whose speed was measured are protected: announcements alone (free to make) evict each other first, and a
+      measured peer goes only once every peer in the table was measured or is in flight. An evicted peer that is
+      announced again is measured afresh (it enters at its stage's best estimate, as a new peer) and its counters
+      restart. A realistic swarm never fills the table; a DHT flooded with more announced peers than it holds
+      still routes: the ranking reads stored states without storing new ones, and only chosen peers are stored.
+    - ``bans``: see :class:`LocalBans` (bans in force are kept preferentially).
+    - ``suspects``: expire after ``suspect_memory_s`` (exactly when :meth:`is_suspect` stops holding); an evicted
+      suspect is picked by speed only, as any peer, until its next rejected tensor makes it a suspect again.
+    - ``judges`` (diagnostics only): per suspect, at most ``max_judges`` receivers, forgotten with the suspect.
+    """
 
     def __init__(
         self,
@@ -125,15 +173,22 @@ class Router:
         self.num_stages = num_stages
         self.cfg = cfg or RouterConfig()
         self.rng = random.Random(self.cfg.seed)
-        self.bans = LocalBans(self.cfg.ban_base_s, self.cfg.ban_max_s, clock)
         self.is_blacklisted = is_blacklisted or (lambda peer: False)
-        self.peers: Dict[str, PeerState] = {}
+        self.bans = LocalBans(self.cfg.ban_base_s, self.cfg.ban_max_s, clock, max_peers=self.cfg.max_peers,
+                              memory_s=self.cfg.ban_memory_s)
+        # protected: peers in a chain right now, and peers whose speed was measured
+        self.peers: PeerTable[str, PeerState] = PeerTable(
+            self.cfg.max_peers, clock=clock,
+            protect=lambda peer, state: state.inflight > 0 or state.time_ema_s is not None)
         self.live: Dict[int, List[str]] = {stage: [] for stage in range(num_stages)}
         self.last_chain: Optional[List[str]] = None
         self.microbatch_size = 1
         self.clock = clock
-        self.suspects: Dict[str, float] = {}  # peer -> when a receiver's SENTINEL last rejected its tensor
-        self.judges: Dict[str, Counter] = {}  # suspect -> how often each receiver rejected its tensors (diagnostics)
+        # peer -> when a receiver's SENTINEL last rejected its tensor
+        self.suspects: PeerTable[str, float] = PeerTable(self.cfg.max_peers, self.cfg.suspect_memory_s, clock=clock)
+        # suspect -> how often each receiver rejected its tensors (diagnostics)
+        self.judges: PeerTable[str, PeerTable[str, int]] = PeerTable(self.cfg.max_peers, self.cfg.suspect_memory_s,
+                                                                     clock=clock)
 
     def update(self, stage_peers: Dict[int, Iterable]) -> None:
         """Replace the set of live peers from DHT announcements ({stage: [PeerInfo-like with .record]})."""
@@ -145,28 +200,45 @@ class Router:
                 rec = info.record
                 if rec.state != "online":
                     continue
-                state = self.peers.get(rec.peer_id)
-                if state is None or state.stage != stage:
-                    state = self.peers[rec.peer_id] = PeerState(rec.peer_id, stage)
+                state = self._state(rec.peer_id, stage, restage=True)
                 state.announced_throughput = rec.throughput
                 live[stage].append(rec.peer_id)
         self.live = live
 
+    def _peek(self, peer: str, stage: int) -> PeerState:
+        """The peer's state, without storing or using it (a fresh, unstored one at ``stage`` if there is none)."""
+        state = self.peers.get(peer)
+        return state if state is not None else PeerState(peer, stage)
+
+    def _state(self, peer: str, stage: int, restage: bool = False) -> PeerState:
+        """The peer's state, marked as used; a fresh one at ``stage`` if there is none (never seen, or evicted), or
+        with ``restage`` if it was seen at another stage."""
+        state = self.peers.get(peer)
+        if state is None or (restage and state.stage != stage):
+            state = PeerState(peer, stage)
+        self.peers[peer] = state
+        return state
+
     def usable(self, stage: int) -> List[str]:
         return [p for p in self.live.get(stage, []) if not self.bans.is_banned(p) and not self.is_blacklisted(p)]
 
-    def expected_time_s(self, state: PeerState) -> float:
+    def _stage_best_s(self, stage: int) -> Optional[float]:
+        measured = [state.time_ema_s for state in (self.peers.get(p) for p in self.live.get(stage, []))
+                    if state is not None and state.time_ema_s is not None]
+        return min(measured) if measured else None
+
+    def expected_time_s(self, state: PeerState, stage_best_s: Optional[float] = None) -> float:
+        """Expected seconds per micro-batch at this peer; ``stage_best_s``: its stage's best measured time, if the
+        caller already has it (see :meth:`_rank`)."""
         if state.time_ema_s is not None:
             return state.time_ema_s
         if state.announced_throughput > 0:
             return self.microbatch_size / state.announced_throughput
-        measured = [
-            self.peers[p].time_ema_s for p in self.live.get(state.stage, []) if self.peers[p].time_ema_s is not None
-        ]
-        return min(measured) if measured else 1.0  # enter at the stage's best, so new peers get tried
+        best = self._stage_best_s(state.stage) if stage_best_s is None else stage_best_s
+        return best if best is not None else 1.0  # enter at the stage's best, so new peers get tried
 
-    def busy_time_s(self, state: PeerState) -> float:
-        return (state.inflight + 1) * self.expected_time_s(state)
+    def busy_time_s(self, state: PeerState, stage_best_s: Optional[float] = None) -> float:
+        return (state.inflight + 1) * self.expected_time_s(state, stage_best_s)
 
     def _rank(self, stage: int, exclude: Sequence[str]) -> List[str]:
         candidates = [p for p in self.usable(stage) if p not in exclude]
@@ -174,7 +246,11 @@ class Router:
             live = self.live.get(stage, [])
             why = "no peer announced" if not live else f"all {len(live)} peer(s) banned, blacklisted or excluded"
             raise NoRouteError(stage, why)
-        noisy = {p: self.busy_time_s(self.peers[p]) * (1 + self.cfg.jitter * self.rng.uniform(-1, 1)) for p in candidates}
+        # the stage's best once per ranking, not once per unmeasured candidate (a DHT flooded with announcements
+        # would make that quadratic)
+        best = self._stage_best_s(stage)
+        noisy = {p: self.busy_time_s(self._peek(p, stage), best) * (1 + self.cfg.jitter * self.rng.uniform(-1, 1))
+                 for p in candidates}
         return sorted(candidates, key=noisy.__getitem__)
 
     def pick_chain(self, exclude: Sequence[str] = ()) -> List[str]:
@@ -207,15 +283,16 @@ class Router:
                 if 0 <= neighbour < self.num_stages and chain[neighbour] not in suspect:
                     chain[neighbour] = self.rng.choice(ranked[neighbour])
         self.last_chain = list(chain)
-        for peer in chain:
-            self.peers[peer].inflight += 1
-            self.peers[peer].chosen += 1
+        for stage, peer in enumerate(chain):
+            state = self._state(peer, stage)
+            state.inflight += 1
+            state.chosen += 1
         return chain
 
     def is_suspect(self, peer: str) -> bool:
         """Whether a receiver's SENTINEL (or an audit) rejected one of the peer's tensors in the last
         ``suspect_memory_s``."""
-        when = self.suspects.get(peer)
+        when = self.suspects.get(peer)  # (the table forgets a suspect after suspect_memory_s, too)
         return when is not None and self.clock() - when <= self.cfg.suspect_memory_s
 
     def release(self, chain: Sequence[str]) -> None:
@@ -230,6 +307,7 @@ class Router:
             if state is None:
                 continue
             state.succeeded += 1
+            self.peers.touch(peer)
             self.bans.success(peer)
             seconds = hop_times_s.get(peer)
             if seconds is not None and math.isfinite(seconds) and seconds >= 0:
@@ -244,7 +322,8 @@ class Router:
             self.peers[peer].failed += 1
         if judge is None:
             return self.bans.ban(peer, reason)
-        self.judges.setdefault(peer, Counter())[judge] += 1
+        judges = self.judges.setdefault(peer, PeerTable(self.cfg.max_judges, clock=self.clock))
+        judges[judge] = judges.get(judge, 0) + 1
         self.suspects[peer] = self.clock()
         return self.bans.ban(peer, reason, fixed_s=self.cfg.verdict_ban_s)
 

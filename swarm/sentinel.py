@@ -47,17 +47,30 @@ micro-batches on a second peer) or robust averaging of the weights, not monitori
 
 Knobs (:class:`SentinelConfig`): ``threshold`` (z above which a tensor is rejected), ``warmup``, ``ema_decay``,
 ``replay_window`` and ``replay_threshold``, ``min_spread`` (a relative floor on each spread, so a statistic that
-happened to be very stable does not turn tiny honest changes into huge z-scores).
+happened to be very stable does not turn tiny honest changes into huge z-scores), ``max_senders`` and
+``sender_ttl_s`` (the bounds of the per-sender tables).
+
+Bounded state: everything kept per sender lives in :class:`~swarm.peer_table.PeerTable` s of at most
+``max_senders`` keys (one key per sender and direction; default 4096) and is otherwise per direction (three of
+them) and of fixed size, so a flood of fresh sender ids costs a bounded amount of memory (see
+:mod:`swarm.peer_table` for the bound and its measurement) and a bounded amount of work per check. What eviction
+means (:class:`SentinelMonitor` has the details): an evicted sender is judged as a newcomer again (its own baseline
+warms up anew; the population, relative-RMS, replay and hard checks judge it meanwhile), and an established sender
+(a warm baseline, a momentum of ``momentum_min_count`` tensors, a suspect mark) is evicted only once every other key
+of its table is established too.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from swarm.peer_table import DEFAULT_MAX_PEERS, PeerTable
 
 FORWARD, BACKWARD = "forward", "backward"
 LOSS = "loss"  # the last stage's loss on received activations: a free check of what statistics cannot see
@@ -65,6 +78,7 @@ SCALARS = ("log_rms", "mean_shift", "profile", "skew_align", "token_spread", "al
 # distances and spikes are suspicious only when large; the others in both directions
 ONE_SIDED = {"mean_shift", "profile", "loss", "token_mismatch"}
 DISTANCES = {"mean_shift", "profile", "skew_align"}
+LATEST = 4  # accepted tensors remembered per sender and direction as references for the others
 
 
 @dataclass(kw_only=True)
@@ -95,12 +109,20 @@ class SentinelConfig:
     token_buckets: int = 1024  # hashed token ids of the last stage's token-fit check (0: off)
     token_decay: float = 0.99  # per accepted tensor: the token means follow training
     seed: int = 0
+    # bounds of the per-sender tables (keys: sender x direction); see SentinelMonitor. At least ``window``, so that the
+    # tables of recently seen senders never evict one that a verdict still looks at
+    max_senders: int = DEFAULT_MAX_PEERS
+    sender_ttl_s: Optional[float] = None  # a sender not heard from for this long is forgotten (None: only by size)
+    max_shapes: int = 4  # hidden sizes whose replay projection is cached (a sender picks the shape it sends)
 
     def __post_init__(self) -> None:
         if not (self.threshold > 0 and self.warmup >= 3 and 0 < self.ema_decay < 1):
             raise ValueError("sentinel: threshold > 0, warmup >= 3, ema_decay in (0, 1)")
         if not (0 < self.replay_threshold <= 1 and self.replay_window >= 0 and self.min_spread > 0):
             raise ValueError("sentinel: replay_threshold in (0, 1], replay_window >= 0, min_spread > 0")
+        if not (self.max_senders >= max(self.window, 1) and self.max_shapes >= 1
+                and (self.sender_ttl_s is None or self.sender_ttl_s > 0)):
+            raise ValueError("sentinel: max_senders >= window, max_shapes >= 1, sender_ttl_s > 0 (or None)")
 
 
 @dataclass
@@ -341,28 +363,69 @@ class _SenderEMA:
 
 
 class SentinelMonitor:
-    """Checks incoming tensors of one receiving peer; call :meth:`check` for every tensor before using it."""
+    """Checks incoming tensors of one receiving peer; call :meth:`check` for every tensor before using it.
 
-    def __init__(self, cfg: Optional[SentinelConfig] = None):
+    Per-sender state is kept in :class:`~swarm.peer_table.PeerTable` s of at most ``cfg.max_senders`` keys, each
+    forgotten after ``cfg.sender_ttl_s`` without news (if set; ``clock`` measures it). What eviction means, table by
+    table:
+
+    - ``senders`` (each sender's own baseline): an evicted sender is judged as a **newcomer** again: its baseline
+      warms up anew over ``warmup`` tensors, during which only the population, relative-RMS, momentum, replay and
+      hard checks judge it. Warm baselines are protected: a flood of fresh ids evicts each other first, and evicts
+      a warm one only once all ``max_senders`` keys are warm (``warmup`` accepted tensors per fresh id).
+    - ``momentum``, ``momentum_count``, ``relative``: an evicted sender's momentum starts again from zero and needs
+      ``momentum_min_count`` tensors before it is judged, and it is no longer a suspect. Momenta of at least
+      ``momentum_min_count`` tensors and suspect marks are protected as above.
+    - ``last_seen``, ``latest`` (who sent recently, and their latest accepted values as references): least recently
+      used first, without protection. Verdicts read only the senders of the last ``window`` checks, and a key is
+      evicted only after ``max_senders >= window`` other senders wrote after it, so eviction here changes no verdict.
+    - ``_projections`` (one random projection per hidden size, for the replay sketch): ``max_shapes`` sizes; an
+      evicted one is recomputed from the seed, identically.
+    """
+
+    def __init__(self, cfg: Optional[SentinelConfig] = None, *, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg or SentinelConfig()
-        self.population: Dict[str, _Population] = {}
-        self.senders: Dict[Tuple[str, str], _SenderEMA] = {}
+        self.clock = clock
+        min_count, half = self.cfg.momentum_min_count, self.cfg.momentum_threshold / 2
+        self.population: Dict[str, _Population] = {}  # per direction (fixed by the caller, not by senders)
+        self.senders: PeerTable[Tuple[str, str], _SenderEMA] = self._table(lambda key, ema: ema.ready)
         self.sketches: Dict[str, Deque[Tuple[str, torch.Tensor]]] = {}
-        self.momentum: Dict[Tuple[str, str], Dict[str, float]] = {}
-        self.momentum_count: Dict[Tuple[str, str], int] = {}
-        self.relative: Dict[Tuple[str, str], Dict[str, float]] = {}
+        self.momentum: PeerTable[Tuple[str, str], Dict[str, float]] = self._table(
+            lambda key, state: self.momentum_count.get(key, 0) >= min_count)
+        self.momentum_count: PeerTable[Tuple[str, str], int] = self._table(lambda key, count: count >= min_count)
+        self.relative: PeerTable[Tuple[str, str], Dict[str, float]] = self._table(
+            lambda key, relative: any(abs(v) > half for v in relative.values()))
         self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
         # direction -> (when, sender, statistic, sign, z) of every population verdict over the threshold
         self.recent_outliers: Dict[str, Deque[Tuple[int, str, str, int, float]]] = {}
-        self.last_seen: Dict[str, Dict[str, int]] = {}  # direction -> sender -> when it last sent
+        self.last_seen: Dict[str, PeerTable[str, int]] = {}  # direction -> sender -> when it last sent
         # direction -> sender -> its last accepted (when, statistics, epoch)
-        self.latest: Dict[str, Dict[str, Deque[Tuple[int, Dict[str, float], Optional[int]]]]] = {}
-        self._projections: Dict[int, torch.Tensor] = {}
+        # (a list of at most LATEST entries: a deque's block costs 600 B, thousands of times over in a flood)
+        self.latest: Dict[str, PeerTable[str, List[Tuple[int, Dict[str, float], Optional[int]]]]] = {}
+        self._projections: PeerTable[int, torch.Tensor] = PeerTable(self.cfg.max_shapes)
         # token_mismatch: decayed sums and counts of accepted activations per hashed token id
         self.token_sums: Optional[torch.Tensor] = None
         self.token_counts: Optional[torch.Tensor] = None
         self.checked = 0
         self.rejected = 0
+
+    def _table(self, protect: Optional[Callable[[Any, Any], bool]] = None) -> PeerTable:
+        return PeerTable(self.cfg.max_senders, self.cfg.sender_ttl_s, clock=self.clock, protect=protect)
+
+    def _per_direction(self, tables: Dict[str, PeerTable], direction: str) -> PeerTable:
+        table = tables.get(direction)
+        if table is None:
+            table = tables[direction] = self._table()
+        return table
+
+    @staticmethod
+    def _since(table: Optional[PeerTable], horizon: int) -> Iterator[Tuple[str, int]]:
+        """(sender, when) of a ``last_seen`` table with ``when >= horizon``, newest first: the table is in the order of
+        its writes, so only the recent senders are read, however many the table holds."""
+        for sender, when in (table.newest() if table is not None else ()):
+            if when < horizon:
+                return
+            yield sender, when
 
     def forget(self, sender: str) -> None:
         """Drop what is kept about ``sender`` as a reference for the others (call it when the sender is blacklisted
@@ -378,10 +441,11 @@ class SentinelMonitor:
 
     # ---- statistics ------------------------------------------------------------------------------------------
     def _projection(self, hidden: int) -> torch.Tensor:
-        if hidden not in self._projections:
+        projection = self._projections.get(hidden)
+        if projection is None:
             gen = torch.Generator().manual_seed(self.cfg.seed + hidden)
-            self._projections[hidden] = torch.randn(hidden, generator=gen) / math.sqrt(hidden)
-        return self._projections[hidden]
+            projection = self._projections[hidden] = torch.randn(hidden, generator=gen) / math.sqrt(hidden)
+        return projection
 
     def statistics(
         self, x: torch.Tensor, context: Optional[torch.Tensor] = None
@@ -489,7 +553,7 @@ class SentinelMonitor:
             signed = pop.scores(scalars, signed=True) if pop.ready else {}
             centers = self._centers(direction, sender, epoch)
             warm = pop.ready
-            self.last_seen.setdefault(direction, {})[sender] = self.checked
+            self._per_direction(self.last_seen, direction)[sender] = self.checked
             verdict = self._judge(pop, "population", scalars, sender, direction, centers)
             if not verdict.accepted:
                 deviation = pop.deviations(scalars, centers).get(verdict.statistic, 0.0)
@@ -606,15 +670,19 @@ class SentinelMonitor:
         return verdict
 
     def _remember(self, direction: str, sender: str, scalars: Dict[str, float], epoch: Optional[int] = None) -> None:
-        entries = self.latest.setdefault(direction, {}).setdefault(sender, deque(maxlen=4))
+        entries = self._per_direction(self.latest, direction).setdefault(sender, [])
         entries.append((self.checked, dict(scalars), epoch))
+        del entries[:-LATEST]
 
     def _representatives(self, direction: str, sender: str, epoch: Optional[int] = None) -> List[Dict[str, float]]:
         """The other senders' latest accepted values, one entry per sender: from weights of the same optimizer
         epoch where that sender has one, else its latest. Only tensors accepted by a warm baseline are remembered,
         so an attacker's tensors never serve as a reference, not even those of the warm-up."""
         representatives = []
-        for other, entries in self.latest.get(direction, {}).items():
+        latest = self.latest.get(direction)
+        for other, entries in (latest.newest() if latest is not None else ()):
+            if self.checked - entries[-1][0] > self.cfg.window:
+                break  # the table is in the order of the latest entries: every older one is stale too
             if other == sender or self.suspect(other, direction):
                 continue
             fresh = [(values, when_epoch) for when, values, when_epoch in entries
@@ -654,7 +722,7 @@ class SentinelMonitor:
         outliers = self.recent_outliers.setdefault(direction, deque(maxlen=self.cfg.window))
         outliers.append((self.checked, sender, stat, sign, verdict.score))
         horizon = self.checked - self.cfg.window // 2
-        active = {s for s, when in self.last_seen.get(direction, {}).items() if when >= horizon}
+        active = {s for s, _ in self._since(self.last_seen.get(direction), horizon)}
         alike: Dict[str, float] = {}
         for when, other, other_stat, other_sign, z in outliers:
             if other != sender and when >= horizon and other_stat == stat and other_sign == sign and other in active:
@@ -729,10 +797,14 @@ class SentinelMonitor:
         # only senders still sending: a departed or blacklisted one's momentum is frozen, and compared with it an
         # honest majority that drifts together looks persistently off (measured in live 2 x 3 runs, right after
         # the attacker was blacklisted)
-        seen = self.last_seen.get(direction, {})
-        horizon = self.checked - self.cfg.window
-        peers = [k for k in self.momentum if k[1] == direction and self.momentum_count[k] >= self.cfg.momentum_min_count
-                 and seen.get(k[0], self.checked) >= horizon]
+        # (the loss keeps no last_seen: there every sender with a momentum counts)
+        seen = self.last_seen.get(direction)
+        if seen is None:
+            candidates = [k for k in self.momentum_count if k[1] == direction]
+        else:
+            candidates = [(s, direction) for s, _ in self._since(seen, self.checked - self.cfg.window)]
+        peers = [k for k in candidates if self.momentum_count.get(k, 0) >= self.cfg.momentum_min_count
+                 and k in self.momentum]
         # with two senders the median cannot tell which one is off: relative momentum needs three or more
         if count < self.cfg.momentum_min_count or len(peers) < 3:
             return None

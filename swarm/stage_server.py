@@ -429,7 +429,7 @@ class StageServer(ServicerBase):
         """A peer's view of itself, for `swarm status` and tests."""
         info = dict(
             peer_id=self.peer_id, stage=self.cfg.stage, num_stages=self.cfg.num_stages,
-            state=self.record.state if self.record else "joining", served=self.stats.served,
+            state=self.record.state if self.record else "joining", served=self.stats.served, inflight=self.inflight,
             rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
             failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
             epoch=self.optimizer.epoch, flagged=_top(self.stats.flagged, INFO_PEERS), device=str(self.device),

@@ -401,3 +401,56 @@ def test_seeded_router_is_deterministic():
 def test_router_config_validation(kwargs):
     with pytest.raises(ValueError, match="router"):
         RouterConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ bounded state
+
+
+def test_bans_in_force_are_kept_preferentially():
+    clock = FakeClock()
+    bans = LocalBans(base_s=5.0, max_s=300.0, clock=clock, max_peers=4)
+    for _ in range(7):
+        bans.ban("bad", "timeout")  # escalated: a 300 s ban
+    for i in range(3):
+        bans.ban(f"over{i}", "timeout")
+    clock.advance(10)  # those three bans are over; bad's is not
+    for i in range(3):
+        bans.ban(f"new{i}", "timeout")
+        assert bans.is_banned("bad")
+    assert set(bans._bans) == {"bad", "new0", "new1", "new2"}
+    # all four in force: the bound wins, and the least recently used goes (bad was passed over above, which counts
+    # as a use: new0 goes)
+    bans.ban("new3", "timeout")
+    assert set(bans._bans) == {"bad", "new1", "new2", "new3"} and not bans.is_banned("new0")
+    with pytest.raises(ValueError):
+        LocalBans(max_s=300.0, memory_s=100.0)  # a ban in force must never expire from memory
+
+
+def test_ban_memory_forgets_strikes_of_peers_not_seen_for_long():
+    clock = FakeClock()
+    bans = LocalBans(base_s=5.0, max_s=300.0, clock=clock, memory_s=600.0)
+    assert [bans.ban("p", "timeout") for _ in range(3)] == [5, 10, 20]
+    clock.advance(599)
+    assert bans.ban("p", "timeout") == 40  # remembered: within memory_s of the last ban
+    clock.advance(601)
+    assert bans.ban("p", "timeout") == 5  # forgotten: starts again
+
+
+def test_router_survives_a_flood_of_announced_peers():
+    """More announced peers than the table holds: routing still works, measured peers are kept, tables are capped."""
+    clock = FakeClock()
+    router = Router(2, RouterConfig(seed=0, max_peers=64), clock=clock)
+    router.update({0: [info("a", 0)], 1: [info("b", 1)]})
+    router.report_success(["a", "b"], {"a": 0.1, "b": 0.2})
+    flood = [info(f"sybil{i}", 1) for i in range(1000)]
+    router.update({0: [info("a", 0)], 1: [info("b", 1)] + flood})
+    assert len(router.peers) == 64 and router.peers["b"].time_ema_s == pytest.approx(0.2)
+    for i in range(200):
+        chain = router.pick_chain()
+        router.report_failure(chain[1], "rejected", judge=f"judge{i}")
+        router.release(chain)
+        clock.advance(0.01)
+    assert len(router.peers) <= 64 and len(router.suspects) <= 64 and len(router.bans._bans) <= 64
+    assert all(state.inflight == 0 for state in router.peers.values()) and len(router.judges) <= 64
+    clock.advance(router.cfg.suspect_memory_s + 1)  # suspects (and their judges) expire with the suspect memory
+    assert len(router.suspects) == 0 and len(router.judges) == 0 and not any(map(router.is_suspect, router.peers))

@@ -225,3 +225,46 @@ def test_activations_of_other_tokens_do_not_fit_and_are_rejected():
     # without the tokens there is nothing to compare with, and the check is silent
     assert monitor.token_fit(data[0][0], None) is None
     assert monitor.token_fit(data[0][0], data[0][1][:, :5]) is None
+
+
+# ------------------------------------------------------------------------------------------------ bounded state
+
+
+def test_small_tables_change_no_verdict_below_their_size(honest):
+    """The per-sender tables bound memory only: with three senders, the smallest allowed size (``window`` keys)
+    gives exactly the verdicts of the default size, for an attack as for honest traffic."""
+    with pytest.raises(ValueError):
+        SentinelConfig(max_senders=SentinelConfig().window - 1)
+    small = SentinelConfig(max_senders=SentinelConfig().window)
+    for attack, direction in ((None, FORWARD), ("scale", BACKWARD)):
+        default = run(honest, attack, direction, start=60)
+        bounded = run(honest, attack, direction, start=60, cfg=small)
+        assert [(v.accepted, v.reason) for *_, v in default] == [(v.accepted, v.reason) for *_, v in bounded]
+
+
+def test_a_flood_of_fresh_senders_is_bounded_and_evicts_newcomers_first(honest):
+    """More fresh senders than the tables hold (each with one honest-looking tensor): the tables stay at their size,
+    the warm baselines of the established senders are kept (and they are still judged as before), while a sender
+    with too few tensors for a baseline is evicted and judged as a newcomer when it comes back."""
+    cfg = SentinelConfig(max_senders=64)
+    monitor = SentinelMonitor(cfg)
+    for i, act, _grad in honest[:90]:
+        assert monitor.check(act, f"p{i % 3}", FORWARD, microbatch=str(i)).accepted
+    assert all(monitor.senders[(f"p{k}", FORWARD)].ready for k in range(3))
+    monitor.check(honest[90][1], "newcomer", FORWARD, microbatch="90")
+    monitor.check(honest[91][1], "newcomer", FORWARD, microbatch="91")
+    for i, act, _grad in honest[92:200]:  # 108 fresh ids
+        monitor.check(act, f"sybil{i}", FORWARD, microbatch=str(i))
+    tables = [monitor.senders, monitor.momentum, monitor.momentum_count, monitor.relative, monitor.latest[FORWARD],
+              monitor.last_seen[FORWARD]]
+    assert all(len(table) <= 64 for table in tables) and monitor.senders.evicted > 0
+    assert all(monitor.senders[(f"p{k}", FORWARD)].ready for k in range(3))  # established baselines are kept
+    assert ("newcomer", FORWARD) not in monitor.senders
+    for k, (i, act, _grad) in enumerate(honest[200:215]):
+        assert monitor.check(act, f"p{k % 3}", FORWARD, microbatch=str(i)).accepted
+    assert monitor.check(honest[215][1], "newcomer", FORWARD, microbatch="215").accepted
+    assert monitor.senders[("newcomer", FORWARD)].count == 1  # a newcomer again: its baseline starts over
+    # odd shapes pick their own projection: only max_shapes of them are cached
+    for hidden in range(8, 40):
+        monitor.check(torch.randn(1, 4, hidden), f"odd{hidden}", FORWARD, microbatch=f"odd{hidden}")
+    assert len(monitor._projections) <= cfg.max_shapes

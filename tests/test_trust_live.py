@@ -47,17 +47,20 @@ def test_an_outsider_cannot_cross_the_trust_boundary(tmp_path):
             capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
         lines = [json.loads(line) for line in attacker.stdout.splitlines() if line.startswith("{")]
         results = {r["attack"]: r for r in lines}
+        (tmp_path / "attacks.json").write_text(json.dumps(results, indent=1))  # for the record
         assert "done" in results, attacker.stderr[-3000:]
         after = {c.name: rss_mib(c.proc.pid) for c in (first, last)}
         for attack, result in results.items():
             if attack not in ("done", "blacklists"):
-                assert result["refused"] is True, result
+                assert result["refused"] is True, json.dumps(result)[:1500]
         assert results["stalled"]["served_meanwhile"] and results["stalled"]["info_s"] < 10, results["stalled"]
+        # junk: none accepted; nearly all answered with a refusal (a few streams may fail on the wire, unanswered)
+        assert results["junk"]["answered"] >= 0.95 * results["junk"]["sent"], results["junk"]
         for name in before:
             assert after[name] - before[name] < RSS_BOUND_MIB, (before, after)
         # the honest peers still serve: a trainer completes every micro-batch, and nobody honest is blacklisted (the
         # three fresh identities' blacklists weigh nothing)
-        trainer, _, summary_path = train(swarm, tmp_path, steps=3, extra=REPUTATION)
+        trainer, _, summary_path = train(swarm, tmp_path, steps=3)
         assert trainer.proc.wait(timeout=300) == 0, open(trainer.log_path).read()[-3000:]
         summary = json.load(open(summary_path))
         assert summary["microbatches"]["dropped"] == 0 and summary["microbatches"]["completed"] > 0, summary

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -164,36 +165,53 @@ class Attacker:
         deadline and keep serving others meanwhile."""
         tokens = self.tokens()
         header, reveal = self.header("s1.0", tokens)
-        messages = pack(dict(header=header.to_wire(), audit=reveal), [tokens], chunk_bytes=256)
+        messages = pack(dict(header=header.to_wire(), audit=reveal), [tokens], chunk_bytes=2048)
         forever = asyncio.Event()
 
         async def stall():
             yield messages[0]
-            await forever.wait()
+            # then nothing for 90 s (past the peer's 60 s read deadline), and the stream ends: hivemind's client reads
+            # the reply only once its requests are done, so the refusal the peer sent at its deadline is read then
+            # (had the peer still been reading, it would answer that the message was cut short instead)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(forever.wait(), 90)
 
         started = time.monotonic()
         task = asyncio.ensure_future(receive(await self.stub(self.args.honest).rpc_chain(stall()), TensorLimits()))
         await asyncio.sleep(1.0)
         info_started = time.monotonic()
-        info = await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)
+        during = (await receive(single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)),
+                                TensorLimits())).metadata
         info_s = time.monotonic() - info_started
+        await asyncio.sleep(70.0)  # past the peer's 60 s read deadline; the stream is still open on this side
+        after = (await receive(single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)),
+                               TensorLimits())).metadata
         try:
-            reply = (await asyncio.wait_for(task, 120)).metadata
-        except Exception as e:
+            reply = (await asyncio.wait_for(task, 60)).metadata
+        except Exception as e:  # the peer gave the stream up: hivemind resets it once the reply is written
             reply = {"exception": repr(e)}
-        emit("stalled", refused="not received within" in str(reply.get("error")), after_s=round(time.monotonic()
-             - started, 1), served_meanwhile=bool(info.metadata), info_s=round(info_s, 2), reply=reply)
+        emit("stalled", refused=during.get("inflight", 0) >= 1 and after.get("inflight") == 0,
+             inflight_during=during.get("inflight"), inflight_after_deadline=after.get("inflight"),
+             after_s=round(time.monotonic() - started, 1), served_meanwhile=bool(during), info_s=round(info_s, 2),
+             reply=reply)
 
     async def junk(self, count: int = 2000) -> None:
         rng = random.Random(0)
-        answered = 0
+        answered, accepted, errors = 0, 0, {}
         for i in range(count):
             meta = {rng.choice(["header", "audit", "mb", "x"]): rng.choice([None, 1, "x" * rng.randrange(200), b"\0"])}
             tensor = rng.choice([torch.randn(rng.randrange(1, 4), rng.randrange(1, 8)), torch.zeros(0),
                                  torch.full((2, 2), float("nan")), torch.randint(0, 10, (3,))])
-            reply = await self.chain(self.args.last if i % 2 else self.args.honest, meta, tensor, timeout=20)
-            answered += reply.get("ok") is False or bool(reply.get("reports"))
-        emit("junk", refused=answered == count, answered=answered, sent=count)
+            try:
+                reply = await self.chain(self.args.last if i % 2 else self.args.honest, meta, tensor, timeout=20)
+            except Exception as e:  # the stream itself failed (no reply): counted, and the attack goes on
+                errors[type(e).__name__ + ": " + str(e)[:80]] = errors.get(type(e).__name__ + ": " + str(e)[:80], 0) + 1
+                continue
+            answered += 1
+            accepted += not (reply.get("ok") is False or (reply.get("reports") and not reply["reports"][0]["ok"]))
+        info = await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)  # still serving?
+        emit("junk", refused=accepted == 0 and bool(info.metadata), answered=answered, accepted=accepted,
+             stream_errors=errors, sent=count)
 
     async def run(self, attacks) -> None:
         self.p2p = await self.dht.replicate_p2p()
