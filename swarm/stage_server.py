@@ -41,6 +41,7 @@ from swarm.config import ModelConfig
 from swarm.labels import LabelBox
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
+from swarm.peer_table import PeerTable
 from swarm.protocol import (
     DOWNSTREAM,
     UPSTREAM,
@@ -111,12 +112,13 @@ class StageStats:
     rejected_grads: int = 0
     failed_downstream: int = 0
     throughput_ema: float = 0.0  # samples/s of forward+backward compute
-    flagged: Dict[str, int] = field(default_factory=dict)  # peer id -> tensors of theirs rejected
+    # per-peer counters: bounded (peer ids are free to mint), the least recently counted peers forgotten first
+    flagged: Dict[str, int] = field(default_factory=PeerTable)  # peer id -> tensors of theirs rejected
     audits_run: int = 0  # audits this (penultimate) stage ran on the last stage's gradients
     audits_failed: Dict[str, int] = field(default_factory=dict)  # outcome ("route", "audit", "inconclusive") -> count
     audits_served: int = 0  # audit-only micro-batches this (last) stage computed for others
-    averaging_strikes: Dict[str, int] = field(default_factory=dict)  # peer -> its contributions found far off
-    refused_states: Dict[str, int] = field(default_factory=dict)  # source -> states of its refused here
+    averaging_strikes: Dict[str, int] = field(default_factory=PeerTable)  # peer -> its contributions found far off
+    refused_states: Dict[str, int] = field(default_factory=PeerTable)  # source -> states of its refused here
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
