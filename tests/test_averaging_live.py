@@ -132,8 +132,12 @@ def test_poisoned_state_refused_and_fake_progress_ignored(tmp_path):
     refused = re.findall(r"refused the state served by (\w+):", log)
     assert set(refused) <= {attackers[1]}, refused  # only ever the attacker's state is refused
     stage0_logs = [open(p.log_path).read() for p in joiner_siblings(tmp_path, 0)]
-    reloads = sum(len(re.findall(r"behind the other replicas, loading their state", text)) for text in stage0_logs)
-    assert reloads <= 2, reloads  # was 13 in 24 steps when a lone far-ahead claim was believed
+    # believed, the lie made honest replicas think they were ~1,000 steps behind and reload (13 times in 24 steps);
+    # an honest replica that missed a round is 1-2 steps behind and may reload for that (seen: 3 times in 16 steps
+    # on a loaded machine), which is not the lie's doing
+    behind = [int(n) for text in stage0_logs
+              for n in re.findall(r"(\d+) optimizer step\(s\) behind the other replicas, loading their state", text)]
+    assert all(n <= 2 for n in behind), behind
 
 
 def joiner_siblings(tmp_path, stage: int):
