@@ -122,10 +122,13 @@ class Attacker:
         return (await call(self.stub(peer).rpc_chain, pack(meta, [tensor]), TensorLimits(), timeout=timeout)).metadata
 
     async def forged_header(self) -> None:
-        """A header naming the honest trainer (its peer id) signed with this attacker's key, sent to stage 0."""
+        """The label swap: as the route's stage-0 peer, ask the last stage to compute under a header that names
+        another trainer (whose labels it holds), signed with this attacker's own key."""
         tokens = self.tokens()
-        header, reveal = self.header("f1.0", tokens, trainer=self.args.trainer)
-        reply = await self.chain(self.args.honest, dict(header=header.to_wire(), audit=reveal), tokens)
+        header, reveal = self.header("f1.0", tokens, trainer=self.args.trainer, route=[self.me, self.args.last])
+        activations = torch.randn(self.config.microbatch_size, self.config.seq_len,
+                                  int(self.config.model.get("hidden_size", 192)))
+        reply = await self.chain(self.args.last, dict(header=header.to_wire(), audit=reveal), activations)
         emit("forged-header", refused="reports" not in reply and "bad header" in str(reply.get("error")),
              reply=reply)
 
