@@ -79,6 +79,6 @@ def test_signing_key_survives_pickling_and_refuses_malformed_blobs():
     assert signer_key(sign(copy, payload), payload) == KEY.public_bytes()
     good = msgpack.unpackb(sign(KEY, payload))
     for blob in (b"", b"\xc1", msgpack.packb({"key": good["key"][:31], "sig": good["sig"]}),
-                 msgpack.packb({"key": good["key"], "sig": good["sig"][:-1] + b"\0"}),
+                 msgpack.packb({"key": good["key"], "sig": good["sig"][:-1] + bytes([good["sig"][-1] ^ 1])}),
                  msgpack.packb({"key": OTHER.public_bytes(), "sig": good["sig"]}), msgpack.packb([1, 2])):
         assert signer_key(blob, payload) is None
