@@ -35,11 +35,8 @@ from typing import Any, Deque, Dict
 
 import torch
 
-CHAIN_ATTACKS = ("noise", "signflip", "scale", "zero", "constant", "random", "replay", "alie")
-AVERAGING_ATTACKS = ("avg-scale", "avg-signflip", "avg-weight", "avg-aggregate", "avg-equivocate", "avg-state",
-                     "avg-progress")
-ATTACKS = CHAIN_ATTACKS + AVERAGING_ATTACKS
-DIRECTIONS = ("forward", "backward", "both")
+from peers.attack_names import ATTACKS, AVERAGING_ATTACKS, CHAIN_ATTACKS, DIRECTIONS  # noqa: F401 (re-exported)
+
 DEFAULT_MAGNITUDE = {"noise": 1.0, "signflip": 1.0, "scale": 10.0, "zero": 1.0, "constant": 1.0, "random": 1.0,
                      "replay": 4.0, "alie": 2.0, "avg-scale": -20.0, "avg-signflip": 1.0, "avg-weight": 100.0,
                      "avg-aggregate": -5.0, "avg-equivocate": 20.0, "avg-state": 5.0, "avg-progress": 1000.0}

@@ -5,6 +5,9 @@
     swarm train   the trainer:   swarm train --initial-peers ADDR --steps N
     swarm status  what a swarm is doing:  swarm status --initial-peers ADDR [--json] [--watch]
     swarm local   a whole swarm of separate processes on 127.0.0.1, trained and stopped
+
+Every flag can also come from a config file (``--config FILE``) or an environment variable named after it
+(``SWARM_INITIAL_PEERS`` for ``--initial-peers``): flags win over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import sys
 import threading
 from typing import List, Optional
 
-from peers.config_file import ConfigFileError, add_config_flag_everywhere, apply_config_file
+from peers.common import PARENT_PID_ENV
+from peers.config_file import (
+    ConfigFileError,
+    add_config_flag_everywhere,
+    apply_config_file,
+    apply_environment,
+)
 
 DEFAULT_RUN_ID = "swarm"
 
@@ -131,7 +140,7 @@ def _sentinel(parser: argparse.ArgumentParser) -> None:
 
 
 def _attack(parser: argparse.ArgumentParser, flag: str) -> None:
-    from peers.adversary import ATTACKS, DIRECTIONS
+    from peers.attack_names import ATTACKS, DIRECTIONS
 
     group = parser.add_argument_group("Byzantine behaviour (experiments and tests only)")
     group.add_argument(flag, default=None, choices=ATTACKS, help="tamper with outgoing tensors with this attack")
@@ -146,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarm", description="Decentralized, Byzantine-tolerant pipeline training over a hivemind DHT.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"swarm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("dht", help="start a bootstrap peer that creates the swarm and prints its address",
@@ -239,8 +249,36 @@ def build_parser() -> argparse.ArgumentParser:
     _attack(p, "--attack")
     _data(p)
     _training(p)
-    add_config_flag_everywhere(parser)  # last: every subcommand above gets --config FILE
+    add_config_flag_everywhere(parser)  # last: every subcommand above gets --config FILE (and --debug)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="on an unexpected failure, print the traceback (default: one error line)")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("swarm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class RoundSkipped(logging.Filter):
+    """hivemind logs an averaging round that could not run (no group formed in time, a partner that left) as an
+    ERROR with a traceback. In a swarm that is expected now and then, and tolerated: the replica steps with its own
+    gradients and catches up at the next round. Say so, at INFO, in one line."""
+
+    TOLERATED = ("could not find a group", "Unable to run All-Reduce", "averaging round", "was cancelled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and any(t in record.getMessage() for t in self.TOLERATED):
+            first = " ".join(record.getMessage().split())[:200] or type(record.exc_info[1]).__name__
+            record.msg, record.args = f"averaging round skipped (tolerated; the next round catches up): {first}", ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 def setup_logging(level: str) -> None:
@@ -248,6 +286,7 @@ def setup_logging(level: str) -> None:
                         stream=sys.stderr)
     for noisy in ("hivemind", "asyncio", "filelock", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+    logging.getLogger("hivemind.averaging.averager").addFilter(RoundSkipped())
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -255,8 +294,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     file. Bad input prints ``swarm: error: ...`` and raises SystemExit(2)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:  # first pass: the command's --config FILE becomes its defaults; the command line is parsed after it
+    try:  # first pass: the command's --config FILE, then SWARM_* variables, become its defaults; flags win over both
         applied = apply_config_file(parser, argv)
+        apply_environment(parser, argv, os.environ)
     except ConfigFileError as e:
         print(f"swarm: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -279,6 +319,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:  # argparse's errors and --help
         return e.code if isinstance(e.code, int) else 2
     setup_logging(args.log_level)
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit():  # started by `swarm local`: leave with it, however it dies
+        from peers.common import die_with_parent
+
+        die_with_parent(int(parent))
     if getattr(args, "threads", None):
         import torch
 
@@ -297,10 +342,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         from peers.status import run
     else:
         from peers.local import run
+    from peers.common import UserError, fail
+
     try:
         code = run(args) or 0
-    except Exception:
-        logging.getLogger("swarm").exception(f"swarm {args.command} failed")
+    except UserError as e:
+        if args.debug:
+            logging.getLogger("swarm").exception(f"swarm {args.command}: user error")
+        code = fail(str(e))
+    except Exception as e:
+        if args.debug:
+            logging.getLogger("swarm").exception(f"swarm {args.command} failed")
+        message = " ".join(str(e).split())[:500]
+        print(f"swarm: error: swarm {args.command} failed: {type(e).__name__}: {message} (rerun with --debug for "
+              f"the traceback)", file=sys.stderr, flush=True)
         code = 1
     return code
 

@@ -28,13 +28,40 @@ async def wait_for_shutdown() -> str:
     return await stopped
 
 
+class UserError(Exception):
+    """A mistake the user can fix (a bad or dead address, a missing file, a bad value): the CLI prints it as one
+    ``swarm: error: ...`` line and exits 2, without a traceback."""
+
+
+def check_initial_peers(args) -> None:
+    """Raise :class:`UserError` unless ``--initial-peers`` are peer multiaddrs: before any identity or process."""
+    from swarm.network import check_peer_addrs
+
+    try:
+        check_peer_addrs(getattr(args, "initial_peers", None) or [])
+    except ValueError as e:
+        raise UserError(f"--initial-peers: {e}") from None
+
+
+def open_dht(run_id: str, initial_peers, **kwargs):
+    """:func:`swarm.network.create_dht`, with a failure to start (no peer answers, a port in use) raised as a
+    :class:`UserError` that says what to do."""
+    from swarm.network import create_dht, explain_start_failure
+
+    try:
+        return create_dht(run_id, initial_peers, **kwargs)
+    except Exception as e:  # hivemind: P2PDaemonError with the daemon's log line, or TimeoutError
+        raise UserError(explain_start_failure(initial_peers, e)) from e
+
+
 def join_swarm(args):
     """Join the DHT and read the swarm's config: ``(dht, config)``, config None (the reason printed) if absent.
-    The caller shuts the DHT down."""
-    from swarm.network import create_dht, fetch_swarm_config
+    The caller shuts the DHT down. Raises :class:`UserError` if the DHT cannot be joined."""
+    from swarm.network import fetch_swarm_config
 
-    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                     identity_path=args.identity)
+    check_initial_peers(args)
+    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
+                   identity_path=args.identity)
     try:
         return dht, fetch_swarm_config(dht, args.run_id)
     except TimeoutError as e:
@@ -79,6 +106,33 @@ def prove_admission(args, swarm, dht):
         return policy, token, policy.prove(str(dht.peer_id), token)
     except AdmissionError as e:
         raise ValueError(f"this identity ({dht.peer_id}) is not admitted to swarm {args.run_id!r}: {e}") from None
+
+
+PARENT_PID_ENV = "SWARM_PARENT_PID"  # set by `swarm local` (and the tests' launcher) for the roles it starts
+ORPHAN_GRACE_S = 30.0
+
+
+def die_with_parent(parent_pid: int, grace_s: float = ORPHAN_GRACE_S, poll_s: float = 0.5) -> None:
+    """Make this role leave when the process that launched it is gone, however it died (SIGKILL included):
+    a watcher thread sends this process SIGTERM (a clean leave: offline announced, in-flight work finished) and,
+    if it is still running ``grace_s`` later, SIGKILLs its whole process group (its DHT process and p2p daemon
+    too; the launcher started it in a group of its own). Polling the parent's pid works where Linux's
+    PR_SET_PDEATHSIG does not reach (macOS, and grandchildren)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        try:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        except OSError:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def fail(message: str) -> int:

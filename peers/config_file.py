@@ -251,6 +251,54 @@ def apply_config_file(root: argparse.ArgumentParser, argv: Sequence[str]) -> Opt
     return path
 
 
+ENV_PREFIX = "SWARM_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a flag's config key: ``initial_peers`` -> ``SWARM_INITIAL_PEERS``."""
+    return ENV_PREFIX + key.upper()
+
+
+def defaults_from_env(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> Dict[str, Any]:
+    """``{dest: value}`` from the ``SWARM_*`` variables that name one of ``parser``'s flags (others are ignored:
+    a container may carry variables of its own). Values are text: a switch takes 1/true/yes/on or 0/false/no/off,
+    a flag of several values takes them separated by spaces or commas. Raises :class:`ConfigFileError`."""
+    out: Dict[str, Any] = {}
+    for key, action in _options(parser).items():
+        name = env_name(key)
+        if name not in environ:
+            continue
+        text = environ[name].strip()
+        where = f"environment variable {name}"
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
+            if text.lower() not in TRUE + FALSE:
+                raise ConfigFileError(f"{where}: expected 1/true/yes/on or 0/false/no/off, got {text!r}")
+            value: Any = text.lower() in TRUE
+        elif isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            value = [item for item in text.replace(",", " ").split() if item]
+        elif action.nargs == "?" and text == "":
+            value = True
+        else:
+            value = text
+        out[action.dest] = convert(value, action, where)
+    return out
+
+
+def apply_environment(root: argparse.ArgumentParser, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Make the chosen command's ``SWARM_*`` variables its defaults, over any config file's (flags still win)."""
+    subparsers = _subparsers(root)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if subparsers is None or command not in subparsers.choices:
+        return
+    parser = subparsers.choices[command]
+    defaults = defaults_from_env(parser, environ)
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.required = False
+    parser.set_defaults(**defaults)
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> Optional[argparse._SubParsersAction]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -9,11 +9,11 @@ import time
 
 from hivemind.utils import get_dht_time
 
-from peers.common import emit, fail, host_maddrs, wait_for_shutdown
+from peers.common import check_initial_peers, emit, fail, host_maddrs, open_dht, wait_for_shutdown
 from swarm.admission import AdmissionPolicy, load_or_create_authority_key, public_key_hex
 from swarm.averaging import AveragingConfig
 from swarm.config import model_preset, stage_layer_ranges, to_dict
-from swarm.network import create_dht, publish_swarm_config, visible_addresses
+from swarm.network import publish_swarm_config, visible_addresses
 from swarm.records import SwarmConfigRecord
 from swarm.reputation import ReputationConfig
 
@@ -52,8 +52,9 @@ def run(args) -> int:
         record = None if args.no_config else swarm_record(args)
     except ValueError as e:
         return fail(str(e))
-    dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                     identity_path=args.identity)
+    check_initial_peers(args)
+    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
+                   identity_path=args.identity)
     try:
         addrs = visible_addresses(dht)
         emit("dht", initial_peers=addrs, peer_id=str(dht.peer_id), run_id=args.run_id)

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from peers.common import emit, fail, host_maddrs
+from peers.common import check_initial_peers, emit, fail, host_maddrs, open_dht
 from peers.stage_peer import pick_device, serve_stage
 from swarm.reachability import DIALBACK_MAX_ADDRS
 
@@ -183,7 +183,7 @@ async def check_reachability(server, args, port: int) -> Dict:
 
 # ---- the command -----------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from swarm.network import create_dht, fetch_stage_peers, fetch_swarm_config
+    from swarm.network import fetch_stage_peers, fetch_swarm_config
 
     try:
         device = pick_device(args.device)
@@ -193,6 +193,7 @@ def run(args) -> int:
         return fail("--stage must be >= 0")
     if args.grace < 0:
         return fail("--grace must be >= 0")
+    check_initial_peers(args)  # before the identity file is created
     identity = os.path.abspath(os.path.expanduser(args.identity)) if args.identity else None
     port = args.port
     try:
@@ -203,12 +204,9 @@ def run(args) -> int:
         announce = announce_maddrs(args.announce_addr or [], args.public_ip, port)
     except (ValueError, OSError) as e:
         return fail(str(e))
-    try:
-        dht = create_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, port),
-                         announce_maddrs=announce, identity_path=identity, use_relay=not args.no_relay,
-                         use_auto_relay=args.auto_relay and not args.no_relay)
-    except Exception as e:
-        return fail(f"could not join the DHT through {' '.join(args.initial_peers)}: {type(e).__name__}: {e}")
+    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, port),
+                   announce_maddrs=announce, identity_path=identity, use_relay=not args.no_relay,
+                   use_auto_relay=args.auto_relay and not args.no_relay)
     try:
         print(f"swarm join: peer id {dht.peer_id}" + (f" (identity {identity})" if identity else ""),
               file=sys.stderr, flush=True)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from peers.common import fail
+from peers.common import PARENT_PID_ENV, fail
+from peers.config_file import ENV_PREFIX
 
 
 @dataclass
@@ -77,13 +78,17 @@ class LocalSwarm:
         self.authority_key: Optional[str] = None  # set: every child gets an identity and an allowlist token
         self.children: List[Child] = []
         self.initial_peers: List[str] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+        # the children get every setting as a flag: SWARM_* variables meant for this command must not reach them
+        # (SWARM_ATTACK would make every peer an attacker); SWARM_PARENT_PID makes them leave when this one dies
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        self.env = dict(inherited, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+        self.env[PARENT_PID_ENV] = str(os.getpid())
 
     def spawn(self, name: str, role: str, args: Sequence[str], stage: Optional[int] = None,
               stderr_to_console: bool = False) -> Child:
         log_path = os.path.join(self.workdir, f"{name}.log")
         log_file = open(log_path, "a")
-        cmd = [sys.executable, "-m", "peers.cli", *args]
+        cmd = [sys.executable, "-m", "peers.cli", *args, "--debug"]  # tracebacks go to the child's log file
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=None if stderr_to_console else log_file, env=self.env,
             stdin=subprocess.DEVNULL, start_new_session=True,
@@ -140,7 +145,14 @@ class LocalSwarm:
         """SIGTERM every child (a clean leave: it announces itself offline), then SIGKILL what is left.
 
         Only the role's own process gets SIGTERM: its DHT process and p2p daemon must outlive its goodbye.
+        A Ctrl-C while it waits (an impatient second one) skips the wait: everything is killed at once.
         """
+        try:
+            self._stop(grace_s)
+        except KeyboardInterrupt:
+            self._stop(0.0)
+
+    def _stop(self, grace_s: float) -> None:
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -307,6 +319,14 @@ def run(args) -> int:
         return fail("--byzantine K needs --attack NAME")
     if not 0 <= args.byzantine < args.stages * args.replicas:
         return fail("--byzantine must leave at least one honest stage peer")
+    from peers.dht_peer import swarm_record
+    from peers.trainer_peer import check_data_args
+
+    check_data_args(args)
+    try:  # what the bootstrap peer would publish: a bad model or cut fails here, not in a child's log
+        swarm_record(args)
+    except ValueError as e:
+        return fail(str(e))
     swarm = LocalSwarm(args.workdir, run_id=args.run_id)
     if args.authority_key:
         from swarm.admission import load_or_create_authority_key
@@ -328,8 +348,12 @@ def run(args) -> int:
         byzantine = byzantine_slots(args.stages, args.replicas, args.byzantine)
         stages = [swarm.start_stage(s, wait=False, extra=stage_args(args, (s, r) in byzantine))
                   for s in range(args.stages) for r in range(args.replicas)]
-        for child in stages:
+        print(f"swarm local: starting {len(stages)} stage peers (each joins the DHT, builds its stage and loads "
+              f"its state; about a minute on a small machine)", flush=True)
+        for up, child in enumerate(stages, 1):
             child.wait_event("serve", args.startup_timeout)
+            print(f"swarm local: {child.name} serving stage {child.stage} ({up}/{len(stages)} up, "
+                  f"{time.monotonic() - started:.0f}s)", flush=True)
         print(f"swarm local: {len(stages)} stage peers up after {time.monotonic() - started:.1f}s; training "
               f"{args.steps} steps", flush=True)
         trainer = swarm.start_trainer(training_args(args, metrics_out, summary_json), stderr_to_console=True)

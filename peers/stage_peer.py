@@ -292,6 +292,10 @@ def run(args) -> int:
         device = pick_device(args.device)
     except ValueError as e:
         return fail(str(e))
+    if args.stage < 0:
+        return fail("--stage must be >= 0")
+    if args.grace < 0:
+        return fail("--grace must be >= 0")
     dht, swarm = join_swarm(args)
     try:
         if swarm is None:

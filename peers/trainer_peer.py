@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
-from peers.common import emit, fail, join_swarm, prove_admission
+from peers.common import UserError, emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
 from swarm.audit import AuditConfig
 from swarm.config import DataConfig
@@ -16,7 +17,37 @@ from swarm.trainer import Trainer, TrainerConfig
 logger = logging.getLogger("swarm.train")
 
 
+def progress_bar(done: int, total: int, elapsed_s: float, width: int = 20) -> str:
+    """``[#######.............]  35% 1m02s, ETA 1m55s``: the steps done of ``total``, and the time left at the
+    mean pace so far."""
+    share = min(1.0, done / total) if total > 0 else 1.0
+    filled = int(round(share * width))
+    left = elapsed_s / done * (total - done) if done > 0 else float("nan")
+    return f"[{'#' * filled}{'.' * (width - filled)}] {share:4.0%} {_duration(elapsed_s)}, ETA {_duration(left)}"
+
+
+def _duration(seconds: float) -> str:
+    if not seconds == seconds or seconds < 0:
+        return "?"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def check_data_args(args) -> None:
+    """Raise :class:`UserError` for data files or a tokenizer that cannot be read: before the DHT is joined."""
+    for path in list(args.data) + ([args.tokenizer] if args.tokenizer else []):
+        flag = "--tokenizer" if path == args.tokenizer else "--data"
+        if not os.path.exists(path):
+            raise UserError(f"{flag} {path}: no such file or directory")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path}: not readable")
+
+
 def run(args) -> int:
+    check_data_args(args)
+    if not 0 <= args.audit_rate <= 1:
+        return fail(f"--audit-rate must be in [0, 1], got {args.audit_rate}")
     dht, swarm = join_swarm(args)
     try:
         if swarm is None:
@@ -41,15 +72,14 @@ def run(args) -> int:
 
         def on_step(row) -> None:
             loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
-            logger.info(f"step {row['step'] + 1}/{args.steps} loss {loss} tokens {row['tokens']} "
-                        f"elapsed {row['elapsed_s']:.1f}s retried {row['retried']} dropped {row['dropped']}")
+            done = row["step"] + 1
+            logger.info(f"step {done}/{args.steps} {progress_bar(done, args.steps, row['elapsed_s'])} loss {loss} "
+                        f"tokens {row['tokens']} retried {row['retried']} dropped {row['dropped']}")
 
         try:
             policy, token, proof = prove_admission(args, swarm, dht)
         except ValueError as e:
             return fail(str(e))
-        if not 0 <= args.audit_rate <= 1:
-            return fail(f"--audit-rate must be in [0, 1], got {args.audit_rate}")
         audit = AuditConfig(rate=args.audit_rate) if args.audit_rate > 0 else None
         trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm),
                           admission=policy, admission_token=token, audit=audit)

@@ -17,7 +17,9 @@ Hugging Face libraries to offline mode unless the environment already says other
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import logging
 import operator
 import os
@@ -177,6 +179,46 @@ def _resolve_files(paths: Sequence[str]) -> List[Path]:
     return [f.resolve() for f in files]
 
 
+def _diagnose(kind: str, files: Sequence[str]) -> Optional[str]:
+    """What is wrong with the first bad file of ``files`` (of ``kind``), naming it and the line or byte, or None
+    if none of these checks finds it. Runs only after a load failed, so a good corpus costs nothing."""
+    for name in files:
+        try:
+            if os.path.getsize(name) == 0:
+                return f"data file {name} is empty"
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    pq.read_metadata(name)
+                except Exception as e:
+                    return f"data file {name} is not a parquet file ({' '.join(str(e).split())})"
+                continue
+            with open(name, "rb") as f:
+                offset, line_no, blank, decoder = 0, 0, True, codecs.getincrementaldecoder("utf-8")()
+                for raw in f:
+                    line_no += 1
+                    try:
+                        text = decoder.decode(raw)
+                    except UnicodeDecodeError as e:
+                        return (f"data file {name}: byte {offset + e.start} (line {line_no}) is not UTF-8 text; "
+                                f"is it a binary file?")
+                    offset += len(raw)
+                    blank = blank and not text.strip()
+                    if kind == "json" and text.strip():
+                        try:
+                            row = json.loads(text)
+                        except json.JSONDecodeError as e:
+                            return f"data file {name}: line {line_no} is not valid JSON ({e.msg}, column {e.colno})"
+                        if not isinstance(row, dict):
+                            return f"data file {name}: line {line_no} is a JSON {type(row).__name__}, not an object"
+            if blank:
+                return f"data file {name} holds only whitespace"
+        except OSError as e:
+            return f"cannot read data file {name}: {e.strerror or e}"
+    return None
+
+
 def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
     """One dataset with a single string column ``text``: the files of each kind loaded together, in order of
     first appearance of their kind, then concatenated."""
@@ -188,8 +230,10 @@ def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
         kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
         try:
             ds = datasets.load_dataset(kind, data_files=kind_files, split="train", **kwargs)
-        except Exception as error:  # malformed json/parquet, unreadable files, ...
-            raise ValueError(f"could not read {kind} data from {kind_files}: {error}") from error
+        except Exception as error:  # malformed json/parquet, unreadable files, ... (datasets says only "An error
+            # occurred while generating the dataset"): find the file and the line or byte, then say that
+            raise ValueError(_diagnose(kind, kind_files) or f"could not read {kind} data from {kind_files}: "
+                                                            f"{error}") from error
         column = "text" if kind == "text" else text_field
         if column not in ds.column_names:
             raise ValueError(
@@ -199,6 +243,9 @@ def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
         feature = ds.features[column]
         if getattr(feature, "dtype", None) not in _STRING_DTYPES:
             raise ValueError(f"column {column!r} in {kind_files} holds {feature}, not strings")
+        nulls = ds.data.column(column).null_count
+        if nulls:
+            logger.warning(f"{nulls} of {len(ds)} rows of {', '.join(kind_files)} have no {column!r} (null): skipped")
         ds = ds.select_columns([column])
         if column != "text":
             ds = ds.rename_column(column, "text")

@@ -51,6 +51,32 @@ logger = logging.getLogger(__name__)
 LOOPBACK_MADDR = "/ip4/127.0.0.1/tcp/0"
 
 
+def check_peer_addrs(addrs: Sequence[str]) -> None:
+    """Raise ValueError unless every address is a peer multiaddr (``/ip4/HOST/tcp/PORT/p2p/PEER_ID``): checked
+    before any identity, DHT process or daemon is created, so a typo costs nothing."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for addr in addrs:
+        try:
+            Multiaddr(addr).value_for_protocol("p2p")
+        except Exception:
+            raise ValueError(f"{addr!r} is not a peer multiaddr like /ip4/HOST/tcp/PORT/p2p/PEER_ID (as printed by "
+                             f"`swarm dht` or `swarm local`)") from None
+
+
+def explain_start_failure(initial_peers: Sequence[str], error: BaseException) -> str:
+    """One line saying why a DHT node did not start, and what to do (hivemind raises P2PDaemonError with the
+    daemon's own log line, or TimeoutError)."""
+    text = " ".join(str(error).split())
+    where = " ".join(initial_peers)
+    if "failed to connect to bootstrap peers" in text or isinstance(error, TimeoutError):
+        return (f"no peer answered at {where}: is the swarm's peer running there, and is this the address "
+                f"`swarm dht` printed (with its /p2p/ peer id)?")
+    if "address already in use" in text.lower():
+        return f"the listening port is in use ({text}): pick another --port, or 0 for a free one"
+    return f"could not start the DHT node{' through ' + where if where else ''}: {type(error).__name__}: {text}"
+
+
 def create_dht(
     run_id: str,
     initial_peers: Sequence[str] = (),

@@ -322,18 +322,14 @@ def connect(run_id: str, initial_peers: Sequence[str], timeout_s: float = 15.0, 
     hivemind's startup either raises (the p2p daemon cannot reach any initial peer) or can hang; both end here
     in a StatusError, and any DHT process this call started is stopped.
     """
-    from hivemind.utils.multiaddr import Multiaddr
-
-    from swarm.network import create_dht
+    from swarm.network import check_peer_addrs, create_dht
 
     if not initial_peers:
         raise StatusError("no initial peer given")
-    for addr in initial_peers:
-        try:
-            maddr = Multiaddr(addr)
-            maddr.value_for_protocol("p2p")
-        except Exception:
-            raise StatusError(f"{addr!r} is not a peer multiaddr like /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+    try:
+        check_peer_addrs(initial_peers)
+    except ValueError as e:
+        raise StatusError(str(e)) from None
     before = set(multiprocessing.active_children())
     outcome: Dict[str, Any] = {}
 

@@ -349,13 +349,16 @@ class Trainer:
                 self.tokens += ids.numel()
                 return
             reason = result.reason
+            then = "retried" if attempt + 1 < self.cfg.max_attempts else "no attempts left"
             if result.blame is not None:
                 duration = self.router.report_failure(result.blame, reason, judge=result.judge)
                 if result.judge is not None:
                     self.first_rejected_at.setdefault(result.blame, len(self.ledger.outcome))
-                logger.info(f"micro-batch {index} attempt {attempt}: {reason}; banned {result.blame[-8:]} for {duration:.0f}s")
+                logger.info(f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}, "
+                            f"without ...{result.blame[-8:]} for {duration:.0f}s (one failure can be a tolerated false alarm; "
+                            f"only repeated, independent reports blacklist a peer)")
             else:
-                logger.info(f"micro-batch {index} attempt {attempt}: {reason}")
+                logger.info(f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}")
             if attempt + 1 < self.cfg.max_attempts:
                 self.ledger.retry(index, reason)
         self.ledger.drop(index, f"gave up after {self.cfg.max_attempts} attempts; last error: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -210,10 +211,28 @@ def test_bad_inputs(tmp_path, tokenizer):
         data.load_token_blocks(DataConfig(paths=[str(tmp_path / "nothing")]), tokenizer)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(ValueError, match="could not read json data"):
+    with pytest.raises(ValueError, match=rf"data file {broken}: line 2 is not valid JSON"):
         data.load_token_blocks(DataConfig(paths=[str(broken)]), tokenizer)
+    # what datasets reports only as "An error occurred while generating the dataset": the file and the line or byte
+    for name, content, expect in [
+        ("empty.jsonl", b"", "is empty"), ("empty.txt", b"", "is empty"),
+        ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2 is a JSON list, not an object"),
+        ("binary.txt", b"fine text\n\xff\xfe\x00binary", "byte 10 (line 2) is not UTF-8 text"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"data file {path}") + ".*" + re.escape(expect)):
+            data.load_token_blocks(DataConfig(paths=[str(path)]), tokenizer)
     with pytest.raises(ValueError, match="tokenizer path does not exist"):
         data.load_token_blocks(DataConfig(paths=[str(small)], tokenizer=str(tmp_path / "no-tokenizer")))
+
+
+def test_rows_without_text_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join([json.dumps({"text": None})] + [json.dumps({"text": "word " * 400})] * 2) + "\n")
+    with caplog.at_level("WARNING", logger="swarm.data"):
+        data.load_token_blocks(DataConfig(paths=[str(rows)], seq_len=16), tokenizer)
+    assert f"1 of 3 rows of {rows} have no 'text' (null): skipped" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -275,34 +275,63 @@ def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
     pytest.fail(f"the sign flipper's verdict was late or noisy in all three runs: {misses}")
 
 
-def test_swarm_local_stops_its_children_on_sigterm(tmp_path):
-    """`kill` (SIGTERM) of `swarm local` stops every peer process it started, as Ctrl-C does."""
+def _process_groups(run_id: str) -> set:
+    """The process groups of the roles of ``run_id`` (each role is a group leader: its DHT process, its p2p daemon
+    and torch's helpers are in its group)."""
+    import subprocess
+
+    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return {int(r.split()[1]) for r in rows if f"run-id {run_id}" in r and r.split()[0] == r.split()[1]}
+
+
+def _alive_in(groups: set) -> list:
+    import subprocess
+
+    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [r for r in rows if int(r.split()[1]) in groups and not r.split()[2].startswith("Z")]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "two Ctrl-C"])
+def test_swarm_local_children_die_with_it_however_it_dies(tmp_path, how):
+    """`kill` (SIGTERM), `kill -9` (SIGKILL: the children notice their parent is gone and leave, then their whole
+    process groups are killed) and two Ctrl-C one second apart (the second skips the clean leave's wait) of
+    `swarm local` leave no process behind: not a role, nor its DHT process, p2p daemon or torch helper."""
     import subprocess
     import sys
 
-    run_id = f"itest-term-{os.getpid()}"
+    run_id = f"itest-term-{os.getpid()}-{how.split()[0].lower()}"
     proc = subprocess.Popen([sys.executable, "-m", "peers.cli", "local", "--workdir", str(tmp_path / "w"),
                              "--run-id", run_id, "--stages", "2", "--replicas", "1", "--steps", "500",
                              "--seq-len", "32", "--microbatch-size", "2", "--target-batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def children() -> int:
-        return int(subprocess.run(["pgrep", "-cf", f"run-id {run_id}"], capture_output=True, text=True).stdout or 0)
-
+    groups: set = set()
     try:
         for line in proc.stdout:
             if "training" in line and "stage peers up" in line:
                 break
         else:
             pytest.fail(f"swarm local exited early with {proc.wait()}")
-        assert children() >= 3  # bootstrap and two stage peers (the trainer runs in its own process too)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) != 0
-        deadline = time.monotonic() + 30
-        while children() and time.monotonic() < deadline:
+        time.sleep(3)  # the trainer has started too
+        groups = _process_groups(run_id)
+        assert len(groups) >= 4, groups  # bootstrap, two stage peers, the trainer
+        if how == "two Ctrl-C":
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.send_signal(getattr(signal, how))
+        out = proc.communicate(timeout=90)[0]
+        assert proc.returncode != 0
+        assert "Traceback" not in out, out[-3000:]
+        deadline = time.monotonic() + 60  # SIGKILL: noticed within a second, a clean leave, then 30 s at most
+        while _alive_in(groups) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert children() == 0
+        assert not _alive_in(groups), _alive_in(groups)
     finally:
         if proc.poll() is None:
             proc.kill()
-        subprocess.run(["pkill", "-KILL", "-f", f"run-id {run_id}"])
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except OSError:
+                pass
