@@ -63,6 +63,14 @@ class OptimizerConfig:
             raise ValueError("lr and target_batch_size must be positive, matchmaking_time_s > 0, microbatch_size >= 0")
 
 
+def clip_microbatch(params, max_norm: float) -> None:
+    """Clip one micro-batch's gradients (in ``.grad``) to global norm ``max_norm`` (0: off) before they are
+    accumulated: a bound on how far any single, possibly tampered, micro-batch can move the weights. The stage
+    server and the simulator (``experiments/sim``) both clip here."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+
 class StageOptimizer:
     """Accumulates a stage's gradients micro-batch by micro-batch and steps with the stage's replicas."""
 
@@ -173,8 +181,7 @@ class StageOptimizer:
         far any single (possibly tampered) micro-batch can move the weights.
         """
         self.last_step_at = time.monotonic()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        clip_microbatch(self.params, self.cfg.grad_clip)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.hivemind:
             for alias, grad in zip(self.aliases, grads):

@@ -35,9 +35,10 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
-from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
+from swarm.audit import AUDIT, AuditConfig, AuditOutcome
 from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
+from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule, causal_lm_loss
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -182,6 +183,8 @@ class StageServer(ServicerBase):
         self.optimizer.set_state_check(self._check_state)
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
+        # every received tensor's verdicts, recorded once per exchange: the same code as the simulator's
+        self.gate = Gate(sentinel, self.ledger, self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
         self.outbound_hook = outbound_hook
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
@@ -632,34 +635,29 @@ class StageServer(ServicerBase):
         return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage,
                           judge=self.peer_id if verdict else None)
 
-    async def _check(self, tensor: torch.Tensor, direction: str, sender: str, header: ChainHeader,
-                     context: Optional[torch.Tensor] = None, epoch: Any = None, final: bool = True) -> None:
-        """SENTINEL verdict on one received tensor; a rejection raises and blames the sender. ``final`` False: an
-        acceptance is not counted in the ledger yet, because another check of the same tensor follows (the loss)."""
-        if self.sentinel is None or not tensor.is_floating_point():
-            return  # token ids from the trainer are validated (range, shape) in _validate_request instead
-        # on the checks thread: statistics over a whole tensor cost milliseconds, and the event loop routes
-        verdict = await self._off_loop(self.sentinel.check, tensor, sender, direction, microbatch=_data_key(header),
-                                       context=context, step=header.step, epoch=_epoch(epoch))
-        if final or not verdict.accepted:
-            self.ledger.record_verdict(verdict)
-        if not verdict.accepted:
-            raise self._reject(sender, verdict.reason, direction, verdict=True)
+    async def _check_activations(self, x: torch.Tensor, sender: str, header: ChainHeader, epoch: Any) -> None:
+        """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
+        over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
+        Token ids from the trainer are validated (range, digest) in _validate_request instead."""
+        verdict = await self._off_loop(self.gate.activations, x, sender, microbatch=_data_key(header),
+                                       step=header.step, epoch=_epoch(epoch), last_stage=self.module.is_last)
+        if verdict is not None and not verdict.accepted:
+            raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
+
+    async def _check_gradient(self, grad: torch.Tensor, sender: str, header: ChainHeader, sent: torch.Tensor,
+                              epoch: Any, audited: bool) -> None:
+        verdict = await self._off_loop(self.gate.gradient, grad, sender, sent=sent, microbatch=_data_key(header),
+                                       step=header.step, epoch=_epoch(epoch), audited=audited)
+        if verdict is not None and not verdict.accepted:
+            raise self._reject(sender, verdict.reason, BACKWARD, verdict=True)
 
     async def _check_loss(self, loss: float, sender: str, header: ChainHeader, sender_epoch: Any, x: torch.Tensor,
                           labels: torch.Tensor) -> None:
-        """The last stage's loss on the sender's activations, judged before any backward (see SentinelMonitor). Its
-        verdict is the ledger's one entry for those activations: counting both checks of an accepted tensor as two
-        clean exchanges halved the strike ratio of an attacker at the last stage's inputs (measured in a live 2 x 3
-        run: an attacker with 5 strikes for its 5 tampered tensors stood at 5 of 29 exchanges, below the ratio)."""
-        if self.sentinel is None:
-            return
-        verdict = await self._off_loop(self.sentinel.check_loss, loss, sender, microbatch=_data_key(header),
-                                       step=header.step,
-                                           epoch=_epoch(sender_epoch), activations=x, tokens=labels,
-                                           attributable=self.cfg.stage == 1)
-        self.ledger.record_verdict(verdict)
-        if not verdict.accepted:
+        """The last stage's loss on the sender's activations, judged before any backward (:meth:`Gate.loss`)."""
+        verdict = await self._off_loop(self.gate.loss, loss, sender, microbatch=_data_key(header), step=header.step,
+                                       epoch=_epoch(sender_epoch), activations=x, tokens=labels,
+                                       attributable=self.cfg.stage == 1)
+        if verdict is not None and not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
     def _auditors(self, header: ChainHeader, meta: Dict[str, Any], sender: str) -> List[str]:
@@ -692,25 +690,21 @@ class StageServer(ServicerBase):
                 logger.info(f"stage {self.cfg.stage}: auditor {auditor[-8:]} gave no gradient: {e.reason}")
                 continue
             answers.append((auditor, answer))
-            outcome = await self._off_loop(judge, grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
-                                           self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
+            outcome = await self._off_loop(self.gate.judge_audit, grad, list(answers))
             if not outcome.needs_tiebreak:
                 break
-        if outcome is None:  # no auditor answered: the route's gradient stands on its SENTINEL verdict alone
-            self.ledger.record(peer, True, BACKWARD)
+        verdict = self.gate.audit(peer, outcome, [auditor for auditor, _ in answers])
+        if verdict.kind == "none":
             return
         self.stats.audits_run += 1
-        for who, clean in outcome.entries(peer, [auditor for auditor, _ in answers]):
-            self.ledger.record(who, clean, BACKWARD, "audit")
-        if outcome.agree and outcome.odd is None:
+        if verdict.kind == "ok":
             return
-        failed = outcome.odd or "inconclusive"
-        self.stats.audits_failed[failed] = self.stats.audits_failed.get(failed, 0) + 1
+        self.stats.audits_failed[verdict.kind] = self.stats.audits_failed.get(verdict.kind, 0) + 1
         logger.info(f"stage {self.cfg.stage}: micro-batch {header.mb}: {outcome.reason()}")
-        if outcome.odd == AUDIT:
+        if verdict.kind == AUDIT:
             self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
             return
-        if outcome.odd == ROUTE:
+        if verdict.blame is not None:
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
         raise ChainError(f"stage {self.cfg.stage}: {outcome.reason()}", blame=None)
 
@@ -753,7 +747,7 @@ class StageServer(ServicerBase):
                 raise ChainError(f"audit request: {e}", blame=sender) from None
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
-        await self._check(x, FORWARD, sender, header, epoch=meta.get("sender_epoch"), final=not self.module.is_last)
+        await self._check_activations(x, sender, header, meta.get("sender_epoch"))
         epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
         loss: Optional[float] = None
@@ -793,8 +787,8 @@ class StageServer(ServicerBase):
                         next_meta["audit"] = meta.get("audit")  # checked again at the next hop; the last never sees it
                     grad_out, later, next_epoch = await self._call_next(header.route[self.cfg.stage + 1], header,
                                                                         next_meta, out.detach())
-                    await self._check(grad_out, BACKWARD, header.route[self.cfg.stage + 1], header, context=out.detach(),
-                                epoch=next_epoch, final=not auditors)
+                    await self._check_gradient(grad_out, header.route[self.cfg.stage + 1], header, out.detach(),
+                                               next_epoch, audited=bool(auditors))
                     if auditors:
                         audit_meta = dict(next_meta, audit=meta.get("audit"))
                         await self._audit(grad_out, header.route[self.cfg.stage + 1], auditors, header, audit_meta,

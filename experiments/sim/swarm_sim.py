@@ -67,7 +67,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from peers.adversary import AVERAGING_ATTACKS, Adversary, AttackConfig, AveragingAdversary  # noqa: E402
-from swarm.audit import AUDIT, ROUTE, AuditConfig, judge, pick_auditors  # noqa: E402
+from swarm.audit import AUDIT, AuditConfig, pick_auditors  # noqa: E402
 from swarm.averaging import (  # noqa: E402
     AGGREGATE,
     AVERAGING,
@@ -77,7 +77,9 @@ from swarm.averaging import (  # noqa: E402
 )
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
+from swarm.gate import Gate  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
+from swarm.optimizer import clip_microbatch  # noqa: E402
 from swarm.records import ReputationReport  # noqa: E402
 from swarm.reputation import ReputationConfig, ReputationLedger, aggregate  # noqa: E402
 from swarm.router import NoRouteError, Router, RouterConfig  # noqa: E402
@@ -181,6 +183,7 @@ class Peer:
     adversary: Optional[Adversary] = None
     averaging: Optional[AveragingAdversary] = None  # an averaging attack (peers/adversary.py, avg-*)
     spec: Optional[Byzantine] = None
+    gate: Optional[Gate] = None  # the stage server's gate (swarm.gate) over this peer's sentinel and ledger
 
 
 @dataclass
@@ -220,6 +223,8 @@ class SwarmSim:
                 name = peer_name(s, r)
                 sent_cfg = SentinelConfig(**{**cfg.sentinel.__dict__, "seed": cfg.seed * 1000 + s * 100 + r})
                 peer = Peer(name, s, SentinelMonitor(sent_cfg))
+                audit_cfg = cfg.audit or AuditConfig()
+                peer.gate = Gate(peer.sentinel, peer.ledger, audit_cfg.min_cosine, audit_cfg.max_norm_ratio)
                 spec = byz.get((s, r))
                 if spec is not None:
                     peer.spec = spec
@@ -332,9 +337,8 @@ class SwarmSim:
                 sender = chain[k - 1]
                 if sender in self.blacklist:
                     return False, math.nan, f"refused: sender {sender} is blacklisted", None
-                verdict = peer.sentinel.check(x, sender, FORWARD, microbatch=data_key, step=step, epoch=self.epoch)
-                if not verdict.accepted or k < len(chain) - 1:  # the last stage's loss verdict is its ledger entry
-                    peer.ledger.record_verdict(verdict)
+                verdict = peer.gate.activations(x, sender, microbatch=data_key, step=step, epoch=self.epoch,
+                                                last_stage=k == len(chain) - 1)
                 self._count(verdict, tampered, name)
                 if not verdict.accepted:
                     return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", (sender, name)
@@ -348,10 +352,8 @@ class SwarmSim:
                 with torch.enable_grad():
                     loss_t = causal_lm_loss(out, ids)
                 if k > 0:
-                    verdict = peer.sentinel.check_loss(float(loss_t.detach()), chain[k - 1], microbatch=data_key,
-                                                       step=step, epoch=self.epoch, activations=x, tokens=ids,
-                                                       attributable=k == 1)
-                    peer.ledger.record_verdict(verdict)
+                    verdict = peer.gate.loss(float(loss_t.detach()), chain[k - 1], microbatch=data_key, step=step,
+                                             epoch=self.epoch, activations=x, tokens=ids, attributable=k == 1)
                     if not verdict.accepted:
                         # the activation passed the statistics but its loss did not: count it once, as rejected
                         if name not in self.byzantine:
@@ -371,11 +373,9 @@ class SwarmSim:
             peer = self.peers[chain[k]]
             sender = chain[k + 1]
             out = saved[k][1]
-            verdict = peer.sentinel.check(grad, sender, BACKWARD, microbatch=data_key, context=out.detach(),
-                                          step=step, epoch=self.epoch)
             audited = bool(auditors) and k == len(chain) - 2
-            if not verdict.accepted or not audited:  # an audit's verdict is the ledger entry of an accepted gradient
-                peer.ledger.record_verdict(verdict)
+            verdict = peer.gate.gradient(grad, sender, sent=out.detach(), microbatch=data_key, step=step,
+                                         epoch=self.epoch, audited=audited)
             self._count(verdict, tampered, peer.name)
             if not verdict.accepted:
                 return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", (sender, peer.name)
@@ -404,19 +404,17 @@ class SwarmSim:
                 (g,) = torch.autograd.grad(causal_lm_loss(self.modules[-1](x_in), ids), x_in)
             g, _ = self._outbound(self.peers[auditor], g, BACKWARD, dict(meta, audit_only=True))
             answers.append((auditor, g))
-            outcome = judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None,
-                            self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
+            outcome = peer.gate.judge_audit(grad, answers)
             if not outcome.needs_tiebreak:
                 break
+        verdict = peer.gate.audit(sender, outcome, [auditor for auditor, _ in answers])
         self.audits["run"] += 1
-        for who, clean in outcome.entries(sender, [auditor for auditor, _ in answers]):
-            peer.ledger.record(who, clean, BACKWARD, "audit")
-        if outcome.agree and outcome.odd is None:
+        if not verdict.refused and verdict.kind != AUDIT:
             return None
-        self.audits[outcome.odd or "inconclusive"] += 1
-        if outcome.odd == AUDIT:
+        self.audits[verdict.kind] += 1
+        if verdict.kind == AUDIT:
             return None
-        if outcome.odd == ROUTE:
+        if verdict.blame is not None:
             if peer.name not in self.byzantine:
                 self._recount_rejection(tampered, "audit")
             self.rejections.append((self.index, peer.name, sender, BACKWARD, tampered, outcome.reason()))
@@ -436,6 +434,7 @@ class SwarmSim:
     def _collect(self, stage: int, name: str) -> None:
         """Move the shared module's fresh gradients into replica ``name``'s own accumulator."""
         params = list(self.modules[stage].parameters())
+        clip_microbatch(params, self.cfg.grad_clip)  # as StageOptimizer.step: each micro-batch on its own
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         if name in self.replica_grads:
             self.replica_grads[name] += flat
@@ -537,8 +536,6 @@ class SwarmSim:
                     for p in module.parameters():
                         p.grad = averaged[offset:offset + p.numel()].reshape(p.shape).clone()
                         offset += p.numel()
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
                 opt.step()
             opt.zero_grad(set_to_none=True)
             self.accumulated[k] = 0
