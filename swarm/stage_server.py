@@ -40,7 +40,7 @@ from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.config import ModelConfig
 from swarm.gate import Gate
 from swarm.labels import LabelBox
-from swarm.model import StageModule, causal_lm_loss
+from swarm.model import StageModule
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.peer_table import PeerTable
 from swarm.protocol import (
@@ -58,6 +58,7 @@ from swarm.records import StageRecord
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
+from swarm.stage_compute import StageCompute
 from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class StageServer(ServicerBase):
         self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}",
                                         hooks=averaging_hooks)
         self.optimizer.set_state_check(self._check_state)
+        self.compute = StageCompute(self.module, self.optimizer, self.device, cfg.autocast_dtype)
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         # every received tensor's verdicts, recorded once per exchange: the same code as the simulator's
@@ -753,7 +755,7 @@ class StageServer(ServicerBase):
         loss: Optional[float] = None
         async with self._slots:
             queued = time.perf_counter()
-            x, out, fwd_s = await loop.run_in_executor(self.executor, self._forward, x)
+            x, out, fwd_s = await loop.run_in_executor(self.executor, self.compute.forward, x)
             wait_s = time.perf_counter() - queued - fwd_s
             later: List[Dict[str, Any]] = []
             try:
@@ -772,14 +774,14 @@ class StageServer(ServicerBase):
                     if labels.shape != out.shape[:2]:
                         raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}",
                                          blame=sender)
-                    loss_t, loss_s = await loop.run_in_executor(self.executor, self._loss, out, labels)
+                    loss_t, loss_s = await loop.run_in_executor(self.executor, self.compute.loss, out, labels)
                     fwd_s += loss_s
                     await self._check_loss(float(loss_t.detach()), sender, header, meta.get("sender_epoch"), x, labels)
                     if audit_only:  # the gradient for a penultimate stage's audit: no training on it
-                        loss, grad_in, bwd_s = await loop.run_in_executor(self.executor, self._audit_gradient, x, loss_t)
+                        loss, grad_in, bwd_s = await loop.run_in_executor(self.executor, self.compute.audit_gradient, x, loss_t)
                         opt_s = 0.0
                     else:
-                        loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward_loss,
+                        loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self.compute.backward_loss,
                                                                                  x, loss_t)
                 else:
                     next_meta = dict(header=meta["header"], sender_epoch=epoch, admission=self.admission_proof)
@@ -793,7 +795,7 @@ class StageServer(ServicerBase):
                         audit_meta = dict(next_meta, audit=meta.get("audit"))
                         await self._audit(grad_out, header.route[self.cfg.stage + 1], auditors, header, audit_meta,
                                           out.detach())
-                    grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self._backward, x, out, grad_out)
+                    grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self.compute.backward, x, out, grad_out)
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
                 raise
@@ -865,53 +867,7 @@ class StageServer(ServicerBase):
         return await asyncio.get_event_loop().run_in_executor(self.checks, partial(fn, *args, **kwargs))
 
     # ---- compute (runs on the single compute thread) ---------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.autocast_dtype:
-            return torch.autocast("cuda", dtype=getattr(torch, self.cfg.autocast_dtype))
-        return torch.autocast("cpu", enabled=False)
 
-    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
-        started = time.perf_counter()
-        x = x.to(self.device)
-        if x.is_floating_point():
-            x = x.float().requires_grad_(True)
-        with torch.enable_grad(), self._autocast():
-            out = self.module(x)
-        return x, out, time.perf_counter() - started
-
-    def _optimizer_step(self, batch_size: int) -> float:
-        """Hand the micro-batch's gradients to the optimizer; returns the seconds it took (averaging included)."""
-        started = time.perf_counter()
-        self.optimizer.step(batch_size=batch_size)
-        return time.perf_counter() - started
-
-    def _backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, float, float]:
-        started = time.perf_counter()
-        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
-        bwd_s = time.perf_counter() - started
-        return x.grad, bwd_s, self._optimizer_step(x.shape[0])
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        started = time.perf_counter()
-        with torch.enable_grad():
-            loss = causal_lm_loss(logits, labels.to(logits.device))
-        return loss, time.perf_counter() - started
-
-    def _audit_gradient(self, x: torch.Tensor, loss: torch.Tensor) -> Tuple[float, torch.Tensor, float]:
-        """The gradient of an audited micro-batch's loss with respect to this stage's inputs only: the weights'
-        gradients are neither computed nor accumulated, so an audit never trains."""
-        started = time.perf_counter()
-        (grad,) = torch.autograd.grad(loss, x)
-        return float(loss.detach()), grad, time.perf_counter() - started
-
-    def _backward_loss(
-        self, x: torch.Tensor, loss: torch.Tensor
-    ) -> Tuple[float, Optional[torch.Tensor], float, float]:
-        started = time.perf_counter()
-        loss.backward()
-        bwd_s = time.perf_counter() - started
-        opt_s = self._optimizer_step(x.shape[0])
-        return float(loss.detach()), x.grad if x.is_floating_point() else None, bwd_s, opt_s
 
 INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)
 

@@ -162,10 +162,10 @@ def test_cuda_stage_trains_under_autocast():
     for _ in range(2):
         x = torch.randn(4, 32, model_cfg.hidden_size)
         labels = torch.randint(0, model_cfg.vocab_size, (4, 32))
-        x, logits, _ = server._forward(x)
+        x, logits, _ = server.compute.forward(x)
         assert logits.dtype == getattr(torch, dtype)  # computed in reduced precision
-        loss_t, _ = server._loss(logits, labels)
-        loss, grad_in, _, _ = server._backward_loss(x, loss_t)
+        loss_t, _ = server.compute.loss(logits, labels)
+        loss, grad_in, _, _ = server.compute.backward_loss(x, loss_t)
         assert torch.isfinite(torch.tensor(loss)) and grad_in is not None and torch.isfinite(grad_in).all()
     assert all(p.dtype == torch.float32 and p.is_cuda for p in server.module.parameters())  # weights stay fp32
     assert server.param_checksum() != before  # the optimizer stepped
