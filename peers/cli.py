@@ -5,6 +5,7 @@
     swarm train   the trainer:   swarm train --initial-peers ADDR --steps N
     swarm status  what a swarm is doing:  swarm status --initial-peers ADDR [--json] [--watch]
     swarm local   a whole swarm of separate processes on 127.0.0.1, trained and stopped
+    swarm tokenizer  train a byte-level BPE tokenizer on your own files
 
 Every flag can also come from a config file (``--config FILE``) or an environment variable named after it
 (``SWARM_INITIAL_PEERS`` for ``--initial-peers``): flags win over the environment, which wins over the file.
@@ -75,6 +76,9 @@ def _swarm_shape(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pow-bits", type=int, default=0,
                        help="admission: proof-of-work difficulty per identity, in bits (0: off; 20 is about a second "
                             "of one core per identity, each extra bit doubles it) (default: %(default)s)")
+    group.add_argument("--tokenizer", default=None, metavar="FILE|DIR",
+                       help="the tokenizer every trainer of this swarm must use (for instance one made by `swarm "
+                            "tokenizer`); the config pins its digest (default: the shipped one)")
     group.add_argument("--authority-key", default=None, metavar="FILE",
                        help="admission: an allowlist; identities need a token signed by this Ed25519 key (created if "
                             "missing; keep it private), issued with `swarm admit`")
@@ -86,12 +90,15 @@ def _admission(parser: argparse.ArgumentParser) -> None:
                        help="this identity's allowlist token from the swarm's authority (`swarm admit`), or @FILE")
 
 
-def _data(parser: argparse.ArgumentParser) -> None:
+def _data(parser: argparse.ArgumentParser, tokenizer: bool = True) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", nargs="*", default=[], metavar="FILE",
                        help="local .txt/.jsonl/.parquet files (default: the shipped corpus)")
     group.add_argument("--text-field", default="text", help="text column in jsonl/parquet (default: %(default)s)")
-    group.add_argument("--tokenizer", default=None, help="local tokenizer dir or tokenizer.json (default: shipped)")
+    if tokenizer:
+        group.add_argument("--tokenizer", default=None,
+                           help="local tokenizer dir or tokenizer.json (default: shipped); it must be the one the "
+                                "swarm's config names")
 
 
 def _training(parser: argparse.ArgumentParser) -> None:
@@ -247,8 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--byzantine", type=int, default=0, help="how many stage peers run --attack (default: %(default)s)")
     _sentinel(p)
     _attack(p, "--attack")
-    _data(p)
+    _data(p, tokenizer=False)  # --tokenizer comes with the swarm config's flags
     _training(p)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on your own files",
+                       description="Trains a byte-level BPE (the shipped tokenizer's recipe, with the `tokenizers` "
+                                   "library) on local .txt/.jsonl/.parquet files, writes its tokenizer.json and "
+                                   "prints how many tokens per byte it cuts your text into, beside the shipped one. "
+                                   "Give it to `swarm dht --tokenizer FILE` (the swarm's config pins its digest) and "
+                                   "to every `swarm train --tokenizer FILE`.")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="files or directories of text")
+    p.add_argument("--text-field", default="text", help="text column in jsonl/parquet (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="tokens, at most the model's vocabulary (tiny and small: 4096) (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the tokenizer.json to write")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_config_flag_everywhere(parser)  # last: every subcommand above gets --config FILE (and --debug)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true",
@@ -340,6 +360,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from peers.admit import run
     elif args.command == "status":
         from peers.status import run
+    elif args.command == "tokenizer":
+        from peers.tokenizer_cmd import run
     else:
         from peers.local import run
     from peers.common import UserError, fail

@@ -20,6 +20,18 @@ from swarm.reputation import ReputationConfig
 REFRESH_S = 60.0
 
 
+def tokenizer_pin(path, model_vocab: int) -> dict:
+    """What the swarm's config says of its tokenizer (``{"sha256", "size"}``): every trainer's must match. Raises
+    ValueError if it cannot be loaded or has more tokens than the model's vocabulary."""
+    from swarm.data import load_tokenizer
+    from swarm.tokenizer import tokenizer_digest
+
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > model_vocab:
+        raise ValueError(f"--tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {model_vocab}")
+    return {"sha256": tokenizer_digest(tokenizer), "size": len(tokenizer)}
+
+
 def swarm_record(args) -> SwarmConfigRecord:
     model = model_preset(args.model, seed=args.seed)
     ReputationConfig(probation_s=args.probation_s, probation_work=args.probation_work, min_reporters=args.min_reporters,
@@ -35,6 +47,7 @@ def swarm_record(args) -> SwarmConfigRecord:
         except OSError as e:
             raise ValueError(f"cannot read or create the authority key {args.authority_key}: {e.strerror}") from None
     admission = AdmissionPolicy(run_id=args.run_id, pow_bits=getattr(args, "pow_bits", 0), authority=authority)
+    tokenizer = tokenizer_pin(getattr(args, "tokenizer", None), model.vocab_size)
     return SwarmConfigRecord(
         run_id=args.run_id, model=to_dict(model), num_stages=args.stages, seq_len=args.seq_len,
         microbatch_size=args.microbatch_size, target_batch_size=args.target_batch_size, lr=args.lr,
@@ -43,7 +56,8 @@ def swarm_record(args) -> SwarmConfigRecord:
                                                      min_reporters=args.min_reporters,
                                                      report_period_s=args.report_period,
                                                      report_ttl_s=max(60.0, 4 * args.report_period)),
-               "admission": admission.to_extra(), "averaging": dataclasses.asdict(averaging)},
+               "admission": admission.to_extra(), "averaging": dataclasses.asdict(averaging),
+               "tokenizer": tokenizer},
     )
 
 

@@ -242,7 +242,8 @@ def shape_args(args) -> List[str]:
             "--report-period", str(args.report_period), "--pow-bits", str(args.pow_bits),
             "--aggregator", args.aggregator, "--clip-radius", str(args.clip_radius),
             "--clip-iters", str(args.clip_iters)] + (
-            ["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else [])
+            ["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else []) + (
+            ["--tokenizer", os.path.abspath(args.tokenizer)] if args.tokenizer else [])
 
 
 def training_args(args, metrics_out: str, summary_json: str) -> List[str]:

@@ -17,6 +17,21 @@ from swarm.trainer import Trainer, TrainerConfig
 logger = logging.getLogger("swarm.train")
 
 
+def tokenizer_mismatch(swarm, tokenizer, given) -> str:
+    """Why ``tokenizer`` is not the one the swarm's config pins (empty if it is, or the config pins none)."""
+    from swarm.tokenizer import tokenizer_digest
+
+    pin = swarm.extra.get("tokenizer")
+    if not (isinstance(pin, dict) and isinstance(pin.get("sha256"), str)):
+        return ""
+    digest = tokenizer_digest(tokenizer)
+    if digest == pin["sha256"]:
+        return ""
+    return (f"this swarm trains with a tokenizer of {pin.get('size')} tokens, sha256 {pin['sha256'][:16]}... (its "
+            f"creator's `swarm dht --tokenizer`), and {given or 'the shipped tokenizer'} is another ({len(tokenizer)} "
+            f"tokens, sha256 {digest[:16]}...): pass the swarm's tokenizer with --tokenizer")
+
+
 def progress_bar(done: int, total: int, elapsed_s: float, width: int = 20) -> str:
     """``[#######.............]  35% 1m02s, ETA 1m55s``: the steps done of ``total``, and the time left at the
     mean pace so far."""
@@ -59,6 +74,9 @@ def run(args) -> int:
             tokenizer = load_tokenizer(data_cfg.tokenizer)
             if len(tokenizer) > swarm.model["vocab_size"]:
                 return fail(f"tokenizer has {len(tokenizer)} tokens but the swarm's model only {swarm.model['vocab_size']}")
+            mismatch = tokenizer_mismatch(swarm, tokenizer, args.tokenizer)
+            if mismatch:
+                return fail(mismatch)
             blocks = load_token_blocks(data_cfg, tokenizer)
         except ValueError as e:
             return fail(str(e))

@@ -1217,28 +1217,22 @@ def corpus_jsonl(docs: Sequence[str]) -> bytes:
 
 
 def train_tokenizer(docs: Sequence[str], vocab_size: int = VOCAB_SIZE) -> str:
-    """Train a byte-level BPE with exactly ``vocab_size`` entries; returns the tokenizer.json text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Train the shipped byte-level BPE (``swarm.tokenizer.train_bpe``, the recipe `swarm tokenizer` uses) with
+    exactly ``vocab_size`` entries; returns the tokenizer.json text."""
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(docs), trainer=trainer, length=len(docs))
+    sys.path.insert(0, str(ASSETS_DIR.parent.parent))  # run as a script from anywhere
+    from swarm.tokenizer import train_bpe
+
+    text = train_bpe(docs, vocab_size)
+    tok = Tokenizer.from_str(text)
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(
             f"tokenizer has {tok.get_vocab_size()} entries, wanted {vocab_size}; enlarge the corpus"
         )
     if tok.token_to_id(EOS) != 0:
         raise RuntimeError(f"{EOS} should have id 0")
-    return tok.to_str(pretty=False)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

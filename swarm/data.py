@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from swarm.config import DataConfig  # noqa: E402
+from swarm.tokenizer import tokenizer_digest  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +134,7 @@ def vocab_size(tokenizer) -> int:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode("utf-8"))
-    else:  # a slow tokenizer: its vocabulary and class stand in for its full definition
-        digest.update(type(tokenizer).__qualname__.encode("utf-8"))
-        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-    digest.update(f"|eos={tokenizer.eos_token_id}|len={len(tokenizer)}".encode("utf-8"))
-    return digest.hexdigest()
+    return tokenizer_digest(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,6 +253,12 @@ def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
             for ds in parts
         ]
     return datasets.concatenate_datasets(parts)
+
+
+def load_texts(paths: Sequence[str], text_field: str = "text") -> datasets.Dataset:
+    """The documents of local files (or directories of them) as a dataset with one string column ``text``, read
+    as :func:`load_token_blocks` reads them (errors name the file and the line or byte)."""
+    return _load_texts(_resolve_files(paths), text_field)
 
 
 def _tokenize(ds: datasets.Dataset, tokenizer, eos_id: int, tokenizer_fp: str) -> np.ndarray:

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
 
+from peers.common import die_with_parent  # noqa: E402
 from swarm.network import create_dht, fetch_stage_peers, fetch_swarm_config, identity_key, owner_subkey  # noqa: E402
 from swarm.protocol import ChainHeader  # noqa: E402
 from swarm.records import (  # noqa: E402
@@ -253,6 +254,7 @@ def main() -> None:
     parser.add_argument("--trainer", default=None, help="an honest trainer's peer id (forged-header names it)")
     parser.add_argument("--attacks", nargs="*", default=ATTACKS)
     args = parser.parse_args()
+    die_with_parent(os.getppid(), grace_s=5.0)  # a killed test run must not leave its attacker behind
     args.trainer = args.trainer or args.last  # any honest peer id serves to forge a header in its name
     attacker = Attacker(args)
     try:
