@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=15.0,
                    help="seconds to wait for the DHT to answer before giving up (a read of all records gets "
                         "twice that, at least 30)")
+    group = p.add_argument_group("web dashboard")
+    group.add_argument("--serve", action="store_true",
+                       help="serve a live dashboard (and Prometheus /metrics) over HTTP instead of printing; it "
+                            "re-reads the swarm every --watch seconds (5 if not given)")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="interface the dashboard listens on (default: %(default)s; 0.0.0.0 exposes it)")
+    group.add_argument("--port", type=int, default=8080, help="the dashboard's TCP port (default: %(default)s)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     p = sub.add_parser("local", help="start a whole swarm on 127.0.0.1, train, summarise, stop",

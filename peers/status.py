@@ -25,6 +25,21 @@ def run(args) -> int:
         return fail("--watch takes a positive number of seconds")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
         return fail("--timeout must be in (0, 600] seconds")
+    server = None
+    if args.serve:  # the port is taken before the DHT is joined: a port in use is a mistake found at once
+        from swarm.dashboard import Dashboard, serve
+
+        if not 0 <= args.port < 65536:
+            return fail("--port must be in [0, 65535]")
+        try:
+            args.dashboard = Dashboard(refresh_s=args.watch or 5.0)
+            server = serve(args.dashboard, args.host, args.port)
+        except OSError as e:
+            return fail(f"the dashboard cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another "
+                        f"--port")
+        host, port = server.server_address[:2]
+        print(f"swarm status: dashboard at http://{host}:{port}/ (Prometheus metrics at /metrics); Ctrl-C stops",
+              flush=True)
     try:
         dht = connect(args.run_id, args.initial_peers, timeout_s=args.timeout)
     except StatusError as e:
@@ -33,7 +48,7 @@ def run(args) -> int:
     # seconds against a slow DHT); close() leaves them behind, and the process exits without waiting for them
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(_show(dht, args))
+        return loop.run_until_complete(_serve(dht, args) if args.serve else _show(dht, args))
     except KeyboardInterrupt:
         pass
     finally:
@@ -55,6 +70,19 @@ def _shutdown(dht, grace_s: float = 10.0) -> None:
     stopper.join(grace_s)
     if dht.is_alive():
         dht.kill()
+
+
+async def _serve(dht, args) -> int:
+    """Re-read the swarm every ``args.dashboard.refresh_s`` seconds into the dashboard the HTTP server shows."""
+    from swarm.status import StatusError, StatusReader
+
+    reader = StatusReader(dht, args.run_id, timeout_s=max(30.0, 2 * args.timeout))
+    while True:
+        try:
+            args.dashboard.update((await reader.read()).to_json())
+        except StatusError as e:
+            args.dashboard.failed(str(e))
+        await asyncio.sleep(args.dashboard.refresh_s)
 
 
 async def _show(dht, args) -> int:

@@ -383,10 +383,57 @@ def test_status_of_a_live_swarm(tmp_path):
                 os.killpg(watch.pid, signal.SIGKILL)
                 watch.wait()
         assert watch.returncode == 0, watch.stderr.read()
+
+        # --serve: the web dashboard of the same swarm, read by HTTP and rendered by a real browser
+        _check_dashboard(swarm, peer_ids, steps, tmp_path)
     finally:
         swarm.stop()
         for child in swarm.children:
             assert child.proc.poll() is not None, f"{child.name} still running"
+
+
+def _check_dashboard(swarm, peer_ids, steps, tmp_path) -> None:
+    import shutil
+    import urllib.request
+
+    from test_dashboard import CHROMIUM, render_in_browser
+
+    server = subprocess.Popen([sys.executable, "-m", "peers.cli", "status", "--initial-peers", *swarm.initial_peers,
+                               "--run-id", swarm.run_id, "--serve", "--port", "0", "--watch", "1"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = server.stdout.readline()
+        assert "dashboard at http://127.0.0.1:" in line, line + server.stderr.read()
+        url = line.split("dashboard at ", 1)[1].split()[0]
+        deadline = time.monotonic() + 90
+        while True:
+            with urllib.request.urlopen(url + "api/status", timeout=10) as r:
+                data = json.loads(r.read())
+            if data["status"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        shown = {p["peer_id"]: p for s in data["status"]["stages"] for p in s["peers"]}
+        assert set(peer_ids.values()) <= set(shown), data
+        with urllib.request.urlopen(url + "metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert "swarm_up 1" in metrics and f"swarm_trainer_step{{run_id=\"{swarm.run_id}\"" in metrics
+        assert f" {steps}" in next(m for m in metrics.splitlines() if m.startswith("swarm_trainer_step{"))
+        if CHROMIUM is None:
+            return  # the page itself is rendered by test_dashboard's browser test where chromium is installed
+        shot = tmp_path / "dashboard.png"
+        dom = render_in_browser(url, str(shot))
+        for stage, peer in peer_ids.items():
+            assert f"stage {stage} (1 online)" in dom and peer[-8:] in dom, dom[-3000:]
+        target = os.environ.get("SWARM_DASHBOARD_SCREENSHOT")
+        if target:  # docs/dashboard.png is made this way
+            shutil.copy(shot, target)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 @pytest.mark.slow
