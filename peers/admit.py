@@ -10,7 +10,9 @@ from swarm.admission import issue_token, load_or_create_authority_key
 
 def run(args) -> int:
     if not os.path.exists(args.authority_key):
-        return fail(f"no authority key at {args.authority_key}: it is created by `swarm dht --authority-key FILE`")
+        return fail(
+            f"no authority key at {args.authority_key}: it is created by `swarm dht --authority-key FILE`"
+        )
     try:
         key = load_or_create_authority_key(args.authority_key)
     except (ValueError, OSError) as e:

@@ -37,9 +37,23 @@ import torch
 
 from peers.attack_names import ATTACKS, AVERAGING_ATTACKS, CHAIN_ATTACKS, DIRECTIONS  # noqa: F401 (re-exported)
 
-DEFAULT_MAGNITUDE = {"noise": 1.0, "signflip": 1.0, "scale": 10.0, "zero": 1.0, "constant": 1.0, "random": 1.0,
-                     "replay": 4.0, "alie": 2.0, "avg-scale": -20.0, "avg-signflip": 1.0, "avg-weight": 100.0,
-                     "avg-aggregate": -5.0, "avg-equivocate": 20.0, "avg-state": 5.0, "avg-progress": 1000.0}
+DEFAULT_MAGNITUDE = {
+    "noise": 1.0,
+    "signflip": 1.0,
+    "scale": 10.0,
+    "zero": 1.0,
+    "constant": 1.0,
+    "random": 1.0,
+    "replay": 4.0,
+    "alie": 2.0,
+    "avg-scale": -20.0,
+    "avg-signflip": 1.0,
+    "avg-weight": 100.0,
+    "avg-aggregate": -5.0,
+    "avg-equivocate": 20.0,
+    "avg-state": 5.0,
+    "avg-progress": 1000.0,
+}
 
 
 @dataclass(kw_only=True)
@@ -97,8 +111,12 @@ class Adversary:
 
     def active(self, direction: str, meta: Dict[str, Any]) -> bool:
         step = meta.get("step", 0)
-        return (self.cfg.direction in (direction, "both") and isinstance(step, int) and step >= self.cfg.start_step
-                and self.rng.random() < self.cfg.probability)
+        return (
+            self.cfg.direction in (direction, "both")
+            and isinstance(step, int)
+            and step >= self.cfg.start_step
+            and self.rng.random() < self.cfg.probability
+        )
 
     def __call__(self, x: torch.Tensor, direction: str, meta: Dict[str, Any]) -> torch.Tensor:
         self.sent += 1
@@ -158,8 +176,11 @@ class AveragingAdversary:
         return part * self.cfg.magnitude if self.cfg.name == "avg-aggregate" and self._active() else part
 
     def state(self, tensors):
-        return [t * self.cfg.magnitude if t.is_floating_point() else t for t in tensors] \
-            if self.cfg.name == "avg-state" else tensors
+        return (
+            [t * self.cfg.magnitude if t.is_floating_point() else t for t in tensors]
+            if self.cfg.name == "avg-state"
+            else tensors
+        )
 
     def progress(self, epoch: int) -> int:
         return epoch + int(self.cfg.magnitude) if self.cfg.name == "avg-progress" else epoch
@@ -167,8 +188,11 @@ class AveragingAdversary:
     def hooks(self):
         from swarm.averaging import AveragingHooks
 
-        hooks = {"avg-aggregate": dict(aggregate=self.aggregate), "avg-state": dict(state=self.state),
-                 "avg-weight": dict(contribution=self.contribution, weight=self.weight),
-                 "avg-equivocate": dict(contribution=self.contribution, part=self.part),
-                 "avg-progress": dict(progress=self.progress)}
+        hooks = {
+            "avg-aggregate": dict(aggregate=self.aggregate),
+            "avg-state": dict(state=self.state),
+            "avg-weight": dict(contribution=self.contribution, weight=self.weight),
+            "avg-equivocate": dict(contribution=self.contribution, part=self.part),
+            "avg-progress": dict(progress=self.progress),
+        }
         return AveragingHooks(**hooks.get(self.cfg.name, dict(contribution=self.contribution)))

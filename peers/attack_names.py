@@ -2,7 +2,14 @@
 and argument errors, which must answer at once (see :mod:`peers.adversary` for what each attack does)."""
 
 CHAIN_ATTACKS = ("noise", "signflip", "scale", "zero", "constant", "random", "replay", "alie")
-AVERAGING_ATTACKS = ("avg-scale", "avg-signflip", "avg-weight", "avg-aggregate", "avg-equivocate", "avg-state",
-                     "avg-progress")
+AVERAGING_ATTACKS = (
+    "avg-scale",
+    "avg-signflip",
+    "avg-weight",
+    "avg-aggregate",
+    "avg-equivocate",
+    "avg-state",
+    "avg-progress",
+)
 ATTACKS = CHAIN_ATTACKS + AVERAGING_ATTACKS
 DIRECTIONS = ("forward", "backward", "both")

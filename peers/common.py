@@ -60,8 +60,12 @@ def join_swarm(args):
     from swarm.network import fetch_swarm_config
 
     check_initial_peers(args)
-    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                   identity_path=args.identity)
+    dht = open_dht(
+        args.run_id,
+        args.initial_peers,
+        host_maddrs=host_maddrs(args.host, args.port),
+        identity_path=args.identity,
+    )
     try:
         return dht, fetch_swarm_config(dht, args.run_id)
     except TimeoutError as e:
@@ -86,8 +90,10 @@ def admission_of(args, swarm):
         except OSError as e:
             raise ValueError(f"cannot read the admission token file {path}: {e.strerror}") from None
     if policy.authority is not None and not token:
-        raise ValueError("this swarm admits only allowlisted identities: ask its operator for a token "
-                         "(`swarm admit --peer-id YOUR_PEER_ID`) and pass --admission-token")
+        raise ValueError(
+            "this swarm admits only allowlisted identities: ask its operator for a token "
+            "(`swarm admit --peer-id YOUR_PEER_ID`) and pass --admission-token"
+        )
     return policy, token
 
 
@@ -100,12 +106,17 @@ def prove_admission(args, swarm, dht):
     if not policy.enabled:
         return policy, token, None
     if policy.pow_bits:
-        print(f"swarm: solving the swarm's proof of work ({policy.pow_bits} bits) for this identity...",
-              file=sys.stderr, flush=True)
+        print(
+            f"swarm: solving the swarm's proof of work ({policy.pow_bits} bits) for this identity...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         return policy, token, policy.prove(str(dht.peer_id), token)
     except AdmissionError as e:
-        raise ValueError(f"this identity ({dht.peer_id}) is not admitted to swarm {args.run_id!r}: {e}") from None
+        raise ValueError(
+            f"this identity ({dht.peer_id}) is not admitted to swarm {args.run_id!r}: {e}"
+        ) from None
 
 
 PARENT_PID_ENV = "SWARM_PARENT_PID"  # set by `swarm local` (and the tests' launcher) for the roles it starts

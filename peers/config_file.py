@@ -28,9 +28,13 @@ class ConfigFileError(ValueError):
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(FLAG, default=None, metavar="FILE",
-                        help="YAML (.yaml/.yml) or TOML (.toml) file whose keys mirror these flags "
-                             "(initial_peers or initial-peers); flags given here win over it")
+    parser.add_argument(
+        FLAG,
+        default=None,
+        metavar="FILE",
+        help="YAML (.yaml/.yml) or TOML (.toml) file whose keys mirror these flags "
+        "(initial_peers or initial-peers); flags given here win over it",
+    )
 
 
 def find_config(argv: Sequence[str]) -> Optional[str]:
@@ -45,7 +49,7 @@ def find_config(argv: Sequence[str]) -> Optional[str]:
                 raise ConfigFileError(f"{FLAG} needs a FILE")
             path = args[i + 1]
         elif arg.startswith(FLAG + "="):
-            path = arg[len(FLAG) + 1:]
+            path = arg[len(FLAG) + 1 :]
     return path
 
 
@@ -53,8 +57,10 @@ def read_config(path: str) -> Dict[str, Any]:
     """Parse a YAML or TOML file into a mapping (by its suffix)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
-        raise ConfigFileError(f"config file {path}: unknown format {suffix or '(no suffix)'!r}; "
-                              f"use one of {', '.join(SUFFIXES)}")
+        raise ConfigFileError(
+            f"config file {path}: unknown format {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(SUFFIXES)}"
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -80,8 +86,9 @@ def read_config(path: str) -> Dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigFileError(f"config file {path} must hold a mapping of flag names to values, "
-                              f"not a {type(data).__name__}")
+        raise ConfigFileError(
+            f"config file {path} must hold a mapping of flag names to values, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -115,7 +122,9 @@ def _options(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
 def _convert_scalar(value: Any, action: argparse.Action, where: str) -> Any:
     kind = action.type
     if isinstance(value, (dict, list)):
-        raise ConfigFileError(f"{where}: expected a single value, got a {'list' if isinstance(value, list) else 'table'}")
+        raise ConfigFileError(
+            f"{where}: expected a single value, got a {'list' if isinstance(value, list) else 'table'}"
+        )
     if isinstance(value, bool):
         raise ConfigFileError(f"{where}: expected {_kind_name(kind)}, got a boolean")
     if value is None:
@@ -193,8 +202,9 @@ def convert(value: Any, action: argparse.Action, where: str) -> Any:
     return _convert_scalar(value, action, where)
 
 
-def defaults_from_file(parser: argparse.ArgumentParser, path: str, command: str,
-                       commands: Iterable[str] = ()) -> Dict[str, Any]:
+def defaults_from_file(
+    parser: argparse.ArgumentParser, path: str, command: str, commands: Iterable[str] = ()
+) -> Dict[str, Any]:
     """Read ``path`` and check it against ``parser`` (the chosen command's): ``{dest: value}``.
 
     Top-level keys apply to ``command``; a table named after ``command`` too (its keys win); tables named
@@ -207,7 +217,9 @@ def defaults_from_file(parser: argparse.ArgumentParser, path: str, command: str,
     for key, value in data.items():
         if key in commands:
             if not isinstance(value, dict):
-                raise ConfigFileError(f"config file {path}: [{key}] must be a table of flags for `swarm {key}`")
+                raise ConfigFileError(
+                    f"config file {path}: [{key}] must be a table of flags for `swarm {key}`"
+                )
             if key == command:
                 section = value
             continue
@@ -217,10 +229,14 @@ def defaults_from_file(parser: argparse.ArgumentParser, path: str, command: str,
     options = _options(parser)
     out: Dict[str, Any] = {}
     for key, value, shown in merged:
-        action = options.get(key.replace("-", "_")) if isinstance(key, str) and not key.startswith("-") else None
+        action = (
+            options.get(key.replace("-", "_")) if isinstance(key, str) and not key.startswith("-") else None
+        )
         if action is None:
-            raise ConfigFileError(f"config file {path}: unknown key {shown!r}: `swarm {command}` has no flag "
-                                  f"--{key.lstrip('-').replace('_', '-')} (see `swarm {command} --help`)")
+            raise ConfigFileError(
+                f"config file {path}: unknown key {shown!r}: `swarm {command}` has no flag "
+                f"--{key.lstrip('-').replace('_', '-')} (see `swarm {command} --help`)"
+            )
         out[action.dest] = convert(value, action, f"config file {path}: key {shown!r}")
     return out
 
@@ -238,7 +254,7 @@ def apply_config_file(root: argparse.ArgumentParser, argv: Sequence[str]) -> Opt
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in choices:
         return None
-    rest = list(argv)[list(argv).index(command) + 1:]
+    rest = list(argv)[list(argv).index(command) + 1 :]
     path = find_config(rest)
     if path is None:
         return None
@@ -271,11 +287,17 @@ def defaults_from_env(parser: argparse.ArgumentParser, environ: Mapping[str, str
             continue
         text = environ[name].strip()
         where = f"environment variable {name}"
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
+        if isinstance(
+            action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)
+        ):
             if text.lower() not in TRUE + FALSE:
                 raise ConfigFileError(f"{where}: expected 1/true/yes/on or 0/false/no/off, got {text!r}")
             value: Any = text.lower() in TRUE
-        elif isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        elif (
+            isinstance(action, argparse._AppendAction)
+            or action.nargs in ("+", "*")
+            or isinstance(action.nargs, int)
+        ):
             value = [item for item in text.replace(",", " ").split() if item]
         elif action.nargs == "?" and text == "":
             value = True

@@ -28,15 +28,24 @@ def tokenizer_pin(path, model_vocab: int) -> dict:
 
     tokenizer = load_tokenizer(path)
     if len(tokenizer) > model_vocab:
-        raise ValueError(f"--tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {model_vocab}")
+        raise ValueError(
+            f"--tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {model_vocab}"
+        )
     return {"sha256": tokenizer_digest(tokenizer), "size": len(tokenizer)}
 
 
 def swarm_record(args) -> SwarmConfigRecord:
     model = model_preset(args.model, seed=args.seed)
-    ReputationConfig(probation_s=args.probation_s, probation_work=args.probation_work, min_reporters=args.min_reporters,
-                     report_period_s=args.report_period, report_ttl_s=max(60.0, 4 * args.report_period))
-    averaging = AveragingConfig(aggregator=args.aggregator, clip_radius=args.clip_radius, clip_iters=args.clip_iters)
+    ReputationConfig(
+        probation_s=args.probation_s,
+        probation_work=args.probation_work,
+        min_reporters=args.min_reporters,
+        report_period_s=args.report_period,
+        report_ttl_s=max(60.0, 4 * args.report_period),
+    )
+    averaging = AveragingConfig(
+        aggregator=args.aggregator, clip_radius=args.clip_radius, clip_iters=args.clip_iters
+    )
     stage_layer_ranges(model.num_layers, args.stages)  # raises a clear error for an impossible cut
     if args.target_batch_size % args.microbatch_size:
         raise ValueError("--target-batch-size must be a multiple of --microbatch-size")
@@ -45,19 +54,35 @@ def swarm_record(args) -> SwarmConfigRecord:
         try:
             authority = public_key_hex(load_or_create_authority_key(os.path.expanduser(args.authority_key)))
         except OSError as e:
-            raise ValueError(f"cannot read or create the authority key {args.authority_key}: {e.strerror}") from None
-    admission = AdmissionPolicy(run_id=args.run_id, pow_bits=getattr(args, "pow_bits", 0), authority=authority)
+            raise ValueError(
+                f"cannot read or create the authority key {args.authority_key}: {e.strerror}"
+            ) from None
+    admission = AdmissionPolicy(
+        run_id=args.run_id, pow_bits=getattr(args, "pow_bits", 0), authority=authority
+    )
     tokenizer = tokenizer_pin(getattr(args, "tokenizer", None), model.vocab_size)
     return SwarmConfigRecord(
-        run_id=args.run_id, model=to_dict(model), num_stages=args.stages, seq_len=args.seq_len,
-        microbatch_size=args.microbatch_size, target_batch_size=args.target_batch_size, lr=args.lr,
+        run_id=args.run_id,
+        model=to_dict(model),
+        num_stages=args.stages,
+        seq_len=args.seq_len,
+        microbatch_size=args.microbatch_size,
+        target_batch_size=args.target_batch_size,
+        lr=args.lr,
         created_at=get_dht_time(),
-        extra={"seed": args.seed, "reputation": dict(probation_s=args.probation_s, probation_work=args.probation_work,
-                                                     min_reporters=args.min_reporters,
-                                                     report_period_s=args.report_period,
-                                                     report_ttl_s=max(60.0, 4 * args.report_period)),
-               "admission": admission.to_extra(), "averaging": dataclasses.asdict(averaging),
-               "tokenizer": tokenizer},
+        extra={
+            "seed": args.seed,
+            "reputation": dict(
+                probation_s=args.probation_s,
+                probation_work=args.probation_work,
+                min_reporters=args.min_reporters,
+                report_period_s=args.report_period,
+                report_ttl_s=max(60.0, 4 * args.report_period),
+            ),
+            "admission": admission.to_extra(),
+            "averaging": dataclasses.asdict(averaging),
+            "tokenizer": tokenizer,
+        },
     )
 
 
@@ -67,8 +92,12 @@ def run(args) -> int:
     except ValueError as e:
         return fail(str(e))
     check_initial_peers(args)
-    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, args.port),
-                   identity_path=args.identity)
+    dht = open_dht(
+        args.run_id,
+        args.initial_peers,
+        host_maddrs=host_maddrs(args.host, args.port),
+        identity_path=args.identity,
+    )
     try:
         addrs = visible_addresses(dht)
         emit("dht", initial_peers=addrs, peer_id=str(dht.peer_id), run_id=args.run_id)

@@ -40,18 +40,24 @@ class StageLoad:
     throughput: float  # samples/s, summed over online peers
 
 
-def stage_loads(records_by_stage: Mapping[int, Sequence], num_stages: int, exclude: Sequence[str] = ()) -> List[StageLoad]:
+def stage_loads(
+    records_by_stage: Mapping[int, Sequence], num_stages: int, exclude: Sequence[str] = ()
+) -> List[StageLoad]:
     """Capacity per stage from StageRecords (or anything with ``peer_id``, ``state``, ``throughput``), one per stage.
 
     Only ``online`` peers count; ``exclude`` drops peer ids (a restarting peer's own earlier record)."""
     loads = []
     for stage in range(num_stages):
-        online = [r for r in records_by_stage.get(stage, ()) if r.state == "online" and r.peer_id not in exclude]
+        online = [
+            r for r in records_by_stage.get(stage, ()) if r.state == "online" and r.peer_id not in exclude
+        ]
         loads.append(StageLoad(stage, len(online), float(sum(max(0.0, r.throughput) for r in online))))
     return loads
 
 
-def choose_stage(records_by_stage: Mapping[int, Sequence], num_stages: int, exclude: Sequence[str] = ()) -> int:
+def choose_stage(
+    records_by_stage: Mapping[int, Sequence], num_stages: int, exclude: Sequence[str] = ()
+) -> int:
     """The stage that needs capacity most: lowest total throughput, then fewest peers, then lowest index."""
     if num_stages < 1:
         raise ValueError("a swarm has at least one stage")
@@ -68,9 +74,13 @@ def announce_maddrs(announce_addrs: Sequence[str], public_ip: Optional[str], por
         try:
             Multiaddr(addr)
         except Exception:
-            raise ValueError(f"--announce-addr {addr!r} is not a multiaddr (e.g. /ip4/203.0.113.7/tcp/31338)") from None
+            raise ValueError(
+                f"--announce-addr {addr!r} is not a multiaddr (e.g. /ip4/203.0.113.7/tcp/31338)"
+            ) from None
         if "/p2p/" in addr and "/p2p-circuit" not in addr:
-            raise ValueError(f"--announce-addr {addr!r}: leave out the /p2p/PEER_ID part, it is added for you")
+            raise ValueError(
+                f"--announce-addr {addr!r}: leave out the /p2p/PEER_ID part, it is added for you"
+            )
         out.append(addr)
     if public_ip is not None:
         try:
@@ -98,8 +108,10 @@ def check_identity_file(path: str) -> None:
         with open(path, "rb") as f:
             PeerID.from_identity(f.read())
     except Exception as e:
-        raise ValueError(f"--identity {path}: not a libp2p private key file ({type(e).__name__}); "
-                         f"move it away to create a new identity (a new peer id)") from None
+        raise ValueError(
+            f"--identity {path}: not a libp2p private key file ({type(e).__name__}); "
+            f"move it away to create a new identity (a new peer id)"
+        ) from None
 
 
 # ---- reachability ----------------------------------------------------------------------------------------------
@@ -149,9 +161,17 @@ async def check_reachability(server, args, port: int) -> Dict:
 
     loop = asyncio.get_event_loop()
     addrs = own_dial_addrs(await loop.run_in_executor(None, visible_addresses, server.dht), server.peer_id)
-    stages = await loop.run_in_executor(None, fetch_stage_peers, server.dht, args.run_id, server.cfg.num_stages)
-    others = sorted({info.peer_id for infos in stages.values() for info in infos
-                     if info.record.state == "online" and info.peer_id != server.peer_id})
+    stages = await loop.run_in_executor(
+        None, fetch_stage_peers, server.dht, args.run_id, server.cfg.num_stages
+    )
+    others = sorted(
+        {
+            info.peer_id
+            for infos in stages.values()
+            for info in infos
+            if info.record.state == "online" and info.peer_id != server.peer_id
+        }
+    )
     random.shuffle(others)
     answers: Dict[str, Dict] = {}
     for peer in others:
@@ -164,19 +184,31 @@ async def check_reachability(server, args, port: int) -> Dict:
     verdict = reachability_verdict(answers)
     emit("reachability", peer_id=server.peer_id, verdict=verdict, addrs=addrs, answers=answers)
     if verdict == "reachable":
-        ok = sorted({addr for a in answers.values() if a.get("ok") for addr, r in a["results"].items() if r == "ok"})
-        print(f"swarm join: reachable: {len([a for a in answers.values() if a.get('ok')])} peer(s) of the swarm "
-              f"connected back to {', '.join(ok)}", file=sys.stderr, flush=True)
+        ok = sorted(
+            {addr for a in answers.values() if a.get("ok") for addr, r in a["results"].items() if r == "ok"}
+        )
+        print(
+            f"swarm join: reachable: {len([a for a in answers.values() if a.get('ok')])} peer(s) of the swarm "
+            f"connected back to {', '.join(ok)}",
+            file=sys.stderr,
+            flush=True,
+        )
     elif verdict == "relay-only":
-        print("swarm join: reachable through a relay only (slower); open the TCP port for direct connections",
-              file=sys.stderr, flush=True)
+        print(
+            "swarm join: reachable through a relay only (slower); open the TCP port for direct connections",
+            file=sys.stderr,
+            flush=True,
+        )
     elif verdict == "unreachable":
         failures = {addr: r for a in answers.values() if a.get("ok") for addr, r in a["results"].items()}
         detail = "; ".join(f"{addr}: {why}" for addr, why in failures.items())
         print(guidance(args, port, addrs) + f"\n  (dial-back results: {detail})", file=sys.stderr, flush=True)
     else:
-        why = "no other peer is online" if not answers else \
-            "; ".join(f"{p[-8:]}: {a.get('error')}" for p, a in answers.items())
+        why = (
+            "no other peer is online"
+            if not answers
+            else "; ".join(f"{p[-8:]}: {a.get('error')}" for p, a in answers.items())
+        )
         print(f"swarm join: could not check reachability ({why})", file=sys.stderr, flush=True)
     return {"verdict": verdict, "answers": answers}
 
@@ -204,12 +236,21 @@ def run(args) -> int:
         announce = announce_maddrs(args.announce_addr or [], args.public_ip, port)
     except (ValueError, OSError) as e:
         return fail(str(e))
-    dht = open_dht(args.run_id, args.initial_peers, host_maddrs=host_maddrs(args.host, port),
-                   announce_maddrs=announce, identity_path=identity, use_relay=not args.no_relay,
-                   use_auto_relay=args.auto_relay and not args.no_relay)
+    dht = open_dht(
+        args.run_id,
+        args.initial_peers,
+        host_maddrs=host_maddrs(args.host, port),
+        announce_maddrs=announce,
+        identity_path=identity,
+        use_relay=not args.no_relay,
+        use_auto_relay=args.auto_relay and not args.no_relay,
+    )
     try:
-        print(f"swarm join: peer id {dht.peer_id}" + (f" (identity {identity})" if identity else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"swarm join: peer id {dht.peer_id}" + (f" (identity {identity})" if identity else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             swarm = fetch_swarm_config(dht, args.run_id)
         except TimeoutError as e:
@@ -220,16 +261,25 @@ def run(args) -> int:
             stage, reason = args.stage, "--stage"
             loads = None
         else:
-            records = {k: [info.record for info in infos]
-                       for k, infos in fetch_stage_peers(dht, args.run_id, swarm.num_stages).items()}
+            records = {
+                k: [info.record for info in infos]
+                for k, infos in fetch_stage_peers(dht, args.run_id, swarm.num_stages).items()
+            }
             loads = stage_loads(records, swarm.num_stages, exclude=[str(dht.peer_id)])
             stage = choose_stage(records, swarm.num_stages, exclude=[str(dht.peer_id)])
             reason = "least capacity"
-            table = "; ".join(f"stage {load.stage}: {load.peers} peer(s), {load.throughput:.1f} samples/s"
-                              for load in loads)
+            table = "; ".join(
+                f"stage {load.stage}: {load.peers} peer(s), {load.throughput:.1f} samples/s" for load in loads
+            )
             print(f"swarm join: {table} -> stage {stage} ({reason})", file=sys.stderr, flush=True)
-        emit("join", peer_id=str(dht.peer_id), stage=stage, reason=reason, num_stages=swarm.num_stages,
-             loads=[vars(load) for load in loads] if loads else None)
+        emit(
+            "join",
+            peer_id=str(dht.peer_id),
+            stage=stage,
+            reason=reason,
+            num_stages=swarm.num_stages,
+            loads=[vars(load) for load in loads] if loads else None,
+        )
 
         async def on_online(server) -> int:
             if args.no_reachability_check:
@@ -242,4 +292,3 @@ def run(args) -> int:
         return serve_stage(args, dht, swarm, stage, device, role="serve", on_online=on_online)
     finally:
         dht.shutdown()
-

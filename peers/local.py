@@ -41,12 +41,16 @@ class Child:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name} did not report '{kind}' within {timeout:.0f}s (log: {self.log_path})")
+                raise TimeoutError(
+                    f"{self.name} did not report '{kind}' within {timeout:.0f}s (log: {self.log_path})"
+                )
             try:
                 got_kind, payload = self.events.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} (log: {self.log_path})") from None
+                    raise RuntimeError(
+                        f"{self.name} exited with code {self.proc.returncode} (log: {self.log_path})"
+                    ) from None
                 continue
             if got_kind == kind:
                 self.info.update(payload)
@@ -71,7 +75,9 @@ def _pump(child: Child, stream, log_file) -> None:
 class LocalSwarm:
     """Starts roles as processes of ``python -m peers.cli``; ``stop()`` (or the context manager) ends them all."""
 
-    def __init__(self, workdir: Optional[str] = None, run_id: str = "swarm", env: Optional[Dict[str, str]] = None):
+    def __init__(
+        self, workdir: Optional[str] = None, run_id: str = "swarm", env: Optional[Dict[str, str]] = None
+    ):
         self.workdir = workdir or tempfile.mkdtemp(prefix="swarm-local-")
         os.makedirs(self.workdir, exist_ok=True)
         self.run_id = run_id
@@ -84,14 +90,24 @@ class LocalSwarm:
         self.env = dict(inherited, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
         self.env[PARENT_PID_ENV] = str(os.getpid())
 
-    def spawn(self, name: str, role: str, args: Sequence[str], stage: Optional[int] = None,
-              stderr_to_console: bool = False) -> Child:
+    def spawn(
+        self,
+        name: str,
+        role: str,
+        args: Sequence[str],
+        stage: Optional[int] = None,
+        stderr_to_console: bool = False,
+    ) -> Child:
         log_path = os.path.join(self.workdir, f"{name}.log")
         log_file = open(log_path, "a")
         cmd = [sys.executable, "-m", "peers.cli", *args, "--debug"]  # tracebacks go to the child's log file
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=None if stderr_to_console else log_file, env=self.env,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=None if stderr_to_console else log_file,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         child = Child(name, role, proc, log_path, stage)
         child.pump = threading.Thread(target=_pump, args=(child, proc.stdout, log_file), daemon=True)
@@ -100,25 +116,60 @@ class LocalSwarm:
         return child
 
     def start_dht(self, shape_args: Sequence[str] = (), timeout: float = 60.0) -> Child:
-        child = self.spawn("dht", "bootstrap", ["dht", "--run-id", self.run_id, "--threads", "1", *shape_args])
+        child = self.spawn(
+            "dht", "bootstrap", ["dht", "--run-id", self.run_id, "--threads", "1", *shape_args]
+        )
         self.initial_peers = child.wait_event("dht", timeout)["initial_peers"]
         return child
 
-    def start_stage(self, stage: int, name: Optional[str] = None, extra: Sequence[str] = (), wait: bool = True,
-                    timeout: float = 120.0) -> Child:
+    def start_stage(
+        self,
+        stage: int,
+        name: Optional[str] = None,
+        extra: Sequence[str] = (),
+        wait: bool = True,
+        timeout: float = 120.0,
+    ) -> Child:
         name = name or f"stage{stage}.{sum(c.stage == stage for c in self.children if c.role == 'stage')}"
-        child = self.spawn(name, "stage", ["serve", "--run-id", self.run_id, "--initial-peers", *self.initial_peers,
-                                           "--stage", str(stage), "--threads", "1", *self.admission_args(name),
-                                           *extra], stage=stage)
+        child = self.spawn(
+            name,
+            "stage",
+            [
+                "serve",
+                "--run-id",
+                self.run_id,
+                "--initial-peers",
+                *self.initial_peers,
+                "--stage",
+                str(stage),
+                "--threads",
+                "1",
+                *self.admission_args(name),
+                *extra,
+            ],
+            stage=stage,
+        )
         if wait:
             child.wait_event("serve", timeout)
         return child
 
     def start_trainer(self, extra: Sequence[str] = (), stderr_to_console: bool = False) -> Child:
-        return self.spawn("trainer", "trainer", ["train", "--run-id", self.run_id, "--initial-peers",
-                                                 *self.initial_peers, "--threads", "1",
-                                                 *self.admission_args("trainer"), *extra],
-                          stderr_to_console=stderr_to_console)
+        return self.spawn(
+            "trainer",
+            "trainer",
+            [
+                "train",
+                "--run-id",
+                self.run_id,
+                "--initial-peers",
+                *self.initial_peers,
+                "--threads",
+                "1",
+                *self.admission_args("trainer"),
+                *extra,
+            ],
+            stderr_to_console=stderr_to_console,
+        )
 
     def admission_args(self, name: str) -> List[str]:
         """With an allowlist (``self.authority_key``): a fresh identity file for the child and its signed token."""
@@ -202,6 +253,7 @@ class LocalSwarm:
 
         dht = create_dht(self.run_id, self.initial_peers, client_mode=True)
         try:
+
             async def query():
                 p2p = await dht.replicate_p2p()
                 return {peer: await fetch_peer_info(p2p, self.run_id, peer) for peer in peers}
@@ -213,7 +265,9 @@ class LocalSwarm:
     def peers_summary(self) -> List[Dict[str, Any]]:
         ledgers = self.ledgers()
         flagged: Dict[str, int] = {}  # tensors rejected
-        strikes: Dict[str, int] = {}  # ... of which evidence against the sender (reputation), see Verdict.evidence
+        strikes: Dict[
+            str, int
+        ] = {}  # ... of which evidence against the sender (reputation), see Verdict.evidence
         for ledger in ledgers.values():
             for peer, count in ledger.get("rejected", {}).items():
                 flagged[peer] = flagged.get(peer, 0) + int(count)
@@ -223,34 +277,91 @@ class LocalSwarm:
         for child in self.children:
             if child.role == "stage":
                 peer_id = child.info.get("peer_id")
-                peers.append(dict(peer_id=peer_id, stage=child.stage, role="stage", name=child.name,
-                                  byzantine=bool(child.info.get("byzantine", False)), flagged=flagged.get(peer_id, 0),
-                                  strikes=strikes.get(peer_id, 0),
-                                  tampered=ledgers.get(peer_id, {}).get("tampered"),
-                                  audits=ledgers.get(peer_id, {}).get("audits"), exit_code=child.proc.poll()))
+                peers.append(
+                    dict(
+                        peer_id=peer_id,
+                        stage=child.stage,
+                        role="stage",
+                        name=child.name,
+                        byzantine=bool(child.info.get("byzantine", False)),
+                        flagged=flagged.get(peer_id, 0),
+                        strikes=strikes.get(peer_id, 0),
+                        tampered=ledgers.get(peer_id, {}).get("tampered"),
+                        audits=ledgers.get(peer_id, {}).get("audits"),
+                        exit_code=child.proc.poll(),
+                    )
+                )
             elif child.role == "bootstrap":
-                peers.append(dict(peer_id=child.info.get("peer_id"), stage=None, role="bootstrap", name=child.name,
-                                  exit_code=child.proc.poll()))
+                peers.append(
+                    dict(
+                        peer_id=child.info.get("peer_id"),
+                        stage=None,
+                        role="bootstrap",
+                        name=child.name,
+                        exit_code=child.proc.poll(),
+                    )
+                )
         return peers
 
 
 def shape_args(args) -> List[str]:
-    return ["--stages", str(args.stages), "--model", args.model, "--seq-len", str(args.seq_len),
-            "--microbatch-size", str(args.microbatch_size), "--target-batch-size", str(args.target_batch_size),
-            "--lr", str(args.lr), "--seed", str(args.seed), "--probation-s", str(args.probation_s),
-            "--probation-work", str(args.probation_work), "--min-reporters", str(args.min_reporters),
-            "--report-period", str(args.report_period), "--pow-bits", str(args.pow_bits),
-            "--aggregator", args.aggregator, "--clip-radius", str(args.clip_radius),
-            "--clip-iters", str(args.clip_iters)] + (
-            ["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else []) + (
-            ["--tokenizer", os.path.abspath(args.tokenizer)] if args.tokenizer else [])
+    return (
+        [
+            "--stages",
+            str(args.stages),
+            "--model",
+            args.model,
+            "--seq-len",
+            str(args.seq_len),
+            "--microbatch-size",
+            str(args.microbatch_size),
+            "--target-batch-size",
+            str(args.target_batch_size),
+            "--lr",
+            str(args.lr),
+            "--seed",
+            str(args.seed),
+            "--probation-s",
+            str(args.probation_s),
+            "--probation-work",
+            str(args.probation_work),
+            "--min-reporters",
+            str(args.min_reporters),
+            "--report-period",
+            str(args.report_period),
+            "--pow-bits",
+            str(args.pow_bits),
+            "--aggregator",
+            args.aggregator,
+            "--clip-radius",
+            str(args.clip_radius),
+            "--clip-iters",
+            str(args.clip_iters),
+        ]
+        + (["--authority-key", os.path.abspath(args.authority_key)] if args.authority_key else [])
+        + (["--tokenizer", os.path.abspath(args.tokenizer)] if args.tokenizer else [])
+    )
 
 
 def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
-    extra = ["--steps", str(args.steps), "--max-inflight", str(args.max_inflight), "--max-attempts",
-             str(args.max_attempts), "--audit-rate", str(args.audit_rate), "--metrics-out", metrics_out,
-             "--summary-json", summary_json,
-             "--compression", args.compression, "--text-field", args.text_field]
+    extra = [
+        "--steps",
+        str(args.steps),
+        "--max-inflight",
+        str(args.max_inflight),
+        "--max-attempts",
+        str(args.max_attempts),
+        "--audit-rate",
+        str(args.audit_rate),
+        "--metrics-out",
+        metrics_out,
+        "--summary-json",
+        summary_json,
+        "--compression",
+        args.compression,
+        "--text-field",
+        args.text_field,
+    ]
     if args.data:
         extra += ["--data", *args.data]
     if args.tokenizer:
@@ -302,14 +413,29 @@ def byzantine_slots(stages: int, replicas: int, count: int) -> set:
 
 
 def stage_args(args, byzantine: bool) -> List[str]:
-    extra = ["--sentinel-threshold", str(args.sentinel_threshold), "--sentinel-warmup", str(args.sentinel_warmup),
-             "--sentinel-warmup-steps", str(args.sentinel_warmup_steps)]
+    extra = [
+        "--sentinel-threshold",
+        str(args.sentinel_threshold),
+        "--sentinel-warmup",
+        str(args.sentinel_warmup),
+        "--sentinel-warmup-steps",
+        str(args.sentinel_warmup_steps),
+    ]
     if args.no_sentinel:
         extra.append("--no-sentinel")
     if byzantine:
-        extra += ["--attack", args.attack, "--attack-direction", args.attack_direction,
-                  "--attack-magnitude", str(args.attack_magnitude), "--attack-probability", str(args.attack_probability),
-                  "--attack-start-step", str(args.attack_start_step)]
+        extra += [
+            "--attack",
+            args.attack,
+            "--attack-direction",
+            args.attack_direction,
+            "--attack-magnitude",
+            str(args.attack_magnitude),
+            "--attack-probability",
+            str(args.attack_probability),
+            "--attack-start-step",
+            str(args.attack_start_step),
+        ]
     return extra
 
 
@@ -347,16 +473,28 @@ def run(args) -> int:
         print(f"swarm local: bootstrap address: {swarm.initial_peers[0]}", flush=True)
         print(f"swarm local: logs in {swarm.workdir}", flush=True)
         byzantine = byzantine_slots(args.stages, args.replicas, args.byzantine)
-        stages = [swarm.start_stage(s, wait=False, extra=stage_args(args, (s, r) in byzantine))
-                  for s in range(args.stages) for r in range(args.replicas)]
-        print(f"swarm local: starting {len(stages)} stage peers (each joins the DHT, builds its stage and loads "
-              f"its state; about a minute on a small machine)", flush=True)
+        stages = [
+            swarm.start_stage(s, wait=False, extra=stage_args(args, (s, r) in byzantine))
+            for s in range(args.stages)
+            for r in range(args.replicas)
+        ]
+        print(
+            f"swarm local: starting {len(stages)} stage peers (each joins the DHT, builds its stage and loads "
+            f"its state; about a minute on a small machine)",
+            flush=True,
+        )
         for up, child in enumerate(stages, 1):
             child.wait_event("serve", args.startup_timeout)
-            print(f"swarm local: {child.name} serving stage {child.stage} ({up}/{len(stages)} up, "
-                  f"{time.monotonic() - started:.0f}s)", flush=True)
-        print(f"swarm local: {len(stages)} stage peers up after {time.monotonic() - started:.1f}s; training "
-              f"{args.steps} steps", flush=True)
+            print(
+                f"swarm local: {child.name} serving stage {child.stage} ({up}/{len(stages)} up, "
+                f"{time.monotonic() - started:.0f}s)",
+                flush=True,
+            )
+        print(
+            f"swarm local: {len(stages)} stage peers up after {time.monotonic() - started:.1f}s; training "
+            f"{args.steps} steps",
+            flush=True,
+        )
         trainer = swarm.start_trainer(training_args(args, metrics_out, summary_json), stderr_to_console=True)
         code = trainer.proc.wait()
         if code != 0:
@@ -374,8 +512,14 @@ def run(args) -> int:
         json.dump(summary, f, indent=2)
     plot = save_loss_plot(metrics_out, os.path.splitext(metrics_out)[0] + ".png")
     mb = summary["microbatches"]
-    print(f"swarm local: {summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
-          f"{summary['tokens_per_s']:.0f} tokens/s; micro-batches completed {mb['completed']}, retried {mb['retried']}, "
-          f"dropped {mb['dropped']}", flush=True)
-    print(f"swarm local: summary {summary_json}, metrics {metrics_out}" + (f", plot {plot}" if plot else ""), flush=True)
+    print(
+        f"swarm local: {summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
+        f"{summary['tokens_per_s']:.0f} tokens/s; micro-batches completed {mb['completed']}, retried {mb['retried']}, "
+        f"dropped {mb['dropped']}",
+        flush=True,
+    )
+    print(
+        f"swarm local: summary {summary_json}, metrics {metrics_out}" + (f", plot {plot}" if plot else ""),
+        flush=True,
+    )
     return 0

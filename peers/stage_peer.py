@@ -48,8 +48,10 @@ def describe_device(device: str) -> str:
     """One line saying where the stage computes and in which precision."""
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return (f"cuda ({props.name}, {props.total_memory / 2**30:.0f} GiB), autocast {autocast_dtype(device)} "
-                f"(weights and optimizer state in float32)")
+        return (
+            f"cuda ({props.name}, {props.total_memory / 2**30:.0f} GiB), autocast {autocast_dtype(device)} "
+            f"(weights and optimizer state in float32)"
+        )
     return f"{device} (float32, no autocast)"
 
 
@@ -65,8 +67,13 @@ def reputation_config(swarm) -> ReputationConfig:
 def _attack_config(args):
     from peers.adversary import AttackConfig
 
-    return AttackConfig(name=args.attack, direction=args.attack_direction, magnitude=args.attack_magnitude,
-                        probability=args.attack_probability, start_step=args.attack_start_step)
+    return AttackConfig(
+        name=args.attack,
+        direction=args.attack_direction,
+        magnitude=args.attack_magnitude,
+        probability=args.attack_probability,
+        start_step=args.attack_start_step,
+    )
 
 
 def make_adversary(args):
@@ -80,8 +87,11 @@ def make_averaging_hooks(args):
     """The averaging hooks of an averaging attack (``--attack avg-...``), else None."""
     from peers.adversary import AVERAGING_ATTACKS, AveragingAdversary
 
-    return AveragingAdversary(_attack_config(args)).hooks() if getattr(args, "attack", None) in AVERAGING_ATTACKS \
+    return (
+        AveragingAdversary(_attack_config(args)).hooks()
+        if getattr(args, "attack", None) in AVERAGING_ATTACKS
         else None
+    )
 
 
 # ---- state download progress ---------------------------------------------------------------------------------
@@ -132,8 +142,9 @@ class StateLoadProgress:
     same shapes); elsewhere it shows elapsed time only. The closing line gives the measured size and time.
     """
 
-    def __init__(self, optimizer: StageOptimizer, replicas: int, stage: int, interval_s: float = 0.25,
-                 stream=None):
+    def __init__(
+        self, optimizer: StageOptimizer, replicas: int, stage: int, interval_s: float = 0.25, stream=None
+    ):
         self.optimizer, self.replicas, self.stage, self.interval_s = optimizer, replicas, stage, interval_s
         self.stream = stream if stream is not None else sys.stderr
         self.expected: Optional[int] = None
@@ -159,16 +170,32 @@ class StateLoadProgress:
         except Exception as e:  # a progress bar must never stop a join
             logger.debug(f"state size unknown: {e}")
         self._base = {pid: read_rchar(pid) for pid in download_pids(self.optimizer)}
-        counting = bool(self._base) and all(v is not None for v in self._base.values()) and bool(self.expected)
+        counting = (
+            bool(self._base) and all(v is not None for v in self._base.values()) and bool(self.expected)
+        )
         if not counting:
             self._base = {}
         desc = f"stage {self.stage}: state from {self.replicas} replica(s)"
         if counting:
-            self.bar = tqdm(total=self.expected, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                            file=self.stream, mininterval=self.interval_s, leave=True)
+            self.bar = tqdm(
+                total=self.expected,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                file=self.stream,
+                mininterval=self.interval_s,
+                leave=True,
+            )
         else:
-            self.bar = tqdm(total=None, desc=desc, file=self.stream, mininterval=self.interval_s, leave=True,
-                            bar_format="{desc}: downloading, {elapsed} elapsed")
+            self.bar = tqdm(
+                total=None,
+                desc=desc,
+                file=self.stream,
+                mininterval=self.interval_s,
+                leave=True,
+                bar_format="{desc}: downloading, {elapsed} elapsed",
+            )
         self._thread = threading.Thread(target=self._loop, daemon=True, name="state-progress")
         self._thread.start()
         return self
@@ -195,37 +222,53 @@ class StateLoadProgress:
         self._update()
         ok = exc_type is None
         if ok and self.bar.total and self.bar.n < self.bar.total:
-            self.bar.update(self.bar.total - self.bar.n)  # done: whatever was not counted (e.g. cached) arrived
+            self.bar.update(
+                self.bar.total - self.bar.n
+            )  # done: whatever was not counted (e.g. cached) arrived
         self.bar.close()
         size = f"{self.expected / 2**20:.1f} MiB of state" if self.expected else "state"
         seen = f" ({self.received / 2**20:.1f} MiB read by the download processes)" if self._base else ""
         epoch = self.optimizer.epoch
-        verdict = f"loaded {size} in {self.seconds:.1f}s{seen}, epoch {epoch}" if ok else \
-            f"state download failed after {self.seconds:.1f}s: {exc_type.__name__}"
+        verdict = (
+            f"loaded {size} in {self.seconds:.1f}s{seen}, epoch {epoch}"
+            if ok
+            else f"state download failed after {self.seconds:.1f}s: {exc_type.__name__}"
+        )
         print(f"swarm: stage {self.stage}: {verdict}", file=self.stream, flush=True)
 
 
 # ---- serving ---------------------------------------------------------------------------------------------------
 def server_configs(args, swarm, stage: int, device: str):
     server_cfg = StageServerConfig(
-        run_id=args.run_id, stage=stage, num_stages=swarm.num_stages, max_inflight=args.max_inflight,
-        compression=args.compression, device=device, autocast_dtype=autocast_dtype(device),
+        run_id=args.run_id,
+        stage=stage,
+        num_stages=swarm.num_stages,
+        max_inflight=args.max_inflight,
+        compression=args.compression,
+        device=device,
+        autocast_dtype=autocast_dtype(device),
         # a micro-batch of the swarm's shape and nothing larger (the server's own limits allow far more)
-        max_batch=swarm.microbatch_size, max_seq_len=swarm.seq_len,
+        max_batch=swarm.microbatch_size,
+        max_seq_len=swarm.seq_len,
         limits=limits_for(swarm.microbatch_size, swarm.seq_len, ModelConfig(**swarm.model).hidden_size),
     )
-    opt_cfg = OptimizerConfig(lr=swarm.lr, target_batch_size=swarm.target_batch_size,
-                              microbatch_size=swarm.microbatch_size,
-                              matchmaking_time_s=args.matchmaking_time, averaging=not args.no_averaging,
-                              robust=AveragingConfig.from_dict(swarm.extra.get("averaging")))
+    opt_cfg = OptimizerConfig(
+        lr=swarm.lr,
+        target_batch_size=swarm.target_batch_size,
+        microbatch_size=swarm.microbatch_size,
+        matchmaking_time_s=args.matchmaking_time,
+        averaging=not args.no_averaging,
+        robust=AveragingConfig.from_dict(swarm.extra.get("averaging")),
+    )
     return server_cfg, opt_cfg
 
 
 OnOnline = Callable[[StageServer], Awaitable[int]]
 
 
-def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve",
-                on_online: Optional[OnOnline] = None) -> int:
+def serve_stage(
+    args, dht, swarm, stage: int, device: str, *, role: str = "serve", on_online: Optional[OnOnline] = None
+) -> int:
     """Serve ``stage`` of ``swarm`` until SIGINT/SIGTERM; the caller owns (and shuts down) ``dht``.
 
     ``on_online(server)`` runs once the peer is online (``swarm join``'s reachability check); a non-zero
@@ -239,17 +282,37 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
     logger.info(f"device: {describe_device(device)}")
 
     async def serve() -> int:
-        sentinel = None if args.no_sentinel else SentinelMonitor(
-            SentinelConfig(threshold=args.sentinel_threshold, warmup=args.sentinel_warmup,
-                           warmup_steps=args.sentinel_warmup_steps))
+        sentinel = (
+            None
+            if args.no_sentinel
+            else SentinelMonitor(
+                SentinelConfig(
+                    threshold=args.sentinel_threshold,
+                    warmup=args.sentinel_warmup,
+                    warmup_steps=args.sentinel_warmup_steps,
+                )
+            )
+        )
         adversary, averaging_hooks = make_adversary(args), make_averaging_hooks(args)
-        server = StageServer(server_cfg, ModelConfig(**swarm.model), dht, opt_cfg,
-                             sentinel=sentinel, outbound_hook=adversary, reputation=reputation_config(swarm),
-                             admission=policy, admission_token=token, averaging_hooks=averaging_hooks)
+        server = StageServer(
+            server_cfg,
+            ModelConfig(**swarm.model),
+            dht,
+            opt_cfg,
+            sentinel=sentinel,
+            outbound_hook=adversary,
+            reputation=reputation_config(swarm),
+            admission=policy,
+            admission_token=token,
+            averaging_hooks=averaging_hooks,
+        )
         server.admission_proof = proof
         stop = asyncio.ensure_future(wait_for_shutdown())  # from here on, SIGINT/SIGTERM mean "leave cleanly"
-        starting = asyncio.ensure_future(server.start(
-            load_progress=lambda optimizer, replicas: StateLoadProgress(optimizer, replicas, stage)))
+        starting = asyncio.ensure_future(
+            server.start(
+                load_progress=lambda optimizer, replicas: StateLoadProgress(optimizer, replicas, stage)
+            )
+        )
         await asyncio.wait({stop, starting}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # interrupted while loading the state: nobody routes to us yet
             logger.info(f"stage {stage}: interrupted while joining; leaving")
@@ -259,8 +322,15 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
             emit("left", peer_id=server.peer_id, stage=stage, inflight_left=0, during="join")
             return 0
         starting.result()  # a failure to start raises here
-        emit(role, peer_id=server.peer_id, stage=stage, device=device, autocast=server_cfg.autocast_dtype,
-             byzantine=adversary is not None or averaging_hooks is not None, epoch=server.optimizer.epoch)
+        emit(
+            role,
+            peer_id=server.peer_id,
+            stage=stage,
+            device=device,
+            autocast=server_cfg.autocast_dtype,
+            byzantine=adversary is not None or averaging_hooks is not None,
+            epoch=server.optimizer.epoch,
+        )
         code = 0
         if on_online is not None:
             check = asyncio.ensure_future(on_online(server))
@@ -273,15 +343,31 @@ def serve_stage(args, dht, swarm, stage: int, device: str, *, role: str = "serve
             await stop
         left = await server.drain(grace_s)
         # what this peer saw and did, for launchers' summaries
-        emit("ledger", peer_id=server.peer_id, served=server.stats.served, tallies=server.ledger.as_dict(),
-             rejected=dict(server.stats.flagged), tampered=adversary.tampered if adversary else 0,
-             audits=dict(run=server.stats.audits_run, failed=dict(server.stats.audits_failed),
-                         served=server.stats.audits_served))
+        emit(
+            "ledger",
+            peer_id=server.peer_id,
+            served=server.stats.served,
+            tallies=server.ledger.as_dict(),
+            rejected=dict(server.stats.flagged),
+            tampered=adversary.tampered if adversary else 0,
+            audits=dict(
+                run=server.stats.audits_run,
+                failed=dict(server.stats.audits_failed),
+                served=server.stats.audits_served,
+            ),
+        )
         await server.shutdown()
         extra = {}
         if device == "cuda":
             extra["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        emit("left", peer_id=server.peer_id, stage=stage, inflight_left=left, served=server.stats.served, **extra)
+        emit(
+            "left",
+            peer_id=server.peer_id,
+            stage=stage,
+            inflight_left=left,
+            served=server.stats.served,
+            **extra,
+        )
         return code
 
     return asyncio.run(serve())
@@ -305,4 +391,3 @@ def run(args) -> int:
         return serve_stage(args, dht, swarm, args.stage, device)
     finally:
         dht.shutdown()
-

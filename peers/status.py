@@ -35,11 +35,15 @@ def run(args) -> int:
             args.dashboard = Dashboard(refresh_s=args.watch or 5.0)
             server = serve(args.dashboard, args.host, args.port)
         except OSError as e:
-            return fail(f"the dashboard cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another "
-                        f"--port")
+            return fail(
+                f"the dashboard cannot listen on {args.host}:{args.port}: {e.strerror or e}; pick another "
+                f"--port"
+            )
         host, port = server.server_address[:2]
-        print(f"swarm status: dashboard at http://{host}:{port}/ (Prometheus metrics at /metrics); Ctrl-C stops",
-              flush=True)
+        print(
+            f"swarm status: dashboard at http://{host}:{port}/ (Prometheus metrics at /metrics); Ctrl-C stops",
+            flush=True,
+        )
     try:
         dht = connect(args.run_id, args.initial_peers, timeout_s=args.timeout)
     except StatusError as e:
@@ -106,7 +110,11 @@ async def _show(dht, args) -> int:
             else:
                 text = render_text(status)
                 if args.watch is not None:
-                    text = (CLEAR if tty else "\n") + text + f"\n\n(refreshing every {args.watch:g}s; Ctrl-C to stop)"
+                    text = (
+                        (CLEAR if tty else "\n")
+                        + text
+                        + f"\n\n(refreshing every {args.watch:g}s; Ctrl-C to stop)"
+                    )
                 print(text, flush=True)
         if args.watch is None:
             return 0

@@ -27,9 +27,11 @@ def tokenizer_mismatch(swarm, tokenizer, given) -> str:
     digest = tokenizer_digest(tokenizer)
     if digest == pin["sha256"]:
         return ""
-    return (f"this swarm trains with a tokenizer of {pin.get('size')} tokens, sha256 {pin['sha256'][:16]}... (its "
-            f"creator's `swarm dht --tokenizer`), and {given or 'the shipped tokenizer'} is another ({len(tokenizer)} "
-            f"tokens, sha256 {digest[:16]}...): pass the swarm's tokenizer with --tokenizer")
+    return (
+        f"this swarm trains with a tokenizer of {pin.get('size')} tokens, sha256 {pin['sha256'][:16]}... (its "
+        f"creator's `swarm dht --tokenizer`), and {given or 'the shipped tokenizer'} is another ({len(tokenizer)} "
+        f"tokens, sha256 {digest[:16]}...): pass the swarm's tokenizer with --tokenizer"
+    )
 
 
 def progress_bar(done: int, total: int, elapsed_s: float, width: int = 20) -> str:
@@ -38,7 +40,9 @@ def progress_bar(done: int, total: int, elapsed_s: float, width: int = 20) -> st
     share = min(1.0, done / total) if total > 0 else 1.0
     filled = int(round(share * width))
     left = elapsed_s / done * (total - done) if done > 0 else float("nan")
-    return f"[{'#' * filled}{'.' * (width - filled)}] {share:4.0%} {_duration(elapsed_s)}, ETA {_duration(left)}"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {share:4.0%} {_duration(elapsed_s)}, ETA {_duration(left)}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -68,12 +72,20 @@ def run(args) -> int:
         if swarm is None:
             return 2
         seed = int(swarm.extra.get("seed", 0)) if isinstance(swarm.extra.get("seed", 0), int) else 0
-        data_cfg = DataConfig(paths=list(args.data), text_field=args.text_field, tokenizer=args.tokenizer,
-                              seq_len=swarm.seq_len, microbatch_size=swarm.microbatch_size, seed=seed)
+        data_cfg = DataConfig(
+            paths=list(args.data),
+            text_field=args.text_field,
+            tokenizer=args.tokenizer,
+            seq_len=swarm.seq_len,
+            microbatch_size=swarm.microbatch_size,
+            seed=seed,
+        )
         try:
             tokenizer = load_tokenizer(data_cfg.tokenizer)
             if len(tokenizer) > swarm.model["vocab_size"]:
-                return fail(f"tokenizer has {len(tokenizer)} tokens but the swarm's model only {swarm.model['vocab_size']}")
+                return fail(
+                    f"tokenizer has {len(tokenizer)} tokens but the swarm's model only {swarm.model['vocab_size']}"
+                )
             mismatch = tokenizer_mismatch(swarm, tokenizer, args.tokenizer)
             if mismatch:
                 return fail(mismatch)
@@ -82,25 +94,39 @@ def run(args) -> int:
             return fail(str(e))
         stream = MicroBatchStream(blocks, swarm.microbatch_size, seed=seed)
         cfg = TrainerConfig(
-            run_id=args.run_id, num_stages=swarm.num_stages, steps=args.steps,
+            run_id=args.run_id,
+            num_stages=swarm.num_stages,
+            steps=args.steps,
             microbatches_per_step=swarm.target_batch_size // swarm.microbatch_size,
-            max_inflight=args.max_inflight, max_attempts=args.max_attempts, compression=args.compression,
+            max_inflight=args.max_inflight,
+            max_attempts=args.max_attempts,
+            compression=args.compression,
             metrics_path=args.metrics_out,
         )
 
         def on_step(row) -> None:
             loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
             done = row["step"] + 1
-            logger.info(f"step {done}/{args.steps} {progress_bar(done, args.steps, row['elapsed_s'])} loss {loss} "
-                        f"tokens {row['tokens']} retried {row['retried']} dropped {row['dropped']}")
+            logger.info(
+                f"step {done}/{args.steps} {progress_bar(done, args.steps, row['elapsed_s'])} loss {loss} "
+                f"tokens {row['tokens']} retried {row['retried']} dropped {row['dropped']}"
+            )
 
         try:
             policy, token, proof = prove_admission(args, swarm, dht)
         except ValueError as e:
             return fail(str(e))
         audit = AuditConfig(rate=args.audit_rate) if args.audit_rate > 0 else None
-        trainer = Trainer(cfg, dht, stream, on_step=on_step, reputation=reputation_config(swarm),
-                          admission=policy, admission_token=token, audit=audit)
+        trainer = Trainer(
+            cfg,
+            dht,
+            stream,
+            on_step=on_step,
+            reputation=reputation_config(swarm),
+            admission=policy,
+            admission_token=token,
+            audit=audit,
+        )
         trainer.admission_proof = proof
         summary = asyncio.run(trainer.run())
         if args.summary_json:

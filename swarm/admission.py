@@ -87,8 +87,11 @@ def load_or_create_authority_key(path: str) -> Ed25519PrivateKey:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return key
 
 
@@ -96,15 +99,25 @@ def public_key_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def issue_token(key: Ed25519PrivateKey, run_id: str, peer_id: str, ttl_s: float = 30 * 86400.0,
-                now: Optional[float] = None) -> str:
+def issue_token(
+    key: Ed25519PrivateKey,
+    run_id: str,
+    peer_id: str,
+    ttl_s: float = 30 * 86400.0,
+    now: Optional[float] = None,
+) -> str:
     """An allowlist token for one identity in one swarm, valid ``ttl_s`` seconds."""
-    payload = json.dumps({"run": run_id, "peer": peer_id, "exp": int((now or time.time()) + ttl_s)},
-                         sort_keys=True, separators=(",", ":")).encode()
+    payload = json.dumps(
+        {"run": run_id, "peer": peer_id, "exp": int((now or time.time()) + ttl_s)},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
     return f"{_b64(payload)}.{_b64(key.sign(payload))}"
 
 
-def verify_token(authority_hex: str, run_id: str, peer_id: str, token: Any, now: Optional[float] = None) -> None:
+def verify_token(
+    authority_hex: str, run_id: str, peer_id: str, token: Any, now: Optional[float] = None
+) -> None:
     """Raises :class:`AdmissionError` unless ``token`` is the authority's signature for this run and peer, unexpired."""
     if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS or token.count(".") != 1:
         raise AdmissionError("no allowlist token, or a malformed one")
@@ -153,7 +166,9 @@ class AdmissionPolicy:
         settings = extra.get("admission") or {}
         if not isinstance(settings, dict):
             raise ValueError("the swarm's admission settings are malformed")
-        return cls(run_id=run_id, pow_bits=settings.get("pow_bits", 0) or 0, authority=settings.get("authority"))
+        return cls(
+            run_id=run_id, pow_bits=settings.get("pow_bits", 0) or 0, authority=settings.get("authority")
+        )
 
     def check(self, peer_id: str, proof: Any, now: Optional[float] = None) -> None:
         """Raises :class:`AdmissionError` with the reason unless ``proof`` admits ``peer_id``."""
@@ -177,7 +192,9 @@ class AdmissionPolicy:
         """This identity's proof (solving the work if needed), or None when admission is off. Checks it."""
         if not self.enabled:
             return None
-        proof: Dict[str, Any] = {"pow": solve_pow(self.run_id, peer_id, self.pow_bits) if self.pow_bits else 0}
+        proof: Dict[str, Any] = {
+            "pow": solve_pow(self.run_id, peer_id, self.pow_bits) if self.pow_bits else 0
+        }
         if token is not None:
             proof["token"] = token.strip()
         self.check(peer_id, proof)

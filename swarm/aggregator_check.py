@@ -77,8 +77,11 @@ class SigningKey:
 
     def public_bytes(self) -> bytes:
         if self._public is None:
-            self._public = self._private().public_key().public_bytes(serialization.Encoding.Raw,
-                                                                     serialization.PublicFormat.Raw)
+            self._public = (
+                self._private()
+                .public_key()
+                .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            )
         return self._public
 
     def sign(self, payload: bytes) -> bytes:
@@ -93,11 +96,19 @@ def _public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def part_payload(kind: bytes, group_id: bytes, aggregator: bytes, sender: bytes, part_index: int, digest: bytes,
-                 contributes: bool = True) -> bytes:
+def part_payload(
+    kind: bytes,
+    group_id: bytes,
+    aggregator: bytes,
+    sender: bytes,
+    part_index: int,
+    digest: bytes,
+    contributes: bool = True,
+) -> bytes:
     """What a signature over one part covers."""
-    return msgpack.packb([b"swarm-allreduce", kind, group_id, aggregator, sender, int(part_index), digest,
-                          bool(contributes)])
+    return msgpack.packb(
+        [b"swarm-allreduce", kind, group_id, aggregator, sender, int(part_index), digest, bool(contributes)]
+    )
 
 
 def sign(key: SigningKey, payload: bytes) -> bytes:
@@ -128,7 +139,9 @@ class SignedPart:
     tensor: runtime_pb2.Tensor
     signature: bytes
     contributes: bool = True  # the sender's claim (signed): weight > 0
-    used: bool = True  # whether the aggregator used it (not when it claims no weight, or the sender is blacklisted)
+    used: bool = (
+        True  # whether the aggregator used it (not when it claims no weight, or the sender is blacklisted)
+    )
 
 
 @dataclass
@@ -152,15 +165,21 @@ class CheckResult:
     reason: str = ""
 
 
-def check_signed_inputs(group_id: bytes, aggregator: bytes, part_index: int,
-                        inputs: Dict[bytes, SignedPart], keys: Dict[bytes, bytes]) -> Optional[str]:
+def check_signed_inputs(
+    group_id: bytes,
+    aggregator: bytes,
+    part_index: int,
+    inputs: Dict[bytes, SignedPart],
+    keys: Dict[bytes, bytes],
+) -> Optional[str]:
     """Why the evidence for one part is not acceptable (a missing key, a bad signature), or None."""
     for sender, part in inputs.items():
         key = keys.get(sender)
         if key is None:
             return f"no key known for sender {sender.hex()[:16]}"
-        payload = part_payload(IN, group_id, aggregator, sender, part_index, tensor_digest(part.tensor),
-                               part.contributes)
+        payload = part_payload(
+            IN, group_id, aggregator, sender, part_index, tensor_digest(part.tensor), part.contributes
+        )
         if signer_key(part.signature, payload) != key:
             return f"part {part_index} of sender {sender.hex()[:16]} is not signed by it"
     return None

@@ -53,10 +53,17 @@ class AuditConfig:
     auditors: int = 2  # the first recomputes; the second breaks a tie
 
     def __post_init__(self) -> None:
-        if not (0 <= self.rate <= 1 and 0 <= self.suspect_rate <= 1 and -1 < self.min_cosine < 1
-                and self.max_norm_ratio > 1 and 1 <= self.auditors <= 2):
-            raise ValueError("audit: rate and suspect_rate in [0, 1], min_cosine in (-1, 1), max_norm_ratio > 1, "
-                             "auditors 1 or 2")
+        if not (
+            0 <= self.rate <= 1
+            and 0 <= self.suspect_rate <= 1
+            and -1 < self.min_cosine < 1
+            and self.max_norm_ratio > 1
+            and 1 <= self.auditors <= 2
+        ):
+            raise ValueError(
+                "audit: rate and suspect_rate in [0, 1], min_cosine in (-1, 1), max_norm_ratio > 1, "
+                "auditors 1 or 2"
+            )
 
 
 @dataclass
@@ -86,7 +93,9 @@ class AuditOutcome:
             return f"audit agrees (cosine, norm ratio: {pairs})"
         if self.odd is None:
             return f"audit inconclusive: gradients disagree and no majority (cosine, norm ratio: {pairs})"
-        return f"audit: the {self.odd} gradient disagrees with two other replicas' (cosine, norm ratio: {pairs})"
+        return (
+            f"audit: the {self.odd} gradient disagrees with two other replicas' (cosine, norm ratio: {pairs})"
+        )
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,14 +117,21 @@ def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(na, nb) / min(na, nb) if min(na, nb) > 0 else math.inf
 
 
-def alike(a: torch.Tensor, b: torch.Tensor, min_cosine: float, max_norm_ratio: float) -> Tuple[bool, float, float]:
+def alike(
+    a: torch.Tensor, b: torch.Tensor, min_cosine: float, max_norm_ratio: float
+) -> Tuple[bool, float, float]:
     """Whether two gradients agree: (agree, cosine, norm ratio)."""
     cos, ratio = cosine(a, b), norm_ratio(a, b)
     return cos >= min_cosine and ratio <= max_norm_ratio, cos, ratio
 
 
-def judge(route: torch.Tensor, audit: torch.Tensor, tiebreak: Optional[torch.Tensor] = None,
-          min_cosine: float = 0.5, max_norm_ratio: float = 1.4) -> AuditOutcome:
+def judge(
+    route: torch.Tensor,
+    audit: torch.Tensor,
+    tiebreak: Optional[torch.Tensor] = None,
+    min_cosine: float = 0.5,
+    max_norm_ratio: float = 1.4,
+) -> AuditOutcome:
     """Compare the route's gradient with an auditor's and, if they disagree, with a tie-breaker's."""
     outcome = AuditOutcome(False)
 
@@ -137,12 +153,13 @@ def judge(route: torch.Tensor, audit: torch.Tensor, tiebreak: Optional[torch.Ten
     return outcome
 
 
-def pick_auditors(candidates: Sequence[str], route_peer: str, suspect: bool, cfg: AuditConfig,
-                  rng: random.Random) -> List[str]:
+def pick_auditors(
+    candidates: Sequence[str], route_peer: str, suspect: bool, cfg: AuditConfig, rng: random.Random
+) -> List[str]:
     """The trainer's draw: [] (no audit) or up to ``cfg.auditors`` last-stage peers other than the route's, in
     random order. ``candidates``: the last stage's usable peers (not blacklisted, not banned)."""
     if rng.random() >= (cfg.suspect_rate if suspect else cfg.rate):
         return []
     others = [p for p in candidates if p != route_peer]
     rng.shuffle(others)
-    return others[:cfg.auditors]
+    return others[: cfg.auditors]

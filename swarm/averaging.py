@@ -97,7 +97,9 @@ MAX_KEPT_ROUNDS = 2  # rounds whose signed inputs an aggregator keeps for re-che
 # a -20x contribution bounded to twice the honest norm still reverses the step
 SUSPECT_ROUNDS = 8
 EVIDENCE_TIMEOUT_S = 30.0
-AGGREGATE_TOLERANCE = 1e-4  # relative error between a recomputed aggregate and the one received (float rounding)
+AGGREGATE_TOLERANCE = (
+    1e-4  # relative error between a recomputed aggregate and the one received (float rounding)
+)
 
 
 @dataclass(kw_only=True)
@@ -105,16 +107,26 @@ class AveragingConfig:
     """How a stage's replicas combine their gradients and check the state they download (see the module doc)."""
 
     aggregator: str = "centered_clip"  # "mean": hivemind's weighted mean (no defence; for comparison only)
-    clip_radius: float = 1.0  # tau = clip_radius x lower median distance of the contributions from their median
-    clip_iters: int = 20  # CenteredClip iterations per part (stops early once the aggregate moves < 1e-6 rel.)
-    norm_bound: float = 2.0  # with two senders, the larger contribution is clipped to this x the smaller one's norm
+    clip_radius: float = (
+        1.0  # tau = clip_radius x lower median distance of the contributions from their median
+    )
+    clip_iters: int = (
+        20  # CenteredClip iterations per part (stops early once the aggregate moves < 1e-6 rel.)
+    )
+    norm_bound: float = (
+        2.0  # with two senders, the larger contribution is clipped to this x the smaller one's norm
+    )
     # a contribution whose norm over a slice is this many times the lower median is reported (slice_outliers); 8,
     # since a replica that accumulated one micro-batch sends a gradient ~3x noisier than one that accumulated ten
     outlier_factor: float = 8.0
-    state_tolerance: float = 0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
+    state_tolerance: float = (
+        0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
+    )
     state_sketch_dims: int = 16
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
-    verify_rate: float = 1.0  # aggregators each replica re-checks per round, on average (swarm.aggregator_check)
+    verify_rate: float = (
+        1.0  # aggregators each replica re-checks per round, on average (swarm.aggregator_check)
+    )
     verify_parts: int = 1  # parts of an aggregator's slice a re-check recomputes
     # a sender whose contributions point against the others' (leave-one-out cosine significantly below 0: one-sided
     # t below -direction_t over its latest rounds, judged once direction_window of them were seen and over up to
@@ -124,23 +136,44 @@ class AveragingConfig:
     direction_memory: int = 32
 
     def __post_init__(self) -> None:
-        numbers = (self.clip_radius, self.norm_bound, self.outlier_factor, self.state_tolerance, self.verify_rate)
+        numbers = (
+            self.clip_radius,
+            self.norm_bound,
+            self.outlier_factor,
+            self.state_tolerance,
+            self.verify_rate,
+        )
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
             raise ValueError("averaging: every setting must be a finite number")
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"averaging: aggregator must be one of {AGGREGATORS}")
-        if not (self.clip_radius > 0 and 1 <= self.clip_iters <= 1000 and self.norm_bound >= 1
-                and self.outlier_factor >= 1):
-            raise ValueError("averaging: need clip_radius > 0, 1 <= clip_iters <= 1000, norm_bound >= 1, "
-                             "outlier_factor >= 1")
+        if not (
+            self.clip_radius > 0
+            and 1 <= self.clip_iters <= 1000
+            and self.norm_bound >= 1
+            and self.outlier_factor >= 1
+        ):
+            raise ValueError(
+                "averaging: need clip_radius > 0, 1 <= clip_iters <= 1000, norm_bound >= 1, "
+                "outlier_factor >= 1"
+            )
         if not (self.state_tolerance > 0 and 1 <= self.state_sketch_dims <= 256 and self.state_sources >= 1):
-            raise ValueError("averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1")
+            raise ValueError(
+                "averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1"
+            )
         if not (0 <= self.verify_rate <= 8 and 1 <= self.verify_parts <= 16):
             raise ValueError("averaging: need verify_rate in [0, 8] and verify_parts in [1, 16]")
-        if not (0 <= self.direction_window <= 1024 and self.direction_window != 1 and math.isfinite(self.direction_t)
-                and self.direction_t > 0 and self.direction_window <= self.direction_memory <= 4096):
-            raise ValueError("averaging: need direction_window 0 or in [2, 1024], direction_t > 0, "
-                             "direction_window <= direction_memory <= 4096")
+        if not (
+            0 <= self.direction_window <= 1024
+            and self.direction_window != 1
+            and math.isfinite(self.direction_t)
+            and self.direction_t > 0
+            and self.direction_window <= self.direction_memory <= 4096
+        ):
+            raise ValueError(
+                "averaging: need direction_window 0 or in [2, 1024], direction_t > 0, "
+                "direction_window <= direction_memory <= 4096"
+            )
 
     @classmethod
     def from_dict(cls, settings: Any) -> "AveragingConfig":
@@ -161,7 +194,9 @@ class PartOutcome:
     result: torch.Tensor
     norms: List[float]
     tau: float
-    distances: Optional[List[float]] = None  # each contribution's distance from the result (state rounds only)
+    distances: Optional[List[float]] = (
+        None  # each contribution's distance from the result (state rounds only)
+    )
     # with 3+ senders: each contribution's dot product with the mean of the others' (leave-one-out), and that
     # mean's squared norm (DirectionMonitor)
     loo_dots: Optional[List[float]] = None
@@ -185,7 +220,9 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     return rows[(n - 1) // 2].clone()
 
 
-def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distances: bool = False) -> PartOutcome:
+def robust_aggregate(
+    parts: Sequence[torch.Tensor], cfg: AveragingConfig, distances: bool = False
+) -> PartOutcome:
     """Equal-weight CenteredClip of ``parts`` (one tensor per sender, same shape); with two senders, a norm bound.
     A contribution holding NaN or inf is left out (its norm and distance reported as inf). ``distances``: also
     measure each contribution's distance from the result (what a state round judges by)."""
@@ -214,7 +251,9 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
         # no majority to centre on: bound the larger contribution by norm_bound x the smaller. CenteredClip of two
         # points is their mean (the median of two is the mean, both are equally far from it), so no iterations
         bound = cfg.norm_bound * float(norms.min())
-        clipped = x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
+        clipped = (
+            x * torch.where(norms > bound, bound / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None]
+        )
         v, tau = clipped.mean(0), 0.0
     else:
         v = coordinate_median(x)
@@ -225,11 +264,17 @@ def robust_aggregate(parts: Sequence[torch.Tensor], cfg: AveragingConfig, distan
                 weights = torch.clamp(tau / torch.linalg.vector_norm(diff, dim=1).clamp_min(1e-30), max=1.0)
                 step = (weights @ diff) / n
                 v += step
-                if float(torch.linalg.vector_norm(step)) <= 1e-6 * max(float(torch.linalg.vector_norm(v)), 1e-30):
+                if float(torch.linalg.vector_norm(step)) <= 1e-6 * max(
+                    float(torch.linalg.vector_norm(v)), 1e-30
+                ):
                     break
                 diff -= step
-    outcome = PartOutcome(v.reshape(shape), norms.tolist(), tau,
-                          torch.linalg.vector_norm(x - v, dim=1).tolist() if distances else None)
+    outcome = PartOutcome(
+        v.reshape(shape),
+        norms.tolist(),
+        tau,
+        torch.linalg.vector_norm(x - v, dim=1).tolist() if distances else None,
+    )
     if n >= 3:
         total = x.sum(0)
         dots, sq = x @ total, norms * norms
@@ -251,8 +296,9 @@ def own_reference(outcome: PartOutcome, parts: Sequence[torch.Tensor], own: int)
     outcome.loo_sq[other] = float(mine @ mine)
 
 
-def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: Sequence[torch.Tensor],
-                   trusted: bool = False) -> None:
+def judge_excluded(
+    outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: Sequence[torch.Tensor], trusted: bool = False
+) -> None:
     """Append to ``outcome`` the measures of contributions that were left out of it (senders excluded by this
     aggregator), so that they are still judged round after round: each one's norm, its distance from the result (if
     the outcome has distances) and, given 2+ included senders (or one that is this aggregator itself:
@@ -263,8 +309,12 @@ def judge_excluded(outcome: PartOutcome, parts: Sequence[torch.Tensor], judged: 
     norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
     outcome.norms = list(outcome.norms) + norms.tolist()
     if outcome.distances is not None:
-        outcome.distances = list(outcome.distances) + torch.linalg.vector_norm(
-            x - outcome.result.float().reshape(-1), dim=1).nan_to_num(math.inf).tolist()
+        outcome.distances = (
+            list(outcome.distances)
+            + torch.linalg.vector_norm(x - outcome.result.float().reshape(-1), dim=1)
+            .nan_to_num(math.inf)
+            .tolist()
+        )
     if len(parts) >= 2 or (parts and trusted):
         mean = torch.stack([p.detach().float().reshape(-1) for p in parts]).mean(0)
         if outcome.loo_dots is None:  # 1-2 included senders: robust_aggregate measured no leave-one-out sums
@@ -314,10 +364,14 @@ class DirectionMonitor:
         return mean / (sd / math.sqrt(len(values))) < -self.t
 
 
-def slice_cosines(loo_dots: Sequence[float], sq_norms: Sequence[float], loo_sq: Sequence[float]) -> List[float]:
+def slice_cosines(
+    loo_dots: Sequence[float], sq_norms: Sequence[float], loo_sq: Sequence[float]
+) -> List[float]:
     """Per sender, the cosine of its contribution to a slice with the leave-one-out mean (sums over the parts)."""
-    return [d / math.sqrt(a * b) if a > 0 and b > 0 and math.isfinite(d) else math.nan
-            for d, a, b in zip(loo_dots, sq_norms, loo_sq)]
+    return [
+        d / math.sqrt(a * b) if a > 0 and b > 0 and math.isfinite(d) else math.nan
+        for d, a, b in zip(loo_dots, sq_norms, loo_sq)
+    ]
 
 
 def slice_outliers(sq_norms: Sequence[float], cfg: AveragingConfig) -> List[bool]:
@@ -353,8 +407,15 @@ class SliceJudge:
     ``own_index``: this aggregator's own sender index, if it sends: its contribution is the one reference it can
     trust (see :func:`own_reference`). ``max_weight``: the most samples an honest sender can claim."""
 
-    def __init__(self, num_senders: int, cfg: AveragingConfig, *, state: bool = False,
-                 own_index: Optional[int] = None, max_weight: float = math.inf):
+    def __init__(
+        self,
+        num_senders: int,
+        cfg: AveragingConfig,
+        *,
+        state: bool = False,
+        own_index: Optional[int] = None,
+        max_weight: float = math.inf,
+    ):
         self.cfg, self.state, self.own_index, self.max_weight = cfg, state, own_index, max_weight
         self.claimed = [0.0] * num_senders  # the largest weight (sample count) each sender claimed for a part
         self.sq_norms = [0.0] * num_senders  # each sender's squared contribution norm over the parts combined
@@ -370,8 +431,13 @@ class SliceJudge:
         if not weight <= self.claimed[sender]:  # a NaN claim is kept (and judged as over any bound)
             self.claimed[sender] = weight
 
-    def combine(self, senders: Sequence[int], parts: Sequence[torch.Tensor], judged: Sequence[int] = (),
-                judged_parts: Sequence[torch.Tensor] = ()) -> PartOutcome:
+    def combine(
+        self,
+        senders: Sequence[int],
+        parts: Sequence[torch.Tensor],
+        judged: Sequence[int] = (),
+        judged_parts: Sequence[torch.Tensor] = (),
+    ) -> PartOutcome:
         """The robust aggregate of one part from ``senders`` (their ``parts``, in the same order), with ``judged``
         senders (excluded by this aggregator) measured but not aggregated (:func:`judge_excluded`); every measure
         is added to the slice's sums. ``parts`` must not be empty."""
@@ -390,7 +456,9 @@ class SliceJudge:
         if self.state:
             self.sq_result_norm += float(outcome.result.float().norm()) ** 2
         for i, norm, dot, sq in zip(everyone, outcome.norms, outcome.loo_dots or (), outcome.loo_sq or ()):
-            if math.isfinite(dot) and math.isfinite(sq) and math.isfinite(norm):  # else not measured for it here
+            if (
+                math.isfinite(dot) and math.isfinite(sq) and math.isfinite(norm)
+            ):  # else not measured for it here
                 self.loo[i][0] += dot
                 self.loo[i][1] += norm * norm
                 self.loo[i][2] += sq
@@ -403,7 +471,9 @@ class SliceJudge:
         lie whatever it sent."""
         seen = [i for i, count in enumerate(self.parts_seen) if count > 0]
         if self.state:
-            flags = dict(zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg)))
+            flags = dict(
+                zip(seen, state_outliers([self.sq_distances[i] for i in seen], self.sq_result_norm, self.cfg))
+            )
         else:
             flags = dict(zip(seen, slice_outliers([self.sq_norms[i] for i in seen], self.cfg)))
         return [flags.get(i, False) or self.overclaimed(i) for i in range(len(self.parts_seen))]
@@ -424,13 +494,23 @@ class RobustPartReducer(TensorPartReducer):
     one has arrived; a sender that failed is left out of the parts it did not send, as in hivemind. The protocol
     on the wire is hivemind's, unchanged."""
 
-    def __init__(self, part_shapes, num_senders: int, cfg: AveragingConfig,
-                 aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, excluded: Sequence[int] = (),
-                 state: bool = False, own_index: Optional[int] = None, max_weight: float = math.inf):
+    def __init__(
+        self,
+        part_shapes,
+        num_senders: int,
+        cfg: AveragingConfig,
+        aggregate_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        excluded: Sequence[int] = (),
+        state: bool = False,
+        own_index: Optional[int] = None,
+        max_weight: float = math.inf,
+    ):
         self.cfg, self.aggregate_hook, self.excluded = cfg, aggregate_hook, set(excluded)
         self.judge = SliceJudge(num_senders, cfg, state=state, own_index=own_index, max_weight=max_weight)
         self._contributions: Dict[int, torch.Tensor] = {}
-        self._judged: Dict[int, torch.Tensor] = {}  # excluded senders' parts: judged (reported), never aggregated
+        self._judged: Dict[
+            int, torch.Tensor
+        ] = {}  # excluded senders' parts: judged (reported), never aggregated
         self._combining = False
         super().__init__(part_shapes, num_senders)
 
@@ -438,8 +518,9 @@ class RobustPartReducer(TensorPartReducer):
         self._contributions, self._judged = {}, {}
         super().reset_accumulators()
 
-    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
-                              weight: float = 1.0) -> torch.Tensor:
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
         """As hivemind's, but the part is kept (not summed) and the claimed weight is not believed: every sender
         weighs 1, except one that claims 0 (nothing to contribute), which can only lower its own pull."""
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
@@ -447,16 +528,22 @@ class RobustPartReducer(TensorPartReducer):
         self.num_parts_received[sender_index] += 1
         self.judge.claim(sender_index, weight)
         while part_index > self.current_part_index:
-            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if self.finished.is_set():
-                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+                raise AllreduceException(
+                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
+                )
         if self.sender_failed_after[sender_index] != float("inf"):
             raise BannedException(f"sender {sender_index} was banned in background")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
             if weight > 0:
-                (self._judged if sender_index in self.excluded else self._contributions)[sender_index] = tensor_part
+                (self._judged if sender_index in self.excluded else self._contributions)[sender_index] = (
+                    tensor_part
+                )
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -473,12 +560,19 @@ class RobustPartReducer(TensorPartReducer):
         judged_parts = [self._judged[i] for i in judged]
         shape = self.part_shapes[self.current_part_index]
         future = self.current_part_future
-        task = asyncio.get_event_loop().run_in_executor(None, self._combine, senders, parts, shape, judged,
-                                                        judged_parts)
+        task = asyncio.get_event_loop().run_in_executor(
+            None, self._combine, senders, parts, shape, judged, judged_parts
+        )
         task.add_done_callback(lambda done: self._combined(done, future))
 
-    def _combine(self, senders: List[int], parts: List[torch.Tensor], shape, judged: List[int],
-                 judged_parts: List[torch.Tensor]) -> PartOutcome:
+    def _combine(
+        self,
+        senders: List[int],
+        parts: List[torch.Tensor],
+        shape,
+        judged: List[int],
+        judged_parts: List[torch.Tensor],
+    ) -> PartOutcome:
         """The part's robust aggregate (measured by the slice's :class:`SliceJudge`), then the adversary's hook."""
         if not parts:
             return PartOutcome(torch.zeros(shape), [], 0.0)
@@ -553,9 +647,21 @@ class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's butterfly all-reduce with :class:`RobustPartReducer` for the parts this peer aggregates, signed
     parts both ways (``swarm.aggregator_check``), and what a later re-check of one aggregator needs kept aside."""
 
-    def __init__(self, *, averaging: AveragingConfig, key_book: KeyBook, signing_key, aggregate_hook=None,
-                 excluded: Sequence[str] = (), ignored: Sequence[str] = (), check_targets: Sequence[PeerID] = (),
-                 state: bool = False, max_weight: float = math.inf, part_hook=None, **kwargs):
+    def __init__(
+        self,
+        *,
+        averaging: AveragingConfig,
+        key_book: KeyBook,
+        signing_key,
+        aggregate_hook=None,
+        excluded: Sequence[str] = (),
+        ignored: Sequence[str] = (),
+        check_targets: Sequence[PeerID] = (),
+        state: bool = False,
+        max_weight: float = math.inf,
+        part_hook=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.averaging, self.key_book, self.signing_key, self.state = averaging, key_book, signing_key, state
         self.part_hook = part_hook
@@ -565,34 +671,62 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.excluded, self.ignored = set(excluded), set(ignored) - set(excluded)
         self.tensor_part_reducer.finished.set()  # hivemind's own reducer, replaced before any use (no finalize noise)
         self.tensor_part_reducer = RobustPartReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), averaging,
-            aggregate_hook=aggregate_hook, state=state, max_weight=max_weight,
-            own_index=self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None,
-            excluded=[i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded | self.ignored])
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            averaging,
+            aggregate_hook=aggregate_hook,
+            state=state,
+            max_weight=max_weight,
+            own_index=self.sender_peer_ids.index(self.peer_id)
+            if self.peer_id in self.sender_peer_ids
+            else None,
+            excluded=[
+                i for i, peer in enumerate(self.sender_peer_ids) if str(peer) in self.excluded | self.ignored
+            ],
+        )
         # state rounds: per aggregator, the squared norm of what this peer sent it and of how far its results move
         # this peer's values (a receiver refuses to be moved far: see RobustAveraging._apply_state_round)
         self.sent_sq: Dict[PeerID, float] = {}
         self.moved_sq: Dict[PeerID, float] = {}
         me = self.ordered_peer_ids.index(self.peer_id)
         # the inputs of the parts this peer aggregates, signed by their senders (served to re-checkers)
-        self.kept_inputs = RoundInputs(self.group_id, self.peer_id.to_bytes(),
-                                       [p.to_bytes() for p in self.sender_peer_ids])
+        self.kept_inputs = RoundInputs(
+            self.group_id, self.peer_id.to_bytes(), [p.to_bytes() for p in self.sender_peer_ids]
+        )
         self.kept_inputs.parts[self.peer_id.to_bytes()] = []
-        self.own_parts = [t.clone() for t in self.parts_for_local_averaging] if self.peer_id in self.sender_peer_ids \
-            and self.tensor_part_container.num_parts_by_peer[me] else []
+        self.own_parts = (
+            [t.clone() for t in self.parts_for_local_averaging]
+            if self.peer_id in self.sender_peer_ids and self.tensor_part_container.num_parts_by_peer[me]
+            else []
+        )
         # for each aggregator to re-check: this peer's own input parts and the (signed) results it received
-        self.check_targets = [p for p in check_targets if p in self.ordered_peer_ids and p != self.peer_id
-                              and self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(p)]]
+        self.check_targets = [
+            p
+            for p in check_targets
+            if p in self.ordered_peer_ids
+            and p != self.peer_id
+            and self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(p)]
+        ]
         self.sent_parts: Dict[PeerID, List[torch.Tensor]] = {p: [] for p in self.check_targets}
         self.received_results: Dict[PeerID, List[torch.Tensor]] = {p: [] for p in self.check_targets}
 
-    def _payload(self, kind: bytes, aggregator: PeerID, sender: PeerID, part_index: int, digest: bytes,
-                 contributes: bool = True) -> bytes:
-        return part_payload(kind, self.group_id, aggregator.to_bytes(), sender.to_bytes(), part_index, digest,
-                            contributes)
+    def _payload(
+        self,
+        kind: bytes,
+        aggregator: PeerID,
+        sender: PeerID,
+        part_index: int,
+        digest: bytes,
+        contributes: bool = True,
+    ) -> bytes:
+        return part_payload(
+            kind, self.group_id, aggregator.to_bytes(), sender.to_bytes(), part_index, digest, contributes
+        )
 
     async def _communicate_with_peer(self, peer_id: PeerID):
-        if peer_id != self.peer_id and str(peer_id) in self.excluded:  # caught lying as an aggregator: not used
+        if (
+            peer_id != self.peer_id and str(peer_id) in self.excluded
+        ):  # caught lying as an aggregator: not used
             self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
             return
         await super()._communicate_with_peer(peer_id)
@@ -604,15 +738,20 @@ class RobustAllReduceRunner(AllReduceRunner):
             if self.part_hook is not None:  # an experiment's adversary
                 sent = self.part_hook(str(aggregator), deserialize_torch_tensor(message.tensor_part))
                 message.tensor_part.CopyFrom(serialize_torch_tensor(sent))
-            payload = self._payload(IN, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part),
-                                    self.weight > 0)
+            payload = self._payload(
+                IN, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part), self.weight > 0
+            )
             message.peer_id = sign(self.signing_key, payload)
             if aggregator in self.sent_parts or self.state:
                 sent = deserialize_torch_tensor(message.tensor_part)
-                if aggregator in self.sent_parts:  # kept for a re-check of this aggregator (as it will see them)
+                if (
+                    aggregator in self.sent_parts
+                ):  # kept for a re-check of this aggregator (as it will see them)
                     self.sent_parts[aggregator].append(sent)
                 if self.state:
-                    self.sent_sq[aggregator] = self.sent_sq.get(aggregator, 0.0) + float(sent.float().norm()) ** 2
+                    self.sent_sq[aggregator] = (
+                        self.sent_sq.get(aggregator, 0.0) + float(sent.float().norm()) ** 2
+                    )
             part_index += 1
             yield message
 
@@ -631,7 +770,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         key, part_index = await self.key_book.get(aggregator), 0
         async for message in stream:
             if message.code == averaging_pb2.AVERAGED_PART:
-                payload = self._payload(OUT, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part))
+                payload = self._payload(
+                    OUT, aggregator, self.peer_id, part_index, tensor_digest(message.tensor_part)
+                )
                 if key is None or signer_key(message.peer_id, payload) != key:
                     raise AllreduceException(f"{aggregator} returned a result it did not sign")
                 if aggregator in self.received_results or self.state:
@@ -639,13 +780,22 @@ class RobustAllReduceRunner(AllReduceRunner):
                     if aggregator in self.received_results:
                         self.received_results[aggregator].append(delta)
                     if self.state:
-                        self.moved_sq[aggregator] = self.moved_sq.get(aggregator, 0.0) + float(delta.float().norm()) ** 2
-                if str(aggregator) in self.ignored:  # a suspect's aggregate: keep this peer's own values there
+                        self.moved_sq[aggregator] = (
+                            self.moved_sq.get(aggregator, 0.0) + float(delta.float().norm()) ** 2
+                        )
+                if (
+                    str(aggregator) in self.ignored
+                ):  # a suspect's aggregate: keep this peer's own values there
                     dtype = getattr(torch, message.tensor_part.dtype, None)
-                    zeros = torch.zeros(tuple(message.tensor_part.size),
-                                        dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
-                    message = averaging_pb2.AveragingData(code=message.code, group_id=message.group_id,
-                                                          tensor_part=serialize_torch_tensor(zeros))
+                    zeros = torch.zeros(
+                        tuple(message.tensor_part.size),
+                        dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+                    )
+                    message = averaging_pb2.AveragingData(
+                        code=message.code,
+                        group_id=message.group_id,
+                        tensor_part=serialize_torch_tensor(zeros),
+                    )
                 part_index += 1
             yield message
 
@@ -658,19 +808,28 @@ class RobustAllReduceRunner(AllReduceRunner):
             part_index = 0
             async for message in stream:
                 contributes = message.weight > 0
-                payload = self._payload(IN, self.peer_id, sender, part_index, tensor_digest(message.tensor_part),
-                                        contributes)
+                payload = self._payload(
+                    IN, self.peer_id, sender, part_index, tensor_digest(message.tensor_part), contributes
+                )
                 if key is None or signer_key(message.peer_id, payload) != key:
                     raise AllreduceException(f"{sender} sent part {part_index} without a valid signature")
-                kept.append(SignedPart(message.tensor_part, message.peer_id, contributes,
-                                       used=contributes and str(sender) not in self.excluded | self.ignored))
+                kept.append(
+                    SignedPart(
+                        message.tensor_part,
+                        message.peer_id,
+                        contributes,
+                        used=contributes and str(sender) not in self.excluded | self.ignored,
+                    )
+                )
                 part_index += 1
                 yield message
 
         part_index = 0
         async for reply in super()._accumulate_parts_streaming(checked(), sender_index):
             if reply.code == averaging_pb2.AVERAGED_PART:
-                payload = self._payload(OUT, self.peer_id, sender, part_index, tensor_digest(reply.tensor_part))
+                payload = self._payload(
+                    OUT, self.peer_id, sender, part_index, tensor_digest(reply.tensor_part)
+                )
                 reply.peer_id = sign(self.signing_key, payload)
                 part_index += 1
             yield reply
@@ -681,11 +840,17 @@ class RobustAllReduceRunner(AllReduceRunner):
         judge = self.tensor_part_reducer.judge
         for i, peer in enumerate(self.sender_peer_ids):
             if peer != self.peer_id and judge.parts_seen[i] and judge.overclaimed(i):
-                logger.warning(f"{peer} claimed {judge.claimed[i]:.6g} samples in a gradient round, more than its "
-                               f"whole stage accumulates between two steps (at most {judge.max_weight:.6g})")
-        return [(str(peer), far, cosine) for peer, far, cosine, seen in zip(self.sender_peer_ids, judge.outliers(),
-                                                                            judge.cosines(), judge.parts_seen)
-                if seen > 0 and peer != self.peer_id]
+                logger.warning(
+                    f"{peer} claimed {judge.claimed[i]:.6g} samples in a gradient round, more than its "
+                    f"whole stage accumulates between two steps (at most {judge.max_weight:.6g})"
+                )
+        return [
+            (str(peer), far, cosine)
+            for peer, far, cosine, seen in zip(
+                self.sender_peer_ids, judge.outliers(), judge.cosines(), judge.parts_seen
+            )
+            if seen > 0 and peer != self.peer_id
+        ]
 
     def round_inputs(self) -> RoundInputs:
         """The signed inputs of this peer's slice, its own included (signed on the first call: see
@@ -696,9 +861,12 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.kept_inputs.parts[me] = []
         for part_index, tensor in enumerate(self.own_parts):
             proto = serialize_torch_tensor(tensor)
-            payload = self._payload(IN, self.peer_id, self.peer_id, part_index, tensor_digest(proto), self.weight > 0)
-            self.kept_inputs.parts[me].append(SignedPart(proto, sign(self.signing_key, payload), self.weight > 0,
-                                                         used=self.weight > 0))
+            payload = self._payload(
+                IN, self.peer_id, self.peer_id, part_index, tensor_digest(proto), self.weight > 0
+            )
+            self.kept_inputs.parts[me].append(
+                SignedPart(proto, sign(self.signing_key, payload), self.weight > 0, used=self.weight > 0)
+            )
         return self.kept_inputs
 
 
@@ -715,8 +883,14 @@ class RobustAveraging(DecentralizedAverager):
 
     state_round = False  # True: the averaged tensors are parameters (see _apply_state_round)
 
-    def __init__(self, *args, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None,
-                 max_weight: float = math.inf, **kwargs):
+    def __init__(
+        self,
+        *args,
+        averaging: AveragingConfig,
+        hooks: Optional[AveragingHooks] = None,
+        max_weight: float = math.inf,
+        **kwargs,
+    ):
         """``max_weight``: the most samples an honest replica can claim in one round (gradient rounds: about the
         stage's ``target_batch_size``, which the replicas accumulate between them); a sender that claims more is
         reported, though its claim changes nothing here (equal weights)."""
@@ -729,10 +903,13 @@ class RobustAveraging(DecentralizedAverager):
         self._rounds: Dict[bytes, Tuple[RobustAllReduceRunner, asyncio.Event]] = {}
         self._evidence_served: Dict[Tuple[bytes, PeerID], int] = {}
         self._rng = random.Random()
-        self._directions = DirectionMonitor(averaging.direction_window, averaging.direction_t,
-                                            memory=averaging.direction_memory)
+        self._directions = DirectionMonitor(
+            averaging.direction_window, averaging.direction_t, memory=averaging.direction_memory
+        )
         self._round_count = 0
-        self._suspects: "OrderedDict[str, int]" = OrderedDict()  # sender -> round until which it is left out here
+        self._suspects: "OrderedDict[str, int]" = (
+            OrderedDict()
+        )  # sender -> round until which it is left out here
         self.signing_key = SigningKey.process_wide()
         self._key_book: Optional[KeyBook] = None
         sigint = signal.getsignal(signal.SIGINT)
@@ -777,8 +954,9 @@ class RobustAveraging(DecentralizedAverager):
             matchmaking._swarm_filtered = True
         return await super()._step(**kwargs)
 
-    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
-                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
         if str(context.remote_id) in self._excluded_now():
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
@@ -801,15 +979,31 @@ class RobustAveraging(DecentralizedAverager):
         if self.hooks.weight is not None and kwargs.get("weight") is not None and not self.state_round:
             kwargs["weight"] = float(self.hooks.weight(kwargs["weight"]))
         runner = RobustAllReduceRunner(
-            averaging=self.averaging, key_book=self._key_book, signing_key=self.signing_key,
-            aggregate_hook=self.hooks.aggregate, excluded=excluded, ignored=self._suspected(), state=self.state_round,
+            averaging=self.averaging,
+            key_book=self._key_book,
+            signing_key=self.signing_key,
+            aggregate_hook=self.hooks.aggregate,
+            excluded=excluded,
+            ignored=self._suspected(),
+            state=self.state_round,
             max_weight=math.inf if self.state_round else self.max_weight,
             part_hook=None if self.state_round else self.hooks.part,
-            check_targets=self._check_targets(group_info), p2p=self._p2p, servicer_type=type(self),
-            prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+            check_targets=self._check_targets(group_info),
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, (
+            f"Group id {group_id} was not registered in _register_allreduce_group"
+        )
         self._running_groups[group_id].set_result(runner)
-        finished = asyncio.Event()  # a re-checker may ask before this peer is done with the round: it waits for this
+        finished = (
+            asyncio.Event()
+        )  # a re-checker may ask before this peer is done with the round: it waits for this
         self._rounds[group_id] = (runner, finished)
         while len(self._rounds) > MAX_KEPT_ROUNDS:
             self._rounds.pop(next(iter(self._rounds)))
@@ -831,14 +1025,18 @@ class RobustAveraging(DecentralizedAverager):
             finished.set()  # this peer's own inputs are signed when evidence is first asked for (off the round)
         for peer, far, cosine in runner.sender_outcomes():
             if not self.state_round and self._directions.observe(peer, cosine):
-                logger.warning(f"{peer}'s gradient contributions point against the other replicas' (leave-one-out "
-                               f"cosine significantly below 0 over its last {self._directions.window} rounds)")
+                logger.warning(
+                    f"{peer}'s gradient contributions point against the other replicas' (leave-one-out "
+                    f"cosine significantly below 0 over its last {self._directions.window} rounds)"
+                )
                 far = True
             self._outcomes.put((peer, not far, STATE if self.state_round else AVERAGING))
             if far:
                 self._suspect(peer)
         for target in runner.check_targets:
-            if str(target) not in excluded:  # a caught or blacklisted aggregator's slice was not used: nothing to check
+            if (
+                str(target) not in excluded
+            ):  # a caught or blacklisted aggregator's slice was not used: nothing to check
                 asyncio.create_task(self._recheck(runner, target))
 
     def _suspect(self, peer: str) -> None:
@@ -871,15 +1069,19 @@ class RobustAveraging(DecentralizedAverager):
             return
         senders = [p for p in runner.sender_peer_ids if str(p) not in runner.excluded | runner.ignored]
         tolerance = self.averaging.state_tolerance
-        moves = {aggregator: math.sqrt(moved / max(runner.sent_sq.get(aggregator, 0.0), 1e-30))
-                 for aggregator, moved in runner.moved_sq.items()}
+        moves = {
+            aggregator: math.sqrt(moved / max(runner.sent_sq.get(aggregator, 0.0), 1e-30))
+            for aggregator, moved in runner.moved_sq.items()
+        }
         # blame an aggregator whose result moved this replica far only when the others' did not: if every result
         # does, this replica is the one that is off (it drifted, or it is the attacker), and it blames nobody
         if len(senders) >= 3 and moves and _lower_median(torch.tensor(list(moves.values()))) <= tolerance:
             for aggregator, move in moves.items():
                 if aggregator != self.peer_id and move > tolerance:
-                    logger.warning(f"state round: {aggregator}'s aggregate would move this replica's parameters by "
-                                   f"{move:.3g} (relative) > {tolerance}")
+                    logger.warning(
+                        f"state round: {aggregator}'s aggregate would move this replica's parameters by "
+                        f"{move:.3g} (relative) > {tolerance}"
+                    )
                     self._outcomes.put((str(aggregator), False, STATE))
         moved = math.sqrt(sum(float(u.float().norm()) ** 2 for u in updates))
         size = math.sqrt(sum(float(t.float().norm()) ** 2 for t in tensors))
@@ -919,19 +1121,28 @@ class RobustAveraging(DecentralizedAverager):
 
     async def _recheck_inner(self, runner: RobustAllReduceRunner, aggregator: PeerID) -> CheckResult:
         sent, received = runner.sent_parts[aggregator], runner.received_results[aggregator]
-        if len(received) != len(sent):  # this peer did not get the whole slice back: nothing to compare against
+        if len(received) != len(
+            sent
+        ):  # this peer did not get the whole slice back: nothing to compare against
             return CheckResult(str(aggregator), True, "incomplete round, not checked")
         parts = pick_parts(len(sent), self.averaging.verify_parts, self._rng)
         stub = type(self).get_stub(self._p2p, aggregator, namespace=self.prefix)
-        request = averaging_pb2.AveragingData(group_id=runner.group_id,
-                                              tensor_part=runtime_pb2.Tensor(size=parts, dtype="int64"))
+        request = averaging_pb2.AveragingData(
+            group_id=runner.group_id, tensor_part=runtime_pb2.Tensor(size=parts, dtype="int64")
+        )
         stream = await stub.rpc_averaging_evidence(request)
         senders = {p.to_bytes(): p for p in runner.sender_peer_ids}
         inputs: Dict[int, Dict[bytes, SignedPart]] = {i: {} for i in parts}
         async for message in aiter_with_timeout(stream, EVIDENCE_TIMEOUT_S):
             meta = msgpack.unpackb(message.metadata) if message.metadata else None
-            if not (isinstance(meta, list) and len(meta) == 3 and meta[0] in senders and meta[1] in inputs
-                    and isinstance(meta[2], bytes) and meta[0] not in inputs[meta[1]]):
+            if not (
+                isinstance(meta, list)
+                and len(meta) == 3
+                and meta[0] in senders
+                and meta[1] in inputs
+                and isinstance(meta[2], bytes)
+                and meta[0] not in inputs[meta[1]]
+            ):
                 return CheckResult(str(aggregator), False, "malformed evidence")
             if tuple(message.tensor_part.size) != tuple(sent[meta[1]].shape):
                 return CheckResult(str(aggregator), False, "evidence of the wrong shape")
@@ -945,33 +1156,46 @@ class RobustAveraging(DecentralizedAverager):
         for part_index in parts:
             if me not in inputs[part_index] and runner.weight > 0:
                 return CheckResult(str(aggregator), False, "evidence leaves out this peer's own part")
-            why = check_signed_inputs(runner.group_id, aggregator.to_bytes(), part_index, inputs[part_index], keys)
+            why = check_signed_inputs(
+                runner.group_id, aggregator.to_bytes(), part_index, inputs[part_index], keys
+            )
             if why:
                 return CheckResult(str(aggregator), False, f"evidence refused: {why}")
             order = [s for s in senders if s in inputs[part_index]]
-            expected = robust_aggregate([deserialize_torch_tensor(inputs[part_index][s].tensor) for s in order],
-                                        self.averaging).result
+            expected = robust_aggregate(
+                [deserialize_torch_tensor(inputs[part_index][s].tensor) for s in order], self.averaging
+            ).result
             got = sent[part_index] + received[part_index]
             error = relative_error(expected, got)
             if error > AGGREGATE_TOLERANCE:
-                return CheckResult(str(aggregator), False, f"wrong aggregate: part {part_index} is off by "
-                                                           f"{error:.3g} (relative) from its signed inputs")
+                return CheckResult(
+                    str(aggregator),
+                    False,
+                    f"wrong aggregate: part {part_index} is off by "
+                    f"{error:.3g} (relative) from its signed inputs",
+                )
         return CheckResult(str(aggregator), True)
 
-    async def rpc_averaging_key(self, request: averaging_pb2.AveragingData,
-                                context: P2PContext) -> averaging_pb2.DownloadData:
+    async def rpc_averaging_key(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> averaging_pb2.DownloadData:
         """The Ed25519 key this averager signs its parts with (the caller learns it over an authenticated
         connection)."""
         return averaging_pb2.DownloadData(metadata=self.signing_key.public_bytes())
 
-    async def rpc_averaging_evidence(self, request: averaging_pb2.AveragingData,
-                                     context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+    async def rpc_averaging_evidence(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """The signed inputs of the asked parts of this peer's slice in a recent round, to a member of that round
         only, at most ``verify_parts`` parts and one request per member and round."""
         entry = self._rounds.get(request.group_id)
         caller = context.remote_id
         parts = list(request.tensor_part.size)
-        if entry is None or caller not in entry[0].sender_peer_ids or not 0 < len(parts) <= self.averaging.verify_parts:
+        if (
+            entry is None
+            or caller not in entry[0].sender_peer_ids
+            or not 0 < len(parts) <= self.averaging.verify_parts
+        ):
             return
         try:
             await asyncio.wait_for(entry[1].wait(), EVIDENCE_TIMEOUT_S / 2)
@@ -987,8 +1211,9 @@ class RobustAveraging(DecentralizedAverager):
             for part_index in sorted(set(parts)):
                 if 0 <= part_index < len(signed) and signed[part_index].used:
                     part = signed[part_index]
-                    yield averaging_pb2.DownloadData(tensor_part=part.tensor,
-                                                     metadata=msgpack.packb([sender, part_index, part.signature]))
+                    yield averaging_pb2.DownloadData(
+                        tensor_part=part.tensor, metadata=msgpack.packb([sender, part_index, part.signature])
+                    )
 
     def drain_outcomes(self) -> List[Tuple[str, bool, str]]:
         """(peer, clean?, reason) for each contribution aggregated and each aggregator re-checked since the last

@@ -30,10 +30,21 @@ class ModelConfig:
     seed: int = 0  # every replica of a stage initialises identically from this seed
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+        ):
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1")
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size must be divisible by model.num_heads")
-        _check(self.num_heads % self.num_kv_heads == 0, "model.num_heads must be divisible by model.num_kv_heads")
+        _check(
+            self.hidden_size % self.num_heads == 0, "model.hidden_size must be divisible by model.num_heads"
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0, "model.num_heads must be divisible by model.num_kv_heads"
+        )
         _check(self.max_position_embeddings >= 8, "model.max_position_embeddings must be >= 8")
         _check(math.isfinite(self.init_std) and self.init_std > 0, "model.init_std must be positive")
 
@@ -43,8 +54,14 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": {},
     "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1376),
     "llama-1b": dict(
-        vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-        max_position_embeddings=2048, rope_theta=500000.0,
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
     ),
 }
 
@@ -59,7 +76,9 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 class DataConfig:
     """Where the training text comes from and how it is cut into micro-batches."""
 
-    paths: List[str] = field(default_factory=list)  # local .txt/.jsonl/.json/.parquet; empty: the shipped corpus
+    paths: List[str] = field(
+        default_factory=list
+    )  # local .txt/.jsonl/.json/.parquet; empty: the shipped corpus
     text_field: str = "text"  # the column holding text in jsonl/parquet files
     tokenizer: Optional[str] = None  # a local tokenizer dir or tokenizer.json; None: the shipped tokenizer
     seq_len: int = 128

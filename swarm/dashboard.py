@@ -63,9 +63,14 @@ class Dashboard:
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
-            return {"status": self._status, "error": self._error, "updated_at": self._updated_at,
-                    "refresh_s": self.refresh_s, "loss_history": [list(p) for p in self._history],
-                    "events": list(self._events)[::-1]}
+            return {
+                "status": self._status,
+                "error": self._error,
+                "updated_at": self._updated_at,
+                "refresh_s": self.refresh_s,
+                "loss_history": [list(p) for p in self._history],
+                "events": list(self._events)[::-1],
+            }
 
     def metrics(self) -> str:
         with self._lock:
@@ -76,8 +81,11 @@ class Dashboard:
 def diff_events(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> List[Dict[str, Any]]:
     """What changed between two statuses, as events ``{"kind", "peer", "stage", "text"}``: a peer blacklisted, its
     reputation falling by ``REPUTATION_DROP`` or more, a peer joining or leaving, micro-batches retried or dropped."""
+
     def peers(status):
-        return {p["peer_id"]: p for stage in (status or {}).get("stages") or [] for p in stage.get("peers") or []}
+        return {
+            p["peer_id"]: p for stage in (status or {}).get("stages") or [] for p in stage.get("peers") or []
+        }
 
     events: List[Dict[str, Any]] = []
     old, new = peers(before), peers(after)
@@ -85,20 +93,44 @@ def diff_events(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> List
         was = old.get(pid)
         short, stage = peer.get("short_id") or pid[-8:], peer.get("stage")
         if peer.get("blacklisted") and not (was and was.get("blacklisted")):
-            events.append(dict(kind="blacklisted", peer=pid, stage=stage,
-                               text=f"{short} (stage {stage}) blacklisted swarm-wide: {peer.get('blacklist_reason')}"))
+            events.append(
+                dict(
+                    kind="blacklisted",
+                    peer=pid,
+                    stage=stage,
+                    text=f"{short} (stage {stage}) blacklisted swarm-wide: {peer.get('blacklist_reason')}",
+                )
+            )
         rep, old_rep = peer.get("reputation"), (was or {}).get("reputation")
-        if isinstance(rep, (int, float)) and isinstance(old_rep, (int, float)) and old_rep - rep >= REPUTATION_DROP:
-            events.append(dict(kind="reputation", peer=pid, stage=stage,
-                               text=f"{short} (stage {stage}) reputation {old_rep:.2f} -> {rep:.2f}"))
+        if (
+            isinstance(rep, (int, float))
+            and isinstance(old_rep, (int, float))
+            and old_rep - rep >= REPUTATION_DROP
+        ):
+            events.append(
+                dict(
+                    kind="reputation",
+                    peer=pid,
+                    stage=stage,
+                    text=f"{short} (stage {stage}) reputation {old_rep:.2f} -> {rep:.2f}",
+                )
+            )
         if before is not None and was is None:
             events.append(dict(kind="joined", peer=pid, stage=stage, text=f"{short} joined stage {stage}"))
         elif was is not None and was.get("state") != peer.get("state") and peer.get("state") == "offline":
-            events.append(dict(kind="left", peer=pid, stage=stage, text=f"{short} (stage {stage}) went offline"))
+            events.append(
+                dict(kind="left", peer=pid, stage=stage, text=f"{short} (stage {stage}) went offline")
+            )
     for pid, peer in old.items():
         if pid not in new:
-            events.append(dict(kind="gone", peer=pid, stage=peer.get("stage"),
-                               text=f"{peer.get('short_id') or pid[-8:]} (stage {peer.get('stage')}) is gone"))
+            events.append(
+                dict(
+                    kind="gone",
+                    peer=pid,
+                    stage=peer.get("stage"),
+                    text=f"{peer.get('short_id') or pid[-8:]} (stage {peer.get('stage')}) is gone",
+                )
+            )
     trainers_before = {t["peer_id"]: t for t in (before or {}).get("trainers") or []}
     for trainer in after.get("trainers") or []:
         was = trainers_before.get(trainer["peer_id"])
@@ -107,9 +139,15 @@ def diff_events(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> List
         for key in ("retried", "dropped"):
             grew = (trainer.get(key) or 0) - (was.get(key) or 0)
             if grew > 0:
-                events.append(dict(kind=key, peer=trainer["peer_id"], stage=None,
-                                   text=f"trainer {trainer['peer_id'][-8:]}: {grew} micro-batch(es) {key} "
-                                        f"(step {trainer.get('step')})"))
+                events.append(
+                    dict(
+                        kind=key,
+                        peer=trainer["peer_id"],
+                        stage=None,
+                        text=f"trainer {trainer['peer_id'][-8:]}: {grew} micro-batch(es) {key} "
+                        f"(step {trainer.get('step')})",
+                    )
+                )
     return events
 
 
@@ -146,28 +184,50 @@ def metrics_text(status: Optional[Dict[str, Any]]) -> str:
     run = {"run_id": status.get("run_id")}
     stages = status.get("stages") or []
     peers = [p for s in stages for p in s.get("peers") or []]
-    family("swarm_stage_peers_online", "gauge", "online peers per stage",
-           [(dict(run, stage=s.get("stage")), s.get("online")) for s in stages])
-    for name, key, help_text in (("swarm_peer_throughput", "throughput", "a peer's announced samples per second"),
-                                 ("swarm_peer_served", "served", "micro-batches a peer says it served"),
-                                 ("swarm_peer_reputation", "reputation", "a peer's reputation in [0, 1]"),
-                                 ("swarm_peer_blacklisted", "blacklisted", "1 if the swarm-wide verdict blacklists it"),
-                                 ("swarm_peer_last_seen_seconds", "last_seen_s", "seconds since its last announcement")):
-        family(name, "gauge", help_text,
-               [(dict(run, peer_id=p.get("peer_id"), stage=p.get("stage"), state=p.get("state")), p.get(key))
-                for p in peers])
+    family(
+        "swarm_stage_peers_online",
+        "gauge",
+        "online peers per stage",
+        [(dict(run, stage=s.get("stage")), s.get("online")) for s in stages],
+    )
+    for name, key, help_text in (
+        ("swarm_peer_throughput", "throughput", "a peer's announced samples per second"),
+        ("swarm_peer_served", "served", "micro-batches a peer says it served"),
+        ("swarm_peer_reputation", "reputation", "a peer's reputation in [0, 1]"),
+        ("swarm_peer_blacklisted", "blacklisted", "1 if the swarm-wide verdict blacklists it"),
+        ("swarm_peer_last_seen_seconds", "last_seen_s", "seconds since its last announcement"),
+    ):
+        family(
+            name,
+            "gauge",
+            help_text,
+            [
+                (dict(run, peer_id=p.get("peer_id"), stage=p.get("stage"), state=p.get("state")), p.get(key))
+                for p in peers
+            ],
+        )
     trainers = status.get("trainers") or []
-    for name, key, help_text in (("swarm_trainer_step", "step", "the trainer's optimizer step"),
-                                 ("swarm_trainer_loss", "loss", "the trainer's latest training loss"),
-                                 ("swarm_trainer_tokens_per_second", "tokens_per_s", "tokens trained per second"),
-                                 ("swarm_trainer_microbatches_completed", "completed", "micro-batches completed"),
-                                 ("swarm_trainer_microbatches_retried", "retried", "micro-batch attempts retried"),
-                                 ("swarm_trainer_microbatches_dropped", "dropped", "micro-batches given up")):
-        family(name, "gauge", help_text,
-               [(dict(run, peer_id=t.get("peer_id"), state=t.get("state")), t.get(key)) for t in trainers])
+    for name, key, help_text in (
+        ("swarm_trainer_step", "step", "the trainer's optimizer step"),
+        ("swarm_trainer_loss", "loss", "the trainer's latest training loss"),
+        ("swarm_trainer_tokens_per_second", "tokens_per_s", "tokens trained per second"),
+        ("swarm_trainer_microbatches_completed", "completed", "micro-batches completed"),
+        ("swarm_trainer_microbatches_retried", "retried", "micro-batch attempts retried"),
+        ("swarm_trainer_microbatches_dropped", "dropped", "micro-batches given up"),
+    ):
+        family(
+            name,
+            "gauge",
+            help_text,
+            [(dict(run, peer_id=t.get("peer_id"), state=t.get("state")), t.get(key)) for t in trainers],
+        )
     totals = status.get("totals") or {}
-    family("swarm_peers_blacklisted", "gauge", "peers blacklisted swarm-wide",
-           [(run, totals.get("peers_blacklisted"))])
+    family(
+        "swarm_peers_blacklisted",
+        "gauge",
+        "peers blacklisted swarm-wide",
+        [(run, totals.get("peers_blacklisted"))],
+    )
     return "\n".join(out) + "\n"
 
 
@@ -299,10 +359,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/app.js":
             self._send(HTTPStatus.OK, SCRIPT.encode(), "text/javascript; charset=utf-8")
         elif path == "/api/status":
-            self._send(HTTPStatus.OK, json.dumps(self.dashboard.snapshot(), allow_nan=False, default=str).encode(),
-                       "application/json")
+            self._send(
+                HTTPStatus.OK,
+                json.dumps(self.dashboard.snapshot(), allow_nan=False, default=str).encode(),
+                "application/json",
+            )
         elif path == "/metrics":
-            self._send(HTTPStatus.OK, self.dashboard.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            self._send(
+                HTTPStatus.OK, self.dashboard.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
+            )
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 

@@ -194,8 +194,10 @@ def _diagnose(kind: str, files: Sequence[str]) -> Optional[str]:
                     try:
                         text = decoder.decode(raw)
                     except UnicodeDecodeError as e:
-                        return (f"data file {name}: byte {offset + e.start} (line {line_no}) is not UTF-8 text; "
-                                f"is it a binary file?")
+                        return (
+                            f"data file {name}: byte {offset + e.start} (line {line_no}) is not UTF-8 text; "
+                            f"is it a binary file?"
+                        )
                     offset += len(raw)
                     blank = blank and not text.strip()
                     if kind == "json" and text.strip():
@@ -223,10 +225,13 @@ def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
         kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
         try:
             ds = datasets.load_dataset(kind, data_files=kind_files, split="train", **kwargs)
-        except Exception as error:  # malformed json/parquet, unreadable files, ... (datasets says only "An error
+        except (
+            Exception
+        ) as error:  # malformed json/parquet, unreadable files, ... (datasets says only "An error
             # occurred while generating the dataset"): find the file and the line or byte, then say that
-            raise ValueError(_diagnose(kind, kind_files) or f"could not read {kind} data from {kind_files}: "
-                                                            f"{error}") from error
+            raise ValueError(
+                _diagnose(kind, kind_files) or f"could not read {kind} data from {kind_files}: {error}"
+            ) from error
         column = "text" if kind == "text" else text_field
         if column not in ds.column_names:
             raise ValueError(
@@ -238,7 +243,9 @@ def _load_texts(files: Sequence[Path], text_field: str) -> datasets.Dataset:
             raise ValueError(f"column {column!r} in {kind_files} holds {feature}, not strings")
         nulls = ds.data.column(column).null_count
         if nulls:
-            logger.warning(f"{nulls} of {len(ds)} rows of {', '.join(kind_files)} have no {column!r} (null): skipped")
+            logger.warning(
+                f"{nulls} of {len(ds)} rows of {', '.join(kind_files)} have no {column!r} (null): skipped"
+            )
         ds = ds.select_columns([column])
         if column != "text":
             ds = ds.rename_column(column, "text")

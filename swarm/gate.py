@@ -56,13 +56,26 @@ class Gate:
     ledger exactly once per exchange (see the module's rules). ``sentinel`` None: tensors are used unchecked (the
     baselines of experiments), nothing is recorded for them."""
 
-    def __init__(self, sentinel: Optional[SentinelMonitor], ledger: ReputationLedger,
-                 min_cosine: float = 0.5, max_norm_ratio: float = 1.4):
+    def __init__(
+        self,
+        sentinel: Optional[SentinelMonitor],
+        ledger: ReputationLedger,
+        min_cosine: float = 0.5,
+        max_norm_ratio: float = 1.4,
+    ):
         self.sentinel, self.ledger = sentinel, ledger
         self.min_cosine, self.max_norm_ratio = min_cosine, max_norm_ratio
 
-    def activations(self, x: torch.Tensor, sender: str, *, microbatch: str, step: Optional[int],
-                    epoch: Optional[int], last_stage: bool) -> Optional[Verdict]:
+    def activations(
+        self,
+        x: torch.Tensor,
+        sender: str,
+        *,
+        microbatch: str,
+        step: Optional[int],
+        epoch: Optional[int],
+        last_stage: bool,
+    ) -> Optional[Verdict]:
         """SENTINEL's verdict on received activations (None: not checked: no SENTINEL, or token ids, which the
         caller validates by range and digest). At the last stage an acceptance is recorded by :meth:`loss`."""
         if self.sentinel is None or not x.is_floating_point():
@@ -72,26 +85,54 @@ class Gate:
             self.ledger.record_verdict(verdict)
         return verdict
 
-    def loss(self, loss: float, sender: str, *, microbatch: str, step: Optional[int], epoch: Optional[int],
-             activations: torch.Tensor, tokens: torch.Tensor, attributable: bool) -> Optional[Verdict]:
+    def loss(
+        self,
+        loss: float,
+        sender: str,
+        *,
+        microbatch: str,
+        step: Optional[int],
+        epoch: Optional[int],
+        activations: torch.Tensor,
+        tokens: torch.Tensor,
+        attributable: bool,
+    ) -> Optional[Verdict]:
         """The last stage's loss on the sender's activations, judged before any backward: the ledger's one entry for
         those activations. ``attributable``: the sender's own computation made them (stage 1's sender is stage 0,
         fed by the trainer), so an absurd loss is evidence against it."""
         if self.sentinel is None:
             return None
-        verdict = self.sentinel.check_loss(loss, sender, microbatch=microbatch, step=step, epoch=epoch,
-                                           activations=activations, tokens=tokens, attributable=attributable)
+        verdict = self.sentinel.check_loss(
+            loss,
+            sender,
+            microbatch=microbatch,
+            step=step,
+            epoch=epoch,
+            activations=activations,
+            tokens=tokens,
+            attributable=attributable,
+        )
         self.ledger.record_verdict(verdict)
         return verdict
 
-    def gradient(self, grad: torch.Tensor, sender: str, *, sent: torch.Tensor, microbatch: str,
-                 step: Optional[int], epoch: Optional[int], audited: bool) -> Optional[Verdict]:
+    def gradient(
+        self,
+        grad: torch.Tensor,
+        sender: str,
+        *,
+        sent: torch.Tensor,
+        microbatch: str,
+        step: Optional[int],
+        epoch: Optional[int],
+        audited: bool,
+    ) -> Optional[Verdict]:
         """SENTINEL's verdict on a received gradient of ``sent`` (this hop's output). When ``audited``, an acceptance
         is recorded by :meth:`audit` instead."""
         if self.sentinel is None:
             return None
-        verdict = self.sentinel.check(grad, sender, BACKWARD, microbatch=microbatch, context=sent, step=step,
-                                      epoch=epoch)
+        verdict = self.sentinel.check(
+            grad, sender, BACKWARD, microbatch=microbatch, context=sent, step=step, epoch=epoch
+        )
         if not audited or not verdict.accepted:
             self.ledger.record_verdict(verdict)
         return verdict
@@ -99,8 +140,13 @@ class Gate:
     def judge_audit(self, grad: torch.Tensor, answers: Sequence[Tuple[str, torch.Tensor]]) -> AuditOutcome:
         """The audit so far: the route's gradient against the first one or two auditors' answers. The caller asks a
         further auditor while ``outcome.needs_tiebreak``."""
-        return judge(grad, answers[0][1], answers[1][1] if len(answers) > 1 else None, self.min_cosine,
-                     self.max_norm_ratio)
+        return judge(
+            grad,
+            answers[0][1],
+            answers[1][1] if len(answers) > 1 else None,
+            self.min_cosine,
+            self.max_norm_ratio,
+        )
 
     def audit(self, route_peer: str, outcome: Optional[AuditOutcome], answered: List[str]) -> AuditVerdict:
         """Record an audit's outcome (``answered``: the auditors whose gradients it compared, in order) and say what

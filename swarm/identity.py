@@ -39,8 +39,10 @@ def load_identity_key(identity_path: str) -> RSAPrivateKey:
         except Exception as e:  # protobuf's DecodeError and friends
             raise ValueError(f"{identity_path}: not a libp2p private key file ({type(e).__name__})") from None
     if protobuf.key_type != crypto_pb2.RSA:
-        raise ValueError(f"{identity_path}: the identity key must be RSA (hivemind's kind), got key type "
-                         f"{protobuf.key_type}")
+        raise ValueError(
+            f"{identity_path}: the identity key must be RSA (hivemind's kind), got key type "
+            f"{protobuf.key_type}"
+        )
     key = RSAPrivateKey.__new__(RSAPrivateKey)  # without generating a throwaway key first
     try:
         key.__setstate__({"_private_key": protobuf.data})  # hivemind's own deserialization (DER, PKCS#1)

@@ -32,11 +32,15 @@ class LabelBox:
         now = time.monotonic()
         self._expire(now)
         if key not in self._futures:
-            if len(self._futures) >= self.total or \
-                    sum(k[0] == key[0] for k in self._futures) >= self.per_trainer:
+            if (
+                len(self._futures) >= self.total
+                or sum(k[0] == key[0] for k in self._futures) >= self.per_trainer
+            ):
                 # a waiter's key is refused too: it would hold a slot that no deposit may fill
-                raise TransportError(f"labels of {'this trainer' if deposit else 'this request'} over the limit "
-                                     f"({self.per_trainer} per trainer, {self.total} in all); retry later")
+                raise TransportError(
+                    f"labels of {'this trainer' if deposit else 'this request'} over the limit "
+                    f"({self.per_trainer} per trainer, {self.total} in all); retry later"
+                )
             self._futures[key] = (asyncio.get_event_loop().create_future(), now)
         return self._futures[key][0]
 

@@ -60,8 +60,10 @@ def check_peer_addrs(addrs: Sequence[str]) -> None:
         try:
             Multiaddr(addr).value_for_protocol("p2p")
         except Exception:
-            raise ValueError(f"{addr!r} is not a peer multiaddr like /ip4/HOST/tcp/PORT/p2p/PEER_ID (as printed by "
-                             f"`swarm dht` or `swarm local`)") from None
+            raise ValueError(
+                f"{addr!r} is not a peer multiaddr like /ip4/HOST/tcp/PORT/p2p/PEER_ID (as printed by "
+                f"`swarm dht` or `swarm local`)"
+            ) from None
 
 
 def explain_start_failure(initial_peers: Sequence[str], error: BaseException) -> str:
@@ -70,11 +72,15 @@ def explain_start_failure(initial_peers: Sequence[str], error: BaseException) ->
     text = " ".join(str(error).split())
     where = " ".join(initial_peers)
     if "failed to connect to bootstrap peers" in text or isinstance(error, TimeoutError):
-        return (f"no peer answered at {where}: is the swarm's peer running there, and is this the address "
-                f"`swarm dht` printed (with its /p2p/ peer id)?")
+        return (
+            f"no peer answered at {where}: is the swarm's peer running there, and is this the address "
+            f"`swarm dht` printed (with its /p2p/ peer id)?"
+        )
     if "address already in use" in text.lower():
         return f"the listening port is in use ({text}): pick another --port, or 0 for a free one"
-    return f"could not start the DHT node{' through ' + where if where else ''}: {type(error).__name__}: {text}"
+    return (
+        f"could not start the DHT node{' through ' + where if where else ''}: {type(error).__name__}: {text}"
+    )
 
 
 def create_dht(
@@ -116,13 +122,19 @@ def create_dht(
     else:
         os.makedirs(os.path.dirname(os.path.abspath(identity_path)), exist_ok=True)
     if not os.path.isfile(identity_path):
-        P2P.generate_identity(identity_path)  # as hivemind would (mode 0o400), but now, so that we hold the key
+        P2P.generate_identity(
+            identity_path
+        )  # as hivemind would (mode 0o400), but now, so that we hold the key
         kwargs["check_if_identity_free"] = False  # a key made this instant is nobody else's
     try:
         key = load_identity_key(identity_path)
-        dht = hivemind.DHT(identity_path=identity_path, record_validators=make_validators(run_id, key), **kwargs)
+        dht = hivemind.DHT(
+            identity_path=identity_path, record_validators=make_validators(run_id, key), **kwargs
+        )
     finally:
-        if temporary_dir is not None:  # the daemon has read it (await_ready): the key now lives only in memory
+        if (
+            temporary_dir is not None
+        ):  # the daemon has read it (await_ready): the key now lives only in memory
             shutil.rmtree(temporary_dir, ignore_errors=True)
     dht.swarm_owner_subkey = RSASignatureValidator(key).local_public_key
     dht.swarm_identity_key = key
@@ -176,12 +188,16 @@ def record_addresses(dht: hivemind.DHT) -> List[str]:
 
 def publish_swarm_config(dht: hivemind.DHT, record: SwarmConfigRecord, ttl_s: float = MAX_TTL_S) -> bool:
     """Store (or refresh) the swarm config, signed by this node. Returns whether the DHT accepted it."""
-    return bool(dht.store(config_key(record.run_id), record.to_value(), get_dht_time() + ttl_s,
-                          subkey=owner_subkey(dht)))
+    return bool(
+        dht.store(
+            config_key(record.run_id), record.to_value(), get_dht_time() + ttl_s, subkey=owner_subkey(dht)
+        )
+    )
 
 
-def fetch_swarm_config(dht: hivemind.DHT, run_id: str, timeout_s: float = 30.0,
-                       owners: Optional[Collection[str]] = None) -> SwarmConfigRecord:
+def fetch_swarm_config(
+    dht: hivemind.DHT, run_id: str, timeout_s: float = 30.0, owners: Optional[Collection[str]] = None
+) -> SwarmConfigRecord:
     """Read the swarm's config from the DHT, waiting up to ``timeout_s`` for it to appear. Only a config signed by
     one of ``owners`` (peer ids; default :func:`config_owners`) is read; the oldest of those wins."""
     owners = config_owners(dht) if owners is None else frozenset(owners)
@@ -203,7 +219,9 @@ def fetch_swarm_config(dht: hivemind.DHT, run_id: str, timeout_s: float = 30.0,
             else:
                 foreign.add(owner)
         for owner in foreign - ignored:
-            logger.warning(f"ignored a swarm config record signed by {owner}: not a peer this node joined through")
+            logger.warning(
+                f"ignored a swarm config record signed by {owner}: not a peer this node joined through"
+            )
         ignored |= foreign
         if owned:
             return min(owned, key=lambda rec: rec.created_at)
@@ -233,7 +251,9 @@ class PeerInfo:
         return self.record.peer_id
 
 
-def fetch_stage_peers(dht: hivemind.DHT, run_id: str, num_stages: int, policy=None) -> Dict[int, List[PeerInfo]]:
+def fetch_stage_peers(
+    dht: hivemind.DHT, run_id: str, num_stages: int, policy=None
+) -> Dict[int, List[PeerInfo]]:
     """All unexpired, well-formed announcements per stage (offline ones included; callers filter by state).
     With an :class:`~swarm.admission.AdmissionPolicy`, announcements of identities it does not admit are left out."""
     keys = [stage_key(run_id, stage) for stage in range(num_stages)]
@@ -270,9 +290,13 @@ async def cancel_task(task: Optional[asyncio.Task]) -> None:
 class Announcer:
     """Keeps one stage record alive: publishes it every ``period_s`` with a ttl of ``ttl_s``; offline on stop."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, record: StageRecord, period_s: float = 5.0, ttl_s: float = 15.0):
+    def __init__(
+        self, dht: hivemind.DHT, run_id: str, record: StageRecord, period_s: float = 5.0, ttl_s: float = 15.0
+    ):
         if not 0 < period_s < ttl_s <= MAX_TTL_S:
-            raise ValueError("announce period must be positive and shorter than the ttl (itself <= MAX_TTL_S)")
+            raise ValueError(
+                "announce period must be positive and shorter than the ttl (itself <= MAX_TTL_S)"
+            )
         self.dht, self.run_id, self.record = dht, run_id, record
         self.period_s, self.ttl_s = period_s, ttl_s
         self._task: Optional[asyncio.Task] = None

@@ -50,7 +50,9 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm of this stage's gradients, 0 disables
     target_batch_size: int = 64  # samples per optimizer step, summed over the stage's replicas
-    microbatch_size: int = 0  # the swarm's samples per micro-batch (0: unknown; bounds a replica's claimed count)
+    microbatch_size: int = (
+        0  # the swarm's samples per micro-batch (0: unknown; bounds a replica's claimed count)
+    )
     matchmaking_time_s: float = 1.0  # how long replicas wait to form an averaging group
     averaging_timeout_s: float = 15.0
     load_state_timeout_s: float = 60.0
@@ -58,9 +60,15 @@ class OptimizerConfig:
     robust: AveragingConfig = field(default_factory=AveragingConfig)  # how replicas combine (swarm.averaging)
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and self.target_batch_size >= 1 and self.matchmaking_time_s > 0
-                and self.microbatch_size >= 0):
-            raise ValueError("lr and target_batch_size must be positive, matchmaking_time_s > 0, microbatch_size >= 0")
+        if not (
+            self.lr > 0
+            and self.target_batch_size >= 1
+            and self.matchmaking_time_s > 0
+            and self.microbatch_size >= 0
+        ):
+            raise ValueError(
+                "lr and target_batch_size must be positive, matchmaking_time_s > 0, microbatch_size >= 0"
+            )
 
 
 def clip_microbatch(params, max_norm: float) -> None:
@@ -74,8 +82,14 @@ def clip_microbatch(params, max_norm: float) -> None:
 class StageOptimizer:
     """Accumulates a stage's gradients micro-batch by micro-batch and steps with the stage's replicas."""
 
-    def __init__(self, module: torch.nn.Module, cfg: OptimizerConfig, dht: Optional[hivemind.DHT], run_id: str,
-                 hooks: Optional[AveragingHooks] = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        cfg: OptimizerConfig,
+        dht: Optional[hivemind.DHT],
+        run_id: str,
+        hooks: Optional[AveragingHooks] = None,
+    ):
         self.module, self.cfg = module, cfg
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         # aliases with their own version counters (see the module docstring)
@@ -83,7 +97,9 @@ class StageOptimizer:
         make_opt = partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.samples_since_step = 0
         self.local_steps = 0
-        self.last_step_at = time.monotonic()  # when step() last ran (a replica that gets no work cannot catch up in it)
+        self.last_step_at = (
+            time.monotonic()
+        )  # when step() last ran (a replica that gets no work cannot catch up in it)
         self._accumulators: Optional[List[torch.Tensor]] = None
         if cfg.averaging and dht is not None:
             sigint = signal.getsignal(signal.SIGINT)
@@ -135,7 +151,9 @@ class StageOptimizer:
         lag of a replica whose partners just stepped and which joins them at its next micro-batch."""
         behind = self.epochs_behind
         idle_s = (time.monotonic() if now is None else now) - self.last_step_at
-        return behind >= 2 or (behind == 1 and idle_s > self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s)
+        return behind >= 2 or (
+            behind == 1 and idle_s > self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
+        )
 
     def set_state_check(self, check: Optional[StateCheck]) -> None:
         """Who vouches for a downloaded state before it is applied (the stage server's quorum check)."""
@@ -153,7 +171,9 @@ class StageOptimizer:
     def _robust_averagers(self) -> List[RobustAveraging]:
         if not self.hivemind:
             return []
-        return [a for a in (self.opt.grad_averager, self.opt.state_averager) if isinstance(a, RobustAveraging)]
+        return [
+            a for a in (self.opt.grad_averager, self.opt.state_averager) if isinstance(a, RobustAveraging)
+        ]
 
     def drain_averaging_outcomes(self) -> List[Tuple[str, bool, str]]:
         """(peer, clean?, reason) for each contribution this replica aggregated and each aggregator it re-checked
@@ -216,29 +236,54 @@ class RobustOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` whose three parts are the ones above: robust gradient all-reduce, quorum progress and
     verified state downloads (``averaging.aggregator == "mean"`` keeps hivemind's weighted mean, for comparison)."""
 
-    def __init__(self, *, averaging: AveragingConfig, hooks: Optional[AveragingHooks] = None,
-                 microbatch_size: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        averaging: AveragingConfig,
+        hooks: Optional[AveragingHooks] = None,
+        microbatch_size: int = 0,
+        **kwargs,
+    ):
         self.averaging, self.hooks = averaging, hooks or AveragingHooks()
         if averaging.aggregator != "mean":
             # an honest replica accumulates at most the stage's target batch (plus the micro-batch that crossed it)
             # between two steps; twice that is a claim no honest replica makes
-            max_weight = 2.0 * (kwargs["target_batch_size"] + (microbatch_size or kwargs["target_batch_size"]))
-            kwargs.setdefault("grad_averager_factory", partial(RobustGradientAverager, averaging=averaging,
-                                                               hooks=self.hooks,
-                                                               max_weight=max_weight))
+            max_weight = 2.0 * (
+                kwargs["target_batch_size"] + (microbatch_size or kwargs["target_batch_size"])
+            )
+            kwargs.setdefault(
+                "grad_averager_factory",
+                partial(RobustGradientAverager, averaging=averaging, hooks=self.hooks, max_weight=max_weight),
+            )
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return VerifiedStateAverager(
-            averaging=self.averaging, hooks=self.hooks, dht=self.dht, prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout, offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer, status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout, client_mode=self.client_mode, auxiliary=self.auxiliary,
-            start=True, **kwargs)
+            averaging=self.averaging,
+            hooks=self.hooks,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
-        return QuorumProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
-                                     client_mode=self.client_mode, status_loglevel=self.status_loglevel,
-                                     progress_hook=self.hooks.progress, start=True, **kwargs)
-
+        return QuorumProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            progress_hook=self.hooks.progress,
+            start=True,
+            **kwargs,
+        )

@@ -54,7 +54,9 @@ from typing import Callable, Generic, Iterator, List, MutableMapping, Optional, 
 K = TypeVar("K")
 V = TypeVar("V")
 
-DEFAULT_MAX_PEERS = 4096  # far above a realistic swarm (a few hundred peers), far below what an attacker can mint
+DEFAULT_MAX_PEERS = (
+    4096  # far above a realistic swarm (a few hundred peers), far below what an attacker can mint
+)
 
 
 class _Entry(Generic[V]):

@@ -53,7 +53,10 @@ MAX_KEY_BYTES = 1024  # an OpenSSH RSA-2048 public key is ~380 bytes; RSA-4096 ~
 MAX_SIGNATURE_BYTES = 1024
 MAX_REASON_CHARS = 300
 SALT_BYTES = 16
-UPSTREAM, DOWNSTREAM = "upstream", "downstream"  # whom a hop may blame: the neighbours it exchanged tensors with
+UPSTREAM, DOWNSTREAM = (
+    "upstream",
+    "downstream",
+)  # whom a hop may blame: the neighbours it exchanged tensors with
 TIMING_FIELDS = ("fwd_s", "bwd_s", "opt_s", "wait_s", "total_s")
 
 
@@ -87,7 +90,9 @@ def _str(value: Any, what: str, max_chars: int = MAX_ID_CHARS) -> str:
 
 
 def _bytes(value: Any, what: str, max_bytes: int, exact: Optional[int] = None) -> bytes:
-    if not (isinstance(value, bytes) and 0 < len(value) <= max_bytes and (exact is None or len(value) == exact)):
+    if not (
+        isinstance(value, bytes) and 0 < len(value) <= max_bytes and (exact is None or len(value) == exact)
+    ):
         raise ProtocolError(f"{what} must be {exact or f'1..{max_bytes}'} bytes")
     return value
 
@@ -121,8 +126,21 @@ class ChainHeader:
     signature: bytes = b""
 
     def payload(self) -> bytes:
-        return msgpack.packb([PROTOCOL, self.run_id, self.trainer, self.mb, self.step, list(self.route),
-                              self.labels_digest, self.audit_commitment, self.issued_at, self.key], use_bin_type=True)
+        return msgpack.packb(
+            [
+                PROTOCOL,
+                self.run_id,
+                self.trainer,
+                self.mb,
+                self.step,
+                list(self.route),
+                self.labels_digest,
+                self.audit_commitment,
+                self.issued_at,
+                self.key,
+            ],
+            use_bin_type=True,
+        )
 
     @property
     def digest(self) -> bytes:
@@ -130,20 +148,48 @@ class ChainHeader:
         return blake3.blake3(self.payload() + self.signature, max_threads=1).digest()
 
     @classmethod
-    def create(cls, key: RSAPrivateKey, *, run_id: str, trainer: str, mb: str, step: int, route: Sequence[str],
-               tokens: torch.Tensor, auditors: Sequence[str] = (), now: float) -> Tuple["ChainHeader", Dict[str, Any]]:
+    def create(
+        cls,
+        key: RSAPrivateKey,
+        *,
+        run_id: str,
+        trainer: str,
+        mb: str,
+        step: int,
+        route: Sequence[str],
+        tokens: torch.Tensor,
+        auditors: Sequence[str] = (),
+        now: float,
+    ) -> Tuple["ChainHeader", Dict[str, Any]]:
         """A signed header and the audit reveal that travels beside it (auditors may be empty)."""
         salt = os.urandom(SALT_BYTES)
-        header = cls(run_id=run_id, trainer=trainer, mb=mb, step=step, route=tuple(route),
-                     labels_digest=tensor_digest(tokens), audit_commitment=audit_commitment(salt, auditors),
-                     issued_at=float(now), key=key.get_public_key().to_bytes())
+        header = cls(
+            run_id=run_id,
+            trainer=trainer,
+            mb=mb,
+            step=step,
+            route=tuple(route),
+            labels_digest=tensor_digest(tokens),
+            audit_commitment=audit_commitment(salt, auditors),
+            issued_at=float(now),
+            key=key.get_public_key().to_bytes(),
+        )
         header = cls(**{**header.__dict__, "signature": key.sign(header.payload())})
         return header, dict(salt=salt, auditors=list(auditors))
 
     def to_wire(self) -> Dict[str, Any]:
-        return dict(run=self.run_id, trainer=self.trainer, mb=self.mb, step=self.step, route=list(self.route),
-                    labels=self.labels_digest, audit=self.audit_commitment, at=self.issued_at, key=self.key,
-                    sig=self.signature)
+        return dict(
+            run=self.run_id,
+            trainer=self.trainer,
+            mb=self.mb,
+            step=self.step,
+            route=list(self.route),
+            labels=self.labels_digest,
+            audit=self.audit_commitment,
+            at=self.issued_at,
+            key=self.key,
+            sig=self.signature,
+        )
 
     @classmethod
     def from_wire(cls, value: Any) -> "ChainHeader":
@@ -152,16 +198,22 @@ class ChainHeader:
         route = value.get("route")
         if not (isinstance(route, list) and 1 <= len(route) <= MAX_ROUTE):
             raise ProtocolError(f"header.route must list 1..{MAX_ROUTE} peers")
-        return cls(run_id=_str(value.get("run"), "header.run"), trainer=_str(value.get("trainer"), "header.trainer"),
-                   mb=_str(value.get("mb"), "header.mb", 256), step=_int(value.get("step"), "header.step", 0, 2**62),
-                   route=tuple(_str(p, "header.route[]") for p in route),
-                   labels_digest=_bytes(value.get("labels"), "header.labels", 32, exact=32),
-                   audit_commitment=_bytes(value.get("audit"), "header.audit", 32, exact=32),
-                   issued_at=_float(value.get("at"), "header.at"),
-                   key=_bytes(value.get("key"), "header.key", MAX_KEY_BYTES),
-                   signature=_bytes(value.get("sig"), "header.sig", MAX_SIGNATURE_BYTES))
+        return cls(
+            run_id=_str(value.get("run"), "header.run"),
+            trainer=_str(value.get("trainer"), "header.trainer"),
+            mb=_str(value.get("mb"), "header.mb", 256),
+            step=_int(value.get("step"), "header.step", 0, 2**62),
+            route=tuple(_str(p, "header.route[]") for p in route),
+            labels_digest=_bytes(value.get("labels"), "header.labels", 32, exact=32),
+            audit_commitment=_bytes(value.get("audit"), "header.audit", 32, exact=32),
+            issued_at=_float(value.get("at"), "header.at"),
+            key=_bytes(value.get("key"), "header.key", MAX_KEY_BYTES),
+            signature=_bytes(value.get("sig"), "header.sig", MAX_SIGNATURE_BYTES),
+        )
 
-    def check(self, *, run_id: str, stage: int, me: str, sender: str, now: float, audit_only: bool = False) -> None:
+    def check(
+        self, *, run_id: str, stage: int, me: str, sender: str, now: float, audit_only: bool = False
+    ) -> None:
         """Raise :class:`ProtocolError` unless this header may be served by ``me`` at ``stage``, coming from
         ``sender``: signed by the trainer it names, for this run, fresh, and ``me`` and ``sender`` where the route
         puts them (an auditor, ``audit_only``, is called by the route's penultimate peer in place of its last)."""
@@ -173,10 +225,14 @@ class ChainHeader:
             if stage != len(self.route) - 1 or stage == 0:
                 raise ProtocolError("an audit is asked of the last stage, by the penultimate one")
         elif self.route[stage] != me:
-            raise ProtocolError(f"header route names {self.route[stage][-8:]} at stage {stage}, not this peer")
+            raise ProtocolError(
+                f"header route names {self.route[stage][-8:]} at stage {stage}, not this peer"
+            )
         expected = self.trainer if stage == 0 else self.route[stage - 1]
         if sender != expected:
-            raise ProtocolError(f"request for stage {stage} must come from {expected[-8:]}, not {sender[-8:]}")
+            raise ProtocolError(
+                f"request for stage {stage} must come from {expected[-8:]}, not {sender[-8:]}"
+            )
         if not (now - MAX_HEADER_AGE_S <= self.issued_at <= now + MAX_CLOCK_SKEW_S):
             raise ProtocolError(f"header issued {now - self.issued_at:.0f}s ago: stale or from the future")
         self.check_signature()
@@ -193,15 +249,21 @@ class ChainHeader:
 
 
 def audit_commitment(salt: bytes, auditors: Sequence[str]) -> bytes:
-    return blake3.blake3(msgpack.packb([PROTOCOL, b"audit", salt, list(auditors)], use_bin_type=True),
-                         max_threads=1).digest()
+    return blake3.blake3(
+        msgpack.packb([PROTOCOL, b"audit", salt, list(auditors)], use_bin_type=True), max_threads=1
+    ).digest()
 
 
 def audit_reveal(header: ChainHeader, reveal: Any) -> List[str]:
     """The auditors of this attempt, from the reveal travelling beside ``header``; raises if it does not match the
     signed commitment (swapped, stripped or malformed)."""
-    if not (isinstance(reveal, dict) and isinstance(reveal.get("salt"), bytes) and len(reveal["salt"]) == SALT_BYTES
-            and isinstance(reveal.get("auditors"), list) and len(reveal["auditors"]) <= 2):
+    if not (
+        isinstance(reveal, dict)
+        and isinstance(reveal.get("salt"), bytes)
+        and len(reveal["salt"]) == SALT_BYTES
+        and isinstance(reveal.get("auditors"), list)
+        and len(reveal["auditors"]) <= 2
+    ):
         raise ProtocolError("the request needs the audit reveal (salt and at most 2 auditors)")
     auditors = [_str(p, "audit.auditors[]") for p in reveal["auditors"]]
     if audit_commitment(reveal["salt"], auditors) != header.audit_commitment:
@@ -229,9 +291,25 @@ class HopReport:
     signature: bytes = b""
 
     def payload(self) -> bytes:
-        return msgpack.packb([PROTOCOL, b"report", self.header_digest, self.stage, self.peer, self.ok, self.loss,
-                              self.epoch, self.error, self.blame, self.judged, self.relay,
-                              [self.timings.get(k) for k in TIMING_FIELDS], self.key], use_bin_type=True)
+        return msgpack.packb(
+            [
+                PROTOCOL,
+                b"report",
+                self.header_digest,
+                self.stage,
+                self.peer,
+                self.ok,
+                self.loss,
+                self.epoch,
+                self.error,
+                self.blame,
+                self.judged,
+                self.relay,
+                [self.timings.get(k) for k in TIMING_FIELDS],
+                self.key,
+            ],
+            use_bin_type=True,
+        )
 
     @classmethod
     def create(cls, key: RSAPrivateKey, **fields) -> "HopReport":
@@ -239,34 +317,60 @@ class HopReport:
         return cls(**{**report.__dict__, "signature": key.sign(report.payload())})
 
     def to_wire(self) -> Dict[str, Any]:
-        return dict(h=self.header_digest, stage=self.stage, peer=self.peer, ok=self.ok, loss=self.loss,
-                    epoch=self.epoch, error=self.error, blame=self.blame, judged=self.judged, relay=self.relay,
-                    t=[self.timings.get(k) for k in TIMING_FIELDS], key=self.key, sig=self.signature)
+        return dict(
+            h=self.header_digest,
+            stage=self.stage,
+            peer=self.peer,
+            ok=self.ok,
+            loss=self.loss,
+            epoch=self.epoch,
+            error=self.error,
+            blame=self.blame,
+            judged=self.judged,
+            relay=self.relay,
+            t=[self.timings.get(k) for k in TIMING_FIELDS],
+            key=self.key,
+            sig=self.signature,
+        )
 
     @classmethod
     def from_wire(cls, value: Any) -> "HopReport":
         if not isinstance(value, dict):
             raise ProtocolError("a report must be a map")
-        loss, epoch, blame, error = value.get("loss"), value.get("epoch"), value.get("blame"), value.get("error", "")
+        loss, epoch, blame, error = (
+            value.get("loss"),
+            value.get("epoch"),
+            value.get("blame"),
+            value.get("error", ""),
+        )
         timings = value.get("t")
         if not (isinstance(timings, list) and len(timings) == len(TIMING_FIELDS)):
             raise ProtocolError("report.t must list the hop's timings")
-        if not (isinstance(value.get("ok"), bool) and isinstance(value.get("judged"), bool)
-                and isinstance(value.get("relay"), bool)):
+        if not (
+            isinstance(value.get("ok"), bool)
+            and isinstance(value.get("judged"), bool)
+            and isinstance(value.get("relay"), bool)
+        ):
             raise ProtocolError("report.ok, .judged and .relay must be booleans")
         if blame not in (None, UPSTREAM, DOWNSTREAM):
             raise ProtocolError(f"report.blame must be {UPSTREAM!r}, {DOWNSTREAM!r} or nil")
         if not (isinstance(error, str) and len(error) <= MAX_REASON_CHARS):
             raise ProtocolError(f"report.error must be a string of at most {MAX_REASON_CHARS} characters")
-        return cls(header_digest=_bytes(value.get("h"), "report.h", 32, exact=32),
-                   stage=_int(value.get("stage"), "report.stage", 0, MAX_ROUTE - 1),
-                   peer=_str(value.get("peer"), "report.peer"), ok=value["ok"],
-                   loss=None if loss is None else _float(loss, "report.loss"),
-                   epoch=None if epoch is None else _int(epoch, "report.epoch", 0, 2**62),
-                   error=error, blame=blame, judged=value["judged"], relay=value["relay"],
-                   timings={k: _float(v, "report.t[]") for k, v in zip(TIMING_FIELDS, timings) if v is not None},
-                   key=_bytes(value.get("key"), "report.key", MAX_KEY_BYTES),
-                   signature=_bytes(value.get("sig"), "report.sig", MAX_SIGNATURE_BYTES))
+        return cls(
+            header_digest=_bytes(value.get("h"), "report.h", 32, exact=32),
+            stage=_int(value.get("stage"), "report.stage", 0, MAX_ROUTE - 1),
+            peer=_str(value.get("peer"), "report.peer"),
+            ok=value["ok"],
+            loss=None if loss is None else _float(loss, "report.loss"),
+            epoch=None if epoch is None else _int(epoch, "report.epoch", 0, 2**62),
+            error=error,
+            blame=blame,
+            judged=value["judged"],
+            relay=value["relay"],
+            timings={k: _float(v, "report.t[]") for k, v in zip(TIMING_FIELDS, timings) if v is not None},
+            key=_bytes(value.get("key"), "report.key", MAX_KEY_BYTES),
+            signature=_bytes(value.get("sig"), "report.sig", MAX_SIGNATURE_BYTES),
+        )
 
 
 def check_reports(header: ChainHeader, wire: Any, first_stage: int, first_peer: str) -> List[HopReport]:
@@ -332,5 +436,11 @@ def resolve(header: ChainHeader, reports: List[HopReport]) -> Verdict:
         blame, blame_stage = header.route[stage - 1], stage - 1
     elif origin.blame == DOWNSTREAM and stage + 1 < len(header.route):
         blame, blame_stage = header.route[stage + 1], stage + 1
-    return Verdict(False, reason=origin.error or f"stage {stage} failed", blame=blame, blame_stage=blame_stage,
-                   judge=origin.peer if origin.judged and blame is not None else None, reports=reports)
+    return Verdict(
+        False,
+        reason=origin.error or f"stage {stage} failed",
+        blame=blame,
+        blame_stage=blame_stage,
+        judge=origin.peer if origin.judged and blame is not None else None,
+        reports=reports,
+    )

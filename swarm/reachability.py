@@ -62,8 +62,9 @@ async def dial_back(peer: PeerID, maddrs: List[str], timeout_s: float) -> Dict[s
 
     async def probe(addr: str) -> str:
         try:
-            host = await asyncio.wait_for(P2P.create(no_listen=True, use_relay=True, auto_nat=False,
-                                                     nat_port_map=False), timeout_s)
+            host = await asyncio.wait_for(
+                P2P.create(no_listen=True, use_relay=True, auto_nat=False, nat_port_map=False), timeout_s
+            )
         except Exception as e:
             raise TransportError(f"could not start a probe host: {type(e).__name__}: {e}") from None
         try:

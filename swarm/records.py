@@ -111,8 +111,11 @@ def check_signer(subkey: Any, record: Any) -> None:
         return
     claimed, owner = getattr(record, name), owner_peer_id(subkey)
     _require(owner is not None, "record must be signed by an RSA identity key")
-    _require(claimed == owner, f"{name} {claimed!r} is not the signer {owner!r}: a record about a peer must be "
-                               f"signed by that peer's identity key")
+    _require(
+        claimed == owner,
+        f"{name} {claimed!r} is not the signer {owner!r}: a record about a peer must be "
+        f"signed by that peer's identity key",
+    )
 
 
 class IdentitySignatureValidator(RSASignatureValidator):
@@ -126,7 +129,9 @@ class IdentitySignatureValidator(RSASignatureValidator):
     def __init__(self, private_key: Optional[RSAPrivateKey] = None):
         super().__init__(private_key)
         process_wide = RSAPrivateKey.process_wide()
-        self._process_wide = None if process_wide is self._private_key else RSASignatureValidator(process_wide)
+        self._process_wide = (
+            None if process_wide is self._private_key else RSASignatureValidator(process_wide)
+        )
 
     def sign_value(self, record: DHTRecord) -> bytes:
         mine = self.local_public_key in record.key or self.local_public_key in (record.subkey or b"")
@@ -147,7 +152,9 @@ def _number(d: Dict[str, Any], name: str, lo: float, hi: float, integer: bool = 
     return value
 
 
-def _string(d: Dict[str, Any], name: str, max_len: int = 256, choices: Optional[Tuple[str, ...]] = None) -> str:
+def _string(
+    d: Dict[str, Any], name: str, max_len: int = 256, choices: Optional[Tuple[str, ...]] = None
+) -> str:
     _require(name in d, f"missing field {name!r}")
     value = d[name]
     _require(isinstance(value, str), f"{name} must be a string")
@@ -214,7 +221,9 @@ def _admission(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if "admission" not in d:
         return None
     value = d["admission"]
-    _require(isinstance(value, dict) and set(value) <= {"pow", "token"}, "admission must be a dict of pow/token")
+    _require(
+        isinstance(value, dict) and set(value) <= {"pow", "token"}, "admission must be a dict of pow/token"
+    )
     if "pow" in value:
         _number(value, "pow", 0, 2**63 - 1, integer=True)
     if "token" in value:
@@ -227,9 +236,15 @@ MAX_ADDRS = 8  # addresses one stage record may list
 
 def _string_list(d: Dict[str, Any], name: str, max_items: int, max_len: int) -> List[str]:
     value = d[name]
-    _require(isinstance(value, list) and len(value) <= max_items, f"{name} must be a list of at most {max_items} items")
+    _require(
+        isinstance(value, list) and len(value) <= max_items,
+        f"{name} must be a list of at most {max_items} items",
+    )
     for item in value:
-        _require(isinstance(item, str) and 0 < len(item) <= max_len, f"{name}: items must be strings of 1..{max_len} characters")
+        _require(
+            isinstance(item, str) and 0 < len(item) <= max_len,
+            f"{name}: items must be strings of 1..{max_len} characters",
+        )
     return list(value)
 
 
@@ -248,8 +263,18 @@ class SwarmConfigRecord:
     extra: Dict[str, Any] = field(default_factory=dict)  # forward-compatible knobs (e.g. sentinel settings)
     version: int = RECORD_VERSION
 
-    FIELDS = {"run_id", "model", "num_stages", "seq_len", "microbatch_size", "target_batch_size", "lr",
-              "created_at", "extra", "version"}
+    FIELDS = {
+        "run_id",
+        "model",
+        "num_stages",
+        "seq_len",
+        "microbatch_size",
+        "target_batch_size",
+        "lr",
+        "created_at",
+        "extra",
+        "version",
+    }
 
     def to_value(self) -> Dict[str, Any]:
         return asdict(self)
@@ -280,7 +305,9 @@ class SwarmConfigRecord:
         )
 
 
-def _peer_entries(value: Dict[str, Any], name: str, parse_entry: Callable[[str, Any], Dict[str, Any]]) -> Dict:
+def _peer_entries(
+    value: Dict[str, Any], name: str, parse_entry: Callable[[str, Any], Dict[str, Any]]
+) -> Dict:
     """Parse a bounded dict {peer id: entry} with ``parse_entry``; returns a fresh, normalized dict."""
     _require(name in value, f"missing field {name!r}")
     entries = value[name]
@@ -288,8 +315,10 @@ def _peer_entries(value: Dict[str, Any], name: str, parse_entry: Callable[[str, 
     _require(len(entries) <= MAX_REPORT_ENTRIES, f"{name} must have at most {MAX_REPORT_ENTRIES} peers")
     parsed = {}
     for peer, entry in entries.items():
-        _require(isinstance(peer, str) and 0 < len(peer) <= 128,
-                 f"{name}: peer ids must be strings of 1..128 characters")
+        _require(
+            isinstance(peer, str) and 0 < len(peer) <= 128,
+            f"{name}: peer ids must be strings of 1..128 characters",
+        )
         _require(isinstance(entry, dict), f"{name}[{peer!r}] must be a dict")
         parsed[peer] = parse_entry(peer, entry)
     return parsed
@@ -300,13 +329,19 @@ def _report_entry(peer: str, entry: Dict[str, Any]) -> Dict[str, Any]:
     _require(not extra, f"entries[{peer!r}]: unknown fields {sorted(extra)}")
     _require("reasons" in entry, f"entries[{peer!r}]: missing field 'reasons'")
     reasons = entry["reasons"]
-    _require(isinstance(reasons, dict) and len(reasons) <= MAX_REPORT_REASONS,
-             f"entries[{peer!r}].reasons must be a dict of at most {MAX_REPORT_REASONS} reasons")
+    _require(
+        isinstance(reasons, dict) and len(reasons) <= MAX_REPORT_REASONS,
+        f"entries[{peer!r}].reasons must be a dict of at most {MAX_REPORT_REASONS} reasons",
+    )
     for reason, count in reasons.items():
-        _require(isinstance(reason, str) and 0 < len(reason) <= 32,
-                 f"entries[{peer!r}].reasons: names must be strings of 1..32 characters")
-        _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_COUNT,
-                 f"entries[{peer!r}].reasons[{reason!r}] must be an integer in [0, {MAX_COUNT}]")
+        _require(
+            isinstance(reason, str) and 0 < len(reason) <= 32,
+            f"entries[{peer!r}].reasons: names must be strings of 1..32 characters",
+        )
+        _require(
+            isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_COUNT,
+            f"entries[{peer!r}].reasons[{reason!r}] must be an integer in [0, {MAX_COUNT}]",
+        )
     parsed = {
         "clean": int(_number(entry, "clean", 0, MAX_COUNT, integer=True)),
         "strikes": int(_number(entry, "strikes", 0, MAX_COUNT, integer=True)),
@@ -407,9 +442,11 @@ class SwarmRecordValidator(RecordValidatorBase):
         for stage in range(MAX_STAGES):
             key = DHTID.generate(source=stage_key(run_id, stage)).to_bytes()
             self._parsers[key] = ("stage", StageRecord.from_value)
-        for key, kind, parse in ((reports_key(run_id), "report", ReputationReport.from_value),
-                                 (blacklist_key(run_id), "blacklist", BlacklistRecord.from_value),
-                                 (progress_key(run_id), "progress", TrainerProgressRecord.from_value)):
+        for key, kind, parse in (
+            (reports_key(run_id), "report", ReputationReport.from_value),
+            (blacklist_key(run_id), "blacklist", BlacklistRecord.from_value),
+            (progress_key(run_id), "progress", TrainerProgressRecord.from_value),
+        ):
             self._parsers[DHTID.generate(source=key).to_bytes()] = (kind, parse)
 
     def validate(self, record: DHTRecord) -> bool:
@@ -433,10 +470,14 @@ class SwarmRecordValidator(RecordValidatorBase):
 def check_record(record: DHTRecord, parse: Callable[[Any], Any], max_ttl_s: float = MAX_TTL_S) -> Any:
     """Parse one (signature-stripped) record, check that it speaks for its signer (:func:`check_signer`), or raise
     :class:`RecordError` with the reason."""
-    _require(record.subkey is not None and OWNER_MARKER in record.subkey,
-             "record must be owner-signed (subkey must hold the owner's public key)")
-    _require(record.expiration_time <= get_dht_time() + max_ttl_s,
-             f"record expires more than {max_ttl_s:.0f}s in the future")
+    _require(
+        record.subkey is not None and OWNER_MARKER in record.subkey,
+        "record must be owner-signed (subkey must hold the owner's public key)",
+    )
+    _require(
+        record.expiration_time <= get_dht_time() + max_ttl_s,
+        f"record expires more than {max_ttl_s:.0f}s in the future",
+    )
     try:
         value = DHTProtocol.serializer.loads(record.value)
     except Exception as e:  # msgpack raises many types on garbage
@@ -513,8 +554,20 @@ class TrainerProgressRecord:
     updated_at: float = 0.0  # DHT time
     version: int = RECORD_VERSION
 
-    FIELDS = {"peer_id", "state", "step", "steps_total", "loss", "tokens", "tokens_per_s", "completed", "dropped",
-              "retried", "updated_at", "version"}
+    FIELDS = {
+        "peer_id",
+        "state",
+        "step",
+        "steps_total",
+        "loss",
+        "tokens",
+        "tokens_per_s",
+        "completed",
+        "dropped",
+        "retried",
+        "updated_at",
+        "version",
+    }
     SIGNER_FIELD = "peer_id"
 
     def to_value(self) -> Dict[str, Any]:

@@ -101,7 +101,7 @@ def param_sketch(tensors: Sequence[torch.Tensor], seed: int, dims: int) -> List[
     for tensor in tensors:
         flat = tensor.detach().reshape(-1).to("cpu", torch.float32)
         for start in range(0, flat.numel(), 1 << 20):
-            chunk = flat[start:start + (1 << 20)]
+            chunk = flat[start : start + (1 << 20)]
             out += (torch.randn(dims, chunk.numel(), generator=gen) @ chunk).double()
     return (out / math.sqrt(dims)).tolist()
 
@@ -125,8 +125,11 @@ def state_verdict(distances: Sequence[float], tolerance: float) -> Tuple[bool, s
         return True, "no other replica to check against (no quorum): accepted unverified"
     if agree >= 1 and agree >= disagree:
         return True, f"matches {agree} of {len(distances)} other replicas"
-    return False, f"differs from {disagree} of {len(distances)} other replicas (relative distance " \
-                  f"{min(distances):.3g} > {tolerance})"
+    return (
+        False,
+        f"differs from {disagree} of {len(distances)} other replicas (relative distance "
+        f"{min(distances):.3g} > {tolerance})",
+    )
 
 
 # state_check(source, epoch, parameters) -> None to accept, or the reason to refuse
@@ -146,8 +149,13 @@ class _VerifiedDownload(DecentralizedAverager):
         excluded: List[str] = list(self.excluded_sources)
         for _ in range(self.max_sources):
             future = MPFuture()
-            self._outer_pipe.send(("_load_state_from_random_peer", [],
-                                   dict(timeout=timeout, exclude=list(excluded), future=future)))
+            self._outer_pipe.send(
+                (
+                    "_load_state_from_random_peer",
+                    [],
+                    dict(timeout=timeout, exclude=list(excluded), future=future),
+                )
+            )
             loaded = future.result(timeout=None if timeout is None else 2 * timeout + 5)
             if loaded is None:
                 return None
@@ -155,11 +163,16 @@ class _VerifiedDownload(DecentralizedAverager):
             epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
             if not isinstance(epoch, int):
                 reason = "its state carries no epoch"
-            elif any(not torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
+            elif any(
+                not torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()
+            ):
                 reason = "its state holds NaN or inf"
             else:
-                reason = self.state_check(source, epoch, tensors[:self.num_checked_tensors]) \
-                    if self.state_check is not None else None
+                reason = (
+                    self.state_check(source, epoch, tensors[: self.num_checked_tensors])
+                    if self.state_check is not None
+                    else None
+                )
             if reason is None:
                 return metadata, tensors
             logger.warning(f"refused the state served by {source}: {reason}")
@@ -177,12 +190,16 @@ class _VerifiedDownload(DecentralizedAverager):
             key_manager = self._matchmaking.group_key_manager
             found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
             candidates: List[PeerID] = []
-            for peer_id, info in (found.items() if isinstance(found, dict) else ()):
+            for peer_id, info in found.items() if isinstance(found, dict) else ():
                 try:
                     peer = PeerID(peer_id) if isinstance(peer_id, bytes) else PeerID.from_base58(str(peer_id))
                 except Exception:
                     continue
-                if isinstance(info, ValueWithExpiration) and peer != self.peer_id and str(peer) not in exclude:
+                if (
+                    isinstance(info, ValueWithExpiration)
+                    and peer != self.peer_id
+                    and str(peer) not in exclude
+                ):
                     candidates.append(peer)
             random.shuffle(candidates)
             for peer in candidates:
@@ -225,15 +242,21 @@ class VerifiedStateAverager(RobustAveraging, TrainingStateAverager, _VerifiedDow
         super().__init__(*args, averaging=averaging, hooks=hooks, **kwargs)
         self.num_checked_tensors = sum(len(g["params"]) for g in self.optimizer.param_groups)
 
-    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
-                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """hivemind's state download, rationed: a whole copy of the stage's parameters and optimizer state costs the
         server a trip through its host process and the full upload, and anyone may ask. At most
         ``MAX_CONCURRENT_DOWNLOADS`` at once and one per caller every ``DOWNLOAD_COOLDOWN_S`` (a refused caller gets
         an empty stream, which hivemind's downloader takes as "try the next replica")."""
         now, caller = time.monotonic(), context.remote_id
-        if self._serving >= MAX_CONCURRENT_DOWNLOADS or now - self._served_at.get(caller, -math.inf) < DOWNLOAD_COOLDOWN_S:
-            logger.info(f"state download by {caller} refused: {self._serving} in progress, or asked again too soon")
+        if (
+            self._serving >= MAX_CONCURRENT_DOWNLOADS
+            or now - self._served_at.get(caller, -math.inf) < DOWNLOAD_COOLDOWN_S
+        ):
+            logger.info(
+                f"state download by {caller} refused: {self._serving} in progress, or asked again too soon"
+            )
             return
         self._served_at[caller] = now
         while len(self._served_at) > 1024:

@@ -68,29 +68,41 @@ MAX_ROUNDS = 5  # blacklist / re-weigh iterations
 # min_strikes, so every tally that can back an accusation is
 ESTABLISHED_EXCHANGES = 3
 UNSPECIFIED = "unspecified"
-SAME_STAGE = 0  # the side a replica of the same stage sees a peer from (their gradient averaging, their state)
+SAME_STAGE = (
+    0  # the side a replica of the same stage sees a peer from (their gradient averaging, their state)
+)
 
 
 @dataclass(kw_only=True)
 class ReputationConfig:
     """Knobs of reputation aggregation and reporting."""
 
-    probation_s: float = 600.0  # a reporter weighs nothing until this aggregator has observed it for this long
+    probation_s: float = (
+        600.0  # a reporter weighs nothing until this aggregator has observed it for this long
+    )
     probation_work: int = 20  # ... and until other aged reporters vouch for this many clean exchanges with it
     min_reporters: int = 2  # independent weighted reporters needed for a blacklist verdict
     min_strikes: int = 3  # strikes one reporter must have seen for its accusation to count
     strike_ratio: float = 0.2  # ... and strikes / (clean + strikes) it must have seen
-    witness_share: float = 1 / 3  # accusers needed among the reporters of one adjacent stage that saw >= min_strikes
+    witness_share: float = (
+        1 / 3
+    )  # accusers needed among the reporters of one adjacent stage that saw >= min_strikes
     report_period_s: float = 5.0  # how often a peer publishes its report
     report_ttl_s: float = 60.0  # how long a published report lives
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.probation_s) and self.probation_s >= 0 and self.probation_work >= 0):
             raise ValueError("reputation: probation_s and probation_work must be finite and >= 0")
-        if not (self.min_reporters >= 1 and self.min_strikes >= 1 and 0 < self.strike_ratio <= 1
-                and 0 <= self.witness_share <= 1):
-            raise ValueError("reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1], "
-                             "witness_share in [0, 1]")
+        if not (
+            self.min_reporters >= 1
+            and self.min_strikes >= 1
+            and 0 < self.strike_ratio <= 1
+            and 0 <= self.witness_share <= 1
+        ):
+            raise ValueError(
+                "reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1], "
+                "witness_share in [0, 1]"
+            )
         if not (0 < self.report_period_s <= self.report_ttl_s <= MAX_TTL_S):
             raise ValueError(f"reputation: need 0 < report_period_s <= report_ttl_s <= {MAX_TTL_S:.0f}")
 
@@ -103,7 +115,9 @@ class Tally:
     strikes: int = 0
     reasons: Counter = field(default_factory=Counter)  # strikes by reason
     directions: Counter = field(default_factory=Counter)  # exchanges by direction (local diagnostics only)
-    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_WINDOW))  # latest outcomes, True = strike
+    recent: deque = field(
+        default_factory=lambda: deque(maxlen=RECENT_WINDOW)
+    )  # latest outcomes, True = strike
 
 
 def _established(peer: str, tally: Tally) -> bool:
@@ -147,7 +161,9 @@ class ReputationLedger:
         before, which looks like training drift) is not counted at all."""
         if not verdict.accepted and not getattr(verdict, "evidence", True):
             return
-        self.record(verdict.sender, verdict.accepted, verdict.direction, verdict.statistic or verdict.baseline)
+        self.record(
+            verdict.sender, verdict.accepted, verdict.direction, verdict.statistic or verdict.baseline
+        )
 
     def flagged(self, peer: str) -> int:
         """How many of ``peer``'s tensors this peer rejected."""
@@ -156,20 +172,28 @@ class ReputationLedger:
 
     def as_dict(self) -> Dict[str, dict]:
         """Plain tallies, for summaries and ``rpc_info``."""
-        return {peer: {"clean": t.clean, "strikes": t.strikes, "reasons": dict(t.reasons)}
-                for peer, t in self.tallies.items()}
+        return {
+            peer: {"clean": t.clean, "strikes": t.strikes, "reasons": dict(t.reasons)}
+            for peer, t in self.tallies.items()
+        }
 
     def to_report(self, reporter: str, issued_at: float) -> ReputationReport:
         """This ledger as a report: at most 256 peers (those with strikes first, then the most exchanges) and
         at most 8 reasons each (the most frequent). The reporter's own tally, if any, is left out."""
         peers = [p for p in self.tallies if p != reporter]
-        peers.sort(key=lambda p: (-self.tallies[p].strikes, -(self.tallies[p].clean + self.tallies[p].strikes), p))
+        peers.sort(
+            key=lambda p: (-self.tallies[p].strikes, -(self.tallies[p].clean + self.tallies[p].strikes), p)
+        )
         entries = {}
         for peer in peers[:MAX_REPORT_ENTRIES]:
             tally = self.tallies[peer]
             reasons = sorted(tally.reasons.items(), key=lambda item: (-item[1], item[0]))[:MAX_REPORT_REASONS]
-            entries[peer] = {"clean": tally.clean, "strikes": tally.strikes, "reasons": dict(reasons),
-                             "recent_strikes": sum(tally.recent)}
+            entries[peer] = {
+                "clean": tally.clean,
+                "strikes": tally.strikes,
+                "reasons": dict(reasons),
+                "recent_strikes": sum(tally.recent),
+            }
         return ReputationReport(reporter=reporter, issued_at=float(issued_at), entries=entries)
 
 
@@ -189,9 +213,17 @@ class Aggregate:
 
     def to_blacklist_record(self, publisher: str, issued_at: float) -> BlacklistRecord:
         """The blacklist as a record (at most 256 peers, those with the most evidence first)."""
-        ranked = sorted(self.blacklist.items(), key=lambda item: (-item[1]["reporters"], -item[1]["strikes"], item[0]))
-        entries = {peer: {"reason": v["reason"][:200], "reporters": int(v["reporters"]), "strikes": int(v["strikes"])}
-                   for peer, v in ranked[:MAX_REPORT_ENTRIES]}
+        ranked = sorted(
+            self.blacklist.items(), key=lambda item: (-item[1]["reporters"], -item[1]["strikes"], item[0])
+        )
+        entries = {
+            peer: {
+                "reason": v["reason"][:200],
+                "reporters": int(v["reporters"]),
+                "strikes": int(v["strikes"]),
+            }
+            for peer, v in ranked[:MAX_REPORT_ENTRIES]
+        }
         return BlacklistRecord(publisher=publisher, issued_at=float(issued_at), entries=entries)
 
 
@@ -218,8 +250,10 @@ def aggregate(
         stages = {peer: set(served) for peer, served in stages.items()}
         reports, sides = _plausible(reports, stages)
     eligible = {
-        r for r, report in reports.items()
-        if report.reporter == r and now - first_seen.get(r, now) >= cfg.probation_s
+        r
+        for r, report in reports.items()
+        if report.reporter == r
+        and now - first_seen.get(r, now) >= cfg.probation_s
         and (reachable is None or r in reachable)
     }
     blacklist: Dict[str, dict] = {}
@@ -230,8 +264,13 @@ def aggregate(
         verdicts = _verdicts(reports, weights, cfg, sides)
         converged = verdicts.keys() == blacklist.keys()
         blacklist = verdicts
-    return Aggregate(weights=weights, scores=_scores(reports, weights, blacklist), blacklist=blacklist,
-                     rounds=rounds, converged=converged)
+    return Aggregate(
+        weights=weights,
+        scores=_scores(reports, weights, blacklist),
+        blacklist=blacklist,
+        rounds=rounds,
+        converged=converged,
+    )
 
 
 def _plausible(reports: Dict[str, ReputationReport], stages: Dict[str, Set[int]]):
@@ -257,7 +296,9 @@ def _entries_about(reports: Dict[str, ReputationReport], reporters: Iterable[str
     return [reports[r].entries[peer] for r in reporters if r != peer and peer in reports[r].entries]
 
 
-def _weights(reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: ReputationConfig) -> Dict[str, float]:
+def _weights(
+    reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: ReputationConfig
+) -> Dict[str, float]:
     """1.0 for a voucher (aged, reachable, not blacklisted) whose work other vouchers confirm, else 0.0."""
     weights = {}
     for r in reports:
@@ -266,8 +307,12 @@ def _weights(reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: Repu
     return weights
 
 
-def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], cfg: ReputationConfig,
-              sides: Optional[Dict[str, Dict[str, int]]] = None) -> Dict:
+def _verdicts(
+    reports: Dict[str, ReputationReport],
+    weights: Dict[str, float],
+    cfg: ReputationConfig,
+    sides: Optional[Dict[str, Dict[str, int]]] = None,
+) -> Dict:
     """Blacklist verdicts: per peer, on either side (see :func:`_plausible`; one side when stages are unknown) or
     both together, at least ``min_reporters`` accusers that are at least ``witness_share`` of the witnesses there."""
     accusations: Dict[str, List[dict]] = {}
@@ -290,9 +335,15 @@ def _verdicts(reports: Dict[str, ReputationReport], weights: Dict[str, float], c
     for peer, evidence in accusations.items():
         groups = list(counts[peer].values())
         groups.append([sum(g[0] for g in groups), sum(g[1] for g in groups)])
-        if any(accusers >= max(cfg.min_reporters, cfg.witness_share * witnesses) for accusers, witnesses in groups):
-            blacklist[peer] = {"reason": _main_reason(evidence), "reporters": len(evidence),
-                               "strikes": sum(e["strikes"] for e in evidence)}
+        if any(
+            accusers >= max(cfg.min_reporters, cfg.witness_share * witnesses)
+            for accusers, witnesses in groups
+        ):
+            blacklist[peer] = {
+                "reason": _main_reason(evidence),
+                "reporters": len(evidence),
+                "strikes": sum(e["strikes"] for e in evidence),
+            }
     return blacklist
 
 
@@ -321,7 +372,9 @@ def _main_reason(evidence: List[dict]) -> str:
     return min(cited, key=lambda reason: (-cited[reason], -counts[reason], reason))
 
 
-def _scores(reports: Dict[str, ReputationReport], weights: Dict[str, float], blacklist: Dict) -> Dict[str, float]:
+def _scores(
+    reports: Dict[str, ReputationReport], weights: Dict[str, float], blacklist: Dict
+) -> Dict[str, float]:
     good: Dict[str, float] = {r: 0.0 for r in reports}
     bad: Dict[str, float] = {r: 0.0 for r in reports}
     for r, report in reports.items():

@@ -64,7 +64,9 @@ class ReputationService:
         self.admission = admission if admission is not None and admission.enabled else None
         self.admission_proof = admission_proof
         self.first_seen: Dict[str, float] = {}
-        self.stages_of: Dict[str, Set[int]] = {}  # peer id -> stages it announced (only neighbours can witness)
+        self.stages_of: Dict[
+            str, Set[int]
+        ] = {}  # peer id -> stages it announced (only neighbours can witness)
         self.aggregate: Aggregate = aggregate({}, {}, get_dht_time(), cfg)
         self.banned_since: Dict[str, float] = {}
         self.on_blacklisted: List[Callable[[str], None]] = []  # called once with each newly blacklisted peer
@@ -78,7 +80,9 @@ class ReputationService:
         entry = self.aggregate.blacklist.get(peer)
         if entry is None:
             return None
-        return f"blacklisted by {entry['reporters']} reporters: {entry['reason']} ({entry['strikes']} strikes)"
+        return (
+            f"blacklisted by {entry['reporters']} reporters: {entry['reason']} ({entry['strikes']} strikes)"
+        )
 
     def score(self, peer: str) -> float:
         return self.aggregate.score(peer)
@@ -93,8 +97,15 @@ class ReputationService:
 
     async def _store(self, key: str, value) -> bool:
         try:
-            return bool(await self.dht.store(key, value, get_dht_time() + self.cfg.report_ttl_s,
-                                             subkey=owner_subkey(self.dht), return_future=True))
+            return bool(
+                await self.dht.store(
+                    key,
+                    value,
+                    get_dht_time() + self.cfg.report_ttl_s,
+                    subkey=owner_subkey(self.dht),
+                    return_future=True,
+                )
+            )
         except Exception as e:
             logger.warning(f"could not publish {key}: {e}")
             return False
@@ -103,8 +114,9 @@ class ReputationService:
         """Read reports and stage records, aggregate (a report is read only if signed by its reporter's key)."""
         loop = asyncio.get_event_loop()
         now = get_dht_time()
-        stages = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, self.num_stages,
-                                            self.admission)
+        stages = await loop.run_in_executor(
+            None, fetch_stage_peers, self.dht, self.run_id, self.num_stages, self.admission
+        )
         # every stage a peer ever announced, kept after its record expires (a blacklisted peer that left stays
         # blacklisted when it comes back); every one, not its latest: a peer may move between stages
         for stage, infos in stages.items():
@@ -127,9 +139,17 @@ class ReputationService:
         # every report read is bound to its reporter (parse_subkeyed checked that its key derives the reporter's id)
         # off the event loop, which routes every chain RPC of this peer (an aggregation over many reports costs
         # seconds); on copies, so nothing it reads changes under it
-        self.aggregate = await loop.run_in_executor(None, partial(
-            aggregate, reports, dict(self.first_seen), now, self.cfg,
-            stages={peer: set(s) for peer, s in self.stages_of.items()}))
+        self.aggregate = await loop.run_in_executor(
+            None,
+            partial(
+                aggregate,
+                reports,
+                dict(self.first_seen),
+                now,
+                self.cfg,
+                stages={peer: set(s) for peer, s in self.stages_of.items()},
+            ),
+        )
         for peer in self.aggregate.blacklist:
             if peer not in self.banned_since:
                 self.banned_since[peer] = now

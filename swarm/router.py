@@ -56,13 +56,21 @@ class LocalBans:
     (at most ``max_s``), far more than a realistic swarm has, and an attacker able to do it already has that many
     peers to fail with."""
 
-    def __init__(self, base_s: float = 5.0, max_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
-                 *, max_peers: int = DEFAULT_MAX_PEERS, memory_s: Optional[float] = 3600.0):
+    def __init__(
+        self,
+        base_s: float = 5.0,
+        max_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        memory_s: Optional[float] = 3600.0,
+    ):
         if memory_s is not None and memory_s < max_s:
             raise ValueError("bans: memory_s must be at least max_s (a ban in force must not expire)")
         self.base_s, self.max_s, self.clock = base_s, max_s, clock
-        self._bans: PeerTable[str, _Ban] = PeerTable(max_peers, memory_s, clock=clock,
-                                                     protect=lambda peer, ban: ban.until > self.clock())
+        self._bans: PeerTable[str, _Ban] = PeerTable(
+            max_peers, memory_s, clock=clock, protect=lambda peer, ban: ban.until > self.clock()
+        )
 
     def ban(self, peer: str, reason: str, fixed_s: Optional[float] = None) -> float:
         """Ban ``peer``; returns the ban's duration in seconds.
@@ -73,7 +81,9 @@ class LocalBans:
         now = self.clock()
         if fixed_s is not None:
             if self._bans.ttl_s is not None and fixed_s > self._bans.ttl_s:
-                raise ValueError(f"bans: a {fixed_s:g} s ban would outlive the memory of bans ({self._bans.ttl_s:g} s)")
+                raise ValueError(
+                    f"bans: a {fixed_s:g} s ban would outlive the memory of bans ({self._bans.ttl_s:g} s)"
+                )
             if prev is not None and prev.until >= now + fixed_s:
                 self._bans.touch(peer)
                 return prev.until - now
@@ -135,13 +145,26 @@ class RouterConfig:
     max_judges: int = 16  # receivers remembered per suspect (diagnostics)
 
     def __post_init__(self) -> None:
-        if not (0 < self.ema_alpha <= 1 and 0 <= self.jitter < 1 and self.ban_base_s > 0 and self.verdict_ban_s >= 0
-                and 0 <= self.suspect_probe <= 1 and self.suspect_memory_s >= 0):
-            raise ValueError("router: ema_alpha in (0, 1], jitter in [0, 1), ban_base_s > 0, verdict_ban_s >= 0, "
-                             "suspect_probe in [0, 1], suspect_memory_s >= 0")
-        if not (self.max_peers >= 1 and self.max_judges >= 1 and (
-                self.ban_memory_s is None or self.ban_memory_s >= max(self.ban_max_s, self.verdict_ban_s))):
-            raise ValueError("router: max_peers >= 1, max_judges >= 1, ban_memory_s >= ban_max_s and verdict_ban_s")
+        if not (
+            0 < self.ema_alpha <= 1
+            and 0 <= self.jitter < 1
+            and self.ban_base_s > 0
+            and self.verdict_ban_s >= 0
+            and 0 <= self.suspect_probe <= 1
+            and self.suspect_memory_s >= 0
+        ):
+            raise ValueError(
+                "router: ema_alpha in (0, 1], jitter in [0, 1), ban_base_s > 0, verdict_ban_s >= 0, "
+                "suspect_probe in [0, 1], suspect_memory_s >= 0"
+            )
+        if not (
+            self.max_peers >= 1
+            and self.max_judges >= 1
+            and (self.ban_memory_s is None or self.ban_memory_s >= max(self.ban_max_s, self.verdict_ban_s))
+        ):
+            raise ValueError(
+                "router: max_peers >= 1, max_judges >= 1, ban_memory_s >= ban_max_s and verdict_ban_s"
+            )
 
 
 class Router:
@@ -174,21 +197,31 @@ class Router:
         self.cfg = cfg or RouterConfig()
         self.rng = random.Random(self.cfg.seed)
         self.is_blacklisted = is_blacklisted or (lambda peer: False)
-        self.bans = LocalBans(self.cfg.ban_base_s, self.cfg.ban_max_s, clock, max_peers=self.cfg.max_peers,
-                              memory_s=self.cfg.ban_memory_s)
+        self.bans = LocalBans(
+            self.cfg.ban_base_s,
+            self.cfg.ban_max_s,
+            clock,
+            max_peers=self.cfg.max_peers,
+            memory_s=self.cfg.ban_memory_s,
+        )
         # protected: peers in a chain right now, and peers whose speed was measured
         self.peers: PeerTable[str, PeerState] = PeerTable(
-            self.cfg.max_peers, clock=clock,
-            protect=lambda peer, state: state.inflight > 0 or state.time_ema_s is not None)
+            self.cfg.max_peers,
+            clock=clock,
+            protect=lambda peer, state: state.inflight > 0 or state.time_ema_s is not None,
+        )
         self.live: Dict[int, List[str]] = {stage: [] for stage in range(num_stages)}
         self.last_chain: Optional[List[str]] = None
         self.microbatch_size = 1
         self.clock = clock
         # peer -> when a receiver's SENTINEL last rejected its tensor
-        self.suspects: PeerTable[str, float] = PeerTable(self.cfg.max_peers, self.cfg.suspect_memory_s, clock=clock)
+        self.suspects: PeerTable[str, float] = PeerTable(
+            self.cfg.max_peers, self.cfg.suspect_memory_s, clock=clock
+        )
         # suspect -> how often each receiver rejected its tensors (diagnostics)
-        self.judges: PeerTable[str, PeerTable[str, int]] = PeerTable(self.cfg.max_peers, self.cfg.suspect_memory_s,
-                                                                     clock=clock)
+        self.judges: PeerTable[str, PeerTable[str, int]] = PeerTable(
+            self.cfg.max_peers, self.cfg.suspect_memory_s, clock=clock
+        )
 
     def update(self, stage_peers: Dict[int, Iterable]) -> None:
         """Replace the set of live peers from DHT announcements ({stage: [PeerInfo-like with .record]})."""
@@ -220,11 +253,16 @@ class Router:
         return state
 
     def usable(self, stage: int) -> List[str]:
-        return [p for p in self.live.get(stage, []) if not self.bans.is_banned(p) and not self.is_blacklisted(p)]
+        return [
+            p for p in self.live.get(stage, []) if not self.bans.is_banned(p) and not self.is_blacklisted(p)
+        ]
 
     def _stage_best_s(self, stage: int) -> Optional[float]:
-        measured = [state.time_ema_s for state in (self.peers.get(p) for p in self.live.get(stage, []))
-                    if state is not None and state.time_ema_s is not None]
+        measured = [
+            state.time_ema_s
+            for state in (self.peers.get(p) for p in self.live.get(stage, []))
+            if state is not None and state.time_ema_s is not None
+        ]
         return min(measured) if measured else None
 
     def expected_time_s(self, state: PeerState, stage_best_s: Optional[float] = None) -> float:
@@ -244,13 +282,19 @@ class Router:
         candidates = [p for p in self.usable(stage) if p not in exclude]
         if not candidates:
             live = self.live.get(stage, [])
-            why = "no peer announced" if not live else f"all {len(live)} peer(s) banned, blacklisted or excluded"
+            why = (
+                "no peer announced"
+                if not live
+                else f"all {len(live)} peer(s) banned, blacklisted or excluded"
+            )
             raise NoRouteError(stage, why)
         # the stage's best once per ranking, not once per unmeasured candidate (a DHT flooded with announcements
         # would make that quadratic)
         best = self._stage_best_s(stage)
-        noisy = {p: self.busy_time_s(self._peek(p, stage), best) * (1 + self.cfg.jitter * self.rng.uniform(-1, 1))
-                 for p in candidates}
+        noisy = {
+            p: self.busy_time_s(self._peek(p, stage), best) * (1 + self.cfg.jitter * self.rng.uniform(-1, 1))
+            for p in candidates
+        }
         return sorted(candidates, key=noisy.__getitem__)
 
     def pick_chain(self, exclude: Sequence[str] = ()) -> List[str]:
@@ -312,7 +356,9 @@ class Router:
             seconds = hop_times_s.get(peer)
             if seconds is not None and math.isfinite(seconds) and seconds >= 0:
                 a = self.cfg.ema_alpha
-                state.time_ema_s = seconds if state.time_ema_s is None else (1 - a) * state.time_ema_s + a * seconds
+                state.time_ema_s = (
+                    seconds if state.time_ema_s is None else (1 - a) * state.time_ema_s + a * seconds
+                )
 
     def report_failure(self, peer: str, reason: str, judge: Optional[str] = None) -> float:
         """Ban a peer locally; returns the ban's duration. ``judge``: the receiver whose SENTINEL check rejected the
@@ -326,4 +372,3 @@ class Router:
         judges[judge] = judges.get(judge, 0) + 1
         self.suspects[peer] = self.clock()
         return self.bans.ban(peer, reason, fixed_s=self.cfg.verdict_ban_s)
-

@@ -74,7 +74,16 @@ from swarm.peer_table import DEFAULT_MAX_PEERS, PeerTable
 
 FORWARD, BACKWARD = "forward", "backward"
 LOSS = "loss"  # the last stage's loss on received activations: a free check of what statistics cannot see
-SCALARS = ("log_rms", "mean_shift", "profile", "skew_align", "token_spread", "alignment", "norm_corr", "angle_corr")
+SCALARS = (
+    "log_rms",
+    "mean_shift",
+    "profile",
+    "skew_align",
+    "token_spread",
+    "alignment",
+    "norm_corr",
+    "angle_corr",
+)
 # distances and spikes are suspicious only when large; the others in both directions
 ONE_SIDED = {"mean_shift", "profile", "loss", "token_mismatch"}
 DISTANCES = {"mean_shift", "profile", "skew_align"}
@@ -90,7 +99,9 @@ class SentinelConfig:
     max_rms_ratio: float = 4.0  # a hard bound on activations: RMS this many times off what others send now
     warmup: int = 12
     ema_decay: float = 0.9
-    min_spread: float = 0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
+    min_spread: float = (
+        0.02  # relative floor on each statistic's spread (fraction of |mean|, or absolute near 0)
+    )
     window: int = 64  # accepted tensors the population baseline keeps per direction
     momentum_decay: float = 0.75
     momentum_threshold: float = 3.0
@@ -112,7 +123,9 @@ class SentinelConfig:
     # bounds of the per-sender tables (keys: sender x direction); see SentinelMonitor. At least ``window``, so that the
     # tables of recently seen senders never evict one that a verdict still looks at
     max_senders: int = DEFAULT_MAX_PEERS
-    sender_ttl_s: Optional[float] = None  # a sender not heard from for this long is forgotten (None: only by size)
+    sender_ttl_s: Optional[float] = (
+        None  # a sender not heard from for this long is forgotten (None: only by size)
+    )
     max_shapes: int = 4  # hidden sizes whose replay projection is cached (a sender picks the shape it sends)
 
     def __post_init__(self) -> None:
@@ -120,8 +133,11 @@ class SentinelConfig:
             raise ValueError("sentinel: threshold > 0, warmup >= 3, ema_decay in (0, 1)")
         if not (0 < self.replay_threshold <= 1 and self.replay_window >= 0 and self.min_spread > 0):
             raise ValueError("sentinel: replay_threshold in (0, 1], replay_window >= 0, min_spread > 0")
-        if not (self.max_senders >= max(self.window, 1) and self.max_shapes >= 1
-                and (self.sender_ttl_s is None or self.sender_ttl_s > 0)):
+        if not (
+            self.max_senders >= max(self.window, 1)
+            and self.max_shapes >= 1
+            and (self.sender_ttl_s is None or self.sender_ttl_s > 0)
+        ):
             raise ValueError("sentinel: max_senders >= window, max_shapes >= 1, sender_ttl_s > 0 (or None)")
 
 
@@ -136,7 +152,9 @@ class Verdict:
     threshold: float
     reason: str  # human-readable; "ok" when accepted
     statistic: str = ""
-    baseline: str = ""  # "sender", "population", "relative", "momentum", "drift", "hard", "replay" or "warmup"
+    baseline: str = (
+        ""  # "sender", "population", "relative", "momentum", "drift", "hard", "replay" or "warmup"
+    )
     # a rejection that counts against the sender in reputation; False when another sender was just rejected for the
     # same statistic in the same direction (more likely training drift than two attackers: the tensor is still
     # rejected, but it is no evidence about this sender)
@@ -163,7 +181,9 @@ def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tens
         out["mean_shift"] = math.log(float(((vectors["feat_mean"] - ema_mean) / scale).abs().median()) + 1e-6)
     ema_skew = ema.get("feat_skew")
     if ema_skew is not None and "feat_skew" in vectors and ema_skew.shape == vectors["feat_skew"].shape:
-        out["skew_align"] = float(torch.nn.functional.cosine_similarity(vectors["feat_skew"], ema_skew, dim=0))
+        out["skew_align"] = float(
+            torch.nn.functional.cosine_similarity(vectors["feat_skew"], ema_skew, dim=0)
+        )
     if ema_rms is not None and ema_rms.shape == vectors["feat_rms"].shape:
         cos = float(torch.nn.functional.cosine_similarity(vectors["feat_rms"], ema_rms, dim=0))
         out["profile"] = math.log(max(1 - cos, 0.0) + 1e-6)
@@ -181,7 +201,9 @@ def _robust(values: List[float]) -> Tuple[float, float]:
     return median, 1.4826 * _median([abs(v - median) for v in values])
 
 
-def _z(name: str, value: float, center: float, spread: float, min_spread: float, signed: bool = False) -> float:
+def _z(
+    name: str, value: float, center: float, spread: float, min_spread: float, signed: bool = False
+) -> float:
     deviation = value - center
     if name in ONE_SIDED:
         deviation = max(deviation, 0.0)
@@ -225,6 +247,7 @@ class _Population:
         the median of the senders' own medians (one vote per sender): a receiver that happened to get most of its
         first tensors from one bad sender does not take that sender for the norm (measured: in a 4 x 3 swarm one
         receiver did, and rejected its honest senders for 5-11x RMS 59 times)."""
+
         def compute():
             by_sender: Dict[str, List[float]] = {}
             values = []
@@ -238,11 +261,14 @@ class _Population:
                 return (len(values), *_robust(values))
             center = _median([_median(v) for v in by_sender.values()])
             return len(values), center, 1.4826 * _median([abs(v - center) for v in values])
+
         return self._cached("window", name, compute)
 
     @property
     def ready(self) -> bool:
-        vectors_ready = bool(self.vectors) or (not self._warm_vectors and len(self.window) > 0 and not self._has_vectors)
+        vectors_ready = bool(self.vectors) or (
+            not self._warm_vectors and len(self.window) > 0 and not self._has_vectors
+        )
         return vectors_ready and len(self.window) >= self.cfg.warmup
 
     def distances(self, vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -253,7 +279,9 @@ class _Population:
         # than a plain statistic's (measured: the first ones after warm-up made false alarms)
         return self.cfg.warmup + (8 if name in DISTANCES else 0)
 
-    def deviations(self, scalars: Dict[str, float], centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    def deviations(
+        self, scalars: Dict[str, float], centers: Optional[Dict[str, float]] = None
+    ) -> Dict[str, float]:
         """Signed deviation of each statistic from its reference: the other senders' current values where given
         (drift that moves everyone alike cancels out), else the window's median."""
         out = {}
@@ -267,15 +295,18 @@ class _Population:
     def spread(self, name: str) -> float:
         """Noise level of a statistic: the MAD of past deviations from their references at the time. Measured
         against concurrent references, it does not grow when training drifts the statistic over the window."""
+
         def compute():
             past = [abs(entry[name]) for entry in self.past_deviations if name in entry]
             if len(past) >= self.cfg.warmup:
                 return 1.4826 * _median(past)
             return self.window_stats(name)[2]
+
         return self._cached("spread", name, compute)
 
-    def scores(self, scalars: Dict[str, float], signed: bool = False,
-               centers: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    def scores(
+        self, scalars: Dict[str, float], signed: bool = False, centers: Optional[Dict[str, float]] = None
+    ) -> Dict[str, float]:
         """z-scores: deviations (see :meth:`deviations`) in units of :meth:`spread`."""
         out = {}
         for name, deviation in self.deviations(scalars, centers).items():
@@ -283,8 +314,14 @@ class _Population:
             out[name] = _z(name, scalars[name], reference, self.spread(name), self.cfg.min_spread, signed)
         return out
 
-    def update(self, scalars: Dict[str, float], vectors: Dict[str, torch.Tensor], accepted: bool,
-               deviations: Optional[Dict[str, float]] = None, sender: str = "") -> None:
+    def update(
+        self,
+        scalars: Dict[str, float],
+        vectors: Dict[str, torch.Tensor],
+        accepted: bool,
+        deviations: Optional[Dict[str, float]] = None,
+        sender: str = "",
+    ) -> None:
         """Follow the traffic, rejected tensors included but bounded: scalars enter the window clipped to
         ``threshold`` spreads (so honest drift still moves the median while a minority pushing one way cannot
         move it far), and rejected tensors move the vector EMAs at a quarter of the rate. Without this, a baseline
@@ -299,8 +336,13 @@ class _Population:
                 clipped[name] = value
             scalars = clipped
         if deviations:
-            self.past_deviations.append({name: max(-bound_, min(bound_, d)) for name, d in deviations.items()
-                                         for bound_ in [self.cfg.threshold * max(self.spread(name), 1e-9)]})
+            self.past_deviations.append(
+                {
+                    name: max(-bound_, min(bound_, d))
+                    for name, d in deviations.items()
+                    for bound_ in [self.cfg.threshold * max(self.spread(name), 1e-9)]
+                }
+            )
         self.window.append(scalars)
         self.window_senders.append(sender)
         self._version += 1
@@ -317,7 +359,9 @@ class _Population:
         if len(self._warm_vectors) >= self.cfg.warmup:
             first = self._warm_vectors[0]
             for name in first:
-                stack = [v[name] for v in self._warm_vectors if name in v and v[name].shape == first[name].shape]
+                stack = [
+                    v[name] for v in self._warm_vectors if name in v and v[name].shape == first[name].shape
+                ]
                 self.vectors[name] = torch.stack(stack).median(dim=0).values
             self._warm_vectors = []
 
@@ -338,8 +382,11 @@ class _SenderEMA:
         return self.count >= self.cfg.warmup and bool(self.mean)
 
     def scores(self, scalars: Dict[str, float]) -> Dict[str, float]:
-        return {name: _z(name, value, self.mean[name], self.spread[name], self.cfg.min_spread)
-                for name, value in scalars.items() if name in self.mean}
+        return {
+            name: _z(name, value, self.mean[name], self.spread[name], self.cfg.min_spread)
+            for name, value in scalars.items()
+            if name in self.mean
+        }
 
     def update(self, scalars: Dict[str, float]) -> None:
         self.count += 1
@@ -355,7 +402,9 @@ class _SenderEMA:
             if name in self.mean:
                 # clipped, so a sudden change (a sleeper waking up) moves the baseline only gradually while
                 # slow drift is followed; the population and momentum checks still judge the new behaviour
-                bound = self.cfg.threshold * max(self.spread[name], self.cfg.min_spread * max(abs(self.mean[name]), 0.5))
+                bound = self.cfg.threshold * max(
+                    self.spread[name], self.cfg.min_spread * max(abs(self.mean[name]), 0.5)
+                )
                 value = min(max(value, self.mean[name] - bound), self.mean[name] + bound)
                 deviation = abs(value - self.mean[name])
                 self.mean[name] += a * (value - self.mean[name])
@@ -391,10 +440,14 @@ class SentinelMonitor:
         self.senders: PeerTable[Tuple[str, str], _SenderEMA] = self._table(lambda key, ema: ema.ready)
         self.sketches: Dict[str, Deque[Tuple[str, torch.Tensor]]] = {}
         self.momentum: PeerTable[Tuple[str, str], Dict[str, float]] = self._table(
-            lambda key, state: self.momentum_count.get(key, 0) >= min_count)
-        self.momentum_count: PeerTable[Tuple[str, str], int] = self._table(lambda key, count: count >= min_count)
+            lambda key, state: self.momentum_count.get(key, 0) >= min_count
+        )
+        self.momentum_count: PeerTable[Tuple[str, str], int] = self._table(
+            lambda key, count: count >= min_count
+        )
         self.relative: PeerTable[Tuple[str, str], Dict[str, float]] = self._table(
-            lambda key, relative: any(abs(v) > half for v in relative.values()))
+            lambda key, relative: any(abs(v) > half for v in relative.values())
+        )
         self.recent_rejections: Dict[str, Deque[Tuple[int, str, str, int]]] = {}
         # direction -> (when, sender, statistic, sign, z) of every population verdict over the threshold
         self.recent_outliers: Dict[str, Deque[Tuple[int, str, str, int, float]]] = {}
@@ -422,7 +475,7 @@ class SentinelMonitor:
     def _since(table: Optional[PeerTable], horizon: int) -> Iterator[Tuple[str, int]]:
         """(sender, when) of a ``last_seen`` table with ``when >= horizon``, newest first: the table is in the order of
         its writes, so only the recent senders are read, however many the table holds."""
-        for sender, when in (table.newest() if table is not None else ()):
+        for sender, when in table.newest() if table is not None else ():
             if when < horizon:
                 return
             yield sender, when
@@ -462,7 +515,9 @@ class SentinelMonitor:
         feat_std = feat_var.sqrt()
         feat_rms = (feat_var + feat_mean.square()).sqrt()
         rms = float(feat_rms.square().mean().sqrt())
-        feat_skew = (centred_sq * centred).mean(dim=0) / (feat_std.pow(3) + eps)  # odd: flips with the tensor's sign
+        feat_skew = (centred_sq * centred).mean(dim=0) / (
+            feat_std.pow(3) + eps
+        )  # odd: flips with the tensor's sign
         scalars = {
             "log_rms": math.log(rms + eps),
             "token_spread": float(feat_std.mean()) / (rms + eps),
@@ -500,22 +555,45 @@ class SentinelMonitor:
         low, high = (float(v) for v in torch.aminmax(x.detach()))
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(x)).sum())  # only on the way to a rejection
-            return Verdict(False, sender, direction, float(bad), 0.0, f"{bad} non-finite values", "finite", "hard")
+            return Verdict(
+                False, sender, direction, float(bad), 0.0, f"{bad} non-finite values", "finite", "hard"
+            )
         if low == 0.0 and high == 0.0:
             return Verdict(False, sender, direction, 0.0, 0.0, "all values are zero", "zeros", "hard")
         peak = max(-low, high)
         if peak > self.cfg.max_abs_value:
-            return Verdict(False, sender, direction, peak, self.cfg.max_abs_value,
-                           f"absurd magnitude: max |x| = {peak:.3g}", "peak", "hard")
-        if direction == BACKWARD and self.cfg.causal_tail_tolerance is not None and x.ndim == 3 and x.shape[1] > 1:
+            return Verdict(
+                False,
+                sender,
+                direction,
+                peak,
+                self.cfg.max_abs_value,
+                f"absurd magnitude: max |x| = {peak:.3g}",
+                "peak",
+                "hard",
+            )
+        if (
+            direction == BACKWARD
+            and self.cfg.causal_tail_tolerance is not None
+            and x.ndim == 3
+            and x.shape[1] > 1
+        ):
             # causal LM: the last position's output predicts nothing (it has no next token), and in a causal model
             # it influences no other position, so the honest gradient there is exactly zero at every stage boundary
             tail = float(x[:, -1].float().pow(2).mean().sqrt())
             whole = float(x.float().pow(2).mean().sqrt())
             if tail > self.cfg.causal_tail_tolerance * whole:
-                return Verdict(False, sender, direction, tail / whole, self.cfg.causal_tail_tolerance,
-                               f"gradient at the last position is {tail / whole:.3g} of the tensor's RMS; a causal "
-                               f"LM's is zero there", "causal_tail", "hard")
+                return Verdict(
+                    False,
+                    sender,
+                    direction,
+                    tail / whole,
+                    self.cfg.causal_tail_tolerance,
+                    f"gradient at the last position is {tail / whole:.3g} of the tensor's RMS; a causal "
+                    f"LM's is zero there",
+                    "causal_tail",
+                    "hard",
+                )
         return None
 
     def check(
@@ -564,23 +642,38 @@ class SentinelMonitor:
             momentum = self._momentum(sender, direction, signed)
             if verdict.accepted and momentum is not None:
                 verdict = momentum
-            if verdict.accepted and verdict.baseline != "drift":  # a shared drift moves each sender's own baseline too
+            if (
+                verdict.accepted and verdict.baseline != "drift"
+            ):  # a shared drift moves each sender's own baseline too
                 verdict = self._judge(own, "sender", scalars, sender, direction)
                 if not verdict.accepted:
                     deviation = scalars[verdict.statistic] - own.mean.get(verdict.statistic, 0.0)
                     verdict = self._shared_drift(verdict, deviation) or verdict
             if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
-                verdict = Verdict(True, sender, direction, verdict.score, verdict.threshold,
-                                  f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
-            self._feed(pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers))
+                verdict = Verdict(
+                    True,
+                    sender,
+                    direction,
+                    verdict.score,
+                    verdict.threshold,
+                    f"ok (early training, would be: {verdict.reason})",
+                    verdict.statistic,
+                    "warmup",
+                )
+            self._feed(
+                pop, sender, direction, verdict, signed, scalars, vectors, pop.deviations(scalars, centers)
+            )
             if not verdict.accepted and verdict.baseline in ("population", "sender", "momentum", "relative"):
                 sign = 1 if signed.get(verdict.statistic, 0.0) >= 0 else -1
-                verdict.evidence = verdict.evidence and not self._shared_recently(sender, direction, verdict.statistic,
-                                                                                  sign)
+                verdict.evidence = verdict.evidence and not self._shared_recently(
+                    sender, direction, verdict.statistic, sign
+                )
             if verdict.accepted and warm:
                 self._remember(direction, sender, scalars, epoch)
             if verdict.accepted or verdict.baseline == "sender":
-                own.update(scalars)  # a sender's own baseline follows it (clipped), or drift would lock it out
+                own.update(
+                    scalars
+                )  # a sender's own baseline follows it (clipped), or drift would lock it out
         if verdict.accepted:
             window = self.sketches.setdefault(direction, deque(maxlen=self.cfg.replay_window))
             window.append((microbatch, sketch))
@@ -590,8 +683,13 @@ class SentinelMonitor:
 
     # ---- the last stage: checks that need the micro-batch's tokens ----------------------------------------------
     def _token_ids(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if (not self.cfg.token_buckets or tokens is None or x.dim() != 3 or tuple(tokens.shape) != tuple(x.shape[:2])
-                or tokens.is_floating_point()):
+        if (
+            not self.cfg.token_buckets
+            or tokens is None
+            or x.dim() != 3
+            or tuple(tokens.shape) != tuple(x.shape[:2])
+            or tokens.is_floating_point()
+        ):
             return None
         return tokens.reshape(-1).to(x.device).long() % self.cfg.token_buckets
 
@@ -608,8 +706,9 @@ class SentinelMonitor:
         seen = self.token_counts >= 1.0
         means = self.token_sums[seen] / self.token_counts[seen, None]
         token_means = self.token_sums[ids[known]] / self.token_counts[ids[known], None]
-        cos = torch.nn.functional.cosine_similarity(flat[known] - flat.mean(dim=0), token_means - means.mean(dim=0),
-                                                    dim=1)
+        cos = torch.nn.functional.cosine_similarity(
+            flat[known] - flat.mean(dim=0), token_means - means.mean(dim=0), dim=1
+        )
         return float(cos.mean())
 
     def _learn_tokens(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> None:
@@ -621,11 +720,21 @@ class SentinelMonitor:
             self.token_sums = torch.zeros(self.cfg.token_buckets, flat.shape[1], device=flat.device)
             self.token_counts = torch.zeros(self.cfg.token_buckets, device=flat.device)
         self.token_sums.mul_(self.cfg.token_decay).index_add_(0, ids, flat)
-        self.token_counts.mul_(self.cfg.token_decay).index_add_(0, ids, torch.ones_like(ids, dtype=flat.dtype))
+        self.token_counts.mul_(self.cfg.token_decay).index_add_(
+            0, ids, torch.ones_like(ids, dtype=flat.dtype)
+        )
 
-    def check_loss(self, loss: float, sender: str, microbatch: str = "", step: Optional[int] = None,
-                   epoch: Optional[int] = None, activations: Optional[torch.Tensor] = None,
-                   tokens: Optional[torch.Tensor] = None, attributable: bool = True) -> Verdict:
+    def check_loss(
+        self,
+        loss: float,
+        sender: str,
+        microbatch: str = "",
+        step: Optional[int] = None,
+        epoch: Optional[int] = None,
+        activations: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
+        attributable: bool = True,
+    ) -> Verdict:
         """Judge the loss the last stage computed on ``sender``'s ``activations``, before any backward, and how well
         those activations fit the micro-batch's ``tokens`` (the labels; ``token_mismatch``, see the module
         docstring).
@@ -657,8 +766,16 @@ class SentinelMonitor:
         if verdict.accepted and momentum is not None:
             verdict = momentum
         if step is not None and step < self.cfg.warmup_steps and not verdict.accepted:
-            verdict = Verdict(True, sender, LOSS, verdict.score, verdict.threshold,
-                              f"ok (early training, would be: {verdict.reason})", verdict.statistic, "warmup")
+            verdict = Verdict(
+                True,
+                sender,
+                LOSS,
+                verdict.score,
+                verdict.threshold,
+                f"ok (early training, would be: {verdict.reason})",
+                verdict.statistic,
+                "warmup",
+            )
         self._feed(pop, sender, LOSS, verdict, signed, scalars, {}, pop.deviations(scalars, centers))
         if verdict.accepted and warm:
             self._remember(LOSS, sender, scalars, epoch)
@@ -669,24 +786,31 @@ class SentinelMonitor:
             verdict.direction = FORWARD  # it is the activations that are rejected
         return verdict
 
-    def _remember(self, direction: str, sender: str, scalars: Dict[str, float], epoch: Optional[int] = None) -> None:
+    def _remember(
+        self, direction: str, sender: str, scalars: Dict[str, float], epoch: Optional[int] = None
+    ) -> None:
         entries = self._per_direction(self.latest, direction).setdefault(sender, [])
         entries.append((self.checked, dict(scalars), epoch))
         del entries[:-LATEST]
 
-    def _representatives(self, direction: str, sender: str, epoch: Optional[int] = None) -> List[Dict[str, float]]:
+    def _representatives(
+        self, direction: str, sender: str, epoch: Optional[int] = None
+    ) -> List[Dict[str, float]]:
         """The other senders' latest accepted values, one entry per sender: from weights of the same optimizer
         epoch where that sender has one, else its latest. Only tensors accepted by a warm baseline are remembered,
         so an attacker's tensors never serve as a reference, not even those of the warm-up."""
         representatives = []
         latest = self.latest.get(direction)
-        for other, entries in (latest.newest() if latest is not None else ()):
+        for other, entries in latest.newest() if latest is not None else ():
             if self.checked - entries[-1][0] > self.cfg.window:
                 break  # the table is in the order of the latest entries: every older one is stale too
             if other == sender or self.suspect(other, direction):
                 continue
-            fresh = [(values, when_epoch) for when, values, when_epoch in entries
-                     if self.checked - when <= self.cfg.window]
+            fresh = [
+                (values, when_epoch)
+                for when, values, when_epoch in entries
+                if self.checked - when <= self.cfg.window
+            ]
             if not fresh:
                 continue
             same = [values for values, when_epoch in fresh if epoch is not None and when_epoch == epoch]
@@ -725,26 +849,48 @@ class SentinelMonitor:
         active = {s for s, _ in self._since(self.last_seen.get(direction), horizon)}
         alike: Dict[str, float] = {}
         for when, other, other_stat, other_sign, z in outliers:
-            if other != sender and when >= horizon and other_stat == stat and other_sign == sign and other in active:
+            if (
+                other != sender
+                and when >= horizon
+                and other_stat == stat
+                and other_sign == sign
+                and other in active
+            ):
                 alike[other] = min(z, alike.get(other, math.inf))
         others = active - {sender}
         if len(alike) < 2 or 2 * len(alike) <= len(others):
             return None  # at least two others: with one, an attacker and an honest sender could each excuse the other
         if verdict.score > 5 * min(alike.values()):
             return None
-        return Verdict(True, sender, direction, verdict.score, verdict.threshold,
-                       f"ok (drift shared by {len(alike)} of the {len(others)} other senders: {verdict.reason})",
-                       stat, "drift")
+        return Verdict(
+            True,
+            sender,
+            direction,
+            verdict.score,
+            verdict.threshold,
+            f"ok (drift shared by {len(alike)} of the {len(others)} other senders: {verdict.reason})",
+            stat,
+            "drift",
+        )
 
-    def _relative_rms(self, scalars: Dict[str, float], sender: str, epoch: Optional[int],
-                      pop: Optional["_Population"] = None) -> Optional[Verdict]:
+    def _relative_rms(
+        self,
+        scalars: Dict[str, float],
+        sender: str,
+        epoch: Optional[int],
+        pop: Optional["_Population"] = None,
+    ) -> Optional[Verdict]:
         """No statistics needed to see an activation ``max_rms_ratio`` times louder or quieter than what the other
         senders send now: rejected when it is that far off from a majority of them (with two others, from both:
         one other sender that is itself off cannot get an honest one rejected). With a single other sender to
         compare with, it must also be that far off the population's centre (one vote per sender): measured in a
         4 x 3 swarm, an attacker's x10 tensors accepted during a receiver's warm-up were the only reference at
         first, and honest senders were rejected against it 59 times."""
-        others = [values["log_rms"] for values in self._representatives(FORWARD, sender, epoch) if "log_rms" in values]
+        others = [
+            values["log_rms"]
+            for values in self._representatives(FORWARD, sender, epoch)
+            if "log_rms" in values
+        ]
         if not others:
             return None
         ratios = sorted(math.exp(abs(scalars["log_rms"] - value)) for value in others)
@@ -764,20 +910,42 @@ class SentinelMonitor:
             # whose tensors came from one sender, cannot tell which is off (measured in a live 2 x 3 run: a receiver
             # that had seen mostly the attacker rejected both honest senders against it)
             evidence = count >= self.cfg.warmup and voters >= 3
-        return Verdict(False, sender, FORWARD, ratio, self.cfg.max_rms_ratio,
-                       f"RMS is {ratio:.1f}x off what the other senders send now ({basis})", "log_rms", "relative",
-                       evidence=evidence)
+        return Verdict(
+            False,
+            sender,
+            FORWARD,
+            ratio,
+            self.cfg.max_rms_ratio,
+            f"RMS is {ratio:.1f}x off what the other senders send now ({basis})",
+            "log_rms",
+            "relative",
+            evidence=evidence,
+        )
 
-    def _judge(self, base, name: str, scalars: Dict[str, float], sender: str, direction: str,
-               centers: Optional[Dict[str, float]] = None) -> Verdict:
+    def _judge(
+        self,
+        base,
+        name: str,
+        scalars: Dict[str, float],
+        sender: str,
+        direction: str,
+        centers: Optional[Dict[str, float]] = None,
+    ) -> Verdict:
         if not base.ready:
             return Verdict(True, sender, direction, 0.0, self.cfg.threshold, "ok (warm-up)", "", "warmup")
         scores = base.scores(scalars, centers=centers) if centers else base.scores(scalars)
         stat, score = max(scores.items(), key=lambda kv: kv[1]) if scores else ("", 0.0)
         if score > self.cfg.threshold:
-            return Verdict(False, sender, direction, score, self.cfg.threshold,
-                           f"{stat} is {score:.1f} spreads from the {name} baseline (threshold {self.cfg.threshold:g})",
-                           stat, name)
+            return Verdict(
+                False,
+                sender,
+                direction,
+                score,
+                self.cfg.threshold,
+                f"{stat} is {score:.1f} spreads from the {name} baseline (threshold {self.cfg.threshold:g})",
+                stat,
+                name,
+            )
         return Verdict(True, sender, direction, score, self.cfg.threshold, "ok", stat, name)
 
     def _momentum(self, sender: str, direction: str, signed: Dict[str, float]) -> Optional[Verdict]:
@@ -792,7 +960,9 @@ class SentinelMonitor:
         self.momentum_count[key] = count
         b = self.cfg.momentum_decay
         for name, z in signed.items():
-            z = max(-self.cfg.momentum_clip, min(self.cfg.momentum_clip, z))  # one wild value must not dominate
+            z = max(
+                -self.cfg.momentum_clip, min(self.cfg.momentum_clip, z)
+            )  # one wild value must not dominate
             state[name] = b * state.get(name, 0.0) + (1 - b) * z
         # only senders still sending: a departed or blacklisted one's momentum is frozen, and compared with it an
         # honest majority that drifts together looks persistently off (measured in live 2 x 3 runs, right after
@@ -803,8 +973,11 @@ class SentinelMonitor:
             candidates = [k for k in self.momentum_count if k[1] == direction]
         else:
             candidates = [(s, direction) for s, _ in self._since(seen, self.checked - self.cfg.window)]
-        peers = [k for k in candidates if self.momentum_count.get(k, 0) >= self.cfg.momentum_min_count
-                 and k in self.momentum]
+        peers = [
+            k
+            for k in candidates
+            if self.momentum_count.get(k, 0) >= self.cfg.momentum_min_count and k in self.momentum
+        ]
         # with two senders the median cannot tell which one is off: relative momentum needs three or more
         if count < self.cfg.momentum_min_count or len(peers) < 3:
             return None
@@ -815,14 +988,30 @@ class SentinelMonitor:
         self.relative[key] = relative
         stat, value = max(relative.items(), key=lambda kv: abs(kv[1]))
         if abs(value) > self.cfg.momentum_threshold:
-            return Verdict(False, sender, direction, abs(value), self.cfg.momentum_threshold,
-                           f"{stat} of this sender is persistently {value:+.1f} spreads off the other senders "
-                           f"(momentum threshold {self.cfg.momentum_threshold:g})", stat, "momentum")
+            return Verdict(
+                False,
+                sender,
+                direction,
+                abs(value),
+                self.cfg.momentum_threshold,
+                f"{stat} of this sender is persistently {value:+.1f} spreads off the other senders "
+                f"(momentum threshold {self.cfg.momentum_threshold:g})",
+                stat,
+                "momentum",
+            )
         return None
 
-    def _feed(self, pop: "_Population", sender: str, direction: str, verdict: Verdict, signed: Dict[str, float],
-              scalars: Dict[str, float], vectors: Dict[str, torch.Tensor],
-              deviations: Optional[Dict[str, float]] = None) -> None:
+    def _feed(
+        self,
+        pop: "_Population",
+        sender: str,
+        direction: str,
+        verdict: Verdict,
+        signed: Dict[str, float],
+        scalars: Dict[str, float],
+        vectors: Dict[str, torch.Tensor],
+        deviations: Optional[Dict[str, float]] = None,
+    ) -> None:
         """What feeds the population baseline: accepted tensors of senders that are not suspect (a persistent
         small deviation, accepted one tensor at a time, must not become "normal"), and rejected ones only when
         another sender was recently rejected for the same statistic in the same direction: that is drift of the
@@ -831,7 +1020,8 @@ class SentinelMonitor:
         sign = 1 if signed.get(verdict.statistic, 0.0) >= 0 else -1
         if not verdict.accepted and verdict.baseline in ("population", "momentum", "relative"):
             self.recent_rejections.setdefault(direction, deque(maxlen=self.cfg.window)).append(
-                (self.checked, sender, verdict.statistic, sign))
+                (self.checked, sender, verdict.statistic, sign)
+            )
         if not self.suspect(sender, direction) and (
             verdict.accepted or self._drift(sender, direction, verdict.statistic, sign)
         ):
@@ -845,22 +1035,29 @@ class SentinelMonitor:
         horizon = self.checked - self.cfg.window // 2
         outliers = self.recent_outliers.get(direction, ())
         rejections = self.recent_rejections.get(direction, ())
-        return (any(other != sender and stat == statistic and sgn == sign and when >= horizon
-                    for when, other, stat, sgn, _ in outliers)
-                or any(other != sender and stat == statistic and sgn == sign and when >= horizon
-                       for when, other, stat, sgn in rejections))
+        return any(
+            other != sender and stat == statistic and sgn == sign and when >= horizon
+            for when, other, stat, sgn, _ in outliers
+        ) or any(
+            other != sender and stat == statistic and sgn == sign and when >= horizon
+            for when, other, stat, sgn in rejections
+        )
 
     def _drift(self, sender: str, direction: str, statistic: str, sign: int) -> bool:
         recent = self.recent_rejections.get(direction, ())
-        return any(other != sender and stat == statistic and sgn == sign and self.checked - when <= self.cfg.window
-                   for when, other, stat, sgn in recent)
+        return any(
+            other != sender and stat == statistic and sgn == sign and self.checked - when <= self.cfg.window
+            for when, other, stat, sgn in recent
+        )
 
     def suspect(self, sender: str, direction: str) -> bool:
         """Whether a sender's momentum is past half the threshold (its tensors stay out of the population window)."""
         relative = self.relative.get((sender, direction), {})
         return any(abs(v) > self.cfg.momentum_threshold / 2 for v in relative.values())
 
-    def _replay(self, sketch: torch.Tensor, sender: str, direction: str, microbatch: str) -> Optional[Verdict]:
+    def _replay(
+        self, sketch: torch.Tensor, sender: str, direction: str, microbatch: str
+    ) -> Optional[Verdict]:
         window = self.sketches.get(direction)
         if not window or sketch.numel() < 8:
             return None
@@ -869,7 +1066,14 @@ class SentinelMonitor:
             return None
         corr = float(torch.stack(others).mv(sketch).max())
         if corr > self.cfg.replay_threshold:
-            return Verdict(False, sender, direction, corr, self.cfg.replay_threshold,
-                           f"replay: correlates {corr:.3f} with a recent tensor of another micro-batch",
-                           "replay", "replay")
+            return Verdict(
+                False,
+                sender,
+                direction,
+                corr,
+                self.cfg.replay_threshold,
+                f"replay: correlates {corr:.3f} with a recent tensor of another micro-batch",
+                "replay",
+                "replay",
+            )
         return None

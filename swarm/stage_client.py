@@ -20,8 +20,9 @@ async def fetch_peer_info(p2p: hivemind.P2P, run_id: str, peer: str, timeout: fl
     return (await receive(single(reply), TensorLimits())).metadata
 
 
-async def request_dialback(p2p: hivemind.P2P, run_id: str, peer: str, maddrs: List[str],
-                           timeout: float = 2 * DIALBACK_TIMEOUT_S + 10) -> Dict[str, Any]:
+async def request_dialback(
+    p2p: hivemind.P2P, run_id: str, peer: str, maddrs: List[str], timeout: float = 2 * DIALBACK_TIMEOUT_S + 10
+) -> Dict[str, Any]:
     """Ask stage peer ``peer`` to dial this peer back at ``maddrs`` (see ``StageServer.rpc_dialback``)."""
     stub = StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))
     request = pack({"maddrs": list(maddrs)})[0]

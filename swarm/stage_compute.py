@@ -15,9 +15,19 @@ from swarm.optimizer import StageOptimizer
 class StageCompute:
     """The stage's module and optimizer on ``device`` (autocast in ``autocast_dtype`` on CUDA, else float32)."""
 
-    def __init__(self, module: StageModule, optimizer: StageOptimizer, device: torch.device,
-                 autocast_dtype: Optional[str] = None):
-        self.module, self.optimizer, self.device, self.autocast_dtype = module, optimizer, device, autocast_dtype
+    def __init__(
+        self,
+        module: StageModule,
+        optimizer: StageOptimizer,
+        device: torch.device,
+        autocast_dtype: Optional[str] = None,
+    ):
+        self.module, self.optimizer, self.device, self.autocast_dtype = (
+            module,
+            optimizer,
+            device,
+            autocast_dtype,
+        )
 
     def autocast(self):
         if self.device.type == "cuda" and self.autocast_dtype:
@@ -40,7 +50,9 @@ class StageCompute:
         self.optimizer.step(batch_size=batch_size)
         return time.perf_counter() - started
 
-    def backward(self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, float, float]:
+    def backward(
+        self, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor
+    ) -> Tuple[torch.Tensor, float, float]:
         """``(gradient of the input, backward seconds, optimizer seconds)``."""
         started = time.perf_counter()
         out.backward(grad_out.to(device=out.device, dtype=out.dtype))
@@ -60,7 +72,9 @@ class StageCompute:
         (grad,) = torch.autograd.grad(loss, x)
         return float(loss.detach()), grad, time.perf_counter() - started
 
-    def backward_loss(self, x: torch.Tensor, loss: torch.Tensor) -> Tuple[float, Optional[torch.Tensor], float, float]:
+    def backward_loss(
+        self, x: torch.Tensor, loss: torch.Tensor
+    ) -> Tuple[float, Optional[torch.Tensor], float, float]:
         """The last stage's backward from its loss: ``(loss, gradient of the input or None for token ids, backward
         seconds, optimizer seconds)``."""
         started = time.perf_counter()

@@ -82,7 +82,9 @@ class StageServerConfig:
     max_inflight: int = 8  # micro-batches held (forward done, waiting for gradients) at once
     hop_timeout_s: float = 120.0  # deadline for the rest of the chain to answer
     labels_timeout_s: float = 30.0
-    read_timeout_s: float = 60.0  # deadline for reading a whole inbound request (a stream that stalls is dropped)
+    read_timeout_s: float = (
+        60.0  # deadline for reading a whole inbound request (a stream that stalls is dropped)
+    )
     max_label_deposits: int = 64  # labels held at once for one trainer (the last stage) ...
     max_labels_total: int = 1024  # ... and for all trainers together
     max_batch: int = 1024
@@ -92,7 +94,9 @@ class StageServerConfig:
     autocast_dtype: Optional[str] = None  # "bfloat16"/"float16" on CUDA
     announce_period_s: float = 5.0
     announce_ttl_s: float = 20.0
-    audit: AuditConfig = field(default_factory=AuditConfig)  # how alike an auditor's gradient must be (swarm.audit)
+    audit: AuditConfig = field(
+        default_factory=AuditConfig
+    )  # how alike an auditor's gradient must be (swarm.audit)
     resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
 
@@ -117,14 +121,20 @@ class StageStats:
     # per-peer counters: bounded (peer ids are free to mint), the least recently counted peers forgotten first
     flagged: Dict[str, int] = field(default_factory=PeerTable)  # peer id -> tensors of theirs rejected
     audits_run: int = 0  # audits this (penultimate) stage ran on the last stage's gradients
-    audits_failed: Dict[str, int] = field(default_factory=dict)  # outcome ("route", "audit", "inconclusive") -> count
+    audits_failed: Dict[str, int] = field(
+        default_factory=dict
+    )  # outcome ("route", "audit", "inconclusive") -> count
     audits_served: int = 0  # audit-only micro-batches this (last) stage computed for others
-    averaging_strikes: Dict[str, int] = field(default_factory=PeerTable)  # peer -> its contributions found far off
+    averaging_strikes: Dict[str, int] = field(
+        default_factory=PeerTable
+    )  # peer -> its contributions found far off
     refused_states: Dict[str, int] = field(default_factory=PeerTable)  # source -> states of its refused here
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
-        self.throughput_ema = rate if self.throughput_ema == 0 else (1 - alpha) * self.throughput_ema + alpha * rate
+        self.throughput_ema = (
+            rate if self.throughput_ema == 0 else (1 - alpha) * self.throughput_ema + alpha * rate
+        )
 
 
 class Refusal(Exception):
@@ -145,8 +155,14 @@ class ChainError(Exception):
     the receiver that did (the trainer bans such a peer only briefly and routes it to receivers that have not judged
     it yet, so that the independent evidence a swarm-wide verdict needs accumulates)."""
 
-    def __init__(self, reason: str, blame: Optional[str] = None, blame_stage: Optional[int] = None,
-                 judge: Optional[str] = None, reports: Optional[List[Dict[str, Any]]] = None):
+    def __init__(
+        self,
+        reason: str,
+        blame: Optional[str] = None,
+        blame_stage: Optional[int] = None,
+        judge: Optional[str] = None,
+        reports: Optional[List[Dict[str, Any]]] = None,
+    ):
         super().__init__(reason)
         self.reason, self.blame, self.blame_stage, self.judge = reason, blame, blame_stage, judge
         self.reports = reports
@@ -179,8 +195,9 @@ class StageServer(ServicerBase):
         self.device = torch.device(cfg.device)
         self.module = StageModule(model_cfg, cfg.stage, cfg.num_stages).to(self.device)
         self.module.train()
-        self.optimizer = StageOptimizer(self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}",
-                                        hooks=averaging_hooks)
+        self.optimizer = StageOptimizer(
+            self.module, optimizer_cfg, dht, run_id=f"{cfg.run_id}_stage{cfg.stage}", hooks=averaging_hooks
+        )
         self.optimizer.set_state_check(self._check_state)
         self.compute = StageCompute(self.module, self.optimizer, self.device, cfg.autocast_dtype)
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
@@ -191,10 +208,15 @@ class StageServer(ServicerBase):
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
         self.stats = StageStats()
-        self.labels = LabelBox(ttl_s=max(cfg.labels_timeout_s * 4, 60.0), per_trainer=cfg.max_label_deposits,
-                               total=cfg.max_labels_total)
+        self.labels = LabelBox(
+            ttl_s=max(cfg.labels_timeout_s * 4, 60.0),
+            per_trainer=cfg.max_label_deposits,
+            total=cfg.max_labels_total,
+        )
         self.identity_key = identity_key  # this peer's libp2p identity key: it signs this hop's reports
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="stage-compute"
+        )
         # SENTINEL's checks and audit judging: one thread, so the monitor's state has a single writer, and off the
         # event loop, which only routes
         self.checks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-checks")
@@ -212,7 +234,9 @@ class StageServer(ServicerBase):
         self._sketch_last: Dict[str, float] = {}  # caller -> monotonic time of its last state sketch
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
-    async def start(self, load_state: bool = True, load_progress: Optional[Callable[..., Any]] = None) -> None:
+    async def start(
+        self, load_state: bool = True, load_progress: Optional[Callable[..., Any]] = None
+    ) -> None:
         """Announce ``joining``, load the stage's state from online replicas, announce ``online``.
 
         ``load_progress(optimizer, replicas)``, if given, returns a context manager entered around the download
@@ -229,16 +253,26 @@ class StageServer(ServicerBase):
         self.peer_id = str(self.p2p.peer_id)
         self.identity_key = self.identity_key or identity_key(self.dht)
         if self.identity_key is None:
-            raise ValueError("a stage peer signs its reports with its DHT's identity key: make the DHT with "
-                             "swarm.network.create_dht, or pass identity_key")
+            raise ValueError(
+                "a stage peer signs its reports with its DHT's identity key: make the DHT with "
+                "swarm.network.create_dht, or pass identity_key"
+            )
         self._slots = asyncio.Semaphore(self.cfg.max_inflight)
         self._dialback_lock = asyncio.Lock()
         await self.add_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
-        if self.admission is not None and self.admission_proof is None:  # solve the work, check the token first
+        if (
+            self.admission is not None and self.admission_proof is None
+        ):  # solve the work, check the token first
             self.admission_proof = await asyncio.get_event_loop().run_in_executor(
-                None, self.admission.prove, self.peer_id, self.admission_token)
-        self.record = StageRecord(peer_id=self.peer_id, stage=self.cfg.stage, state="joining", device=str(self.device),
-                                  admission=self.admission_proof)
+                None, self.admission.prove, self.peer_id, self.admission_token
+            )
+        self.record = StageRecord(
+            peer_id=self.peer_id,
+            stage=self.cfg.stage,
+            state="joining",
+            device=str(self.device),
+            admission=self.admission_proof,
+        )
         self.record.addrs = await asyncio.get_event_loop().run_in_executor(None, record_addresses, self.dht)
         self.announcer = Announcer(
             self.dht, self.cfg.run_id, self.record, self.cfg.announce_period_s, self.cfg.announce_ttl_s
@@ -249,10 +283,16 @@ class StageServer(ServicerBase):
             peers = await loop.run_in_executor(
                 None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages
             )
-            others = [p for p in peers.get(self.cfg.stage, []) if p.peer_id != self.peer_id and p.record.state == "online"]
+            others = [
+                p
+                for p in peers.get(self.cfg.stage, [])
+                if p.peer_id != self.peer_id and p.record.state == "online"
+            ]
             if others:
                 logger.info(f"stage {self.cfg.stage}: {len(others)} replica(s) online, loading their state")
-                watch = load_progress(self.optimizer, len(others)) if load_progress else contextlib.nullcontext()
+                watch = (
+                    load_progress(self.optimizer, len(others)) if load_progress else contextlib.nullcontext()
+                )
                 with watch:
                     await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
         self.record.state = "online"
@@ -263,12 +303,20 @@ class StageServer(ServicerBase):
             from swarm.reputation_service import ReputationService
 
             self.reputation = ReputationService(
-                self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
-                ledger=self.ledger, publish_blacklist=True,
-                admission=self.admission, admission_proof=self.admission_proof,
+                self.dht,
+                self.cfg.run_id,
+                self.cfg.num_stages,
+                self.reputation_cfg,
+                self.peer_id,
+                ledger=self.ledger,
+                publish_blacklist=True,
+                admission=self.admission,
+                admission_proof=self.admission_proof,
             )
             if self.sentinel is not None:  # a blacklisted sender is no reference for the others any more
-                self.reputation.on_blacklisted.append(lambda peer: self.checks.submit(self.sentinel.forget, peer))
+                self.reputation.on_blacklisted.append(
+                    lambda peer: self.checks.submit(self.sentinel.forget, peer)
+                )
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
 
@@ -289,8 +337,10 @@ class StageServer(ServicerBase):
                     pause = self.cfg.resync_period_s
                     continue
                 behind = self.optimizer.epochs_behind
-                logger.info(f"stage {self.cfg.stage}: {behind} optimizer step(s) behind the other replicas, "
-                            f"loading their state")
+                logger.info(
+                    f"stage {self.cfg.stage}: {behind} optimizer step(s) behind the other replicas, "
+                    f"loading their state"
+                )
                 await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
                 caught_up = self.optimizer.epochs_behind == 0
                 pause = self.cfg.resync_period_s if caught_up else min(2 * pause, 60.0)
@@ -307,17 +357,22 @@ class StageServer(ServicerBase):
         for peer, clean, reason in self.optimizer.drain_averaging_outcomes():
             # a wrong aggregate is proven by the signed inputs that do not reproduce it: it weighs as a whole
             # accusation (min_strikes), since the prover stops using that aggregator and will see no more of it
-            count = self.reputation_cfg.min_strikes if not clean and reason == AGGREGATE and self.reputation_cfg else 1
+            count = (
+                self.reputation_cfg.min_strikes
+                if not clean and reason == AGGREGATE and self.reputation_cfg
+                else 1
+            )
             for _ in range(count):
                 self.ledger.record(peer, clean, AVERAGING, reason)
             if not clean:
                 self.stats.averaging_strikes[peer] = self.stats.averaging_strikes.get(peer, 0) + count
-                what = {AVERAGING: "gradient contribution was far outside the other replicas' spread (clipped), "
-                                   "against their direction, or with an impossible sample count",
-                        AGGREGATE: "aggregate is wrong: its signed inputs do not reproduce it (not used any more)",
-                        STATE: "parameters in the parameter round lay far from the others' (or its aggregate would "
-                               "have moved this replica far)",
-                        }.get(reason, "aggregator gave no valid evidence for a re-check")
+                what = {
+                    AVERAGING: "gradient contribution was far outside the other replicas' spread (clipped), "
+                    "against their direction, or with an impossible sample count",
+                    AGGREGATE: "aggregate is wrong: its signed inputs do not reproduce it (not used any more)",
+                    STATE: "parameters in the parameter round lay far from the others' (or its aggregate would "
+                    "have moved this replica far)",
+                }.get(reason, "aggregator gave no valid evidence for a re-check")
                 logger.warning(f"stage {self.cfg.stage}: {peer[-8:]}'s {what}; {count} {reason} strike(s)")
         for source, _reason in self.optimizer.drain_refused_states():
             self.ledger.record(source, False, STATE, STATE)
@@ -342,17 +397,23 @@ class StageServer(ServicerBase):
             own = param_sketch([p.detach() for p in self.module.parameters()], seed, cfg.state_sketch_dims)
             distance = sketch_distance(mine, own)
             if distance > cfg.state_tolerance:
-                why = (f"its epoch {epoch} is not ahead of this replica's ({self.optimizer.epoch}), yet its parameters "
-                       f"differ from this replica's own (relative distance {distance:.3g} > {cfg.state_tolerance})")
+                why = (
+                    f"its epoch {epoch} is not ahead of this replica's ({self.optimizer.epoch}), yet its parameters "
+                    f"differ from this replica's own (relative distance {distance:.3g} > {cfg.state_tolerance})"
+                )
                 logger.info(f"stage {self.cfg.stage}: state of epoch {epoch} from {source[-8:]}: {why}")
                 return why
-        future = asyncio.run_coroutine_threadsafe(self._replica_sketches(source, seed, cfg.state_sketch_dims), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self._replica_sketches(source, seed, cfg.state_sketch_dims), self._loop
+        )
         try:
             answers = future.result(timeout=30.0)
         except Exception as e:
             answers = []
             logger.warning(f"stage {self.cfg.stage}: could not ask the other replicas about a state: {e!r}")
-        distances = [sketch_distance(mine, sketch) for peer_epoch, sketch in answers if abs(peer_epoch - epoch) <= 1]
+        distances = [
+            sketch_distance(mine, sketch) for peer_epoch, sketch in answers if abs(peer_epoch - epoch) <= 1
+        ]
         ok, why = state_verdict(distances, cfg.state_tolerance)
         logger.info(f"stage {self.cfg.stage}: state of epoch {epoch} from {source[-8:]}: {why}")
         return None if ok else why
@@ -362,19 +423,32 @@ class StageServer(ServicerBase):
         from swarm.network import fetch_stage_peers  # network <- stage_server, kept local to the call
 
         peers = await asyncio.get_event_loop().run_in_executor(
-            None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages)
-        others = [p.peer_id for p in peers.get(self.cfg.stage, []) if p.record.state == "online"
-                  and p.peer_id not in (self.peer_id, source) and not self.is_banned(p.peer_id)]
+            None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages
+        )
+        others = [
+            p.peer_id
+            for p in peers.get(self.cfg.stage, [])
+            if p.record.state == "online"
+            and p.peer_id not in (self.peer_id, source)
+            and not self.is_banned(p.peer_id)
+        ]
 
         async def ask(peer: str):
             try:
-                stub = StageServer.get_stub(self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id))
+                stub = StageServer.get_stub(
+                    self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id)
+                )
                 request = pack(dict(seed=seed, dims=dims))[0]
-                reply = (await receive(single(await stub.rpc_state_sketch(request, timeout=20.0)),
-                                       self.cfg.limits)).metadata
+                reply = (
+                    await receive(single(await stub.rpc_state_sketch(request, timeout=20.0)), self.cfg.limits)
+                ).metadata
                 sketch, epoch = reply.get("sketch"), reply.get("epoch")
-                if isinstance(epoch, int) and isinstance(sketch, list) and len(sketch) == dims and \
-                        all(isinstance(v, float) for v in sketch):
+                if (
+                    isinstance(epoch, int)
+                    and isinstance(sketch, list)
+                    and len(sketch) == dims
+                    and all(isinstance(v, float) for v in sketch)
+                ):
                     return epoch, sketch
             except Exception as e:
                 logger.debug(f"no state sketch from {peer}: {e!r}")
@@ -403,8 +477,10 @@ class StageServer(ServicerBase):
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.inflight:
-            logger.warning(f"stage {self.cfg.stage}: leaving with {self.inflight} micro-batch(es) unfinished after "
-                           f"{grace_s:.0f}s; their trainers retry them elsewhere")
+            logger.warning(
+                f"stage {self.cfg.stage}: leaving with {self.inflight} micro-batch(es) unfinished after "
+                f"{grace_s:.0f}s; their trainers retry them elsewhere"
+            )
         return self.inflight
 
     async def shutdown(self) -> None:
@@ -432,28 +508,47 @@ class StageServer(ServicerBase):
             self.record.throughput = float(min(self.stats.throughput_ema, 1e9))
 
     # ---- RPCs ---------------------------------------------------------------------------------------------
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_info(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         """A peer's view of itself, for `swarm status` and tests."""
         info = dict(
-            peer_id=self.peer_id, stage=self.cfg.stage, num_stages=self.cfg.num_stages,
-            state=self.record.state if self.record else "joining", served=self.stats.served, inflight=self.inflight,
-            rejected_inputs=self.stats.rejected_inputs, rejected_grads=self.stats.rejected_grads,
-            failed_downstream=self.stats.failed_downstream, throughput=self.stats.throughput_ema,
-            epoch=self.optimizer.epoch, flagged=_top(self.stats.flagged, INFO_PEERS), device=str(self.device),
+            peer_id=self.peer_id,
+            stage=self.cfg.stage,
+            num_stages=self.cfg.num_stages,
+            state=self.record.state if self.record else "joining",
+            served=self.stats.served,
+            inflight=self.inflight,
+            rejected_inputs=self.stats.rejected_inputs,
+            rejected_grads=self.stats.rejected_grads,
+            failed_downstream=self.stats.failed_downstream,
+            throughput=self.stats.throughput_ema,
+            epoch=self.optimizer.epoch,
+            flagged=_top(self.stats.flagged, INFO_PEERS),
+            device=str(self.device),
             sentinel=self.sentinel is not None,
             # bounded whatever the number of peers ever seen (peer ids are free to mint): the peers with the most
             # strikes, then the most exchanges, as in a published report
             ledger=dict(list(self.ledger.to_report(self.peer_id, 0.0).entries.items())[:INFO_LEDGER]),
-            blacklist=dict(list(self.reputation.aggregate.blacklist.items())[:INFO_PEERS]) if self.reputation else {},
+            blacklist=dict(list(self.reputation.aggregate.blacklist.items())[:INFO_PEERS])
+            if self.reputation
+            else {},
             param_checksum=await asyncio.get_event_loop().run_in_executor(None, self.param_checksum),
-            averaging=dict(strikes=_top(self.stats.averaging_strikes, INFO_PEERS),
-                           refused_states=_top(self.stats.refused_states, INFO_PEERS)),
-            audits=dict(run=self.stats.audits_run, failed=dict(self.stats.audits_failed), served=self.stats.audits_served),
+            averaging=dict(
+                strikes=_top(self.stats.averaging_strikes, INFO_PEERS),
+                refused_states=_top(self.stats.refused_states, INFO_PEERS),
+            ),
+            audits=dict(
+                run=self.stats.audits_run,
+                failed=dict(self.stats.audits_failed),
+                served=self.stats.audits_served,
+            ),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
 
-    async def rpc_labels(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
-                         context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_labels(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         """A trainer deposits the labels of one micro-batch at the last stage (streamed like any tensor; bounded by
         the micro-batch limits and by ``max_label_deposits`` per trainer)."""
         sender = str(context.remote_id)
@@ -465,8 +560,11 @@ class StageServer(ServicerBase):
             if refused:
                 raise TransportError(refused)
             mb = received.metadata.get("mb")
-            if not (isinstance(mb, str) and 0 < len(mb) <= 256) or len(received.tensors) != 1 \
-                    or received.tensors[0].dtype != torch.int64:
+            if (
+                not (isinstance(mb, str) and 0 < len(mb) <= 256)
+                or len(received.tensors) != 1
+                or received.tensors[0].dtype != torch.int64
+            ):
                 raise TransportError("labels need an 'mb' id and one int64 tensor")
             labels = received.tensors[0]
             if labels.ndim != 2:
@@ -489,10 +587,14 @@ class StageServer(ServicerBase):
     def _check_shape(self, x: torch.Tensor) -> None:
         """A micro-batch's [batch, seq] within this server's limits (the swarm's micro-batch size and sequence
         length, when the peer was started from a swarm config)."""
-        if x.ndim < 2 or not (1 <= x.shape[0] <= self.cfg.max_batch
-                              and 2 <= x.shape[1] <= min(self.cfg.max_seq_len, self.model_cfg.max_position_embeddings)):
-            raise TransportError(f"batch/sequence size {tuple(x.shape[:2])} outside this server's limits "
-                                 f"({self.cfg.max_batch} x {self.cfg.max_seq_len})")
+        if x.ndim < 2 or not (
+            1 <= x.shape[0] <= self.cfg.max_batch
+            and 2 <= x.shape[1] <= min(self.cfg.max_seq_len, self.model_cfg.max_position_embeddings)
+        ):
+            raise TransportError(
+                f"batch/sequence size {tuple(x.shape[:2])} outside this server's limits "
+                f"({self.cfg.max_batch} x {self.cfg.max_seq_len})"
+            )
 
     async def rpc_chain(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -540,10 +642,15 @@ class StageServer(ServicerBase):
         finally:
             self.inflight -= 1
         report.setdefault("timings", {})["total_s"] = time.perf_counter() - started
-        signed = HopReport.create(self.identity_key, header_digest=header.digest, stage=self.cfg.stage,
-                                  peer=self.peer_id, **report)
-        for message in pack(dict(reports=[signed.to_wire()] + later), tensors, compression=self.cfg.compression,
-                            message_type=runtime_pb2.ExpertResponse):
+        signed = HopReport.create(
+            self.identity_key, header_digest=header.digest, stage=self.cfg.stage, peer=self.peer_id, **report
+        )
+        for message in pack(
+            dict(reports=[signed.to_wire()] + later),
+            tensors,
+            compression=self.cfg.compression,
+            message_type=runtime_pb2.ExpertResponse,
+        ):
             yield message
 
     def _failure(self, e: ChainError, header: ChainHeader, sender: str) -> Dict[str, Any]:
@@ -553,25 +660,41 @@ class StageServer(ServicerBase):
             return dict(ok=False, error=e.reason[:300], relay=True)
         route = header.route
         downstream = route[self.cfg.stage + 1] if self.cfg.stage + 1 < len(route) else None
-        blame = UPSTREAM if e.blame is not None and e.blame == sender else \
-            DOWNSTREAM if e.blame is not None and e.blame == downstream else None
-        return dict(ok=False, error=e.reason[:300], blame=blame, judged=blame is not None and e.judge is not None)
+        blame = (
+            UPSTREAM
+            if e.blame is not None and e.blame == sender
+            else DOWNSTREAM
+            if e.blame is not None and e.blame == downstream
+            else None
+        )
+        return dict(
+            ok=False, error=e.reason[:300], blame=blame, judged=blame is not None and e.judge is not None
+        )
 
     def _verify_header(self, meta: Dict[str, Any], sender: str) -> ChainHeader:
         """The request's signed header (``swarm.protocol.ChainHeader``), checked for this peer; raises Refusal."""
         try:
             header = ChainHeader.from_wire(meta.get("header"))
-            header.check(run_id=self.cfg.run_id, stage=self.cfg.stage, me=self.peer_id, sender=sender,
-                         now=time.time(), audit_only=meta.get("audit_only") is True)
+            header.check(
+                run_id=self.cfg.run_id,
+                stage=self.cfg.stage,
+                me=self.peer_id,
+                sender=sender,
+                now=time.time(),
+                audit_only=meta.get("audit_only") is True,
+            )
         except ProtocolError as e:
             self._reject(sender, f"bad header: {e}", FORWARD)
             raise Refusal(f"bad header: {e}") from None
         if len(header.route) != self.cfg.num_stages:
-            raise Refusal(f"header route has {len(header.route)} stages; this swarm has {self.cfg.num_stages}")
+            raise Refusal(
+                f"header route has {len(header.route)} stages; this swarm has {self.cfg.num_stages}"
+            )
         return header
 
-    async def rpc_state_sketch(self, request: runtime_pb2.ExpertRequest,
-                               context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_state_sketch(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         """A random sketch of this replica's parameters under the caller's seed (``swarm.averaging.param_sketch``),
         with its epoch: how a replica that downloaded the stage's state checks it against the others. It costs a
         pass over the parameters, so one request per caller per SKETCH_COOLDOWN_S, and at most 256 dimensions."""
@@ -597,7 +720,9 @@ class StageServer(ServicerBase):
             reply = {"ok": False, "error": str(e)}
         return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
 
-    async def rpc_dialback(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def rpc_dialback(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         """Reachability check for a joining peer: dial the caller back at the addresses it lists, from a fresh
         libp2p host (the caller's existing connection to this peer proves nothing), and say which worked.
 
@@ -634,31 +759,72 @@ class StageServer(ServicerBase):
             self.stats.rejected_grads += 1
         stage = self.cfg.stage - 1 if direction == FORWARD else self.cfg.stage + 1
         logger.info(f"stage {self.cfg.stage}: rejected {direction} tensor from {sender[-8:]}: {reason}")
-        return ChainError(f"stage {self.cfg.stage} rejected {direction} tensor: {reason}", blame=sender, blame_stage=stage,
-                          judge=self.peer_id if verdict else None)
+        return ChainError(
+            f"stage {self.cfg.stage} rejected {direction} tensor: {reason}",
+            blame=sender,
+            blame_stage=stage,
+            judge=self.peer_id if verdict else None,
+        )
 
     async def _check_activations(self, x: torch.Tensor, sender: str, header: ChainHeader, epoch: Any) -> None:
         """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
         over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
         Token ids from the trainer are validated (range, digest) in _validate_request instead."""
-        verdict = await self._off_loop(self.gate.activations, x, sender, microbatch=_data_key(header),
-                                       step=header.step, epoch=_epoch(epoch), last_stage=self.module.is_last)
+        verdict = await self._off_loop(
+            self.gate.activations,
+            x,
+            sender,
+            microbatch=_data_key(header),
+            step=header.step,
+            epoch=_epoch(epoch),
+            last_stage=self.module.is_last,
+        )
         if verdict is not None and not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
-    async def _check_gradient(self, grad: torch.Tensor, sender: str, header: ChainHeader, sent: torch.Tensor,
-                              epoch: Any, audited: bool) -> None:
-        verdict = await self._off_loop(self.gate.gradient, grad, sender, sent=sent, microbatch=_data_key(header),
-                                       step=header.step, epoch=_epoch(epoch), audited=audited)
+    async def _check_gradient(
+        self,
+        grad: torch.Tensor,
+        sender: str,
+        header: ChainHeader,
+        sent: torch.Tensor,
+        epoch: Any,
+        audited: bool,
+    ) -> None:
+        verdict = await self._off_loop(
+            self.gate.gradient,
+            grad,
+            sender,
+            sent=sent,
+            microbatch=_data_key(header),
+            step=header.step,
+            epoch=_epoch(epoch),
+            audited=audited,
+        )
         if verdict is not None and not verdict.accepted:
             raise self._reject(sender, verdict.reason, BACKWARD, verdict=True)
 
-    async def _check_loss(self, loss: float, sender: str, header: ChainHeader, sender_epoch: Any, x: torch.Tensor,
-                          labels: torch.Tensor) -> None:
+    async def _check_loss(
+        self,
+        loss: float,
+        sender: str,
+        header: ChainHeader,
+        sender_epoch: Any,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
         """The last stage's loss on the sender's activations, judged before any backward (:meth:`Gate.loss`)."""
-        verdict = await self._off_loop(self.gate.loss, loss, sender, microbatch=_data_key(header), step=header.step,
-                                       epoch=_epoch(sender_epoch), activations=x, tokens=labels,
-                                       attributable=self.cfg.stage == 1)
+        verdict = await self._off_loop(
+            self.gate.loss,
+            loss,
+            sender,
+            microbatch=_data_key(header),
+            step=header.step,
+            epoch=_epoch(sender_epoch),
+            activations=x,
+            tokens=labels,
+            attributable=self.cfg.stage == 1,
+        )
         if verdict is not None and not verdict.accepted:
             raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
 
@@ -669,7 +835,9 @@ class StageServer(ServicerBase):
         try:
             auditors = audit_reveal(header, meta.get("audit"))
         except ProtocolError as e:
-            raise ChainError(f"stage {self.cfg.stage}: {e}", blame=sender, blame_stage=self.cfg.stage - 1) from None
+            raise ChainError(
+                f"stage {self.cfg.stage}: {e}", blame=sender, blame_stage=self.cfg.stage - 1
+            ) from None
         if self.cfg.stage != self.cfg.num_stages - 2:
             return []
         if len(set(auditors)) != len(auditors) or {header.route[-1], self.peer_id} & set(auditors):
@@ -677,8 +845,15 @@ class StageServer(ServicerBase):
             return []
         return auditors
 
-    async def _audit(self, grad: torch.Tensor, peer: str, auditors: List[str], header: ChainHeader,
-                     meta: Dict[str, Any], out: torch.Tensor) -> None:
+    async def _audit(
+        self,
+        grad: torch.Tensor,
+        peer: str,
+        auditors: List[str],
+        header: ChainHeader,
+        meta: Dict[str, Any],
+        out: torch.Tensor,
+    ) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
         ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed."""
@@ -686,8 +861,15 @@ class StageServer(ServicerBase):
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
             try:
-                answer = (await self._call_next(auditor, header, dict(meta, audit_only=True), out,
-                                                timeout_s=min(self.cfg.hop_timeout_s, 30.0)))[0]
+                answer = (
+                    await self._call_next(
+                        auditor,
+                        header,
+                        dict(meta, audit_only=True),
+                        out,
+                        timeout_s=min(self.cfg.hop_timeout_s, 30.0),
+                    )
+                )[0]
             except ChainError as e:
                 logger.info(f"stage {self.cfg.stage}: auditor {auditor[-8:]} gave no gradient: {e.reason}")
                 continue
@@ -710,7 +892,9 @@ class StageServer(ServicerBase):
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
         raise ChainError(f"stage {self.cfg.stage}: {outcome.reason()}", blame=None)
 
-    def _validate_request(self, header: ChainHeader, tensors: List[torch.Tensor], sender: str) -> torch.Tensor:
+    def _validate_request(
+        self, header: ChainHeader, tensors: List[torch.Tensor], sender: str
+    ) -> torch.Tensor:
         if len(tensors) != 1:
             raise ChainError(f"expected exactly one input tensor, got {len(tensors)}", blame=sender)
         x = tensors[0]
@@ -733,13 +917,18 @@ class StageServer(ServicerBase):
                 raise ChainError("token ids do not match the header's digest", blame=sender)
         return x
 
-    async def _chain(self, received, header: ChainHeader, sender: str) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+    async def _chain(
+        self, received, header: ChainHeader, sender: str
+    ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
         """This hop's work on a request whose header verified: returns the upstream gradient and this hop's report
         fields (with the later hops' reports under ``reports``); a failure raises ChainError."""
         meta = received.metadata
         audit_only = meta.get("audit_only") is True
         if audit_only and not self.module.is_last:
-            raise ChainError("'audit_only' asks the last stage for a gradient; this peer serves a middle stage", blame=sender)
+            raise ChainError(
+                "'audit_only' asks the last stage for a gradient; this peer serves a middle stage",
+                blame=sender,
+            )
         x = self._validate_request(header, received.tensors, sender)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
         if audit_only:  # the penultimate stage passes the reveal on to its auditors: this one must be listed
@@ -750,7 +939,9 @@ class StageServer(ServicerBase):
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
         await self._check_activations(x, sender, header, meta.get("sender_epoch"))
-        epoch = self.optimizer.epoch  # the weights this micro-batch's forward uses (receivers compare like with like)
+        epoch = (
+            self.optimizer.epoch
+        )  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
         loss: Optional[float] = None
         async with self._slots:
@@ -762,40 +953,74 @@ class StageServer(ServicerBase):
                 if self.module.is_last:
                     key = (header.trainer, header.mb)
                     if self.labels.used(key):
-                        raise ChainError(f"micro-batch {header.mb} was computed here already (a replay)", blame=sender)
+                        raise ChainError(
+                            f"micro-batch {header.mb} was computed here already (a replay)", blame=sender
+                        )
                     try:
                         labels = await self.labels.take(key, self.cfg.labels_timeout_s)
                     except asyncio.TimeoutError:
-                        raise ChainError(f"labels for micro-batch {header.mb} never arrived", blame=None) from None
+                        raise ChainError(
+                            f"labels for micro-batch {header.mb} never arrived", blame=None
+                        ) from None
                     except TransportError as e:
                         raise ChainError(str(e), blame=None) from None
-                    if tensor_digest(labels) != header.labels_digest:  # the trainer's own labels contradict its header
-                        raise ChainError(f"labels deposited for {header.mb} do not match its header", blame=None)
+                    if (
+                        tensor_digest(labels) != header.labels_digest
+                    ):  # the trainer's own labels contradict its header
+                        raise ChainError(
+                            f"labels deposited for {header.mb} do not match its header", blame=None
+                        )
                     if labels.shape != out.shape[:2]:
-                        raise ChainError(f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}",
-                                         blame=sender)
+                        raise ChainError(
+                            f"labels {tuple(labels.shape)} do not match inputs {tuple(out.shape[:2])}",
+                            blame=sender,
+                        )
                     loss_t, loss_s = await loop.run_in_executor(self.executor, self.compute.loss, out, labels)
                     fwd_s += loss_s
-                    await self._check_loss(float(loss_t.detach()), sender, header, meta.get("sender_epoch"), x, labels)
+                    await self._check_loss(
+                        float(loss_t.detach()), sender, header, meta.get("sender_epoch"), x, labels
+                    )
                     if audit_only:  # the gradient for a penultimate stage's audit: no training on it
-                        loss, grad_in, bwd_s = await loop.run_in_executor(self.executor, self.compute.audit_gradient, x, loss_t)
+                        loss, grad_in, bwd_s = await loop.run_in_executor(
+                            self.executor, self.compute.audit_gradient, x, loss_t
+                        )
                         opt_s = 0.0
                     else:
-                        loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self.compute.backward_loss,
-                                                                                 x, loss_t)
+                        loss, grad_in, bwd_s, opt_s = await loop.run_in_executor(
+                            self.executor, self.compute.backward_loss, x, loss_t
+                        )
                 else:
-                    next_meta = dict(header=meta["header"], sender_epoch=epoch, admission=self.admission_proof)
+                    next_meta = dict(
+                        header=meta["header"], sender_epoch=epoch, admission=self.admission_proof
+                    )
                     if self.cfg.stage + 1 < self.cfg.num_stages - 1:
-                        next_meta["audit"] = meta.get("audit")  # checked again at the next hop; the last never sees it
-                    grad_out, later, next_epoch = await self._call_next(header.route[self.cfg.stage + 1], header,
-                                                                        next_meta, out.detach())
-                    await self._check_gradient(grad_out, header.route[self.cfg.stage + 1], header, out.detach(),
-                                               next_epoch, audited=bool(auditors))
+                        next_meta["audit"] = meta.get(
+                            "audit"
+                        )  # checked again at the next hop; the last never sees it
+                    grad_out, later, next_epoch = await self._call_next(
+                        header.route[self.cfg.stage + 1], header, next_meta, out.detach()
+                    )
+                    await self._check_gradient(
+                        grad_out,
+                        header.route[self.cfg.stage + 1],
+                        header,
+                        out.detach(),
+                        next_epoch,
+                        audited=bool(auditors),
+                    )
                     if auditors:
                         audit_meta = dict(next_meta, audit=meta.get("audit"))
-                        await self._audit(grad_out, header.route[self.cfg.stage + 1], auditors, header, audit_meta,
-                                          out.detach())
-                    grad_in, bwd_s, opt_s = await loop.run_in_executor(self.executor, self.compute.backward, x, out, grad_out)
+                        await self._audit(
+                            grad_out,
+                            header.route[self.cfg.stage + 1],
+                            auditors,
+                            header,
+                            audit_meta,
+                            out.detach(),
+                        )
+                    grad_in, bwd_s, opt_s = await loop.run_in_executor(
+                        self.executor, self.compute.backward, x, out, grad_out
+                    )
             except BaseException:
                 del x, out  # drop the graph: this micro-batch never reaches the optimizer
                 raise
@@ -807,11 +1032,22 @@ class StageServer(ServicerBase):
             self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, header)]
         timings = dict(fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
-        return tensors, dict(ok=True, loss=float(loss) if loss is not None else None, epoch=epoch, timings=timings,
-                             reports=later)
+        return tensors, dict(
+            ok=True,
+            loss=float(loss) if loss is not None else None,
+            epoch=epoch,
+            timings=timings,
+            reports=later,
+        )
 
-    async def _call_next(self, peer: str, header: ChainHeader, meta: Dict[str, Any], out: torch.Tensor,
-                         timeout_s: Optional[float] = None) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int]]:
+    async def _call_next(
+        self,
+        peer: str,
+        header: ChainHeader,
+        meta: Dict[str, Any],
+        out: torch.Tensor,
+        timeout_s: Optional[float] = None,
+    ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int]]:
         """Send ``out`` to ``peer`` (the next stage's route peer, or an auditor) and return the gradient it sent back,
         its signed reports (checked: ``swarm.protocol.check_reports``) and its epoch. A failure raises ChainError:
         this hop's own claim about ``peer`` (unreachable, timed out, a malformed or unsigned reply), or the later
@@ -829,19 +1065,26 @@ class StageServer(ServicerBase):
             received = await call(stub.rpc_chain, messages, self.cfg.limits, timeout=timeout_s)
         except asyncio.TimeoutError:
             self.stats.failed_downstream += 1
-            raise ChainError(f"stage {stage} peer timed out after {timeout_s:.0f}s", blame=peer, blame_stage=stage) from None
+            raise ChainError(
+                f"stage {stage} peer timed out after {timeout_s:.0f}s", blame=peer, blame_stage=stage
+            ) from None
         except TransportError as e:
             self.stats.failed_downstream += 1
             raise self._reject(peer, f"malformed reply: {e}", BACKWARD) from e
         except Exception as e:
             self.stats.failed_downstream += 1
-            raise ChainError(f"stage {stage} peer unreachable: {type(e).__name__}: {e}", blame=peer, blame_stage=stage) from None
+            raise ChainError(
+                f"stage {stage} peer unreachable: {type(e).__name__}: {e}", blame=peer, blame_stage=stage
+            ) from None
         reply = received.metadata
         if "reports" not in reply:  # refused before it verified the header: its word against this hop's
             self.stats.failed_downstream += 1
             no_fault = reply.get("no_fault") is True
-            raise ChainError(f"stage {stage} peer refused: {str(reply.get('error', 'no reason'))[:200]}",
-                             blame=None if no_fault else peer, blame_stage=None if no_fault else stage)
+            raise ChainError(
+                f"stage {stage} peer refused: {str(reply.get('error', 'no reason'))[:200]}",
+                blame=None if no_fault else peer,
+                blame_stage=None if no_fault else stage,
+            )
         try:
             reports = check_reports(header, reply["reports"], stage, peer)
         except ProtocolError as e:
@@ -854,13 +1097,17 @@ class StageServer(ServicerBase):
             raise self._reject(peer, "reply needs one gradient tensor", BACKWARD)
         grad = received.tensors[0]
         if grad.shape != out.shape or not grad.is_floating_point():
-            raise self._reject(peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD)
+            raise self._reject(
+                peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD
+            )
         return grad, reply["reports"], reports[0].epoch
 
     def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()
         if self.outbound_hook is not None:
-            tensor = self.outbound_hook(tensor, direction, dict(trainer=header.trainer, mb=header.mb, step=header.step))
+            tensor = self.outbound_hook(
+                tensor, direction, dict(trainer=header.trainer, mb=header.mb, step=header.step)
+            )
         return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.cpu()
 
     async def _off_loop(self, fn, *args, **kwargs):
@@ -888,5 +1135,3 @@ def _data_key(header: ChainHeader) -> str:
 def _epoch(value: Any) -> Optional[int]:
     """A sender's claimed optimizer epoch, if it is a plausible one (it only picks which senders to compare with)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40 else None
-
-

@@ -148,7 +148,9 @@ def short_id(peer_id: str) -> str:
     return peer_id[-SHORT_ID_LEN:]
 
 
-def _blacklist_verdicts(blacklists: Dict[str, BlacklistRecord], weights: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
+def _blacklist_verdicts(
+    blacklists: Dict[str, BlacklistRecord], weights: Dict[str, float]
+) -> Dict[str, Dict[str, Any]]:
     """Per listed peer: the swarm-wide verdict (publishers weighed by ``weights``), how many publishers list it, and
     the reason most of them cite."""
     from swarm.reputation_service import swarm_verdict
@@ -164,9 +166,10 @@ def _blacklist_verdicts(blacklists: Dict[str, BlacklistRecord], weights: Dict[st
         reporters = max(entry["reporters"] for entry in entries)
         strikes = max(entry["strikes"] for entry in entries)
         verdicts[peer] = dict(
-            blacklisted=swarm_verdict(blacklists, peer, weights), listed_by=len(entries),
+            blacklisted=swarm_verdict(blacklists, peer, weights),
+            listed_by=len(entries),
             reason=f"{reason} (listed by {len(entries)} of {len(blacklists)} publishers; "
-                   f"{reporters} reporters, {strikes} strikes)",
+            f"{reporters} reporters, {strikes} strikes)",
         )
     return verdicts
 
@@ -199,35 +202,66 @@ def build_status(
         for item in stage_peers.get(stage, ()):
             record = getattr(item, "record", item)
             verdict = verdicts.get(record.peer_id)
-            peers.append(PeerStatus(
-                peer_id=record.peer_id, short_id=short_id(record.peer_id), stage=stage, state=record.state,
-                address=record.addrs[0] if record.addrs else None, addrs=list(record.addrs),
-                throughput=round(record.throughput, 3), served=record.served, device=record.device,
-                reputation=None if reputation is None else round(reputation.score(record.peer_id), 4),
-                blacklisted=bool(verdict and verdict["blacklisted"]),
-                blacklist_reason=verdict["reason"] if verdict else None,
-                blacklisted_by=verdict["listed_by"] if verdict else 0, blacklist_publishers=len(blacklists),
-                last_seen_s=round(max(0.0, now - record.updated_at), 1), updated_at=record.updated_at,
-            ))
+            peers.append(
+                PeerStatus(
+                    peer_id=record.peer_id,
+                    short_id=short_id(record.peer_id),
+                    stage=stage,
+                    state=record.state,
+                    address=record.addrs[0] if record.addrs else None,
+                    addrs=list(record.addrs),
+                    throughput=round(record.throughput, 3),
+                    served=record.served,
+                    device=record.device,
+                    reputation=None if reputation is None else round(reputation.score(record.peer_id), 4),
+                    blacklisted=bool(verdict and verdict["blacklisted"]),
+                    blacklist_reason=verdict["reason"] if verdict else None,
+                    blacklisted_by=verdict["listed_by"] if verdict else 0,
+                    blacklist_publishers=len(blacklists),
+                    last_seen_s=round(max(0.0, now - record.updated_at), 1),
+                    updated_at=record.updated_at,
+                )
+            )
         peers.sort(key=lambda p: (p.state != "online", p.peer_id))
         stages.append(StageStatus(stage=stage, online=sum(p.state == "online" for p in peers), peers=peers))
 
     trainers = sorted(
-        (TrainerStatus(peer_id=r.peer_id, state=r.state, step=r.step, steps_total=r.steps_total, loss=r.loss,
-                       tokens=r.tokens, tokens_per_s=r.tokens_per_s, completed=r.completed, dropped=r.dropped,
-                       retried=r.retried, updated_at=r.updated_at, last_seen_s=round(max(0.0, now - r.updated_at), 1))
-         for r in progress),
+        (
+            TrainerStatus(
+                peer_id=r.peer_id,
+                state=r.state,
+                step=r.step,
+                steps_total=r.steps_total,
+                loss=r.loss,
+                tokens=r.tokens,
+                tokens_per_s=r.tokens_per_s,
+                completed=r.completed,
+                dropped=r.dropped,
+                retried=r.retried,
+                updated_at=r.updated_at,
+                last_seen_s=round(max(0.0, now - r.updated_at), 1),
+            )
+            for r in progress
+        ),
         key=lambda t: -t.updated_at,
     )
     return SwarmStatus(
-        run_id=run_id, queried_at=now, num_stages=num_stages, model=_model_summary(config), stages=stages,
-        trainers=trainers, totals=_totals(stages, trainers), notes=list(notes),
+        run_id=run_id,
+        queried_at=now,
+        num_stages=num_stages,
+        model=_model_summary(config),
+        stages=stages,
+        trainers=trainers,
+        totals=_totals(stages, trainers),
+        notes=list(notes),
     )
 
 
 def _model_summary(config: Optional[SwarmConfigRecord]) -> Dict[str, Any]:
     model = config.model if config is not None else {}
-    return dict(layers=model.get("num_layers"), hidden=model.get("hidden_size"), vocab=model.get("vocab_size"))
+    return dict(
+        layers=model.get("num_layers"), hidden=model.get("hidden_size"), vocab=model.get("vocab_size")
+    )
 
 
 def _totals(stages: List[StageStatus], trainers: List[TrainerStatus]) -> Dict[str, Any]:
@@ -282,18 +316,22 @@ def render_text(status: SwarmStatus) -> str:
         for t in status.trainers:
             loss = "n/a" if t.loss is None else f"{t.loss:.4f}"
             of = f"/{t.steps_total}" if t.steps_total else ""
-            lines.append(f"trainer {short_id(t.peer_id)} ({t.state}): step {t.step}{of}, loss {loss}, "
-                         f"{t.tokens_per_s:.1f} tokens/s, micro-batches {t.completed} completed / {t.dropped} "
-                         f"dropped / {t.retried} retried; updated {_ago(t.last_seen_s)}")
+            lines.append(
+                f"trainer {short_id(t.peer_id)} ({t.state}): step {t.step}{of}, loss {loss}, "
+                f"{t.tokens_per_s:.1f} tokens/s, micro-batches {t.completed} completed / {t.dropped} "
+                f"dropped / {t.retried} retried; updated {_ago(t.last_seen_s)}"
+            )
     else:
         lines.append("trainer: none has published progress (no trainer running, or it has not started yet)")
     loss = "n/a" if totals["loss"] is None else f"{totals['loss']:.4f}"
     tps = "n/a" if totals["tokens_per_s"] is None else f"{totals['tokens_per_s']:.1f}"
     step = "n/a" if totals["step"] is None else str(totals["step"])
     empty = ", ".join(map(str, totals["stages_without_peer"])) or "none"
-    lines.append(f"totals: step {step}, loss {loss}, {tps} tokens/s; peers per stage "
-                 f"{totals['peers_per_stage']} ({totals['peers_online']} online of {totals['peers_total']}, "
-                 f"{totals['peers_blacklisted']} blacklisted); stages with no peer: {empty}")
+    lines.append(
+        f"totals: step {step}, loss {loss}, {tps} tokens/s; peers per stage "
+        f"{totals['peers_per_stage']} ({totals['peers_online']} online of {totals['peers_total']}, "
+        f"{totals['peers_blacklisted']} blacklisted); stages with no peer: {empty}"
+    )
     for stage in status.stages:
         lines.append("")
         lines.append(f"stage {stage.stage}: {stage.online} online of {len(stage.peers)}")
@@ -307,8 +345,18 @@ def render_text(status: SwarmStatus) -> str:
                 black = f"YES: {p.blacklist_reason}"
             elif p.blacklisted_by:
                 black = f"no (listed by {p.blacklisted_by} of {p.blacklist_publishers})"
-            rows.append((p.short_id, _short_addr(p.address), p.state, f"{p.throughput:.2f}/s", str(p.served),
-                         "n/a" if p.reputation is None else f"{p.reputation:.2f}", black, _ago(p.last_seen_s)))
+            rows.append(
+                (
+                    p.short_id,
+                    _short_addr(p.address),
+                    p.state,
+                    f"{p.throughput:.2f}/s",
+                    str(p.served),
+                    "n/a" if p.reputation is None else f"{p.reputation:.2f}",
+                    black,
+                    _ago(p.last_seen_s),
+                )
+            )
         lines.extend(_table(rows))
     for note in status.notes:
         lines.append(f"note: {note}")
@@ -335,7 +383,9 @@ def connect(run_id: str, initial_peers: Sequence[str], timeout_s: float = 15.0, 
 
     def start() -> None:
         try:
-            outcome["dht"] = create_dht(run_id, initial_peers, client_mode=True, wait_timeout_s=timeout_s, **kwargs)
+            outcome["dht"] = create_dht(
+                run_id, initial_peers, client_mode=True, wait_timeout_s=timeout_s, **kwargs
+            )
         except Exception as e:  # reported to the caller below
             outcome["error"] = e
 
@@ -352,13 +402,17 @@ def connect(run_id: str, initial_peers: Sequence[str], timeout_s: float = 15.0, 
     where = " ".join(initial_peers)
     error = outcome.get("error")
     if error is None or isinstance(error, TimeoutError):
-        raise StatusError(f"no answer from the DHT at {where} within {timeout_s:.0f}s: is a peer of the swarm "
-                          f"running there, and is the address reachable from here?")
+        raise StatusError(
+            f"no answer from the DHT at {where} within {timeout_s:.0f}s: is a peer of the swarm "
+            f"running there, and is the address reachable from here?"
+        )
     detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     if "bootstrap" in detail:
         detail = "no initial peer answered"
-    raise StatusError(f"cannot reach the DHT at {where}: {detail}. Is a peer of the swarm running there, "
-                      f"and is the address reachable from here?")
+    raise StatusError(
+        f"cannot reach the DHT at {where}: {detail}. Is a peer of the swarm running there, "
+        f"and is the address reachable from here?"
+    )
 
 
 def _reputation_config(config: SwarmConfigRecord):
@@ -401,11 +455,14 @@ class StatusReader:
         if self.config is None:
             try:
                 self.config = await loop.run_in_executor(
-                    None, fetch_swarm_config, self.dht, self.run_id, max(1.0, self.timeout_s / 2))
+                    None, fetch_swarm_config, self.dht, self.run_id, max(1.0, self.timeout_s / 2)
+                )
             except TimeoutError as e:
                 raise StatusError(str(e)) from None
         config = self.config
-        stage_peers = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.run_id, config.num_stages)
+        stage_peers = await loop.run_in_executor(
+            None, fetch_stage_peers, self.dht, self.run_id, config.num_stages
+        )
         entry = await self.dht.get(progress_key(self.run_id), latest=True, return_future=True)
         parsed, rejected = parse_subkeyed(entry, TrainerProgressRecord.from_value, "trainer progress")
         notes.extend(rejected)
@@ -418,16 +475,29 @@ class StatusReader:
         reputation = None
         try:
             if self.service is None:
-                peer_id = await loop.run_in_executor(None, lambda: str(self.dht.peer_id))  # asks the DHT process
-                self.service = ReputationService(self.dht, self.run_id, config.num_stages, _reputation_config(config),
-                                                 peer_id=peer_id)
+                peer_id = await loop.run_in_executor(
+                    None, lambda: str(self.dht.peer_id)
+                )  # asks the DHT process
+                self.service = ReputationService(
+                    self.dht, self.run_id, config.num_stages, _reputation_config(config), peer_id=peer_id
+                )
             reputation = await self.service.refresh()
             if not any(w > 0 for w in reputation.weights.values()):
-                notes.append("reputation: no reporter has verified work yet, so every score is neutral (1.00)")
+                notes.append(
+                    "reputation: no reporter has verified work yet, so every score is neutral (1.00)"
+                )
         except Exception as e:  # reputation is one column; the rest of the status still stands
             notes.append(f"reputation not computed: {type(e).__name__}: {e}")
-        return build_status(self.run_id, config, stage_peers, progress=list(latest.values()), blacklists=blacklists,
-                            reputation=reputation, now=get_dht_time(), notes=notes)
+        return build_status(
+            self.run_id,
+            config,
+            stage_peers,
+            progress=list(latest.values()),
+            blacklists=blacklists,
+            reputation=reputation,
+            now=get_dht_time(),
+            notes=notes,
+        )
 
 
 def read_status(dht, run_id: str, timeout_s: float = 15.0) -> SwarmStatus:

@@ -21,8 +21,9 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 257 + 1:
-        raise ValueError(f"--vocab-size must be at least 258 (256 bytes, the eos token and one merge), got "
-                         f"{vocab_size}")
+        raise ValueError(
+            f"--vocab-size must be at least 258 (256 bytes, the eos token and one merge), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -58,17 +58,23 @@ class TrainerConfig:
     refresh_peers_s: float = 2.0
     compression: str = "none"
     metrics_path: Optional[str] = None
-    progress_period_s: float = 5.0  # how often the trainer refreshes its {run}.progress record (and after each step)
+    progress_period_s: float = (
+        5.0  # how often the trainer refreshes its {run}.progress record (and after each step)
+    )
     progress_ttl_s: float = 30.0
     progress_final_ttl_s: float = 120.0  # the last record ("finished") stays readable this long after the run
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
             raise ValueError("steps, microbatches_per_step, max_inflight and max_attempts must be >= 1")
-        if not (0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S
-                and 0 < self.progress_final_ttl_s <= MAX_TTL_S):
-            raise ValueError("progress: need 0 < progress_period_s < progress_ttl_s <= MAX_TTL_S and "
-                             "0 < progress_final_ttl_s <= MAX_TTL_S")
+        if not (
+            0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S
+            and 0 < self.progress_final_ttl_s <= MAX_TTL_S
+        ):
+            raise ValueError(
+                "progress: need 0 < progress_period_s < progress_ttl_s <= MAX_TTL_S and "
+                "0 < progress_final_ttl_s <= MAX_TTL_S"
+            )
 
 
 class MicroBatchLedger:
@@ -102,7 +108,9 @@ class MicroBatchLedger:
 
     def counts(self) -> Dict[str, int]:
         values = list(self.outcome.values())
-        return dict(completed=values.count("completed"), retried=self.retried, dropped=values.count("dropped"))
+        return dict(
+            completed=values.count("completed"), retried=self.retried, dropped=values.count("dropped")
+        )
 
 
 class TimingStats:
@@ -120,8 +128,10 @@ class TimingStats:
         self._counts[key] += 1
 
     def means(self) -> Dict[str, Dict[str, float]]:
-        return {key: {name: round(total / self._counts[key], 5) for name, total in sums.items()}
-                for key, sums in sorted(self._sums.items())}
+        return {
+            key: {name: round(total / self._counts[key], 5) for name, total in sums.items()}
+            for key, sums in sorted(self._sums.items())
+        }
 
 
 @dataclass
@@ -130,7 +140,9 @@ class Attempt:
     loss: float = float("nan")
     reason: str = ""
     blame: Optional[str] = None
-    judge: Optional[str] = None  # the receiver whose SENTINEL check rejected the blamed peer's tensor (ChainError)
+    judge: Optional[str] = (
+        None  # the receiver whose SENTINEL check rejected the blamed peer's tensor (ChainError)
+    )
     hop_times_s: Dict[str, float] = field(default_factory=dict)
 
 
@@ -182,14 +194,20 @@ class Trainer:
         self._stub_cls = StageServer  # stubs are generated from the server's RPC signatures
         self.reputation_cfg = reputation
         self.reputation: Optional[ReputationService] = None
-        self.blacklisted_at: Dict[str, int] = {}  # peer -> micro-batches ended when this trainer first saw it banned
-        self.first_rejected_at: Dict[str, int] = {}  # peer -> micro-batches ended at the first SENTINEL rejection of it
+        self.blacklisted_at: Dict[
+            str, int
+        ] = {}  # peer -> micro-batches ended when this trainer first saw it banned
+        self.first_rejected_at: Dict[
+            str, int
+        ] = {}  # peer -> micro-batches ended at the first SENTINEL rejection of it
         self.chosen_at_blacklist: Dict[str, int] = {}  # peer -> times the router had chosen it by then
         self._progress_kick: Optional[asyncio.Event] = None
         self._progress_stop = False
         self.admission = admission if admission is not None and admission.enabled else None
         self.admission_token = admission_token
-        self.admission_proof: Optional[Dict[str, Any]] = None  # sent with every request, when the swarm asks for one
+        self.admission_proof: Optional[Dict[str, Any]] = (
+            None  # sent with every request, when the swarm asks for one
+        )
 
     # ---- progress on the DHT (for `swarm status`) ----------------------------------------------------------------
     def progress_record(self, state: str = "training") -> TrainerProgressRecord:
@@ -198,19 +216,30 @@ class Trainer:
         elapsed = max(last["elapsed_s"] if last is not None else 0.0, 1e-9)  # the rate up to the last step
         loss = last["loss"] if last is not None else None
         return TrainerProgressRecord(
-            peer_id=self.peer_id or "unknown", state=state, step=len(self.metrics), steps_total=self.cfg.steps,
-            loss=float(loss) if loss is not None and 0.0 <= loss <= 1e6 else None, tokens=self.tokens,
-            tokens_per_s=float(min(self.tokens / elapsed, 1e12)), completed=counts["completed"],
-            dropped=counts["dropped"], retried=counts["retried"], updated_at=get_dht_time(),
+            peer_id=self.peer_id or "unknown",
+            state=state,
+            step=len(self.metrics),
+            steps_total=self.cfg.steps,
+            loss=float(loss) if loss is not None and 0.0 <= loss <= 1e6 else None,
+            tokens=self.tokens,
+            tokens_per_s=float(min(self.tokens / elapsed, 1e12)),
+            completed=counts["completed"],
+            dropped=counts["dropped"],
+            retried=counts["retried"],
+            updated_at=get_dht_time(),
         )
 
     async def publish_progress(self, state: str = "training") -> bool:
         """Store this trainer's progress record (signed, ttl ``progress_ttl_s``); False if the DHT refused it."""
         try:
             ttl = self.cfg.progress_final_ttl_s if state == "finished" else self.cfg.progress_ttl_s
-            future = self.dht.store(progress_key(self.cfg.run_id), self.progress_record(state).to_value(),
-                                    get_dht_time() + ttl,
-                                    subkey=owner_subkey(self.dht), return_future=True)
+            future = self.dht.store(
+                progress_key(self.cfg.run_id),
+                self.progress_record(state).to_value(),
+                get_dht_time() + ttl,
+                subkey=owner_subkey(self.dht),
+                return_future=True,
+            )
             return bool(await asyncio.wait_for(future, timeout=min(10.0, self.cfg.progress_ttl_s)))
         except Exception as e:  # progress is for onlookers: it must never disturb training
             logger.debug(f"could not publish progress: {type(e).__name__}: {e}")
@@ -230,8 +259,9 @@ class Trainer:
 
     async def refresh_peers(self) -> None:
         loop = asyncio.get_event_loop()
-        peers = await loop.run_in_executor(None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages,
-                                           self.admission)
+        peers = await loop.run_in_executor(
+            None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages, self.admission
+        )
         self.router.update(peers)
 
     async def _refresh_loop(self) -> None:
@@ -243,13 +273,16 @@ class Trainer:
                 logger.warning(f"could not refresh peers from the DHT: {e}")
 
     def _stub(self, peer: str):
-        return self._stub_cls.get_stub(self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id))
+        return self._stub_cls.get_stub(
+            self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id)
+        )
 
     async def _deposit_labels(self, peer: str, mb: str, ids: torch.Tensor, timeout: float) -> Optional[str]:
         """Stream the labels of ``mb`` to a last-stage peer; None when it took them, else why not."""
         try:
             reply = await self._stub(peer).rpc_labels(
-                aiter_messages(pack({"mb": mb, "admission": self.admission_proof}, [ids])), timeout=timeout)
+                aiter_messages(pack({"mb": mb, "admission": self.admission_proof}, [ids])), timeout=timeout
+            )
             meta = (await receive(single(reply), self.limits)).metadata
             return None if meta.get("ok") is True else f"refused the labels: {str(meta.get('error'))[:200]}"
         except Exception as e:
@@ -261,17 +294,29 @@ class Trainer:
         if why is not None:
             return Attempt(False, reason=f"last stage {why}", blame=chain[-1])
         auditors = await self._auditors(chain, mb, ids)
-        header, reveal = ChainHeader.create(self.identity_key, run_id=self.cfg.run_id, trainer=self.peer_id, mb=mb,
-                                            step=index // self.cfg.microbatches_per_step, route=chain, tokens=ids,
-                                            auditors=auditors, now=time.time())
+        header, reveal = ChainHeader.create(
+            self.identity_key,
+            run_id=self.cfg.run_id,
+            trainer=self.peer_id,
+            mb=mb,
+            step=index // self.cfg.microbatches_per_step,
+            route=chain,
+            tokens=ids,
+            auditors=auditors,
+            now=time.time(),
+        )
         meta = dict(header=header.to_wire(), audit=reveal, admission=self.admission_proof)
         try:
             received = await call(
-                self._stub(chain[0]).rpc_chain, pack(meta, [ids], compression=self.cfg.compression),
-                self.limits, timeout=self.cfg.chain_timeout_s,
+                self._stub(chain[0]).rpc_chain,
+                pack(meta, [ids], compression=self.cfg.compression),
+                self.limits,
+                timeout=self.cfg.chain_timeout_s,
             )
         except asyncio.TimeoutError:
-            return Attempt(False, reason=f"chain timed out after {self.cfg.chain_timeout_s:.0f}s", blame=chain[0])
+            return Attempt(
+                False, reason=f"chain timed out after {self.cfg.chain_timeout_s:.0f}s", blame=chain[0]
+            )
         except TransportError as e:
             return Attempt(False, reason=f"malformed reply: {e}", blame=chain[0])
         except Exception as e:
@@ -279,19 +324,28 @@ class Trainer:
         reply = received.metadata
         if "reports" not in reply:  # refused before it verified the header (the one it was sent is valid)
             no_fault = reply.get("no_fault") is True
-            return Attempt(False, reason=f"stage 0 peer refused: {str(reply.get('error', 'no reason'))[:200]}",
-                           blame=None if no_fault else chain[0])
+            return Attempt(
+                False,
+                reason=f"stage 0 peer refused: {str(reply.get('error', 'no reason'))[:200]}",
+                blame=None if no_fault else chain[0],
+            )
         try:
             verdict = resolve(header, check_reports(header, reply["reports"], 0, chain[0]))
-        except ProtocolError as e:  # the first peer delivered what does not verify: its fault, whoever made it
+        except (
+            ProtocolError
+        ) as e:  # the first peer delivered what does not verify: its fault, whoever made it
             return Attempt(False, reason=f"invalid reply: {e}", blame=chain[0])
         if not verdict.ok:
             return Attempt(False, reason=verdict.reason, blame=verdict.blame, judge=verdict.judge)
         hop_times = {}
         for report in verdict.reports:
-            parts = {k: report.timings[k] for k in ("fwd_s", "bwd_s", "opt_s", "wait_s") if k in report.timings}
+            parts = {
+                k: report.timings[k] for k in ("fwd_s", "bwd_s", "opt_s", "wait_s") if k in report.timings
+            }
             if len(parts) == 4:
-                hop_times[report.peer] = parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]  # busy time, not queueing
+                hop_times[report.peer] = (
+                    parts["fwd_s"] + parts["bwd_s"] + parts["opt_s"]
+                )  # busy time, not queueing
                 self.timing.add(report.stage, parts)
         return Attempt(True, loss=verdict.loss, hop_times_s=hop_times)
 
@@ -300,8 +354,13 @@ class Trainer:
         that does not take them is left out (an audit is best effort: the micro-batch never waits for one)."""
         if self.audit is None:
             return []
-        drawn = pick_auditors(self.router.usable(self.cfg.num_stages - 1), chain[-1],
-                              self.router.is_suspect(chain[-1]), self.audit, self.audit_rng)
+        drawn = pick_auditors(
+            self.router.usable(self.cfg.num_stages - 1),
+            chain[-1],
+            self.router.is_suspect(chain[-1]),
+            self.audit,
+            self.audit_rng,
+        )
 
         async def deposit(peer: str) -> bool:
             why = await self._deposit_labels(peer, mb, ids, timeout=min(10.0, self.cfg.chain_timeout_s))
@@ -354,9 +413,11 @@ class Trainer:
                 duration = self.router.report_failure(result.blame, reason, judge=result.judge)
                 if result.judge is not None:
                     self.first_rejected_at.setdefault(result.blame, len(self.ledger.outcome))
-                logger.info(f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}, "
-                            f"without ...{result.blame[-8:]} for {duration:.0f}s (one failure can be a tolerated false alarm; "
-                            f"only repeated, independent reports blacklist a peer)")
+                logger.info(
+                    f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}, "
+                    f"without ...{result.blame[-8:]} for {duration:.0f}s (one failure can be a tolerated false alarm; "
+                    f"only repeated, independent reports blacklist a peer)"
+                )
             else:
                 logger.info(f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}")
             if attempt + 1 < self.cfg.max_attempts:
@@ -368,14 +429,23 @@ class Trainer:
         self.peer_id = str(self.p2p.peer_id)
         self.identity_key = self.identity_key or identity_key(self.dht)
         if self.identity_key is None:
-            raise ValueError("the trainer signs its requests with its DHT's identity key: make the DHT with "
-                             "swarm.network.create_dht, or pass identity_key")
-        if self.admission is not None and self.admission_proof is None:  # solve the work, check the token first
+            raise ValueError(
+                "the trainer signs its requests with its DHT's identity key: make the DHT with "
+                "swarm.network.create_dht, or pass identity_key"
+            )
+        if (
+            self.admission is not None and self.admission_proof is None
+        ):  # solve the work, check the token first
             self.admission_proof = await asyncio.get_event_loop().run_in_executor(
-                None, self.admission.prove, self.peer_id, self.admission_token)
+                None, self.admission.prove, self.peer_id, self.admission_token
+            )
         if self.reputation_cfg is not None:
             self.reputation = ReputationService(
-                self.dht, self.cfg.run_id, self.cfg.num_stages, self.reputation_cfg, self.peer_id,
+                self.dht,
+                self.cfg.run_id,
+                self.cfg.num_stages,
+                self.reputation_cfg,
+                self.peer_id,
                 admission=self.admission,
             )
             self.router.is_blacklisted = self._is_blacklisted
@@ -402,8 +472,14 @@ class Trainer:
                 while next_index < min(total, end + self.cfg.max_inflight):
                     tasks[next_index] = asyncio.get_event_loop().create_task(launch(next_index))
                     next_index += 1
-                await asyncio.gather(*(tasks.pop(i) for i in range(step * self.cfg.microbatches_per_step, end)))
-                losses = [self.ledger.loss[i] for i in range(step * self.cfg.microbatches_per_step, end) if i in self.ledger.loss]
+                await asyncio.gather(
+                    *(tasks.pop(i) for i in range(step * self.cfg.microbatches_per_step, end))
+                )
+                losses = [
+                    self.ledger.loss[i]
+                    for i in range(step * self.cfg.microbatches_per_step, end)
+                    if i in self.ledger.loss
+                ]
                 row = dict(
                     step=step,
                     loss=sum(losses) / len(losses) if losses else None,
@@ -434,8 +510,14 @@ class Trainer:
         if self.reputation is not None:
             await _bounded(self.reputation.stop(), 10.0, "stopping the reputation loop")
             try:
-                verdicts = await _bounded(read_published_blacklists(self.dht, self.cfg.run_id), 15.0,
-                                          "reading the published blacklists") or {}
+                verdicts = (
+                    await _bounded(
+                        read_published_blacklists(self.dht, self.cfg.run_id),
+                        15.0,
+                        "reading the published blacklists",
+                    )
+                    or {}
+                )
             except Exception as e:
                 logger.warning(f"could not read the published blacklists: {e}")
         return self.summary(time.perf_counter() - started, verdicts)
@@ -456,16 +538,28 @@ class Trainer:
         assert counts["completed"] + counts["dropped"] == total, "every micro-batch must end exactly once"
         peers = [dict(peer_id=self.peer_id, stage=None, role="trainer")]
         for state in sorted(self.router.peers.values(), key=lambda s: (s.stage, s.peer_id)):
-            entry = dict(peer_id=state.peer_id, stage=state.stage, role="stage", chosen=state.chosen,
-                         succeeded=state.succeeded, failed=state.failed, time_ema_s=state.time_ema_s)
+            entry = dict(
+                peer_id=state.peer_id,
+                stage=state.stage,
+                role="stage",
+                chosen=state.chosen,
+                succeeded=state.succeeded,
+                failed=state.failed,
+                time_ema_s=state.time_ema_s,
+            )
             if self.reputation is not None:
-                entry.update(reputation=round(self.reputation.score(state.peer_id), 4),
-                             blacklisted=self.reputation.swarm_verdict(blacklists or {}, state.peer_id),
-                             blacklist_reason=self.reputation.reason(state.peer_id),
-                             first_rejected_after_microbatches=self.first_rejected_at.get(state.peer_id),
-                             blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id),
-                             chosen_after_blacklisted=(state.chosen - self.chosen_at_blacklist[state.peer_id]
-                                                       if state.peer_id in self.chosen_at_blacklist else None))
+                entry.update(
+                    reputation=round(self.reputation.score(state.peer_id), 4),
+                    blacklisted=self.reputation.swarm_verdict(blacklists or {}, state.peer_id),
+                    blacklist_reason=self.reputation.reason(state.peer_id),
+                    first_rejected_after_microbatches=self.first_rejected_at.get(state.peer_id),
+                    blacklisted_after_microbatches=self.blacklisted_at.get(state.peer_id),
+                    chosen_after_blacklisted=(
+                        state.chosen - self.chosen_at_blacklist[state.peer_id]
+                        if state.peer_id in self.chosen_at_blacklist
+                        else None
+                    ),
+                )
             peers.append(entry)
         return dict(
             steps=len(self.metrics),
@@ -481,4 +575,3 @@ class Trainer:
             audits=self.audits,
             peers=peers,
         )
-

@@ -33,7 +33,9 @@ COMPRESSION = {
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 4, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 
 
-MIN_CHUNK_BYTES = 1024  # a sender may split a tensor into chunks no smaller than this on average (ours: 1 MiB)
+MIN_CHUNK_BYTES = (
+    1024  # a sender may split a tensor into chunks no smaller than this on average (ours: 1 MiB)
+)
 
 
 class TransportError(ValueError):
@@ -125,8 +127,10 @@ def _check_header(part: runtime_pb2.Tensor, limits: TensorLimits) -> int:
         raise TransportError("tensor header declares no chunks")
     budget = numel * _ITEMSIZE.get(part.dtype, 8) + 4096 + 8 * numel // 256
     if part.chunks > 1 + budget // MIN_CHUNK_BYTES:  # a tensor in a flood of tiny (or empty) chunks
-        raise TransportError(f"tensor of {budget} bytes declared in {part.chunks} chunks (at least "
-                             f"{MIN_CHUNK_BYTES} bytes each, please)")
+        raise TransportError(
+            f"tensor of {budget} bytes declared in {part.chunks} chunks (at least "
+            f"{MIN_CHUNK_BYTES} bytes each, please)"
+        )
     # the serialized buffer of an uncompressed tensor is exactly numel * itemsize; codecs only shrink it
     # (plus a few bytes of statistics), so anything beyond that is a lie about the shape
     return budget
@@ -195,9 +199,7 @@ async def receive(stream: AsyncIterator[Message], limits: TensorLimits) -> Recei
     return Received(metadata=metadata, tensors=tensors, num_bytes=total_bytes)
 
 
-async def call(
-    method, messages: List[Message], limits: TensorLimits, timeout: Optional[float]
-) -> Received:
+async def call(method, messages: List[Message], limits: TensorLimits, timeout: Optional[float]) -> Received:
     """Call a stream->stream RPC with a deadline covering sending, remote work and receiving the reply."""
 
     async def _call() -> Received:

@@ -17,7 +17,9 @@ class FakeDHT:
         entry = self.values.get(key)
         result = None if entry is None else ValueWithExpiration(dict(entry), get_dht_time() + 60)
         if return_future:
+
             async def done():
                 return result
+
             return done()
         return result

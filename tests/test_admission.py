@@ -165,8 +165,22 @@ def test_allowlisted_swarm_trains_and_refuses_strangers(tmp_path):
     swarm = LocalSwarm(str(tmp_path / "swarm"), run_id="admtest")
     swarm.authority_key = key
     try:
-        swarm.start_dht(["--stages", "2", "--seq-len", "32", "--microbatch-size", "4", "--target-batch-size", "8",
-                         "--pow-bits", "12", "--authority-key", key])
+        swarm.start_dht(
+            [
+                "--stages",
+                "2",
+                "--seq-len",
+                "32",
+                "--microbatch-size",
+                "4",
+                "--target-batch-size",
+                "8",
+                "--pow-bits",
+                "12",
+                "--authority-key",
+                key,
+            ]
+        )
         stages = [swarm.start_stage(s, wait=False) for s in (0, 1)]
         for child in stages:
             child.wait_event("serve", 120)
@@ -176,12 +190,28 @@ def test_allowlisted_swarm_trains_and_refuses_strangers(tmp_path):
         with open(summary) as f:
             assert json.load(f)["microbatches"]["completed"] == 4
 
-        base = [sys.executable, "-m", "peers.cli", "serve", "--run-id", "admtest", "--initial-peers",
-                *swarm.initial_peers, "--stage", "0"]
+        base = [
+            sys.executable,
+            "-m",
+            "peers.cli",
+            "serve",
+            "--run-id",
+            "admtest",
+            "--initial-peers",
+            *swarm.initial_peers,
+            "--stage",
+            "0",
+        ]
         stranger = subprocess.run(base, capture_output=True, text=True, timeout=120)
         assert stranger.returncode == 2 and "allowlisted" in stranger.stderr
         borrowed = swarm.admission_args("someone")[-1]  # a valid token, but for another identity
-        thief = subprocess.run(base + ["--admission-token", borrowed], capture_output=True, text=True, timeout=120)
-        assert thief.returncode == 2 and "not admitted" in thief.stderr and "another swarm or identity" in thief.stderr
+        thief = subprocess.run(
+            base + ["--admission-token", borrowed], capture_output=True, text=True, timeout=120
+        )
+        assert (
+            thief.returncode == 2
+            and "not admitted" in thief.stderr
+            and "another swarm or identity" in thief.stderr
+        )
     finally:
         swarm.stop()

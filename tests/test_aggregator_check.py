@@ -34,11 +34,13 @@ def test_signature_binds_every_field():
     payload = part_payload(IN, b"group", b"agg", b"sender", 3, b"d" * 32)
     blob = sign(KEY, payload)
     assert signer_key(blob, payload) == KEY.public_bytes()
-    for other in (part_payload(IN, b"group2", b"agg", b"sender", 3, b"d" * 32),
-                  part_payload(IN, b"group", b"agg2", b"sender", 3, b"d" * 32),
-                  part_payload(IN, b"group", b"agg", b"sender", 4, b"d" * 32),
-                  part_payload(IN, b"group", b"agg", b"sender", 3, b"e" * 32),
-                  part_payload(IN, b"group", b"agg", b"sender", 3, b"d" * 32, contributes=False)):
+    for other in (
+        part_payload(IN, b"group2", b"agg", b"sender", 3, b"d" * 32),
+        part_payload(IN, b"group", b"agg2", b"sender", 3, b"d" * 32),
+        part_payload(IN, b"group", b"agg", b"sender", 4, b"d" * 32),
+        part_payload(IN, b"group", b"agg", b"sender", 3, b"e" * 32),
+        part_payload(IN, b"group", b"agg", b"sender", 3, b"d" * 32, contributes=False),
+    ):
         assert signer_key(blob, other) is None
     assert signer_key(b"garbage", payload) is None
     assert signer_key(b"x" * 5000, payload) is None
@@ -78,7 +80,12 @@ def test_signing_key_survives_pickling_and_refuses_malformed_blobs():
     assert copy.public_bytes() == KEY.public_bytes()
     assert signer_key(sign(copy, payload), payload) == KEY.public_bytes()
     good = msgpack.unpackb(sign(KEY, payload))
-    for blob in (b"", b"\xc1", msgpack.packb({"key": good["key"][:31], "sig": good["sig"]}),
-                 msgpack.packb({"key": good["key"], "sig": good["sig"][:-1] + bytes([good["sig"][-1] ^ 1])}),
-                 msgpack.packb({"key": OTHER.public_bytes(), "sig": good["sig"]}), msgpack.packb([1, 2])):
+    for blob in (
+        b"",
+        b"\xc1",
+        msgpack.packb({"key": good["key"][:31], "sig": good["sig"]}),
+        msgpack.packb({"key": good["key"], "sig": good["sig"][:-1] + bytes([good["sig"][-1] ^ 1])}),
+        msgpack.packb({"key": OTHER.public_bytes(), "sig": good["sig"]}),
+        msgpack.packb([1, 2]),
+    ):
         assert signer_key(blob, payload) is None

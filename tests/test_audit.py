@@ -24,7 +24,9 @@ def near(g: torch.Tensor, noise: float = 0.05) -> torch.Tensor:
 def test_norms_a_few_percent_apart_agree_and_scaled_ones_do_not(grad):
     assert judge(grad, 1.2 * near(grad)).agree and judge(1.2 * grad, near(grad)).agree
     assert not judge(grad, 1.45 * grad).agree
-    assert norm_ratio(grad, 2 * grad) == pytest.approx(2.0) and norm_ratio(2 * grad, grad) == pytest.approx(2.0)
+    assert norm_ratio(grad, 2 * grad) == pytest.approx(2.0) and norm_ratio(2 * grad, grad) == pytest.approx(
+        2.0
+    )
     assert norm_ratio(grad, torch.zeros_like(grad)) == float("inf")
     assert norm_ratio(torch.zeros_like(grad), torch.zeros_like(grad)) == 1.0
 
@@ -42,8 +44,10 @@ def test_honest_replicas_agree_without_a_tiebreak(grad):
     assert "agrees" in outcome.reason()
 
 
-@pytest.mark.parametrize("tamper", [lambda g: -g, lambda g: torch.randn_like(g), lambda g: 0 * g, lambda g: 1.5 * g,
-                                    lambda g: g / 1.5])
+@pytest.mark.parametrize(
+    "tamper",
+    [lambda g: -g, lambda g: torch.randn_like(g), lambda g: 0 * g, lambda g: 1.5 * g, lambda g: g / 1.5],
+)
 def test_tampered_route_gradient_is_the_odd_one(grad, tamper):
     bad = tamper(grad)
     first = judge(bad, near(grad))
@@ -82,8 +86,16 @@ def test_pick_auditors_rates_and_exclusions():
     assert pick_auditors(["a", "b"], "a", True, cfg, rng) == ["b"]
 
 
-@pytest.mark.parametrize("bad", [dict(rate=1.5), dict(suspect_rate=-0.1), dict(min_cosine=1.0), dict(auditors=3),
-                                 dict(max_norm_ratio=1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(rate=1.5),
+        dict(suspect_rate=-0.1),
+        dict(min_cosine=1.0),
+        dict(auditors=3),
+        dict(max_norm_ratio=1.0),
+    ],
+)
 def test_config_is_checked(bad):
     with pytest.raises(ValueError):
         AuditConfig(**bad)

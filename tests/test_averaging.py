@@ -36,8 +36,9 @@ def cos(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0))
 
 
-@pytest.mark.parametrize("attack", [lambda g: -20 * g, lambda g: 1000 * torch.randn_like(g), lambda g: 0 * g + 50,
-                                    lambda g: -g])
+@pytest.mark.parametrize(
+    "attack", [lambda g: -20 * g, lambda g: 1000 * torch.randn_like(g), lambda g: 0 * g + 50, lambda g: -g]
+)
 @pytest.mark.parametrize("n", [3, 5, 8])
 def test_centered_clip_tolerates_a_minority_of_attackers(n, attack):
     """floor((n-1)/2) attackers sending the same poison: the aggregate stays close to the honest mean."""
@@ -59,7 +60,11 @@ def test_outliers_are_judged_over_a_slice():
     sq = [float(p.norm()) ** 2 for p in parts]
     assert slice_outliers(sq, CFG) == [False, False, False]
     assert slice_outliers(sq[:2] + [400 * sq[2]], CFG) == [False, False, True]  # x20
-    assert slice_outliers([1.0, 9.0, 0.5], CFG) == [False, False, False]  # 3x noisier: one micro-batch against ten
+    assert slice_outliers([1.0, 9.0, 0.5], CFG) == [
+        False,
+        False,
+        False,
+    ]  # 3x noisier: one micro-batch against ten
     assert slice_outliers([1.0], CFG) == [False]
 
 
@@ -68,7 +73,10 @@ def test_two_replicas_bound_the_norm_of_a_scaled_contribution():
     true, (good, _) = honest(2)
     out = robust_aggregate([good, -20 * good], CFG)
     assert out.result.norm() <= good.norm() * (1 + CFG.norm_bound) / 2 + 1e-4
-    assert slice_outliers([v * v for v in out.norms], CFG) == [False, True]  # its partner reports it (alone: no verdict)
+    assert slice_outliers([v * v for v in out.norms], CFG) == [
+        False,
+        True,
+    ]  # its partner reports it (alone: no verdict)
 
 
 def test_mean_aggregator_is_the_plain_mean():
@@ -84,8 +92,9 @@ def test_reducer_ignores_claimed_weights_and_excluded_senders():
 
     async def reduce(weights, excluded=()):
         reducer = RobustPartReducer([parts[0].shape], 3, CFG, excluded=excluded)
-        out = await asyncio.gather(*(reducer.accumulate_part(i, 0, p, weight=w)
-                                     for i, (p, w) in enumerate(zip(parts, weights))))
+        out = await asyncio.gather(
+            *(reducer.accumulate_part(i, 0, p, weight=w) for i, (p, w) in enumerate(zip(parts, weights)))
+        )
         return out[0]
 
     equal = asyncio.run(reduce([1.0, 1.0, 1.0]))
@@ -109,8 +118,12 @@ def test_config_from_a_record_falls_back_to_defaults():
 # ---- live averagers ----------------------------------------------------------------------------------------------
 def _averagers(attack: str, n: int = 3, dim: int = 6000, cfg: AveragingConfig = CFG):
     dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                  initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
+    dhts = [dht0] + [
+        hivemind.DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht0.get_visible_maddrs()
+        )
+        for _ in range(n - 1)
+    ]
     true, grads = honest(n, dim=dim)
     averagers = []
     for i, dht in enumerate(dhts):
@@ -120,10 +133,20 @@ def _averagers(attack: str, n: int = 3, dim: int = 6000, cfg: AveragingConfig = 
         # seed 4: the equivocating attacker lies to both other aggregators in the first round (each is a coin flip)
         hooks = AveragingAdversary(AttackConfig(name=attack, seed=4)).hooks() if i == n - 1 else None
         # every replica accumulates 4 samples: a claim above 16 is one no honest replica makes
-        averager = RobustGradientAverager(params, dht=dht, prefix="test_avg", averaging=cfg, hooks=hooks,
-                                          max_weight=16,
-                                          start=True, min_matchmaking_time=2.0, request_timeout=1.0,
-                                          target_group_size=n, min_vector_size=1, allreduce_timeout=8.0)
+        averager = RobustGradientAverager(
+            params,
+            dht=dht,
+            prefix="test_avg",
+            averaging=cfg,
+            hooks=hooks,
+            max_weight=16,
+            start=True,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            target_group_size=n,
+            min_vector_size=1,
+            allreduce_timeout=8.0,
+        )
         averager.accumulate_grads_(batch_size=4)
         averagers.append(averager)
     return dhts, averagers, true, grads
@@ -174,7 +197,9 @@ def test_a_lying_aggregator_is_caught_by_rechecks_and_dropped(attack):
     received, so it counts an ``aggregate`` strike and stops using that aggregator (later rounds are clean again).
     Without an attack, no re-check fails (the recomputation reproduces the result to float rounding)."""
     cfg = AveragingConfig(verify_rate=2.0, verify_parts=2)
-    dhts, averagers, true, grads = _averagers(attack or "avg-state", cfg=cfg, dim=600_000)  # avg-state: no-op here
+    dhts, averagers, true, grads = _averagers(
+        attack or "avg-state", cfg=cfg, dim=600_000
+    )  # avg-state: no-op here
     attacker = str(dhts[2].peer_id)
     mean_honest = torch.stack(grads[:2]).mean(0)
     try:
@@ -190,7 +215,9 @@ def test_a_lying_aggregator_is_caught_by_rechecks_and_dropped(attack):
         assert checks, outcomes
         if attack is None:
             assert all(clean for _, clean in checks), checks
-            assert min(quality) > 0.95  # the robust aggregate of three honest contributions, vs the mean of two
+            assert (
+                min(quality) > 0.95
+            )  # the robust aggregate of three honest contributions, vs the mean of two
         else:
             caught = {peer for peer, clean in checks if not clean}
             assert caught == {attacker}, checks
@@ -211,18 +238,36 @@ class _StateRound(RobustAveraging, DecentralizedAverager):
 
 def _state_averagers(attack: Optional[str], n: int, dim: int = 60_000, bandwidths=None):
     dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                  initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
+    dhts = [dht0] + [
+        hivemind.DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht0.get_visible_maddrs()
+        )
+        for _ in range(n - 1)
+    ]
     torch.manual_seed(0)
     base = torch.randn(dim)
-    replicas = [base + 1e-3 * torch.randn(dim) for _ in range(n)]  # honest replicas: the same weights, give or take
+    replicas = [
+        base + 1e-3 * torch.randn(dim) for _ in range(n)
+    ]  # honest replicas: the same weights, give or take
     averagers = []
     for i, dht in enumerate(dhts):
         hooks = AveragingAdversary(AttackConfig(name=attack)).hooks() if attack and i == n - 1 else None
-        averagers.append(_StateRound(list(replicas[i].clone().chunk(6)), dht=dht, prefix="test_state", averaging=CFG,
-                                     hooks=hooks, start=True, min_matchmaking_time=2.0, request_timeout=1.0,
-                                     target_group_size=n, min_vector_size=1, allreduce_timeout=8.0,
-                                     bandwidth=(bandwidths or {}).get(i)))
+        averagers.append(
+            _StateRound(
+                list(replicas[i].clone().chunk(6)),
+                dht=dht,
+                prefix="test_state",
+                averaging=CFG,
+                hooks=hooks,
+                start=True,
+                min_matchmaking_time=2.0,
+                request_timeout=1.0,
+                target_group_size=n,
+                min_vector_size=1,
+                allreduce_timeout=8.0,
+                bandwidth=(bandwidths or {}).get(i),
+            )
+        )
     return dhts, averagers, base, replicas
 
 
@@ -257,8 +302,12 @@ def test_parameter_round_among_three(attack):
             assert (after - base).norm() <= 2 * (before - base).norm()
             if attack is None:  # the round did apply: every replica moved towards the others
                 assert (after - before).norm() > 0
-        flagged = {peer for a in averagers[:2] for peer, clean, reason in a.drain_outcomes()
-                   if not clean and reason == "state"}
+        flagged = {
+            peer
+            for a in averagers[:2]
+            for peer, clean, reason in a.drain_outcomes()
+            if not clean and reason == "state"
+        }
         assert flagged == ({attacker} if attack else set())
     finally:
         for averager in averagers:
@@ -288,7 +337,9 @@ def test_equal_slices_whatever_bandwidth_is_claimed():
     from hivemind.utils.serializer import MSGPackSerializer
 
     class Group:
-        gathered = [MSGPackSerializer.dumps((bw, mode, b"")) for bw, mode in [(1e12, 0), (1.0, 0), (5.0, 1), (1.0, 2)]]
+        gathered = [
+            MSGPackSerializer.dumps((bw, mode, b"")) for bw, mode in [(1e12, 0), (1.0, 0), (5.0, 1), (1.0, 2)]
+        ]
 
     fractions = RobustAveraging._equal_fractions(SimpleNamespace(serializer=MSGPackSerializer), Group())
     assert fractions == (1 / 3, 1 / 3, 0.0, 1 / 3)  # a client aggregates nothing; an auxiliary peer does
@@ -401,11 +452,19 @@ def test_excluded_senders_are_still_judged():
 
 def _reduce_slice(parts, own_index=None, weights=None, max_weight=float("inf")):
     """One part aggregated by a RobustPartReducer from these senders; its SliceJudge (cosines, outliers)."""
+
     async def run():
-        reducer = RobustPartReducer([parts[0].shape], len(parts), CFG, own_index=own_index, max_weight=max_weight)
-        await asyncio.gather(*(reducer.accumulate_part(i, 0, p, weight=w)
-                               for i, (p, w) in enumerate(zip(parts, weights or [1.0] * len(parts)))))
+        reducer = RobustPartReducer(
+            [parts[0].shape], len(parts), CFG, own_index=own_index, max_weight=max_weight
+        )
+        await asyncio.gather(
+            *(
+                reducer.accumulate_part(i, 0, p, weight=w)
+                for i, (p, w) in enumerate(zip(parts, weights or [1.0] * len(parts)))
+            )
+        )
         return reducer.judge
+
     return asyncio.run(run())
 
 
@@ -438,7 +497,11 @@ def test_a_claimed_sample_count_above_the_stage_bound_is_reported():
     stage accumulates between two steps), and it is reported; a NaN claim too."""
     _, parts = honest(3, dim=64)
     assert _reduce_slice(parts, weights=[4.0, 4.0, 400.0], max_weight=16).outliers() == [False, False, True]
-    assert _reduce_slice(parts, weights=[4.0, float("nan"), 8.0], max_weight=16).outliers() == [False, True, False]
+    assert _reduce_slice(parts, weights=[4.0, float("nan"), 8.0], max_weight=16).outliers() == [
+        False,
+        True,
+        False,
+    ]
     assert _reduce_slice(parts, weights=[4.0, 16.0, 0.0], max_weight=16).outliers() == [False, False, False]
 
 
@@ -450,7 +513,9 @@ def test_equivocation_sends_different_parts_to_different_aggregators():
         hooks.contribution([torch.ones(3)])
         for aggregator in seen:
             seen[aggregator].append(float(hooks.part(aggregator, torch.ones(3))[0]))
-            assert float(hooks.part(aggregator, torch.ones(3))[0]) == seen[aggregator][-1]  # one choice per round
+            assert (
+                float(hooks.part(aggregator, torch.ones(3))[0]) == seen[aggregator][-1]
+            )  # one choice per round
     for values in seen.values():
         assert set(values) == {1.0, -20.0}
     assert any(a != b for a, b in zip(seen["a"], seen["b"]))
@@ -463,7 +528,9 @@ def test_a_weak_flip_is_caught_over_a_longer_memory():
 
     rng = torch.Generator().manual_seed(0)
     flips = (-0.05 + 0.06 * torch.randn(32, generator=rng)).tolist()
-    honest_values = (0.0 + 0.06 * torch.randn(32, generator=rng)).tolist()  # the worst honest case: expectation 0
+    honest_values = (
+        0.0 + 0.06 * torch.randn(32, generator=rng)
+    ).tolist()  # the worst honest case: expectation 0
     short, long = DirectionMonitor(window=8, memory=8), DirectionMonitor(window=8, memory=32)
     caught_short = [short.observe("flip", v) for v in flips]
     caught_long = [long.observe("flip", v) for v in flips]

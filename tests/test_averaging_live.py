@@ -20,7 +20,12 @@ from peers.local import LocalSwarm
 pytestmark = pytest.mark.slow
 
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
-STAGE = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]  # 3 s to form a group on a loaded 2-core machine
+STAGE = [
+    "--sentinel-warmup",
+    "8",
+    "--matchmaking-time",
+    "3",
+]  # 3 s to form a group on a loaded 2-core machine
 
 
 def _run(tmp_path, run_id: str, attacks, steps: int, joiner_stage: int, joiner_after_steps: int):
@@ -52,8 +57,10 @@ def _run(tmp_path, run_id: str, attacks, steps: int, joiner_stage: int, joiner_a
         deadline = time.monotonic() + 90
         while True:
             infos = peer_infos(swarm, ids)
-            if _level(infos, joiner.info["peer_id"], joiner_stage, attackers_ids(attackers)) or \
-                    time.monotonic() > deadline:
+            if (
+                _level(infos, joiner.info["peer_id"], joiner_stage, attackers_ids(attackers))
+                or time.monotonic() > deadline
+            ):
                 break
             time.sleep(5)
     finally:
@@ -82,9 +89,14 @@ def _level(infos, joiner_id: str, stage: int, attacker_ids) -> bool:
     less; the x5 poisoned state is 400% off). Exact equality held in single runs but not with two swarms sharing
     the 2 cores."""
     joiner = infos[joiner_id]
-    honest = [i for pid, i in infos.items() if i["stage"] == stage and pid not in attacker_ids and pid != joiner_id]
-    return any(abs(i["epoch"] - joiner["epoch"]) <= 1
-               and i["param_checksum"] == pytest.approx(joiner["param_checksum"], rel=0.05) for i in honest)
+    honest = [
+        i for pid, i in infos.items() if i["stage"] == stage and pid not in attacker_ids and pid != joiner_id
+    ]
+    return any(
+        abs(i["epoch"] - joiner["epoch"]) <= 1
+        and i["param_checksum"] == pytest.approx(joiner["param_checksum"], rel=0.05)
+        for i in honest
+    )
 
 
 def _same_weights(infos, joiner_id: str, stage: int, attackers) -> None:
@@ -102,8 +114,13 @@ def test_lying_aggregator_and_scaled_contribution_are_blacklisted(tmp_path):
     attacks ends with the honest replicas' weights."""
     steps = 20
     summary, peers, attackers, joiner, infos = _run(
-        tmp_path, "itest-avg1", {0: ["--attack", "avg-aggregate"], 1: ["--attack", "avg-scale"]}, steps,
-        joiner_stage=1, joiner_after_steps=6)
+        tmp_path,
+        "itest-avg1",
+        {0: ["--attack", "avg-aggregate"], 1: ["--attack", "avg-scale"]},
+        steps,
+        joiner_stage=1,
+        joiner_after_steps=6,
+    )
     views = _check_common(summary, attackers, steps)
     liar = views[attackers[0]]  # a proven lie: blacklisted in every run seen (3 of 3)
     assert liar["blacklisted"] and re.search(r": aggregate \(", liar["blacklist_reason"] or ""), liar
@@ -111,8 +128,9 @@ def test_lying_aggregator_and_scaled_contribution_are_blacklisted(tmp_path):
     # from each of 2 of them, which took the whole run on a machine running two swarms (2 of 3 runs blacklisted it)
     scaler = views[attackers[1]]
     strikes = {p["peer_id"]: p["strikes"] for p in peers if p["role"] == "stage"}
-    assert (scaler["blacklisted"] and re.search(r": averaging \(", scaler["blacklist_reason"] or "")) or \
-        strikes[attackers[1]] >= 3, (scaler, strikes)
+    assert (
+        scaler["blacklisted"] and re.search(r": averaging \(", scaler["blacklist_reason"] or "")
+    ) or strikes[attackers[1]] >= 3, (scaler, strikes)
     _same_weights(infos, joiner.info["peer_id"], 1, attackers)
 
 
@@ -124,8 +142,13 @@ def test_poisoned_state_refused_and_fake_progress_ignored(tmp_path):
     do not believe the lone claim (no reloads of their state), and training goes on."""
     steps = 16
     summary, peers, attackers, joiner, infos = _run(
-        tmp_path, "itest-avg2", {0: ["--attack", "avg-progress"], 1: ["--attack", "avg-state"]}, steps,
-        joiner_stage=1, joiner_after_steps=5)
+        tmp_path,
+        "itest-avg2",
+        {0: ["--attack", "avg-progress"], 1: ["--attack", "avg-state"]},
+        steps,
+        joiner_stage=1,
+        joiner_after_steps=5,
+    )
     _check_common(summary, attackers, steps)
     _same_weights(infos, joiner.info["peer_id"], 1, attackers)
     log = open(joiner.log_path).read()
@@ -135,8 +158,11 @@ def test_poisoned_state_refused_and_fake_progress_ignored(tmp_path):
     # believed, the lie made honest replicas think they were ~1,000 steps behind and reload (13 times in 24 steps);
     # an honest replica that missed a round is 1-2 steps behind and may reload for that (seen: 3 times in 16 steps
     # on a loaded machine), which is not the lie's doing
-    behind = [int(n) for text in stage0_logs
-              for n in re.findall(r"(\d+) optimizer step\(s\) behind the other replicas, loading their state", text)]
+    behind = [
+        int(n)
+        for text in stage0_logs
+        for n in re.findall(r"(\d+) optimizer step\(s\) behind the other replicas, loading their state", text)
+    ]
     assert all(n <= 2 for n in behind), behind
 
 
@@ -148,5 +174,8 @@ def joiner_siblings(tmp_path, stage: int):
             self.log_path = path
 
     folder = tmp_path / "swarm"
-    return [_Log(folder / name) for name in sorted(os.listdir(folder))
-            if re.fullmatch(rf"stage{stage}\.\d+\.log", name)]
+    return [
+        _Log(folder / name)
+        for name in sorted(os.listdir(folder))
+        if re.fullmatch(rf"stage{stage}\.\d+\.log", name)
+    ]

@@ -17,8 +17,13 @@ DEAD = "/ip4/127.0.0.1/tcp/1/p2p/QmRFnbja9E1fh8J97BqyRhV5E1h7daep8bLxrrL7ByceYV"
 
 
 def _cli(*argv, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "peers.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "peers.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def _one_error_line(err: str) -> str:
@@ -29,9 +34,11 @@ def _one_error_line(err: str) -> str:
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys\nfrom peers.cli import main\n"
-            "codes = [main([c, '--help']) for c in ('serve', 'join', 'train', 'local', 'dht', 'status')]\n"
-            "print('CODES', codes, 'torch' in sys.modules)")
+    code = (
+        "import sys\nfrom peers.cli import main\n"
+        "codes = [main([c, '--help']) for c in ('serve', 'join', 'train', 'local', 'dht', 'status')]\n"
+        "print('CODES', codes, 'torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "CODES [0, 0, 0, 0, 0, 0] False" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     proc = _cli("--version")
@@ -56,23 +63,29 @@ def test_flags_win_over_environment_which_wins_over_config_file(tmp_path, monkey
     assert parse_args(["train"]).initial_peers == [ADDR, ADDR]
 
 
-@pytest.mark.parametrize("name, value, expect", [
-    ("SWARM_STAGE", "one", "environment variable SWARM_STAGE: expected an integer, got 'one'"),
-    ("SWARM_NO_SENTINEL", "maybe", "environment variable SWARM_NO_SENTINEL: expected 1/true/yes/on"),
-    ("SWARM_COMPRESSION", "zip", "environment variable SWARM_COMPRESSION: invalid choice 'zip'"),
-])
+@pytest.mark.parametrize(
+    "name, value, expect",
+    [
+        ("SWARM_STAGE", "one", "environment variable SWARM_STAGE: expected an integer, got 'one'"),
+        ("SWARM_NO_SENTINEL", "maybe", "environment variable SWARM_NO_SENTINEL: expected 1/true/yes/on"),
+        ("SWARM_COMPRESSION", "zip", "environment variable SWARM_COMPRESSION: invalid choice 'zip'"),
+    ],
+)
 def test_bad_environment_values_are_one_error_line(monkeypatch, capsys, name, value, expect):
     monkeypatch.setenv(name, value)
     assert main(["serve", "--initial-peers", ADDR]) == 2
     assert expect in _one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "--stage", "0", "--initial-peers", "bogus"],
-    ["train", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"],  # no /p2p/ peer id
-    ["dht", "--initial-peers", "127.0.0.1:31337"],
-    ["join", "--initial-peers", "bogus"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--stage", "0", "--initial-peers", "bogus"],
+        ["train", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"],  # no /p2p/ peer id
+        ["dht", "--initial-peers", "127.0.0.1:31337"],
+        ["join", "--initial-peers", "bogus"],
+    ],
+)
 def test_a_bad_address_is_refused_before_any_identity_or_process(tmp_path, capsys, argv):
     identity = tmp_path / "home" / "identity.key"
     assert main([*argv, "--identity", str(identity)]) == 2

@@ -36,7 +36,10 @@ def test_every_command_has_config_flag():
 
 
 def test_yaml_sets_flags_of_their_types(tmp_path):
-    path = write(tmp_path, "serve.yaml", f"""
+    path = write(
+        tmp_path,
+        "serve.yaml",
+        f"""
 initial-peers: [{ADDR}]
 stage: 1
 run_id: demo
@@ -44,7 +47,8 @@ compression: float16
 no_sentinel: true
 sentinel-threshold: 8
 attack_magnitude: 2e-3   # YAML reads this as a string; it is a float flag
-""")
+""",
+    )
     args = parse_args(["serve", "--config", path])
     assert args.initial_peers == [ADDR]
     assert args.stage == 1 and isinstance(args.stage, int)
@@ -59,7 +63,10 @@ attack_magnitude: 2e-3   # YAML reads this as a string; it is a float flag
 
 
 def test_toml_and_per_command_tables(tmp_path):
-    path = write(tmp_path, "swarm.toml", f"""
+    path = write(
+        tmp_path,
+        "swarm.toml",
+        f"""
 run_id = "shared"
 initial_peers = ["{ADDR}"]
 
@@ -74,10 +81,16 @@ max-inflight = 2
 
 [serve]
 stage = 2
-""")
+""",
+    )
     train = parse_args(["train", "--config", path])
     assert (train.run_id, train.initial_peers, train.steps, train.data, train.max_inflight) == (
-        "shared", [ADDR], 7, ["a.txt", "b.jsonl"], 2)
+        "shared",
+        [ADDR],
+        7,
+        ["a.txt", "b.jsonl"],
+        2,
+    )
     serve = parse_args(["serve", "--config", path])
     assert (serve.run_id, serve.stage) == ("shared", 2)
     dht = parse_args(["dht", f"--config={path}"])
@@ -86,7 +99,9 @@ stage = 2
 
 def test_flags_win_over_file(tmp_path):
     path = write(tmp_path, "train.yml", f"initial_peers: [{ADDR}]\nsteps: 7\ncompression: float16\n")
-    args = parse_args(["train", "--steps", "3", "--config", path, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX"])
+    args = parse_args(
+        ["train", "--steps", "3", "--config", path, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX"]
+    )
     assert args.steps == 3
     assert args.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/QmX"]
     assert args.compression == "float16"  # not on the command line: the file's
@@ -109,32 +124,38 @@ def test_unknown_key(tmp_path, capsys):
     assert "'train.bogus_key'" in err and path in err
 
 
-@pytest.mark.parametrize("text, key, expect", [
-    ("stage: two", "stage", "expected an integer"),
-    ("stage: 1.5", "stage", "expected an integer"),
-    ("stage: true", "stage", "expected an integer, got a boolean"),
-    ("stage: [1, 2]", "stage", "expected a single value"),
-    ("no_sentinel: yes-please", "no_sentinel", "expected true or false"),
-    ("compression: zip", "compression", "invalid choice"),
-    ("sentinel_threshold: fast", "sentinel_threshold", "expected a number"),
-    ("sentinel_threshold: .inf", "sentinel_threshold", "finite"),
-    ("initial_peers: []", "initial_peers", "at least one value"),
-    ("initial_peers: {a: 1}", "initial_peers", "expected a single value"),
-])
+@pytest.mark.parametrize(
+    "text, key, expect",
+    [
+        ("stage: two", "stage", "expected an integer"),
+        ("stage: 1.5", "stage", "expected an integer"),
+        ("stage: true", "stage", "expected an integer, got a boolean"),
+        ("stage: [1, 2]", "stage", "expected a single value"),
+        ("no_sentinel: yes-please", "no_sentinel", "expected true or false"),
+        ("compression: zip", "compression", "invalid choice"),
+        ("sentinel_threshold: fast", "sentinel_threshold", "expected a number"),
+        ("sentinel_threshold: .inf", "sentinel_threshold", "finite"),
+        ("initial_peers: []", "initial_peers", "at least one value"),
+        ("initial_peers: {a: 1}", "initial_peers", "expected a single value"),
+    ],
+)
 def test_bad_types(tmp_path, capsys, text, key, expect):
     path = write(tmp_path, "serve.yaml", text + "\n")
     err = error_of(["serve", "--config", path, "--initial-peers", ADDR, "--stage", "0"], capsys)
     assert f"key '{key}'" in err and path in err and expect in err, err
 
 
-@pytest.mark.parametrize("name, text, expect", [
-    ("missing.yaml", None, "cannot read config file"),
-    ("list.yaml", "- a\n- b\n", "must hold a mapping"),
-    ("broken.yaml", "stage: [1\n", "not valid YAML"),
-    ("broken.toml", "stage = \n", "not valid TOML"),
-    ("conf.json", "{}", "unknown format"),
-    ("section.yaml", "serve: 3\n", "must be a table"),
-])
+@pytest.mark.parametrize(
+    "name, text, expect",
+    [
+        ("missing.yaml", None, "cannot read config file"),
+        ("list.yaml", "- a\n- b\n", "must hold a mapping"),
+        ("broken.yaml", "stage: [1\n", "not valid YAML"),
+        ("broken.toml", "stage = \n", "not valid TOML"),
+        ("conf.json", "{}", "unknown format"),
+        ("section.yaml", "serve: 3\n", "must be a table"),
+    ],
+)
 def test_unusable_files(tmp_path, capsys, name, text, expect):
     path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
     err = error_of(["serve", "--config", path, "--initial-peers", ADDR, "--stage", "0"], capsys)
@@ -146,8 +167,12 @@ def test_main_returns_2_and_console_script_message(tmp_path, capsys):
     assert main(["dht", "--config", path]) == 2
     assert "key 'stages'" in capsys.readouterr().err
     # the real command line: exit code 2, one clear line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "peers.cli", "train", "--config", str(tmp_path / "nope.toml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "train", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("swarm: error: cannot read config file") and "Traceback" not in proc.stderr
 

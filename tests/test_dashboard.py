@@ -16,24 +16,80 @@ from swarm.dashboard import Dashboard, diff_events, metrics_text, serve
 HOSTILE = '<img src=x onerror="document.title=1">"\\\n</script>'
 
 
-def status(reputation=0.9, blacklisted=False, step=3, loss=6.5, retried=0, peer_id="QmPeerAAAAAAAAAAAA11111111",
-           address="/ip4/127.0.0.1/tcp/4001", reason=None):
-    peer = {"peer_id": peer_id, "short_id": peer_id[-8:], "state": "online", "stage": 1, "address": address,
-            "addrs": [address], "throughput": 12.5, "served": 40, "device": "cpu", "reputation": reputation,
-            "blacklisted": blacklisted, "blacklist_reason": reason, "blacklisted_by": 2 if blacklisted else 0,
-            "blacklist_publishers": 2, "last_seen_s": 1.5, "updated_at": 1.0}
-    other = dict(peer, peer_id="QmPeerBBBBBBBBBBBB00000000", short_id="B0000000", stage=0, reputation=1.0,
-                 blacklisted=False, blacklist_reason=None)
-    return {"schema": 1, "run_id": "demo", "queried_at": 1.7e9, "num_stages": 2,
-            "model": {"layers": 4, "hidden": 128, "vocab": 4096},
-            "stages": [{"stage": 0, "online": 1, "peers": [other]}, {"stage": 1, "online": 1, "peers": [peer]}],
-            "trainers": [{"peer_id": "QmTrainer", "state": "training", "step": step, "steps_total": 10, "loss": loss,
-                          "tokens": 100, "tokens_per_s": 50.0, "completed": 12, "dropped": 0, "retried": retried,
-                          "updated_at": 1.0, "last_seen_s": 1.0}],
-            "totals": {"step": step, "loss": loss, "tokens_per_s": 50.0, "microbatches_completed": 12,
-                       "microbatches_dropped": 0, "peers_per_stage": [1, 1], "stages_without_peer": [],
-                       "peers_online": 2, "peers_total": 2, "peers_blacklisted": int(blacklisted)},
-            "notes": []}
+def status(
+    reputation=0.9,
+    blacklisted=False,
+    step=3,
+    loss=6.5,
+    retried=0,
+    peer_id="QmPeerAAAAAAAAAAAA11111111",
+    address="/ip4/127.0.0.1/tcp/4001",
+    reason=None,
+):
+    peer = {
+        "peer_id": peer_id,
+        "short_id": peer_id[-8:],
+        "state": "online",
+        "stage": 1,
+        "address": address,
+        "addrs": [address],
+        "throughput": 12.5,
+        "served": 40,
+        "device": "cpu",
+        "reputation": reputation,
+        "blacklisted": blacklisted,
+        "blacklist_reason": reason,
+        "blacklisted_by": 2 if blacklisted else 0,
+        "blacklist_publishers": 2,
+        "last_seen_s": 1.5,
+        "updated_at": 1.0,
+    }
+    other = dict(
+        peer,
+        peer_id="QmPeerBBBBBBBBBBBB00000000",
+        short_id="B0000000",
+        stage=0,
+        reputation=1.0,
+        blacklisted=False,
+        blacklist_reason=None,
+    )
+    return {
+        "schema": 1,
+        "run_id": "demo",
+        "queried_at": 1.7e9,
+        "num_stages": 2,
+        "model": {"layers": 4, "hidden": 128, "vocab": 4096},
+        "stages": [{"stage": 0, "online": 1, "peers": [other]}, {"stage": 1, "online": 1, "peers": [peer]}],
+        "trainers": [
+            {
+                "peer_id": "QmTrainer",
+                "state": "training",
+                "step": step,
+                "steps_total": 10,
+                "loss": loss,
+                "tokens": 100,
+                "tokens_per_s": 50.0,
+                "completed": 12,
+                "dropped": 0,
+                "retried": retried,
+                "updated_at": 1.0,
+                "last_seen_s": 1.0,
+            }
+        ],
+        "totals": {
+            "step": step,
+            "loss": loss,
+            "tokens_per_s": 50.0,
+            "microbatches_completed": 12,
+            "microbatches_dropped": 0,
+            "peers_per_stage": [1, 1],
+            "stages_without_peer": [],
+            "peers_online": 2,
+            "peers_total": 2,
+            "peers_blacklisted": int(blacklisted),
+        },
+        "notes": [],
+    }
 
 
 def test_events_show_an_attack_unfolding():
@@ -64,13 +120,21 @@ def test_metrics_are_prometheus_text_with_escaped_labels():
     text = metrics_text(status(peer_id=HOSTILE))
     assert "swarm_up 1" in text
     assert 'swarm_stage_peers_online{run_id="demo",stage="1"} 1' in text
-    line = next(line for line in text.splitlines() if line.startswith("swarm_peer_reputation{") and "img" in line)
+    line = next(
+        line for line in text.splitlines() if line.startswith("swarm_peer_reputation{") and "img" in line
+    )
     assert '\\"document.title=1\\"' in line and "\\n" in line and "\n" not in line
     assert line.endswith(" 0.9")
-    assert metrics_text(None) == "# HELP swarm_up 1 if the last read of the swarm's DHT succeeded\n" \
-                                 "# TYPE swarm_up gauge\nswarm_up 0\n"
+    assert (
+        metrics_text(None) == "# HELP swarm_up 1 if the last read of the swarm's DHT succeeded\n"
+        "# TYPE swarm_up gauge\nswarm_up 0\n"
+    )
     for line in text.splitlines():  # every sample line: name{labels} value
-        assert line.startswith("#") or " " in line and float(line.rsplit(" ", 1)[1]) == float(line.rsplit(" ", 1)[1])
+        assert (
+            line.startswith("#")
+            or " " in line
+            and float(line.rsplit(" ", 1)[1]) == float(line.rsplit(" ", 1)[1])
+        )
 
 
 def _get(url, method="GET"):
@@ -96,7 +160,11 @@ def test_the_server_is_read_only_and_answers_each_path():
         data = json.loads(body)
         assert code == 200 and data["status"]["run_id"] == "demo" and data["refresh_s"] == 2.0
         code, headers, body = _get(base + "/metrics")
-        assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4") and b"swarm_up 1" in body
+        assert (
+            code == 200
+            and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            and b"swarm_up 1" in body
+        )
         assert _get(base + "/nope")[0] == 404
         assert _get(base + "/api/status", method="POST")[0] == 405
     finally:
@@ -108,8 +176,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def render_in_browser(url: str, screenshot: str = None, budget_ms: int = 8000) -> str:
     """The page's DOM after its script ran, from headless chromium; with ``screenshot``, a PNG of it too."""
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--virtual-time-budget={budget_ms}", "--window-size=1100,900"]
+    base = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--virtual-time-budget={budget_ms}",
+        "--window-size=1100,900",
+    ]
     if screenshot:
         subprocess.run(base + [f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
     proc = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
@@ -120,7 +195,9 @@ def render_in_browser(url: str, screenshot: str = None, budget_ms: int = 8000) -
 def test_a_browser_renders_peer_strings_as_text_never_as_html(tmp_path):
     board = Dashboard()
     board.update(status())
-    board.update(status(peer_id="Qm" + HOSTILE, address=HOSTILE, reason=HOSTILE, blacklisted=True, reputation=0.1))
+    board.update(
+        status(peer_id="Qm" + HOSTILE, address=HOSTILE, reason=HOSTILE, blacklisted=True, reputation=0.1)
+    )
     server = serve(board, "127.0.0.1", 0)
     try:
         shot = tmp_path / "page.png"

@@ -215,7 +215,8 @@ def test_bad_inputs(tmp_path, tokenizer):
         data.load_token_blocks(DataConfig(paths=[str(broken)]), tokenizer)
     # what datasets reports only as "An error occurred while generating the dataset": the file and the line or byte
     for name, content, expect in [
-        ("empty.jsonl", b"", "is empty"), ("empty.txt", b"", "is empty"),
+        ("empty.jsonl", b"", "is empty"),
+        ("empty.txt", b"", "is empty"),
         ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2 is a JSON list, not an object"),
         ("binary.txt", b"fine text\n\xff\xfe\x00binary", "byte 10 (line 2) is not UTF-8 text"),
     ]:
@@ -229,7 +230,9 @@ def test_bad_inputs(tmp_path, tokenizer):
 
 def test_rows_without_text_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join([json.dumps({"text": None})] + [json.dumps({"text": "word " * 400})] * 2) + "\n")
+    rows.write_text(
+        "\n".join([json.dumps({"text": None})] + [json.dumps({"text": "word " * 400})] * 2) + "\n"
+    )
     with caplog.at_level("WARNING", logger="swarm.data"):
         data.load_token_blocks(DataConfig(paths=[str(rows)], seq_len=16), tokenizer)
     assert f"1 of 3 rows of {rows} have no 'text' (null): skipped" in caplog.text

@@ -32,8 +32,11 @@ def load_compose() -> Dict[str, Any]:
 
 def active_services(compose: Dict[str, Any], profiles=()) -> Dict[str, Dict[str, Any]]:
     """The services `docker compose [--profile P] up` starts."""
-    return {name: svc for name, svc in compose["services"].items()
-            if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)
+    }
 
 
 def free_port() -> int:
@@ -87,7 +90,7 @@ class Localizer:
         value = DNS_ADDR.sub(addr, value).replace("0.0.0.0", "127.0.0.1")
         for dst, local in sorted(self.mounts.items(), key=lambda kv: -len(kv[0])):
             if value == dst or value.startswith(dst.rstrip("/") + "/"):
-                return local + value[len(dst):]
+                return local + value[len(dst) :]
         return value
 
     def value(self, value):
@@ -145,8 +148,11 @@ def config_of(compose) -> Tuple[str, Dict[str, Any]]:
     """The config file the services read (its container path) and its contents."""
     cmd = compose["services"]["bootstrap"]["command"]
     path = cmd[cmd.index("--config") + 1]
-    mount = next(str(v).split(":")[0] for v in compose["services"]["bootstrap"]["volumes"]
-                 if str(v).split(":")[1] == path)
+    mount = next(
+        str(v).split(":")[0]
+        for v in compose["services"]["bootstrap"]["volumes"]
+        if str(v).split(":")[1] == path
+    )
     with open(os.path.join(DOCKER, mount)) as f:
         return path, yaml.safe_load(f)
 
@@ -173,23 +179,29 @@ def test_compose_services_run_as_local_processes(tmp_path):
             role = cmd[0]
             assert "0.0.0.0" not in " ".join(cmd) and "/dns4/" not in " ".join(cmd)
             swarm.env = dict(base_env, **loc.environment(svc))
-            child = swarm.spawn(name, {"dht": "bootstrap", "serve": "stage", "train": "trainer"}[role],
-                                cmd + extra.get(role, []),
-                                stage=int(cmd[cmd.index("--stage") + 1]) if "--stage" in cmd else None)
+            child = swarm.spawn(
+                name,
+                {"dht": "bootstrap", "serve": "stage", "train": "trainer"}[role],
+                cmd + extra.get(role, []),
+                stage=int(cmd[cmd.index("--stage") + 1]) if "--stage" in cmd else None,
+            )
             if role == "dht":
                 info = child.wait_event("dht", 90)
                 # the address the other services use (fixed identity + fixed port) is the bootstrap's own
                 local_config = open(loc.mounts[config_of(compose)[0]]).read()
                 assert "/dns4/" not in local_config and "0.0.0.0" not in local_config
                 port = loc.ports[container_ports(compose)[0]]
-                assert any(a.startswith(f"/ip4/127.0.0.1/tcp/{port}/p2p/") for a in info["initial_peers"]), info
+                assert any(a.startswith(f"/ip4/127.0.0.1/tcp/{port}/p2p/") for a in info["initial_peers"]), (
+                    info
+                )
                 assert info["peer_id"] == bootstrap_peer_id()
             elif role == "serve":
                 child.wait_event("serve", 180)
             else:
                 trainer = child
-        assert trainer.proc.wait(timeout=max(30, 540 - (time.monotonic() - started))) == 0, \
-            open(trainer.log_path).read()[-3000:]
+        assert trainer.proc.wait(timeout=max(30, 540 - (time.monotonic() - started))) == 0, open(
+            trainer.log_path
+        ).read()[-3000:]
     finally:
         swarm.stop()
     results = loc.mounts["/results"]
@@ -215,8 +227,11 @@ def test_bootstrap_address_form_works(tmp_path):
     port = free_port()
     local_addr = DNS_ADDR.sub(f"/dns4/localhost/tcp/{port}", addr)
     assert local_addr.endswith(f"/p2p/{bootstrap_peer_id()}")
-    boot = hivemind.DHT(host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], identity_path=os.path.join(DOCKER, "bootstrap.key"),
-                        start=True)
+    boot = hivemind.DHT(
+        host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+        identity_path=os.path.join(DOCKER, "bootstrap.key"),
+        start=True,
+    )
     try:
         assert str(boot.peer_id) == bootstrap_peer_id()
         peer = hivemind.DHT(initial_peers=[local_addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
@@ -262,7 +277,9 @@ def test_dockerfile_installs_what_ci_installs_and_runs_swarm():
     entry = [json.loads(rest) for word, rest in instructions if word == "ENTRYPOINT"]
     assert entry[-1] == ["swarm"]
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
-    assert re.search(r'^swarm = "peers\.cli:entrypoint"', pyproject, re.M)  # the console script the image runs
+    assert re.search(
+        r'^swarm = "peers\.cli:entrypoint"', pyproject, re.M
+    )  # the console script the image runs
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert torch_pin(runs) == torch_pin(ci)
@@ -285,17 +302,23 @@ def test_compose_file_is_consistent(tmp_path):
     stages = config["dht"]["stages"]
     services = compose["services"]
     assert {"bootstrap", "trainer"} <= set(services)
-    stage_services = {name: svc for name, svc in services.items() if not svc.get("profiles")
-                      and svc["command"][0] == "serve"}
-    assert sorted(int(s["command"][s["command"].index("--stage") + 1]) for s in stage_services.values()) == \
-        list(range(stages)), "one service per stage"
+    stage_services = {
+        name: svc
+        for name, svc in services.items()
+        if not svc.get("profiles") and svc["command"][0] == "serve"
+    }
+    assert sorted(
+        int(s["command"][s["command"].index("--stage") + 1]) for s in stage_services.values()
+    ) == list(range(stages)), "one service per stage"
     for svc in stage_services.values():
         assert "ports" not in svc and "container_name" not in svc  # so `--scale stageK=N` works
     byz = [svc for svc in services.values() if "byzantine" in (svc.get("profiles") or [])]
     assert len(byz) == 1 and "--attack" in byz[0]["command"]
     # the bootstrap's fixed address: key -> peer id, fixed port, published
     peer_id = bootstrap_peer_id()
-    addrs = set(re.findall(r"/dns4/bootstrap/tcp/\d+/p2p/\w+", open(os.path.join(DOCKER, "swarm.yaml")).read()))
+    addrs = set(
+        re.findall(r"/dns4/bootstrap/tcp/\d+/p2p/\w+", open(os.path.join(DOCKER, "swarm.yaml")).read())
+    )
     assert addrs == {f"/dns4/bootstrap/tcp/{config['dht']['port']}/p2p/{peer_id}"}
     assert f"{config['dht']['port']}:{config['dht']['port']}" in services["bootstrap"]["ports"]
     assert peer_id in open(COMPOSE).read()  # the comment quotes the address users need
@@ -373,7 +396,9 @@ def test_readme_docker_commands_match_the_files(tmp_path):
             assert opts[0] in services, opts[0]
             if sub in ("exec", "run") and len(opts) > 1:
                 assert opts[1] == "swarm", cmd
-                argv = [loc.mounts.get(a, a) if a == config_path else a for a in rest[rest.index("swarm") + 1:]]
+                argv = [
+                    loc.mounts.get(a, a) if a == config_path else a for a in rest[rest.index("swarm") + 1 :]
+                ]
                 args = parse_args(argv)
                 kinds.add(f"exec-{args.command}")
     # the README shows: build, start, scale, the Byzantine profile, and `swarm status` inside and outside

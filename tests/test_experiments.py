@@ -12,8 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_quick(script: str, timeout: float) -> str:
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script, "run.py"), "--quick"],
-                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", script, "run.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -17,14 +17,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.timeout(1500)  # a simulated swarm of real model compute: minutes on a loaded 2-core machine
 def test_convergence_quick(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "convergence", "run.py"), "--quick",
-                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "convergence", "run.py"),
+            "--quick",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for produced in ("results.csv", "results.md", "results.png", "summary.json", "sim_rows.json"):
         assert os.path.getsize(tmp_path / produced) > 0, produced
     rows = json.load(open(tmp_path / "summary.json"))["rows"]
     by = {(r["attack"], r["mode"]): r for r in rows}
-    assert set(by) == {("none", "clean"), ("zero", "off"), ("zero", "on"), ("signflip", "off"), ("signflip", "on")}
+    assert set(by) == {
+        ("none", "clean"),
+        ("zero", "off"),
+        ("zero", "on"),
+        ("signflip", "off"),
+        ("signflip", "on"),
+    }
     assert by[("none", "clean")]["eval_ratio"] == 1.0 and by[("none", "clean")]["train_ratio"] == 1.0
     for r in rows:
         assert r["completed"] + r["dropped"] == r["microbatches"], r
@@ -32,7 +49,9 @@ def test_convergence_quick(tmp_path):
         assert 0 < r["eval_loss"] < 12 and r["eval_ratio"] > 0
     off, on = by[("zero", "off")], by[("zero", "on")]
     assert off["eval_ratio"] > on["eval_ratio"] + 0.05, (off["eval_ratio"], on["eval_ratio"])
-    assert on["retried"] > 0 and off["retried"] == 0  # the checks rejected the zeros; unchecked, nothing fails
+    assert (
+        on["retried"] > 0 and off["retried"] == 0
+    )  # the checks rejected the zeros; unchecked, nothing fails
     assert on["tampered_fwd"] > 0 and on["tampered_bwd"] > 0
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)

@@ -16,8 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_quick(name: str, out_dir: str, timeout: float = 1200) -> str:
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name, "run.py"), "--quick",
-                             "--out-dir", out_dir], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", name, "run.py"), "--quick", "--out-dir", out_dir],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for produced in ("results.csv", "results.md", "results.png", "summary.json"):
         assert os.path.getsize(os.path.join(out_dir, produced)) > 0, produced
@@ -41,7 +46,9 @@ def test_reputation_quick(tmp_path):
         assert not slander[("fresh", n)]["blacklisted"] and slander[("fresh", n)]["final_score"] > 0.5
         assert not slander[("aged", n)]["blacklisted"]
     liar = slander[("trusted_liar", 0)]
-    assert not liar["blacklisted"] and liar["final_score"] < 1.0  # one trusted accuser lowers a score, never bans
+    assert (
+        not liar["blacklisted"] and liar["final_score"] < 1.0
+    )  # one trusted accuser lowers a score, never bans
     assert not summary["check"]["blacklisted"]
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(attacks) + len(summary["slander"])

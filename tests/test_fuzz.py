@@ -23,8 +23,9 @@ from swarm.stage_server import StageServer, StageServerConfig
 from swarm.transport import TensorLimits, limits_for, pack, receive
 
 N = 1000
-MODEL = model_preset("tiny", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64,
-                     vocab_size=128)
+MODEL = model_preset(
+    "tiny", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64, vocab_size=128
+)
 BATCH, SEQ = 2, 16
 TRAINER_KEY, SERVER_KEY = RSAPrivateKey(), RSAPrivateKey()
 TRAINER = peer_id_of(TRAINER_KEY.get_public_key().to_bytes())
@@ -32,9 +33,16 @@ TRAINER = peer_id_of(TRAINER_KEY.get_public_key().to_bytes())
 
 def make_server():
     """A whole single-stage swarm's only peer (first and last stage at once: token ids in, labels, loss)."""
-    cfg = StageServerConfig(run_id="fuzz", stage=0, num_stages=1, max_batch=BATCH, max_seq_len=SEQ,
-                            limits=limits_for(BATCH, SEQ, MODEL.hidden_size), read_timeout_s=2.0,
-                            labels_timeout_s=0.5)
+    cfg = StageServerConfig(
+        run_id="fuzz",
+        stage=0,
+        num_stages=1,
+        max_batch=BATCH,
+        max_seq_len=SEQ,
+        limits=limits_for(BATCH, SEQ, MODEL.hidden_size),
+        read_timeout_s=2.0,
+        labels_timeout_s=0.5,
+    )
     server = StageServer(cfg, MODEL, None, OptimizerConfig(averaging=False), identity_key=SERVER_KEY)
     server.peer_id = peer_id_of(SERVER_KEY.get_public_key().to_bytes())
     server._slots = asyncio.Semaphore(cfg.max_inflight)
@@ -52,19 +60,32 @@ async def stream(messages):
 
 def valid_chain_request(server, mb: str, tokens=None):
     tokens = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ)) if tokens is None else tokens
-    header, reveal = ChainHeader.create(TRAINER_KEY, run_id="fuzz", trainer=TRAINER, mb=mb, step=0,
-                                        route=[server.peer_id], tokens=tokens, now=time.time())
+    header, reveal = ChainHeader.create(
+        TRAINER_KEY,
+        run_id="fuzz",
+        trainer=TRAINER,
+        mb=mb,
+        step=0,
+        route=[server.peer_id],
+        tokens=tokens,
+        now=time.time(),
+    )
     return tokens, dict(header=header.to_wire(), audit=reveal), header
 
 
 def random_value(rng: random.Random, depth: int = 0):
     kind = rng.randrange(9 if depth < 2 else 6)
-    return [lambda: None, lambda: rng.random() * 10 ** rng.randint(-5, 30), lambda: rng.choice([math.nan, math.inf]),
-            lambda: rng.randint(-2**63, 2**63 - 1), lambda: "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(
-                rng.randrange(0, 300))), lambda: rng.randbytes(rng.randrange(0, 64)),
-            lambda: [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))],
-            lambda: {str(rng.random()): random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))},
-            lambda: rng.choice([True, False])][kind]()
+    return [
+        lambda: None,
+        lambda: rng.random() * 10 ** rng.randint(-5, 30),
+        lambda: rng.choice([math.nan, math.inf]),
+        lambda: rng.randint(-(2**63), 2**63 - 1),
+        lambda: "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(0, 300))),
+        lambda: rng.randbytes(rng.randrange(0, 64)),
+        lambda: [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))],
+        lambda: {str(rng.random()): random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))},
+        lambda: rng.choice([True, False]),
+    ][kind]()
 
 
 def mutate_metadata(rng: random.Random, meta: dict) -> dict:
@@ -157,8 +178,14 @@ async def valid_deposit(messages) -> bool:
     if not (isinstance(mb, str) and 0 < len(mb) <= 256 and len(tensors) == 1):
         return False
     t = tensors[0]
-    return (t.dtype == torch.int64 and t.ndim == 2 and 1 <= t.shape[0] <= BATCH and 2 <= t.shape[1] <= SEQ
-            and 0 <= int(t.min()) and int(t.max()) < MODEL.vocab_size)
+    return (
+        t.dtype == torch.int64
+        and t.ndim == 2
+        and 1 <= t.shape[0] <= BATCH
+        and 2 <= t.shape[1] <= SEQ
+        and 0 <= int(t.min())
+        and int(t.max()) < MODEL.vocab_size
+    )
 
 
 async def chain_reply(server, messages, peer=TRAINER):
@@ -194,9 +221,12 @@ def test_fuzz_every_handler():
             elif kind == 2:
                 messages = mutate_messages(rng, pack(meta, [tokens]))
             else:
-                messages = pack({k: random_value(rng) for k in ("header", "audit", "audit_only")}, [bad_tensor(rng)])
-            reply = await asyncio.wait_for(chain_reply(server, messages,
-                                                       peer=TRAINER if rng.random() < 0.8 else "QmSomeoneElse"), 10)
+                messages = pack(
+                    {k: random_value(rng) for k in ("header", "audit", "audit_only")}, [bad_tensor(rng)]
+                )
+            reply = await asyncio.wait_for(
+                chain_reply(server, messages, peer=TRAINER if rng.random() < 0.8 else "QmSomeoneElse"), 10
+            )
             meta_out = reply.metadata
             if "reports" in meta_out:
                 assert not meta_out["reports"][0]["ok"], (i, kind, meta_out)
@@ -204,14 +234,18 @@ def test_fuzz_every_handler():
                 assert meta_out["ok"] is False and meta_out["error"], (i, kind, meta_out)
             counts["chain"] += 1
             # rpc_labels: mutated deposits (never the same mb twice: a valid one is taken and held)
-            label_meta = {"mb": f"l{i}"} if rng.random() < 0.5 else {k: random_value(rng) for k in ("mb", "x")}
+            label_meta = (
+                {"mb": f"l{i}"} if rng.random() < 0.5 else {k: random_value(rng) for k in ("mb", "x")}
+            )
             labels = bad_tensor(rng)
             messages = pack(label_meta, [labels])
             mutated = rng.random() < 0.5
             if mutated:
                 messages = mutate_messages(rng, messages)
             # (from many senders: a valid deposit is held until it expires, and one sender may hold only 64)
-            reply = await asyncio.wait_for(decode(await server.rpc_labels(stream(messages), context(f"QmF{i}"))), 10)
+            reply = await asyncio.wait_for(
+                decode(await server.rpc_labels(stream(messages), context(f"QmF{i}"))), 10
+            )
             fine = await valid_deposit(messages)
             if not fine:  # (a random shape may happen to be a valid micro-batch's)
                 assert reply.metadata["ok"] is False and reply.metadata["error"], (i, reply.metadata)
@@ -220,7 +254,9 @@ def test_fuzz_every_handler():
             request = pack({k: random_value(rng) for k in rng.sample(["seed", "dims", "maddrs", "x"], 2)})[0]
             if rng.random() < 0.3:
                 request = runtime_pb2.ExpertRequest(metadata=rng.randbytes(rng.randrange(0, 100)))
-            reply = await asyncio.wait_for(decode(await server.rpc_state_sketch(request, context(f"Qm{i}"))), 10)
+            reply = await asyncio.wait_for(
+                decode(await server.rpc_state_sketch(request, context(f"Qm{i}"))), 10
+            )
             assert reply.metadata["ok"] is False or reply.metadata.get("sketch") is not None
             counts["sketch"] += 1
             reply = await asyncio.wait_for(decode(await server.rpc_dialback(request, context())), 10)

@@ -24,8 +24,9 @@ def test_activations_at_a_middle_stage_are_one_entry_each_and_nan_is_a_strike():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16)
     for i in range(3):
-        verdict = gate.activations(torch.randn(2, 8, 16), "a", microbatch=f"t:{i}", step=20, epoch=0,
-                                   last_stage=False)
+        verdict = gate.activations(
+            torch.randn(2, 8, 16), "a", microbatch=f"t:{i}", step=20, epoch=0, last_stage=False
+        )
         assert verdict.accepted, verdict
     assert _tally(ledger, "a") == (3, 0)
     bad = x.clone()
@@ -39,8 +40,9 @@ def test_at_the_last_stage_the_loss_verdict_is_the_one_entry_for_accepted_activa
     x, tokens = torch.randn(2, 8, 16), torch.randint(0, 100, (2, 8))
     assert gate.activations(x, "a", microbatch="t:0", step=20, epoch=0, last_stage=True).accepted
     assert _tally(ledger, "a") == (0, 0)  # not yet: the loss is judged next
-    assert gate.loss(4.0, "a", microbatch="t:0", step=20, epoch=0, activations=x, tokens=tokens,
-                     attributable=True).accepted
+    assert gate.loss(
+        4.0, "a", microbatch="t:0", step=20, epoch=0, activations=x, tokens=tokens, attributable=True
+    ).accepted
     assert _tally(ledger, "a") == (1, 0)
     bad = x.clone()
     bad[1, 1, 1] = float("inf")  # rejected at once: an entry, and no loss check follows

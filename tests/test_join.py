@@ -46,8 +46,10 @@ def test_empty_stage_first_then_fewest_peers_then_lowest_index():
 
 
 def test_only_online_peers_count_and_excluded_ids_are_ignored():
-    records = {0: [rec("a", 0, 50.0, state="offline"), rec("b", 0, 50.0, state="joining")],
-               1: [rec("c", 1, 1.0)]}
+    records = {
+        0: [rec("a", 0, 50.0, state="offline"), rec("b", 0, 50.0, state="joining")],
+        1: [rec("c", 1, 1.0)],
+    }
     assert choose_stage(records, 2) == 0  # stage 0 has no online peer
     # a restarting peer's own earlier record does not count towards its stage
     records = {0: [rec("me", 0, 100.0), rec("x", 0, 1.0)], 1: [rec("y", 1, 50.0)]}
@@ -61,7 +63,9 @@ def test_only_online_peers_count_and_excluded_ids_are_ignored():
 def test_announce_addresses():
     assert announce_maddrs([], "203.0.113.7", 31338) == ["/ip4/203.0.113.7/tcp/31338"]
     assert announce_maddrs(["/ip4/198.51.100.1/tcp/4000"], "2001:db8::1", 5) == [
-        "/ip4/198.51.100.1/tcp/4000", "/ip6/2001:db8::1/tcp/5"]
+        "/ip4/198.51.100.1/tcp/4000",
+        "/ip6/2001:db8::1/tcp/5",
+    ]
     for bad in (["not-a-maddr"], [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER}"]):
         with pytest.raises(ValueError):
             announce_maddrs(bad, None, 1)
@@ -69,15 +73,26 @@ def test_announce_addresses():
         announce_maddrs([], "example.org", 1)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--public-ip", "not-an-ip"], "--public-ip"),
-    (["--announce-addr", "nonsense"], "--announce-addr"),
-    (["--stage", "-1"], "--stage"),
-    (["--grace", "-3"], "--grace"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--public-ip", "not-an-ip"], "--public-ip"),
+        (["--announce-addr", "nonsense"], "--announce-addr"),
+        (["--stage", "-1"], "--stage"),
+        (["--grace", "-3"], "--grace"),
+    ],
+)
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
-    code = main(["join", "--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}",
-                 "--identity", str(tmp_path / "id.key"), *argv])
+    code = main(
+        [
+            "join",
+            "--initial-peers",
+            f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}",
+            "--identity",
+            str(tmp_path / "id.key"),
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "swarm: error:" in err and message in err and "Traceback" not in err
 
@@ -103,12 +118,20 @@ def test_dialback_request_checks():
     from swarm.reachability import DIALBACK_MAX_ADDRS, dialback_addresses
 
     assert dialback_addresses([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == [
-        "/ip4/127.0.0.1/tcp/5"]
+        "/ip4/127.0.0.1/tcp/5"
+    ]
     relay = f"/ip4/198.51.100.1/tcp/4/p2p/{PEER[:-4]}AAAA/p2p-circuit"
     assert dialback_addresses([relay], PEER) == [relay]
     other = PEER[:-4] + "BBBB"
-    for bad in (None, [], ["/ip4/1.2.3.4/tcp/1"] * (DIALBACK_MAX_ADDRS + 1), ["garbage"], [5],
-                [f"/ip4/127.0.0.1/tcp/5/p2p/{other}"], ["/ip4/1.2.3.4/tcp/" + "1" * 300]):
+    for bad in (
+        None,
+        [],
+        ["/ip4/1.2.3.4/tcp/1"] * (DIALBACK_MAX_ADDRS + 1),
+        ["garbage"],
+        [5],
+        [f"/ip4/127.0.0.1/tcp/5/p2p/{other}"],
+        ["/ip4/1.2.3.4/tcp/" + "1" * 300],
+    ):
         with pytest.raises(TransportError):
             dialback_addresses(bad, PEER)
 
@@ -116,13 +139,18 @@ def test_dialback_request_checks():
 def test_reachability_verdicts():
     ok = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "ok"}}
     failed = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "timed out after 10s"}}
-    relayed = {"ok": True, "results": {"/ip4/1.2.3.4/tcp/5": "refused", "/ip4/9.9.9.9/tcp/1/p2p/R/p2p-circuit": "ok"}}
+    relayed = {
+        "ok": True,
+        "results": {"/ip4/1.2.3.4/tcp/5": "refused", "/ip4/9.9.9.9/tcp/1/p2p/R/p2p-circuit": "ok"},
+    }
     assert reachability_verdict({"a": ok, "b": failed}) == "reachable"
     assert reachability_verdict({"a": failed}) == "unreachable"
     assert reachability_verdict({"a": relayed}) == "relay-only"
     assert reachability_verdict({"a": {"ok": False, "error": "busy"}}) == "unchecked"
     assert reachability_verdict({}) == "unchecked"
-    assert own_dial_addrs([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == ["/ip4/127.0.0.1/tcp/5"]
+    assert own_dial_addrs([f"/ip4/127.0.0.1/tcp/5/p2p/{PEER}", "/ip4/127.0.0.1/tcp/5"], PEER) == [
+        "/ip4/127.0.0.1/tcp/5"
+    ]
 
 
 def test_progress_bar_reports_size_without_averaging():
@@ -156,8 +184,12 @@ def test_cuda_stage_trains_under_autocast():
     assert dtype in describe_device(device)
     model_cfg = model_preset("tiny")
     torch.cuda.reset_peak_memory_stats()
-    server = StageServer(StageServerConfig(run_id="gpu", stage=1, num_stages=2, device=device, autocast_dtype=dtype),
-                         model_cfg, None, OptimizerConfig(averaging=False, target_batch_size=4))
+    server = StageServer(
+        StageServerConfig(run_id="gpu", stage=1, num_stages=2, device=device, autocast_dtype=dtype),
+        model_cfg,
+        None,
+        OptimizerConfig(averaging=False, target_batch_size=4),
+    )
     before = server.param_checksum()
     for _ in range(2):
         x = torch.randn(4, 32, model_cfg.hidden_size)
@@ -167,7 +199,9 @@ def test_cuda_stage_trains_under_autocast():
         loss_t, _ = server.compute.loss(logits, labels)
         loss, grad_in, _, _ = server.compute.backward_loss(x, loss_t)
         assert torch.isfinite(torch.tensor(loss)) and grad_in is not None and torch.isfinite(grad_in).all()
-    assert all(p.dtype == torch.float32 and p.is_cuda for p in server.module.parameters())  # weights stay fp32
+    assert all(
+        p.dtype == torch.float32 and p.is_cuda for p in server.module.parameters()
+    )  # weights stay fp32
     assert server.param_checksum() != before  # the optimizer stepped
     peak = torch.cuda.max_memory_allocated() / 2**20
     print(f"GPU {torch.cuda.get_device_name()}: autocast {dtype}, peak memory {peak:.1f} MiB")
@@ -175,7 +209,18 @@ def test_cuda_stage_trains_under_autocast():
 
 
 # ---- live ----------------------------------------------------------------------------------------------------------
-SHAPE = ["--stages", "2", "--seq-len", "64", "--microbatch-size", "8", "--target-batch-size", "16", "--lr", "3e-3"]
+SHAPE = [
+    "--stages",
+    "2",
+    "--seq-len",
+    "64",
+    "--microbatch-size",
+    "8",
+    "--target-batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+]
 
 
 def _client_call(swarm, fn):
@@ -183,6 +228,7 @@ def _client_call(swarm, fn):
 
     dht = create_dht(swarm.run_id, swarm.initial_peers, client_mode=True)
     try:
+
         async def go():
             p2p = await dht.replicate_p2p()
             return await fn(dht, p2p)
@@ -227,8 +273,19 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
 
     swarm = LocalSwarm(str(tmp_path / "swarm"), run_id="jtest")
     identity = str(tmp_path / "home" / ".swarm" / "identity.key")
-    join_cmd = ["join", "--run-id", swarm.run_id, "--initial-peers", None, "--identity", identity,
-                "--threads", "1", "--grace", "5"]
+    join_cmd = [
+        "join",
+        "--run-id",
+        swarm.run_id,
+        "--initial-peers",
+        None,
+        "--identity",
+        identity,
+        "--threads",
+        "1",
+        "--grace",
+        "5",
+    ]
     try:
         swarm.start_dht(SHAPE)
         join_cmd[join_cmd.index(None)] = swarm.initial_peers[0]
@@ -236,18 +293,25 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
         for child in stage_peers:
             child.wait_event("serve", 120)
         metrics = tmp_path / "m.jsonl"
-        trainer = swarm.start_trainer(["--steps", "3", "--metrics-out", str(metrics),
-                                       "--summary-json", str(tmp_path / "s.json")])
+        trainer = swarm.start_trainer(
+            ["--steps", "3", "--metrics-out", str(metrics), "--summary-json", str(tmp_path / "s.json")]
+        )
         deadline = time.monotonic() + 300  # 3 optimizer steps: every stage peer has measured its throughput
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert time.monotonic() < deadline and trainer.proc.poll() in (None, 0), open(trainer.log_path).read()[-3000:]
+            assert time.monotonic() < deadline and trainer.proc.poll() in (None, 0), open(
+                trainer.log_path
+            ).read()[-3000:]
             time.sleep(0.5)
         swarm.kill(trainer, signal.SIGTERM)  # the swarm is idle from here on
 
         joiner = swarm.spawn("join1", "stage", join_cmd)
         choice = joiner.wait_event("join", 120)
         loads = {load["stage"]: load for load in choice["loads"]}
-        assert loads[0]["peers"] == 2 and loads[1]["peers"] == 1 and all(v["throughput"] > 0 for v in loads.values())
+        assert (
+            loads[0]["peers"] == 2
+            and loads[1]["peers"] == 1
+            and all(v["throughput"] > 0 for v in loads.values())
+        )
         # throughput is each peer's measured compute rate: on a loaded machine stage 0's two peers can measure less
         # than stage 1's one (seen once); the choice must follow the announced totals
         want = min(loads.values(), key=lambda v: (v["throughput"], v["peers"], v["stage"]))["stage"]
@@ -278,15 +342,18 @@ def test_join_goes_to_emptiest_stage_loads_state_and_leaves_cleanly(tmp_path):
 
         # a restart with the same identity file is the same peer; this time it announces an address where nobody
         # listens: the dial-back fails, it says what to open and (--require-reachable) leaves
-        again = swarm.spawn("join2", "stage", join_cmd + ["--announce-addr", "/ip4/127.0.0.1/tcp/1",
-                                                          "--require-reachable"])
+        again = swarm.spawn(
+            "join2", "stage", join_cmd + ["--announce-addr", "/ip4/127.0.0.1/tcp/1", "--require-reachable"]
+        )
         second = again.wait_event("serve", 180)
         assert second["peer_id"] == peer_id
         reach = again.wait_event("reachability", 90)
         assert reach["verdict"] == "unreachable" and reach["addrs"] == ["/ip4/127.0.0.1/tcp/1"], reach
         assert again.proc.wait(timeout=60) == 2
         log = open(again.log_path).read()
-        assert "could not connect to this peer" in log and "open TCP port" in log and "--public-ip" in log, log[-3000:]
+        assert "could not connect to this peer" in log and "open TCP port" in log and "--public-ip" in log, (
+            log[-3000:]
+        )
         assert "swarm: error: --require-reachable" in log and "Traceback" not in log
         assert _state_of(swarm, second["stage"], peer_id, "offline") == "offline"
     finally:
@@ -331,8 +398,12 @@ def test_drain_waits_for_inflight_work_and_refuses_new_work():
     from swarm.stage_server import StageServer, StageServerConfig
     from swarm.transport import TensorLimits, receive
 
-    server = StageServer(StageServerConfig(run_id="d", stage=0, num_stages=2), model_preset("tiny"), None,
-                         OptimizerConfig(averaging=False))
+    server = StageServer(
+        StageServerConfig(run_id="d", stage=0, num_stages=2),
+        model_preset("tiny"),
+        None,
+        OptimizerConfig(averaging=False),
+    )
 
     async def go():
         server.inflight = 1
@@ -354,6 +425,7 @@ def test_drain_waits_for_inflight_work_and_refuses_new_work():
         async def stream():
             for m in replies:
                 yield m
+
         return (await receive(stream(), TensorLimits())).metadata
 
     reply = asyncio.run(decode())

@@ -20,7 +20,9 @@ def test_labels_are_taken_once_and_a_replay_is_refused_at_once():
         assert box.used(("T", "1.0"))
         with pytest.raises(TransportError, match="used already"):
             box.put(("T", "1.0"), labels)
-        with pytest.raises(asyncio.TimeoutError):  # a request nobody deposited for: waits, then the id is spent
+        with pytest.raises(
+            asyncio.TimeoutError
+        ):  # a request nobody deposited for: waits, then the id is spent
             await box.take(("T", "2.0"), 0.05)
         assert box.used(("T", "2.0")) and not box._futures
 

@@ -14,7 +14,18 @@ from swarm.network import create_dht, fetch_stage_peers
 
 pytestmark = pytest.mark.slow
 
-SHAPE = ["--stages", "2", "--seq-len", "64", "--microbatch-size", "8", "--target-batch-size", "32", "--lr", "3e-3"]
+SHAPE = [
+    "--stages",
+    "2",
+    "--seq-len",
+    "64",
+    "--microbatch-size",
+    "8",
+    "--target-batch-size",
+    "32",
+    "--lr",
+    "3e-3",
+]
 
 
 @pytest.fixture
@@ -38,7 +49,9 @@ def start(swarm: LocalSwarm, stages) -> list:
 
 def train(swarm: LocalSwarm, tmp_path, steps: int, extra=()):
     metrics, summary = str(tmp_path / "metrics.jsonl"), str(tmp_path / "summary.json")
-    trainer = swarm.start_trainer(["--steps", str(steps), "--metrics-out", metrics, "--summary-json", summary, *extra])
+    trainer = swarm.start_trainer(
+        ["--steps", str(steps), "--metrics-out", metrics, "--summary-json", summary, *extra]
+    )
     return trainer, metrics, summary
 
 
@@ -127,9 +140,12 @@ def _byzantine_run(tmp_path, name: str, attack_args) -> tuple:
     try:
         swarm.start_dht(SHAPE)
         sentinel = ["--sentinel-warmup", "8"]
-        stages = [swarm.start_stage(0, wait=False, extra=sentinel), swarm.start_stage(1, wait=False, extra=sentinel),
-                  swarm.start_stage(1, wait=False, extra=sentinel),
-                  swarm.start_stage(0, wait=False, extra=sentinel + list(attack_args))]
+        stages = [
+            swarm.start_stage(0, wait=False, extra=sentinel),
+            swarm.start_stage(1, wait=False, extra=sentinel),
+            swarm.start_stage(1, wait=False, extra=sentinel),
+            swarm.start_stage(0, wait=False, extra=sentinel + list(attack_args)),
+        ]
         for child in stages:
             child.wait_event("serve", 120)
         trainer, _, summary_path = train(swarm, tmp_path / name, steps=16)
@@ -144,8 +160,9 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
     steps): every tampered tensor is rejected
     by the stage-1 receivers, its micro-batches are retried elsewhere, and the loss stays near a clean run's."""
     clean, _ = _byzantine_run(tmp_path, "clean", [])
-    attacked, peers = _byzantine_run(tmp_path, "attacked", ["--attack", "scale", "--attack-magnitude", "10",
-                                                            "--attack-start-step", "11"])
+    attacked, peers = _byzantine_run(
+        tmp_path, "attacked", ["--attack", "scale", "--attack-magnitude", "10", "--attack-start-step", "11"]
+    )
     byzantine = [p for p in peers if p.get("byzantine")]
     honest = [p for p in peers if p["role"] == "stage" and not p.get("byzantine")]
     assert len(byzantine) == 1 and byzantine[0]["stage"] == 0
@@ -158,16 +175,20 @@ def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
     # passed with at most 2), never enough to matter
     assert sum(p["flagged"] for p in honest) <= 3, honest
     mb = attacked["microbatches"]
-    assert mb["completed"] + mb["dropped"] == 64 and mb["dropped"] == 0 and mb["retried"] >= byzantine[0]["tampered"]
+    assert (
+        mb["completed"] + mb["dropped"] == 64
+        and mb["dropped"] == 0
+        and mb["retried"] >= byzantine[0]["tampered"]
+    )
     assert abs(attacked["loss_last"] - clean["loss_last"]) < 0.1 * clean["loss_last"], (attacked, clean)
-
 
 
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
 
 
-def _blacklist_run(tmp_path, run_id: str, stages, attacker_stage: int, attack, steps: int,
-                   trainer_extra=()) -> tuple:
+def _blacklist_run(
+    tmp_path, run_id: str, stages, attacker_stage: int, attack, steps: int, trainer_extra=()
+) -> tuple:
     """One live swarm with reputation on: honest peers of ``stages`` plus one attacker at ``attacker_stage`` with
     ``attack`` flags: (trainer summary, swarm local's peers summary, attacker id, micro-batches)."""
     os.makedirs(tmp_path, exist_ok=True)
@@ -180,15 +201,26 @@ def _blacklist_run(tmp_path, run_id: str, stages, attacker_stage: int, attack, s
         # alone really diverge, which SENTINEL then sees
         sentinel = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]
         children = [swarm.start_stage(s, wait=False, extra=sentinel) for s in stages]
-        children.append(swarm.start_stage(attacker_stage, name=f"stage{attacker_stage}.byzantine", wait=False,
-                                          extra=sentinel + list(attack)))
+        children.append(
+            swarm.start_stage(
+                attacker_stage,
+                name=f"stage{attacker_stage}.byzantine",
+                wait=False,
+                extra=sentinel + list(attack),
+            )
+        )
         for child in children:
             child.wait_event("serve", 180)
         trainer, _, summary_path = train(swarm, tmp_path, steps=steps, extra=trainer_extra)
         assert trainer.proc.wait(timeout=600) == 0, open(trainer.log_path).read()[-3000:]
     finally:
         swarm.stop()
-    return json.load(open(summary_path)), swarm.peers_summary(), children[-1].info["peer_id"], steps * per_step
+    return (
+        json.load(open(summary_path)),
+        swarm.peers_summary(),
+        children[-1].info["peer_id"],
+        steps * per_step,
+    )
 
 
 def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_count: int) -> list:
@@ -197,7 +229,9 @@ def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_
     views = {p["peer_id"]: p for p in summary["peers"] if p.get("role") == "stage"}
     attacker = views[attacker_id]
     honest = [v for pid, v in views.items() if pid != attacker_id]
-    assert len(honest) == honest_count and not any(v["blacklisted"] or v["blacklist_reason"] for v in honest), honest
+    assert len(honest) == honest_count and not any(
+        v["blacklisted"] or v["blacklist_reason"] for v in honest
+    ), honest
     mb = summary["microbatches"]
     assert mb["completed"] + mb["dropped"] == microbatches, mb
     if attacker["blacklisted"]:  # the swarm-wide verdict read back from the DHT
@@ -213,8 +247,10 @@ def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_
     if not attacker["blacklisted"]:
         late.append("attacker not blacklisted")
     elif attacker["blacklisted_after_microbatches"] - attacker["first_rejected_after_microbatches"] > 50:
-        late.append(f"blacklisted at {attacker['blacklisted_after_microbatches']}, first rejected at "
-                    f"{attacker['first_rejected_after_microbatches']}")
+        late.append(
+            f"blacklisted at {attacker['blacklisted_after_microbatches']}, first rejected at "
+            f"{attacker['first_rejected_after_microbatches']}"
+        )
     if mb["dropped"] > 2:
         late.append(f"{mb['dropped']} dropped")
     if strikes > 10 or flagged > 0.2 * microbatches:
@@ -239,7 +275,8 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     attack = ["--attack", "scale", "--attack-magnitude", "10", "--attack-start-step", "11"]
     for attempt in range(3):
         summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}", f"itest-bl{attempt}", (0, 0, 1, 1, 1), 0, attack, steps=26)
+            tmp_path / f"run{attempt}", f"itest-bl{attempt}", (0, 0, 1, 1, 1), 0, attack, steps=26
+        )
         late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=5)
         if not late:
             return
@@ -259,12 +296,22 @@ def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
     attack = ["--attack", "signflip", "--attack-direction", "backward", "--attack-start-step", "2"]
     for attempt in range(3):
         summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}", f"itest-au{attempt}", (0, 0, 1, 1), 1, attack, steps=20,
-            trainer_extra=["--audit-rate", "0.25"])
+            tmp_path / f"run{attempt}",
+            f"itest-au{attempt}",
+            (0, 0, 1, 1),
+            1,
+            attack,
+            steps=20,
+            trainer_extra=["--audit-rate", "0.25"],
+        )
         assert summary["audits"] > 0, summary
         by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
-        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, by_name  # the penultimate judges
-        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, by_name  # ... what they recompute
+        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, (
+            by_name
+        )  # the penultimate judges
+        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, (
+            by_name
+        )  # ... what they recompute
         late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=4)
         attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
         if attacker["blacklisted"]:
@@ -280,14 +327,18 @@ def _process_groups(run_id: str) -> set:
     and torch's helpers are in its group)."""
     import subprocess
 
-    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout.splitlines()
+    rows = subprocess.run(
+        ["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True
+    ).stdout.splitlines()
     return {int(r.split()[1]) for r in rows if f"run-id {run_id}" in r and r.split()[0] == r.split()[1]}
 
 
 def _alive_in(groups: set) -> list:
     import subprocess
 
-    rows = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+    rows = subprocess.run(
+        ["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True
+    ).stdout.splitlines()
     return [r for r in rows if int(r.split()[1]) in groups and not r.split()[2].startswith("Z")]
 
 
@@ -300,10 +351,33 @@ def test_swarm_local_children_die_with_it_however_it_dies(tmp_path, how):
     import sys
 
     run_id = f"itest-term-{os.getpid()}-{how.split()[0].lower()}"
-    proc = subprocess.Popen([sys.executable, "-m", "peers.cli", "local", "--workdir", str(tmp_path / "w"),
-                             "--run-id", run_id, "--stages", "2", "--replicas", "1", "--steps", "500",
-                             "--seq-len", "32", "--microbatch-size", "2", "--target-batch-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "peers.cli",
+            "local",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--run-id",
+            run_id,
+            "--stages",
+            "2",
+            "--replicas",
+            "1",
+            "--steps",
+            "500",
+            "--seq-len",
+            "32",
+            "--microbatch-size",
+            "2",
+            "--target-batch-size",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     groups: set = set()
     try:
         for line in proc.stdout:

@@ -160,7 +160,10 @@ def test_stage_layer_ranges_edges():
     ranges = stage_layer_ranges(7, 3)
     assert ranges[0][0] == 0 and ranges[-1][1] == 7
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-    assert stage_layer_ranges(7, 3) == [(0, 2), (2, 5), (5, 7)] or max(b - a for a, b in stage_layer_ranges(7, 3)) == 3
+    assert (
+        stage_layer_ranges(7, 3) == [(0, 2), (2, 5), (5, 7)]
+        or max(b - a for a, b in stage_layer_ranges(7, 3)) == 3
+    )
     # an expensive head moves blocks away from the last stage, never below one block per stage
     assert stage_layer_ranges(4, 2, head_cost=1.6) == [(0, 3), (3, 4)]
     assert stage_layer_ranges(4, 2, head_cost=0.0) == [(0, 2), (2, 4)]

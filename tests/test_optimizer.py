@@ -17,8 +17,13 @@ pytestmark = pytest.mark.slow
 def _replica(dht, seed: int) -> StageOptimizer:
     torch.manual_seed(seed)
     module = torch.nn.Linear(4, 4)
-    cfg = OptimizerConfig(lr=0.1, target_batch_size=4, matchmaking_time_s=0.5, averaging_timeout_s=3.0,
-                          load_state_timeout_s=20.0)
+    cfg = OptimizerConfig(
+        lr=0.1,
+        target_batch_size=4,
+        matchmaking_time_s=0.5,
+        averaging_timeout_s=3.0,
+        load_state_timeout_s=20.0,
+    )
     return StageOptimizer(module, cfg, dht, run_id="otest_stage0")
 
 

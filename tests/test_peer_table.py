@@ -175,8 +175,15 @@ def test_bounded_at_10000_distinct_senders():
     context = _act()
     for i in range(60):  # three honest senders warm the baselines
         for direction, tensor in ((FORWARD, _act()), (BACKWARD, _grad())):
-            ledger.record_verdict(monitor.check(tensor, f"honest{i % 3}", direction, microbatch=f"h{i}",
-                                                context=context if direction == BACKWARD else None))
+            ledger.record_verdict(
+                monitor.check(
+                    tensor,
+                    f"honest{i % 3}",
+                    direction,
+                    microbatch=f"h{i}",
+                    context=context if direction == BACKWARD else None,
+                )
+            )
     router.update({0: [info("honest0", 0)], 1: [info("honest1", 1)]})
     router.report_success(["honest0", "honest1"], {"honest0": 0.1, "honest1": 0.2})
     tracemalloc.start()
@@ -196,8 +203,13 @@ def test_bounded_at_10000_distinct_senders():
             for verdict in verdicts:
                 ledger.record_verdict(verdict)
             if i % 50 == 0:
-                router.update({0: [info("honest0", 0)], 1: [info("honest1", 1)] + [
-                    info(f"12D3KooWSybil{j:06d}", 1) for j in range(max(0, i - 1000), i + 1)]})
+                router.update(
+                    {
+                        0: [info("honest0", 0)],
+                        1: [info("honest1", 1)]
+                        + [info(f"12D3KooWSybil{j:06d}", 1) for j in range(max(0, i - 1000), i + 1)],
+                    }
+                )
                 chain = router.pick_chain()
                 router.release(chain)
             router.report_failure(sender, "rejected", judge=f"judge{i % 97}")
@@ -210,15 +222,27 @@ def test_bounded_at_10000_distinct_senders():
     finally:
         tracemalloc.stop()
     cap = DEFAULT_MAX_PEERS
-    tables = [monitor.senders, monitor.momentum, monitor.momentum_count, monitor.relative, *monitor.latest.values(),
-              *monitor.last_seen.values(), router.peers, router.suspects, router.judges, router.bans._bans,
-              ledger.tallies]
+    tables = [
+        monitor.senders,
+        monitor.momentum,
+        monitor.momentum_count,
+        monitor.relative,
+        *monitor.latest.values(),
+        *monitor.last_seen.values(),
+        router.peers,
+        router.suspects,
+        router.judges,
+        router.bans._bans,
+        ledger.tallies,
+    ]
     assert all(len(table) <= cap for table in tables), [len(table) for table in tables]
     assert len(monitor.senders) == cap and len(ledger.tallies) == cap and len(monitor._projections) <= 4
     assert ("honest0", FORWARD) in monitor.senders  # warm baselines are kept
     assert all(ledger.tallies[f"honest{k}"].clean >= 20 for k in range(3))
     assert router.peers["honest1"].time_ema_s == pytest.approx(0.2)
-    print(f"per-peer state grew by {grown / MiB:.1f} MiB for 10,000 senders, {plateau / MiB:.2f} MiB over the last 3,000")
+    print(
+        f"per-peer state grew by {grown / MiB:.1f} MiB for 10,000 senders, {plateau / MiB:.2f} MiB over the last 3,000"
+    )
     assert grown < BOUND
     assert plateau < 2 * MiB  # full tables: fresh senders replace old ones
 
@@ -259,10 +283,24 @@ def test_worst_case_fits_the_bound():
         used = _state_bytes() - base
     finally:
         tracemalloc.stop()
-    tables = [monitor.senders, monitor.momentum, monitor.momentum_count, monitor.relative, *monitor.latest.values(),
-              *monitor.last_seen.values(), router.peers, router.suspects, router.judges, router.bans._bans,
-              ledger.tallies]
-    assert all(keys - 8 <= len(table) <= keys for table in tables), [len(table) for table in tables]  # all full
+    tables = [
+        monitor.senders,
+        monitor.momentum,
+        monitor.momentum_count,
+        monitor.relative,
+        *monitor.latest.values(),
+        *monitor.last_seen.values(),
+        router.peers,
+        router.suspects,
+        router.judges,
+        router.bans._bans,
+        ledger.tallies,
+    ]
+    assert all(keys - 8 <= len(table) <= keys for table in tables), [
+        len(table) for table in tables
+    ]  # all full
     worst = used * DEFAULT_MAX_PEERS / keys
-    print(f"worst case: {used / keys:.0f} B per key of every table, {worst / MiB:.1f} MiB at {DEFAULT_MAX_PEERS} keys")
+    print(
+        f"worst case: {used / keys:.0f} B per key of every table, {worst / MiB:.1f} MiB at {DEFAULT_MAX_PEERS} keys"
+    )
     assert worst < BOUND

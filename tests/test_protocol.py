@@ -25,7 +25,9 @@ TOKENS = torch.arange(24).reshape(2, 12)
 
 
 def header(**overrides):
-    fields = dict(run_id="run", trainer=TRAINER, mb="7.0", step=1, route=ROUTE, tokens=TOKENS, now=time.time())
+    fields = dict(
+        run_id="run", trainer=TRAINER, mb="7.0", step=1, route=ROUTE, tokens=TOKENS, now=time.time()
+    )
     fields.update(overrides)
     key = fields.pop("key", KEYS[0])
     return ChainHeader.create(key, **fields)
@@ -52,7 +54,9 @@ def test_a_header_verifies_where_the_route_puts_each_hop():
     wire.check(run_id="run", stage=2, me=OUTSIDER, sender=ROUTE[1], now=now, audit_only=True)
 
 
-@pytest.mark.parametrize("what", ["trainer", "mb", "step", "route", "labels", "key", "stale", "run", "sender", "me"])
+@pytest.mark.parametrize(
+    "what", ["trainer", "mb", "step", "route", "labels", "key", "stale", "run", "sender", "me"]
+)
 def test_a_rewritten_or_misused_header_is_refused(what):
     """Every field a hop used to forward on faith is signed: rewriting any of them (the trainer, to get another
     trainer's labels used; the micro-batch id, to slip a replay by; the route) breaks the signature, and a header
@@ -84,7 +88,9 @@ def test_a_rewritten_or_misused_header_is_refused(what):
         parsed.check(**kwargs)
 
 
-@pytest.mark.parametrize("bad", [None, [], {"route": "x"}, {"route": ["a"] * 100}, {"route": ["a"], "run": 5}])
+@pytest.mark.parametrize(
+    "bad", [None, [], {"route": "x"}, {"route": ["a"] * 100}, {"route": ["a"], "run": 5}]
+)
 def test_malformed_headers_are_refused_with_a_reason(bad):
     with pytest.raises(ProtocolError):
         ChainHeader.from_wire(bad)
@@ -101,12 +107,15 @@ def test_audit_reveal_must_match_the_commitment():
         audit_reveal(h, None)
     plain, plain_reveal = header()
     assert audit_reveal(plain, plain_reveal) == []
-    assert plain.audit_commitment != header()[0].audit_commitment  # salted: no audit looks like any other header
+    assert (
+        plain.audit_commitment != header()[0].audit_commitment
+    )  # salted: no audit looks like any other header
 
 
 def report(h, stage, key=None, **fields):
-    return HopReport.create(key or KEYS[stage + 1], header_digest=h.digest, stage=stage, peer=ROUTE[stage],
-                            **fields).to_wire()
+    return HopReport.create(
+        key or KEYS[stage + 1], header_digest=h.digest, stage=stage, peer=ROUTE[stage], **fields
+    ).to_wire()
 
 
 def test_resolve_an_ok_chain_and_a_failure_deep_in_it():
@@ -115,8 +124,11 @@ def test_resolve_an_ok_chain_and_a_failure_deep_in_it():
     verdict = resolve(h, check_reports(h, ok, 0, ROUTE[0]))
     assert verdict.ok and verdict.loss == 2.5
     # stage 2 rejects stage 1's activations; stages 1 and 0 relay: stage 1 is blamed, judged by stage 2
-    failed = [report(h, 0, ok=False, relay=True, error="x"), report(h, 1, ok=False, relay=True, error="x"),
-              report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected")]
+    failed = [
+        report(h, 0, ok=False, relay=True, error="x"),
+        report(h, 1, ok=False, relay=True, error="x"),
+        report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected"),
+    ]
     verdict = resolve(h, check_reports(h, failed, 0, ROUTE[0]))
     assert (verdict.ok, verdict.blame, verdict.blame_stage, verdict.judge) == (False, ROUTE[1], 1, ROUTE[2])
     # stage 0 blames its upstream, the trainer: nobody is blamed
@@ -129,29 +141,58 @@ def test_a_relayed_report_cannot_be_forged_or_altered():
     made it: altering stage 2's report, or writing one in its name, breaks the reply (and the peer that delivered
     it is the one at fault); stage 0 can only blame its own neighbour, in its own name."""
     h, _ = header()
-    honest = [report(h, 0, ok=False, relay=True), report(h, 1, ok=False, relay=True),
-              report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected")]
+    honest = [
+        report(h, 0, ok=False, relay=True),
+        report(h, 1, ok=False, relay=True),
+        report(h, 2, ok=False, blame=UPSTREAM, judged=True, error="rejected"),
+    ]
     altered = [dict(r) for r in honest]
     altered[2]["blame"] = DOWNSTREAM
     forged = honest[:2] + [report(h, 2, key=KEYS[1], ok=False, blame=UPSTREAM)]  # signed by stage 0's key
-    loss_forged = [report(h, 0, ok=True), report(h, 1, ok=True), dict(report(h, 2, ok=True, loss=2.5), loss=0.1)]
-    other_request = [report(header(mb="9.0")[0], 0, ok=True), report(h, 1, ok=True), report(h, 2, ok=True, loss=1.0)]
+    loss_forged = [
+        report(h, 0, ok=True),
+        report(h, 1, ok=True),
+        dict(report(h, 2, ok=True, loss=2.5), loss=0.1),
+    ]
+    other_request = [
+        report(header(mb="9.0")[0], 0, ok=True),
+        report(h, 1, ok=True),
+        report(h, 2, ok=True, loss=1.0),
+    ]
     for reports in (altered, forged, loss_forged, other_request):
         with pytest.raises(ProtocolError):
             check_reports(h, reports, 0, ROUTE[0])
 
 
-@pytest.mark.parametrize("case", ["ok-without-downstream", "ok-over-failure", "relay-without-failure",
-                                  "own-failure-then-more", "too-many"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ok-without-downstream",
+        "ok-over-failure",
+        "relay-without-failure",
+        "own-failure-then-more",
+        "too-many",
+    ],
+)
 def test_inconsistent_report_chains_are_refused(case):
     h, _ = header()
     reports = {
         "ok-without-downstream": [report(h, 0, ok=True)],
-        "ok-over-failure": [report(h, 0, ok=True), report(h, 1, ok=False, error="x"), ],
+        "ok-over-failure": [
+            report(h, 0, ok=True),
+            report(h, 1, ok=False, error="x"),
+        ],
         "relay-without-failure": [report(h, 0, ok=False, relay=True)],
-        "own-failure-then-more": [report(h, 0, ok=False, blame=DOWNSTREAM), report(h, 1, ok=False, error="x")],
-        "too-many": [report(h, 0, ok=True), report(h, 1, ok=True), report(h, 2, ok=True, loss=1.0),
-                     report(h, 2, ok=True, loss=1.0)],
+        "own-failure-then-more": [
+            report(h, 0, ok=False, blame=DOWNSTREAM),
+            report(h, 1, ok=False, error="x"),
+        ],
+        "too-many": [
+            report(h, 0, ok=True),
+            report(h, 1, ok=True),
+            report(h, 2, ok=True, loss=1.0),
+            report(h, 2, ok=True, loss=1.0),
+        ],
     }[case]
     with pytest.raises(ProtocolError):
         check_reports(h, reports, 0, ROUTE[0])

@@ -42,20 +42,31 @@ from swarm.records import (
 
 RUN = "test-run"
 dumps = DHTProtocol.serializer.dumps
-ME = owner_peer_id(RSASignatureValidator().local_public_key)  # the peer id of this process's key (make_validators)
+ME = owner_peer_id(
+    RSASignatureValidator().local_public_key
+)  # the peer id of this process's key (make_validators)
 
 
 def stage_value(**overrides):
-    value = StageRecord(peer_id=ME, stage=1, state="online", throughput=12.5, served=3, device="cpu",
-                        updated_at=1000.0).to_value()
+    value = StageRecord(
+        peer_id=ME, stage=1, state="online", throughput=12.5, served=3, device="cpu", updated_at=1000.0
+    ).to_value()
     value.update(overrides)
     return value
 
 
 def config_value(**overrides):
-    value = SwarmConfigRecord(run_id=RUN, model=to_dict(ModelConfig()), num_stages=2, seq_len=64,
-                              microbatch_size=4, target_batch_size=64, lr=1e-3, created_at=1000.0,
-                              extra={"sentinel": True}).to_value()
+    value = SwarmConfigRecord(
+        run_id=RUN,
+        model=to_dict(ModelConfig()),
+        num_stages=2,
+        seq_len=64,
+        microbatch_size=4,
+        target_batch_size=64,
+        lr=1e-3,
+        created_at=1000.0,
+        extra={"sentinel": True},
+    ).to_value()
     value.update(overrides)
     return value
 
@@ -64,8 +75,15 @@ def config_value(**overrides):
 
 
 def test_stage_record_round_trip():
-    rec = StageRecord(peer_id="QmPeerA", stage=3, state="joining", throughput=7.25, served=11, device="cuda:0",
-                      updated_at=12345.5)
+    rec = StageRecord(
+        peer_id="QmPeerA",
+        stage=3,
+        state="joining",
+        throughput=7.25,
+        served=11,
+        device="cuda:0",
+        updated_at=12345.5,
+    )
     value = rec.to_value()
     assert value["version"] == RECORD_VERSION
     assert StageRecord.from_value(value) == rec
@@ -188,8 +206,9 @@ def test_swarm_config_rejections(overrides, message):
         SwarmConfigRecord.from_value(config_value(**overrides))
 
 
-@pytest.mark.parametrize("missing", ["run_id", "num_stages", "seq_len", "microbatch_size", "target_batch_size",
-                                     "lr", "created_at"])
+@pytest.mark.parametrize(
+    "missing", ["run_id", "num_stages", "seq_len", "microbatch_size", "target_batch_size", "lr", "created_at"]
+)
 def test_swarm_config_missing_field(missing):
     value = config_value()
     del value[missing]
@@ -245,7 +264,9 @@ def _key(name: str) -> bytes:
 
 
 def _record(key: str, marker: bytes, value, ttl_s: float = 10.0) -> DHTRecord:
-    return DHTRecord(key=_key(key), subkey=dumps(marker), value=dumps(value), expiration_time=get_dht_time() + ttl_s)
+    return DHTRecord(
+        key=_key(key), subkey=dumps(marker), value=dumps(value), expiration_time=get_dht_time() + ttl_s
+    )
 
 
 def _signed(validator, record: DHTRecord) -> DHTRecord:
@@ -277,15 +298,22 @@ def test_every_stage_key_is_covered(composite, owner_marker):
 def test_record_signed_in_another_owners_name_is_valid_for_that_owner(composite, other_key):
     # B signs its own record: that is legitimate, and our validator accepts it
     other = RSASignatureValidator(other_key)
-    record = _signed(other, _record(stage_key(RUN, 0), other.local_public_key,
-                                    stage_value(peer_id=owner_peer_id(other.local_public_key))))
+    record = _signed(
+        other,
+        _record(
+            stage_key(RUN, 0),
+            other.local_public_key,
+            stage_value(peer_id=owner_peer_id(other.local_public_key)),
+        ),
+    )
     assert composite.validate(record)
 
 
 def test_forged_signature_rejected(composite, owner_marker, other_key):
     other = RSASignatureValidator(other_key)
-    record = _record(stage_key(RUN, 0), other.local_public_key,
-                     stage_value(peer_id=owner_peer_id(other.local_public_key)))
+    record = _record(
+        stage_key(RUN, 0), other.local_public_key, stage_value(peer_id=owner_peer_id(other.local_public_key))
+    )
     # our validator refuses to sign a record that claims another owner's key: the value stays unsigned
     assert composite.sign_value(record) == record.value
     assert not composite.validate(record)
@@ -310,7 +338,12 @@ def test_two_signatures_rejected(composite, owner_marker):
 
 
 def test_valid_signature_over_malformed_value_rejected(composite, owner_marker):
-    for bad in (stage_value(throughput=math.nan), stage_value(state="hacked"), stage_value(extra=1), [1, 2, 3]):
+    for bad in (
+        stage_value(throughput=math.nan),
+        stage_value(state="hacked"),
+        stage_value(extra=1),
+        [1, 2, 3],
+    ):
         record = _signed(composite, _record(stage_key(RUN, 2), owner_marker, bad))
         assert b"[signature:" in record.value
         assert not composite.validate(record), bad
@@ -335,11 +368,15 @@ def test_unsigned_record_under_swarm_key_rejected(composite):
 
 
 def test_expiration_beyond_max_ttl_rejected(composite, owner_marker):
-    too_long = _signed(composite, _record(stage_key(RUN, 0), owner_marker, stage_value(), ttl_s=MAX_TTL_S + 60))
+    too_long = _signed(
+        composite, _record(stage_key(RUN, 0), owner_marker, stage_value(), ttl_s=MAX_TTL_S + 60)
+    )
     assert not composite.validate(too_long)
     with pytest.raises(RecordError, match="expires more than"):
         check_record(composite_strip(composite, too_long), StageRecord.from_value)
-    just_fine = _signed(composite, _record(stage_key(RUN, 0), owner_marker, stage_value(), ttl_s=MAX_TTL_S - 60))
+    just_fine = _signed(
+        composite, _record(stage_key(RUN, 0), owner_marker, stage_value(), ttl_s=MAX_TTL_S - 60)
+    )
     assert composite.validate(just_fine)
 
 
@@ -355,7 +392,12 @@ def test_custom_max_ttl(owner_marker):
 
 
 def test_unrelated_keys_are_not_ours(composite):
-    for key in ("some.other.key", stage_key("another-run", 0), config_key("another-run"), f"{RUN}.stage.{MAX_STAGES}"):
+    for key in (
+        "some.other.key",
+        stage_key("another-run", 0),
+        config_key("another-run"),
+        f"{RUN}.stage.{MAX_STAGES}",
+    ):
         record = DHTRecord(_key(key), dumps(None), dumps({"anything": [1, 2, 3]}), get_dht_time() + 10**6)
         assert composite.validate(record), key
 
@@ -364,7 +406,7 @@ def test_value_modified_after_signing_rejected(composite, owner_marker):
     record = _signed(composite, _record(stage_key(RUN, 0), owner_marker, stage_value(throughput=1.0)))
     assert composite.validate(record)
     stripped = composite.strip_value(record)
-    signature = record.value[len(stripped):]
+    signature = record.value[len(stripped) :]
     assert signature.startswith(b"[signature:")
     tampered_value = dumps(stage_value(throughput=1e6)) + signature
     assert not composite.validate(dataclasses.replace(record, value=tampered_value))
@@ -395,7 +437,9 @@ def test_parse_subkeyed_filters_and_reports(owner_marker, other_key):
     entry = ValueWithExpiration(
         {
             owner_marker: ValueWithExpiration(good, now + 30),
-            other_marker: ValueWithExpiration(stage_value(peer_id="QmOld"), now - 1),  # expired: dropped silently
+            other_marker: ValueWithExpiration(
+                stage_value(peer_id="QmOld"), now - 1
+            ),  # expired: dropped silently
             b"plain-subkey": ValueWithExpiration(stage_value(peer_id="QmUnsigned"), now + 30),
             "text-subkey": ValueWithExpiration(stage_value(peer_id="QmText"), now + 30),
             third_marker: ValueWithExpiration(stage_value(throughput=math.inf), now + 30),
@@ -406,11 +450,13 @@ def test_parse_subkeyed_filters_and_reports(owner_marker, other_key):
     assert list(records) == [owner_marker]
     rec, expiration = records[owner_marker]
     assert rec == StageRecord.from_value(good) and expiration == now + 30
-    assert sorted(rejected) == sorted([
-        "stage 1 record: unsigned subkey",
-        "stage 1 record: unsigned subkey",
-        "stage 1 record: throughput must be finite, got inf",
-    ])
+    assert sorted(rejected) == sorted(
+        [
+            "stage 1 record: unsigned subkey",
+            "stage 1 record: unsigned subkey",
+            "stage 1 record: throughput must be finite, got inf",
+        ]
+    )
 
 
 def test_parse_subkeyed_empty_or_non_dictionary():
@@ -442,7 +488,9 @@ def test_owner_peer_id_is_the_libp2p_peer_id(tmp_path):
         expected = PeerID.from_identity(f.read()).to_base58()
     marker = RSASignatureValidator(load_identity_key(path)).local_public_key
     assert owner_peer_id(marker) == expected
-    assert owner_peer_id(dumps(marker)) == expected  # a stored record's serialized subkey carries the same marker
+    assert (
+        owner_peer_id(dumps(marker)) == expected
+    )  # a stored record's serialized subkey carries the same marker
     other = RSASignatureValidator(RSAPrivateKey()).local_public_key
     for not_one_key in (b"plain", marker.replace(b"ssh-rsa ", b"ssh-rsa x"), marker + other, None, "text"):
         assert owner_peer_id(not_one_key) is None
@@ -451,8 +499,10 @@ def test_owner_peer_id_is_the_libp2p_peer_id(tmp_path):
         load_identity_key(str(tmp_path / "junk.key"))
 
 
-SIGNED_BY_PEER = [(stage_key(RUN, 0), stage_value, StageRecord.from_value),
-                  (progress_key(RUN), progress_value, TrainerProgressRecord.from_value)]
+SIGNED_BY_PEER = [
+    (stage_key(RUN, 0), stage_value, StageRecord.from_value),
+    (progress_key(RUN), progress_value, TrainerProgressRecord.from_value),
+]
 
 
 @pytest.mark.parametrize("key, make_value, parse", SIGNED_BY_PEER)
@@ -465,9 +515,13 @@ def test_record_naming_another_peer_is_refused(composite, owner_marker, other_ke
         check_record(composite_strip(composite, forged), parse)
     # and so do readers (a foreign DHT node may have stored it); the honest peer's own record stays
     now = get_dht_time()
-    entry = ValueWithExpiration({owner_marker: ValueWithExpiration(make_value(), now + 30),
-                                 attacker.local_public_key: ValueWithExpiration(make_value(peer_id=ME), now + 30)},
-                                now + 30)
+    entry = ValueWithExpiration(
+        {
+            owner_marker: ValueWithExpiration(make_value(), now + 30),
+            attacker.local_public_key: ValueWithExpiration(make_value(peer_id=ME), now + 30),
+        },
+        now + 30,
+    )
     records, rejected = parse_subkeyed(entry, parse, "record")
     assert list(records) == [owner_marker]
     assert len(rejected) == 1 and "is not the signer" in rejected[0] and ME in rejected[0]
@@ -482,7 +536,9 @@ def test_stage_record_naming_an_honest_peer_cannot_move_it_or_take_it_offline(ow
     dht.put(stage_key(RUN, 0), owner_marker, stage_value(stage=0, updated_at=1000.0))
     dht.put(stage_key(RUN, 0), attacker, stage_value(stage=0, state="offline", updated_at=2000.0))
     dht.put(stage_key(RUN, 1), attacker, stage_value(stage=1, updated_at=2000.0))
-    dht.put(stage_key(RUN, 1), owner_marker, stage_value(stage=1, peer_id=owner_peer_id(attacker)))  # not its own
+    dht.put(
+        stage_key(RUN, 1), owner_marker, stage_value(stage=1, peer_id=owner_peer_id(attacker))
+    )  # not its own
     peers = fetch_stage_peers(dht, RUN, 2)
     assert [(p.peer_id, p.record.state) for p in peers[0]] == [(ME, "online")]
     assert peers[1] == []
@@ -492,8 +548,15 @@ def test_peer_ids_in_initial_peers():
     from swarm.network import peer_ids_in
 
     a, b, relay = "QmaaaaA", "QmbbbbB", "QmrelayR"
-    assert peer_ids_in([f"/ip4/127.0.0.1/tcp/1/p2p/{a}", f"/ip6/::1/tcp/1/p2p/{a}", f"/dns/x/tcp/2/ipfs/{b}",
-                        f"/ip4/1.2.3.4/tcp/3/p2p/{relay}/p2p-circuit/p2p/{b}", "/ip4/1.2.3.4/tcp/4"]) == {a, b}
+    assert peer_ids_in(
+        [
+            f"/ip4/127.0.0.1/tcp/1/p2p/{a}",
+            f"/ip6/::1/tcp/1/p2p/{a}",
+            f"/dns/x/tcp/2/ipfs/{b}",
+            f"/ip4/1.2.3.4/tcp/3/p2p/{relay}/p2p-circuit/p2p/{b}",
+            "/ip4/1.2.3.4/tcp/4",
+        ]
+    ) == {a, b}
     assert peer_ids_in([]) == frozenset()
 
 
@@ -514,7 +577,9 @@ def test_identity_key_signs_and_config_is_read_only_from_its_owner_on_a_real_dht
         me = owner_subkey(boot)
         assert owner_peer_id(me) == str(boot.peer_id)
         now = get_dht_time()
-        assert boot.store(stage_key(RUN, 0), stage_value(stage=0, peer_id=str(boot.peer_id)), now + 30, subkey=me)
+        assert boot.store(
+            stage_key(RUN, 0), stage_value(stage=0, peer_id=str(boot.peer_id)), now + 30, subkey=me
+        )
         assert not boot.store(stage_key(RUN, 1), stage_value(stage=1, peer_id=ME), now + 30, subkey=me)
         assert boot.get(stage_key(RUN, 1), latest=True) is None
 

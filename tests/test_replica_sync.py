@@ -28,8 +28,14 @@ def test_quorum_epoch_needs_a_majority_of_the_others():
 
 def test_progress_tracker_ignores_a_lone_far_ahead_claim_and_caps_sample_counts():
     tracker = QuorumProgressTracker.__new__(QuorumProgressTracker)  # the parsing only, no DHT or thread
-    tracker.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=5, samples_accumulated=8,
-                                                   samples_per_second=1.0, time=time.time(), client_mode=False)
+    tracker.local_progress = LocalTrainingProgress(
+        peer_id=b"me",
+        epoch=5,
+        samples_accumulated=8,
+        samples_per_second=1.0,
+        time=time.time(),
+        client_mode=False,
+    )
     tracker.target_batch_size, tracker.min_refresh_period, tracker.max_refresh_period = 64, 0.5, 1.0
     tracker.expected_drift_peers, tracker.expected_drift_rate = 3, 0.2
     tracker.performance_ema = hivemind.utils.PerformanceEMA(alpha=0.1)
@@ -37,18 +43,29 @@ def test_progress_tracker_ignores_a_lone_far_ahead_claim_and_caps_sample_counts(
     tracker.is_alive = lambda: False  # never started (its __del__ asks)
 
     def record(peer: bytes, epoch: int, samples: int):
-        value = LocalTrainingProgress(peer_id=peer, epoch=epoch, samples_accumulated=samples, samples_per_second=1.0,
-                                      time=time.time(), client_mode=False).dict()
+        value = LocalTrainingProgress(
+            peer_id=peer,
+            epoch=epoch,
+            samples_accumulated=samples,
+            samples_per_second=1.0,
+            time=time.time(),
+            client_mode=False,
+        ).dict()
         return ValueWithExpiration(value, time.time() + 60)
 
     progress = tracker._parse_swarm_progress_data(
-        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 1000, 10**6)})
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 1000, 10**6)}
+    )
     assert progress.epoch == 5 and progress.samples_accumulated == 16
     progress = tracker._parse_swarm_progress_data(
-        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 5, 10**6)})
-    assert progress.epoch == 5 and progress.samples_accumulated == 8 + 8 + 16  # the liar counts as 2x the median
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 5, 8), b"liar": record(b"liar", 5, 10**6)}
+    )
+    assert (
+        progress.epoch == 5 and progress.samples_accumulated == 8 + 8 + 16
+    )  # the liar counts as 2x the median
     progress = tracker._parse_swarm_progress_data(
-        {b"me": record(b"me", 5, 8), b"a": record(b"a", 6, 8), b"b": record(b"b", 6, 0)})
+        {b"me": record(b"me", 5, 8), b"a": record(b"a", 6, 8), b"b": record(b"b", 6, 0)}
+    )
     assert progress.epoch == 6  # both others moved on: this replica is behind
 
 
@@ -75,8 +92,6 @@ def test_state_verdict_is_a_quorum_of_the_other_replicas():
     assert ok and "no quorum" in why
 
 
-
-
 def test_a_state_not_ahead_of_this_replica_must_match_its_own_weights():
     """At a swarm's start every replica is initialised alike from the seed, and the only replica online may be a
     poisoner, with no quorum to ask: a downloaded state whose epoch is not ahead of this replica's is held against
@@ -88,8 +103,12 @@ def test_a_state_not_ahead_of_this_replica_must_match_its_own_weights():
     from swarm.optimizer import OptimizerConfig
     from swarm.stage_server import StageServer, StageServerConfig
 
-    server = StageServer(StageServerConfig(run_id="own", stage=0, num_stages=2), model_preset("tiny", num_layers=2),
-                         None, OptimizerConfig(averaging=False))
+    server = StageServer(
+        StageServerConfig(run_id="own", stage=0, num_stages=2),
+        model_preset("tiny", num_layers=2),
+        None,
+        OptimizerConfig(averaging=False),
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -98,7 +117,9 @@ def test_a_state_not_ahead_of_this_replica_must_match_its_own_weights():
         params = [p.detach().clone() for p in server.module.parameters()]
         why = server._check_state("QmPoisoner", 0, [5 * p for p in params])
         assert why is not None and "not ahead" in why
-        assert server._check_state("QmHonest", 0, params) is None  # no quorum reachable here: accepted, and said so
+        assert (
+            server._check_state("QmHonest", 0, params) is None
+        )  # no quorum reachable here: accepted, and said so
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)

@@ -42,22 +42,32 @@ from swarm.sentinel import Verdict
 
 RUN = "test-run"
 dumps = DHTProtocol.serializer.dumps
-ME = owner_peer_id(RSASignatureValidator().local_public_key)  # the peer id of this process's key (make_validators)
+ME = owner_peer_id(
+    RSASignatureValidator().local_public_key
+)  # the peer id of this process's key (make_validators)
 
 
 def report_value(**overrides):
-    value = ReputationReport(reporter=ME, issued_at=1000.0, entries={
-        "QmA": {"clean": 10, "strikes": 0, "reasons": {}},
-        "QmB": {"clean": 3, "strikes": 4, "reasons": {"log_rms": 3, "finite": 1}},
-    }).to_value()
+    value = ReputationReport(
+        reporter=ME,
+        issued_at=1000.0,
+        entries={
+            "QmA": {"clean": 10, "strikes": 0, "reasons": {}},
+            "QmB": {"clean": 3, "strikes": 4, "reasons": {"log_rms": 3, "finite": 1}},
+        },
+    ).to_value()
     value.update(overrides)
     return value
 
 
 def blacklist_value(**overrides):
-    value = BlacklistRecord(publisher=ME, issued_at=1000.0, entries={
-        "QmB": {"reason": "log_rms", "reporters": 3, "strikes": 12},
-    }).to_value()
+    value = BlacklistRecord(
+        publisher=ME,
+        issued_at=1000.0,
+        entries={
+            "QmB": {"reason": "log_rms", "reporters": 3, "strikes": 12},
+        },
+    ).to_value()
     value.update(overrides)
     return value
 
@@ -123,7 +133,10 @@ def test_report_and_blacklist_round_trip():
         (dict(entries={"QmA": report_entry(reasons={"r": math.nan})}), "must be an integer in"),
         (dict(entries={"QmA": report_entry(strikes=40, recent_strikes=33)}), "recent_strikes=33 is outside"),
         (dict(entries={"QmA": report_entry(strikes=2, recent_strikes=3)}), "recent_strikes exceeds strikes"),
-        (dict(entries={"QmA": report_entry(strikes=2, recent_strikes=1.0)}), "recent_strikes must be an integer"),
+        (
+            dict(entries={"QmA": report_entry(strikes=2, recent_strikes=1.0)}),
+            "recent_strikes must be an integer",
+        ),
     ],
 )
 def test_report_rejections(overrides, message):
@@ -203,8 +216,12 @@ def other_key():
 
 
 def _record(key: str, marker: bytes, value, ttl_s: float = 10.0) -> DHTRecord:
-    return DHTRecord(key=DHTID.generate(source=key).to_bytes(), subkey=dumps(marker), value=dumps(value),
-                     expiration_time=get_dht_time() + ttl_s)
+    return DHTRecord(
+        key=DHTID.generate(source=key).to_bytes(),
+        subkey=dumps(marker),
+        value=dumps(value),
+        expiration_time=get_dht_time() + ttl_s,
+    )
 
 
 def _signed(validator, record: DHTRecord) -> DHTRecord:
@@ -237,20 +254,30 @@ def test_wrong_key_rejected(composite, owner_marker, other_key, key, make_value)
     forged_signature = RSAPrivateKey.process_wide().sign(MSGPackSerializer.dumps(dataclasses.astuple(record)))
     forged = dataclasses.replace(record, value=record.value + b"[signature:" + forged_signature + b"]")
     assert not composite.validate(forged)
-    assert not composite.validate(_signed(other, record))  # B's own signature on a record in A's name: refused
-    genuine = _signed(other, _record(key, other.local_public_key, signed_by(make_value, other.local_public_key)))
+    assert not composite.validate(
+        _signed(other, record)
+    )  # B's own signature on a record in A's name: refused
+    genuine = _signed(
+        other, _record(key, other.local_public_key, signed_by(make_value, other.local_public_key))
+    )
     assert composite.validate(genuine)  # B writing its own report is fine
     assert not composite.validate(dataclasses.replace(genuine, subkey=dumps(owner_marker)))
 
 
-@pytest.mark.parametrize("key, bad", [
-    (reports_key(RUN), report_value(entries={"QmA": report_entry(clean=-1)})),
-    (reports_key(RUN), report_value(entries={"QmA": report_entry(reasons={f"r{i}": 1 for i in range(9)})})),
-    (reports_key(RUN), report_value(issued_at=math.nan)),
-    (reports_key(RUN), [1, 2, 3]),
-    (blacklist_key(RUN), blacklist_value(entries={"QmB": bl_entry(reporters=0)})),
-    (blacklist_key(RUN), report_value()),  # a report under the blacklist key
-])
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        (reports_key(RUN), report_value(entries={"QmA": report_entry(clean=-1)})),
+        (
+            reports_key(RUN),
+            report_value(entries={"QmA": report_entry(reasons={f"r{i}": 1 for i in range(9)})}),
+        ),
+        (reports_key(RUN), report_value(issued_at=math.nan)),
+        (reports_key(RUN), [1, 2, 3]),
+        (blacklist_key(RUN), blacklist_value(entries={"QmB": bl_entry(reporters=0)})),
+        (blacklist_key(RUN), report_value()),  # a report under the blacklist key
+    ],
+)
 def test_signed_malformed_rejected(composite, owner_marker, key, bad):
     record = _signed(composite, _record(key, owner_marker, bad))
     assert b"[signature:" in record.value
@@ -263,16 +290,26 @@ def test_expiration_beyond_max_ttl_rejected(composite, owner_marker, key, make_v
     assert not composite.validate(too_long)
     stripped = dataclasses.replace(too_long, value=composite.strip_value(too_long))
     with pytest.raises(RecordError, match="expires more than"):
-        check_record(stripped, ReputationReport.from_value if "reports" in key else BlacklistRecord.from_value)
-    assert composite.validate(_signed(composite, _record(key, owner_marker, make_value(), ttl_s=MAX_TTL_S - 60)))
+        check_record(
+            stripped, ReputationReport.from_value if "reports" in key else BlacklistRecord.from_value
+        )
+    assert composite.validate(
+        _signed(composite, _record(key, owner_marker, make_value(), ttl_s=MAX_TTL_S - 60))
+    )
 
 
 def test_unsigned_and_foreign_keys(composite):
-    unsigned = DHTRecord(DHTID.generate(source=reports_key(RUN)).to_bytes(), dumps(b"plain"),
-                         dumps(report_value()), get_dht_time() + 10)
+    unsigned = DHTRecord(
+        DHTID.generate(source=reports_key(RUN)).to_bytes(),
+        dumps(b"plain"),
+        dumps(report_value()),
+        get_dht_time() + 10,
+    )
     assert not composite.validate(unsigned)
     for key in (reports_key("another-run"), blacklist_key("another-run"), stage_key(RUN, 0) + ".reports"):
-        record = DHTRecord(DHTID.generate(source=key).to_bytes(), dumps(None), dumps([1]), get_dht_time() + 10**6)
+        record = DHTRecord(
+            DHTID.generate(source=key).to_bytes(), dumps(None), dumps([1]), get_dht_time() + 10**6
+        )
         assert composite.validate(record), key
 
 
@@ -295,8 +332,16 @@ def test_ledger_counts():
     assert (b.clean, b.strikes, dict(b.reasons)) == (1, 3, {"x" * 32: 1, "norm_corr": 1, "hard": 1})
     report = ledger.to_report("QmMe", 123.0)
     assert report.reporter == "QmMe" and report.issued_at == 123.0
-    assert report.entries["QmA"] == {"clean": 5, "strikes": 2, "reasons": {"log_rms": 1, "backward": 1}, "recent_strikes": 2}
-    assert ReputationReport.from_value(MSGPackSerializer.loads(MSGPackSerializer.dumps(report.to_value()))) == report
+    assert report.entries["QmA"] == {
+        "clean": 5,
+        "strikes": 2,
+        "reasons": {"log_rms": 1, "backward": 1},
+        "recent_strikes": 2,
+    }
+    assert (
+        ReputationReport.from_value(MSGPackSerializer.loads(MSGPackSerializer.dumps(report.to_value())))
+        == report
+    )
 
 
 def test_report_caps():
@@ -344,7 +389,11 @@ class Swarm:
         return name
 
     def link(self, a, b, clean=0, strikes=0, reason="log_rms"):
-        self.entries[a][b] = {"clean": clean, "strikes": strikes, "reasons": {reason: strikes} if strikes else {}}
+        self.entries[a][b] = {
+            "clean": clean,
+            "strikes": strikes,
+            "reasons": {reason: strikes} if strikes else {},
+        }
 
     def vouch_all(self, peers, clean=50):
         for a in peers:
@@ -353,7 +402,9 @@ class Swarm:
                     self.link(a, b, clean)
 
     def reports(self):
-        return {r: ReputationReport(reporter=r, issued_at=NOW, entries=dict(e)) for r, e in self.entries.items()}
+        return {
+            r: ReputationReport(reporter=r, issued_at=NOW, entries=dict(e)) for r, e in self.entries.items()
+        }
 
     def aggregate(self, cfg=CFG, **kwargs):
         return aggregate(self.reports(), self.first_seen, NOW, cfg, **kwargs)
@@ -378,7 +429,10 @@ def test_byzantine_peer_blacklisted_by_three_honest():
     for h in honest[:3]:
         s.link(h, "QmX", clean=30, strikes=10, reason="norm_corr")
     s.entries[honest[0]]["QmX"]["reasons"] = {"norm_corr": 6, "finite": 4}
-    s.entries[honest[1]]["QmX"]["reasons"] = {"finite": 8, "norm_corr": 2}  # cited by 2 accusers vs 3 for norm_corr
+    s.entries[honest[1]]["QmX"]["reasons"] = {
+        "finite": 8,
+        "norm_corr": 2,
+    }  # cited by 2 accusers vs 3 for norm_corr
     agg = s.aggregate()
     assert set(agg.blacklist) == {"QmX"}
     assert agg.blacklist["QmX"] == {"reason": "norm_corr", "reporters": 3, "strikes": 30}
@@ -533,13 +587,16 @@ def test_report_under_someone_elses_peer_id_weighs_nothing():
     assert agg.weights[honest[0]] == 0.0 and agg.weights[honest[1]] == 1.0
 
 
-@pytest.mark.parametrize("age, work, weight", [
-    (0.0, 1000, 0.0),
-    (CFG.probation_s - 1, 1000, 0.0),
-    (CFG.probation_s, CFG.probation_work - 1, 0.0),
-    (CFG.probation_s, CFG.probation_work, 1.0),
-    (10 * CFG.probation_s, 1000, 1.0),
-])
+@pytest.mark.parametrize(
+    "age, work, weight",
+    [
+        (0.0, 1000, 0.0),
+        (CFG.probation_s - 1, 1000, 0.0),
+        (CFG.probation_s, CFG.probation_work - 1, 0.0),
+        (CFG.probation_s, CFG.probation_work, 1.0),
+        (10 * CFG.probation_s, 1000, 1.0),
+    ],
+)
 def test_probation_ends_once_age_and_work_suffice(age, work, weight):
     s, honest = honest_swarm(3, byzantine=())
     newcomer = s.peer("QmNew", first_seen=NOW - age)
@@ -568,9 +625,18 @@ def test_empty_and_config_validation():
     agg = aggregate({}, {}, NOW)
     assert agg.blacklist == {} and agg.scores == {} and agg.converged and agg.rounds == 1
     assert agg.to_blacklist_record("QmMe", NOW).entries == {}
-    for bad in (dict(probation_s=-1), dict(probation_s=math.inf), dict(probation_work=-1), dict(min_reporters=0),
-                dict(min_strikes=0), dict(strike_ratio=0.0), dict(strike_ratio=1.5), dict(report_period_s=0),
-                dict(report_ttl_s=MAX_TTL_S + 1), dict(report_period_s=10.0, report_ttl_s=5.0)):
+    for bad in (
+        dict(probation_s=-1),
+        dict(probation_s=math.inf),
+        dict(probation_work=-1),
+        dict(min_reporters=0),
+        dict(min_strikes=0),
+        dict(strike_ratio=0.0),
+        dict(strike_ratio=1.5),
+        dict(report_period_s=0),
+        dict(report_ttl_s=MAX_TTL_S + 1),
+        dict(report_period_s=10.0, report_ttl_s=5.0),
+    ):
         with pytest.raises(ValueError):
             ReputationConfig(**bad)
 
@@ -596,7 +662,9 @@ def test_insiders_cannot_ban_a_peer_its_other_neighbours_find_clean():
     for liar in s0[:2]:
         s.link(liar, target, clean=0, strikes=50)
     assert not s.aggregate(stages=stages).blacklist
-    assert s.aggregate(ReputationConfig(witness_share=0.0), stages=stages).blacklist  # two reporters alone would
+    assert s.aggregate(
+        ReputationConfig(witness_share=0.0), stages=stages
+    ).blacklist  # two reporters alone would
     s.link(s0[2], target, clean=0, strikes=50)  # a third of its witnesses on that side: the verdict
     assert set(s.aggregate(stages=stages).blacklist) == {target}
 
@@ -663,7 +731,9 @@ def test_replicas_of_the_same_stage_witness_each_others_averaging():
 
 
 @pytest.mark.parametrize("key, make_value", KEYED_VALUES)
-def test_report_or_blacklist_in_another_peers_name_is_refused(composite, owner_marker, other_key, key, make_value):
+def test_report_or_blacklist_in_another_peers_name_is_refused(
+    composite, owner_marker, other_key, key, make_value
+):
     attacker = RSASignatureValidator(other_key)
     parse = ReputationReport.from_value if make_value is report_value else BlacklistRecord.from_value
     forged = _signed(attacker, _record(key, attacker.local_public_key, make_value()))  # names ME, signed by B
@@ -692,7 +762,9 @@ def test_swarm_verdict_weighs_publishers_by_trust_not_head_count():
     assert not swarm_verdict(blacklists, honest[0], weights)  # 3 of 5 heads, 0 of 2 trust
     assert not swarm_verdict(blacklists, honest[0], dict(weights, **{p: 0.0 for p in sybils}))
     # trusted publishers holding a majority of the trust do decide
-    blacklists.update({h: BlacklistRecord(publisher=h, issued_at=NOW, entries=_listing("QmX")) for h in honest[:2]})
+    blacklists.update(
+        {h: BlacklistRecord(publisher=h, issued_at=NOW, entries=_listing("QmX")) for h in honest[:2]}
+    )
     assert swarm_verdict(blacklists, "QmX", weights)  # 2 of the 3 trusted publishers (honest[0..2])
     blacklists[honest[1]] = BlacklistRecord(publisher=honest[1], issued_at=NOW, entries={})
     assert not swarm_verdict(blacklists, "QmX", weights)  # 1 of 3: no majority
@@ -721,7 +793,9 @@ def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities)
     cfg = ReputationConfig(probation_s=600.0)
     dht = FakeDHT()
     for i, (peer, marker) in enumerate(honest + sybils):
-        dht.put(stage_key(RUN, i % 2), marker, StageRecord(peer_id=peer, stage=i % 2, updated_at=NOW).to_value())
+        dht.put(
+            stage_key(RUN, i % 2), marker, StageRecord(peer_id=peer, stage=i % 2, updated_at=NOW).to_value()
+        )
     for group in (honest, sybils):
         for peer, marker in group:
             entries = {other: report_entry(clean=50) for other, _ in group if other != peer}
@@ -730,7 +804,11 @@ def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities)
             report = ReputationReport(reporter=peer, issued_at=NOW, entries=entries)
             dht.put(reports_key(RUN), marker, report.to_value())
     for (peer, marker), entries in [(h, {}) for h in honest[1:3]] + [(s, _listing(target)) for s in sybils]:
-        dht.put(blacklist_key(RUN), marker, BlacklistRecord(publisher=peer, issued_at=NOW, entries=entries).to_value())
+        dht.put(
+            blacklist_key(RUN),
+            marker,
+            BlacklistRecord(publisher=peer, issued_at=NOW, entries=entries).to_value(),
+        )
     forged = BlacklistRecord(publisher=honest[1][0], issued_at=NOW + 1, entries=_listing(target))  # newer
     dht.put(blacklist_key(RUN), forger, forged.to_value())
 
@@ -745,5 +823,7 @@ def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities)
     assert {p for p, w in service.aggregate.weights.items() if w > 0} == {p for p, _ in honest}
     assert not service.is_blacklisted(target)
     assert len(blacklists) == 5 and blacklists[honest[1][0]].entries == {}  # the forgery did not replace it
-    assert sum(target in record.entries for record in blacklists.values()) == 3  # a majority of heads (3 of 5)...
+    assert (
+        sum(target in record.entries for record in blacklists.values()) == 3
+    )  # a majority of heads (3 of 5)...
     assert not service.swarm_verdict(blacklists, target)  # ...but none of the trust

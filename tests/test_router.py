@@ -30,8 +30,9 @@ def info(peer: str, stage: int, state: str = "online", throughput: float = 0.0):
 
 def make_router(layout, *, seed=0, clock=None, is_blacklisted=None, **cfg):
     """layout: {stage: [peer ids]} -> a Router over len(layout) stages, updated with those peers online."""
-    router = Router(len(layout), RouterConfig(seed=seed, **cfg), clock=clock or FakeClock(),
-                    is_blacklisted=is_blacklisted)
+    router = Router(
+        len(layout), RouterConfig(seed=seed, **cfg), clock=clock or FakeClock(), is_blacklisted=is_blacklisted
+    )
     router.update({stage: [info(p, stage) for p in peers] for stage, peers in layout.items()})
     return router
 
@@ -56,11 +57,13 @@ def test_chain_has_one_peer_per_stage():
 
 def test_only_online_peers_are_used():
     router = Router(2, RouterConfig(seed=1), clock=FakeClock())
-    router.update({
-        0: [info("a-online", 0), info("a-joining", 0, "joining"), info("a-offline", 0, "offline")],
-        1: [info("b-offline", 1, "offline"), info("b-online", 1)],
-        7: [info("ghost", 7)],  # a stage this router does not have
-    })
+    router.update(
+        {
+            0: [info("a-online", 0), info("a-joining", 0, "joining"), info("a-offline", 0, "offline")],
+            1: [info("b-offline", 1, "offline"), info("b-online", 1)],
+            7: [info("ghost", 7)],  # a stage this router does not have
+        }
+    )
     assert router.live == {0: ["a-online"], 1: ["b-online"]}
     assert "ghost" not in router.peers
     for _ in range(20):
@@ -198,7 +201,9 @@ def test_no_route_when_all_peers_are_banned():
     assert router.pick_chain() == ["a", "b1"]
     router.report_failure("b1", "bad gradients")
     assert router.peers["b1"].failed == 1
-    with pytest.raises(NoRouteError, match=r"stage 1: all 2 peer\(s\) banned, blacklisted or excluded") as err:
+    with pytest.raises(
+        NoRouteError, match=r"stage 1: all 2 peer\(s\) banned, blacklisted or excluded"
+    ) as err:
         router.pick_chain()
     assert err.value.stage == 1
     clock.advance(5.0)  # both bans were 5 s long
@@ -260,8 +265,9 @@ def test_sentinel_verdict_bans_are_short_and_do_not_escalate():
     for a swarm-wide blacklist accumulates); a longer ban already in force is kept; failures still escalate."""
     clock = FakeClock()
     router = make_router({0: ["a"], 1: ["b0", "b1"]}, clock=clock)
-    assert [router.report_failure("b0", "stage 1 rejected forward tensor: log_rms", judge="a")
-            for _ in range(4)] == [2.0, 2.0, 2.0, 2.0]
+    assert [
+        router.report_failure("b0", "stage 1 rejected forward tensor: log_rms", judge="a") for _ in range(4)
+    ] == [2.0, 2.0, 2.0, 2.0]
     assert router.peers["b0"].failed == 4
     clock.advance(2.0)
     assert not router.bans.is_banned("b0")
@@ -396,8 +402,10 @@ def test_seeded_router_is_deterministic():
     assert run(7) == run(7)
 
 
-@pytest.mark.parametrize("kwargs", [dict(ema_alpha=0.0), dict(ema_alpha=1.5), dict(jitter=1.0), dict(jitter=-0.1),
-                                    dict(ban_base_s=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(ema_alpha=0.0), dict(ema_alpha=1.5), dict(jitter=1.0), dict(jitter=-0.1), dict(ban_base_s=0.0)],
+)
 def test_router_config_validation(kwargs):
     with pytest.raises(ValueError, match="router"):
         RouterConfig(**kwargs)
@@ -452,5 +460,11 @@ def test_router_survives_a_flood_of_announced_peers():
         clock.advance(0.01)
     assert len(router.peers) <= 64 and len(router.suspects) <= 64 and len(router.bans._bans) <= 64
     assert all(state.inflight == 0 for state in router.peers.values()) and len(router.judges) <= 64
-    clock.advance(router.cfg.suspect_memory_s + 1)  # suspects (and their judges) expire with the suspect memory
-    assert len(router.suspects) == 0 and len(router.judges) == 0 and not any(map(router.is_suspect, router.peers))
+    clock.advance(
+        router.cfg.suspect_memory_s + 1
+    )  # suspects (and their judges) expire with the suspect memory
+    assert (
+        len(router.suspects) == 0
+        and len(router.judges) == 0
+        and not any(map(router.is_suspect, router.peers))
+    )

@@ -52,7 +52,9 @@ def run(honest, attack=None, direction=FORWARD, start=0, cfg=None):
             if adversary is not None and sender == "p2" and i >= start:
                 sent = adversary(tensor, d, {"step": i})
             tampered = not torch.equal(sent, tensor)
-            verdict = monitor.check(sent, sender, d, microbatch=str(i), context=act if d == BACKWARD else None)
+            verdict = monitor.check(
+                sent, sender, d, microbatch=str(i), context=act if d == BACKWARD else None
+            )
             out.append((i, sender, d, tampered, verdict))
     return out
 
@@ -76,18 +78,34 @@ def test_long_honest_run_raises_no_false_alarm(honest):
     assert rejected == []
 
 
-@pytest.mark.parametrize("attack,direction", [
-    ("zero", FORWARD), ("zero", BACKWARD),
-    ("constant", FORWARD), ("constant", BACKWARD),
-    ("scale", FORWARD), ("scale", BACKWARD),
-    ("signflip", FORWARD),
-    ("alie", FORWARD), ("alie", BACKWARD),
-    ("random", FORWARD), ("random", BACKWARD),
-    ("replay", FORWARD), ("replay", BACKWARD),
-    ("noise", FORWARD), ("noise", BACKWARD),
-    pytest.param("signflip", BACKWARD, marks=pytest.mark.xfail(
-        strict=True, reason="known limit: a sign-flipped gradient has the honest distribution (see sentinel.py)")),
-])
+@pytest.mark.parametrize(
+    "attack,direction",
+    [
+        ("zero", FORWARD),
+        ("zero", BACKWARD),
+        ("constant", FORWARD),
+        ("constant", BACKWARD),
+        ("scale", FORWARD),
+        ("scale", BACKWARD),
+        ("signflip", FORWARD),
+        ("alie", FORWARD),
+        ("alie", BACKWARD),
+        ("random", FORWARD),
+        ("random", BACKWARD),
+        ("replay", FORWARD),
+        ("replay", BACKWARD),
+        ("noise", FORWARD),
+        ("noise", BACKWARD),
+        pytest.param(
+            "signflip",
+            BACKWARD,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known limit: a sign-flipped gradient has the honest distribution (see sentinel.py)",
+            ),
+        ),
+    ],
+)
 def test_sleeper_attack_caught_quickly(honest, attack, direction):
     """Honest for 60 micro-batches (baselines warm), then Byzantine: caught within 20 micro-batches."""
     start = 60
@@ -120,7 +138,9 @@ def test_causal_tail_of_gradients(honest):
     verdict = SentinelMonitor().check(noisy, "p", BACKWARD, context=act)
     assert not verdict.accepted and verdict.statistic == "causal_tail" and "last position" in verdict.reason
     assert SentinelMonitor().hard_check(noisy, "p", FORWARD) is None  # activations have no such structure
-    assert SentinelMonitor(SentinelConfig(causal_tail_tolerance=None)).hard_check(noisy, "p", BACKWARD) is None
+    assert (
+        SentinelMonitor(SentinelConfig(causal_tail_tolerance=None)).hard_check(noisy, "p", BACKWARD) is None
+    )
 
 
 def test_verdict_names_sender_direction_and_reason(honest):
@@ -166,7 +186,9 @@ def test_drift_shared_by_most_senders_is_followed_not_rejected(honest):
     assert len(evidence) <= 2, evidence
     alone = [r for r in run(_shifted(honest, 150, {"p2"})) if r[2] == FORWARD and r[0] >= 150]
     caught = [v for i, s, _, _, v in alone if s == "p2" and not v.accepted]
-    assert len(caught) >= 0.9 * sum(1 for r in alone if r[1] == "p2"), [v.reason for *_, v in alone if v.sender == "p2"]
+    assert len(caught) >= 0.9 * sum(1 for r in alone if r[1] == "p2"), [
+        v.reason for *_, v in alone if v.sender == "p2"
+    ]
     assert all(v.evidence for v in caught)  # a sender that moved alone: every rejection is a strike
     assert all(v.accepted for i, s, _, _, v in alone if s != "p2")
 
@@ -179,7 +201,10 @@ def test_forget_drops_a_sender_as_reference(honest):
     assert "p2" in monitor.latest[FORWARD] and ("p2", FORWARD) in monitor.momentum
     monitor.forget("p2")
     assert "p2" not in monitor.latest[FORWARD] and "p2" not in monitor.last_seen[FORWARD]
-    assert ("p2", FORWARD) not in monitor.momentum and ("p2", FORWARD) in monitor.senders  # its own baseline stays
+    assert ("p2", FORWARD) not in monitor.momentum and (
+        "p2",
+        FORWARD,
+    ) in monitor.senders  # its own baseline stays
     verdict = monitor.check(honest[90][1], "p0", FORWARD, microbatch="90")
     assert verdict.accepted, verdict.reason
 
@@ -217,7 +242,9 @@ def test_activations_of_other_tokens_do_not_fit_and_are_rejected():
         if i == 60:
             assert monitor.token_fit(act, ids) > 0.15
             assert abs(monitor.token_fit(data[i - 5][0], ids)) < 0.1
-        verdicts.append((sender, replay, monitor.check_loss(loss, sender, str(i), activations=sent, tokens=ids)))
+        verdicts.append(
+            (sender, replay, monitor.check_loss(loss, sender, str(i), activations=sent, tokens=ids))
+        )
     caught = [v for s, r, v in verdicts if r and not v.accepted]
     assert len(caught) >= 0.5 * sum(r for _, r, _ in verdicts), [v.reason for _, r, v in verdicts if r]
     assert any(v.statistic == "token_mismatch" for v in caught)
@@ -255,8 +282,14 @@ def test_a_flood_of_fresh_senders_is_bounded_and_evicts_newcomers_first(honest):
     monitor.check(honest[91][1], "newcomer", FORWARD, microbatch="91")
     for i, act, _grad in honest[92:200]:  # 108 fresh ids
         monitor.check(act, f"sybil{i}", FORWARD, microbatch=str(i))
-    tables = [monitor.senders, monitor.momentum, monitor.momentum_count, monitor.relative, monitor.latest[FORWARD],
-              monitor.last_seen[FORWARD]]
+    tables = [
+        monitor.senders,
+        monitor.momentum,
+        monitor.momentum_count,
+        monitor.relative,
+        monitor.latest[FORWARD],
+        monitor.last_seen[FORWARD],
+    ]
     assert all(len(table) <= 64 for table in tables) and monitor.senders.evicted > 0
     assert all(monitor.senders[(f"p{k}", FORWARD)].ready for k in range(3))  # established baselines are kept
     assert ("newcomer", FORWARD) not in monitor.senders

@@ -35,8 +35,15 @@ A, B, C, D = (f"12D3KooW{name * 44}" for name in "ABCD")  # peer-id-shaped strin
 
 
 def config(num_stages: int = 3) -> SwarmConfigRecord:
-    return SwarmConfigRecord(run_id="demo", model=dict(num_layers=4, hidden_size=64, vocab_size=256),
-                             num_stages=num_stages, seq_len=16, microbatch_size=2, target_batch_size=8, lr=1e-3)
+    return SwarmConfigRecord(
+        run_id="demo",
+        model=dict(num_layers=4, hidden_size=64, vocab_size=256),
+        num_stages=num_stages,
+        seq_len=16,
+        microbatch_size=2,
+        target_batch_size=8,
+        lr=1e-3,
+    )
 
 
 def stage_record(peer, stage, state="online", **kw) -> StageRecord:
@@ -45,8 +52,18 @@ def stage_record(peer, stage, state="online", **kw) -> StageRecord:
 
 
 def progress(peer=D, **kw) -> TrainerProgressRecord:
-    values = dict(state="training", step=7, steps_total=50, loss=5.25, tokens=7168, tokens_per_s=512.0,
-                  completed=56, dropped=1, retried=3, updated_at=NOW - 2)
+    values = dict(
+        state="training",
+        step=7,
+        steps_total=50,
+        loss=5.25,
+        tokens=7168,
+        tokens_per_s=512.0,
+        completed=56,
+        dropped=1,
+        retried=3,
+        updated_at=NOW - 2,
+    )
     values.update(kw)
     return TrainerProgressRecord(peer_id=peer, **values)
 
@@ -55,8 +72,12 @@ def reports_with_evidence():
     """A and B both saw C send 10 bad tensors in 12; A and B vouch for each other's work."""
     bad = {"clean": 2, "strikes": 10, "reasons": {"rms": 10}}
     return {
-        A: ReputationReport(reporter=A, issued_at=NOW, entries={B: {"clean": 40, "strikes": 0, "reasons": {}}, C: bad}),
-        B: ReputationReport(reporter=B, issued_at=NOW, entries={A: {"clean": 40, "strikes": 0, "reasons": {}}, C: bad}),
+        A: ReputationReport(
+            reporter=A, issued_at=NOW, entries={B: {"clean": 40, "strikes": 0, "reasons": {}}, C: bad}
+        ),
+        B: ReputationReport(
+            reporter=B, issued_at=NOW, entries={A: {"clean": 40, "strikes": 0, "reasons": {}}, C: bad}
+        ),
     }
 
 
@@ -65,15 +86,25 @@ def sample_status():
     cfg = ReputationConfig(probation_s=0.0)
     agg = aggregate(reports, {}, NOW, cfg)
     entry = {C: {"reason": "rms", "reporters": 2, "strikes": 20}}
-    blacklists = {A: BlacklistRecord(publisher=A, issued_at=NOW, entries=entry),
-                  B: BlacklistRecord(publisher=B, issued_at=NOW, entries=entry)}
+    blacklists = {
+        A: BlacklistRecord(publisher=A, issued_at=NOW, entries=entry),
+        B: BlacklistRecord(publisher=B, issued_at=NOW, entries=entry),
+    }
     stages = {
         0: [stage_record(A, 0, throughput=12.5, served=40, addrs=[f"/ip4/127.0.0.1/tcp/4001/p2p/{A}"])],
         1: [stage_record(C, 1, served=12, updated_at=NOW - 100), stage_record(B, 1, served=41)],
         # stage 2: nobody
     }
-    return build_status("demo", config(), stages, progress=[progress()], blacklists=blacklists,
-                        reputation=agg, now=NOW, notes=["a note"])
+    return build_status(
+        "demo",
+        config(),
+        stages,
+        progress=[progress()],
+        blacklists=blacklists,
+        reputation=agg,
+        now=NOW,
+        notes=["a note"],
+    )
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
@@ -104,9 +135,11 @@ def test_build_status_reputation_and_blacklist_reason():
 
 def test_listed_by_a_minority_is_not_blacklisted_but_shown():
     entry = {C: {"reason": "rms", "reporters": 2, "strikes": 20}}
-    blacklists = {A: BlacklistRecord(publisher=A, issued_at=NOW, entries=entry),
-                  B: BlacklistRecord(publisher=B, issued_at=NOW, entries={}),
-                  D: BlacklistRecord(publisher=D, issued_at=NOW, entries={})}
+    blacklists = {
+        A: BlacklistRecord(publisher=A, issued_at=NOW, entries=entry),
+        B: BlacklistRecord(publisher=B, issued_at=NOW, entries={}),
+        D: BlacklistRecord(publisher=D, issued_at=NOW, entries={}),
+    }
     status = build_status("demo", config(2), {1: [stage_record(C, 1)]}, blacklists=blacklists, now=NOW)
     c = status.stages[1].peers[0]
     assert not c.blacklisted and c.blacklisted_by == 1 and c.reputation is None
@@ -126,18 +159,28 @@ def test_totals_prefer_a_training_trainer_over_a_finished_one():
     old = progress(A, state="finished", step=50, loss=3.0, updated_at=NOW - 60)
     new = progress(B, step=2, loss=None, tokens_per_s=100.0, updated_at=NOW - 1)
     status = build_status("demo", config(1), {}, progress=[old, new], now=NOW)
-    assert status.totals["step"] == 2 and status.totals["loss"] is None and status.totals["tokens_per_s"] == 100.0
+    assert (
+        status.totals["step"] == 2
+        and status.totals["loss"] is None
+        and status.totals["tokens_per_s"] == 100.0
+    )
     assert [t.peer_id for t in status.trainers] == [B, A]  # freshest first
     only_finished = build_status("demo", config(1), {}, progress=[old], now=NOW)
     assert only_finished.totals["step"] == 50 and only_finished.totals["loss"] == 3.0
 
 
 def test_offline_and_joining_peers_do_not_count_as_online():
-    stages = {0: [stage_record(A, 0, state="offline"), stage_record(B, 0, state="joining")], 1: [stage_record(C, 1)]}
+    stages = {
+        0: [stage_record(A, 0, state="offline"), stage_record(B, 0, state="joining")],
+        1: [stage_record(C, 1)],
+    }
     status = build_status("demo", config(2), stages, now=NOW)
     assert status.totals["peers_per_stage"] == [0, 1] and status.totals["stages_without_peer"] == [0]
     assert status.totals["step"] is None and status.totals["tokens_per_s"] is None
-    assert [p.state for p in status.stages[0].peers] == ["offline", "joining"]  # online first, then by peer id
+    assert [p.state for p in status.stages[0].peers] == [
+        "offline",
+        "joining",
+    ]  # online first, then by peer id
 
 
 # ---- JSON and text --------------------------------------------------------------------------------------------
@@ -148,8 +191,19 @@ def test_json_follows_the_documented_schema():
     for stage in doc["stages"]:
         assert isinstance(stage["peers"], list)
         for peer in stage["peers"]:
-            for key in ("peer_id", "state", "short_id", "address", "addrs", "throughput", "served", "reputation",
-                        "blacklisted", "blacklist_reason", "last_seen_s"):
+            for key in (
+                "peer_id",
+                "state",
+                "short_id",
+                "address",
+                "addrs",
+                "throughput",
+                "served",
+                "reputation",
+                "blacklisted",
+                "blacklist_reason",
+                "last_seen_s",
+            ):
                 assert key in peer, key
             assert peer["state"] in ("joining", "online", "offline")
     for key in ("step", "loss", "tokens_per_s", "peers_per_stage", "stages_without_peer"):
@@ -171,11 +225,25 @@ def test_render_text_shows_tables_totals_and_reasons():
     assert "step 7/50, loss 5.2500" in text and "512.0 tokens/s" in text
     assert "stages with no peer: 2" in text and "peers per stage [1, 2, 0]" in text
     assert "stage 2: 0 online of 0" in text and "(no peer)" in text
-    for header in ("PEER", "ADDRESS", "STATE", "THROUGHPUT", "SERVED", "REPUTATION", "BLACKLISTED", "LAST SEEN"):
+    for header in (
+        "PEER",
+        "ADDRESS",
+        "STATE",
+        "THROUGHPUT",
+        "SERVED",
+        "REPUTATION",
+        "BLACKLISTED",
+        "LAST SEEN",
+    ):
         assert header in text
     lines = text.splitlines()
     row_a = next(line for line in lines if A[-8:] in line)
-    assert "/ip4/127.0.0.1/tcp/4001" in row_a and "/p2p/" not in row_a and "online" in row_a and "3s ago" in row_a
+    assert (
+        "/ip4/127.0.0.1/tcp/4001" in row_a
+        and "/p2p/" not in row_a
+        and "online" in row_a
+        and "3s ago" in row_a
+    )
     row_c = next(line for line in lines if C[-8:] in line)
     assert "YES: rms" in row_c and "100s ago" in row_c
     assert "note: a note" in text
@@ -184,7 +252,9 @@ def test_render_text_shows_tables_totals_and_reasons():
 def test_render_text_without_trainer():
     status = build_status("demo", config(1), {0: [stage_record(A, 0)]}, now=NOW)
     text = render_text(status)
-    assert "none has published progress" in text and "step n/a" in text and "stages with no peer: none" in text
+    assert (
+        "none has published progress" in text and "step n/a" in text and "stages with no peer: none" in text
+    )
 
 
 # ---- records ---------------------------------------------------------------------------------------------------
@@ -198,17 +268,20 @@ def test_progress_record_roundtrip_and_optional_loss():
     assert TrainerProgressRecord.from_value(dict(value, loss=None)).loss is None
 
 
-@pytest.mark.parametrize("field,bad,message", [
-    ("loss", math.nan, "loss must be finite"),
-    ("loss", -1.0, "outside"),
-    ("step", -1, "outside"),
-    ("step", 1.5, "must be an integer"),
-    ("tokens_per_s", math.inf, "must be finite"),
-    ("state", "sleeping", "not one of"),
-    ("peer_id", "x" * 129, "1..128"),
-    ("version", 2, "unsupported record version"),
-    ("surprise", 1, "unknown fields"),
-])
+@pytest.mark.parametrize(
+    "field,bad,message",
+    [
+        ("loss", math.nan, "loss must be finite"),
+        ("loss", -1.0, "outside"),
+        ("step", -1, "outside"),
+        ("step", 1.5, "must be an integer"),
+        ("tokens_per_s", math.inf, "must be finite"),
+        ("state", "sleeping", "not one of"),
+        ("peer_id", "x" * 129, "1..128"),
+        ("version", 2, "unsupported record version"),
+        ("surprise", 1, "unknown fields"),
+    ],
+)
 def test_progress_record_rejects_malformed_values(field, bad, message):
     value = progress().to_value()
     value[field] = bad
@@ -228,8 +301,13 @@ def test_stage_record_addrs_optional_and_bounded():
     assert StageRecord.from_value(plain.to_value()).addrs == []
     with_addrs = StageRecord(peer_id=A, stage=0, addrs=["/ip4/127.0.0.1/tcp/1/p2p/" + A])
     assert StageRecord.from_value(with_addrs.to_value()) == with_addrs
-    for bad, message in ((["/ip4/1.2.3.4/tcp/1"] * 9, "at most 8"), (["x" * 257], "1..256"), ([""], "1..256"),
-                         ("/ip4/1.2.3.4/tcp/1", "must be a list"), ([7], "1..256")):
+    for bad, message in (
+        (["/ip4/1.2.3.4/tcp/1"] * 9, "at most 8"),
+        (["x" * 257], "1..256"),
+        ([""], "1..256"),
+        ("/ip4/1.2.3.4/tcp/1", "must be a list"),
+        ([7], "1..256"),
+    ):
         value = dict(plain.to_value(), addrs=bad)
         with pytest.raises(RecordError, match=message):
             StageRecord.from_value(value)
@@ -246,9 +324,17 @@ def test_trainer_progress_record_reflects_its_ledger():
     trainer.ledger.complete(0, 6.0)
     trainer.ledger.drop(1, "test")
     trainer.tokens = 32
-    trainer.metrics.append(dict(step=0, loss=6.0, tokens=32, elapsed_s=1.0, completed=1, dropped=1, retried=0))
+    trainer.metrics.append(
+        dict(step=0, loss=6.0, tokens=32, elapsed_s=1.0, completed=1, dropped=1, retried=0)
+    )
     record = TrainerProgressRecord.from_value(trainer.progress_record("finished").to_value())
-    assert (record.step, record.loss, record.completed, record.dropped, record.state) == (1, 6.0, 1, 1, "finished")
+    assert (record.step, record.loss, record.completed, record.dropped, record.state) == (
+        1,
+        6.0,
+        1,
+        1,
+        "finished",
+    )
     assert record.tokens == 32 and record.tokens_per_s > 0
 
 
@@ -280,22 +366,33 @@ def test_unreachable_dht_is_a_clear_error_within_seconds():
 def test_cli_unreachable_dht_exits_2_with_a_message():
     addr = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{UNREACHABLE_PEER}"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "peers.cli", "status", "--initial-peers", addr, "--timeout", "10"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "status", "--initial-peers", addr, "--timeout", "10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("swarm: error: cannot reach the DHT") or "no answer from the DHT" in proc.stderr
+    assert (
+        proc.stderr.startswith("swarm: error: cannot reach the DHT")
+        or "no answer from the DHT" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     # the interpreter itself (torch, hivemind imports) takes seconds on a loaded 2-core box; the DHT part is bounded
     assert elapsed < 60.0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--initial-peers", "not-an-address"], "is not a peer multiaddr"),
-    (["--initial-peers", "/ip4/127.0.0.1/tcp/1"], "is not a peer multiaddr"),
-    (["--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{UNREACHABLE_PEER}", "--watch", "0"], "--watch"),
-    (["--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{UNREACHABLE_PEER}", "--timeout", "-1"], "--timeout"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--initial-peers", "not-an-address"], "is not a peer multiaddr"),
+        (["--initial-peers", "/ip4/127.0.0.1/tcp/1"], "is not a peer multiaddr"),
+        (["--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{UNREACHABLE_PEER}", "--watch", "0"], "--watch"),
+        (["--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{UNREACHABLE_PEER}", "--timeout", "-1"], "--timeout"),
+    ],
+)
 def test_cli_bad_arguments(argv, message, capsys):
     assert cli_main(["status", *argv]) == 2
     err = capsys.readouterr().err
@@ -307,8 +404,23 @@ SHAPE = ["--stages", "2", "--seq-len", "32", "--microbatch-size", "4", "--target
 
 
 def status_cli(initial_peers, run_id, *extra, timeout=120):
-    return subprocess.run([sys.executable, "-m", "peers.cli", "status", "--initial-peers", *initial_peers,
-                           "--run-id", run_id, *extra], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peers.cli",
+            "status",
+            "--initial-peers",
+            *initial_peers,
+            "--run-id",
+            run_id,
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -331,12 +443,16 @@ def test_status_of_a_live_swarm(tmp_path):
             assert peer_ids[stage["stage"]] in peers, (stage, peer_ids)
             peer = peers[peer_ids[stage["stage"]]]
             assert peer["state"] == "online"
-            assert peer["address"].startswith("/ip4/127.0.0.1/tcp/") and peer["address"].endswith(peer["peer_id"])
+            assert peer["address"].startswith("/ip4/127.0.0.1/tcp/") and peer["address"].endswith(
+                peer["peer_id"]
+            )
         assert doc["totals"]["stages_without_peer"] == [] and doc["totals"]["peers_per_stage"] == [1, 1]
         assert doc["totals"]["step"] is None
 
         steps = 3
-        trainer = swarm.start_trainer(["--steps", str(steps), "--summary-json", str(tmp_path / "summary.json")])
+        trainer = swarm.start_trainer(
+            ["--steps", str(steps), "--summary-json", str(tmp_path / "summary.json")]
+        )
         assert trainer.proc.wait(timeout=300) == 0, open(trainer.log_path).read()[-3000:]
         summary = json.load(open(tmp_path / "summary.json"))
 
@@ -348,7 +464,10 @@ def test_status_of_a_live_swarm(tmp_path):
             assert proc.returncode == 0, proc.stderr
             doc = json.loads(proc.stdout)
             served = {p["peer_id"]: p for s in doc["stages"] for p in s["peers"]}
-            if all(served.get(peer, {}).get("served") for peer in peer_ids.values()) or time.monotonic() > deadline:
+            if (
+                all(served.get(peer, {}).get("served") for peer in peer_ids.values())
+                or time.monotonic() > deadline
+            ):
                 break
             time.sleep(2)
         totals = doc["totals"]
@@ -369,9 +488,26 @@ def test_status_of_a_live_swarm(tmp_path):
             assert "online" in row and "/ip4/127.0.0.1/tcp/" in row
 
         # --watch: refreshes until interrupted (JSON: one document per line)
-        watch = subprocess.Popen([sys.executable, "-m", "peers.cli", "status", "--initial-peers", *swarm.initial_peers,
-                                  "--run-id", swarm.run_id, "--json", "--watch", "1"], cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        watch = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "peers.cli",
+                "status",
+                "--initial-peers",
+                *swarm.initial_peers,
+                "--run-id",
+                swarm.run_id,
+                "--json",
+                "--watch",
+                "1",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             lines = [watch.stdout.readline() for _ in range(2)]
             assert all(json.loads(line)["totals"]["step"] == steps for line in lines)
@@ -398,9 +534,28 @@ def _check_dashboard(swarm, peer_ids, steps, tmp_path) -> None:
 
     from test_dashboard import CHROMIUM, render_in_browser
 
-    server = subprocess.Popen([sys.executable, "-m", "peers.cli", "status", "--initial-peers", *swarm.initial_peers,
-                               "--run-id", swarm.run_id, "--serve", "--port", "0", "--watch", "1"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "peers.cli",
+            "status",
+            "--initial-peers",
+            *swarm.initial_peers,
+            "--run-id",
+            swarm.run_id,
+            "--serve",
+            "--port",
+            "0",
+            "--watch",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = server.stdout.readline()
         assert "dashboard at http://127.0.0.1:" in line, line + server.stderr.read()
@@ -416,7 +571,7 @@ def _check_dashboard(swarm, peer_ids, steps, tmp_path) -> None:
         assert set(peer_ids.values()) <= set(shown), data
         with urllib.request.urlopen(url + "metrics", timeout=10) as r:
             metrics = r.read().decode()
-        assert "swarm_up 1" in metrics and f"swarm_trainer_step{{run_id=\"{swarm.run_id}\"" in metrics
+        assert "swarm_up 1" in metrics and f'swarm_trainer_step{{run_id="{swarm.run_id}"' in metrics
         assert f" {steps}" in next(m for m in metrics.splitlines() if m.startswith("swarm_trainer_step{"))
         if CHROMIUM is None:
             return  # the page itself is rendered by test_dashboard's browser test where chromium is installed
@@ -447,8 +602,14 @@ def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
 
     dht = create_dht("demo")
     try:
-        cfg = TrainerConfig(run_id="demo", num_stages=2, steps=5, microbatches_per_step=2, progress_period_s=0.5,
-                            progress_ttl_s=5.0)
+        cfg = TrainerConfig(
+            run_id="demo",
+            num_stages=2,
+            steps=5,
+            microbatches_per_step=2,
+            progress_period_s=0.5,
+            progress_ttl_s=5.0,
+        )
         trainer = Trainer(cfg, dht, stream=SimpleNamespace(microbatch_size=2))
         trainer.peer_id = me = str(dht.peer_id)  # a progress record speaks for its signer only
 
@@ -456,7 +617,9 @@ def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
             trainer._progress_kick = asyncio.Event()
             task = asyncio.get_event_loop().create_task(trainer._progress_loop())
             await asyncio.sleep(1.2)
-            trainer.metrics.append(dict(step=0, loss=6.5, tokens=16, elapsed_s=1.0, completed=2, dropped=0, retried=0))
+            trainer.metrics.append(
+                dict(step=0, loss=6.5, tokens=16, elapsed_s=1.0, completed=2, dropped=0, retried=0)
+            )
             trainer._progress_kick.set()
             await asyncio.sleep(0)
             trainer._progress_stop = True
@@ -465,10 +628,11 @@ def test_trainer_progress_loop_publishes_and_stops_right_after_a_step():
             return await trainer.publish_progress("finished")
 
         assert asyncio.run(asyncio.wait_for(scenario(), 30))
-        records, rejected = parse_subkeyed(dht.get(progress_key("demo"), latest=True),
-                                           TrainerProgressRecord.from_value, "progress")
+        records, rejected = parse_subkeyed(
+            dht.get(progress_key("demo"), latest=True), TrainerProgressRecord.from_value, "progress"
+        )
         assert not rejected
-        (record, expiration), = records.values()
+        ((record, expiration),) = records.values()
         assert (record.peer_id, record.state, record.step, record.loss) == (me, "finished", 1, 6.5)
         assert expiration - record.updated_at == pytest.approx(cfg.progress_final_ttl_s, abs=5)
     finally:

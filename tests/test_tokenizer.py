@@ -50,7 +50,10 @@ def test_the_config_pins_the_tokenizer_and_a_trainer_with_another_one_is_refused
     record = swarm_record(parse_args(["dht", "--tokenizer", str(custom)]))
     record = SwarmConfigRecord.from_value(record.to_value())  # what readers of the DHT record get
     pin = record.extra["tokenizer"]
-    assert pin == {"sha256": tokenizer_digest(load_tokenizer(str(custom))), "size": len(load_tokenizer(str(custom)))}
+    assert pin == {
+        "sha256": tokenizer_digest(load_tokenizer(str(custom))),
+        "size": len(load_tokenizer(str(custom))),
+    }
     assert tokenizer_mismatch(record, load_tokenizer(str(custom)), str(custom)) == ""
     message = tokenizer_mismatch(record, load_tokenizer(None), None)
     assert "the shipped tokenizer is another" in message and "--tokenizer" in message

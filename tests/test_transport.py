@@ -109,9 +109,13 @@ def test_float16_compression_is_approximate_and_smaller():
     torch.testing.assert_close(out, x, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # inside hivemind's meanstd16 codec
+@pytest.mark.filterwarnings(
+    "ignore:The given NumPy array is not writable"
+)  # inside hivemind's meanstd16 codec
 def test_compression_never_touches_int64():
-    ids = torch.tensor([[0, 1, 2**24 + 1, 2**40 + 3, -(2**50) - 7]], dtype=torch.int64)  # float16 would ruin these
+    ids = torch.tensor(
+        [[0, 1, 2**24 + 1, 2**40 + 3, -(2**50) - 7]], dtype=torch.int64
+    )  # float16 would ruin these
     for compression in ("float16", "meanstd16"):
         messages = pack({}, [ids, torch.randn(4)], compression=compression)
         parts = [p for m in messages for p in m.tensors]
@@ -121,9 +125,12 @@ def test_compression_never_touches_int64():
         assert out[0].dtype == torch.int64 and torch.equal(out[0], ids)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="hivemind's Float16Compression refuses bfloat16 tensors and pack() passes them to it "
-                          "(only integer tensors are exempted from compression)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="hivemind's Float16Compression refuses bfloat16 tensors and pack() passes them to it "
+    "(only integer tensors are exempted from compression)",
+)
 def test_float16_compression_of_bfloat16():
     x = torch.randn(32, 64).to(torch.bfloat16)
     out = roundtrip(pack({}, [x], compression="float16")).tensors[0]
@@ -161,9 +168,14 @@ def test_rank_too_large():
 
 
 def test_too_many_elements():
-    rejects(pack({}, [torch.zeros(101)]), "tensor of 101 elements exceeds the limit of 100",
-            TensorLimits(max_elements=100))
-    assert roundtrip(pack({}, [torch.zeros(10, 10)]), TensorLimits(max_elements=100)).tensors[0].numel() == 100
+    rejects(
+        pack({}, [torch.zeros(101)]),
+        "tensor of 101 elements exceeds the limit of 100",
+        TensorLimits(max_elements=100),
+    )
+    assert (
+        roundtrip(pack({}, [torch.zeros(10, 10)]), TensorLimits(max_elements=100)).tensors[0].numel() == 100
+    )
 
 
 def test_too_many_tensors():
@@ -179,8 +191,10 @@ def test_total_bytes_exceeded():
 
 
 def test_chunk_without_header():
-    rejects([runtime_pb2.ExpertRequest(metadata=msgpack.packb({}), tensors=[chunk(b"\x00" * 8)])],
-            "tensor chunk without a header")
+    rejects(
+        [runtime_pb2.ExpertRequest(metadata=msgpack.packb({}), tensors=[chunk(b"\x00" * 8)])],
+        "tensor chunk without a header",
+    )
 
 
 def test_header_declaring_too_many_elements():
@@ -189,22 +203,32 @@ def test_header_declaring_too_many_elements():
 
 
 def test_header_declaring_no_chunks():
-    rejects([runtime_pb2.ExpertRequest(tensors=[header([2], buffer=b"\x00" * 8, chunks=0)])],
-            "tensor header declares no chunks")
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=[header([2], buffer=b"\x00" * 8, chunks=0)])],
+        "tensor header declares no chunks",
+    )
 
 
 def test_buffer_larger_than_declared_shape():
     # two float32 elements may not bring kilobytes of buffer: stopped at the chunk that crosses the budget
     lie = [header([2], buffer=b"\x00" * 8, chunks=3), chunk(b"\x00" * 8192), chunk(b"\x00" * 8192)]
-    rejects([runtime_pb2.ExpertRequest(tensors=lie)], "tensor buffer is larger than its declared shape allows")
-    rejects([runtime_pb2.ExpertRequest(tensors=[header([2], buffer=b"\x00" * 10_000)])],
-            "larger than its declared shape allows")
-    rejects([runtime_pb2.ExpertRequest(tensors=[header([2], dtype="bfloat16", buffer=b"\x00" * 10_000)])],
-            "larger than its declared shape allows")
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=lie)], "tensor buffer is larger than its declared shape allows"
+    )
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=[header([2], buffer=b"\x00" * 10_000)])],
+        "larger than its declared shape allows",
+    )
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=[header([2], dtype="bfloat16", buffer=b"\x00" * 10_000)])],
+        "larger than its declared shape allows",
+    )
     # int64 ids: 8 bytes each, so a [4096]-token header may carry 32 KiB but not 64 KiB
     assert roundtrip(pack({}, [torch.zeros(4096, dtype=torch.int64)])).tensors[0].numel() == 4096
-    rejects([runtime_pb2.ExpertRequest(tensors=[header([4096], dtype="int64", buffer=b"\x00" * 65536)])],
-            "larger than its declared shape allows")
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=[header([4096], dtype="int64", buffer=b"\x00" * 65536)])],
+        "larger than its declared shape allows",
+    )
 
 
 def test_chunk_count_mismatch():
@@ -227,8 +251,11 @@ def test_corrupt_metadata():
     rejects([runtime_pb2.ExpertRequest(metadata=msgpack.packb([1, 2]))], "metadata must be a map")
     rejects([runtime_pb2.ExpertRequest(metadata=msgpack.packb("text"))], "metadata must be a map")
     big = msgpack.packb({"pad": "x" * 100})
-    rejects([runtime_pb2.ExpertRequest(metadata=big)], f"metadata of {len(big)} bytes exceeds the limit",
-            TensorLimits(max_metadata_bytes=64))
+    rejects(
+        [runtime_pb2.ExpertRequest(metadata=big)],
+        f"metadata of {len(big)} bytes exceeds the limit",
+        TensorLimits(max_metadata_bytes=64),
+    )
 
 
 def test_metadata_only_on_first_message():
@@ -264,9 +291,12 @@ def test_transport_error_is_a_value_error():
     assert issubclass(TransportError, ValueError)
 
 
-@pytest.mark.xfail(strict=True, raises=TransportError,
-                   reason="hivemind's split_for_streaming declares chunks=0 for an empty buffer, which receive() "
-                          "rejects: a zero-element tensor packs but cannot be received")
+@pytest.mark.xfail(
+    strict=True,
+    raises=TransportError,
+    reason="hivemind's split_for_streaming declares chunks=0 for an empty buffer, which receive() "
+    "rejects: a zero-element tensor packs but cannot be received",
+)
 def test_zero_element_tensor_round_trip():
     out = roundtrip(pack({}, [torch.zeros(0, 4)])).tensors[0]
     assert out.shape == (0, 4)
@@ -279,8 +309,12 @@ def test_a_flood_of_empty_messages_or_chunks_is_refused():
     from swarm.transport import MIN_CHUNK_BYTES
 
     first = pack({"a": 1}, [torch.zeros(4)])
-    rejects(first + [runtime_pb2.ExpertRequest() for _ in range(TensorLimits().max_empty_messages + 1)],
-            "empty stream messages")
+    rejects(
+        first + [runtime_pb2.ExpertRequest() for _ in range(TensorLimits().max_empty_messages + 1)],
+        "empty stream messages",
+    )
     budget = 16 * 4 + 4096
-    rejects([runtime_pb2.ExpertRequest(tensors=[header([16], chunks=2 + budget // MIN_CHUNK_BYTES)])],
-            "declared in")
+    rejects(
+        [runtime_pb2.ExpertRequest(tensors=[header([16], chunks=2 + budget // MIN_CHUNK_BYTES)])],
+        "declared in",
+    )

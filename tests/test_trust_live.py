@@ -42,9 +42,23 @@ def test_an_outsider_cannot_cross_the_trust_boundary(tmp_path):
         honest, last_id = first.info["peer_id"], last.info["peer_id"]
         before = {c.name: rss_mib(c.proc.pid) for c in (first, last)}
         attacker = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "experiments", "trust", "attacker.py"), "--initial-peers",
-             swarm.initial_peers[0], "--run-id", "trust", "--honest", honest, "--last", last_id],
-            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            [
+                sys.executable,
+                os.path.join(ROOT, "experiments", "trust", "attacker.py"),
+                "--initial-peers",
+                swarm.initial_peers[0],
+                "--run-id",
+                "trust",
+                "--honest",
+                honest,
+                "--last",
+                last_id,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         lines = [json.loads(line) for line in attacker.stdout.splitlines() if line.startswith("{")]
         results = {r["attack"]: r for r in lines}
         (tmp_path / "attacks.json").write_text(json.dumps(results, indent=1))  # for the record
@@ -53,7 +67,9 @@ def test_an_outsider_cannot_cross_the_trust_boundary(tmp_path):
         for attack, result in results.items():
             if attack not in ("done", "blacklists"):
                 assert result["refused"] is True, json.dumps(result)[:1500]
-        assert results["stalled"]["served_meanwhile"] and results["stalled"]["info_s"] < 10, results["stalled"]
+        assert results["stalled"]["served_meanwhile"] and results["stalled"]["info_s"] < 10, results[
+            "stalled"
+        ]
         # junk: none accepted; nearly all answered with a refusal (a few streams may fail on the wire, unanswered)
         assert results["junk"]["answered"] >= 0.95 * results["junk"]["sent"], results["junk"]
         for name in before:

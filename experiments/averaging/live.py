@@ -32,8 +32,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from peers.adversary import AVERAGING_ATTACKS  # noqa: E402
 from peers.local import LocalSwarm  # noqa: E402
 
-SHAPE = ["--stages", "2", "--seq-len", "64", "--microbatch-size", "8", "--target-batch-size", "32", "--lr", "3e-3",
-         "--seed", "0", "--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
+SHAPE = [
+    "--stages",
+    "2",
+    "--seq-len",
+    "64",
+    "--microbatch-size",
+    "8",
+    "--target-batch-size",
+    "32",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "0",
+    "--probation-s",
+    "5",
+    "--probation-work",
+    "10",
+    "--report-period",
+    "2",
+]
 STAGE = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]
 ATTACK_STAGE = 1
 
@@ -59,11 +77,17 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
     try:
         swarm.start_dht(SHAPE)
         honest = [swarm.start_stage(s, wait=False, extra=STAGE) for s in (0, 0, 0, 1, 1)]
-        third = swarm.start_stage(ATTACK_STAGE, name=f"stage{ATTACK_STAGE}.third", wait=False,
-                                  extra=STAGE + (["--attack", attack] if attack else []))
+        third = swarm.start_stage(
+            ATTACK_STAGE,
+            name=f"stage{ATTACK_STAGE}.third",
+            wait=False,
+            extra=STAGE + (["--attack", attack] if attack else []),
+        )
         for child in honest + [third]:
             child.wait_event("serve", 240)
-        trainer = swarm.start_trainer(["--steps", str(steps), "--metrics-out", metrics, "--summary-json", summary_path])
+        trainer = swarm.start_trainer(
+            ["--steps", str(steps), "--metrics-out", metrics, "--summary-json", summary_path]
+        )
         deadline = time.monotonic() + 600
         while not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= joiner_after):
             if time.monotonic() > deadline or trainer.proc.poll() is not None:
@@ -85,20 +109,28 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
         swarm.stop()
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     losses = [json.loads(line)["loss"] for line in open(metrics)] if os.path.exists(metrics) else []
-    tail = losses[-max(1, len(losses) // 4):]
+    tail = losses[-max(1, len(losses) // 4) :]
     views = {p["peer_id"]: p for p in summary.get("peers", []) if p.get("role") == "stage"}
     attacker_id = third.info.get("peer_id") if attack else None
     attacker = views.get(attacker_id, {}) if attacker_id else {}
     strikes = {p["peer_id"]: p["strikes"] for p in swarm.peers_summary() if p["role"] == "stage"}
     mb = summary.get("microbatches", {})
-    return dict(attack=name, trainer_exit=code, steps=len(losses), loss_tail=statistics.mean(tail) if tail else None,
-                completed=mb.get("completed"), dropped=mb.get("dropped"),
-                attacker_blacklisted=attacker.get("blacklisted") if attack else None,
-                attacker_reason=attacker.get("blacklist_reason") if attack else None,
-                attacker_strikes=strikes.get(attacker_id) if attack else None,
-                honest_blacklisted=sorted(pid[-8:] for pid, v in views.items() if v.get("blacklisted")
-                                          and pid != attacker_id),
-                joiner_level=level, wall_s=round(time.monotonic() - started, 1))
+    return dict(
+        attack=name,
+        trainer_exit=code,
+        steps=len(losses),
+        loss_tail=statistics.mean(tail) if tail else None,
+        completed=mb.get("completed"),
+        dropped=mb.get("dropped"),
+        attacker_blacklisted=attacker.get("blacklisted") if attack else None,
+        attacker_reason=attacker.get("blacklist_reason") if attack else None,
+        attacker_strikes=strikes.get(attacker_id) if attack else None,
+        honest_blacklisted=sorted(
+            pid[-8:] for pid, v in views.items() if v.get("blacklisted") and pid != attacker_id
+        ),
+        joiner_level=level,
+        wall_s=round(time.monotonic() - started, 1),
+    )
 
 
 def _interrupt(signum, frame):
@@ -119,26 +151,55 @@ def main() -> None:
         try:
             row = run_one(workdir, attack, args.steps, args.joiner_after)
         except Exception as e:  # one failed run is a row that says so, not a lost experiment
-            row = dict(attack=attack or "clean", error=repr(e)[:300], loss_tail=None, completed=None, dropped=None,
-                       attacker_blacklisted=None, attacker_reason=None, attacker_strikes=None, honest_blacklisted=[],
-                       joiner_level=None)
+            row = dict(
+                attack=attack or "clean",
+                error=repr(e)[:300],
+                loss_tail=None,
+                completed=None,
+                dropped=None,
+                attacker_blacklisted=None,
+                attacker_reason=None,
+                attacker_strikes=None,
+                honest_blacklisted=[],
+                joiner_level=None,
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     clean = rows[0].get("loss_tail")
     for row in rows:
         row["loss_ratio"] = row["loss_tail"] / clean if clean and row["loss_tail"] else None
     with open(args.out, "w") as f:
-        json.dump(dict(machine=f"{os.cpu_count()} cores, {platform.machine()}", load=list(os.getloadavg()),
-                       steps=args.steps, attack_stage=ATTACK_STAGE, workdir=workdir, rows=rows), f, indent=1)
-    print(f"{'attack':<15} {'loss':>7} {'x clean':>7} {'done/drop':>9} {'attacker blacklisted':<34} honest-bl joiner")
+        json.dump(
+            dict(
+                machine=f"{os.cpu_count()} cores, {platform.machine()}",
+                load=list(os.getloadavg()),
+                steps=args.steps,
+                attack_stage=ATTACK_STAGE,
+                workdir=workdir,
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
+    print(
+        f"{'attack':<15} {'loss':>7} {'x clean':>7} {'done/drop':>9} {'attacker blacklisted':<34} honest-bl joiner"
+    )
     for r in rows:
-        verdict = "-" if r["attacker_blacklisted"] is None else \
-            (f"yes: {(r['attacker_reason'] or '')[:28]}" if r["attacker_blacklisted"]
-             else f"no ({r['attacker_strikes']} strikes)")
+        verdict = (
+            "-"
+            if r["attacker_blacklisted"] is None
+            else (
+                f"yes: {(r['attacker_reason'] or '')[:28]}"
+                if r["attacker_blacklisted"]
+                else f"no ({r['attacker_strikes']} strikes)"
+            )
+        )
         done = f"{r['completed']}/{r['dropped']}"
-        print(f"{r['attack']:<15} {r['loss_tail'] or float('nan'):>7.3f} {r.get('loss_ratio') or float('nan'):>7.3f} "
-              f"{done:>9} {verdict:<34} {','.join(r['honest_blacklisted']) or 'none':<9} {r['joiner_level']}"
-              + (f"  ERROR {r['error']}" if r.get("error") else ""))
+        print(
+            f"{r['attack']:<15} {r['loss_tail'] or float('nan'):>7.3f} {r.get('loss_ratio') or float('nan'):>7.3f} "
+            f"{done:>9} {verdict:<34} {','.join(r['honest_blacklisted']) or 'none':<9} {r['joiner_level']}"
+            + (f"  ERROR {r['error']}" if r.get("error") else "")
+        )
 
 
 if __name__ == "__main__":

@@ -87,16 +87,28 @@ def cpu_seconds(pids) -> float:
 
 def make_group(kind: str, n: int, floats: int, prefix: str):
     dht0 = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [dht0] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                  initial_peers=dht0.get_visible_maddrs()) for _ in range(n - 1)]
+    dhts = [dht0] + [
+        hivemind.DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht0.get_visible_maddrs()
+        )
+        for _ in range(n - 1)
+    ]
     gen = torch.Generator().manual_seed(0)
     averagers = []
     for dht in dhts:
         params = [torch.nn.Parameter(torch.zeros(floats // 4)) for _ in range(4)]
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-        common = dict(dht=dht, prefix=prefix, start=True, min_matchmaking_time=2.0, request_timeout=1.0,
-                      target_group_size=n, min_group_size=n, allreduce_timeout=60.0)
+        common = dict(
+            dht=dht,
+            prefix=prefix,
+            start=True,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            target_group_size=n,
+            min_group_size=n,
+            allreduce_timeout=60.0,
+        )
         if kind == "robust":
             averager = TimedRobust(params, averaging=AveragingConfig(), **common)
         else:
@@ -119,7 +131,7 @@ def one_round(averagers, recheck_wait_s: float):
     time.sleep(recheck_wait_s)  # re-checks run after the round (robust only)
     allreduce = max(a.timings.get(timeout=10) for a in averagers)
     for a in averagers:
-        for _, clean, reason in (a.drain_outcomes() if hasattr(a, "drain_outcomes") else []):
+        for _, clean, reason in a.drain_outcomes() if hasattr(a, "drain_outcomes") else []:
             assert clean, f"an honest round failed a check: {reason}"
     n = len(averagers)
     return allreduce, (lo_tx_bytes() - bytes0) / n, (cpu_seconds(pids) - cpu0) / n
@@ -155,28 +167,38 @@ def main() -> None:
         row = dict(replicas=n, floats=args.floats)
         for kind, values in figures.items():
             if values:
-                row[kind] = dict(rounds=len(values),
-                                 allreduce_s=statistics.median(v[0] for v in values),
-                                 bytes_per_replica=statistics.median(v[1] for v in values),
-                                 cpu_s_per_replica=statistics.median(v[2] for v in values))
+                row[kind] = dict(
+                    rounds=len(values),
+                    allreduce_s=statistics.median(v[0] for v in values),
+                    bytes_per_replica=statistics.median(v[1] for v in values),
+                    cpu_s_per_replica=statistics.median(v[2] for v in values),
+                )
         if "plain" in row and "robust" in row:
             row["time_ratio"] = row["robust"]["allreduce_s"] / row["plain"]["allreduce_s"]
             row["bytes_ratio"] = row["robust"]["bytes_per_replica"] / row["plain"]["bytes_per_replica"]
-            row["cpu_ratio"] = row["robust"]["cpu_s_per_replica"] / max(row["plain"]["cpu_s_per_replica"], 1e-9)
+            row["cpu_ratio"] = row["robust"]["cpu_s_per_replica"] / max(
+                row["plain"]["cpu_s_per_replica"], 1e-9
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = dict(machine=f"{os.cpu_count()} cores, torch {torch.__version__}", load=os.getloadavg(), rows=rows)
+    result = dict(
+        machine=f"{os.cpu_count()} cores, torch {torch.__version__}", load=os.getloadavg(), rows=rows
+    )
     if not args.quick:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{'replicas':>8} {'plain s':>8} {'robust s':>9} {'x':>5} {'plain MB':>9} {'robust MB':>10} {'x':>5} "
-          f"{'plain cpu':>9} {'robust cpu':>10}")
+    print(
+        f"{'replicas':>8} {'plain s':>8} {'robust s':>9} {'x':>5} {'plain MB':>9} {'robust MB':>10} {'x':>5} "
+        f"{'plain cpu':>9} {'robust cpu':>10}"
+    )
     for r in rows:
         if "time_ratio" in r:
             p, q = r["plain"], r["robust"]
-            print(f"{r['replicas']:>8} {p['allreduce_s']:>8.3f} {q['allreduce_s']:>9.3f} {r['time_ratio']:>5.2f} "
-                  f"{p['bytes_per_replica'] / 1e6:>9.1f} {q['bytes_per_replica'] / 1e6:>10.1f} {r['bytes_ratio']:>5.2f} "
-                  f"{p['cpu_s_per_replica']:>9.2f} {q['cpu_s_per_replica']:>10.2f}")
+            print(
+                f"{r['replicas']:>8} {p['allreduce_s']:>8.3f} {q['allreduce_s']:>9.3f} {r['time_ratio']:>5.2f} "
+                f"{p['bytes_per_replica'] / 1e6:>9.1f} {q['bytes_per_replica'] / 1e6:>10.1f} {r['bytes_ratio']:>5.2f} "
+                f"{p['cpu_s_per_replica']:>9.2f} {q['cpu_s_per_replica']:>10.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,20 @@ from swarm.model import StageModule, causal_lm_loss  # noqa: E402
 from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelMonitor  # noqa: E402
 
 ATTACK_GRID = [  # (attack, magnitude): a strong and a subtle setting each
-    ("noise", 1.0), ("noise", 0.1),
-    ("signflip", 1.0), ("signflip", 0.5),
-    ("scale", 10.0), ("scale", 1.5),
+    ("noise", 1.0),
+    ("noise", 0.1),
+    ("signflip", 1.0),
+    ("signflip", 0.5),
+    ("scale", 10.0),
+    ("scale", 1.5),
     ("zero", 1.0),
-    ("constant", 1.0), ("constant", 0.1),
+    ("constant", 1.0),
+    ("constant", 0.1),
     ("random", 1.0),
-    ("replay", 4.0), ("replay", 1.0),
-    ("alie", 3.0), ("alie", 1.0),
+    ("replay", 4.0),
+    ("replay", 1.0),
+    ("alie", 3.0),
+    ("alie", 1.0),
 ]
 
 
@@ -94,12 +100,15 @@ class Pipeline:
         cfg = ModelConfig()
         self.stages = [StageModule(cfg, s, 2) for s in range(2)]
         self.opts = [torch.optim.AdamW(s.parameters(), lr=lr, betas=(0.9, 0.95)) for s in self.stages]
-        self.stream = MicroBatchStream(load_token_blocks(DataConfig(seq_len=seq_len, microbatch_size=mb_size)), mb_size,
-                                       seed=seed)
+        self.stream = MicroBatchStream(
+            load_token_blocks(DataConfig(seq_len=seq_len, microbatch_size=mb_size)), mb_size, seed=seed
+        )
         self.index = 0
 
     def state(self):
-        return [{k: v.clone() for k, v in s.state_dict().items()} for s in self.stages], [o.state_dict() for o in self.opts]
+        return [{k: v.clone() for k, v in s.state_dict().items()} for s in self.stages], [
+            o.state_dict() for o in self.opts
+        ]
 
     def load(self, state) -> None:
         for s, sd in zip(self.stages, state[0]):
@@ -107,8 +116,14 @@ class Pipeline:
         for o, sd in zip(self.opts, state[1]):
             o.load_state_dict(sd)
 
-    def run(self, num_mb: int, monitors: Dict[str, SentinelMonitor], attackers: Dict[str, Optional[Adversary]],
-            tally: Tally, honest_only: bool = False) -> List[float]:
+    def run(
+        self,
+        num_mb: int,
+        monitors: Dict[str, SentinelMonitor],
+        attackers: Dict[str, Optional[Adversary]],
+        tally: Tally,
+        honest_only: bool = False,
+    ) -> List[float]:
         losses = []
         for i in range(num_mb):
             ids = self.stream.microbatch(self.index)
@@ -127,7 +142,9 @@ class Pipeline:
             x1 = sent.clone().requires_grad_(True)
             if not byz1:
                 verdict = monitors[FORWARD].check(sent, sender0, FORWARD, microbatch=str(self.index))
-                if verdict.accepted:  # stage 1 is the last stage: its loss is a second, free look at the input
+                if (
+                    verdict.accepted
+                ):  # stage 1 is the last stage: its loss is a second, free look at the input
                     loss = causal_lm_loss(self.stages[1](x1), ids)
                     verdict = monitors[FORWARD].check_loss(loss.item(), sender0, microbatch=str(self.index))
                 tally.add(i, tampered_fwd, verdict.accepted, verdict.statistic or verdict.baseline)
@@ -145,8 +162,9 @@ class Pipeline:
             self._step(1)
             accepted = True
             if not byz0:
-                verdict = monitors[BACKWARD].check(grad, sender1, BACKWARD, microbatch=str(self.index),
-                                                   context=act.detach())
+                verdict = monitors[BACKWARD].check(
+                    grad, sender1, BACKWARD, microbatch=str(self.index), context=act.detach()
+                )
                 tally.add(i, tampered_bwd, verdict.accepted, verdict.statistic or verdict.baseline)
                 accepted = verdict.accepted
             if accepted:
@@ -168,17 +186,25 @@ def fresh_monitors(cfg: SentinelConfig) -> Dict[str, SentinelMonitor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=HERE)
     parser.add_argument("--threshold", type=float, default=SentinelConfig().threshold)
-    parser.add_argument("--pretrain", type=int, default=150, help="honest micro-batches before any monitor starts")
-    parser.add_argument("--honest", type=int, default=1100, help="micro-batches of the honest run (2 tensors each)")
+    parser.add_argument(
+        "--pretrain", type=int, default=150, help="honest micro-batches before any monitor starts"
+    )
+    parser.add_argument(
+        "--honest", type=int, default=1100, help="micro-batches of the honest run (2 tensors each)"
+    )
     parser.add_argument("--attack-mb", type=int, default=120, help="micro-batches of each attack run")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     seq_len, mb_size, lr = 64, 4, 2e-3
-    pretrain, honest_mb, attack_mb = (20, 40, 30) if args.quick else (args.pretrain, args.honest, args.attack_mb)
+    pretrain, honest_mb, attack_mb = (
+        (20, 40, 30) if args.quick else (args.pretrain, args.honest, args.attack_mb)
+    )
     grid = ATTACK_GRID[::5] if args.quick else ATTACK_GRID
     scfg = SentinelConfig(threshold=args.threshold)
     started = time.perf_counter()
@@ -189,33 +215,69 @@ def main() -> None:
 
     honest = Tally()
     pipe.run(honest_mb, fresh_monitors(scfg), {}, honest, honest_only=True)
-    rows = [dict(attack="none", magnitude="", direction="", scenario="honest", tampered=0, caught=0, detection_rate="",
-                 honest=honest.honest, false_positives=honest.false_pos,
-                 fp_rate=honest.false_pos / max(honest.honest, 1), mb_to_detect="", reasons="")]
+    rows = [
+        dict(
+            attack="none",
+            magnitude="",
+            direction="",
+            scenario="honest",
+            tampered=0,
+            caught=0,
+            detection_rate="",
+            honest=honest.honest,
+            false_positives=honest.false_pos,
+            fp_rate=honest.false_pos / max(honest.honest, 1),
+            mb_to_detect="",
+            reasons="",
+        )
+    ]
     for attack, magnitude in grid:
         for direction, scenario in itertools.product((FORWARD, BACKWARD), SCENARIOS):
             start = 0 if scenario == "from_start" else attack_mb // 3
             pipe.load(checkpoint)
             pipe.index = data_index
-            attackers = {direction: Adversary(AttackConfig(name=attack, magnitude=magnitude, direction=direction,
-                                                           start_step=start))}
+            attackers = {
+                direction: Adversary(
+                    AttackConfig(name=attack, magnitude=magnitude, direction=direction, start_step=start)
+                )
+            }
             tally = Tally()
             pipe.run(attack_mb, fresh_monitors(scfg), attackers, tally)
-            delay = (tally.first_caught_mb - tally.first_tampered_mb) if tally.first_caught_mb is not None else None
-            rows.append(dict(
-                attack=attack, magnitude=magnitude, direction=direction, scenario=scenario, tampered=tally.tampered, caught=tally.caught,
-                detection_rate=tally.caught / max(tally.tampered, 1), honest=tally.honest,
-                false_positives=tally.false_pos, fp_rate=tally.false_pos / max(tally.honest, 1),
-                mb_to_detect=delay if delay is not None else "never",
-                reasons=";".join(f"{k}:{v}" for k, v in sorted(tally.reasons.items(), key=lambda kv: -kv[1])),
-            ))
-            print(f"{attack:9s} m={magnitude:<5g} {direction:8s} {scenario:10s} caught {tally.caught}/{tally.tampered} "
-                  f"first after {rows[-1]['mb_to_detect']} mb, FP {tally.false_pos}/{tally.honest} {tally.fp_reasons}", flush=True)
+            delay = (
+                (tally.first_caught_mb - tally.first_tampered_mb)
+                if tally.first_caught_mb is not None
+                else None
+            )
+            rows.append(
+                dict(
+                    attack=attack,
+                    magnitude=magnitude,
+                    direction=direction,
+                    scenario=scenario,
+                    tampered=tally.tampered,
+                    caught=tally.caught,
+                    detection_rate=tally.caught / max(tally.tampered, 1),
+                    honest=tally.honest,
+                    false_positives=tally.false_pos,
+                    fp_rate=tally.false_pos / max(tally.honest, 1),
+                    mb_to_detect=delay if delay is not None else "never",
+                    reasons=";".join(
+                        f"{k}:{v}" for k, v in sorted(tally.reasons.items(), key=lambda kv: -kv[1])
+                    ),
+                )
+            )
+            print(
+                f"{attack:9s} m={magnitude:<5g} {direction:8s} {scenario:10s} caught {tally.caught}/{tally.tampered} "
+                f"first after {rows[-1]['mb_to_detect']} mb, FP {tally.false_pos}/{tally.honest} {tally.fp_reasons}",
+                flush=True,
+            )
 
     total_honest = sum(r["honest"] for r in rows)
     total_fp = sum(r["false_positives"] for r in rows)
-    print(f"honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; "
-          f"all runs: {total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%)")
+    print(
+        f"honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; "
+        f"all runs: {total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%)"
+    )
     print(f"elapsed {time.perf_counter() - started:.0f}s")
     if args.quick:
         print(json.dumps(rows))
@@ -225,17 +287,23 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Threshold {scfg.threshold:g}, warm-up {scfg.warmup}, EMA decay {scfg.ema_decay}. "
-                f"Honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; all runs: "
-                f"{total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%).\n\n")
-        f.write("| attack | magnitude | direction | Byzantine | caught / tampered | detection rate | micro-batches "
-                "to first detection | false positives / honest | caught by |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        f.write(
+            f"Threshold {scfg.threshold:g}, warm-up {scfg.warmup}, EMA decay {scfg.ema_decay}. "
+            f"Honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; all runs: "
+            f"{total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%).\n\n"
+        )
+        f.write(
+            "| attack | magnitude | direction | Byzantine | caught / tampered | detection rate | micro-batches "
+            "to first detection | false positives / honest | caught by |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        )
         for r in rows[1:]:
-            f.write(f"| {r['attack']} | {r['magnitude']:g} | {r['direction']} | {r['scenario']} | "
-                    f"{r['caught']} / {r['tampered']} | "
-                    f"{100 * r['detection_rate']:.0f}% | {r['mb_to_detect']} | {r['false_positives']} / {r['honest']} | "
-                    f"{r['reasons']} |\n")
+            f.write(
+                f"| {r['attack']} | {r['magnitude']:g} | {r['direction']} | {r['scenario']} | "
+                f"{r['caught']} / {r['tampered']} | "
+                f"{100 * r['detection_rate']:.0f}% | {r['mb_to_detect']} | {r['false_positives']} / {r['honest']} | "
+                f"{r['reasons']} |\n"
+            )
 
 
 if __name__ == "__main__":

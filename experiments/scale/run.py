@@ -40,38 +40,77 @@ SIZES = [(2, 3), (4, 6), (8, 11), (8, 22)]
 FRACTIONS = (0.10, 0.25, 0.40)
 
 
-def one_run(stages: int, replicas: int, fraction: float, microbatches: int, pretrain: int, seed: int,
-            slander: bool = False) -> dict:
+def one_run(
+    stages: int,
+    replicas: int,
+    fraction: float,
+    microbatches: int,
+    pretrain: int,
+    seed: int,
+    slander: bool = False,
+) -> dict:
     started = time.perf_counter()
     byz = mixed_byzantine(stages, replicas, fraction, list(ATTACKS), seed=seed, slander=slander)
-    sim = SwarmSim(SimConfig(stages=stages, replicas=replicas, microbatches=microbatches, seed=seed,
-                             pretrain_microbatches=pretrain, byzantine=byz))
+    sim = SwarmSim(
+        SimConfig(
+            stages=stages,
+            replicas=replicas,
+            microbatches=microbatches,
+            seed=seed,
+            pretrain_microbatches=pretrain,
+            byzantine=byz,
+        )
+    )
     r = sim.run()
     att = r["attackers"]
     mbs = [a["mb_to_blacklist"] for a in att.values() if a["mb_to_blacklist"] is not None]
     secs = [a["s_to_blacklist"] for a in att.values() if a["s_to_blacklist"] is not None]
-    never = sorted(f"{name}:{sim.peers[name].spec.attack}" for name, a in att.items() if a["blacklisted_mb"] is None)
-    row = dict(stages=stages, replicas=replicas, peers=stages * replicas, byzantine_fraction=fraction,
-               byzantine=len(byz), slander=slander, pretrain=pretrain, microbatches=microbatches,
-               completed=r["microbatches"]["completed"], dropped=r["microbatches"]["dropped"],
-               retried=r["microbatches"]["retried"],
-               tampered_checked=r["tensors"]["tampered"], tampered_caught=r["tensors"]["tampered_caught"],
-               detection_rate=_r(r["detection_rate"]), honest_checked=r["tensors"]["honest"],
-               honest_rejected=r["tensors"]["honest_rejected"], false_positive_rate=_r(r["false_positive_rate"]),
-               attackers_blacklisted=r["attackers_blacklisted"], attackers=len(att),
-               mb_to_blacklist_median=statistics.median(mbs) if mbs else None, mb_to_blacklist_max=max(mbs, default=None),
-               s_to_blacklist_median=statistics.median(secs) if secs else None,
-               never_blacklisted=";".join(never), honest_blacklisted=";".join(r["honest_blacklisted"]),
-               slander_targets=";".join(sim.slander_targets) if slander else "",
-               rounds=r["rounds"], round_ms=round(1e3 * r["round_s_mean"], 3),
-               aggregate_ms=round(1e3 * r["aggregate_s_mean"], 3), aggregate_ms_max=round(1e3 * r["aggregate_s_max"], 3),
-               loss_first=round(r["loss_first"], 3), loss_last=round(r["loss_last"], 3),
-               clock_s=r["clock_s"], wall_s=round(time.perf_counter() - started, 1))
-    print(f"{stages}x{replicas} ({stages * replicas} peers) {int(fraction * 100)}% Byzantine{' +slander' if slander else ''}"
-          f" pretrain {pretrain}: detection {row['detection_rate']} fp {row['false_positive_rate']} blacklisted "
-          f"{row['attackers_blacklisted']}/{row['attackers']} (median {row['mb_to_blacklist_median']} mb) honest "
-          f"blacklisted: {row['honest_blacklisted'] or 'none'}; completed {row['completed']}/{microbatches}; round "
-          f"{row['round_ms']} ms [{row['wall_s']}s]", flush=True)
+    never = sorted(
+        f"{name}:{sim.peers[name].spec.attack}" for name, a in att.items() if a["blacklisted_mb"] is None
+    )
+    row = dict(
+        stages=stages,
+        replicas=replicas,
+        peers=stages * replicas,
+        byzantine_fraction=fraction,
+        byzantine=len(byz),
+        slander=slander,
+        pretrain=pretrain,
+        microbatches=microbatches,
+        completed=r["microbatches"]["completed"],
+        dropped=r["microbatches"]["dropped"],
+        retried=r["microbatches"]["retried"],
+        tampered_checked=r["tensors"]["tampered"],
+        tampered_caught=r["tensors"]["tampered_caught"],
+        detection_rate=_r(r["detection_rate"]),
+        honest_checked=r["tensors"]["honest"],
+        honest_rejected=r["tensors"]["honest_rejected"],
+        false_positive_rate=_r(r["false_positive_rate"]),
+        attackers_blacklisted=r["attackers_blacklisted"],
+        attackers=len(att),
+        mb_to_blacklist_median=statistics.median(mbs) if mbs else None,
+        mb_to_blacklist_max=max(mbs, default=None),
+        s_to_blacklist_median=statistics.median(secs) if secs else None,
+        never_blacklisted=";".join(never),
+        honest_blacklisted=";".join(r["honest_blacklisted"]),
+        slander_targets=";".join(sim.slander_targets) if slander else "",
+        rounds=r["rounds"],
+        round_ms=round(1e3 * r["round_s_mean"], 3),
+        aggregate_ms=round(1e3 * r["aggregate_s_mean"], 3),
+        aggregate_ms_max=round(1e3 * r["aggregate_s_max"], 3),
+        loss_first=round(r["loss_first"], 3),
+        loss_last=round(r["loss_last"], 3),
+        clock_s=r["clock_s"],
+        wall_s=round(time.perf_counter() - started, 1),
+    )
+    print(
+        f"{stages}x{replicas} ({stages * replicas} peers) {int(fraction * 100)}% Byzantine{' +slander' if slander else ''}"
+        f" pretrain {pretrain}: detection {row['detection_rate']} fp {row['false_positive_rate']} blacklisted "
+        f"{row['attackers_blacklisted']}/{row['attackers']} (median {row['mb_to_blacklist_median']} mb) honest "
+        f"blacklisted: {row['honest_blacklisted'] or 'none'}; completed {row['completed']}/{microbatches}; round "
+        f"{row['round_ms']} ms [{row['wall_s']}s]",
+        flush=True,
+    )
     return row
 
 
@@ -84,21 +123,34 @@ def write_outputs(out_dir: str, rows: List[dict], meta: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Generated by `python experiments/scale/run.py{' --quick' if meta['quick'] else ''}` ({meta['wall_s']:.0f} s "
-             f"on a 2-core CPU machine). Micro-batches of {meta['microbatch_size']}x{meta['seq_len']} tokens, 1 simulated "
-             "second per attempt; rates are over tensors checked by honest receivers after the sentinel's warm-up.", "",
-             "| peers | stages x replicas | Byzantine | slander | pretrain | detection | false positives | attackers "
-             "blacklisted | micro-batches to blacklist (median / max) | never blacklisted | honest blacklisted | "
-             "completed / dropped / retried | round ms (aggregate ms) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Generated by `python experiments/scale/run.py{' --quick' if meta['quick'] else ''}` ({meta['wall_s']:.0f} s "
+        f"on a 2-core CPU machine). Micro-batches of {meta['microbatch_size']}x{meta['seq_len']} tokens, 1 simulated "
+        "second per attempt; rates are over tensors checked by honest receivers after the sentinel's warm-up.",
+        "",
+        "| peers | stages x replicas | Byzantine | slander | pretrain | detection | false positives | attackers "
+        "blacklisted | micro-batches to blacklist (median / max) | never blacklisted | honest blacklisted | "
+        "completed / dropped / retried | round ms (aggregate ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        det = "-" if r["detection_rate"] is None else f"{100 * r['detection_rate']:.1f}% ({r['tampered_caught']}/{r['tampered_checked']})"
-        fp = "-" if r["false_positive_rate"] is None else f"{100 * r['false_positive_rate']:.2f}% ({r['honest_rejected']}/{r['honest_checked']})"
-        lines.append(f"| {r['peers']} | {r['stages']}x{r['replicas']} | {r['byzantine']} ({int(100 * r['byzantine_fraction'])}%) | "
-                     f"{'yes' if r['slander'] else 'no'} | {r['pretrain']} | {det} | {fp} | {r['attackers_blacklisted']}/{r['attackers']} | "
-                     f"{r['mb_to_blacklist_median']} / {r['mb_to_blacklist_max']} | {r['never_blacklisted'] or '-'} | "
-                     f"{r['honest_blacklisted'] or '**none**'} | {r['completed']} / {r['dropped']} / {r['retried']} | "
-                     f"{r['round_ms']} ({r['aggregate_ms']}) |")
+        det = (
+            "-"
+            if r["detection_rate"] is None
+            else f"{100 * r['detection_rate']:.1f}% ({r['tampered_caught']}/{r['tampered_checked']})"
+        )
+        fp = (
+            "-"
+            if r["false_positive_rate"] is None
+            else f"{100 * r['false_positive_rate']:.2f}% ({r['honest_rejected']}/{r['honest_checked']})"
+        )
+        lines.append(
+            f"| {r['peers']} | {r['stages']}x{r['replicas']} | {r['byzantine']} ({int(100 * r['byzantine_fraction'])}%) | "
+            f"{'yes' if r['slander'] else 'no'} | {r['pretrain']} | {det} | {fp} | {r['attackers_blacklisted']}/{r['attackers']} | "
+            f"{r['mb_to_blacklist_median']} / {r['mb_to_blacklist_max']} | {r['never_blacklisted'] or '-'} | "
+            f"{r['honest_blacklisted'] or '**none**'} | {r['completed']} / {r['dropped']} / {r['retried']} | "
+            f"{r['round_ms']} ({r['aggregate_ms']}) |"
+        )
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(out_dir, rows)
@@ -112,17 +164,25 @@ def plot(out_dir: str, rows: List[dict]) -> None:
 
     main = [r for r in rows if not r["slander"] and r["pretrain"] == max(x["pretrain"] for x in rows)]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    panels = [("detection_rate", "detection rate (tampered tensors rejected)"),
-              ("false_positive_rate", "false-positive rate (honest tensors rejected)"),
-              ("mb_to_blacklist_median", "median micro-batches to blacklist an attacker"),
-              ("round_ms", "wall ms per reputation round (validate reports + aggregate)")]
+    panels = [
+        ("detection_rate", "detection rate (tampered tensors rejected)"),
+        ("false_positive_rate", "false-positive rate (honest tensors rejected)"),
+        ("mb_to_blacklist_median", "median micro-batches to blacklist an attacker"),
+        ("round_ms", "wall ms per reputation round (validate reports + aggregate)"),
+    ]
     for ax, (key, title) in zip(axes.flat, panels):
         for fraction, marker in zip(sorted({r["byzantine_fraction"] for r in main}), "os^"):
-            pts = sorted((r["peers"], r[key]) for r in main if r["byzantine_fraction"] == fraction and r[key] is not None)
+            pts = sorted(
+                (r["peers"], r[key])
+                for r in main
+                if r["byzantine_fraction"] == fraction and r[key] is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"{int(100 * fraction)}% Byzantine")
         if key == "round_ms":
-            pts = sorted((r["peers"], r["aggregate_ms"]) for r in main if r["byzantine_fraction"] == FRACTIONS[0])
+            pts = sorted(
+                (r["peers"], r["aggregate_ms"]) for r in main if r["byzantine_fraction"] == FRACTIONS[0]
+            )
             if pts:
                 ax.plot(*zip(*pts), ls="--", color="gray", label="aggregate() alone (10%)")
         ax.set_xlabel("peers (stages x replicas)")
@@ -136,8 +196,12 @@ def plot(out_dir: str, rows: List[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two small sizes, one fraction, for the test suite")
-    parser.add_argument("--pretrain", type=int, default=400, help="micro-batches trained before the swarm starts")
+    parser.add_argument(
+        "--quick", action="store_true", help="two small sizes, one fraction, for the test suite"
+    )
+    parser.add_argument(
+        "--pretrain", type=int, default=400, help="micro-batches trained before the swarm starts"
+    )
     parser.add_argument("--base", type=int, default=150, help="micro-batches per run: base + per_replica x R")
     parser.add_argument("--per-replica", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -153,15 +217,24 @@ def main() -> int:
     else:
         # all three fractions at the small sizes and at 176 workers; 88 workers at 25% only (CPU time); then 176
         # workers with slander, and 176 workers from scratch (pretrain 0)
-        plan = [(s, r, f, False, args.pretrain) for s, r in SIZES if (s, r) != (8, 11) for f in FRACTIONS
-                if (s, r) != (8, 22)]
+        plan = [
+            (s, r, f, False, args.pretrain)
+            for s, r in SIZES
+            if (s, r) != (8, 11)
+            for f in FRACTIONS
+            if (s, r) != (8, 22)
+        ]
         plan += [(8, 11, 0.25, False, args.pretrain)] + [(8, 22, f, False, args.pretrain) for f in FRACTIONS]
         plan += [(8, 22, 0.25, True, args.pretrain), (8, 22, 0.10, False, 0)]
         base, per_replica = args.base, args.per_replica
     os.makedirs(args.out_dir, exist_ok=True)
-    meta = dict(quick=args.quick, wall_s=0.0, microbatch_size=SimConfig().microbatch_size, seq_len=SimConfig().seq_len)
+    meta = dict(
+        quick=args.quick, wall_s=0.0, microbatch_size=SimConfig().microbatch_size, seq_len=SimConfig().seq_len
+    )
     for stages, replicas, fraction, slander, pretrain in plan:
-        rows.append(one_run(stages, replicas, fraction, base + per_replica * replicas, pretrain, args.seed, slander))
+        rows.append(
+            one_run(stages, replicas, fraction, base + per_replica * replicas, pretrain, args.seed, slander)
+        )
         meta["wall_s"] = time.perf_counter() - started
         write_outputs(args.out_dir, rows, meta)  # after every run: a partial run still leaves its results
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:

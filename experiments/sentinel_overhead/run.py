@@ -44,7 +44,9 @@ def step(stages, ids, monitor=None, sender: int = 0) -> float:
         monitor.check_loss(loss.item(), f"s0-{sender % 3}", microbatch=mb, epoch=0)
     loss.backward()
     if monitor is not None:
-        monitor.check(x.grad, f"s1-{(sender + 1) % 3}", BACKWARD, microbatch=mb, context=act.detach(), epoch=0)
+        monitor.check(
+            x.grad, f"s1-{(sender + 1) % 3}", BACKWARD, microbatch=mb, context=act.detach(), epoch=0
+        )
     act.backward(x.grad)
     for stage in stages:
         stage.zero_grad(set_to_none=True)
@@ -52,9 +54,13 @@ def step(stages, ids, monitor=None, sender: int = 0) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a stage peer uses 1 in swarm local)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a stage peer uses 1 in swarm local)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig()
@@ -70,20 +76,27 @@ def main() -> None:
         off.append(step(stages, ids))
         on.append(step(stages, ids, monitor, sender=i))
     check_times = []
-    acts = [stages[0](stream.microbatch(1000 + i)).detach() for i in range(rounds)]  # distinct: no replay verdicts
+    acts = [
+        stages[0](stream.microbatch(1000 + i)).detach() for i in range(rounds)
+    ]  # distinct: no replay verdicts
     for i, act in enumerate(acts):
         started = time.perf_counter()
         monitor.check(act, f"s0-{i % 3}", FORWARD, microbatch=f"x{i}", epoch=0)
         check_times.append(time.perf_counter() - started)
     results = dict(
-        threads=args.threads, rounds=rounds, tokens_per_microbatch=8 * 128,
-        step_ms_checks_off=1000 * statistics.median(off), step_ms_checks_on=1000 * statistics.median(on),
+        threads=args.threads,
+        rounds=rounds,
+        tokens_per_microbatch=8 * 128,
+        step_ms_checks_off=1000 * statistics.median(off),
+        step_ms_checks_on=1000 * statistics.median(on),
         one_activation_check_ms=1000 * statistics.median(check_times),
         overhead=statistics.median(on) / statistics.median(off) - 1,
     )
-    print(f"pipeline step per micro-batch: {results['step_ms_checks_off']:.1f} ms with checks off, "
-          f"{results['step_ms_checks_on']:.1f} ms on (3 checks): overhead {100 * results['overhead']:.2f}%; "
-          f"one activation check {results['one_activation_check_ms']:.2f} ms")
+    print(
+        f"pipeline step per micro-batch: {results['step_ms_checks_off']:.1f} ms with checks off, "
+        f"{results['step_ms_checks_on']:.1f} ms on (3 checks): overhead {100 * results['overhead']:.2f}%; "
+        f"one activation check {results['one_activation_check_ms']:.2f} ms"
+    )
     if not args.quick:
         with open(os.path.join(HERE, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

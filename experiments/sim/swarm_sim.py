@@ -86,7 +86,9 @@ from swarm.router import NoRouteError, Router, RouterConfig  # noqa: E402
 from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelMonitor  # noqa: E402
 
 TRAINER = "trainer"
-_PRETRAINED: Dict[tuple, list] = {}  # pretrained (module, optimizer) states per setup, shared by runs in a process
+_PRETRAINED: Dict[
+    tuple, list
+] = {}  # pretrained (module, optimizer) states per setup, shared by runs in a process
 
 
 @dataclass
@@ -125,7 +127,9 @@ class SimConfig:
     replicas: int = 3
     byzantine: List[Byzantine] = field(default_factory=list)
     sybils: Optional[Sybils] = None
-    slander_targets: List[str] = field(default_factory=list)  # peers slandering Byzantines accuse (default: one)
+    slander_targets: List[str] = field(
+        default_factory=list
+    )  # peers slandering Byzantines accuse (default: one)
     microbatches: int = 300
     microbatch_size: int = 2
     seq_len: int = 32
@@ -138,12 +142,19 @@ class SimConfig:
     wait_for_peers_s: float = 120.0  # the trainer's default
     wait_step_s: float = 1.0  # the trainer re-reads the peers every min(1, refresh_peers_s) while it waits
     hop_s: float = 0.25  # the time the router measures per hop (same for every peer: runs are reproducible)
-    seconds_per_microbatch: float = 1.0  # the simulated clock's advance per attempt (see the module docstring)
+    seconds_per_microbatch: float = (
+        1.0  # the simulated clock's advance per attempt (see the module docstring)
+    )
     # the defaults of `swarm local` (peers/cli.py): probation 5 s / 10 clean exchanges, reports every 2 s
-    reputation: ReputationConfig = field(default_factory=lambda: ReputationConfig(
-        probation_s=5.0, probation_work=10, report_period_s=2.0, report_ttl_s=60.0))
+    reputation: ReputationConfig = field(
+        default_factory=lambda: ReputationConfig(
+            probation_s=5.0, probation_work=10, report_period_s=2.0, report_ttl_s=60.0
+        )
+    )
     # the defaults of `swarm serve` (threshold 12, warm-up 12 tensors, 10 optimizer steps of hard checks only)
-    sentinel: SentinelConfig = field(default_factory=lambda: SentinelConfig(threshold=12.0, warmup=12, warmup_steps=10))
+    sentinel: SentinelConfig = field(
+        default_factory=lambda: SentinelConfig(threshold=12.0, warmup=12, warmup_steps=10)
+    )
     router_ban_base_s: float = 5.0
     # audits of the last stage's gradients (swarm/audit.py), the trainer's default; None: off
     audit: Optional[AuditConfig] = field(default_factory=AuditConfig)
@@ -163,7 +174,9 @@ class SimConfig:
             raise ValueError("stages, replicas and microbatches must be >= 1")
         for b in self.byzantine:
             if not (0 <= b.stage < self.stages and 0 <= b.replica < self.replicas):
-                raise ValueError(f"Byzantine peer ({b.stage}, {b.replica}) outside {self.stages}x{self.replicas}")
+                raise ValueError(
+                    f"Byzantine peer ({b.stage}, {b.replica}) outside {self.stages}x{self.replicas}"
+                )
 
     @property
     def dt(self) -> float:
@@ -206,13 +219,17 @@ class SwarmSim:
         torch.manual_seed(cfg.seed)
         num_layers = cfg.num_layers or max(4, cfg.stages)
         self.model_cfg = ModelConfig(hidden_size=cfg.hidden_size, num_layers=num_layers, seed=cfg.seed)
-        blocks = load_token_blocks(DataConfig(seq_len=cfg.seq_len, microbatch_size=cfg.microbatch_size, seed=cfg.seed))
+        blocks = load_token_blocks(
+            DataConfig(seq_len=cfg.seq_len, microbatch_size=cfg.microbatch_size, seed=cfg.seed)
+        )
         self.stream = MicroBatchStream(blocks, cfg.microbatch_size, seed=cfg.seed)
         self.modules = [StageModule(self.model_cfg, s, cfg.stages) for s in range(cfg.stages)]
         for m in self.modules:
             m.train()
-        self.optimizers = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-                           for m in self.modules]
+        self.optimizers = [
+            torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            for m in self.modules
+        ]
         self.accumulated = [0] * cfg.stages
         self.epoch = 0
         self.clock = 0.0
@@ -229,16 +246,31 @@ class SwarmSim:
                 if spec is not None:
                     peer.spec = spec
                     if spec.attack in AVERAGING_ATTACKS:
-                        peer.averaging = AveragingAdversary(AttackConfig(
-                            name=spec.attack, magnitude=spec.magnitude, probability=spec.probability,
-                            start_step=spec.start_step, seed=cfg.seed * 7919 + s * 131 + r))
+                        peer.averaging = AveragingAdversary(
+                            AttackConfig(
+                                name=spec.attack,
+                                magnitude=spec.magnitude,
+                                probability=spec.probability,
+                                start_step=spec.start_step,
+                                seed=cfg.seed * 7919 + s * 131 + r,
+                            )
+                        )
                     elif spec.attack is not None:
-                        peer.adversary = Adversary(AttackConfig(
-                            name=spec.attack, direction=spec.direction, magnitude=spec.magnitude,
-                            probability=spec.probability, start_step=spec.start_step, seed=cfg.seed * 7919 + s * 131 + r))
+                        peer.adversary = Adversary(
+                            AttackConfig(
+                                name=spec.attack,
+                                direction=spec.direction,
+                                magnitude=spec.magnitude,
+                                probability=spec.probability,
+                                start_step=spec.start_step,
+                                seed=cfg.seed * 7919 + s * 131 + r,
+                            )
+                        )
                 self.peers[name] = peer
         self.byzantine = {p.name for p in self.peers.values() if p.spec is not None}
-        self.attackers = {p.name for p in self.peers.values() if p.adversary is not None or p.averaging is not None}
+        self.attackers = {
+            p.name for p in self.peers.values() if p.adversary is not None or p.averaging is not None
+        }
         # per replica: its accumulated flat gradient and micro-batch count since the last step (the replicas share one
         # weight copy, but each contributes its own gradients to its stage's averaging)
         self.replica_grads: Dict[str, torch.Tensor] = {}
@@ -247,15 +279,23 @@ class SwarmSim:
         self.caught_by: set = set()  # (checker, aggregator): that checker has its proof and stops checking it
         self.averaging_stats: Counter = Counter()
         self.averaging_rng = random.Random(cfg.seed * 31 + 17)
-        self.direction_monitors: Dict[str, DirectionMonitor] = {}  # each aggregator's, as in its averager process
+        self.direction_monitors: Dict[
+            str, DirectionMonitor
+        ] = {}  # each aggregator's, as in its averager process
         self.honest = [p for p in self.peers if p not in self.byzantine]
         targets = cfg.slander_targets or ([self.honest[0]] if self.honest else [])
         self.slander_targets = list(targets)
         self.blacklist: Dict[str, dict] = {}
-        self.router = Router(cfg.stages, RouterConfig(seed=cfg.seed, ban_base_s=cfg.router_ban_base_s),
-                             is_blacklisted=lambda p: p in self.blacklist, clock=lambda: self.clock)
+        self.router = Router(
+            cfg.stages,
+            RouterConfig(seed=cfg.seed, ban_base_s=cfg.router_ban_base_s),
+            is_blacklisted=lambda p: p in self.blacklist,
+            clock=lambda: self.clock,
+        )
         self.router.microbatch_size = cfg.microbatch_size
-        self.router.update({s: [_Info(peer_name(s, r)) for r in range(cfg.replicas)] for s in range(cfg.stages)})
+        self.router.update(
+            {s: [_Info(peer_name(s, r)) for r in range(cfg.replicas)] for s in range(cfg.stages)}
+        )
         # reputation state, as ReputationService keeps it
         self.reports: Dict[str, dict] = {}  # reporter -> published value (the DHT's {run}.reports)
         self.first_seen: Dict[str, float] = {}
@@ -286,7 +326,9 @@ class SwarmSim:
         self.waited_s = 0.0  # simulated seconds the trainer spent with no usable chain
 
     # ---- one micro-batch -------------------------------------------------------------------------------------
-    def _outbound(self, peer: Peer, tensor: torch.Tensor, direction: str, meta: dict) -> Tuple[torch.Tensor, bool]:
+    def _outbound(
+        self, peer: Peer, tensor: torch.Tensor, direction: str, meta: dict
+    ) -> Tuple[torch.Tensor, bool]:
         """What the stage server's ``_outbound`` does: the hook (if any) on the detached tensor, sent as float32."""
         tensor = tensor.detach()
         tampered = False
@@ -302,7 +344,9 @@ class SwarmSim:
         """Rates count the verdicts of honest receivers only (a Byzantine receiver's checks still drop micro-batches
         and feed its ledger, but it is no evidence of what the checks do)."""
         if not verdict.accepted:
-            self.rejections.append((self.index, receiver, verdict.sender, verdict.direction, tampered, verdict.reason))
+            self.rejections.append(
+                (self.index, receiver, verdict.sender, verdict.direction, tampered, verdict.reason)
+            )
         if receiver in self.byzantine:
             self.byzantine_receiver_rejections += int(not verdict.accepted)
             return
@@ -318,8 +362,9 @@ class SwarmSim:
                 t.honest_rejected += 1
                 t.fp_by[verdict.statistic or verdict.baseline] += 1
 
-    def _chain(self, index: int, chain: List[str], ids: torch.Tensor,
-               auditors: Sequence[str] = ()) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
+    def _chain(
+        self, index: int, chain: List[str], ids: torch.Tensor, auditors: Sequence[str] = ()
+    ) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
         """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, (blamed sender, judge)).
         ``auditors``: the last-stage replicas the trainer drew to audit this attempt (``swarm.audit``)."""
         cfg = self.cfg
@@ -337,11 +382,22 @@ class SwarmSim:
                 sender = chain[k - 1]
                 if sender in self.blacklist:
                     return False, math.nan, f"refused: sender {sender} is blacklisted", None
-                verdict = peer.gate.activations(x, sender, microbatch=data_key, step=step, epoch=self.epoch,
-                                                last_stage=k == len(chain) - 1)
+                verdict = peer.gate.activations(
+                    x,
+                    sender,
+                    microbatch=data_key,
+                    step=step,
+                    epoch=self.epoch,
+                    last_stage=k == len(chain) - 1,
+                )
                 self._count(verdict, tampered, name)
                 if not verdict.accepted:
-                    return False, math.nan, f"stage {k} rejected forward tensor: {verdict.statistic}", (sender, name)
+                    return (
+                        False,
+                        math.nan,
+                        f"stage {k} rejected forward tensor: {verdict.statistic}",
+                        (sender, name),
+                    )
                 x_in = x.detach().float().requires_grad_(True)
             else:
                 x_in = x
@@ -352,14 +408,27 @@ class SwarmSim:
                 with torch.enable_grad():
                     loss_t = causal_lm_loss(out, ids)
                 if k > 0:
-                    verdict = peer.gate.loss(float(loss_t.detach()), chain[k - 1], microbatch=data_key, step=step,
-                                             epoch=self.epoch, activations=x, tokens=ids, attributable=k == 1)
+                    verdict = peer.gate.loss(
+                        float(loss_t.detach()),
+                        chain[k - 1],
+                        microbatch=data_key,
+                        step=step,
+                        epoch=self.epoch,
+                        activations=x,
+                        tokens=ids,
+                        attributable=k == 1,
+                    )
                     if not verdict.accepted:
                         # the activation passed the statistics but its loss did not: count it once, as rejected
                         if name not in self.byzantine:
                             self._recount_rejection(tampered, "loss")
                         self.rejections.append((index, name, chain[k - 1], "loss", tampered, verdict.reason))
-                        return False, math.nan, f"stage {k} rejected forward tensor: loss", (chain[k - 1], name)
+                        return (
+                            False,
+                            math.nan,
+                            f"stage {k} rejected forward tensor: loss",
+                            (chain[k - 1], name),
+                        )
             else:
                 x, tampered = self._outbound(peer, out, FORWARD, meta)
         # backward: the last stage first, then each receiver checks the gradient against what it sent
@@ -374,11 +443,23 @@ class SwarmSim:
             sender = chain[k + 1]
             out = saved[k][1]
             audited = bool(auditors) and k == len(chain) - 2
-            verdict = peer.gate.gradient(grad, sender, sent=out.detach(), microbatch=data_key, step=step,
-                                         epoch=self.epoch, audited=audited)
+            verdict = peer.gate.gradient(
+                grad,
+                sender,
+                sent=out.detach(),
+                microbatch=data_key,
+                step=step,
+                epoch=self.epoch,
+                audited=audited,
+            )
             self._count(verdict, tampered, peer.name)
             if not verdict.accepted:
-                return False, math.nan, f"stage {k} rejected backward tensor: {verdict.statistic}", (sender, peer.name)
+                return (
+                    False,
+                    math.nan,
+                    f"stage {k} rejected backward tensor: {verdict.statistic}",
+                    (sender, peer.name),
+                )
             if audited:
                 failure = self._audit(peer, sender, grad, tampered, auditors, saved[-1][0], ids, meta)
                 if failure is not None:
@@ -390,8 +471,17 @@ class SwarmSim:
                 grad, tampered = self._outbound(peer, saved[k][0].grad, BACKWARD, meta)
         return True, float(loss_t.detach()), "", None
 
-    def _audit(self, peer: Peer, sender: str, grad: torch.Tensor, tampered: bool, auditors: Sequence[str],
-               x_last: torch.Tensor, ids: torch.Tensor, meta: dict) -> Optional[Tuple[str, Optional[Tuple[str, str]]]]:
+    def _audit(
+        self,
+        peer: Peer,
+        sender: str,
+        grad: torch.Tensor,
+        tampered: bool,
+        auditors: Sequence[str],
+        x_last: torch.Tensor,
+        ids: torch.Tensor,
+        meta: dict,
+    ) -> Optional[Tuple[str, Optional[Tuple[str, str]]]]:
         """``StageServer._audit``: the auditors recompute the last stage's input gradient from the same activations
         (the shared weights: replicas hold the same ones) and send it through their own outbound hook; the
         penultimate peer judges. None if the route's gradient stands, else (reason, blame) for the attempt.
@@ -435,7 +525,9 @@ class SwarmSim:
         """Move the shared module's fresh gradients into replica ``name``'s own accumulator."""
         params = list(self.modules[stage].parameters())
         clip_microbatch(params, self.cfg.grad_clip)  # as StageOptimizer.step: each micro-batch on its own
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
         if name in self.replica_grads:
             self.replica_grads[name] += flat
         else:
@@ -467,24 +559,31 @@ class SwarmSim:
         cfg = self.cfg.averaging
         size = contributions[0].numel()
         bounds = [round(i * size / len(names)) for i in range(len(names) + 1)]
-        if cfg is None:  # hivemind: a mean weighted by the claimed batch sizes; each aggregator returns its slice's
+        if (
+            cfg is None
+        ):  # hivemind: a mean weighted by the claimed batch sizes; each aggregator returns its slice's
             w = torch.tensor(weights)
             out = (torch.stack(contributions) * (w / w.sum())[:, None]).sum(0)
             for a, aggregator in enumerate(names):
                 liar = self.peers[aggregator].averaging
                 if liar is not None:
-                    out[bounds[a]:bounds[a + 1]] = liar.aggregate(out[bounds[a]:bounds[a + 1]].clone())
+                    out[bounds[a] : bounds[a + 1]] = liar.aggregate(out[bounds[a] : bounds[a + 1]].clone())
             return out
         out = torch.empty(size)
         # an honest replica's claim is at most the micro-batches of one step (the simulator's unit of weight)
         max_weight = 2.0 * (self.cfg.microbatches_per_step + 1)
-        for a, aggregator in enumerate(names):  # aggregator a combines slice a, part by part (swarm.averaging)
+        for a, aggregator in enumerate(
+            names
+        ):  # aggregator a combines slice a, part by part (swarm.averaging)
             lo, hi = bounds[a], bounds[a + 1]
             sent = []  # what each sender sends this aggregator (an equivocating attacker: its own choice per aggregator)
             for n, c in zip(names, contributions):
                 liar = self.peers[n].averaging
-                sent.append(liar.part(aggregator, c[lo:hi].clone()) if liar is not None and n != aggregator
-                            else c[lo:hi])
+                sent.append(
+                    liar.part(aggregator, c[lo:hi].clone())
+                    if liar is not None and n != aggregator
+                    else c[lo:hi]
+                )
             judge = SliceJudge(len(names), cfg, own_index=a, max_weight=max_weight)
             for i, weight in enumerate(weights):
                 judge.claim(i, weight)
@@ -494,8 +593,10 @@ class SwarmSim:
                 outcome = judge.combine(range(len(names)), [c[start:end] for c in sent])
                 honest_result[start:end] = outcome.result
             far = judge.outliers()
-            monitor = self.direction_monitors.setdefault(aggregator, DirectionMonitor(
-                cfg.direction_window, cfg.direction_t, memory=cfg.direction_memory))
+            monitor = self.direction_monitors.setdefault(
+                aggregator,
+                DirectionMonitor(cfg.direction_window, cfg.direction_t, memory=cfg.direction_memory),
+            )
             for i, cosine in enumerate(judge.cosines()):
                 if names[i] != aggregator and monitor.observe(names[i], cosine):
                     far[i] = True
@@ -512,13 +613,23 @@ class SwarmSim:
                     if n != aggregator:
                         self.peers[aggregator].ledger.record(n, not far[i], AVERAGING, AVERAGING)
                         if far[i]:
-                            self.averaging_stats["flagged_byzantine" if n in self.byzantine else "flagged_honest"] += 1
-            for checker in names:  # re-checks: each other replica checks this aggregator with verify_rate/(R-1)
-                if checker == aggregator or checker in self.byzantine or (checker, aggregator) in self.caught_by:
+                            self.averaging_stats[
+                                "flagged_byzantine" if n in self.byzantine else "flagged_honest"
+                            ] += 1
+            for (
+                checker
+            ) in names:  # re-checks: each other replica checks this aggregator with verify_rate/(R-1)
+                if (
+                    checker == aggregator
+                    or checker in self.byzantine
+                    or (checker, aggregator) in self.caught_by
+                ):
                     continue
                 if self.averaging_rng.random() < cfg.verify_rate / max(1, len(names) - 1):
                     self.averaging_stats["rechecks"] += 1
-                    for _ in range(self.cfg.reputation.min_strikes if lied else 1):  # a proof weighs min_strikes
+                    for _ in range(
+                        self.cfg.reputation.min_strikes if lied else 1
+                    ):  # a proof weighs min_strikes
                         self.peers[checker].ledger.record(aggregator, not lied, AVERAGING, AGGREGATE)
                     if lied:
                         self.averaging_stats["caught"] += 1
@@ -534,7 +645,7 @@ class SwarmSim:
                 if averaged is not None:
                     offset = 0
                     for p in module.parameters():
-                        p.grad = averaged[offset:offset + p.numel()].reshape(p.shape).clone()
+                        p.grad = averaged[offset : offset + p.numel()].reshape(p.shape).clone()
                         offset += p.numel()
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -569,9 +680,17 @@ class SwarmSim:
             except NoRouteError as e:
                 self._end(index, "dropped", str(e))
                 return
-            auditors = [] if self.cfg.audit is None or self.cfg.stages < 2 else pick_auditors(
-                self.router.usable(self.cfg.stages - 1), chain[-1], self.router.is_suspect(chain[-1]), self.cfg.audit,
-                self.audit_rng)
+            auditors = (
+                []
+                if self.cfg.audit is None or self.cfg.stages < 2
+                else pick_auditors(
+                    self.router.usable(self.cfg.stages - 1),
+                    chain[-1],
+                    self.router.is_suspect(chain[-1]),
+                    self.cfg.audit,
+                    self.audit_rng,
+                )
+            )
             try:
                 ok, loss, reason, blame = self._chain(index, chain, ids, auditors)
             finally:
@@ -583,7 +702,9 @@ class SwarmSim:
                 self.losses.append(loss)
                 self._end(index, "completed")
                 return
-            if blame is not None:  # every blame here is a SENTINEL verdict (the stage server's ChainError.judge)
+            if (
+                blame is not None
+            ):  # every blame here is a SENTINEL verdict (the stage server's ChainError.judge)
                 self.router.report_failure(blame[0], reason, judge=blame[1])
             if attempt + 1 < self.cfg.max_attempts:
                 self.retried += 1
@@ -635,8 +756,12 @@ class SwarmSim:
             for name in names:
                 entries = {sy.target: {"clean": 0, "strikes": sy.strikes, "reasons": {"log_rms": sy.strikes}}}
                 if sy.vouch:
-                    entries.update({o: {"clean": 1000, "strikes": 0, "reasons": {}} for o in names if o != name})
-                self.reports[name] = ReputationReport(reporter=name, issued_at=now, entries=entries).to_value()
+                    entries.update(
+                        {o: {"clean": 1000, "strikes": 0, "reasons": {}} for o in names if o != name}
+                    )
+                self.reports[name] = ReputationReport(
+                    reporter=name, issued_at=now, entries=entries
+                ).to_value()
         # ReputationService.refresh: first_seen from stage records, then from reports; read and validate every
         # report; aggregate
         started = time.perf_counter()
@@ -653,8 +778,14 @@ class SwarmSim:
                 continue
             reports[report.reporter] = report
         agg_started = time.perf_counter()
-        self.aggregate = aggregate(reports, self.first_seen, now, self.cfg.reputation, reachable=set(reports),
-                                   stages=self.stages_of())
+        self.aggregate = aggregate(
+            reports,
+            self.first_seen,
+            now,
+            self.cfg.reputation,
+            reachable=set(reports),
+            stages=self.stages_of(),
+        )
         done = time.perf_counter()
         self.agg_seconds.append(done - agg_started)
         self.round_seconds.append(done - started)
@@ -676,8 +807,17 @@ class SwarmSim:
         if not self.cfg.pretrain_microbatches:
             return
         c = self.cfg
-        key = (c.stages, self.model_cfg.num_layers, c.hidden_size, c.seed, c.pretrain_microbatches, c.microbatch_size,
-               c.seq_len, c.lr, c.microbatches_per_step)
+        key = (
+            c.stages,
+            self.model_cfg.num_layers,
+            c.hidden_size,
+            c.seed,
+            c.pretrain_microbatches,
+            c.microbatch_size,
+            c.seq_len,
+            c.lr,
+            c.microbatches_per_step,
+        )
         cached = _PRETRAINED.get(key)
         if cached is not None:
             for module, opt, (module_state, opt_state) in zip(self.modules, self.optimizers, cached):
@@ -699,8 +839,10 @@ class SwarmSim:
         self.accumulated = [0] * self.cfg.stages
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        _PRETRAINED[key] = [(copy.deepcopy(m.state_dict()), copy.deepcopy(o.state_dict()))
-                            for m, o in zip(self.modules, self.optimizers)]
+        _PRETRAINED[key] = [
+            (copy.deepcopy(m.state_dict()), copy.deepcopy(o.state_dict()))
+            for m, o in zip(self.modules, self.optimizers)
+        ]
 
     def run(self) -> dict:
         started = time.perf_counter()
@@ -711,16 +853,21 @@ class SwarmSim:
             if (index + 1) % self.cfg.microbatches_per_step == 0:
                 self._optimizer_step()
             if self.cfg.log_every and (index + 1 - offset) % self.cfg.log_every == 0:
-                recent = self.losses[-self.cfg.log_every:]
-                print(f"  mb {index + 1}: loss {sum(recent) / max(len(recent), 1):.3f} blacklist "
-                      f"{sorted(self.blacklist)} clock {self.clock:.1f}s", flush=True)
+                recent = self.losses[-self.cfg.log_every :]
+                print(
+                    f"  mb {index + 1}: loss {sum(recent) / max(len(recent), 1):.3f} blacklist "
+                    f"{sorted(self.blacklist)} clock {self.clock:.1f}s",
+                    flush=True,
+                )
         self.last_round = -math.inf
         self._maybe_reputation_round()  # a last round, so the final verdicts reflect all the evidence
         return self.summary(time.perf_counter() - started)
 
     def summary(self, wall_s: float) -> dict:
         counts = Counter(self.outcome.values())
-        assert counts["completed"] + counts["dropped"] == self.cfg.microbatches == len(self.outcome), "exactly once"
+        assert counts["completed"] + counts["dropped"] == self.cfg.microbatches == len(self.outcome), (
+            "exactly once"
+        )
         t = self.tensors
         attackers = {}
         for name in sorted(self.attackers):
@@ -728,26 +875,48 @@ class SwarmSim:
             caught = self.blacklisted_at.get(name)
             offset = self.cfg.pretrain_microbatches  # micro-batch numbers count from the swarm's start
             peer = self.peers[name]
-            entry = dict(tampered=peer.adversary.tampered if peer.adversary else peer.averaging.rounds,
-                         first_tampered_mb=first[0] - offset if first else None,
-                         blacklisted_mb=caught[0] - offset if caught else None)
+            entry = dict(
+                tampered=peer.adversary.tampered if peer.adversary else peer.averaging.rounds,
+                first_tampered_mb=first[0] - offset if first else None,
+                blacklisted_mb=caught[0] - offset if caught else None,
+            )
             if first and caught:
-                entry.update(mb_to_blacklist=caught[0] - first[0], s_to_blacklist=round(caught[1] - first[1], 3))
+                entry.update(
+                    mb_to_blacklist=caught[0] - first[0], s_to_blacklist=round(caught[1] - first[1], 3)
+                )
             else:
                 entry.update(mb_to_blacklist=None, s_to_blacklist=None)
             entry["reason"] = self.aggregate.blacklist.get(name, {}).get("reason")
             attackers[name] = entry
         honest_blacklisted = sorted(p for p in self.ever_blacklisted if p not in self.byzantine)
         return dict(
-            stages=self.cfg.stages, replicas=self.cfg.replicas, peers=len(self.peers),
-            byzantine=len(self.byzantine), attackers=attackers,
-            microbatches=dict(total=self.cfg.microbatches, completed=counts["completed"], dropped=counts["dropped"],
-                              retried=self.retried),
-            drop_reasons=dict(self.drop_reasons.most_common(5)), retry_reasons=dict(self.retry_reasons.most_common(8)),
-            tensors=dict(tampered=t.tampered, tampered_caught=t.tampered_caught, honest=t.honest,
-                         honest_rejected=t.honest_rejected, caught_by=dict(t.caught_by), fp_by=dict(t.fp_by)),
-            tensors_warmup=dict(tampered=self.tensors_warmup.tampered, tampered_caught=self.tensors_warmup.tampered_caught,
-                                honest=self.tensors_warmup.honest, honest_rejected=self.tensors_warmup.honest_rejected),
+            stages=self.cfg.stages,
+            replicas=self.cfg.replicas,
+            peers=len(self.peers),
+            byzantine=len(self.byzantine),
+            attackers=attackers,
+            microbatches=dict(
+                total=self.cfg.microbatches,
+                completed=counts["completed"],
+                dropped=counts["dropped"],
+                retried=self.retried,
+            ),
+            drop_reasons=dict(self.drop_reasons.most_common(5)),
+            retry_reasons=dict(self.retry_reasons.most_common(8)),
+            tensors=dict(
+                tampered=t.tampered,
+                tampered_caught=t.tampered_caught,
+                honest=t.honest,
+                honest_rejected=t.honest_rejected,
+                caught_by=dict(t.caught_by),
+                fp_by=dict(t.fp_by),
+            ),
+            tensors_warmup=dict(
+                tampered=self.tensors_warmup.tampered,
+                tampered_caught=self.tensors_warmup.tampered_caught,
+                honest=self.tensors_warmup.honest,
+                honest_rejected=self.tensors_warmup.honest_rejected,
+            ),
             byzantine_receiver_rejections=self.byzantine_receiver_rejections,
             audits=dict(self.audits),
             averaging=dict(self.averaging_stats, caught_aggregators=sorted(self.caught_aggregators)),
@@ -763,7 +932,10 @@ class SwarmSim:
             round_s_mean=sum(self.round_seconds) / max(len(self.round_seconds), 1),
             loss_first=sum(self.losses[:8]) / max(len(self.losses[:8]), 1),
             loss_last=sum(self.losses[-8:]) / max(len(self.losses[-8:]), 1),
-            waited_s=round(self.waited_s, 3), clock_s=round(self.clock, 3), wall_s=round(wall_s, 2), seconds_per_microbatch=self.cfg.dt,
+            waited_s=round(self.waited_s, 3),
+            clock_s=round(self.clock, 3),
+            wall_s=round(wall_s, 2),
+            seconds_per_microbatch=self.cfg.dt,
         )
 
 
@@ -786,8 +958,9 @@ def run_sim(cfg: SimConfig) -> dict:
     return SwarmSim(cfg).run()
 
 
-def mixed_byzantine(stages: int, replicas: int, fraction: float, attacks: List[str], seed: int = 0,
-                    **kwargs) -> List[Byzantine]:
+def mixed_byzantine(
+    stages: int, replicas: int, fraction: float, attacks: List[str], seed: int = 0, **kwargs
+) -> List[Byzantine]:
     """``round(fraction x peers)`` Byzantine peers spread evenly over stages, attacks assigned round robin."""
     total = round(fraction * stages * replicas)
     rng = random.Random(seed)

@@ -50,7 +50,9 @@ def single_process(steps: int, seq_len: int, mb_size: int, target: int, lr: floa
     model = build_model(ModelConfig())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    stream = MicroBatchStream(load_token_blocks(DataConfig(seq_len=seq_len, microbatch_size=mb_size)), mb_size)
+    stream = MicroBatchStream(
+        load_token_blocks(DataConfig(seq_len=seq_len, microbatch_size=mb_size)), mb_size
+    )
     per_step = target // mb_size
     rows, tokens, started = [], 0, time.perf_counter()
     for step in range(steps):
@@ -64,27 +66,65 @@ def single_process(steps: int, seq_len: int, mb_size: int, target: int, lr: floa
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        rows.append(dict(step=step, loss=sum(losses) / len(losses), tokens=tokens, elapsed_s=time.perf_counter() - started))
-    return dict(tokens_per_s=steady_rate(rows, skip), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
-                threads=torch.get_num_threads())
+        rows.append(
+            dict(
+                step=step,
+                loss=sum(losses) / len(losses),
+                tokens=tokens,
+                elapsed_s=time.perf_counter() - started,
+            )
+        )
+    return dict(
+        tokens_per_s=steady_rate(rows, skip),
+        loss_first=rows[0]["loss"],
+        loss_last=rows[-1]["loss"],
+        threads=torch.get_num_threads(),
+    )
 
 
-def swarm_run(steps: int, seq_len: int, mb_size: int, target: int, lr: float, skip: int, workdir: str, max_inflight: int) -> dict:
-    shape = ["--stages", "2", "--seq-len", str(seq_len), "--microbatch-size", str(mb_size),
-             "--target-batch-size", str(target), "--lr", str(lr)]
+def swarm_run(
+    steps: int, seq_len: int, mb_size: int, target: int, lr: float, skip: int, workdir: str, max_inflight: int
+) -> dict:
+    shape = [
+        "--stages",
+        "2",
+        "--seq-len",
+        str(seq_len),
+        "--microbatch-size",
+        str(mb_size),
+        "--target-batch-size",
+        str(target),
+        "--lr",
+        str(lr),
+    ]
     metrics, summary_path = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "summary.json")
     with LocalSwarm(workdir, run_id="bench") as swarm:
         swarm.start_dht(shape)
         for child in [swarm.start_stage(stage, wait=False) for stage in (0, 1)]:
             child.wait_event("serve", 120)
-        trainer = swarm.start_trainer(["--steps", str(steps), "--metrics-out", metrics, "--summary-json", summary_path,
-                                       "--max-inflight", str(max_inflight)])
+        trainer = swarm.start_trainer(
+            [
+                "--steps",
+                str(steps),
+                "--metrics-out",
+                metrics,
+                "--summary-json",
+                summary_path,
+                "--max-inflight",
+                str(max_inflight),
+            ]
+        )
         if trainer.proc.wait(timeout=1800) != 0:
             raise RuntimeError(f"trainer failed, see {trainer.log_path}")
     rows = [json.loads(line) for line in open(metrics)]
     summary = json.load(open(summary_path))
-    return dict(tokens_per_s=steady_rate(rows, skip), loss_first=summary["loss_first"], loss_last=summary["loss_last"],
-                microbatches=summary["microbatches"], timing=summary["timing"])
+    return dict(
+        tokens_per_s=steady_rate(rows, skip),
+        loss_first=summary["loss_first"],
+        loss_last=summary["loss_last"],
+        microbatches=summary["microbatches"],
+        timing=summary["timing"],
+    )
 
 
 class Echo(ServicerBase):
@@ -152,9 +192,13 @@ def tcp_rate(tensor: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--max-inflight", type=int, default=8, help="micro-batches the trainer keeps in flight")
+    parser.add_argument(
+        "--max-inflight", type=int, default=8, help="micro-batches the trainer keeps in flight"
+    )
     parser.add_argument("--out", default=HERE, help="where results.json / results.md go")
     args = parser.parse_args()
     seq_len, mb_size, target, lr = 128, 8, 64, 2e-3
@@ -169,23 +213,36 @@ def main() -> None:
     for name, tensor in (("activation", activation), ("16MiB", large)):
         p2p = asyncio.run(p2p_rate(tensor, repeats))
         tcp = tcp_rate(tensor, repeats)
-        transfer[name] = dict(bytes=tensor.numel() * 4, p2p_MBps=p2p / 1e6, tcp_MBps=tcp / 1e6, ratio=p2p / tcp)
+        transfer[name] = dict(
+            bytes=tensor.numel() * 4, p2p_MBps=p2p / 1e6, tcp_MBps=tcp / 1e6, ratio=p2p / tcp
+        )
 
     results = dict(
         machine=dict(cpus=os.cpu_count(), torch=torch.__version__),
-        config=dict(model="tiny", seq_len=seq_len, microbatch_size=mb_size, target_batch_size=target, steps=steps,
-                    warmup_steps_skipped=skip),
-        swarm_2_stages=swarm, single_process=single,
+        config=dict(
+            model="tiny",
+            seq_len=seq_len,
+            microbatch_size=mb_size,
+            target_batch_size=target,
+            steps=steps,
+            warmup_steps_skipped=skip,
+        ),
+        swarm_2_stages=swarm,
+        single_process=single,
         throughput_ratio=swarm["tokens_per_s"] / single["tokens_per_s"],
         transfer=transfer,
     )
-    print(f"tokens/s: swarm (2 stages x 1 replica) {swarm['tokens_per_s']:.0f} vs single process "
-          f"{single['tokens_per_s']:.0f} ({single['threads']} threads): ratio {results['throughput_ratio']:.2f}")
+    print(
+        f"tokens/s: swarm (2 stages x 1 replica) {swarm['tokens_per_s']:.0f} vs single process "
+        f"{single['tokens_per_s']:.0f} ({single['threads']} threads): ratio {results['throughput_ratio']:.2f}"
+    )
     for stage, parts in swarm["timing"].items():
         print(f"  {stage}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in parts.items()))
     for name, t in transfer.items():
-        print(f"transfer {name} ({t['bytes'] / 1e6:.2f} MB): p2p {t['p2p_MBps']:.0f} MB/s vs raw TCP "
-              f"{t['tcp_MBps']:.0f} MB/s: ratio {t['ratio']:.2f}")
+        print(
+            f"transfer {name} ({t['bytes'] / 1e6:.2f} MB): p2p {t['p2p_MBps']:.0f} MB/s vs raw TCP "
+            f"{t['tcp_MBps']:.0f} MB/s: ratio {t['ratio']:.2f}"
+        )
     if not args.quick:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -81,8 +81,12 @@ class Attacker:
             seen = fetch_swarm_config(reader, self.args.run_id)
         finally:
             reader.shutdown()
-        emit("config", stored=stored, refused=(seen.num_stages, seen.lr) == (self.config.num_stages, self.config.lr),
-             read=dict(num_stages=seen.num_stages, lr=seen.lr))
+        emit(
+            "config",
+            stored=stored,
+            refused=(seen.num_stages, seen.lr) == (self.config.num_stages, self.config.lr),
+            read=dict(num_stages=seen.num_stages, lr=seen.lr),
+        )
 
     def stage_record(self) -> None:
         lie = StageRecord(peer_id=self.args.honest, stage=1, state="offline", updated_at=get_dht_time())
@@ -91,54 +95,84 @@ class Attacker:
         peers = fetch_stage_peers(self.dht, self.args.run_id, self.config.num_stages)
         at0 = [(p.peer_id, p.record.state) for p in peers.get(0, [])]
         at1 = [p.peer_id for p in peers.get(1, [])]
-        emit("stage-record", stored=stored, refused=(self.args.honest, "online") in at0 and self.args.honest not in at1,
-             stage0=at0, stage1=at1)
+        emit(
+            "stage-record",
+            stored=stored,
+            refused=(self.args.honest, "online") in at0 and self.args.honest not in at1,
+            stage0=at0,
+            stage1=at1,
+        )
 
     def blacklists(self) -> None:
         stored = []
         sybils = [create_dht(self.args.run_id, [self.args.initial_peers]) for _ in range(3)]
         try:
             for sybil in sybils:
-                record = BlacklistRecord(publisher=str(sybil.peer_id), issued_at=get_dht_time(), entries={
-                    self.args.honest: {"reason": "made up", "reporters": 3, "strikes": 99}})
+                record = BlacklistRecord(
+                    publisher=str(sybil.peer_id),
+                    issued_at=get_dht_time(),
+                    entries={self.args.honest: {"reason": "made up", "reporters": 3, "strikes": 99}},
+                )
                 stored.append(self.store(sybil, blacklist_key(self.args.run_id), record.to_value()))
         finally:
             for sybil in sybils:
                 sybil.shutdown()
-        emit("blacklists", stored=stored, refused=None)  # the verdict is read from the honest peers afterwards
+        emit(
+            "blacklists", stored=stored, refused=None
+        )  # the verdict is read from the honest peers afterwards
 
     # ---- the chain protocol ------------------------------------------------------------------------------------
     def tokens(self, batch=None, seq=None) -> torch.Tensor:
         return torch.randint(0, 100, (batch or self.config.microbatch_size, seq or self.config.seq_len))
 
     def header(self, mb: str, tokens: torch.Tensor, trainer: str = None, route=None, key=None):
-        return ChainHeader.create(key or self.key, run_id=self.args.run_id, trainer=trainer or self.me, mb=mb, step=0,
-                                  route=route or [self.args.honest, self.args.last], tokens=tokens, now=time.time())
+        return ChainHeader.create(
+            key or self.key,
+            run_id=self.args.run_id,
+            trainer=trainer or self.me,
+            mb=mb,
+            step=0,
+            route=route or [self.args.honest, self.args.last],
+            tokens=tokens,
+            now=time.time(),
+        )
 
     async def deposit(self, peer: str, mb: str, labels: torch.Tensor) -> dict:
         reply = await self.stub(peer).rpc_labels(aiter_messages(pack({"mb": mb}, [labels])), timeout=30)
         return (await receive(single(reply), TensorLimits())).metadata
 
     async def chain(self, peer: str, meta: dict, tensor: torch.Tensor, timeout: float = 60) -> dict:
-        return (await call(self.stub(peer).rpc_chain, pack(meta, [tensor]), TensorLimits(), timeout=timeout)).metadata
+        return (
+            await call(self.stub(peer).rpc_chain, pack(meta, [tensor]), TensorLimits(), timeout=timeout)
+        ).metadata
 
     async def forged_header(self) -> None:
         """The label swap: as the route's stage-0 peer, ask the last stage to compute under a header that names
         another trainer (whose labels it holds), signed with this attacker's own key."""
         tokens = self.tokens()
-        header, reveal = self.header("f1.0", tokens, trainer=self.args.trainer, route=[self.me, self.args.last])
-        activations = torch.randn(self.config.microbatch_size, self.config.seq_len,
-                                  int(self.config.model.get("hidden_size", 192)))
+        header, reveal = self.header(
+            "f1.0", tokens, trainer=self.args.trainer, route=[self.me, self.args.last]
+        )
+        activations = torch.randn(
+            self.config.microbatch_size, self.config.seq_len, int(self.config.model.get("hidden_size", 192))
+        )
         reply = await self.chain(self.args.last, dict(header=header.to_wire(), audit=reveal), activations)
-        emit("forged-header", refused="reports" not in reply and "bad header" in str(reply.get("error")),
-             reply=reply)
+        emit(
+            "forged-header",
+            refused="reports" not in reply and "bad header" in str(reply.get("error")),
+            reply=reply,
+        )
 
     async def rewritten_mb(self) -> None:
         tokens = self.tokens()
         header, reveal = self.header("r1.0", tokens)
         wire = dict(header.to_wire(), mb="r2.0")
         reply = await self.chain(self.args.honest, dict(header=wire, audit=reveal), tokens)
-        emit("rewritten-mb", refused="reports" not in reply and "bad header" in str(reply.get("error")), reply=reply)
+        emit(
+            "rewritten-mb",
+            refused="reports" not in reply and "bad header" in str(reply.get("error")),
+            reply=reply,
+        )
 
     async def replay(self) -> None:
         """As a (legitimate) trainer: one valid micro-batch, then the very same request again."""
@@ -151,9 +185,14 @@ class Attacker:
         second = await self.chain(self.args.honest, meta, tokens)
         waited = time.monotonic() - started
         reports = second.get("reports") or [{}]
-        emit("replay", deposited=deposited, first_ok=(first.get("reports") or [{}])[0].get("ok"),
-             refused=reports[0].get("ok") is False and waited < 10, waited_s=round(waited, 2),
-             error=reports[-1].get("error"))
+        emit(
+            "replay",
+            deposited=deposited,
+            first_ok=(first.get("reports") or [{}])[0].get("ok"),
+            refused=reports[0].get("ok") is False and waited < 10,
+            waited_s=round(waited, 2),
+            error=reports[-1].get("error"),
+        )
 
     async def big_labels(self) -> None:
         reply = await self.deposit(self.args.last, "b1.0", self.tokens(seq=8 * self.config.seq_len))
@@ -181,41 +220,77 @@ class Attacker:
                 await asyncio.wait_for(forever.wait(), 90)
 
         started = time.monotonic()
-        task = asyncio.ensure_future(receive(await self.stub(self.args.honest).rpc_chain(stall()), TensorLimits()))
+        task = asyncio.ensure_future(
+            receive(await self.stub(self.args.honest).rpc_chain(stall()), TensorLimits())
+        )
         await asyncio.sleep(1.0)
         info_started = time.monotonic()
-        during = (await receive(single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)),
-                                TensorLimits())).metadata
+        during = (
+            await receive(
+                single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)), TensorLimits()
+            )
+        ).metadata
         info_s = time.monotonic() - info_started
         await asyncio.sleep(70.0)  # past the peer's 60 s read deadline; the stream is still open on this side
-        after = (await receive(single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)),
-                               TensorLimits())).metadata
+        after = (
+            await receive(
+                single(await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)), TensorLimits()
+            )
+        ).metadata
         try:
             reply = (await asyncio.wait_for(task, 60)).metadata
         except Exception as e:  # the peer gave the stream up: hivemind resets it once the reply is written
             reply = {"exception": repr(e)}
-        emit("stalled", refused=during.get("inflight", 0) >= 1 and after.get("inflight") == 0,
-             inflight_during=during.get("inflight"), inflight_after_deadline=after.get("inflight"),
-             after_s=round(time.monotonic() - started, 1), served_meanwhile=bool(during), info_s=round(info_s, 2),
-             reply=reply)
+        emit(
+            "stalled",
+            refused=during.get("inflight", 0) >= 1 and after.get("inflight") == 0,
+            inflight_during=during.get("inflight"),
+            inflight_after_deadline=after.get("inflight"),
+            after_s=round(time.monotonic() - started, 1),
+            served_meanwhile=bool(during),
+            info_s=round(info_s, 2),
+            reply=reply,
+        )
 
     async def junk(self, count: int = 2000) -> None:
         rng = random.Random(0)
         answered, accepted, errors = 0, 0, {}
         for i in range(count):
-            meta = {rng.choice(["header", "audit", "mb", "x"]): rng.choice([None, 1, "x" * rng.randrange(200), b"\0"])}
-            tensor = rng.choice([torch.randn(rng.randrange(1, 4), rng.randrange(1, 8)), torch.zeros(0),
-                                 torch.full((2, 2), float("nan")), torch.randint(0, 10, (3,))])
+            meta = {
+                rng.choice(["header", "audit", "mb", "x"]): rng.choice(
+                    [None, 1, "x" * rng.randrange(200), b"\0"]
+                )
+            }
+            tensor = rng.choice(
+                [
+                    torch.randn(rng.randrange(1, 4), rng.randrange(1, 8)),
+                    torch.zeros(0),
+                    torch.full((2, 2), float("nan")),
+                    torch.randint(0, 10, (3,)),
+                ]
+            )
             try:
-                reply = await self.chain(self.args.last if i % 2 else self.args.honest, meta, tensor, timeout=20)
+                reply = await self.chain(
+                    self.args.last if i % 2 else self.args.honest, meta, tensor, timeout=20
+                )
             except Exception as e:  # the stream itself failed (no reply): counted, and the attack goes on
-                errors[type(e).__name__ + ": " + str(e)[:80]] = errors.get(type(e).__name__ + ": " + str(e)[:80], 0) + 1
+                errors[type(e).__name__ + ": " + str(e)[:80]] = (
+                    errors.get(type(e).__name__ + ": " + str(e)[:80], 0) + 1
+                )
                 continue
             answered += 1
-            accepted += not (reply.get("ok") is False or (reply.get("reports") and not reply["reports"][0]["ok"]))
+            accepted += not (
+                reply.get("ok") is False or (reply.get("reports") and not reply["reports"][0]["ok"])
+            )
         info = await self.stub(self.args.honest).rpc_info(pack({})[0], timeout=20)  # still serving?
-        emit("junk", refused=accepted == 0 and bool(info.metadata), answered=answered, accepted=accepted,
-             stream_errors=errors, sent=count)
+        emit(
+            "junk",
+            refused=accepted == 0 and bool(info.metadata),
+            answered=answered,
+            accepted=accepted,
+            stream_errors=errors,
+            sent=count,
+        )
 
     async def run(self, attacks) -> None:
         self.p2p = await self.dht.replicate_p2p()
@@ -241,8 +316,18 @@ class Attacker:
         emit("done")
 
 
-ATTACKS = ["config", "stage-record", "blacklists", "forged-header", "rewritten-mb", "replay", "big-labels",
-           "many-labels", "stalled", "junk"]
+ATTACKS = [
+    "config",
+    "stage-record",
+    "blacklists",
+    "forged-header",
+    "rewritten-mb",
+    "replay",
+    "big-labels",
+    "many-labels",
+    "stalled",
+    "junk",
+]
 
 
 def main() -> None:
@@ -251,7 +336,9 @@ def main() -> None:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--honest", required=True, help="an honest stage-0 peer")
     parser.add_argument("--last", required=True, help="an honest last-stage peer")
-    parser.add_argument("--trainer", default=None, help="an honest trainer's peer id (forged-header names it)")
+    parser.add_argument(
+        "--trainer", default=None, help="an honest trainer's peer id (forged-header names it)"
+    )
     parser.add_argument("--attacks", nargs="*", default=ATTACKS)
     args = parser.parse_args()
     die_with_parent(os.getppid(), grace_s=5.0)  # a killed test run must not leave its attacker behind

@@ -31,7 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", ROOT, *args], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", ROOT, *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _children_cpu() -> float:
@@ -42,8 +44,22 @@ def _children_cpu() -> float:
 def run_once(tree: str, steps: int, workdir: str) -> dict:
     summary = os.path.join(workdir, "summary.json")
     env = dict(os.environ, PYTHONPATH=tree)
-    cmd = [sys.executable, "-m", "peers.cli", "local", "--stages", "2", "--replicas", "2", "--steps", str(steps),
-           "--workdir", workdir, "--summary-json", summary]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peers.cli",
+        "local",
+        "--stages",
+        "2",
+        "--replicas",
+        "2",
+        "--steps",
+        str(steps),
+        "--workdir",
+        workdir,
+        "--summary-json",
+        summary,
+    ]
     load = os.getloadavg()[0]
     cpu0, wall0 = _children_cpu(), time.monotonic()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
@@ -53,20 +69,33 @@ def run_once(tree: str, steps: int, workdir: str) -> dict:
     with open(summary) as f:
         s = json.load(f)
     mb = s["microbatches"]
-    return dict(train_s=round(s["elapsed_s"], 1), tokens_per_s=round(s["tokens_per_s"], 1), wall_s=round(wall, 1),
-                cpu_s=round(cpu, 1), cpu_s_per_step=round(cpu / steps, 2), loss_last=round(s["loss_last"], 4),
-                completed=mb["completed"], dropped=mb["dropped"], load_before=round(load, 2))
+    return dict(
+        train_s=round(s["elapsed_s"], 1),
+        tokens_per_s=round(s["tokens_per_s"], 1),
+        wall_s=round(wall, 1),
+        cpu_s=round(cpu, 1),
+        cpu_s_per_step=round(cpu / steps, 2),
+        loss_last=round(s["loss_last"], 4),
+        completed=mb["completed"],
+        dropped=mb["dropped"],
+        load_before=round(load, 2),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="40e87eb", help="the commit to compare with (default: before issue 13)")
+    parser.add_argument(
+        "--base", default="40e87eb", help="the commit to compare with (default: before issue 13)"
+    )
     parser.add_argument("--head", default="HEAD")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, alternating")
     parser.add_argument("--out", default=os.path.join(HERE, "local_speed.json"))
     args = parser.parse_args()
-    commits = {"base": _git("rev-parse", "--short", args.base), "head": _git("rev-parse", "--short", args.head)}
+    commits = {
+        "base": _git("rev-parse", "--short", args.base),
+        "head": _git("rev-parse", "--short", args.head),
+    }
     scratch = tempfile.mkdtemp(prefix="local-speed-")
     trees = {}
     try:
@@ -90,11 +119,23 @@ def main() -> None:
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
 
-    summary = {key: dict(base=median("base", key), head=median("head", key),
-                         ratio=round(median("head", key) / median("base", key), 3))
-               for key in ("train_s", "tokens_per_s", "wall_s", "cpu_s")}
-    out = dict(machine=f"{os.cpu_count()} cores, {platform.machine()}", commits=commits, steps=args.steps,
-               repeats=args.repeats, order=order, runs=runs, medians=summary)
+    summary = {
+        key: dict(
+            base=median("base", key),
+            head=median("head", key),
+            ratio=round(median("head", key) / median("base", key), 3),
+        )
+        for key in ("train_s", "tokens_per_s", "wall_s", "cpu_s")
+    }
+    out = dict(
+        machine=f"{os.cpu_count()} cores, {platform.machine()}",
+        commits=commits,
+        steps=args.steps,
+        repeats=args.repeats,
+        order=order,
+        runs=runs,
+        medians=summary,
+    )
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     for key, row in summary.items():

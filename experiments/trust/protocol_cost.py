@@ -34,20 +34,40 @@ STAGES, BATCH, SEQ, REPEATS = 2, 8, 128, 30
 def protocol_once(keys, ids, tokens) -> None:
     trainer_key, trainer = keys[0], ids[0]
     route = ids[1:]
-    header, _ = ChainHeader.create(trainer_key, run_id="bench", trainer=trainer, mb="1.0", step=0, route=route,
-                                   tokens=tokens, now=time.time())
+    header, _ = ChainHeader.create(
+        trainer_key,
+        run_id="bench",
+        trainer=trainer,
+        mb="1.0",
+        step=0,
+        route=route,
+        tokens=tokens,
+        now=time.time(),
+    )
     wire = header.to_wire()
     reports = []
     for stage in reversed(range(STAGES)):  # the reply travels back up: the last hop reports first
         parsed = ChainHeader.from_wire(wire)
-        parsed.check(run_id="bench", stage=stage, me=route[stage], sender=trainer if stage == 0 else route[stage - 1],
-                     now=time.time())
+        parsed.check(
+            run_id="bench",
+            stage=stage,
+            me=route[stage],
+            sender=trainer if stage == 0 else route[stage - 1],
+            now=time.time(),
+        )
         if reports:
             check_reports(parsed, reports, stage + 1, route[stage + 1])
         last = stage == STAGES - 1
-        mine = HopReport.create(keys[stage + 1], header_digest=parsed.digest, stage=stage, peer=route[stage], ok=True,
-                                loss=2.0 if last else None, epoch=0, timings=dict(fwd_s=0.1, bwd_s=0.1, opt_s=0.0,
-                                                                                  wait_s=0.0, total_s=0.2))
+        mine = HopReport.create(
+            keys[stage + 1],
+            header_digest=parsed.digest,
+            stage=stage,
+            peer=route[stage],
+            ok=True,
+            loss=2.0 if last else None,
+            epoch=0,
+            timings=dict(fwd_s=0.1, bwd_s=0.1, opt_s=0.0, wait_s=0.0, total_s=0.2),
+        )
         reports = [mine.to_wire()] + reports
     assert resolve(header, check_reports(header, reports, 0, route[0])).ok
 
@@ -74,14 +94,23 @@ def main() -> None:
         protocol.append(measure(protocol_once, keys, ids, tokens))
         compute.append(measure(compute_once, module, tokens))
     result = dict(
-        machine=f"{os.cpu_count()} cores, {platform.machine()}", load=list(os.getloadavg()), stages=STAGES,
-        microbatch=[BATCH, SEQ], repeats=REPEATS,
-        protocol_ms=dict(wall=1e3 * statistics.median(w for w, _ in protocol),
-                         cpu=1e3 * statistics.median(c for _, c in protocol)),
-        stage0_fwd_bwd_ms=dict(wall=1e3 * statistics.median(w for w, _ in compute),
-                               cpu=1e3 * statistics.median(c for _, c in compute)),
+        machine=f"{os.cpu_count()} cores, {platform.machine()}",
+        load=list(os.getloadavg()),
+        stages=STAGES,
+        microbatch=[BATCH, SEQ],
+        repeats=REPEATS,
+        protocol_ms=dict(
+            wall=1e3 * statistics.median(w for w, _ in protocol),
+            cpu=1e3 * statistics.median(c for _, c in protocol),
+        ),
+        stage0_fwd_bwd_ms=dict(
+            wall=1e3 * statistics.median(w for w, _ in compute),
+            cpu=1e3 * statistics.median(c for _, c in compute),
+        ),
     )
-    result["protocol_over_one_stage_compute"] = result["protocol_ms"]["cpu"] / result["stage0_fwd_bwd_ms"]["cpu"]
+    result["protocol_over_one_stage_compute"] = (
+        result["protocol_ms"]["cpu"] / result["stage0_fwd_bwd_ms"]["cpu"]
+    )
     print(json.dumps(result, indent=1))
     with open(os.path.join(HERE, "protocol_cost.json"), "w") as f:
         json.dump(result, f, indent=1)
