@@ -332,6 +332,11 @@ def render_text(status: SwarmStatus) -> str:
         f"{totals['peers_per_stage']} ({totals['peers_online']} online of {totals['peers_total']}, "
         f"{totals['peers_blacklisted']} blacklisted); stages with no peer: {empty}"
     )
+    if not totals["peers_total"] and not status.trainers:
+        lines.append(
+            "no peer of this swarm announces itself: it has stopped, or its peers have not started yet (the DHT "
+            "answered; records expire about 20 s after a peer leaves)"
+        )
     for stage in status.stages:
         lines.append("")
         lines.append(f"stage {stage.stage}: {stage.online} online of {len(stage.peers)}")

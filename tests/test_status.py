@@ -255,6 +255,9 @@ def test_render_text_without_trainer():
     assert (
         "none has published progress" in text and "step n/a" in text and "stages with no peer: none" in text
     )
+    assert "no peer of this swarm announces itself" not in text
+    stopped = render_text(build_status("demo", config(1), {0: []}, now=NOW))  # a swarm that has stopped
+    assert "no peer of this swarm announces itself: it has stopped" in stopped
 
 
 # ---- records ---------------------------------------------------------------------------------------------------
