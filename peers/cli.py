@@ -614,6 +614,9 @@ def entrypoint() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    from peers.common import end_orphaned_group
+
+    end_orphaned_group()  # started by a launcher that is gone: take the DHT process and p2p daemon along
     os._exit(code)
 
 

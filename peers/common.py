@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 from typing import Any, List
 
 
@@ -121,29 +122,40 @@ def prove_admission(args, swarm, dht):
 
 PARENT_PID_ENV = "SWARM_PARENT_PID"  # set by `swarm local` (and the tests' launcher) for the roles it starts
 ORPHAN_GRACE_S = 30.0
+ORPHANED = threading.Event()  # set once the launcher is gone: the role's whole process group ends with it
 
 
 def die_with_parent(parent_pid: int, grace_s: float = ORPHAN_GRACE_S, poll_s: float = 0.5) -> None:
     """Make this role leave when the process that launched it is gone, however it died (SIGKILL included):
-    a watcher thread sends this process SIGTERM (a clean leave: offline announced, in-flight work finished) and,
-    if it is still running ``grace_s`` later, SIGKILLs its whole process group (its DHT process and p2p daemon
-    too; the launcher started it in a group of its own). Polling the parent's pid works where Linux's
-    PR_SET_PDEATHSIG does not reach (macOS, and grandchildren)."""
+    a watcher thread sends this process SIGTERM (a clean leave: offline announced, in-flight work finished); when
+    the role then exits (:func:`end_orphaned_group`), or ``grace_s`` later if it has not, its whole process group is
+    killed: its DHT process, averagers and p2p daemon, which a clean leave does not always reap. Polling the
+    parent's pid works where Linux's PR_SET_PDEATHSIG does not reach (macOS, and grandchildren)."""
     import os
-    import threading
     import time
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
+        ORPHANED.set()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace_s)
-        try:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        except OSError:
-            os.kill(os.getpid(), signal.SIGKILL)
+        end_orphaned_group()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def end_orphaned_group() -> None:
+    """If the launcher is gone and this role leads its own process group (as `swarm local` starts it), SIGKILL the
+    group, this process included: nothing of the role outlives it. Never a group this process does not lead (a
+    user's shell)."""
+    import os
+
+    if ORPHANED.is_set() and os.getpgid(0) == os.getpid():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.killpg(os.getpid(), signal.SIGKILL)
 
 
 def fail(message: str) -> int:

@@ -328,7 +328,7 @@ def _process_groups(run_id: str) -> set:
     import subprocess
 
     rows = subprocess.run(
-        ["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True
+        ["ps", "-ww", "-eo", "pid=,pgid=,args="], capture_output=True, text=True
     ).stdout.splitlines()
     return {int(r.split()[1]) for r in rows if f"run-id {run_id}" in r and r.split()[0] == r.split()[1]}
 
@@ -337,7 +337,7 @@ def _alive_in(groups: set) -> list:
     import subprocess
 
     rows = subprocess.run(
-        ["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True
+        ["ps", "-ww", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True
     ).stdout.splitlines()
     return [r for r in rows if int(r.split()[1]) in groups and not r.split()[2].startswith("Z")]
 
