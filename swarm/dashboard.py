@@ -272,7 +272,9 @@ function drawLoss(points) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const W = 720, H = 200, P = 36;
   if (points.length < 2) { const t = document.createElementNS(ns, 'text'); t.setAttribute('x', P);
-    t.setAttribute('y', H / 2); t.textContent = 'no loss reported yet'; svg.appendChild(t); return; }
+    t.setAttribute('y', H / 2); t.textContent = points.length ? 'step ' + points[0][0] + ': loss ' +
+      fmt(points[0][1], 4) + ' (the curve grows as the trainer reports steps)' : 'no loss reported yet';
+    svg.appendChild(t); return; }
   const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
   const sx = x => P + (W - 2 * P) * (x - x0) / Math.max(1, x1 - x0);
@@ -307,7 +309,8 @@ function render(data) {
       head.appendChild(el('th', h));
     table.appendChild(head);
     for (const p of st.peers) {
-      const tr = row([[p.short_id, null], [p.state, 'state-' + p.state], [p.address || '', null],
+      const addr = (p.address || '').split('/p2p/')[0];  // the peer id is in the row's tooltip
+      const tr = row([[p.short_id, null], [p.state, 'state-' + p.state], [addr, null],
         [fmt(p.throughput, 1), 'num'], [p.served, 'num'], [fmt(p.reputation, 2), 'num'],
         [p.blacklisted ? 'yes: ' + (p.blacklist_reason || '') : 'no', null], [fmt(p.last_seen_s, 0) + ' s ago', 'num']],
         p.blacklisted ? 'bl' : '');
