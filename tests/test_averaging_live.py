@@ -17,7 +17,7 @@ from test_local_swarm import SHAPE, peer_infos, train
 
 from peers.local import LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes each: the second test stage
 
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
 STAGE = [

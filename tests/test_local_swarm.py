@@ -102,6 +102,7 @@ def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
     assert records[leaving.info["peer_id"]] == "offline"
 
 
+@pytest.mark.long
 def test_replica_killed_mid_run_training_completes(local_swarm, tmp_path):
     stage_peers = start(local_swarm, [0, 0, 1, 1])
     trainer, metrics, summary_path = train(local_swarm, tmp_path, steps=10, extra=["--max-inflight", "6"])
@@ -155,6 +156,7 @@ def _byzantine_run(tmp_path, name: str, attack_args) -> tuple:
     return json.load(open(summary_path)), swarm.peers_summary()
 
 
+@pytest.mark.long
 def test_byzantine_peer_rejected_and_training_unharmed(tmp_path):
     """One of two stage-0 replicas scales its activations x10 from step 11 on (after the sentinel's 10 warm-up
     steps): every tampered tensor is rejected
@@ -258,6 +260,7 @@ def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_
     return late
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # up to three runs of about four minutes each
 def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     """2 stages x 3 replicas, one stage-0 attacker (x10 activations from micro-batch 44): the stage-1 receivers reject
@@ -284,6 +287,7 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
     pytest.fail(f"the attacker's verdict was late or noisy in all three runs: {misses}")
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # up to three runs of about four minutes each
 def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
     """A last-stage replica that flips the sign of every gradient it sends back (from step 2): no statistic of one

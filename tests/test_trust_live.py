@@ -16,7 +16,7 @@ from test_local_swarm import SHAPE, train
 
 from peers.local import LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes each: the second test stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period", "2"]
