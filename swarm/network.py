@@ -183,7 +183,11 @@ def record_addresses(dht: hivemind.DHT) -> List[str]:
     except Exception as e:  # an address is a nicety for `swarm status`; never fail an announcement for it
         logger.debug(f"no visible addresses: {e}")
         return []
-    return [addr for addr in addrs if 0 < len(addr) <= 256][:MAX_ADDRS]
+    addrs = [addr for addr in addrs if 0 < len(addr) <= 256]
+    # reachable addresses first: a peer listening on 0.0.0.0 (a container) lists loopback too, which only its own
+    # host can dial; the first address is the one `swarm status` shows
+    addrs.sort(key=lambda addr: addr.startswith(("/ip4/127.", "/ip6/::1/")))
+    return addrs[:MAX_ADDRS]
 
 
 def publish_swarm_config(dht: hivemind.DHT, record: SwarmConfigRecord, ttl_s: float = MAX_TTL_S) -> bool:
