@@ -1153,19 +1153,29 @@ class RobustAveraging(DecentralizedAverager):
             if key is not None:
                 keys[sender] = key
         me = self.peer_id.to_bytes()
+        left_out = runner.weight > 0 and any(me not in inputs[i] for i in parts)
+        if (
+            left_out
+        ):  # it suspects this peer and did not use its part: its right; what it did use is still checked
+            logger.info(
+                f"aggregator {aggregator} left this peer's part out of its aggregate (it suspects it)"
+            )
         for part_index in parts:
-            if me not in inputs[part_index] and runner.weight > 0:
-                return CheckResult(str(aggregator), False, "evidence leaves out this peer's own part")
             why = check_signed_inputs(
                 runner.group_id, aggregator.to_bytes(), part_index, inputs[part_index], keys
             )
             if why:
                 return CheckResult(str(aggregator), False, f"evidence refused: {why}")
             order = [s for s in senders if s in inputs[part_index]]
-            expected = robust_aggregate(
-                [deserialize_torch_tensor(inputs[part_index][s].tensor) for s in order], self.averaging
-            ).result
             got = sent[part_index] + received[part_index]
+            if (
+                not order
+            ):  # it used no input for this part (all suspected or claiming no weight): its result is 0
+                expected = torch.zeros_like(got)
+            else:
+                expected = robust_aggregate(
+                    [deserialize_torch_tensor(inputs[part_index][s].tensor) for s in order], self.averaging
+                ).result
             error = relative_error(expected, got)
             if error > AGGREGATE_TOLERANCE:
                 return CheckResult(
