@@ -512,6 +512,7 @@ class RobustPartReducer(TensorPartReducer):
             int, torch.Tensor
         ] = {}  # excluded senders' parts: judged (reported), never aggregated
         self._combining = False
+        self.used_senders: Dict[int, frozenset] = {}  # part index -> sender indices its aggregate used
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -558,6 +559,10 @@ class RobustPartReducer(TensorPartReducer):
         senders, judged = sorted(self._contributions), sorted(self._judged)
         parts = [self._contributions[i] for i in senders]
         judged_parts = [self._judged[i] for i in judged]
+        # exactly whose inputs this part's aggregate uses: the evidence served to re-checkers is these and no other
+        # (a signed part kept from a sender that failed before this part counted was served, and an honest
+        # aggregate then failed its re-check)
+        self.used_senders[self.current_part_index] = frozenset(senders)
         shape = self.part_shapes[self.current_part_index]
         future = self.current_part_future
         task = asyncio.get_event_loop().run_in_executor(
@@ -1216,10 +1221,17 @@ class RobustAveraging(DecentralizedAverager):
         if len(self._evidence_served) > 4096:
             self._evidence_served.clear()
         self._evidence_served[(request.group_id, caller)] = 1
-        kept = entry[0].round_inputs()
+        runner = entry[0]
+        kept = runner.round_inputs()
+        index = {peer.to_bytes(): i for i, peer in enumerate(runner.sender_peer_ids)}
+        used = runner.tensor_part_reducer.used_senders
         for sender, signed in kept.parts.items():
             for part_index in sorted(set(parts)):
-                if 0 <= part_index < len(signed) and signed[part_index].used:
+                if (
+                    0 <= part_index < len(signed)
+                    and signed[part_index].used
+                    and index.get(sender) in used.get(part_index, ())
+                ):
                     part = signed[part_index]
                     yield averaging_pb2.DownloadData(
                         tensor_part=part.tensor, metadata=msgpack.packb([sender, part_index, part.signature])
