@@ -48,7 +48,10 @@ def test_convergence_quick(tmp_path):
         assert not r["honest_blacklisted"], r
         assert 0 < r["eval_loss"] < 12 and r["eval_ratio"] > 0
     off, on = by[("zero", "off")], by[("zero", "on")]
-    assert off["eval_ratio"] > on["eval_ratio"] + 0.05, (off["eval_ratio"], on["eval_ratio"])
+    # measured (quick mode): off 1.0245 vs on 1.000 since the simulator clips each micro-batch's gradient as the
+    # stage server does (it was 1.070 when it clipped the summed step, which let one garbage micro-batch scale the
+    # whole step down)
+    assert off["eval_ratio"] > on["eval_ratio"] + 0.01, (off["eval_ratio"], on["eval_ratio"])
     assert (
         on["retried"] > 0 and off["retried"] == 0
     )  # the checks rejected the zeros; unchecked, nothing fails

@@ -196,7 +196,13 @@ class Peer:
     adversary: Optional[Adversary] = None
     averaging: Optional[AveragingAdversary] = None  # an averaging attack (peers/adversary.py, avg-*)
     spec: Optional[Byzantine] = None
-    gate: Optional[Gate] = None  # the stage server's gate (swarm.gate) over this peer's sentinel and ledger
+    audit_thresholds: Tuple[float, float] = (0.5, 1.4)  # min cosine, max norm ratio (swarm.audit.AuditConfig)
+
+    @property
+    def gate(self) -> Gate:
+        """The stage server's gate (swarm.gate) over this peer's current sentinel and ledger (an experiment may swap
+        the sentinel, e.g. for one that accepts everything)."""
+        return Gate(self.sentinel, self.ledger, *self.audit_thresholds)
 
 
 @dataclass
@@ -241,7 +247,7 @@ class SwarmSim:
                 sent_cfg = SentinelConfig(**{**cfg.sentinel.__dict__, "seed": cfg.seed * 1000 + s * 100 + r})
                 peer = Peer(name, s, SentinelMonitor(sent_cfg))
                 audit_cfg = cfg.audit or AuditConfig()
-                peer.gate = Gate(peer.sentinel, peer.ledger, audit_cfg.min_cosine, audit_cfg.max_norm_ratio)
+                peer.audit_thresholds = (audit_cfg.min_cosine, audit_cfg.max_norm_ratio)
                 spec = byz.get((s, r))
                 if spec is not None:
                     peer.spec = spec
