@@ -507,7 +507,7 @@ class RoundSkipped(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and any(t in record.getMessage() for t in self.TOLERATED):
-            first = " ".join(record.getMessage().split())[:200] or type(record.exc_info[1]).__name__
+            first = " ".join(record.getMessage().split())[:200]
             record.msg, record.args = (
                 f"averaging round skipped (tolerated; the next round catches up): {first}",
                 (),

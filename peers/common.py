@@ -34,6 +34,17 @@ class UserError(Exception):
     ``swarm: error: ...`` line and exits 2, without a traceback."""
 
 
+def check_readable(paths, flag: str) -> None:
+    """Raise :class:`UserError` unless every path (a file or directory) exists and can be read."""
+    import os
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"{flag} {path}: no such file or directory")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path}: not readable")
+
+
 def check_initial_peers(args) -> None:
     """Raise :class:`UserError` unless ``--initial-peers`` are peer multiaddrs: before any identity or process."""
     from swarm.network import check_peer_addrs

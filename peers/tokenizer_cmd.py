@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import sys
 
-from peers.common import UserError, emit
+from peers.common import UserError, check_readable, emit
 
 
 def run(args) -> int:
     from swarm.data import SHIPPED_TOKENIZER, load_texts, load_tokenizer
     from swarm.tokenizer import tokenizer_digest, tokens_per_byte, train_bpe
 
-    for path in args.data:
-        if not os.path.exists(path):
-            raise UserError(f"--data {path}: no such file or directory")
+    check_readable(args.data, "--data")
     out = os.path.abspath(os.path.expanduser(args.out))
     if os.path.isdir(out):
         raise UserError(f"--out {args.out}: is a directory; give the tokenizer.json file to write")

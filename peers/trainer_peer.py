@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 
-from peers.common import UserError, emit, fail, join_swarm, prove_admission
+from peers.common import check_readable, emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
 from swarm.audit import AuditConfig
 from swarm.config import DataConfig
@@ -55,12 +54,8 @@ def _duration(seconds: float) -> str:
 
 def check_data_args(args) -> None:
     """Raise :class:`UserError` for data files or a tokenizer that cannot be read: before the DHT is joined."""
-    for path in list(args.data) + ([args.tokenizer] if args.tokenizer else []):
-        flag = "--tokenizer" if path == args.tokenizer else "--data"
-        if not os.path.exists(path):
-            raise UserError(f"{flag} {path}: no such file or directory")
-        if not os.access(path, os.R_OK):
-            raise UserError(f"{flag} {path}: not readable")
+    check_readable(args.data, "--data")
+    check_readable([args.tokenizer] if args.tokenizer else [], "--tokenizer")
 
 
 def run(args) -> int:

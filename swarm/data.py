@@ -133,10 +133,6 @@ def vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    return tokenizer_digest(tokenizer)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Corpus -> token blocks
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +330,7 @@ def load_token_blocks(cfg: DataConfig, tokenizer=None) -> torch.LongTensor:
     files = _resolve_files(cfg.paths) if cfg.paths else [SHIPPED_CORPUS.resolve()]
     if not cfg.paths and not SHIPPED_CORPUS.is_file():
         raise ValueError(f"the shipped corpus is missing at {SHIPPED_CORPUS}; run scripts/build_assets.py")
-    tokenizer_fp = _tokenizer_fingerprint(tokenizer)
+    tokenizer_fp = tokenizer_digest(tokenizer)
     file_keys = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     key = (file_keys, cfg.text_field, cfg.seq_len, tokenizer_fp, int(eos_id))
     with _MEMO_LOCK:

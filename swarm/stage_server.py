@@ -766,6 +766,11 @@ class StageServer(ServicerBase):
             judge=self.peer_id if verdict else None,
         )
 
+    def _enforce(self, verdict, sender: str, direction: str) -> None:
+        """Raise (blaming ``sender``) if the gate rejected its tensor; None: nothing was checked."""
+        if verdict is not None and not verdict.accepted:
+            raise self._reject(sender, verdict.reason, direction, verdict=True)
+
     async def _check_activations(self, x: torch.Tensor, sender: str, header: ChainHeader, epoch: Any) -> None:
         """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
         over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
@@ -779,8 +784,7 @@ class StageServer(ServicerBase):
             epoch=_epoch(epoch),
             last_stage=self.module.is_last,
         )
-        if verdict is not None and not verdict.accepted:
-            raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
+        self._enforce(verdict, sender, FORWARD)
 
     async def _check_gradient(
         self,
@@ -801,8 +805,7 @@ class StageServer(ServicerBase):
             epoch=_epoch(epoch),
             audited=audited,
         )
-        if verdict is not None and not verdict.accepted:
-            raise self._reject(sender, verdict.reason, BACKWARD, verdict=True)
+        self._enforce(verdict, sender, BACKWARD)
 
     async def _check_loss(
         self,
@@ -825,8 +828,7 @@ class StageServer(ServicerBase):
             tokens=labels,
             attributable=self.cfg.stage == 1,
         )
-        if verdict is not None and not verdict.accepted:
-            raise self._reject(sender, verdict.reason, FORWARD, verdict=True)
+        self._enforce(verdict, sender, FORWARD)
 
     def _auditors(self, header: ChainHeader, meta: Dict[str, Any], sender: str) -> List[str]:
         """The auditors the trainer asked for (``swarm.audit``), from the reveal that travels beside the header and
