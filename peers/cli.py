@@ -234,6 +234,32 @@ def _server(parser: argparse.ArgumentParser) -> None:
     _admission(parser)
     _sentinel(parser)
     _attack(parser, "--attack")
+    _checkpoints(parser, resume=True)
+
+
+def _checkpoints(parser: argparse.ArgumentParser, resume: bool) -> None:
+    group = parser.add_argument_group("checkpoints (safetensors; see docs/operations.md)")
+    group.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="save the stage's parameters and optimizer state here, and resume from them on a restart"
+        + ("" if resume else " (each stage peer gets a directory of its own under DIR)"),
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        default="10",
+        metavar="N|Ns|Nm",
+        help="optimizer steps (10) or a duration (300s, 5m) between checkpoints (default: %(default)s)",
+    )
+    if resume:
+        group.add_argument(
+            "--resume-from",
+            default=None,
+            metavar="DIR",
+            help="start from a model exported by `swarm export` (its weights for this stage; fresh optimizer "
+            "state)",
+        )
 
 
 def _sentinel(parser: argparse.ArgumentParser) -> None:
@@ -297,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-peers", nargs="*", default=[], metavar="ADDR", help="join an existing DHT instead"
     )
     p.add_argument("--no-config", action="store_true", help="only bootstrap the DHT, do not create a swarm")
+    p.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="DIR",
+        help="create the swarm to continue a checkpoint directory or an export: its model config and step "
+        "(the config record says which step the swarm resumed from)",
+    )
     _swarm_shape(p)
 
     p = sub.add_parser(
@@ -459,6 +492,46 @@ def build_parser() -> argparse.ArgumentParser:
     _attack(p, "--attack")
     _data(p, tokenizer=False)  # --tokenizer comes with the swarm config's flags
     _training(p)
+    _checkpoints(p, resume=False)
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="after training, export the model to DIR (as `swarm export` does) before the peers stop",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="save a swarm's trained model as a transformers model directory",
+        description="Gathers every stage's weights from its online replicas (each download checked "
+        "against the stage's other replicas), writes config.json, model.safetensors, the "
+        "tokenizer and a model card to --out, which AutoModelForCausalLM.from_pretrained "
+        "loads, and reports the swarm's own evaluation loss on held-out blocks.",
+    )
+    _common(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the swarm's tokenizer (dir or tokenizer.json; default: the shipped one), saved with the model",
+    )
+    p.add_argument(
+        "--eval-data",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help="held-out text to evaluate the export on (default: the shipped corpus)",
+    )
+    p.add_argument(
+        "--eval-blocks",
+        type=int,
+        default=16,
+        help="blocks of --eval-data to evaluate (its last ones; 0: none) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to download one stage (default: %(default)s)"
+    )
 
     p = sub.add_parser(
         "tokenizer",
@@ -585,6 +658,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from peers.status import run
     elif args.command == "tokenizer":
         from peers.tokenizer_cmd import run
+    elif args.command == "export":
+        from peers.export_cmd import run
     else:
         from peers.local import run
     from peers.common import UserError, fail

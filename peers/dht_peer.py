@@ -12,7 +12,7 @@ from hivemind.utils import get_dht_time
 from peers.common import check_initial_peers, emit, fail, host_maddrs, open_dht, wait_for_shutdown
 from swarm.admission import AdmissionPolicy, load_or_create_authority_key, public_key_hex
 from swarm.averaging import AveragingConfig
-from swarm.config import model_preset, stage_layer_ranges, to_dict
+from swarm.config import ModelConfig, model_preset, stage_layer_ranges, to_dict
 from swarm.network import publish_swarm_config, visible_addresses
 from swarm.records import SwarmConfigRecord
 from swarm.reputation import ReputationConfig
@@ -34,8 +34,33 @@ def tokenizer_pin(path, model_vocab: int) -> dict:
     return {"sha256": tokenizer_digest(tokenizer), "size": len(tokenizer)}
 
 
+def resume_point(path: str) -> dict:
+    """``{"model", "num_stages" (None for an export: any cut of a whole model), "step", "source"}`` of a checkpoint
+    directory or an export that a new swarm continues. Raises ValueError (CheckpointError) saying what is wrong."""
+    from swarm.checkpoint import describe_checkpoints
+    from swarm.export import SUMMARY_FILE, read_summary
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume-from {path}: no such directory")
+    if os.path.exists(os.path.join(path, SUMMARY_FILE)):
+        summary = read_summary(path)
+        return dict(
+            model=summary["model"], num_stages=None, step=int(summary.get("step") or 0), source="export"
+        )
+    found = describe_checkpoints(path)
+    return dict(
+        model=found["model"], num_stages=found["num_stages"], step=found["step"], source="checkpoints"
+    )
+
+
 def swarm_record(args) -> SwarmConfigRecord:
     model = model_preset(args.model, seed=args.seed)
+    resumed = None
+    if getattr(args, "resume_from", None):
+        resumed = resume_point(args.resume_from)
+        model = ModelConfig(**resumed["model"])  # the checkpoint's model, whatever --model says
+        if resumed["num_stages"] is not None:
+            args.stages = resumed["num_stages"]
     ReputationConfig(
         probation_s=args.probation_s,
         probation_work=args.probation_work,
@@ -82,6 +107,11 @@ def swarm_record(args) -> SwarmConfigRecord:
             "admission": admission.to_extra(),
             "averaging": dataclasses.asdict(averaging),
             "tokenizer": tokenizer,
+            **(
+                {"resumed_from": {"step": resumed["step"], "source": resumed["source"]}}
+                if resumed is not None
+                else {}
+            ),
         },
     )
 

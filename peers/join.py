@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from peers.common import check_initial_peers, emit, fail, host_maddrs, open_dht
-from peers.stage_peer import pick_device, serve_stage
+from peers.stage_peer import check_checkpoint_args, pick_device, serve_stage
 from swarm.reachability import DIALBACK_MAX_ADDRS
 
 logger = logging.getLogger("swarm.join")
@@ -225,6 +225,7 @@ def run(args) -> int:
         return fail("--stage must be >= 0")
     if args.grace < 0:
         return fail("--grace must be >= 0")
+    check_checkpoint_args(args)
     check_initial_peers(args)  # before the identity file is created
     identity = os.path.abspath(os.path.expanduser(args.identity)) if args.identity else None
     port = args.port

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from peers.common import PARENT_PID_ENV, fail
@@ -450,8 +451,16 @@ def run(args) -> int:
     from peers.trainer_peer import check_data_args
 
     check_data_args(args)
+    checkpoints = os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None
+    args.resume_from = None
     try:  # what the bootstrap peer would publish: a bad model or cut fails here, not in a child's log
-        swarm_record(args)
+        if checkpoints is not None:
+            from swarm.checkpoint import parse_every
+
+            parse_every(args.checkpoint_every)
+            if any(Path(checkpoints).rglob("stage*of*.safetensors")):
+                args.resume_from = checkpoints  # a second run with the same directory continues the first
+        swarm_record(args)  # (resuming: takes the checkpoints' model and number of stages)
     except ValueError as e:
         return fail(str(e))
     swarm = LocalSwarm(args.workdir, run_id=args.run_id)
@@ -469,12 +478,25 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        swarm.start_dht(shape_args(args), timeout=args.startup_timeout)
+        resume = ["--resume-from", args.resume_from] if args.resume_from else []
+        swarm.start_dht(shape_args(args) + resume, timeout=args.startup_timeout)
+        if args.resume_from:
+            print(f"swarm local: resuming from the checkpoints in {checkpoints}", flush=True)
         print(f"swarm local: bootstrap address: {swarm.initial_peers[0]}", flush=True)
         print(f"swarm local: logs in {swarm.workdir}", flush=True)
         byzantine = byzantine_slots(args.stages, args.replicas, args.byzantine)
         stages = [
-            swarm.start_stage(s, wait=False, extra=stage_args(args, (s, r) in byzantine))
+            swarm.start_stage(
+                s,
+                wait=False,
+                extra=stage_args(args, (s, r) in byzantine)
+                + (
+                    ["--checkpoint-dir", os.path.join(checkpoints, f"stage{s}-{r}")]
+                    + ["--checkpoint-every", args.checkpoint_every]
+                    if checkpoints
+                    else []
+                ),
+            )
             for s in range(args.stages)
             for r in range(args.replicas)
         ]
@@ -501,6 +523,7 @@ def run(args) -> int:
             return fail(f"trainer exited with code {code} (log: {trainer.log_path})")
         with open(summary_json) as f:
             trainer_summary = json.load(f)
+        exported = export_model(swarm, args) if args.export else None
     except (TimeoutError, RuntimeError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
@@ -508,6 +531,8 @@ def run(args) -> int:
     finally:
         swarm.stop()
     summary = merge_summary(trainer_summary, swarm.peers_summary())  # after stop(): exit codes are known
+    if exported is not None:
+        summary["export"] = exported
     with open(summary_json, "w") as f:
         json.dump(summary, f, indent=2)
     plot = save_loss_plot(metrics_out, os.path.splitext(metrics_out)[0] + ".png")
@@ -522,4 +547,29 @@ def run(args) -> int:
         f"swarm local: summary {summary_json}, metrics {metrics_out}" + (f", plot {plot}" if plot else ""),
         flush=True,
     )
+    if exported is not None:
+        print(
+            f"swarm local: model exported to {exported['out']} (step {exported['step']}); load it with "
+            f"transformers.AutoModelForCausalLM.from_pretrained({exported['out']!r})",
+            flush=True,
+        )
+    if checkpoints:
+        print(
+            f"swarm local: checkpoints in {checkpoints} (run again with the same --checkpoint-dir to resume)"
+        )
     return 0
+
+
+def export_model(swarm: "LocalSwarm", args, timeout: float = 600.0) -> Dict[str, Any]:
+    """Run `swarm export` against the local swarm while its peers still serve; its ``exported`` event."""
+    cmd = ["export", "--run-id", swarm.run_id, "--initial-peers", *swarm.initial_peers]
+    cmd += ["--out", os.path.abspath(args.export), "--overwrite", "--threads", "1"]
+    if args.tokenizer:
+        cmd += ["--tokenizer", os.path.abspath(args.tokenizer)]
+    if args.data:
+        cmd += ["--eval-data", *[os.path.abspath(d) for d in args.data]]
+    print(f"swarm local: exporting the model to {args.export}", flush=True)
+    child = swarm.spawn("export", "export", cmd, stderr_to_console=True)
+    event = child.wait_event("exported", timeout)
+    child.proc.wait(timeout=60)
+    return event

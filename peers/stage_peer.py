@@ -16,8 +16,9 @@ from typing import Awaitable, Callable, List, Optional
 
 import torch
 
-from peers.common import emit, fail, join_swarm, prove_admission, wait_for_shutdown
+from peers.common import UserError, emit, fail, join_swarm, prove_admission, wait_for_shutdown
 from swarm.averaging import AveragingConfig
+from swarm.checkpoint import parse_every
 from swarm.config import ModelConfig
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
@@ -239,6 +240,7 @@ class StateLoadProgress:
 
 # ---- serving ---------------------------------------------------------------------------------------------------
 def server_configs(args, swarm, stage: int, device: str):
+    every_steps, every_s = parse_every(getattr(args, "checkpoint_every", "10"))
     server_cfg = StageServerConfig(
         run_id=args.run_id,
         stage=stage,
@@ -251,6 +253,9 @@ def server_configs(args, swarm, stage: int, device: str):
         max_batch=swarm.microbatch_size,
         max_seq_len=swarm.seq_len,
         limits=limits_for(swarm.microbatch_size, swarm.seq_len, ModelConfig(**swarm.model).hidden_size),
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        checkpoint_every_steps=every_steps,
+        checkpoint_every_s=every_s,
     )
     opt_cfg = OptimizerConfig(
         lr=swarm.lr,
@@ -266,6 +271,49 @@ def server_configs(args, swarm, stage: int, device: str):
 OnOnline = Callable[[StageServer], Awaitable[int]]
 
 
+def check_checkpoint_args(args) -> None:
+    """Checkpoint flags that cannot work, as a UserError before any DHT or identity is made."""
+    import os
+
+    try:
+        parse_every(getattr(args, "checkpoint_every", "10"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    directory = getattr(args, "checkpoint_dir", None)
+    if directory:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--checkpoint-dir {directory}: cannot create it ({e.strerror})") from None
+        if not os.access(directory, os.W_OK):
+            raise UserError(f"--checkpoint-dir {directory} is not writable")
+    resume = getattr(args, "resume_from", None)
+    if resume and not os.path.isdir(resume):
+        raise UserError(
+            f"--resume-from {resume}: no such directory (give a model exported by `swarm export`)"
+        )
+
+
+def restore_stage(server: StageServer, args) -> None:
+    """Start ``server`` from its checkpoint (``--checkpoint-dir`` holding one for this stage) or from an export
+    (``--resume-from``); the checkpoint wins when both are given, being this peer's own and holding optimizer state.
+    Raises UserError for a checkpoint or export that does not fit (another model, another cut, damaged)."""
+    from swarm.checkpoint import CheckpointError, checkpoint_path, load_stage_state
+    from swarm.export import load_export_stage
+
+    cfg = server.cfg
+    try:
+        if cfg.checkpoint_dir:
+            path = checkpoint_path(cfg.checkpoint_dir, cfg.stage, cfg.num_stages)
+            if path.exists():
+                server.restore(load_stage_state(path, progress=sys.stderr), str(path))
+                return
+        if getattr(args, "resume_from", None):
+            server.restore(load_export_stage(args.resume_from, cfg.stage, cfg.num_stages), args.resume_from)
+    except CheckpointError as e:
+        raise UserError(f"cannot resume stage {cfg.stage}: {e}") from None
+
+
 def serve_stage(
     args, dht, swarm, stage: int, device: str, *, role: str = "serve", on_online: Optional[OnOnline] = None
 ) -> int:
@@ -273,7 +321,10 @@ def serve_stage(
 
     ``on_online(server)`` runs once the peer is online (``swarm join``'s reachability check); a non-zero
     result makes the peer leave at once with that exit code."""
-    server_cfg, opt_cfg = server_configs(args, swarm, stage, device)
+    try:
+        server_cfg, opt_cfg = server_configs(args, swarm, stage, device)
+    except ValueError as e:
+        return fail(str(e))
     try:
         policy, token, proof = prove_admission(args, swarm, dht)
     except ValueError as e:
@@ -307,6 +358,7 @@ def serve_stage(
             averaging_hooks=averaging_hooks,
         )
         server.admission_proof = proof
+        restore_stage(server, args)
         stop = asyncio.ensure_future(wait_for_shutdown())  # from here on, SIGINT/SIGTERM mean "leave cleanly"
         starting = asyncio.ensure_future(
             server.start(
@@ -330,6 +382,7 @@ def serve_stage(
             autocast=server_cfg.autocast_dtype,
             byzantine=adversary is not None or averaging_hooks is not None,
             epoch=server.optimizer.epoch,
+            restored_from=server.restored_from,
         )
         code = 0
         if on_online is not None:
@@ -382,6 +435,7 @@ def run(args) -> int:
         return fail("--stage must be >= 0")
     if args.grace < 0:
         return fail("--grace must be >= 0")
+    check_checkpoint_args(args)
     dht, swarm = join_swarm(args)
     try:
         if swarm is None:

@@ -88,6 +88,13 @@ def run(args) -> int:
         except ValueError as e:
             return fail(str(e))
         stream = MicroBatchStream(blocks, swarm.microbatch_size, seed=seed)
+        resumed = swarm.extra.get("resumed_from")
+        first_step = resumed.get("step") if isinstance(resumed, dict) else 0
+        first_step = first_step if type(first_step) is int and 0 <= first_step < 2**31 else 0
+        if first_step:
+            logger.info(
+                f"the swarm resumed from step {first_step} ({resumed.get('source')}): training from there"
+            )
         cfg = TrainerConfig(
             run_id=args.run_id,
             num_stages=swarm.num_stages,
@@ -97,11 +104,12 @@ def run(args) -> int:
             max_attempts=args.max_attempts,
             compression=args.compression,
             metrics_path=args.metrics_out,
+            first_step=first_step,
         )
 
         def on_step(row) -> None:
             loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
-            done = row["step"] + 1
+            done = row["step"] - first_step + 1
             logger.info(
                 f"step {done}/{args.steps} {progress_bar(done, args.steps, row['elapsed_s'])} loss {loss} "
                 f"tokens {row['tokens']} retried {row['retried']} dropped {row['dropped']}"

@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import hivemind
 import torch
@@ -193,6 +193,33 @@ class StageOptimizer:
         self.last_step_at = time.monotonic()
         logger.info(f"loaded stage state from peers: epoch {before} -> {self.opt.local_epoch}")
         return True
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The torch optimizer's state (AdamW's moments and step counts), for a checkpoint."""
+        opt = self.opt.state_averager.optimizer if self.hivemind else self.opt
+        return opt.state_dict()
+
+    def restore(
+        self, params: Sequence[torch.Tensor], optimizer_state: Optional[Dict[str, Any]], epoch: int
+    ) -> None:
+        """Put a checkpoint's parameters (in ``self.params`` order), optimizer state and epoch in place. Call before
+        the stage serves (no step may run meanwhile)."""
+        with torch.no_grad():
+            for param, value in zip(self.params, params):
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+        opt = self.opt.state_averager.optimizer if self.hivemind else self.opt
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        if self.hivemind:
+            self.opt.state_averager.local_epoch = int(epoch)
+            self.opt.tracker.report_local_progress(local_epoch=int(epoch), samples_accumulated=0)
+            self.opt.state_averager.state_sharing_priority = int(epoch)
+            if getattr(self.opt, "grad_averager", None) is not None:
+                self.opt.grad_averager.reset_accumulated_grads_()
+                self.opt.grad_averager.state_sharing_priority = int(epoch)
+        else:
+            self.local_steps = int(epoch)
+            self._accumulators, self.samples_since_step = None, 0
 
     def step(self, batch_size: int) -> None:
         """Account one micro-batch whose gradients are in ``.grad``; steps when the global batch is complete.

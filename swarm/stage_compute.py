@@ -4,7 +4,7 @@ the stage server runs these on its compute executor, never on the event loop."""
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,7 @@ class StageCompute:
             device,
             autocast_dtype,
         )
+        self.after_step: Optional[Callable[[], None]] = None  # e.g. the stage's checkpointer, on this thread
 
     def autocast(self):
         if self.device.type == "cuda" and self.autocast_dtype:
@@ -48,6 +49,8 @@ class StageCompute:
         """Hand the micro-batch's gradients to the optimizer; returns the seconds it took (averaging included)."""
         started = time.perf_counter()
         self.optimizer.step(batch_size=batch_size)
+        if self.after_step is not None:
+            self.after_step()
         return time.perf_counter() - started
 
     def backward(

@@ -37,7 +37,8 @@ from hivemind.proto import runtime_pb2
 from swarm.admission import AdmissionCache, AdmissionPolicy
 from swarm.audit import AUDIT, AuditConfig, AuditOutcome
 from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
-from swarm.config import ModelConfig
+from swarm.checkpoint import StageCheckpointer, StageState, check_model_matches, check_stage_params
+from swarm.config import ModelConfig, to_dict
 from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule
@@ -99,6 +100,10 @@ class StageServerConfig:
     )  # how alike an auditor's gradient must be (swarm.audit)
     resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
+    # stage checkpoints (swarm.checkpoint): where, and every how many optimizer steps or seconds (one of the two)
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every_steps: int = 0
+    checkpoint_every_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.stage < self.num_stages:
@@ -107,6 +112,8 @@ class StageServerConfig:
             raise ValueError("max_inflight must be >= 1, hop_timeout_s and read_timeout_s > 0")
         if not 1 <= self.max_label_deposits <= self.max_labels_total:
             raise ValueError("need 1 <= max_label_deposits <= max_labels_total")
+        if self.checkpoint_dir and not (self.checkpoint_every_steps > 0 or self.checkpoint_every_s > 0):
+            raise ValueError("a checkpoint directory needs checkpoint_every_steps or checkpoint_every_s > 0")
 
 
 @dataclass
@@ -200,6 +207,22 @@ class StageServer(ServicerBase):
         )
         self.optimizer.set_state_check(self._check_state)
         self.compute = StageCompute(self.module, self.optimizer, self.device, cfg.autocast_dtype)
+        self.averaging_hooks = averaging_hooks
+        self.checkpointer = (
+            StageCheckpointer(
+                cfg.checkpoint_dir,
+                cfg.stage,
+                cfg.num_stages,
+                every_steps=cfg.checkpoint_every_steps,
+                every_s=cfg.checkpoint_every_s,
+            )
+            if cfg.checkpoint_dir
+            else None
+        )
+        if self.checkpointer is not None:
+            self.compute.after_step = self._maybe_checkpoint
+        self.restored_from: Optional[str] = None  # the checkpoint or export this peer started from
+        self._params_serving: Dict[str, float] = {}  # caller -> monotonic time of its last parameter download
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         # every received tensor's verdicts, recorded once per exchange: the same code as the simulator's
@@ -288,7 +311,13 @@ class StageServer(ServicerBase):
                 for p in peers.get(self.cfg.stage, [])
                 if p.peer_id != self.peer_id and p.record.state == "online"
             ]
-            if others:
+            if others and self.restored_from is not None:
+                # restored: the replicas' quorum decides (the resync loop downloads if a quorum of them is ahead)
+                logger.info(
+                    f"stage {self.cfg.stage}: {len(others)} replica(s) online; keeping the state restored from "
+                    f"{self.restored_from} (epoch {self.optimizer.epoch}) unless a quorum of them is ahead"
+                )
+            elif others:
                 logger.info(f"stage {self.cfg.stage}: {len(others)} replica(s) online, loading their state")
                 watch = (
                     load_progress(self.optimizer, len(others)) if load_progress else contextlib.nullcontext()
@@ -493,9 +522,69 @@ class StageServer(ServicerBase):
             await self.announcer.stop(offline=True)
         if self.p2p is not None:
             await self.remove_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
+        if self.checkpointer is not None:  # the state as it leaves: a restart continues from here
+            await asyncio.get_event_loop().run_in_executor(self.executor, self._final_checkpoint)
         await asyncio.get_event_loop().run_in_executor(self.executor, self.optimizer.shutdown)
         self.executor.shutdown(wait=False)
         self.checks.shutdown(wait=False)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def snapshot(self) -> StageState:
+        """Copies of this stage's parameters and optimizer state at its current epoch (on the compute thread)."""
+        with torch.no_grad():
+            params = {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters()}
+        opt = self.optimizer.state_dict()
+        optimizer_state = {
+            "state": {
+                i: {
+                    k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
+                    for k, v in entry.items()
+                }
+                for i, entry in opt["state"].items()
+            },
+            "param_groups": [
+                {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in g.items()}
+                for g in opt["param_groups"]
+            ],
+        }
+        meta = dict(
+            model=to_dict(self.model_cfg),
+            stage=self.cfg.stage,
+            num_stages=self.cfg.num_stages,
+            run_id=self.cfg.run_id,
+            peer_id=self.peer_id,
+            saved_at=time.time(),
+        )
+        return StageState(params=params, optimizer=optimizer_state, epoch=self.optimizer.epoch, meta=meta)
+
+    def restore(self, state: StageState, where: str) -> None:
+        """Start from ``state`` (a checkpoint's, or an export's with no optimizer state): checked against this
+        stage's model and cut first; raises CheckpointError. Call before ``start``."""
+        if state.meta:
+            check_model_matches(
+                state.meta, to_dict(self.model_cfg), self.cfg.stage, self.cfg.num_stages, where
+            )
+        params = check_stage_params(state.params, self.module, where)
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self.optimizer.restore([params[n] for n in names], state.optimizer, state.epoch)
+        self.restored_from = where
+        if self.checkpointer is not None:
+            self.checkpointer.mark(state.epoch)
+        logger.info(f"stage {self.cfg.stage}: restored from {where} at epoch {state.epoch}")
+
+    def _maybe_checkpoint(self) -> None:
+        try:
+            self.checkpointer.maybe_save(self.optimizer.epoch, self.snapshot)
+        except Exception as e:  # a checkpoint must never fail a micro-batch
+            logger.warning(f"stage {self.cfg.stage}: checkpoint snapshot failed: {e!r}")
+
+    def _final_checkpoint(self) -> None:
+        try:
+            if self.checkpointer.saved_epoch != self.optimizer.epoch:
+                self.checkpointer.save_now(self.snapshot())
+            self.checkpointer.wait(timeout=60.0)
+        except Exception as e:
+            logger.warning(f"stage {self.cfg.stage}: final checkpoint failed: {e!r}")
 
     def param_checksum(self) -> float:
         """A cheap fingerprint of this stage's weights: replicas in sync report (nearly) the same number."""
@@ -719,6 +808,53 @@ class StageServer(ServicerBase):
         except TransportError as e:
             reply = {"ok": False, "error": str(e)}
         return pack(reply, message_type=runtime_pb2.ExpertResponse)[0]
+
+    async def rpc_parameters(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """This replica's parameters (names in the first message's metadata, with its epoch): what ``swarm export``
+        gathers, checking each stage's download against the other replicas' sketches as a joiner does. A whole copy
+        of the stage, so rationed: at most MAX_PARAMS_DOWNLOADS at once and one per caller per PARAMS_COOLDOWN_S."""
+        caller, now = str(context.remote_id), time.monotonic()
+        busy = sum(1 for t in self._params_serving.values() if t < 0)
+        last = self._params_serving.get(caller)
+        if busy >= MAX_PARAMS_DOWNLOADS or (last is not None and now - abs(last) < PARAMS_COOLDOWN_S):
+            for message in pack(
+                {
+                    "ok": False,
+                    "error": f"one parameter download per {PARAMS_COOLDOWN_S:.0f}s per peer; retry later",
+                },
+                message_type=runtime_pb2.ExpertResponse,
+            ):
+                yield message
+            return
+        if len(self._params_serving) > 1024:
+            self._params_serving = {k: v for k, v in self._params_serving.items() if v < 0}
+        self._params_serving[caller] = -now  # negative: being served now
+        try:
+            loop = asyncio.get_event_loop()
+            # on the compute thread: a copy between micro-batches, never half-way through an optimizer step
+            names, tensors, epoch = await loop.run_in_executor(self.executor, self._parameters_copy)
+            if self.averaging_hooks is not None and self.averaging_hooks.state is not None:
+                tensors = list(self.averaging_hooks.state(tensors))
+            messages = await loop.run_in_executor(
+                None,
+                partial(
+                    pack,
+                    {"ok": True, "epoch": epoch, "names": names},
+                    tensors,
+                    message_type=runtime_pb2.ExpertResponse,
+                ),
+            )
+            for message in messages:
+                yield message
+        finally:
+            self._params_serving[caller] = time.monotonic()
+
+    def _parameters_copy(self) -> Tuple[List[str], List[torch.Tensor], int]:
+        with torch.no_grad():
+            pairs = [(n, p.detach().to("cpu", copy=True)) for n, p in self.module.named_parameters()]
+        return [n for n, _ in pairs], [t for _, t in pairs], self.optimizer.epoch
 
     async def rpc_dialback(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -1122,6 +1258,10 @@ INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay 
 
 
 SKETCH_COOLDOWN_S = 2.0
+MAX_PARAMS_DOWNLOADS, PARAMS_COOLDOWN_S = (
+    2,
+    5.0,
+)  # parameter downloads (swarm export) served at once, and how often
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:

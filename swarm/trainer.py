@@ -63,10 +63,14 @@ class TrainerConfig:
     )
     progress_ttl_s: float = 30.0
     progress_final_ttl_s: float = 120.0  # the last record ("finished") stays readable this long after the run
+    # a resumed swarm (its config's ``resumed_from``): steps are numbered, and the data read, from here on
+    first_step: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
             raise ValueError("steps, microbatches_per_step, max_inflight and max_attempts must be >= 1")
+        if self.first_step < 0:
+            raise ValueError("first_step must be >= 0")
         if not (
             0 < self.progress_period_s < self.progress_ttl_s <= MAX_TTL_S
             and 0 < self.progress_final_ttl_s <= MAX_TTL_S
@@ -218,8 +222,8 @@ class Trainer:
         return TrainerProgressRecord(
             peer_id=self.peer_id or "unknown",
             state=state,
-            step=len(self.metrics),
-            steps_total=self.cfg.steps,
+            step=self.cfg.first_step + len(self.metrics),
+            steps_total=self.cfg.first_step + self.cfg.steps,
             loss=float(loss) if loss is not None and 0.0 <= loss <= 1e6 else None,
             tokens=self.tokens,
             tokens_per_s=float(min(self.tokens / elapsed, 1e12)),
@@ -387,7 +391,7 @@ class Trainer:
 
     async def run_microbatch(self, index: int) -> None:
         """Run one micro-batch to its end: completed, or dropped after ``max_attempts``."""
-        ids = self.stream.microbatch(index)
+        ids = self.stream.microbatch(index + self.cfg.first_step * self.cfg.microbatches_per_step)
         reason = ""
         for attempt in range(self.cfg.max_attempts):
             try:
@@ -481,7 +485,7 @@ class Trainer:
                     if i in self.ledger.loss
                 ]
                 row = dict(
-                    step=step,
+                    step=self.cfg.first_step + step,
                     loss=sum(losses) / len(losses) if losses else None,
                     tokens=self.tokens,
                     elapsed_s=round(time.perf_counter() - started, 3),
