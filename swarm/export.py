@@ -265,6 +265,10 @@ def write_export(
         tokenizer.save_pretrained(str(tmp))
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(summary))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # safetensors writes through a private temporary file (0600): a model is shared
+            os.chmod(path, 0o644 & ~umask)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
