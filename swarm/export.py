@@ -267,7 +267,9 @@ def write_export(
         (tmp / "README.md").write_text(model_card(summary))
         umask = os.umask(0)
         os.umask(umask)
-        for path in tmp.iterdir():  # safetensors writes through a private temporary file (0600): a model is shared
+        for (
+            path
+        ) in tmp.iterdir():  # safetensors writes through a private temporary file (0600): a model is shared
             os.chmod(path, 0o644 & ~umask)
         if target.exists():
             shutil.rmtree(target)

@@ -536,3 +536,67 @@ def test_a_weak_flip_is_caught_over_a_longer_memory():
     caught_long = [long.observe("flip", v) for v in flips]
     assert any(caught_long) and sum(caught_long) > sum(caught_short)
     assert not any(long.observe("honest", v) for v in honest_values)
+
+
+def test_the_momentum_reference_catches_a_weak_flip_that_the_leave_one_out_test_misses():
+    """Three replicas whose gradients are nearly orthogonal round by round (per-coordinate SNR 1/256: small
+    batches), one of them flipping, judged by an honest aggregator over 64 rounds: with its own recent gradients as
+    the reference the flip is caught; the leave-one-out test alone never sees it; no honest replica is flagged
+    either way. The same SliceJudge and DirectionTest as the averager's and the simulator's."""
+    from swarm.averaging import DirectionTest, SliceJudge, update_reference
+
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(4000, generator=gen)
+    with_ref, without = DirectionTest(CFG), DirectionTest(CFG)
+    reference, caught_at, loo_flags, honest_flags = None, None, [], []
+    for round_ in range(64):
+        g = direction + 0.3 * torch.randn(4000, generator=gen)  # the true gradient drifts a little
+        sends = [g + 16.0 * torch.randn(4000, generator=gen) for _ in range(3)]
+        sends[2] = -sends[2]
+        judge = SliceJudge(3, CFG, own_index=0)
+        reference = update_reference(reference, [sends[0]], CFG.direction_momentum)  # the aggregator's own
+        judge.combine([0, 1, 2], sends, reference=reference[0])
+        loo, refc = judge.cosines(), judge.reference_cosines()
+        if with_ref.observe("flip", loo[2], refc[2]) and caught_at is None:
+            caught_at = round_
+        honest_flags.append(bool(with_ref.observe("honest", loo[1], refc[1])))
+        loo_flags.append(bool(without.observe("flip", loo[2])))
+        honest_flags.append(bool(without.observe("honest", loo[1])))
+    assert caught_at is not None, "the flip was never caught against the momentum reference"
+    assert not any(loo_flags)
+    assert not any(honest_flags)
+
+
+def test_update_reference_is_an_average_of_unit_directions():
+    from swarm.averaging import update_reference
+
+    ref = update_reference(None, [torch.tensor([3.0, 4.0])], 0.5)
+    assert torch.allclose(ref[0], torch.tensor([0.6, 0.8]))
+    ref = update_reference(ref, [torch.tensor([0.0, -10.0])], 0.5)
+    assert torch.allclose(ref[0], torch.tensor([0.3, -0.1]))
+    assert (
+        update_reference(ref, [torch.tensor([float("nan"), 0.0])], 0.5) is ref
+    )  # a broken round changes nothing
+    assert update_reference(ref, [torch.zeros(2)], 0.5) is ref
+    assert update_reference(None, [torch.ones(2)], 0.0) is None
+
+
+def test_reference_parts_follow_hivemind_partition():
+    """The reference slices handed to an aggregator's parts are the same elements of the reference as the parts are
+    of the round's tensors, however hivemind's partition cut them."""
+    from hivemind.averaging.partition import TensorPartContainer
+
+    from swarm.averaging import reference_parts
+
+    tensors = [torch.randn(300), torch.randn(7, 50), torch.randn(1000)]
+    reference = [t * 2 + 1 for t in tensors]
+    container = TensorPartContainer(tensors, peer_fractions=(0.3, 0.3, 0.4), part_size_bytes=400)
+    for peer in range(3):
+        parts = container.get_raw_input_parts(peer)
+        refs = reference_parts(parts, container.local_tensors, reference)
+        assert len(refs) == len(parts) > 0
+        for part, ref in zip(parts, refs):
+            assert ref is not None and torch.equal(ref, part * 2 + 1)
+    assert reference_parts([torch.randn(5)], tensors, reference) == [
+        None
+    ]  # not a view of the round's tensors

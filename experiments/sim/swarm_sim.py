@@ -72,8 +72,9 @@ from swarm.averaging import (  # noqa: E402
     AGGREGATE,
     AVERAGING,
     AveragingConfig,
-    DirectionMonitor,
+    DirectionTest,
     SliceJudge,
+    update_reference,
 )
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
@@ -285,9 +286,9 @@ class SwarmSim:
         self.caught_by: set = set()  # (checker, aggregator): that checker has its proof and stops checking it
         self.averaging_stats: Counter = Counter()
         self.averaging_rng = random.Random(cfg.seed * 31 + 17)
-        self.direction_monitors: Dict[
-            str, DirectionMonitor
-        ] = {}  # each aggregator's, as in its averager process
+        self.direction_tests: Dict[str, DirectionTest] = {}  # each aggregator's, as in its averager process
+        # each aggregator's direction reference: its own recent contributions (swarm.averaging.update_reference)
+        self.references: Dict[str, Optional[List[torch.Tensor]]] = {}
         self.honest = [p for p in self.peers if p not in self.byzantine]
         targets = cfg.slander_targets or ([self.honest[0]] if self.honest else [])
         self.slander_targets = list(targets)
@@ -594,17 +595,18 @@ class SwarmSim:
             for i, weight in enumerate(weights):
                 judge.claim(i, weight)
             honest_result = torch.empty(hi - lo)
+            ref = self.references[aggregator] = update_reference(
+                self.references.get(aggregator), [contributions[a]], cfg.direction_momentum
+            )
             for start in range(0, hi - lo, self.cfg.part_floats):
                 end = min(hi - lo, start + self.cfg.part_floats)
-                outcome = judge.combine(range(len(names)), [c[start:end] for c in sent])
+                reference = None if ref is None else ref[0][lo + start : lo + end]
+                outcome = judge.combine(range(len(names)), [c[start:end] for c in sent], reference=reference)
                 honest_result[start:end] = outcome.result
             far = judge.outliers()
-            monitor = self.direction_monitors.setdefault(
-                aggregator,
-                DirectionMonitor(cfg.direction_window, cfg.direction_t, memory=cfg.direction_memory),
-            )
-            for i, cosine in enumerate(judge.cosines()):
-                if names[i] != aggregator and monitor.observe(names[i], cosine):
+            test = self.direction_tests.setdefault(aggregator, DirectionTest(cfg))
+            for i, (cosine, ref_cosine) in enumerate(zip(judge.cosines(), judge.reference_cosines())):
+                if names[i] != aggregator and test.observe(names[i], cosine, ref_cosine):
                     far[i] = True
             result = honest_result
             liar = self.peers[aggregator].averaging
