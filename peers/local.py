@@ -367,6 +367,8 @@ def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
         extra += ["--data", *args.data]
     if args.tokenizer:
         extra += ["--tokenizer", args.tokenizer]
+    if args.tensorboard:
+        extra += ["--tensorboard", os.path.abspath(args.tensorboard)]
     return extra
 
 
