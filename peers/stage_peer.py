@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, List, Optional
 import torch
 
 from peers.common import emit, fail, join_swarm, prove_admission, wait_for_shutdown
+from swarm import aio
 from swarm.averaging import AveragingConfig
 from swarm.config import ModelConfig
 from swarm.optimizer import OptimizerConfig, StageOptimizer
@@ -330,6 +331,7 @@ def serve_stage(
             autocast=server_cfg.autocast_dtype,
             byzantine=adversary is not None or averaging_hooks is not None,
             epoch=server.optimizer.epoch,
+            event_loop=aio.loop_name(),  # uvloop's wherever it is installed
         )
         code = 0
         if on_online is not None:
@@ -370,7 +372,7 @@ def serve_stage(
         )
         return code
 
-    return asyncio.run(serve())
+    return aio.run(serve())
 
 
 def run(args) -> int:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
 from peers.common import check_readable, emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
+from swarm import aio
 from swarm.audit import AuditConfig
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
@@ -123,7 +123,7 @@ def run(args) -> int:
             audit=audit,
         )
         trainer.admission_proof = proof
-        summary = asyncio.run(trainer.run())
+        summary = aio.run(trainer.run())
         if args.summary_json:
             with open(args.summary_json, "w") as f:
                 json.dump(summary, f, indent=2)
