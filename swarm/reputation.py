@@ -36,6 +36,10 @@ Scores: ``weighted clean / weighted (clean + 4 x strikes)`` over weighted report
 four clean exchanges. A peer no weighted reporter has evidence on scores 1.0 (neutral: unknown is not bad, or
 every newcomer would be starved of the work it needs to build a record); a blacklisted peer scores 0.0.
 
+Cost: linear in the reports' entries (:class:`_Entries` turns them into arrays once; a round is a few array sums),
+16 ms at 1,000 peers and 0.27 s at 10,000 (experiments/reputation_speed); :class:`Aggregator` skips the work when
+the inputs did not change.
+
 Known limit: a clique of Sybils that stay online past probation, announce a stage next to their target's and
 vouch for each other's "work" gains weight, and when they are ``min_reporters`` and ``witness_share`` of its
 witnesses on that side they can ban an honest peer (so can Byzantine insiders that make up that share of its
