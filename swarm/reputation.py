@@ -279,7 +279,9 @@ class Aggregator:
     """:func:`aggregate` that recomputes only when its inputs changed: the reports' entries, which reporters are
     eligible (:func:`eligible_reporters`: probation ends with time) and the announced stages. Otherwise it returns
     its last result, which is then exactly what :func:`aggregate` would compute (its output depends on nothing
-    else). ``recomputed`` and ``reused`` count both outcomes."""
+    else). It takes the reports in reporter order, whatever order they were read in (a DHT read has none), so the
+    same reports always give the same scores to the last bit (float sums depend on their order once counts pass
+    2^53). ``recomputed`` and ``reused`` count both outcomes."""
 
     def __init__(self, cfg: Optional[ReputationConfig] = None):
         self.cfg = cfg or ReputationConfig()
@@ -295,6 +297,7 @@ class Aggregator:
         reachable: Optional[Set[str]] = None,
         stages: Optional[Dict[str, Iterable[int]]] = None,
     ) -> Aggregate:
+        reports = dict(sorted(reports.items()))
         eligible = eligible_reporters(reports, first_seen, now, self.cfg, reachable)
         stage_sets = None if stages is None else {peer: frozenset(s) for peer, s in stages.items()}
         inputs = ({r: report.entries for r, report in reports.items()}, eligible, stage_sets)

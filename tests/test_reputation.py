@@ -931,8 +931,10 @@ def test_aggregator_recomputes_only_when_its_inputs_change():
     aggregator = Aggregator(CFG)
     first = aggregator(s.reports(), s.first_seen, NOW)
     assert first == s.aggregate() and set(first.blacklist) == {"QmX"}
-    # republished reports (new issued_at, same entries), later: the same result object, not recomputed
-    reports = {r: dataclasses.replace(report, issued_at=NOW + 5) for r, report in s.reports().items()}
+    # republished reports (new issued_at, same entries), read in another order, later: the same result object
+    reports = {
+        r: dataclasses.replace(report, issued_at=NOW + 5) for r, report in reversed(s.reports().items())
+    }
     assert aggregator(reports, s.first_seen, NOW + 5) is first
     assert (aggregator.recomputed, aggregator.reused) == (1, 1)
     # an entry changed: recomputed
@@ -955,3 +957,17 @@ def test_aggregator_recomputes_only_when_its_inputs_change():
     stages["QmX"] = {3}  # no longer anyone's neighbour: its accusers' entries stop counting
     assert aggregator(s.reports(), s.first_seen, NOW, stages=stages).blacklist == {}
     assert aggregator.recomputed == 6
+
+
+def test_aggregator_scores_do_not_depend_on_the_order_reports_were_read_in():
+    """Float sums depend on their order once counts pass 2^53 (2^53 + 1 + 1 is 2^53 one way, 2^53 + 2 the other):
+    the Aggregator takes the reports in reporter order, so a DHT read in any order gives the same scores."""
+    s, honest = honest_swarm(3, byzantine=())
+    for h, clean, strikes in zip(honest, (2**53, 1, 1), (2**51, 0, 0)):
+        s.link(h, "QmP", clean=clean, strikes=strikes)
+    forward = s.reports()
+    backward = dict(reversed(forward.items()))
+    plain = {aggregate(r, s.first_seen, NOW, CFG).scores["QmP"] for r in (forward, backward)}
+    assert len(plain) == 2  # the order matters to a plain aggregate ...
+    ordered = {Aggregator(CFG)(r, s.first_seen, NOW).scores["QmP"] for r in (forward, backward)}
+    assert len(ordered) == 1  # ... and not to the Aggregator
