@@ -249,6 +249,7 @@ class LocalSwarm:
         """Each peer's ``rpc_info`` (epoch, parameter checksum, stats...), asked over the swarm's DHT as a client."""
         import asyncio
 
+        from swarm import aio
         from swarm.network import create_dht
         from swarm.stage_client import fetch_peer_info
 
@@ -259,7 +260,7 @@ class LocalSwarm:
                 p2p = await dht.replicate_p2p()
                 return {peer: await fetch_peer_info(p2p, self.run_id, peer) for peer in peers}
 
-            return asyncio.run(asyncio.wait_for(query(), timeout))
+            return aio.run(asyncio.wait_for(query(), timeout))
         finally:
             dht.shutdown()
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
 from peers.common import UserError, check_readable, emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
+from swarm import aio
 from swarm.audit import AuditConfig
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
@@ -152,7 +152,7 @@ def run(args) -> int:
         trainer.admission_proof = proof
         summary = None
         try:
-            summary = asyncio.run(trainer.run())
+            summary = aio.run(trainer.run())
         finally:
             if reporter is not None:
                 reporter.close(summary)

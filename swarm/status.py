@@ -62,6 +62,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from swarm import aio
 from swarm.records import BlacklistRecord, SwarmConfigRecord, TrainerProgressRecord
 
 logger = logging.getLogger(__name__)
@@ -549,4 +550,4 @@ class StatusReader:
 
 def read_status(dht, run_id: str, timeout_s: float = 15.0) -> SwarmStatus:
     """One status from a running DHT node (a blocking convenience around :class:`StatusReader`)."""
-    return asyncio.run(StatusReader(dht, run_id, timeout_s=timeout_s).read())
+    return aio.run(StatusReader(dht, run_id, timeout_s=timeout_s).read())
