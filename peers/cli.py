@@ -197,6 +197,13 @@ def _training(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--summary-json", default=None, metavar="FILE", help="the run's summary as JSON")
     group.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write per-step loss, tokens/s and micro-batches completed/dropped/retried as TensorBoard "
+        "scalars under DIR (needs the tensorboard package: pip install tensorboard)",
+    )
+    group.add_argument(
         "--compression",
         default="none",
         choices=["none", "float16", "meanstd16"],

@@ -10,6 +10,7 @@ import time
 from hivemind.utils import get_dht_time
 
 from peers.common import check_initial_peers, emit, fail, host_maddrs, open_dht, wait_for_shutdown
+from swarm import aio
 from swarm.admission import AdmissionPolicy, load_or_create_authority_key, public_key_hex
 from swarm.averaging import AveragingConfig
 from swarm.config import ModelConfig, model_preset, stage_layer_ranges, to_dict
@@ -142,7 +143,7 @@ def run(args) -> int:
                 if record is not None and not stop.done():
                     publish_swarm_config(dht, record)  # heartbeat: the record expires unless refreshed
 
-        asyncio.run(serve())
+        aio.run(serve())
     finally:
         dht.shutdown()
     time.sleep(0.1)

@@ -3,7 +3,6 @@ model directory, with the tokenizer, a model card and the swarm's own evaluation
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import Dict, Optional
@@ -12,6 +11,7 @@ import torch
 
 from peers.common import UserError, emit, join_swarm
 from peers.trainer_peer import tokenizer_mismatch
+from swarm import aio
 from swarm.averaging import AveragingConfig
 from swarm.config import DataConfig, ModelConfig
 
@@ -109,7 +109,7 @@ def run(args) -> int:
             return downloads
 
         try:
-            downloads = asyncio.run(gather())
+            downloads = aio.run(gather())
         except ExportError as e:
             raise UserError(str(e)) from None
         params: Dict[str, torch.Tensor] = {}

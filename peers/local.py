@@ -249,6 +249,7 @@ class LocalSwarm:
         """Each peer's ``rpc_info`` (epoch, parameter checksum, stats...), asked over the swarm's DHT as a client."""
         import asyncio
 
+        from swarm import aio
         from swarm.network import create_dht
         from swarm.stage_client import fetch_peer_info
 
@@ -259,7 +260,7 @@ class LocalSwarm:
                 p2p = await dht.replicate_p2p()
                 return {peer: await fetch_peer_info(p2p, self.run_id, peer) for peer in peers}
 
-            return asyncio.run(asyncio.wait_for(query(), timeout))
+            return aio.run(asyncio.wait_for(query(), timeout))
         finally:
             dht.shutdown()
 
@@ -367,6 +368,8 @@ def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
         extra += ["--data", *args.data]
     if args.tokenizer:
         extra += ["--tokenizer", args.tokenizer]
+    if args.tensorboard:
+        extra += ["--tensorboard", os.path.abspath(args.tensorboard)]
     return extra
 
 

@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, List, Optional
 import torch
 
 from peers.common import UserError, emit, fail, join_swarm, prove_admission, wait_for_shutdown
+from swarm import aio
 from swarm.averaging import AveragingConfig
 from swarm.checkpoint import parse_every
 from swarm.config import ModelConfig
@@ -383,6 +384,7 @@ def serve_stage(
             byzantine=adversary is not None or averaging_hooks is not None,
             epoch=server.optimizer.epoch,
             restored_from=server.restored_from,
+            event_loop=aio.loop_name(),  # uvloop's wherever it is installed
         )
         code = 0
         if on_online is not None:
@@ -423,7 +425,7 @@ def serve_stage(
         )
         return code
 
-    return asyncio.run(serve())
+    return aio.run(serve())
 
 
 def run(args) -> int:

@@ -19,6 +19,7 @@ CLEAR = "\x1b[H\x1b[2J"
 
 
 def run(args) -> int:
+    from swarm import aio
     from swarm.status import StatusError, connect
 
     if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
@@ -50,7 +51,7 @@ def run(args) -> int:
         return fail(str(e))
     # not asyncio.run: on Ctrl-C it would wait for the DHT reads still running in executor threads (tens of
     # seconds against a slow DHT); close() leaves them behind, and the process exits without waiting for them
-    loop = asyncio.new_event_loop()
+    loop = aio.new_event_loop()
     try:
         return loop.run_until_complete(_serve(dht, args) if args.serve else _show(dht, args))
     except KeyboardInterrupt:

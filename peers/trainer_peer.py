@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
-from peers.common import check_readable, emit, fail, join_swarm, prove_admission
+from peers.common import UserError, check_readable, emit, fail, join_swarm, prove_admission
 from peers.stage_peer import reputation_config
+from swarm import aio
 from swarm.audit import AuditConfig
 from swarm.config import DataConfig
 from swarm.data import MicroBatchStream, load_token_blocks, load_tokenizer
@@ -53,9 +53,17 @@ def _duration(seconds: float) -> str:
 
 
 def check_data_args(args) -> None:
-    """Raise :class:`UserError` for data files or a tokenizer that cannot be read: before the DHT is joined."""
+    """Raise :class:`UserError` for data files or a tokenizer that cannot be read, or a ``--tensorboard`` that
+    cannot be written: before the DHT is joined."""
     check_readable(args.data, "--data")
     check_readable([args.tokenizer] if args.tokenizer else [], "--tokenizer")
+    if getattr(args, "tensorboard", None):
+        from swarm.tensorboard import check_available
+
+        try:
+            check_available(args.tensorboard)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def run(args) -> int:
@@ -107,7 +115,18 @@ def run(args) -> int:
             first_step=first_step,
         )
 
+        reporter = None
+        if args.tensorboard:
+            from swarm.tensorboard import TensorBoardReporter
+
+            try:
+                reporter = TensorBoardReporter(args.tensorboard)
+            except ValueError as e:
+                return fail(str(e))
+
         def on_step(row) -> None:
+            if reporter is not None:
+                reporter.on_step(row)
             loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
             done = row["step"] - first_step + 1
             logger.info(
@@ -131,7 +150,12 @@ def run(args) -> int:
             audit=audit,
         )
         trainer.admission_proof = proof
-        summary = asyncio.run(trainer.run())
+        summary = None
+        try:
+            summary = aio.run(trainer.run())
+        finally:
+            if reporter is not None:
+                reporter.close(summary)
         if args.summary_json:
             with open(args.summary_json, "w") as f:
                 json.dump(summary, f, indent=2)

@@ -36,6 +36,10 @@ Scores: ``weighted clean / weighted (clean + 4 x strikes)`` over weighted report
 four clean exchanges. A peer no weighted reporter has evidence on scores 1.0 (neutral: unknown is not bad, or
 every newcomer would be starved of the work it needs to build a record); a blacklisted peer scores 0.0.
 
+Cost: linear in the reports' entries (:class:`_Entries` turns them into arrays once; a round is a few array sums),
+16 ms at 1,000 peers and 0.27 s at 10,000 (experiments/reputation_speed); :class:`Aggregator` skips the work when
+the inputs did not change.
+
 Known limit: a clique of Sybils that stay online past probation, announce a stage next to their target's and
 vouch for each other's "work" gains weight, and when they are ``min_reporters`` and ``witness_share`` of its
 witnesses on that side they can ban an honest peer (so can Byzantine insiders that make up that share of its
@@ -46,11 +50,14 @@ live outside this module.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
+import operator
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set
+
+import numpy as np
 
 from swarm.peer_table import DEFAULT_MAX_PEERS, PeerTable
 from swarm.records import (
@@ -243,108 +250,219 @@ def aggregate(
     ``stages`` (peer id -> the stages it announced) is given, only entries between peers of adjacent stages count;
     an entry where either side announced no stage is ignored. Self-reports (a reporter's entry about itself) are
     ignored everywhere.
+
+    Linear in the number of entries: one pass turns the reports into arrays (reporter, peer, side, counts), and
+    each blacklist / re-weigh round is a few array sums over them (:class:`_Entries`).
     """
     cfg = cfg or ReputationConfig()
-    sides: Optional[Dict[str, Dict[str, int]]] = None
-    if stages is not None:
-        stages = {peer: set(served) for peer, served in stages.items()}
-        reports, sides = _plausible(reports, stages)
-    eligible = {
+    return _aggregate(reports, eligible_reporters(reports, first_seen, now, cfg, reachable), cfg, stages)
+
+
+def eligible_reporters(
+    reports: Dict[str, ReputationReport],
+    first_seen: Dict[str, float],
+    now: float,
+    cfg: ReputationConfig,
+    reachable: Optional[Set[str]] = None,
+) -> FrozenSet[str]:
+    """The reporters that may weigh: report bound to its key, past probation's age, reachable (if known)."""
+    return frozenset(
         r
         for r, report in reports.items()
         if report.reporter == r
         and now - first_seen.get(r, now) >= cfg.probation_s
         and (reachable is None or r in reachable)
-    }
-    blacklist: Dict[str, dict] = {}
+    )
+
+
+class Aggregator:
+    """:func:`aggregate` that recomputes only when its inputs changed: the reports' entries, which reporters are
+    eligible (:func:`eligible_reporters`: probation ends with time) and the announced stages. Otherwise it returns
+    its last result, which is then exactly what :func:`aggregate` would compute (its output depends on nothing
+    else). It takes the reports in reporter order, whatever order they were read in (a DHT read has none), so the
+    same reports always give the same scores to the last bit (float sums depend on their order once counts pass
+    2^53). ``recomputed`` and ``reused`` count both outcomes."""
+
+    def __init__(self, cfg: Optional[ReputationConfig] = None):
+        self.cfg = cfg or ReputationConfig()
+        self._inputs = None
+        self._result: Optional[Aggregate] = None
+        self.recomputed = self.reused = 0
+
+    def __call__(
+        self,
+        reports: Dict[str, ReputationReport],
+        first_seen: Dict[str, float],
+        now: float,
+        reachable: Optional[Set[str]] = None,
+        stages: Optional[Dict[str, Iterable[int]]] = None,
+    ) -> Aggregate:
+        reports = dict(sorted(reports.items()))
+        eligible = eligible_reporters(reports, first_seen, now, self.cfg, reachable)
+        stage_sets = None if stages is None else {peer: frozenset(s) for peer, s in stages.items()}
+        inputs = ({r: report.entries for r, report in reports.items()}, eligible, stage_sets)
+        if self._result is not None and inputs == self._inputs:
+            self.reused += 1
+            return self._result
+        # deep copies are not needed: reports are parsed afresh each time, and the entries are never changed
+        self._inputs = inputs
+        self._result = _aggregate(reports, eligible, self.cfg, stage_sets)
+        self.recomputed += 1
+        return self._result
+
+
+_NO_SIDE = 2  # an entry its reporter cannot have witnessed (sides are -1, SAME_STAGE, +1)
+
+
+def _side(reporter_stages: FrozenSet[int], peer_stages: FrozenSet[int]) -> int:
+    """The side a reporter serving ``reporter_stages`` sees a peer serving ``peer_stages`` from: +1 when the reporter
+    serves the next stage (it receives the peer's activations), -1 the previous one (the peer's gradients),
+    ``SAME_STAGE`` (0) a replica of the peer's own stage (their gradient averaging and state downloads), else
+    ``_NO_SIDE``."""
+    offsets = {a - b for a in reporter_stages for b in peer_stages}
+    return 1 if 1 in offsets else -1 if -1 in offsets else SAME_STAGE if 0 in offsets else _NO_SIDE
+
+
+class _Entries:
+    """Every counted entry of the reports as arrays, in report order then entry order (so float sums add up in the
+    same order as a loop over the reports would): reporter and peer (indices into ``ids``, reporters first), the
+    side it sees the peer from, its counts, and whether it accuses / witnesses. Self-entries and entries a reporter
+    cannot have witnessed are left out; ``mentioned`` marks every peer an entry that passed the stage rule names."""
+
+    def __init__(self, reports: Dict[str, ReputationReport], cfg: ReputationConfig, stages):
+        self.reporters = len(reports)
+        peers: List[str] = []
+        values: List[dict] = []
+        lengths: List[int] = []
+        for report in reports.values():
+            peers.extend(report.entries)
+            values.extend(report.entries.values())
+            lengths.append(len(report.entries))
+        # reporters first, then every other peer in order of first mention
+        self.ids = list(dict.fromkeys(itertools.chain(reports, peers)))
+        n = len(self.ids)
+        index = dict(zip(self.ids, range(n)))
+        src = np.repeat(np.arange(self.reporters, dtype=np.int64), lengths)
+        dst_a = np.fromiter(map(index.__getitem__, peers), dtype=np.int64, count=len(peers))
+        clean = np.fromiter(map(_CLEAN, values), dtype=np.int64, count=len(values))
+        strikes = np.fromiter(map(_STRIKES, values), dtype=np.int64, count=len(values))
+        side = np.zeros(len(values), dtype=np.int64)
+        if stages is not None:
+            # one signature per distinct set of announced stages, and a side per pair of signatures that occurs
+            signatures: Dict[FrozenSet[int], int] = {frozenset(): 0}
+            sig = np.fromiter(
+                (
+                    signatures.setdefault(frozenset(stages.get(peer, ())), len(signatures))
+                    for peer in self.ids
+                ),
+                dtype=np.int64,
+                count=n,
+            )
+            sets = list(signatures)
+            pairs = sig[src] * len(sets) + sig[dst_a]
+            codes, inverse = np.unique(pairs, return_inverse=True)
+            table = np.array(
+                [_side(sets[c // len(sets)], sets[c % len(sets)]) for c in codes.tolist()], dtype=np.int64
+            )
+            side = table[inverse.reshape(-1)]
+        plausible = side != _NO_SIDE
+        self.mentioned = np.zeros(n, dtype=bool)
+        self.mentioned[: self.reporters] = True
+        self.mentioned[dst_a[plausible]] = True
+        keep = plausible & (dst_a != src)
+        self.index = np.nonzero(keep)[0]  # positions in ``values`` of the counted entries
+        self.values = values
+        self.src, self.dst, self.side = src[keep], dst_a[keep], side[keep]
+        self.clean, self.strikes = clean[keep], strikes[keep]
+        # an accusation needs min_strikes strikes; the ratio test runs on those few, on exact integers
+        accuses = self.strikes >= cfg.min_strikes
+        for k in np.nonzero(accuses)[0].tolist():
+            accuses[k] = _accuses(values[self.index[k]], cfg)
+        self.accuses = accuses
+        ms = cfg.min_strikes
+        self.witness = accuses | (np.minimum(self.clean, ms) + np.minimum(self.strikes, ms) >= ms)
+        # work only needs comparing with probation_work: each entry's share clipped there sums exactly
+        self.work_share = np.minimum(self.clean, cfg.probation_work)
+
+
+_CLEAN = operator.itemgetter("clean")
+_STRIKES = operator.itemgetter("strikes")
+
+
+def _aggregate(
+    reports: Dict[str, ReputationReport],
+    eligible: Iterable[str],
+    cfg: ReputationConfig,
+    stages: Optional[Dict[str, Iterable[int]]],
+) -> Aggregate:
+    table = _Entries(reports, cfg, stages)
+    n, nr = len(table.ids), table.reporters
+    is_eligible = np.zeros(nr, dtype=bool)
+    position = {r: i for i, r in enumerate(table.ids[:nr])}
+    for r in eligible:
+        if r in position:
+            is_eligible[position[r]] = True
+    exact_work = int(table.work_share.sum()) < 2**53  # float sums of integers are exact below 2^53
+    blacklisted = np.zeros(n, dtype=bool)
     rounds, converged = 0, False
     while not converged and rounds < MAX_ROUNDS:
         rounds += 1
-        weights = _weights(reports, eligible - set(blacklist), cfg)
-        verdicts = _verdicts(reports, weights, cfg, sides)
-        converged = verdicts.keys() == blacklist.keys()
-        blacklist = verdicts
+        weighted = _weights(table, is_eligible & ~blacklisted[:nr], cfg, exact_work)
+        verdicts = _verdicts(table, weighted, cfg)
+        converged = bool(np.array_equal(verdicts, blacklisted))
+        blacklisted = verdicts
     return Aggregate(
-        weights=weights,
-        scores=_scores(reports, weights, blacklist),
-        blacklist=blacklist,
+        weights={r: 1.0 if w else 0.0 for r, w in zip(table.ids[:nr], weighted.tolist())},
+        scores=_scores(table, weighted, blacklisted),
+        blacklist=_evidence(table, weighted, blacklisted),
         rounds=rounds,
         converged=converged,
     )
 
 
-def _plausible(reports: Dict[str, ReputationReport], stages: Dict[str, Set[int]]):
-    """The reports with only the entries a reporter can have witnessed (it serves a stage next to the peer's, or the
-    same one), and the side each remaining entry sees its peer from: +1 when the reporter serves the next stage (it
-    receives the peer's activations), -1 the previous one (the peer's gradients), ``SAME_STAGE`` (0) a replica of
-    the peer's own stage (their gradient averaging and state downloads)."""
-    kept: Dict[str, ReputationReport] = {}
-    sides: Dict[str, Dict[str, int]] = {}
-    for r, report in reports.items():
-        entries, seen_from = {}, {}
-        for peer, e in report.entries.items():
-            offsets = {a - b for a in stages.get(r, ()) for b in stages.get(peer, ())}
-            side = 1 if 1 in offsets else -1 if -1 in offsets else SAME_STAGE if 0 in offsets else None
-            if side is not None:
-                entries[peer], seen_from[peer] = e, side
-        kept[r] = dataclasses.replace(report, entries=entries)
-        sides[r] = seen_from
-    return kept, sides
+def _weights(table: _Entries, vouchers: np.ndarray, cfg: ReputationConfig, exact: bool) -> np.ndarray:
+    """Per reporter: a voucher (aged, reachable, not blacklisted) whose work other vouchers confirm."""
+    by_voucher = vouchers[table.src]
+    peers, shares = table.dst[by_voucher], table.work_share[by_voucher]
+    if exact:
+        work = np.bincount(peers, weights=shares, minlength=len(table.ids))[: table.reporters]
+    else:  # shares too large to add up exactly as float64: Python integers
+        totals = [0] * len(table.ids)
+        for peer, share in zip(peers.tolist(), shares.tolist()):
+            totals[peer] += share
+        work = np.array([total >= cfg.probation_work for total in totals[: table.reporters]], dtype=bool)
+        return vouchers & work
+    return vouchers & (work >= cfg.probation_work)
 
 
-def _entries_about(reports: Dict[str, ReputationReport], reporters: Iterable[str], peer: str) -> List[dict]:
-    return [reports[r].entries[peer] for r in reporters if r != peer and peer in reports[r].entries]
+def _verdicts(table: _Entries, weighted: np.ndarray, cfg: ReputationConfig) -> np.ndarray:
+    """Blacklist verdicts: per peer, on either side (-1, SAME_STAGE, +1; one side when stages are unknown) or all
+    sides together, at least ``min_reporters`` accusers that are at least ``witness_share`` of the witnesses there."""
+    counted = weighted[table.src]
+    groups = table.dst * 3 + (table.side + 1)
+    size = 3 * len(table.ids)
+    accusers = np.bincount(groups[counted & table.accuses], minlength=size).reshape(-1, 3)
+    witnesses = np.bincount(groups[counted & table.witness], minlength=size).reshape(-1, 3)
+    accusers = np.concatenate([accusers, accusers.sum(axis=1, keepdims=True)], axis=1)
+    witnesses = np.concatenate([witnesses, witnesses.sum(axis=1, keepdims=True)], axis=1)
+    enough = (accusers >= cfg.min_reporters) & (accusers >= cfg.witness_share * witnesses)
+    return enough.any(axis=1)
 
 
-def _weights(
-    reports: Dict[str, ReputationReport], vouchers: Set[str], cfg: ReputationConfig
-) -> Dict[str, float]:
-    """1.0 for a voucher (aged, reachable, not blacklisted) whose work other vouchers confirm, else 0.0."""
-    weights = {}
-    for r in reports:
-        work = sum(e["clean"] for e in _entries_about(reports, vouchers, r))
-        weights[r] = 1.0 if r in vouchers and work >= cfg.probation_work else 0.0
-    return weights
-
-
-def _verdicts(
-    reports: Dict[str, ReputationReport],
-    weights: Dict[str, float],
-    cfg: ReputationConfig,
-    sides: Optional[Dict[str, Dict[str, int]]] = None,
-) -> Dict:
-    """Blacklist verdicts: per peer, on either side (see :func:`_plausible`; one side when stages are unknown) or
-    both together, at least ``min_reporters`` accusers that are at least ``witness_share`` of the witnesses there."""
-    accusations: Dict[str, List[dict]] = {}
-    # peer -> side -> [accusers, witnesses]
-    counts: Dict[str, Dict[int, List[int]]] = {}
-    for r, report in reports.items():
-        if weights[r] <= 0:
-            continue
-        for peer, e in report.entries.items():
-            if peer == r:
-                continue
-            accuses = _accuses(e, cfg)
-            side = sides[r][peer] if sides is not None else 0
-            tally = counts.setdefault(peer, {}).setdefault(side, [0, 0])
-            tally[0] += accuses
-            tally[1] += accuses or e["clean"] + e["strikes"] >= cfg.min_strikes
-            if accuses:
-                accusations.setdefault(peer, []).append(e)
-    blacklist = {}
-    for peer, evidence in accusations.items():
-        groups = list(counts[peer].values())
-        groups.append([sum(g[0] for g in groups), sum(g[1] for g in groups)])
-        if any(
-            accusers >= max(cfg.min_reporters, cfg.witness_share * witnesses)
-            for accusers, witnesses in groups
-        ):
-            blacklist[peer] = {
-                "reason": _main_reason(evidence),
-                "reporters": len(evidence),
-                "strikes": sum(e["strikes"] for e in evidence),
-            }
-    return blacklist
+def _evidence(table: _Entries, weighted: np.ndarray, blacklisted: np.ndarray) -> Dict[str, dict]:
+    """Each blacklisted peer's verdict: the main reason, its accusers and their strikes."""
+    evidence: Dict[int, List[dict]] = {}
+    accusing = weighted[table.src] & table.accuses & blacklisted[table.dst]
+    for k in np.nonzero(accusing)[0].tolist():
+        evidence.setdefault(int(table.dst[k]), []).append(table.values[table.index[k]])
+    return {
+        table.ids[peer]: {
+            "reason": _main_reason(entries),
+            "reporters": len(entries),
+            "strikes": sum(e["strikes"] for e in entries),
+        }
+        for peer, entries in evidence.items()
+    }
 
 
 def _accuses(e: dict, cfg: ReputationConfig) -> bool:
@@ -372,20 +490,17 @@ def _main_reason(evidence: List[dict]) -> str:
     return min(cited, key=lambda reason: (-cited[reason], -counts[reason], reason))
 
 
-def _scores(
-    reports: Dict[str, ReputationReport], weights: Dict[str, float], blacklist: Dict
-) -> Dict[str, float]:
-    good: Dict[str, float] = {r: 0.0 for r in reports}
-    bad: Dict[str, float] = {r: 0.0 for r in reports}
-    for r, report in reports.items():
-        for peer, e in report.entries.items():
-            good.setdefault(peer, 0.0)
-            bad.setdefault(peer, 0.0)
-            if weights[r] > 0 and peer != r:
-                good[peer] += weights[r] * e["clean"]
-                bad[peer] += weights[r] * e["strikes"]
-    scores = {}
-    for peer in good:
-        total = good[peer] + STRIKE_PENALTY * bad[peer]
-        scores[peer] = 0.0 if peer in blacklist else (good[peer] / total if total > 0 else 1.0)
-    return scores
+def _scores(table: _Entries, weighted: np.ndarray, blacklisted: np.ndarray) -> Dict[str, float]:
+    """``weighted clean / weighted (clean + STRIKE_PENALTY x strikes)`` per peer mentioned; 1.0 without evidence."""
+    counted = weighted[table.src]
+    n = len(table.ids)
+    good = np.bincount(table.dst[counted], weights=table.clean[counted].astype(np.float64), minlength=n)
+    bad = np.bincount(table.dst[counted], weights=table.strikes[counted].astype(np.float64), minlength=n)
+    total = good + STRIKE_PENALTY * bad
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.where(total > 0, good / np.where(total > 0, total, 1.0), 1.0)
+    scores[blacklisted] = 0.0
+    return {
+        table.ids[p]: s
+        for p, s in zip(np.nonzero(table.mentioned)[0].tolist(), scores[table.mentioned].tolist())
+    }

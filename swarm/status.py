@@ -62,6 +62,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from swarm import aio
 from swarm.records import BlacklistRecord, SwarmConfigRecord, TrainerProgressRecord
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,8 @@ def _totals(stages: List[StageStatus], trainers: List[TrainerStatus]) -> Dict[st
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------
-COLUMNS = ("PEER", "ADDRESS", "STATE", "THROUGHPUT", "SERVED", "REPUTATION", "BLACKLISTED", "LAST SEEN")
+WIDTH = 80  # every line of the text fits a classic terminal
+COLUMNS = ("PEER", "STATE", "RATE/S", "SERVED", "REP", "SEEN", "ADDRESS")
 
 
 def _ago(seconds: float) -> str:
@@ -294,77 +296,118 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def _age(seconds: float) -> str:
+    """``_ago`` without the "ago", for the table's SEEN column."""
+    return _ago(seconds)[: -len(" ago")]
+
+
 def _short_addr(addr: Optional[str]) -> str:
     if not addr:
         return "-"
     return addr.split("/p2p/")[0] or addr
 
 
+def _number(value: float, digits: int = 2) -> str:
+    """A figure in at most about 9 characters (a record may carry up to 1e9 samples/s, 2**62 micro-batches)."""
+    text = f"{value:.{digits}f}"
+    return text if len(text) <= 9 else f"{value:.3g}"
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
+
+
+def _wrap(text: str, indent: str = "  ") -> List[str]:
+    """A line of prose in lines of at most WIDTH characters, continuation lines indented."""
+    import textwrap
+
+    return textwrap.wrap(
+        text, WIDTH, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False
+    ) or [""]
+
+
 def _table(rows: List[Sequence[str]], indent: str = "  ") -> List[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    """Columns padded to their widest cell; the last column (the address) gets what is left of WIDTH."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        head = indent + "".join(cell.ljust(w) + "  " for cell, w in zip(row, widths))
+        lines.append(_fit(head + _fit(row[-1], max(WIDTH - len(head), 8)), WIDTH).rstrip())
+    return lines
 
 
 def render_text(status: SwarmStatus) -> str:
-    """The status as text: a header, the trainers, the totals, and one table per stage."""
+    """The status as text, every line at most :data:`WIDTH` characters: a header, the trainers, the totals, and one
+    table per stage (a peer's blacklisting on a line under its row). A swarm with no peer and no trainer says so
+    instead of listing empty stages."""
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.queried_at))
     m = status.model
     model = f"{m.get('layers')} layers x {m.get('hidden')} hidden" if m.get("layers") else "unknown"
-    lines = [f"swarm {status.run_id!r}: {status.num_stages} stages, model {model}; as of {when}"]
+    lines = _wrap(f"swarm {status.run_id!r} as of {when}")
+    lines += _wrap(f"model: {model} in {status.num_stages} stages")
     totals = status.totals
-    if status.trainers:
-        for t in status.trainers:
-            loss = "n/a" if t.loss is None else f"{t.loss:.4f}"
-            of = f"/{t.steps_total}" if t.steps_total else ""
-            lines.append(
-                f"trainer {short_id(t.peer_id)} ({t.state}): step {t.step}{of}, loss {loss}, "
-                f"{t.tokens_per_s:.1f} tokens/s, micro-batches {t.completed} completed / {t.dropped} "
-                f"dropped / {t.retried} retried; updated {_ago(t.last_seen_s)}"
-            )
-    else:
-        lines.append("trainer: none has published progress (no trainer running, or it has not started yet)")
+    if not totals["peers_total"] and not status.trainers:
+        lines += _wrap(
+            "nobody answers for this swarm: none of its peers or trainers announces itself. It has stopped, or "
+            "its peers have not started yet (the DHT answered; a peer's record expires about 20 s after it "
+            "leaves)."
+        )
+        lines += [f"note: {line}" for note in status.notes for line in _wrap(note)]
+        return "\n".join(lines)
+    for t in status.trainers:
+        loss = "n/a" if t.loss is None else f"{t.loss:.4f}"
+        of = f"/{t.steps_total}" if t.steps_total else ""
+        lines += _wrap(
+            f"trainer {short_id(t.peer_id)} ({t.state}), updated {_ago(t.last_seen_s)}: step {t.step}{of}, "
+            f"loss {loss}"
+        )
+        lines += _wrap(
+            f"  {t.tokens_per_s:.1f} tokens/s; micro-batches {t.completed} completed, {t.dropped} dropped, "
+            f"{t.retried} retried"
+        )
+    if not status.trainers:
+        lines += _wrap("trainer: none has published progress (no trainer running, or it has not started yet)")
     loss = "n/a" if totals["loss"] is None else f"{totals['loss']:.4f}"
     tps = "n/a" if totals["tokens_per_s"] is None else f"{totals['tokens_per_s']:.1f}"
     step = "n/a" if totals["step"] is None else str(totals["step"])
     empty = ", ".join(map(str, totals["stages_without_peer"])) or "none"
-    lines.append(
-        f"totals: step {step}, loss {loss}, {tps} tokens/s; peers per stage "
-        f"{totals['peers_per_stage']} ({totals['peers_online']} online of {totals['peers_total']}, "
-        f"{totals['peers_blacklisted']} blacklisted); stages with no peer: {empty}"
+    lines += _wrap(f"totals: step {step}, loss {loss}, {tps} tokens/s; stages with no peer: {empty}")
+    lines += _wrap(
+        f"peers: {totals['peers_online']} online of {totals['peers_total']}, {totals['peers_blacklisted']} "
+        f"blacklisted; online per stage {totals['peers_per_stage']}"
     )
-    if not totals["peers_total"] and not status.trainers:
-        lines.append(
-            "no peer of this swarm announces itself: it has stopped, or its peers have not started yet (the DHT "
-            "answered; records expire about 20 s after a peer leaves)"
-        )
     for stage in status.stages:
         lines.append("")
-        lines.append(f"stage {stage.stage}: {stage.online} online of {len(stage.peers)}")
         if not stage.peers:
-            lines.append("  (no peer)")
+            lines.append(f"stage {stage.stage}: no peer")
             continue
+        lines.append(f"stage {stage.stage}: {stage.online} online of {len(stage.peers)}")
         rows: List[Sequence[str]] = [COLUMNS]
+        under: Dict[int, str] = {}
         for p in stage.peers:
-            black = "no"
             if p.blacklisted:
-                black = f"YES: {p.blacklist_reason}"
+                under[len(rows)] = f"blacklisted: {p.blacklist_reason}"
             elif p.blacklisted_by:
-                black = f"no (listed by {p.blacklisted_by} of {p.blacklist_publishers})"
+                under[len(rows)] = (
+                    f"listed by {p.blacklisted_by} of {p.blacklist_publishers} (not blacklisted)"
+                )
             rows.append(
                 (
                     p.short_id,
-                    _short_addr(p.address),
                     p.state,
-                    f"{p.throughput:.2f}/s",
-                    str(p.served),
+                    _number(p.throughput),
+                    _number(p.served, 0),
                     "n/a" if p.reputation is None else f"{p.reputation:.2f}",
-                    black,
-                    _ago(p.last_seen_s),
+                    _age(p.last_seen_s),
+                    _short_addr(p.address),
                 )
             )
-        lines.extend(_table(rows))
+        for i, line in enumerate(_table(rows)):
+            lines.append(line)
+            if i in under:
+                lines += _wrap(" " * 12 + under[i], indent=" " * 14)
     for note in status.notes:
-        lines.append(f"note: {note}")
+        lines += _wrap(f"note: {note}")
     return "\n".join(lines)
 
 
@@ -507,4 +550,4 @@ class StatusReader:
 
 def read_status(dht, run_id: str, timeout_s: float = 15.0) -> SwarmStatus:
     """One status from a running DHT node (a blocking convenience around :class:`StatusReader`)."""
-    return asyncio.run(StatusReader(dht, run_id, timeout_s=timeout_s).read())
+    return aio.run(StatusReader(dht, run_id, timeout_s=timeout_s).read())

@@ -42,3 +42,8 @@ def test_throughput_quick():
 def test_averaging_benchmark_quick():
     out = run_quick("averaging", 300)
     assert "plain s" in out and "robust s" in out
+
+
+def test_reputation_speed_quick():
+    out = run_quick("reputation_speed", 300)
+    assert "identical True" in out and "identical False" not in out

@@ -61,6 +61,8 @@ def peer_infos(swarm: LocalSwarm, peers) -> dict:
 
 def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
     stage_peers = start(local_swarm, [0, 0, 1, 1])
+    # every stage peer runs its chain RPCs, DHT calls and averaging on uvloop's event loop, and trains on it below
+    assert all(c.info["event_loop"] == "uvloop.Loop" for c in stage_peers), [c.info for c in stage_peers]
     trainer, metrics, summary_path = train(local_swarm, tmp_path, steps=10)
     assert trainer.proc.wait(timeout=400) == 0, open(trainer.log_path).read()[-3000:]
     summary = json.load(open(summary_path))

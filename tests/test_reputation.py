@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import re
+import sys
+import threading
+from collections import Counter
 
 import pytest
 from fake_dht import FakeDHT
@@ -23,6 +27,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.records import (
     MAX_TTL_S,
+    RECENT_WINDOW,
     RECORD_VERSION,
     BlacklistRecord,
     RecordError,
@@ -36,7 +41,7 @@ from swarm.records import (
     reports_key,
     stage_key,
 )
-from swarm.reputation import MAX_ROUNDS, ReputationConfig, ReputationLedger, aggregate
+from swarm.reputation import MAX_ROUNDS, Aggregator, ReputationConfig, ReputationLedger, aggregate
 from swarm.reputation_service import ReputationService, read_published_blacklists, swarm_verdict
 from swarm.sentinel import Verdict
 
@@ -812,14 +817,26 @@ def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities)
     forged = BlacklistRecord(publisher=honest[1][0], issued_at=NOW + 1, entries=_listing(target))  # newer
     dht.put(blacklist_key(RUN), forger, forged.to_value())
 
+    threads = []
+
     async def scenario():
         service = ReputationService(dht, RUN, 2, cfg, peer_id=honest[3][0])
+        aggregator = service._aggregator
+        service._aggregator = lambda *args, **kwargs: (
+            threads.append(threading.current_thread()) or aggregator(*args, **kwargs)
+        )
         for peer, _ in honest:  # the reader has watched the honest peers for a while; the Sybils are new
             service.first_seen[peer] = get_dht_time() - 2 * cfg.probation_s
-        await service.refresh()
+        first = await service.refresh()
+        # the same reports again (the Sybils are still on probation): the last aggregate, not recomputed
+        assert await service.refresh() is first and (aggregator.recomputed, aggregator.reused) == (1, 1)
+        await service.stop()
         return service, await read_published_blacklists(dht, RUN)
 
     service, blacklists = asyncio.run(scenario())
+    # aggregated off the event loop's thread, in the service's own
+    assert len(threads) == 2 and all(t.name.startswith("reputation") for t in threads)
+    assert threading.main_thread() not in threads
     assert {p for p, w in service.aggregate.weights.items() if w > 0} == {p for p, _ in honest}
     assert not service.is_blacklisted(target)
     assert len(blacklists) == 5 and blacklists[honest[1][0]].entries == {}  # the forgery did not replace it
@@ -827,3 +844,130 @@ def test_fresh_identities_blacklists_do_not_blacklist_an_honest_peer(identities)
         sum(target in record.entries for record in blacklists.values()) == 3
     )  # a majority of heads (3 of 5)...
     assert not service.swarm_verdict(blacklists, target)  # ...but none of the trust
+
+
+# ------------------------------------------------------------------------------------------------ linear aggregation
+
+
+def _baseline():
+    """The quadratic aggregation the linear one replaced, kept in experiments/reputation_speed as the reference."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from experiments.reputation_speed import baseline
+
+    return baseline
+
+
+def random_reports(rng: random.Random):
+    """A small random swarm's reports, made to hit every rule: self-entries, reports under another id, entries
+    without ``recent_strikes``, peers with no, one or two stages, fresh, aged and unknown reporters, counts up to
+    2^62 (float sums then depend on their order), accusations, slander and vouching cliques."""
+    n = rng.randint(1, 14)
+    peers = [f"QmP{i}" for i in range(n + rng.randint(0, 4))]  # the last ones never report
+    reporters = peers[:n]
+    num_stages = rng.randint(1, 4)
+    stages = {
+        p: set(rng.sample(range(num_stages), min(num_stages, rng.choice((1, 1, 1, 2)))))
+        for p in peers
+        if rng.random() < 0.9
+    }
+    counts = (0, 0, 1, 2, 3, 4, 5, 10, 20, 50, 2**53 + 1, 2**62)
+    reports = {}
+    for r in reporters:
+        entries = {}
+        for q in rng.sample(peers, rng.randint(0, len(peers))):
+            clean, strikes = rng.choice(counts), rng.choice(counts[:10] if rng.random() < 0.8 else counts)
+            entry = {"clean": clean, "strikes": strikes, "reasons": {}}
+            for reason in rng.sample(("log_rms", "finite", "audit", "averaging"), rng.randint(0, 3)):
+                entry["reasons"][reason] = rng.randint(0, 5)
+            if rng.random() < 0.7:
+                entry["recent_strikes"] = rng.randint(0, RECENT_WINDOW)
+            entries[q] = entry
+        reporter = r if rng.random() < 0.95 else rng.choice(peers)
+        reports[r] = ReputationReport(reporter=reporter, issued_at=NOW, entries=entries)
+    first_seen = {}
+    for r in reporters:
+        roll = rng.random()
+        if roll < 0.8:
+            first_seen[r] = AGED
+        elif roll < 0.9:
+            first_seen[r] = NOW
+    cfg = ReputationConfig(
+        probation_work=rng.choice((0, 1, 3, 20, 60)),
+        min_reporters=rng.choice((1, 2, 2, 3)),
+        min_strikes=rng.choice((1, 3, 3)),
+        strike_ratio=rng.choice((0.05, 0.2, 0.5, 1.0)),
+        witness_share=rng.choice((0.0, 1 / 3, 1 / 3, 0.5, 1.0)),
+    )
+    reachable = None if rng.random() < 0.8 else set(rng.sample(reporters, rng.randint(0, n)))
+    return reports, first_seen, cfg, reachable, (stages if rng.random() < 0.7 else None)
+
+
+def test_linear_aggregation_equals_the_quadratic_one_on_random_reports():
+    """Property test: on 1,500 random report sets the linear aggregation returns exactly what the quadratic one it
+    replaced returned (weights, scores to the last bit, blacklist with reasons and evidence, rounds, convergence).
+    The cases must cover verdicts, several rounds and non-convergence, or the comparison proves little."""
+    baseline = _baseline()
+    rng = random.Random(15)
+    seen = Counter()
+    for case in range(1500):
+        reports, first_seen, cfg, reachable, stages = random_reports(rng)
+        expected = baseline.aggregate(reports, first_seen, NOW, cfg, reachable=reachable, stages=stages)
+        got = aggregate(reports, first_seen, NOW, cfg, reachable=reachable, stages=stages)
+        assert got == expected, case
+        seen["blacklist"] += bool(expected.blacklist)
+        seen["rounds>=3"] += expected.rounds >= 3
+        seen["not converged"] += not expected.converged
+        seen["weighted"] += any(expected.weights.values())
+        seen["partial score"] += any(0 < s < 1 for s in expected.scores.values())
+    assert min(seen.values()) >= 10, seen
+
+
+def test_aggregator_recomputes_only_when_its_inputs_change():
+    s, honest = honest_swarm(5)
+    for h in honest[:3]:
+        s.link(h, "QmX", clean=30, strikes=10)
+    aggregator = Aggregator(CFG)
+    first = aggregator(s.reports(), s.first_seen, NOW)
+    assert first == s.aggregate() and set(first.blacklist) == {"QmX"}
+    # republished reports (new issued_at, same entries), read in another order, later: the same result object
+    reports = {
+        r: dataclasses.replace(report, issued_at=NOW + 5) for r, report in reversed(s.reports().items())
+    }
+    assert aggregator(reports, s.first_seen, NOW + 5) is first
+    assert (aggregator.recomputed, aggregator.reused) == (1, 1)
+    # an entry changed: recomputed
+    s.link(honest[3], "QmX", clean=30, strikes=10)
+    second = aggregator(s.reports(), s.first_seen, NOW)
+    assert second is not first and second.blacklist["QmX"]["reporters"] == 4
+    # a reporter's probation ended (time alone): recomputed, and its vouching now counts
+    s.peer("QmNew", first_seen=NOW)
+    s.link(honest[0], "QmNew", clean=100)
+    s.link("QmNew", honest[4], clean=0, strikes=50)
+    before = aggregator(s.reports(), s.first_seen, NOW)
+    assert before.weights["QmNew"] == 0.0
+    after = aggregator(s.reports(), s.first_seen, NOW + CFG.probation_s)
+    assert after.weights["QmNew"] == 1.0 and after == aggregate(
+        s.reports(), s.first_seen, NOW + CFG.probation_s
+    )
+    # the announced stages changed: recomputed
+    stages = {p: {0} for p in s.entries}
+    assert aggregator(s.reports(), s.first_seen, NOW, stages=stages) == s.aggregate(stages=stages)
+    stages["QmX"] = {3}  # no longer anyone's neighbour: its accusers' entries stop counting
+    assert aggregator(s.reports(), s.first_seen, NOW, stages=stages).blacklist == {}
+    assert aggregator.recomputed == 6
+
+
+def test_aggregator_scores_do_not_depend_on_the_order_reports_were_read_in():
+    """Float sums depend on their order once counts pass 2^53 (2^53 + 1 + 1 is 2^53 one way, 2^53 + 2 the other):
+    the Aggregator takes the reports in reporter order, so a DHT read in any order gives the same scores."""
+    s, honest = honest_swarm(3, byzantine=())
+    for h, clean, strikes in zip(honest, (2**53, 1, 1), (2**51, 0, 0)):
+        s.link(h, "QmP", clean=clean, strikes=strikes)
+    forward = s.reports()
+    backward = dict(reversed(forward.items()))
+    plain = {aggregate(r, s.first_seen, NOW, CFG).scores["QmP"] for r in (forward, backward)}
+    assert len(plain) == 2  # the order matters to a plain aggregate ...
+    ordered = {Aggregator(CFG)(r, s.first_seen, NOW).scores["QmP"] for r in (forward, backward)}
+    assert len(ordered) == 1  # ... and not to the Aggregator

@@ -221,32 +221,55 @@ def test_json_has_no_nan_even_if_a_figure_is_not_finite():
 
 def test_render_text_shows_tables_totals_and_reasons():
     text = render_text(sample_status())
-    assert "swarm 'demo': 3 stages" in text
+    assert "swarm 'demo' as of 2023-11-14 22:13:20 UTC" in text and "4 layers x 64 hidden in 3 stages" in text
     assert "step 7/50, loss 5.2500" in text and "512.0 tokens/s" in text
-    assert "stages with no peer: 2" in text and "peers per stage [1, 2, 0]" in text
-    assert "stage 2: 0 online of 0" in text and "(no peer)" in text
-    for header in (
-        "PEER",
-        "ADDRESS",
-        "STATE",
-        "THROUGHPUT",
-        "SERVED",
-        "REPUTATION",
-        "BLACKLISTED",
-        "LAST SEEN",
-    ):
-        assert header in text
+    assert "micro-batches 56 completed, 1 dropped, 3 retried" in text
+    assert "stages with no peer: 2" in text and "online per stage [1, 2, 0]" in text
+    assert "stage 2: no peer" in text and "online of 0" not in text
     lines = text.splitlines()
+    header = next(line for line in lines if "PEER" in line)
+    assert header.split() == ["PEER", "STATE", "RATE/S", "SERVED", "REP", "SEEN", "ADDRESS"]
     row_a = next(line for line in lines if A[-8:] in line)
-    assert (
-        "/ip4/127.0.0.1/tcp/4001" in row_a
-        and "/p2p/" not in row_a
-        and "online" in row_a
-        and "3s ago" in row_a
-    )
-    row_c = next(line for line in lines if C[-8:] in line)
-    assert "YES: rms" in row_c and "100s ago" in row_c
+    assert row_a.split() == [A[-8:], "online", "12.50", "40", "1.00", "3s", "/ip4/127.0.0.1/tcp/4001"]
+    i = next(i for i, line in enumerate(lines) if C[-8:] in line)
+    assert lines[i].split()[-2:] == ["100s", "-"]
+    assert lines[i + 1].strip().startswith("blacklisted: rms")  # the reason, under the peer's row
     assert "note: a note" in text
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+
+
+def test_render_text_fits_80_columns_whatever_peers_announce():
+    """Every line fits 80 columns: long run ids, addresses, reasons and figures are wrapped or cut (the full
+    values are in --json)."""
+    long_addr = "/ip6/2001:db8:85a3:1234:5678:8a2e:370:7334/tcp/65535/p2p/" + A
+    stages = {
+        0: [
+            stage_record(A, 0, throughput=999_999_999.0, served=2**62, addrs=[long_addr]),
+            stage_record(B, 0, throughput=105.68, served=12, addrs=[f"/ip4/172.18.0.3/tcp/38471/p2p/{B}"]),
+        ],
+        1: [stage_record(C, 1, state="joining", updated_at=NOW - 9000)],
+    }
+    entry = {C: {"reason": "rms " * 40, "reporters": 2, "strikes": 20}}
+    blacklists = {
+        p: BlacklistRecord(publisher=p, issued_at=NOW, entries=entry) for p in (A, B)
+    }  # a reason as long as a peer cares to make it
+    status = build_status(
+        "a-run-id-much-longer-than-anyone-would-type-" * 2,
+        config(2),
+        stages,
+        progress=[progress(), progress(peer=C, state="finished", tokens_per_s=123456789.0)],
+        blacklists=blacklists,
+        now=NOW,
+        notes=["a long note " * 20],
+    )
+    text = render_text(status)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    row_b = next(line for line in lines if B[-8:] in line)
+    assert row_b.split()[1:] == ["online", "105.68", "12", "n/a", "3s", "/ip4/172.18.0.3/tcp/38471"]
+    row_a = next(line for line in lines if A[-8:] in line)
+    assert row_a.split()[2:4] == ["1e+09", "4.61e+18"] and row_a.endswith("...")  # the address, cut
+    assert next(line for line in lines if line.startswith("  " + C[-8:])).split()[1] == "joining"
 
 
 def test_render_text_without_trainer():
@@ -255,12 +278,20 @@ def test_render_text_without_trainer():
     assert (
         "none has published progress" in text and "step n/a" in text and "stages with no peer: none" in text
     )
-    assert "no peer of this swarm announces itself" not in text
-    stopped = render_text(build_status("demo", config(1), {0: []}, now=NOW))  # a swarm that has stopped
-    assert "no peer of this swarm announces itself: it has stopped" in stopped
+    assert "nobody answers" not in text
 
 
-# ---- records ---------------------------------------------------------------------------------------------------
+def test_render_text_of_a_stopped_swarm_says_nobody_answers():
+    """After a swarm stops (its records expired), the DHT still answers but nobody announces anything: say so,
+    not "0 online of 0" per stage."""
+    stopped = render_text(build_status("demo", config(3), {0: [], 1: [], 2: []}, now=NOW))
+    assert (
+        "nobody answers for this swarm" in stopped and "it has stopped" in " ".join(stopped.split()).lower()
+    )
+    assert "online of" not in stopped and "stage 0" not in stopped and "PEER" not in stopped
+    assert max(map(len, stopped.splitlines())) <= 80
+
+
 def test_progress_record_roundtrip_and_optional_loss():
     record = progress()
     assert TrainerProgressRecord.from_value(record.to_value()) == record
