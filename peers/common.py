@@ -170,5 +170,6 @@ def end_orphaned_group() -> None:
 
 
 def fail(message: str) -> int:
-    print(f"swarm: error: {message}", file=sys.stderr, flush=True)
+    """One ``swarm: error:`` line (a message that quotes a multi-line reason, e.g. libp2p's, is joined) and exit 2."""
+    print(f"swarm: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     return 2

@@ -158,7 +158,9 @@ async def gather_stage(
             names, tensors, epoch = await _download(stub_of, source, limits, timeout)
             params = check_download(names, tensors, module)
         except (TransportError, asyncio.TimeoutError, Exception) as e:
-            reason = str(e) if isinstance(e, TransportError) else f"{type(e).__name__}: {e}"
+            reason = " ".join(
+                (str(e) if isinstance(e, TransportError) else f"{type(e).__name__}: {e}").split()
+            )
             refused.append((source, f"download failed: {reason}"[:300]))
             logger.warning(f"stage {stage}: no parameters from {source[-8:]}: {reason}")
             continue
