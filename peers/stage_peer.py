@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -274,8 +275,6 @@ OnOnline = Callable[[StageServer], Awaitable[int]]
 
 def check_checkpoint_args(args) -> None:
     """Checkpoint flags that cannot work, as a UserError before any DHT or identity is made."""
-    import os
-
     try:
         parse_every(getattr(args, "checkpoint_every", "10"))
     except ValueError as e:

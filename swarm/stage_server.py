@@ -1258,10 +1258,9 @@ INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay 
 
 
 SKETCH_COOLDOWN_S = 2.0
-MAX_PARAMS_DOWNLOADS, PARAMS_COOLDOWN_S = (
-    2,
-    5.0,
-)  # parameter downloads (swarm export) served at once, and how often
+# parameter downloads (swarm export): how many are served at once, and how often one caller may have one
+MAX_PARAMS_DOWNLOADS = 2
+PARAMS_COOLDOWN_S = 5.0
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
