@@ -68,7 +68,10 @@ def run(args) -> int:
     try:
         if swarm is None:
             return 2
-        tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         mismatch = tokenizer_mismatch(swarm, tokenizer, args.tokenizer)
         if mismatch:
             raise UserError(mismatch)
@@ -120,7 +123,10 @@ def run(args) -> int:
                     f"swarm: warning: stage {d.stage}: no other replica vouched for its weights ({d.verdict})",
                     file=sys.stderr,
                 )
-        blocks = eval_blocks(args, swarm, tokenizer)
+        try:
+            blocks = eval_blocks(args, swarm, tokenizer)
+        except ValueError as e:  # the data's own error (file and row or byte), as `swarm train` gives it
+            raise UserError(str(e)) from None
         eval_loss = None
         if blocks is not None:
             modules = stage_modules(model_cfg, swarm.num_stages, {d.stage: d.params for d in downloads})

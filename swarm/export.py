@@ -157,7 +157,7 @@ async def gather_stage(
         try:
             names, tensors, epoch = await _download(stub_of, source, limits, timeout)
             params = check_download(names, tensors, module)
-        except (TransportError, asyncio.TimeoutError, Exception) as e:
+        except Exception as e:  # a replica that fails to serve is one refusal, never the end of the export
             reason = " ".join(
                 (str(e) if isinstance(e, TransportError) else f"{type(e).__name__}: {e}").split()
             )
