@@ -303,3 +303,30 @@ def test_an_export_round_trips_through_transformers_and_back_into_stages(tmp_pat
     (out / "swarm.json").write_text('{"model": {"hidden_size": -1}}')
     with pytest.raises(Exception, match="no valid model config"):
         load_export_stage(str(out), 0, 2)
+
+
+def test_a_new_swarm_resumes_from_an_export_or_from_checkpoints(tmp_path):
+    """What `swarm dht --resume-from` publishes: the model (and, for checkpoints, the cut) found there, and the step."""
+    from peers.dht_peer import resume_point
+    from swarm.checkpoint import StageState, checkpoint_path, save_stage_state
+    from swarm.config import to_dict
+    from swarm.data import load_tokenizer
+    from swarm.export import export_summary, write_export
+
+    cfg = ModelConfig(
+        vocab_size=4096, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=32
+    )
+    modules = [StageModule(cfg, s, 2) for s in range(2)]
+    params = {n: p.detach().clone() for m in modules for n, p in m.named_parameters()}
+    summary = export_summary("r", cfg, 2, 12, [], None, None, 0) | {"step": 7}
+    write_export(str(tmp_path / "export"), cfg, params, load_tokenizer(None), summary)
+    point = resume_point(str(tmp_path / "export"))
+    assert point == {"model": to_dict(cfg), "num_stages": None, "step": 7, "source": "export"}
+    for stage, epoch in [(0, 5), (1, 4)]:
+        meta = dict(model=to_dict(cfg), stage=stage, num_stages=2)
+        state = StageState(dict(modules[stage].named_parameters()), None, epoch, meta)
+        save_stage_state(checkpoint_path(str(tmp_path / "ck" / f"stage{stage}-0"), stage, 2), state)
+    point = resume_point(str(tmp_path / "ck"))
+    assert point == {"model": to_dict(cfg), "num_stages": 2, "step": 4, "source": "checkpoints"}
+    with pytest.raises(ValueError, match="no such directory"):
+        resume_point(str(tmp_path / "absent"))
