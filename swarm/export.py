@@ -36,12 +36,13 @@ from swarm.checkpoint import CheckpointError, StageState, check_model_config
 from swarm.config import ModelConfig, to_dict
 from swarm.model import StageModule, causal_lm_loss, llama_config
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
-from swarm.transport import TensorLimits, TransportError, pack, receive, single
+from swarm.stage_server import SKETCH_COOLDOWN_S, StageServer, ask_state_sketch, namespace
+from swarm.transport import TensorLimits, TransportError, pack, receive
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "swarm.json"
-SKETCH_RETRY_S = 2.5  # a replica answers one sketch per caller every 2 s (stage_server.SKETCH_COOLDOWN_S)
+SKETCH_RETRY_S = SKETCH_COOLDOWN_S + 0.5  # a replica answers one sketch per caller per cooldown
 
 
 class ExportError(RuntimeError):
@@ -110,30 +111,6 @@ async def _download(
     return meta.get("names"), received.tensors, epoch
 
 
-async def _sketch(
-    stub_of, peer: str, seed: int, dims: int, timeout: float
-) -> Optional[Tuple[int, List[float]]]:
-    limits = TensorLimits()
-    for attempt in range(2):
-        try:
-            reply = await asyncio.wait_for(
-                stub_of(peer).rpc_state_sketch(pack(dict(seed=seed, dims=dims))[0]), timeout
-            )
-            meta = (await receive(single(reply), limits)).metadata
-            sketch, epoch = meta.get("sketch"), meta.get("epoch")
-            if meta.get("ok") and type(epoch) is int and isinstance(sketch, list) and len(sketch) == dims:
-                if all(isinstance(v, float) for v in sketch):
-                    return epoch, sketch
-            if attempt == 0 and "retry later" in str(meta.get("error", "")):
-                await asyncio.sleep(SKETCH_RETRY_S)
-                continue
-            return None
-        except Exception as e:
-            logger.debug(f"no sketch from {peer}: {e!r}")
-            return None
-    return None
-
-
 async def gather_stage(
     stub_of: Callable[[str], Any],
     stage: int,
@@ -168,7 +145,17 @@ async def gather_stage(
         seed = rng.getrandbits(62)  # picked after the download: the source could not shape its answer to it
         mine = param_sketch(list(params.values()), seed, sketch_dims)
         own, *answers = await asyncio.gather(
-            *(_sketch(stub_of, p, seed, sketch_dims, 30.0) for p in [source, *others])
+            *(
+                ask_state_sketch(
+                    stub_of(p),
+                    seed,
+                    sketch_dims,
+                    limits=TensorLimits(),
+                    timeout=30.0,
+                    retry_after_s=SKETCH_RETRY_S,
+                )
+                for p in [source, *others]
+            )
         )
         distances = [sketch_distance(mine, a[1]) for a in answers if a is not None and abs(a[0] - epoch) <= 1]
         ok, verdict = state_verdict(distances, tolerance)
@@ -254,8 +241,9 @@ def write_export(
     config.use_cache = True  # the swarm trains without a KV cache; users generating text want one
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(params, strict=False)
+    with torch.device("meta"):  # no weights allocated or initialised only to be overwritten by the gathered ones
+        model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
     if missing or unexpected:
         raise ExportError(
             f"the gathered weights do not make the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -392,6 +380,4 @@ def export_summary(
 
 
 def stub_factory(p2p: P2P, run_id: str) -> Callable[[str], Any]:
-    from swarm.stage_server import StageServer, namespace
-
     return lambda peer: StageServer.get_stub(p2p, PeerID.from_base58(peer), namespace=namespace(run_id))

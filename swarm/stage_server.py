@@ -463,25 +463,10 @@ class StageServer(ServicerBase):
         ]
 
         async def ask(peer: str):
-            try:
-                stub = StageServer.get_stub(
-                    self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id)
-                )
-                request = pack(dict(seed=seed, dims=dims))[0]
-                reply = (
-                    await receive(single(await stub.rpc_state_sketch(request, timeout=20.0)), self.cfg.limits)
-                ).metadata
-                sketch, epoch = reply.get("sketch"), reply.get("epoch")
-                if (
-                    isinstance(epoch, int)
-                    and isinstance(sketch, list)
-                    and len(sketch) == dims
-                    and all(isinstance(v, float) for v in sketch)
-                ):
-                    return epoch, sketch
-            except Exception as e:
-                logger.debug(f"no state sketch from {peer}: {e!r}")
-            return None
+            stub = StageServer.get_stub(
+                self.p2p, PeerID.from_base58(peer), namespace=namespace(self.cfg.run_id)
+            )
+            return await ask_state_sketch(stub, seed, dims, limits=self.cfg.limits, timeout=20.0)
 
         answers = await asyncio.gather(*(ask(peer) for peer in others[:8]))
         return [a for a in answers if a is not None]
@@ -531,8 +516,7 @@ class StageServer(ServicerBase):
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def snapshot(self) -> StageState:
         """Copies of this stage's parameters and optimizer state at its current epoch (on the compute thread)."""
-        with torch.no_grad():
-            params = {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters()}
+        params = self._parameter_copies()
         opt = self.optimizer.state_dict()
         optimizer_state = {
             "state": {
@@ -834,7 +818,10 @@ class StageServer(ServicerBase):
         try:
             loop = asyncio.get_event_loop()
             # on the compute thread: a copy between micro-batches, never half-way through an optimizer step
-            names, tensors, epoch = await loop.run_in_executor(self.executor, self._parameters_copy)
+            copies, epoch = await loop.run_in_executor(
+                self.executor, lambda: (self._parameter_copies(), self.optimizer.epoch)
+            )
+            names, tensors = list(copies), list(copies.values())
             if self.averaging_hooks is not None and self.averaging_hooks.state is not None:
                 tensors = list(self.averaging_hooks.state(tensors))
             messages = await loop.run_in_executor(
@@ -851,10 +838,10 @@ class StageServer(ServicerBase):
         finally:
             self._params_serving[caller] = time.monotonic()
 
-    def _parameters_copy(self) -> Tuple[List[str], List[torch.Tensor], int]:
+    def _parameter_copies(self) -> Dict[str, torch.Tensor]:
+        """CPU copies of this stage's parameters by name (on the compute thread: never half-way through a step)."""
         with torch.no_grad():
-            pairs = [(n, p.detach().to("cpu", copy=True)) for n, p in self.module.named_parameters()]
-        return [n for n, _ in pairs], [t for _, t in pairs], self.optimizer.epoch
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters()}
 
     async def rpc_dialback(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -1261,6 +1248,34 @@ SKETCH_COOLDOWN_S = 2.0
 # parameter downloads (swarm export): how many are served at once, and how often one caller may have one
 MAX_PARAMS_DOWNLOADS = 2
 PARAMS_COOLDOWN_S = 5.0
+
+
+async def ask_state_sketch(
+    stub, seed: int, dims: int, *, limits: TensorLimits, timeout: float, retry_after_s: Optional[float] = None
+) -> Optional[Tuple[int, List[float]]]:
+    """``(epoch, sketch)`` from a stage peer's ``rpc_state_sketch`` under ``seed``, or None if it gave no well-formed
+    one. With ``retry_after_s``, a peer that answered "retry later" (its per-caller cooldown) is asked once more."""
+    for attempt in range(2):
+        try:
+            reply = await stub.rpc_state_sketch(pack(dict(seed=seed, dims=dims))[0], timeout=timeout)
+            meta = (await receive(single(reply), limits)).metadata
+        except Exception as e:
+            logger.debug(f"no state sketch: {e!r}")
+            return None
+        sketch, epoch = meta.get("sketch"), meta.get("epoch")
+        if (
+            meta.get("ok")
+            and type(epoch) is int
+            and isinstance(sketch, list)
+            and len(sketch) == dims
+            and all(isinstance(v, float) for v in sketch)
+        ):
+            return epoch, sketch
+        if attempt == 0 and retry_after_s is not None and "retry later" in str(meta.get("error", "")):
+            await asyncio.sleep(retry_after_s)
+            continue
+        return None
+    return None
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:

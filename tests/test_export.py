@@ -44,7 +44,7 @@ class FakeReplica:
 
         return stream()
 
-    async def rpc_state_sketch(self, request):
+    async def rpc_state_sketch(self, request, **kwargs):
         import msgpack
 
         meta = msgpack.unpackb(request.metadata)
