@@ -271,3 +271,45 @@ def test_fuzz_every_handler():
     loss = asyncio.run(go())
     assert math.isfinite(loss)
     assert min(counts["chain"], counts["labels"], counts["sketch"], counts["dialback"]) >= N, counts
+
+
+def test_parameter_downloads_are_rationed_against_a_flood():
+    """``rpc_parameters`` serves a whole copy of the stage, so anyone may ask but nobody gets it often: one caller
+    again within the cooldown is refused, at most MAX_PARAMS_DOWNLOADS are served at once, a request's contents are
+    ignored (garbage gets the same answer), and a flood of fresh identities leaves the table of callers bounded."""
+    import threading
+
+    from swarm.stage_server import MAX_PARAMS_DOWNLOADS
+
+    server = make_server()
+
+    from swarm.export import params_limits
+
+    async def download(peer: str, request=None):
+        request = request if request is not None else pack({})[0]
+        replies = [m async for m in server.rpc_parameters(request, context(peer))]
+        return await receive(stream(replies), params_limits(server.module))
+
+    async def go():
+        first = await download("QmA", runtime_pb2.ExpertRequest(metadata=b"\xff garbage"))
+        assert first.metadata["ok"] and first.metadata["names"] == [
+            n for n, _ in server.module.named_parameters()
+        ]
+        assert all(torch.equal(t, p.detach()) for t, p in zip(first.tensors, server.module.parameters()))
+        again = await download("QmA")
+        assert again.metadata["ok"] is False and "retry later" in again.metadata["error"]
+        # hold the compute thread: the downloads in flight wait on it, and the next caller finds the slots taken
+        gate = threading.Event()
+        server.executor.submit(gate.wait)
+        held = [asyncio.ensure_future(download(f"QmB{i}")) for i in range(MAX_PARAMS_DOWNLOADS)]
+        await asyncio.sleep(0.2)
+        busy = await download("QmC")
+        assert busy.metadata["ok"] is False
+        gate.set()
+        assert all(r.metadata["ok"] for r in await asyncio.gather(*held))
+        for i in range(2000):  # Sybil callers, each asking once (refused: served one by one is not the point)
+            server._params_serving[f"QmS{i}"] = float(i)
+        await download("QmD")
+        assert len(server._params_serving) <= 1024 + MAX_PARAMS_DOWNLOADS + 1
+
+    asyncio.run(go())
