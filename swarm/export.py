@@ -241,7 +241,9 @@ def write_export(
     config.use_cache = True  # the swarm trains without a KV cache; users generating text want one
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
-    with torch.device("meta"):  # no weights allocated or initialised only to be overwritten by the gathered ones
+    with torch.device(
+        "meta"
+    ):  # no weights allocated or initialised only to be overwritten by the gathered ones
         model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(params, strict=False, assign=True)
     if missing or unexpected:
