@@ -379,12 +379,11 @@ class DirectionTest:
     other senders. Its own gradients are the one reference an aggregator can trust, and averaged over rounds they
     are far less noisy than one round's leave-one-out mean where honest gradients are nearly orthogonal round by
     round (small micro-batches, the case the live 2 x 3 runs never decided in 40 steps). In a synthetic stage of 3
-    replicas at a per-coordinate SNR of 1/16 with one flipping, the flip's cosine is -0.175 against it (steady
-    state, momentum 0.9) against -0.088 against the leave-one-out mean, and an honest sender's +0.176 against 0.0:
-    the flip is caught sooner and an honest replica is never near the threshold (against the leave-one-out mean of
-    an honest and a flipped gradient its expected cosine is 0). The stage's averaged gradient would be a worse
-    reference: the flip cancels a third of its signal (-0.131). The two cosines have their own histories
-    (:class:`DirectionMonitor` each); a sender is reported when the one measured this round is significantly
+    replicas at a per-coordinate SNR of 1/16 with one flipping (``experiments/averaging/direction_sweep.py``), the
+    flip's steady-state cosine is -0.179 against it (momentum 0.9) and -0.085 against the leave-one-out mean, and an
+    honest sender's +0.179 and +0.002: the flip is caught sooner and an honest replica is never near the threshold
+    (against the leave-one-out mean of an honest and a flipped gradient its expected cosine is 0). The two cosines
+    have their own histories (:class:`DirectionMonitor` each); a sender is reported when either is significantly
     negative."""
 
     def __init__(self, cfg: "AveragingConfig", max_senders: int = 1024):

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from peers.common import PARENT_PID_ENV
 from swarm.config import ModelConfig
 from swarm.export import ExportError, gather_stage
 from swarm.model import StageModule
@@ -116,12 +117,17 @@ def test_a_download_of_the_wrong_shape_or_nonfinite_is_refused():
 
 
 # ---- live --------------------------------------------------------------------------------------------------------
+# the commands these tests start leave with the test process, however it ends (peers.common.die_with_parent)
+WITH_US = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+
+
 def _local(args, tmp, name, timeout=600):
     proc = subprocess.run(
         [sys.executable, "-m", "peers.cli", "local", "--workdir", str(tmp / name), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=WITH_US,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
@@ -195,7 +201,7 @@ def test_export_refuses_a_replica_serving_tampered_weights(tmp_path):
             proc = subprocess.run(
                 [sys.executable, "-m", "peers.cli", "export", "--run-id", "xtest", "--initial-peers",
                  *swarm.initial_peers, "--out", str(out), "--eval-blocks", "0", "--threads", "1"],
-                capture_output=True, text=True, timeout=300,
+                capture_output=True, text=True, timeout=300, env=WITH_US,
             )  # fmt: skip
             assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
             return proc
@@ -223,7 +229,7 @@ def test_export_refuses_a_replica_serving_tampered_weights(tmp_path):
         failed = subprocess.run(
             [sys.executable, "-m", "peers.cli", "export", "--run-id", "xtest", "--initial-peers",
              *swarm.initial_peers, "--out", str(tmp_path / "none"), "--eval-blocks", "0", "--threads", "1"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, env=WITH_US,
         )  # fmt: skip
         assert failed.returncode == 2, failed.stdout[-2000:] + failed.stderr[-2000:]
         lines = [line for line in failed.stderr.splitlines() if line.startswith("swarm: error:")]
