@@ -28,8 +28,9 @@ run its butterfly all-reduce (each peer aggregates one slice of the gradient vec
   every epoch): CenteredClip per part, and a receiver applies the result only if the round had at least 3
   senders and it moves its parameters by at most ``state_tolerance`` (relative L2); a sender whose parameters lie
   farther than that from the result, or an aggregator whose result would move a receiver that far, gets a
-  ``state`` strike. With 2 replicas the parameter round changes nothing (each keeps its own weights; they stay in
-  step through the identical averaged gradients, and a lagging one through the checked state download).
+  ``state`` strike. With 2 senders it is applied only when the two lie within ``pair_tolerance`` (0.1) of each
+  other (each moves half the gap): they stay in step through the identical averaged gradients, a pair that a
+  failed or partial gradient round left apart comes back level, and a partner can pull by at most 0.05 a round.
 
 What it tolerates (n replicas in an averaging group): up to floor((n-1)/2) Byzantine contributions per part;
 their pull on the result is bounded by about ``tau`` each, whatever they send. With **2 replicas** no rule can
@@ -123,6 +124,11 @@ class AveragingConfig:
     state_tolerance: float = (
         0.25  # relative L2 distance (estimated by the sketch) a downloaded state may be off
     )
+    # a parameter round of only two senders (no majority) is applied only when the two lie within this relative L2
+    # distance of each other: each then moves half of it. Two honest replicas that one failed or partial gradient
+    # round left apart (each stepped on its own gradient) come back level; a partner can pull at most this much per
+    # round, of the order of what one step of its gradient could already do. 0: rounds of two are never applied
+    pair_tolerance: float = 0.1
     state_sketch_dims: int = 16
     state_sources: int = 3  # replicas a joiner tries before it gives up on a round of downloads
     verify_rate: float = (
@@ -145,6 +151,7 @@ class AveragingConfig:
             self.norm_bound,
             self.outlier_factor,
             self.state_tolerance,
+            self.pair_tolerance,
             self.verify_rate,
             self.direction_momentum,
         )
@@ -162,6 +169,8 @@ class AveragingConfig:
                 "averaging: need clip_radius > 0, 1 <= clip_iters <= 1000, norm_bound >= 1, "
                 "outlier_factor >= 1"
             )
+        if not 0 <= self.pair_tolerance <= self.state_tolerance:
+            raise ValueError("averaging: need 0 <= pair_tolerance <= state_tolerance")
         if not (self.state_tolerance > 0 and 1 <= self.state_sketch_dims <= 256 and self.state_sources >= 1):
             raise ValueError(
                 "averaging: need state_tolerance > 0, 1 <= state_sketch_dims <= 256, state_sources >= 1"
@@ -1194,9 +1203,10 @@ class RobustAveraging(DecentralizedAverager):
         return tuple(1.0 / count if mode != AveragingMode.CLIENT else 0.0 for mode in modes)
 
     def _apply_state_round(self, runner: RobustAllReduceRunner, tensors, updates, originals) -> None:
-        """Apply a parameter round's result only if it is one to trust: a round of at least 3 senders (of two that
-        differ, neither is a majority: each replica keeps its own), complete, and moving this replica's parameters
-        by at most ``state_tolerance`` (relative L2). An honest majority's CenteredClip result lies within the honest
+        """Apply a parameter round's result only if it is one to trust: complete, and moving this replica's
+        parameters by at most ``state_tolerance`` (relative L2) in a round of at least 3 senders; in a round of two
+        (neither is a majority) only when the two lie within ``pair_tolerance`` of each other, so that two honest
+        replicas that a failed gradient round left apart come back level while a partner's x5 changes nothing. An honest majority's CenteredClip result lies within the honest
         replicas' spread, far inside that; a lying aggregator's does not, and it gets a ``state`` strike."""
         if self.averaging.aggregator == "mean":  # hivemind's plain round (the undefended comparison)
             for tensor, update in zip(tensors, updates):
@@ -1220,7 +1230,9 @@ class RobustAveraging(DecentralizedAverager):
                     self._outcomes.put((str(aggregator), False, STATE))
         moved = math.sqrt(sum(float(u.float().norm()) ** 2 for u in updates))
         size = math.sqrt(sum(float(t.float().norm()) ** 2 for t in tensors))
-        if len(senders) < 3:
+        if len(senders) == 2:  # no majority: the pair's mean only if they are close (each moves half the gap)
+            tolerance = self.averaging.pair_tolerance / 2
+        if len(senders) < 2 or (len(senders) == 2 and tolerance <= 0):
             why = f"{len(senders)} replicas in the round: no majority to trust"
         elif len(updates) != len(tensors):
             why = "the round did not complete"
@@ -1234,6 +1246,8 @@ class RobustAveraging(DecentralizedAverager):
                 for tensor, original in zip(tensors, originals):
                     tensor.copy_(original)
             return
+        if len(senders) == 2:
+            logger.info(f"state round of two applied: moved this replica by {moved / max(size, 1e-30):.3g}")
         for tensor, update in zip(tensors, updates):
             tensor.add_(update, alpha=self._averaging_alpha)
         self.last_updated = get_dht_time()

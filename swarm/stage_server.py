@@ -136,6 +136,7 @@ class StageStats:
         default_factory=PeerTable
     )  # peer -> its contributions found far off
     refused_states: Dict[str, int] = field(default_factory=PeerTable)  # source -> states of its refused here
+    caught_up: int = 0  # state downloads by the resync loop (this replica had missed stage steps)
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
@@ -371,6 +372,7 @@ class StageServer(ServicerBase):
                     f"loading their state"
                 )
                 await loop.run_in_executor(self.executor, self.optimizer.load_state_from_peers)
+                self.stats.caught_up += 1
                 caught_up = self.optimizer.epochs_behind == 0
                 pause = self.cfg.resync_period_s if caught_up else min(2 * pause, 60.0)
             except asyncio.CancelledError:
@@ -610,6 +612,7 @@ class StageServer(ServicerBase):
             averaging=dict(
                 strikes=_top(self.stats.averaging_strikes, INFO_PEERS),
                 refused_states=_top(self.stats.refused_states, INFO_PEERS),
+                caught_up=self.stats.caught_up,
             ),
             audits=dict(
                 run=self.stats.audits_run,

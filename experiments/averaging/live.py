@@ -68,20 +68,33 @@ def _joiner_level(infos: dict, joiner: str, honest: list) -> bool:
     return False
 
 
-def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> dict:
+def _count_in_logs(directory: str, text: str) -> int:
+    count = 0
+    for log in os.listdir(directory) if os.path.isdir(directory) else []:
+        if log.startswith("stage") and log.endswith(".log"):
+            with open(os.path.join(directory, log), errors="replace") as f:
+                count += f.read().count(text)
+    return count
+
+
+def run_one(
+    workdir: str, attack: str | None, steps: int, joiner_after: int, stage_extra: tuple = (), tag: str = ""
+) -> dict:
     started = time.monotonic()
-    name = attack or "clean"
+    name = (attack or "clean") + tag
     swarm = LocalSwarm(os.path.join(workdir, name), run_id=f"avglive-{name}")
     metrics, summary_path = (os.path.join(workdir, f"{name}.{x}") for x in ("metrics.jsonl", "summary.json"))
     joiner = third = None
+    everyone: dict = {}
     try:
         swarm.start_dht(SHAPE)
-        honest = [swarm.start_stage(s, wait=False, extra=STAGE) for s in (0, 0, 0, 1, 1)]
+        stage = STAGE + list(stage_extra)
+        honest = [swarm.start_stage(s, wait=False, extra=stage) for s in (0, 0, 0, 1, 1)]
         third = swarm.start_stage(
             ATTACK_STAGE,
             name=f"stage{ATTACK_STAGE}.third",
             wait=False,
-            extra=STAGE + (["--attack", attack] if attack else []),
+            extra=stage + (["--attack", attack] if attack else []),
         )
         for child in honest + [third]:
             child.wait_event("serve", 240)
@@ -93,7 +106,7 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
             if time.monotonic() > deadline or trainer.proc.poll() is not None:
                 break
             time.sleep(0.5)
-        joiner = swarm.start_stage(ATTACK_STAGE, name=f"stage{ATTACK_STAGE}.late", wait=False, extra=STAGE)
+        joiner = swarm.start_stage(ATTACK_STAGE, name=f"stage{ATTACK_STAGE}.late", wait=False, extra=stage)
         joiner.wait_event("serve", 240)
         code = trainer.proc.wait(timeout=900)
         honest_same_stage = [c.info["peer_id"] for c in honest if c.stage == ATTACK_STAGE]
@@ -105,6 +118,7 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
             level = _joiner_level(infos, joiner.info["peer_id"], honest_same_stage)
             if not level:
                 time.sleep(5)
+        everyone = swarm.peer_infos([c.info["peer_id"] for c in honest + [third, joiner]])
     finally:
         swarm.stop()
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
@@ -128,7 +142,12 @@ def run_one(workdir: str, attack: str | None, steps: int, joiner_after: int) -> 
         honest_blacklisted=sorted(
             pid[-8:] for pid, v in views.items() if v.get("blacklisted") and pid != attacker_id
         ),
+        honest_with_strikes={pid[-8:]: n for pid, n in strikes.items() if n and pid != attacker_id},
         joiner_level=level,
+        # all-reduces where this aggregator got only part of its slice's inputs (hivemind's own warning)
+        partial_rounds=_count_in_logs(os.path.join(workdir, name), "Reducer: received"),
+        # state downloads of replicas that had missed their stage's steps
+        caught_up=sum((i.get("averaging") or {}).get("caught_up", 0) for i in everyone.values()),
         wall_s=round(time.monotonic() - started, 1),
     )
 
@@ -144,12 +163,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--joiner-after", type=int, default=6)
     parser.add_argument("--out", default=os.path.join(HERE, "live_results.json"))
+    parser.add_argument(
+        "--stage-args", default="", help="extra flags for every stage peer, e.g. '--tag-along-period 0'"
+    )
     args = parser.parse_args()
+    stage_extra = tuple(args.stage_args.split())
     workdir = tempfile.mkdtemp(prefix="averaging-live-")
     rows = []
     for attack in [None] + args.attacks:
         try:
-            row = run_one(workdir, attack, args.steps, args.joiner_after)
+            row = run_one(workdir, attack, args.steps, args.joiner_after, stage_extra)
         except Exception as e:  # one failed run is a row that says so, not a lost experiment
             row = dict(
                 attack=attack or "clean",
