@@ -26,6 +26,7 @@ before anyone uses it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
@@ -184,10 +185,13 @@ class StageRecord:
     updated_at: float = 0.0  # DHT time of the announcement
     addrs: List[str] = field(default_factory=list)  # optional: multiaddrs the peer is reachable at (<= 8)
     admission: Optional[Dict[str, Any]] = None  # optional: proof of work / allowlist token (swarm.admission)
+    # optional: the direct tensor connection (swarm.dataplane): {"host": IP, "port": int, "cert": sha256 hex of the
+    # TLS certificate the peer presents}; covered by the record's signature like every field
+    dataplane: Optional[Dict[str, Any]] = None
     version: int = RECORD_VERSION
 
     FIELDS = {"peer_id", "stage", "state", "throughput", "served", "device", "updated_at", "version"}
-    OPTIONAL_FIELDS = {"addrs", "admission"}
+    OPTIONAL_FIELDS = {"addrs", "admission", "dataplane"}
     SIGNER_FIELD = "peer_id"  # must be the peer id of the record's owner key (check_signer)
 
     def to_value(self) -> Dict[str, Any]:
@@ -210,10 +214,32 @@ class StageRecord:
             updated_at=float(_number(value, "updated_at", 0.0, 1e11)),
             addrs=_string_list(value, "addrs", max_items=MAX_ADDRS, max_len=256) if "addrs" in value else [],
             admission=_admission(value),
+            dataplane=_dataplane(value),
         )
 
 
 MAX_TOKEN_CHARS = 512
+_CERT_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _dataplane(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The optional data plane endpoint: ``{"host": IP literal, "port": 1..65535, "cert": 64 hex digits}``."""
+    if "dataplane" not in d:
+        return None
+    value = d["dataplane"]
+    _require(
+        isinstance(value, dict) and set(value) == {"host", "port", "cert"},
+        "dataplane must be {host, port, cert}",
+    )
+    host = _string(value, "host", max_len=64)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise RecordError(f"dataplane host {host!r} is not an IP address") from None
+    port = int(_number(value, "port", 1, 65535, integer=True))
+    cert = _string(value, "cert", max_len=64)
+    _require(_CERT_RE.fullmatch(cert) is not None, "dataplane cert must be 64 lowercase hex digits")
+    return dict(host=host, port=port, cert=cert)
 
 
 def _admission(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
