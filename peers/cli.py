@@ -209,6 +209,12 @@ def _training(parser: argparse.ArgumentParser) -> None:
         choices=["none", "float16", "meanstd16"],
         help="compression of activations/gradients on the wire (default: %(default)s)",
     )
+    group.add_argument(
+        "--no-dataplane",
+        action="store_true",
+        help="send chain tensors over hivemind P2P only, never over direct TLS connections to the next peer "
+        "(swarm.dataplane; those are used only without --compression)",
+    )
 
 
 def _server(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +237,12 @@ def _server(parser: argparse.ArgumentParser) -> None:
         help="seconds replicas wait to form an averaging group (default: %(default)s)",
     )
     group.add_argument("--compression", default="none", choices=["none", "float16", "meanstd16"])
+    group.add_argument(
+        "--no-dataplane",
+        action="store_true",
+        help="send chain tensors over hivemind P2P only, never over direct TLS connections to the next peer "
+        "(swarm.dataplane; those are used only without --compression)",
+    )
     group.add_argument(
         "--grace",
         type=float,

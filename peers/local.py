@@ -290,6 +290,7 @@ class LocalSwarm:
                         strikes=strikes.get(peer_id, 0),
                         tampered=ledgers.get(peer_id, {}).get("tampered"),
                         audits=ledgers.get(peer_id, {}).get("audits"),
+                        dataplane=ledgers.get(peer_id, {}).get("dataplane"),
                         exit_code=child.proc.poll(),
                     )
                 )
@@ -370,6 +371,8 @@ def training_args(args, metrics_out: str, summary_json: str) -> List[str]:
         extra += ["--tokenizer", args.tokenizer]
     if args.tensorboard:
         extra += ["--tensorboard", os.path.abspath(args.tensorboard)]
+    if args.no_dataplane:
+        extra.append("--no-dataplane")
     return extra
 
 
@@ -427,6 +430,8 @@ def stage_args(args, byzantine: bool) -> List[str]:
     ]
     if args.no_sentinel:
         extra.append("--no-sentinel")
+    if args.no_dataplane:
+        extra.append("--no-dataplane")
     if byzantine:
         extra += [
             "--attack",

@@ -249,6 +249,7 @@ def server_configs(args, swarm, stage: int, device: str):
         num_stages=swarm.num_stages,
         max_inflight=args.max_inflight,
         compression=args.compression,
+        dataplane=not getattr(args, "no_dataplane", False),
         device=device,
         autocast_dtype=autocast_dtype(device),
         # a micro-batch of the swarm's shape and nothing larger (the server's own limits allow far more)
@@ -408,6 +409,10 @@ def serve_stage(
                 run=server.stats.audits_run,
                 failed=dict(server.stats.audits_failed),
                 served=server.stats.audits_served,
+            ),
+            dataplane=dict(
+                server=server.dataplane.stats.to_dict() if server.dataplane else None,
+                client=server.dataplane_client.stats.to_dict() if server.dataplane_client else None,
             ),
         )
         await server.shutdown()

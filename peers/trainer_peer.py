@@ -111,6 +111,7 @@ def run(args) -> int:
             max_inflight=args.max_inflight,
             max_attempts=args.max_attempts,
             compression=args.compression,
+            dataplane=not args.no_dataplane,
             metrics_path=args.metrics_out,
             first_step=first_step,
         )

@@ -256,14 +256,20 @@ class PeerInfo:
 
 
 def fetch_stage_peers(
-    dht: hivemind.DHT, run_id: str, num_stages: int, policy=None
+    dht: hivemind.DHT,
+    run_id: str,
+    num_stages: int,
+    policy=None,
+    stages: Optional[Sequence[int]] = None,
 ) -> Dict[int, List[PeerInfo]]:
-    """All unexpired, well-formed announcements per stage (offline ones included; callers filter by state).
-    With an :class:`~swarm.admission.AdmissionPolicy`, announcements of identities it does not admit are left out."""
-    keys = [stage_key(run_id, stage) for stage in range(num_stages)]
-    found = {key: dht.get(key, latest=True) for key in keys}
+    """All unexpired, well-formed announcements per stage (offline ones included; callers filter by state), of
+    every stage or only of ``stages``. With an :class:`~swarm.admission.AdmissionPolicy`, announcements of
+    identities it does not admit are left out."""
+    stages = list(range(num_stages)) if stages is None else list(stages)
+    keys = {stage: stage_key(run_id, stage) for stage in stages}
+    found = {key: dht.get(key, latest=True) for key in keys.values()}
     result: Dict[int, List[PeerInfo]] = {}
-    for stage, key in enumerate(keys):
+    for stage, key in keys.items():
         records, rejected = parse_subkeyed(found.get(key), StageRecord.from_value, f"stage {stage} record")
         for note in rejected:
             logger.debug(note)

@@ -39,6 +39,14 @@ from swarm.audit import AUDIT, AuditConfig, AuditOutcome
 from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.checkpoint import StageCheckpointer, StageState, check_model_matches, check_stage_params
 from swarm.config import ModelConfig, to_dict
+from swarm.dataplane import (
+    DataPlaneClient,
+    DataPlaneConfig,
+    DataPlaneServer,
+    EndpointBook,
+    endpoint_of,
+    host_of_addrs,
+)
 from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule
@@ -60,7 +68,7 @@ from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
 from swarm.stage_compute import StageCompute
-from swarm.transport import TensorLimits, TransportError, call, pack, receive, single
+from swarm.transport import Received, TensorLimits, TransportError, call, pack, receive, single
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,10 @@ class StageServerConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every_steps: int = 0
     checkpoint_every_s: float = 0.0
+    # chain tensors over direct TLS connections (swarm.dataplane) where the next peer announces one; P2P otherwise.
+    # Used only without compression (the data plane sends raw tensors; the P2P path keeps the codecs)
+    dataplane: bool = True
+    dataplane_cfg: DataPlaneConfig = field(default_factory=DataPlaneConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.stage < self.num_stages:
@@ -256,6 +268,9 @@ class StageServer(ServicerBase):
         self._resync_task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._sketch_last: Dict[str, float] = {}  # caller -> monotonic time of its last state sketch
+        self.dataplane: Optional[DataPlaneServer] = None  # inbound chain requests over direct connections
+        self.dataplane_client: Optional[DataPlaneClient] = None  # outbound, to the next stage's peers
+        self.next_endpoints: Optional[EndpointBook] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(
@@ -298,6 +313,8 @@ class StageServer(ServicerBase):
             admission=self.admission_proof,
         )
         self.record.addrs = await asyncio.get_event_loop().run_in_executor(None, record_addresses, self.dht)
+        if self.cfg.dataplane and self.cfg.compression == "none":
+            self._start_dataplane(fetch_stage_peers)
         self.announcer = Announcer(
             self.dht, self.cfg.run_id, self.record, self.cfg.announce_period_s, self.cfg.announce_ttl_s
         )
@@ -349,6 +366,38 @@ class StageServer(ServicerBase):
                 )
             self.reputation.start()
         logger.info(f"serving stage {self.cfg.stage}/{self.cfg.num_stages} as {self.peer_id}")
+
+    def _start_dataplane(self, fetch_stage_peers) -> None:
+        """Listen for direct chain connections on this peer's host (announced in its record), and dial the next
+        stage's peers directly where their records announce it (``swarm.dataplane``)."""
+        host = host_of_addrs(self.record.addrs) or "127.0.0.1"
+        server = DataPlaneServer(
+            self.peer_id, self._serve_chain, self.cfg.limits, self._loop, self.cfg.dataplane_cfg
+        )
+        try:
+            endpoint = server.start(host)
+        except OSError:  # an announced address that is not this host's (NAT): listen everywhere
+            try:
+                endpoint = server.start("::" if ":" in host else "0.0.0.0")
+            except OSError as e:
+                logger.warning(f"stage {self.cfg.stage}: no data plane ({e}); tensors go over P2P")
+                return
+            endpoint = type(endpoint)(host, endpoint.port, endpoint.cert)
+        self.dataplane = server
+        self.record.dataplane = endpoint.to_value()
+        self.dataplane_client = DataPlaneClient(self.peer_id, self.identity_key, self.cfg.dataplane_cfg)
+        if self.cfg.stage + 1 < self.cfg.num_stages:
+            run_id, stage, num_stages = self.cfg.run_id, self.cfg.stage + 1, self.cfg.num_stages
+
+            async def fetch():
+                peers = await asyncio.get_event_loop().run_in_executor(
+                    None, partial(fetch_stage_peers, self.dht, run_id, num_stages, stages=[stage])
+                )
+                found = {info.peer_id: endpoint_of(info.record) for info in peers.get(stage, [])}
+                return {peer: endpoint for peer, endpoint in found.items() if endpoint is not None}
+
+            self.next_endpoints = EndpointBook(fetch)
+        logger.info(f"stage {self.cfg.stage}: data plane on {endpoint.host}:{endpoint.port}")
 
     async def _resync_loop(self) -> None:
         """Download the stage's state when this replica missed its optimizer steps (``StageOptimizer.should_catch_up``).
@@ -509,6 +558,10 @@ class StageServer(ServicerBase):
             await self.announcer.stop(offline=True)
         if self.p2p is not None:
             await self.remove_p2p_handlers(self.p2p, namespace=namespace(self.cfg.run_id))
+        if self.dataplane is not None:
+            self.dataplane.close()
+        if self.dataplane_client is not None:
+            self.dataplane_client.close()
         if self.checkpointer is not None:  # the state as it leaves: a restart continues from here
             await asyncio.get_event_loop().run_in_executor(self.executor, self._final_checkpoint)
         await asyncio.get_event_loop().run_in_executor(self.executor, self.optimizer.shutdown)
@@ -619,6 +672,10 @@ class StageServer(ServicerBase):
                 failed=dict(self.stats.audits_failed),
                 served=self.stats.audits_served,
             ),
+            dataplane=dict(
+                server=self.dataplane.stats.to_dict() if self.dataplane else None,
+                client=self.dataplane_client.stats.to_dict() if self.dataplane_client else None,
+            ),
         )
         return pack(info, message_type=runtime_pb2.ExpertResponse)[0]
 
@@ -676,10 +733,21 @@ class StageServer(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Forward one micro-batch through this stage and the rest of its route, then backward; see module doc.
+        The same request handling serves the data plane (``_serve_chain``); this is its P2P wrapper."""
+        reply, tensors = await self._serve_chain(str(context.remote_id), partial(self._receive, requests))
+        for message in pack(
+            reply, tensors, compression=self.cfg.compression, message_type=runtime_pb2.ExpertResponse
+        ):
+            yield message
+
+    async def _serve_chain(
+        self, sender: str, read: Callable[[], Any]
+    ) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
+        """One chain request from ``sender`` (authenticated by the transport: libp2p's ``remote_id`` or the data
+        plane's identity proof), read by ``await read()``: returns the reply's metadata and tensors.
 
         The reply holds this hop's signed report followed by the later hops' (``swarm.protocol``), or, for a
         request refused before its header verified, an unsigned refusal."""
-        sender = str(context.remote_id)
         started = time.perf_counter()
         self.inflight += 1
         header: Optional[ChainHeader] = None
@@ -692,7 +760,7 @@ class StageServer(ServicerBase):
                 if banned:
                     raise Refusal(f"refused: sender is blacklisted ({banned})", no_fault=True)
                 try:
-                    received = await self._receive(requests)
+                    received: Received = await read()
                 except TransportError as e:
                     self._reject(sender, f"malformed message: {e}", FORWARD)
                     raise Refusal(f"malformed message: {e}") from None
@@ -703,10 +771,7 @@ class StageServer(ServicerBase):
                     raise Refusal(refused)
                 header = self._verify_header(received.metadata, sender)
             except Refusal as e:
-                reply = dict(ok=False, error=e.reason, no_fault=e.no_fault)
-                for message in pack(reply, message_type=runtime_pb2.ExpertResponse):
-                    yield message
-                return
+                return dict(ok=False, error=e.reason, no_fault=e.no_fault), []
             try:
                 tensors, report = await self._chain(received, header, sender)
                 later: List[Dict[str, Any]] = report.pop("reports")
@@ -721,13 +786,7 @@ class StageServer(ServicerBase):
         signed = HopReport.create(
             self.identity_key, header_digest=header.digest, stage=self.cfg.stage, peer=self.peer_id, **report
         )
-        for message in pack(
-            dict(reports=[signed.to_wire()] + later),
-            tensors,
-            compression=self.cfg.compression,
-            message_type=runtime_pb2.ExpertResponse,
-        ):
-            yield message
+        return dict(reports=[signed.to_wire()] + later), tensors
 
     def _failure(self, e: ChainError, header: ChainHeader, sender: str) -> Dict[str, Any]:
         """This hop's report of a failure: whom it blames, relative to itself (it can blame only the neighbours
@@ -1185,12 +1244,10 @@ class StageServer(ServicerBase):
         except Exception:
             raise ChainError(f"route holds an invalid peer id {peer[:20]!r}", blame=None) from None
         sent = self._outbound(out, FORWARD, header)
-        stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
-        messages = pack(meta, [sent], compression=self.cfg.compression)
         stage = self.cfg.stage + 1
         timeout_s = timeout_s or self.cfg.hop_timeout_s
         try:
-            received = await call(stub.rpc_chain, messages, self.cfg.limits, timeout=timeout_s)
+            received = await self._send_chain(peer, peer_id, meta, sent, timeout_s)
         except asyncio.TimeoutError:
             self.stats.failed_downstream += 1
             raise ChainError(
@@ -1229,6 +1286,23 @@ class StageServer(ServicerBase):
                 peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD
             )
         return grad, reply["reports"], reports[0].epoch
+
+    async def _send_chain(
+        self, peer: str, peer_id: PeerID, meta: Dict[str, Any], sent: torch.Tensor, timeout_s: float
+    ) -> Received:
+        """The next peer's reply to a chain request: over its data plane where its record announces one and a
+        connection can be made, else (nothing sent yet) over P2P. Failures raise as ``transport.call``'s do."""
+        if self.dataplane_client is not None and self.next_endpoints is not None:
+            endpoint = await self.next_endpoints.get(peer)
+            if endpoint is not None:
+                received = await self.dataplane_client.call(
+                    peer, endpoint, meta, [sent], self.cfg.limits, timeout=timeout_s
+                )
+                if received is not None:
+                    return received
+        stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
+        messages = pack(meta, [sent], compression=self.cfg.compression)
+        return await call(stub.rpc_chain, messages, self.cfg.limits, timeout=timeout_s)
 
     def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()

@@ -33,6 +33,7 @@ from hivemind.utils import get_dht_time
 from swarm.admission import AdmissionPolicy
 from swarm.audit import AuditConfig, pick_auditors
 from swarm.data import MicroBatchStream
+from swarm.dataplane import DataPlaneClient, Endpoint, endpoint_of
 from swarm.network import cancel_task, fetch_stage_peers, identity_key, owner_subkey
 from swarm.protocol import ChainHeader, ProtocolError, check_reports, resolve
 from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
@@ -40,7 +41,16 @@ from swarm.reputation import ReputationConfig
 from swarm.reputation_service import ReputationService, read_published_blacklists
 from swarm.router import NoRouteError, Router
 from swarm.stage_server import StageServer, namespace
-from swarm.transport import TensorLimits, TransportError, aiter_messages, call, pack, receive, single
+from swarm.transport import (
+    Received,
+    TensorLimits,
+    TransportError,
+    aiter_messages,
+    call,
+    pack,
+    receive,
+    single,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,9 @@ class TrainerConfig:
     progress_final_ttl_s: float = 120.0  # the last record ("finished") stays readable this long after the run
     # a resumed swarm (its config's ``resumed_from``): steps are numbered, and the data read, from here on
     first_step: int = 0
+    # send chains' token ids to the first stage over its direct connection (swarm.dataplane) where its record
+    # announces one; P2P otherwise, and always with compression
+    dataplane: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.microbatches_per_step < 1 or self.max_inflight < 1 or self.max_attempts < 1:
@@ -212,6 +225,8 @@ class Trainer:
         self.admission_proof: Optional[Dict[str, Any]] = (
             None  # sent with every request, when the swarm asks for one
         )
+        self.dataplane: Optional[DataPlaneClient] = None
+        self.endpoints: Dict[str, Endpoint] = {}  # peer id -> data plane endpoint its stage record announces
 
     # ---- progress on the DHT (for `swarm status`) ----------------------------------------------------------------
     def progress_record(self, state: str = "training") -> TrainerProgressRecord:
@@ -267,6 +282,8 @@ class Trainer:
             None, fetch_stage_peers, self.dht, self.cfg.run_id, self.cfg.num_stages, self.admission
         )
         self.router.update(peers)
+        found = {info.peer_id: endpoint_of(info.record) for infos in peers.values() for info in infos}
+        self.endpoints = {peer: endpoint for peer, endpoint in found.items() if endpoint is not None}
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -311,12 +328,7 @@ class Trainer:
         )
         meta = dict(header=header.to_wire(), audit=reveal, admission=self.admission_proof)
         try:
-            received = await call(
-                self._stub(chain[0]).rpc_chain,
-                pack(meta, [ids], compression=self.cfg.compression),
-                self.limits,
-                timeout=self.cfg.chain_timeout_s,
-            )
+            received = await self._send_chain(chain[0], meta, ids)
         except asyncio.TimeoutError:
             return Attempt(
                 False, reason=f"chain timed out after {self.cfg.chain_timeout_s:.0f}s", blame=chain[0]
@@ -352,6 +364,23 @@ class Trainer:
                 )  # busy time, not queueing
                 self.timing.add(report.stage, parts)
         return Attempt(True, loss=verdict.loss, hop_times_s=hop_times)
+
+    async def _send_chain(self, peer: str, meta: Dict[str, Any], ids: torch.Tensor) -> Received:
+        """The first peer's reply: over its data plane where it announces one and a connection can be made, else
+        (nothing sent yet) over P2P; failures raise as ``transport.call``'s do."""
+        endpoint = self.endpoints.get(peer)
+        if self.dataplane is not None and endpoint is not None:
+            received = await self.dataplane.call(
+                peer, endpoint, meta, [ids], self.limits, timeout=self.cfg.chain_timeout_s
+            )
+            if received is not None:
+                return received
+        return await call(
+            self._stub(peer).rpc_chain,
+            pack(meta, [ids], compression=self.cfg.compression),
+            self.limits,
+            timeout=self.cfg.chain_timeout_s,
+        )
 
     async def _auditors(self, chain: List[str], mb: str, ids: torch.Tensor) -> List[str]:
         """Draw this attempt's auditors (``swarm.audit.pick_auditors``) and deposit the labels with them; an auditor
@@ -443,6 +472,8 @@ class Trainer:
             self.admission_proof = await asyncio.get_event_loop().run_in_executor(
                 None, self.admission.prove, self.peer_id, self.admission_token
             )
+        if self.cfg.dataplane and self.cfg.compression == "none":
+            self.dataplane = DataPlaneClient(self.peer_id, self.identity_key)
         if self.reputation_cfg is not None:
             self.reputation = ReputationService(
                 self.dht,
@@ -508,6 +539,8 @@ class Trainer:
             await _bounded(cancel_task(progress), 5.0, "stopping the progress loop")
             if metrics_file:
                 metrics_file.close()
+            if self.dataplane is not None:
+                self.dataplane.close()
         # wind-down: every wait is bounded, so a DHT that stopped answering cannot keep a finished run from ending
         await _bounded(self.publish_progress("finished"), 15.0, "publishing the final progress")
         verdicts = {}
@@ -577,5 +610,6 @@ class Trainer:
             retry_reasons=dict(self.ledger.retry_reasons.most_common(10)),
             timing=self.timing.means(),
             audits=self.audits,
+            dataplane=self.dataplane.stats.to_dict() if self.dataplane is not None else None,
             peers=peers,
         )
