@@ -614,24 +614,32 @@ class DataPlaneClient:
             self.stats.fallbacks += 1
             return None
         self._busy += 1
-        loop = asyncio.get_event_loop()
+        holder: List[_Connection] = []  # the connection in use, to close if the caller gives up
+        deadline = time.monotonic() + timeout
+        # one executor hop for connecting (or reusing) and the whole exchange
+        work = asyncio.get_event_loop().run_in_executor(
+            self.executor, self._call, key, holder, metadata, list(tensors), limits, deadline
+        )
         try:
-            conn = await loop.run_in_executor(self.executor, self._acquire, key)
-            if conn is None:
-                self.stats.fallbacks += 1
-                return None
-            deadline = time.monotonic() + timeout
-            work = loop.run_in_executor(
-                self.executor, self._request, conn, metadata, list(tensors), limits, deadline
-            )
-            try:
-                received = await asyncio.shield(work)
-            except asyncio.CancelledError:
+            received = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            for conn in holder:
                 conn.close()  # wakes the thread; the connection is never reused
-                raise
-            return received
+            raise
         finally:
             self._busy -= 1
+        if received is None:
+            self.stats.fallbacks += 1
+        return received
+
+    def _call(
+        self, key, holder: List[_Connection], metadata, tensors, limits, deadline
+    ) -> Optional[Received]:
+        conn = self._acquire(key)
+        if conn is None:
+            return None
+        holder.append(conn)
+        return self._request(conn, metadata, tensors, limits, deadline)
 
     def _acquire(self, key: Tuple[str, Endpoint]) -> Optional[_Connection]:
         with self._lock:

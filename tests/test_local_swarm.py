@@ -86,6 +86,13 @@ def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
         if all(a["epoch"] == b["epoch"] for a, b in pairs) or time.monotonic() > deadline:
             break
         time.sleep(2)
+    # activations and gradients travelled on the data plane (direct TLS between neighbours), not over P2P
+    assert summary["dataplane"]["requests"] > 0 and summary["dataplane"]["fallbacks"] == 0, summary[
+        "dataplane"
+    ]
+    assert all(a["dataplane"]["server"]["requests"] > 0 for a in pairs[0]), [a["dataplane"] for a in pairs[0]]
+    assert sum(a["dataplane"]["client"]["requests"] for a in pairs[0]) > 0, [a["dataplane"] for a in pairs[0]]
+    assert sum(b["dataplane"]["server"]["requests"] for b in pairs[1]) > 0, [b["dataplane"] for b in pairs[1]]
     for a, b in pairs:
         assert a["epoch"] == b["epoch"] >= 1, (a["epoch"], b["epoch"])
         # under load an all-reduce can time out for a part (hivemind then keeps the local values of that part:
