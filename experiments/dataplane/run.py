@@ -167,7 +167,6 @@ async def bench(rounds: int, per_round: Dict[str, int]) -> dict:
     endpoint = Endpoint(**info["endpoint"])
     p2p = await P2P.create(initial_peers=[f"{a}/p2p/{info['p2p_peer']}" for a in info["maddrs"]])
     stub = Sink.get_stub(p2p, PeerID.from_base58(info["p2p_peer"]))
-    loop = asyncio.get_running_loop()
     ack = bytearray(1)
 
     def tcp_once(tensor: torch.Tensor) -> None:
@@ -223,7 +222,7 @@ async def bench(rounds: int, per_round: Dict[str, int]) -> dict:
             wall_ms_median=round(statistics.median(times) * 1e3, 3),
             cpu_ms_per_message=round(cpu[key] / len(times) * 1e3, 3),
         )
-    for size, row in results.items():
+    for row in results.values():
         raw = row["raw_tcp"]
         for transport, figures in row.items():
             # speed relative to raw TCP: raw's time over this transport's (>= 0.5 is the data plane's goal)
