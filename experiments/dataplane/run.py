@@ -224,7 +224,7 @@ async def bench(rounds: int, per_round: Dict[str, int]) -> dict:
         )
     for row in results.values():
         raw = row["raw_tcp"]
-        for transport, figures in row.items():
+        for figures in row.values():
             # speed relative to raw TCP: raw's time over this transport's (>= 0.5 is the data plane's goal)
             figures["speed_vs_raw_tcp_min"] = round(raw["wall_ms_min"] / figures["wall_ms_min"], 3)
             figures["speed_vs_raw_tcp_median"] = round(raw["wall_ms_median"] / figures["wall_ms_median"], 3)
