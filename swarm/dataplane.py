@@ -28,7 +28,8 @@ refusal (the same code as P2P's, so the sender gets a strike) and the connection
 
 **What it defends against**: spoofed identities (proof above), oversized or malformed headers (checked before any
 payload is read), slowloris streams (deadlines), connection floods (caps; an unproven connection costs a thread for
-at most the handshake deadline). It does not hide traffic volume, and the announced host must be one of the
+at most the handshake deadline). Memory a server commits to reading is at most ``max_connections`` messages of
+``limits.max_total_bytes`` (as many as concurrent P2P streams may hold). It does not hide traffic volume, and the announced host must be one of the
 record's libp2p addresses, so a record cannot point clients at an arbitrary host.
 
 **Threads, not the event loop**: each connection's socket work runs on a thread (blocking ``ssl`` sockets measured
@@ -98,7 +99,8 @@ class DataPlaneConfig:
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 120.0  # a server closes a connection idle this long between messages
     read_timeout_s: float = 60.0  # a whole message must arrive within this once its prefix did
-    connect_timeout_s: float = 3.0
+    connect_timeout_s: float = 2.0
+    unreachable_retry_s: float = 60.0  # a client that could not connect to a peer uses P2P for it this long
     pool_per_peer: int = 8  # a client's connections to one peer (busy + idle); more calls go over P2P
     max_client_connections: int = 32  # a client's connections in use at once, all peers together
     client_idle_s: float = 60.0  # a client drops a pooled connection idle this long (below the server's)
@@ -658,7 +660,7 @@ class DataPlaneClient:
             logger.info(f"no data plane connection to {key[0][-8:]} ({type(e).__name__}: {e}); using P2P")
             with self._lock:
                 self._open[key] -= 1
-                self._unreachable[key] = time.monotonic() + 30.0
+                self._unreachable[key] = time.monotonic() + self.cfg.unreachable_retry_s
                 if len(self._unreachable) > 4096:  # peer ids are free to mint: keep this table bounded
                     self._unreachable.clear()
             return None
