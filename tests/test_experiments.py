@@ -47,3 +47,8 @@ def test_averaging_benchmark_quick():
 def test_reputation_speed_quick():
     out = run_quick("reputation_speed", 300)
     assert "identical True" in out and "identical False" not in out
+
+
+def test_dataplane_benchmark_quick():
+    out = run_quick("dataplane", 120)
+    assert "| 16MiB | dataplane |" in out and "| 0.79MB | hivemind_p2p |" in out
