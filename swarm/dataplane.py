@@ -569,8 +569,10 @@ class _Connection:
         """Not idle too long, and nothing to read: a server never speaks unasked, so readable means closed."""
         if time.monotonic() - self.last_used > idle_s:
             return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+        try:  # poll, not select: descriptors above 1024 are fine
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            readable = poller.poll(0)
         except (OSError, ValueError):
             return False
         return not readable and self.sock.pending() == 0

@@ -339,3 +339,20 @@ def test_record_field_is_optional_checked_and_host_bound():
     ):
         with pytest.raises(RecordError):
             StageRecord.from_value(dict(base, version=1, dataplane=bad))
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_not_used():
+    async def main():
+        server, handler, endpoint = await serve(DataPlaneConfig(idle_timeout_s=0.3, client_idle_s=0.1))
+        client = DataPlaneClient(CLIENT, CLIENT_KEY, DataPlaneConfig(client_idle_s=10.0))
+        try:
+            assert await client.call(SERVER, endpoint, {}, [torch.ones(2)], LIMITS, timeout=5) is not None
+            await asyncio.sleep(0.8)  # the server dropped the idle connection; the client still pools it
+            reply = await client.call(SERVER, endpoint, {}, [torch.ones(2)], LIMITS, timeout=5)
+            assert reply is not None and reply.metadata["ok"]
+            assert server.stats.accepted == 2 and client.stats.fallbacks == 0
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
