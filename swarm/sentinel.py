@@ -1,8 +1,9 @@
 """SENTINEL-style checks of every tensor a stage receives, by momentum (EMA) monitoring of cheap statistics.
 
-No computation is duplicated: each check reads the received tensor once or twice (O(size)) and, for gradients,
-the activation this peer itself sent for the same micro-batch. Per tensor ``x`` (activations ``[B, T, H]`` on the
-way forward, activation-gradients on the way back) the monitor computes:
+No computation is duplicated: each check reads the received tensor once in full and a fixed-size sample of it (see
+"Cost and sampling" below) and, for gradients, the same sample of the activation this peer itself sent for the same
+micro-batch. Per tensor ``x`` (activations ``[B, T, H]`` on the way forward, activation-gradients on the way back)
+the monitor computes:
 
 - ``log_rms``       log of the root mean square: scaling, zeroing, most noise;
 - ``mean_shift``    (activations only) distance of the per-feature mean over tokens from its EMA, in units of the
@@ -44,6 +45,35 @@ by a sign flip, and the odd ones (``alignment``, ``angle_corr``) are centred on 
 alignment -0.0005 +- 0.0027), so a flipped gradient looks honest; honest gradient norms vary by an order of
 magnitude between micro-batches, which hides scaling by 1.5. Those need redundancy (checking a sample of
 micro-batches on a second peer) or robust averaging of the weights, not monitoring.
+
+Cost and sampling. Everything runs on the device where the tensor lives (a GPU where there is one); the scalars
+leave it together, once per check. Per check the cost is one pass over the whole tensor plus work on a sample whose
+size does not depend on the tensor's:
+
+- **Every element** (one pass, a sum of squares accumulated in float32, :meth:`SentinelMonitor.energy`): any NaN or
+  infinity, an all-zero tensor, ``log_rms`` of the whole tensor, the causal tail (the last position of every
+  sequence, read in full) and whether an element may exceed ``max_abs_value`` (the largest ``|x|`` is at most the
+  norm; only when the norm leaves room is a second pass, min and max, made: a loud tensor, RMS above
+  ``max_abs_value / sqrt(numel)``).
+- **A random sample of ``sample_tokens`` tokens** (default 1024, the live swarm's whole micro-batch of 8 x 128;
+  every token of a tensor no larger than that, so small tensors are checked exactly as before): every other
+  statistic (per-feature moments, distances, skewness, the gradient-activation structure, the last stage's token
+  fit). The tokens are drawn without replacement, afresh for every check, from a generator private to the monitor
+  and seeded from the OS (``sample_seed`` fixes it for experiments only), so a sender cannot know which of its tokens
+  will be read. The replay sketch is of tokens at fixed positions (a replay must line up with its original).
+
+What a sample can and cannot see. Tampering spread over the tensor (noise, shifts, scaling, replacement, sign
+flips of activations, ALIE) changes every token, so every sample shows it; the statistics of ``k`` sampled tokens
+are about as precise as those of a whole tensor of ``k`` tokens (the live default is 1024 tokens). Tampering
+confined to ``m`` of ``N`` tokens enters a check's sample with probability about ``1 - (1 - k/N)^m`` (at
+8 x 2048 tokens and k = 1024: 6% for one token, 65% for 16, 98% for 64); the ``j`` of them that a sample holds move
+a mean-like statistic by ``j/k`` of their per-token change, where a full check sees ``m/N``: the same on average,
+concentrated in fewer checks. What sees
+such tampering regardless of the sample: the full pass (non-finite or absurd values anywhere, and through
+``log_rms`` any few tokens loud enough to change the tensor's energy) and the last stage's loss (every token). What
+sees it neither way: a few tokens quietly replaced by plausible values. No statistic here, sampled or full, sees
+them (diluted in the tensor), nor an audit (``swarm/audit.py`` compares whole gradients by cosine); the damage is
+bounded by their share of the micro-batch's tokens.
 
 Knobs (:class:`SentinelConfig`): ``threshold`` (z above which a tensor is rejected), ``warmup``, ``ema_decay``,
 ``replay_window`` and ``replay_threshold``, ``min_spread`` (a relative floor on each spread, so a statistic that
