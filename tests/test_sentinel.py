@@ -390,3 +390,18 @@ def test_sampled_monitor_catches_sleepers_without_false_alarms(honest):
         results = run(honest, attack, direction, start=60, cfg=cfg)
         caught = [i for i, _, _, t, v in results if t and not v.accepted]
         assert caught and caught[0] - 60 <= 20, f"{attack}: first caught at {caught[:1]}"
+
+
+def test_half_precision_tensors_are_checked_with_float32_accumulation():
+    """Statistics of a bfloat16 or float16 tensor (as a GPU peer may receive) match its float32 copy's closely: the
+    full pass accumulates in float32, the sample is converted before any arithmetic."""
+    x = torch.randn(8, 512, 64) * 2 + 0.5
+    reference = SentinelMonitor(SentinelConfig(sample_seed=0)).statistics(x)[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        low = x.to(dtype)
+        scalars = SentinelMonitor(SentinelConfig(sample_seed=0)).statistics(low)[0]
+        for name, value in reference.items():
+            assert scalars[name] == pytest.approx(value, rel=0.01, abs=0.01), (dtype, name)
+        bad = low.clone()
+        bad[5, 300, 7] = float("nan")
+        assert SentinelMonitor().check(bad, "p", FORWARD).statistic == "finite"
