@@ -206,20 +206,24 @@ def main() -> None:
         help="tokens the statistics sample per tensor (the default exceeds this run's 256 tokens: every token); "
         "another value writes results_sample<N>.csv/.md",
     )
+    parser.add_argument(
+        "--microbatch-size",
+        type=int,
+        default=4,
+        help="sequences of 64 tokens per micro-batch; another value writes results_mb<N>[_sample<N>].csv/.md",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    seq_len, mb_size, lr = 64, 4, 2e-3
+    seq_len, mb_size, lr = 64, args.microbatch_size, 2e-3
     pretrain, honest_mb, attack_mb = (
         (20, 40, 30) if args.quick else (args.pretrain, args.honest, args.attack_mb)
     )
     grid = ATTACK_GRID[::5] if args.quick else ATTACK_GRID
     # a fixed sample seed: the run is reproducible (peers draw theirs from the OS)
     scfg = SentinelConfig(threshold=args.threshold, sample_tokens=args.sample_tokens, sample_seed=0)
-    stem = (
-        "results"
-        if args.sample_tokens == SentinelConfig().sample_tokens
-        else f"results_sample{args.sample_tokens}"
-    )
+    stem = "results" + (f"_mb{mb_size}" if mb_size != 4 else "")
+    if args.sample_tokens != SentinelConfig().sample_tokens:
+        stem += f"_sample{args.sample_tokens}"
     started = time.perf_counter()
 
     pipe = Pipeline(seq_len, mb_size, lr)
