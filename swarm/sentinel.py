@@ -561,6 +561,8 @@ class SentinelMonitor:
         """Sum of the squares of every element, accumulated in float32 or wider: the one pass over the whole tensor.
         Non-finite when any element is (or when a square overflows float32: a magnitude beyond 1e19)."""
         flat = x.detach().reshape(-1)
+        if not flat.is_floating_point():
+            flat = flat.float()
         if flat.dtype in (torch.float32, torch.float64):
             return float(torch.dot(flat, flat))  # BLAS: the fastest full reduction on a CPU
         return float(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
