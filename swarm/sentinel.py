@@ -1,8 +1,9 @@
 """SENTINEL-style checks of every tensor a stage receives, by momentum (EMA) monitoring of cheap statistics.
 
-No computation is duplicated: each check reads the received tensor once or twice (O(size)) and, for gradients,
-the activation this peer itself sent for the same micro-batch. Per tensor ``x`` (activations ``[B, T, H]`` on the
-way forward, activation-gradients on the way back) the monitor computes:
+No computation is duplicated: each check reads the received tensor once in full and a fixed-size sample of it (see
+"Cost and sampling" below) and, for gradients, the same sample of the activation this peer itself sent for the same
+micro-batch. Per tensor ``x`` (activations ``[B, T, H]`` on the way forward, activation-gradients on the way back)
+the monitor computes:
 
 - ``log_rms``       log of the root mean square: scaling, zeroing, most noise;
 - ``mean_shift``    (activations only) distance of the per-feature mean over tokens from its EMA, in units of the
@@ -45,6 +46,35 @@ alignment -0.0005 +- 0.0027), so a flipped gradient looks honest; honest gradien
 magnitude between micro-batches, which hides scaling by 1.5. Those need redundancy (checking a sample of
 micro-batches on a second peer) or robust averaging of the weights, not monitoring.
 
+Cost and sampling. Everything runs on the device where the tensor lives (a GPU where there is one); the scalars
+leave it together, once per check. Per check the cost is one pass over the whole tensor plus work on a sample whose
+size does not depend on the tensor's:
+
+- **Every element** (one pass, a sum of squares accumulated in float32, :meth:`SentinelMonitor.energy`): any NaN or
+  infinity, an all-zero tensor, ``log_rms`` of the whole tensor, the causal tail (the last position of every
+  sequence, read in full) and whether an element may exceed ``max_abs_value`` (the largest ``|x|`` is at most the
+  norm; only when the norm leaves room is a second pass, min and max, made: a loud tensor, RMS above
+  ``max_abs_value / sqrt(numel)``).
+- **A random sample of ``sample_tokens`` tokens** (default 1024, the live swarm's whole micro-batch of 8 x 128;
+  every token of a tensor no larger than that, so small tensors are checked exactly as before): every other
+  statistic (per-feature moments, distances, skewness, the gradient-activation structure, the last stage's token
+  fit). The tokens are drawn without replacement, afresh for every check, from a generator private to the monitor
+  and seeded from the OS (``sample_seed`` fixes it for experiments only), so a sender cannot know which of its tokens
+  will be read. The replay sketch is of tokens at fixed positions (a replay must line up with its original).
+
+What a sample can and cannot see. Tampering spread over the tensor (noise, shifts, scaling, replacement, sign
+flips of activations, ALIE) changes every token, so every sample shows it; the statistics of ``k`` sampled tokens
+are about as precise as those of a whole tensor of ``k`` tokens (the live default is 1024 tokens). Tampering
+confined to ``m`` of ``N`` tokens enters a check's sample with probability about ``1 - (1 - k/N)^m`` (at
+8 x 2048 tokens and k = 1024: 6% for one token, 65% for 16, 98% for 64); the ``j`` of them that a sample holds move
+a mean-like statistic by ``j/k`` of their per-token change, where a full check sees ``m/N``: the same on average,
+concentrated in fewer checks. What sees
+such tampering regardless of the sample: the full pass (non-finite or absurd values anywhere, and through
+``log_rms`` any few tokens loud enough to change the tensor's energy) and the last stage's loss (every token). What
+sees it neither way: a few tokens quietly replaced by plausible values. No statistic here, sampled or full, sees
+them (diluted in the tensor), nor an audit (``swarm/audit.py`` compares whole gradients by cosine); the damage is
+bounded by their share of the micro-batch's tokens.
+
 Knobs (:class:`SentinelConfig`): ``threshold`` (z above which a tensor is rejected), ``warmup``, ``ema_decay``,
 ``replay_window`` and ``replay_threshold``, ``min_spread`` (a relative floor on each spread, so a statistic that
 happened to be very stable does not turn tiny honest changes into huge z-scores), ``max_senders`` and
@@ -63,6 +93,7 @@ of its table is established too.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -127,6 +158,12 @@ class SentinelConfig:
         None  # a sender not heard from for this long is forgotten (None: only by size)
     )
     max_shapes: int = 4  # hidden sizes whose replay projection is cached (a sender picks the shape it sends)
+    # tokens drawn at random for the statistics of a larger tensor (0: every token); see "Cost and sampling" in the
+    # module docstring. The default is the live swarm's micro-batch (8 x 128), so there nothing changes
+    sample_tokens: int = 1024
+    # seed of the token sample; None: drawn from the OS when the monitor starts, so a sender cannot predict which of
+    # its tokens are looked at. Set it only for reproducible experiments
+    sample_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not (self.threshold > 0 and self.warmup >= 3 and 0 < self.ema_decay < 1):
@@ -139,6 +176,8 @@ class SentinelConfig:
             and (self.sender_ttl_s is None or self.sender_ttl_s > 0)
         ):
             raise ValueError("sentinel: max_senders >= window, max_shapes >= 1, sender_ttl_s > 0 (or None)")
+        if not (self.sample_tokens == 0 or self.sample_tokens >= 16):
+            raise ValueError("sentinel: sample_tokens is 0 (every token) or >= 16")
 
 
 @dataclass
@@ -164,9 +203,10 @@ class Verdict:
         return self.reason
 
 
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+def _corr_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation as a 0-d tensor on the inputs' device (no synchronisation)."""
     a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
+    return (a * b).sum() / (a.norm() * b.norm() + 1e-12)
 
 
 def vector_distances(ema: Dict[str, torch.Tensor], vectors: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -461,6 +501,9 @@ class SentinelMonitor:
         self.token_counts: Optional[torch.Tensor] = None
         self.checked = 0
         self.rejected = 0
+        # the token sample's generator: private, and by default seeded from the OS (see SentinelConfig.sample_seed)
+        seed = self.cfg.sample_seed if self.cfg.sample_seed is not None else secrets.randbits(63)
+        self._sampler = torch.Generator().manual_seed(seed)
 
     def _table(self, protect: Optional[Callable[[Any, Any], bool]] = None) -> PeerTable:
         return PeerTable(self.cfg.max_senders, self.cfg.sender_ttl_s, clock=self.clock, protect=protect)
@@ -493,51 +536,91 @@ class SentinelMonitor:
             self.relative.pop(key, None)
 
     # ---- statistics ------------------------------------------------------------------------------------------
-    def _projection(self, hidden: int) -> torch.Tensor:
+    def _projection(self, hidden: int, device: torch.device) -> torch.Tensor:
         projection = self._projections.get(hidden)
         if projection is None:
             gen = torch.Generator().manual_seed(self.cfg.seed + hidden)
-            projection = self._projections[hidden] = torch.randn(hidden, generator=gen) / math.sqrt(hidden)
+            projection = torch.randn(hidden, generator=gen) / math.sqrt(hidden)
+        if projection.device != device:
+            projection = projection.to(device)
+        self._projections[hidden] = projection
         return projection
 
+    def sample_rows(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Indices (sorted, on ``device``) of ``cfg.sample_tokens`` tokens drawn without replacement, afresh for
+        every call from the monitor's private generator; None when the tensor has no more tokens than that (then
+        every token is used)."""
+        k = self.cfg.sample_tokens
+        if not k or num_tokens <= k:
+            return None
+        rows = torch.randperm(num_tokens, generator=self._sampler)[:k].sort().values
+        return rows.to(device)
+
+    @staticmethod
+    def energy(x: torch.Tensor) -> float:
+        """Sum of the squares of every element, accumulated in float32 or wider: the one pass over the whole tensor.
+        Non-finite when any element is (or when a square overflows float32: a magnitude beyond 1e19)."""
+        flat = x.detach().reshape(-1)
+        if not flat.is_floating_point():
+            flat = flat.float()
+        if flat.dtype in (torch.float32, torch.float64):
+            return float(torch.dot(flat, flat))  # BLAS: the fastest full reduction on a CPU
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
+
     def statistics(
-        self, x: torch.Tensor, context: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        *,
+        energy: Optional[float] = None,
     ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor], torch.Tensor]:
-        """Scalar statistics, per-feature vectors and the replay sketch of one tensor ``[..., H]``."""
-        x = x.detach().float()
+        """Scalar statistics, per-feature vectors and the replay sketch of one tensor ``[..., H]``, on the tensor's own
+        device. ``log_rms`` is of the whole tensor (``energy``, computed here if not given); the rest are of a random
+        sample of ``cfg.sample_tokens`` tokens (the same ones of ``context``), or of every token of a smaller tensor.
+        The scalars leave the device together, once."""
+        x = x.detach()
         flat = x.reshape(-1, x.shape[-1])  # tokens x features
+        num_tokens, hidden = flat.shape
         eps = 1e-12
-        # per-feature moments from two passes over the tensor (torch's std over dim 0 is several times slower)
-        feat_mean = flat.mean(dim=0)
-        centred = flat - feat_mean
-        centred_sq = centred.square()
-        feat_var = centred_sq.mean(dim=0)
+        if energy is None:
+            energy = self.energy(x)
+        rows = self.sample_rows(num_tokens, flat.device)
+        sample = (flat if rows is None else flat.index_select(0, rows)).float()
+        # per-feature moments from two passes over the sample (torch's std over dim 0 is several times slower)
+        feat_mean = sample.mean(dim=0)
+        centred = sample - feat_mean
+        cubed = centred.square()
+        feat_var = cubed.mean(dim=0)
         feat_std = feat_var.sqrt()
         feat_rms = (feat_var + feat_mean.square()).sqrt()
-        rms = float(feat_rms.square().mean().sqrt())
-        feat_skew = (centred_sq * centred).mean(dim=0) / (
+        sample_rms = feat_rms.square().mean().sqrt()
+        feat_skew = cubed.mul_(centred).mean(dim=0) / (
             feat_std.pow(3) + eps
         )  # odd: flips with the tensor's sign
-        scalars = {
-            "log_rms": math.log(rms + eps),
-            "token_spread": float(feat_std.mean()) / (rms + eps),
-        }
+        names = ["token_spread"]
+        values = [feat_std.mean() / (sample_rms + eps)]
         if context is not None and context.shape == x.shape:
-            ctx = context.detach().float().reshape(-1, x.shape[-1])
-            scalars["alignment"] = float((flat * ctx).sum() / (flat.norm() * ctx.norm() + eps))
-            if flat.shape[0] > 2:
+            ctx = context.detach().reshape(-1, hidden)
+            ctx = (ctx if rows is None else ctx.index_select(0, rows)).float()
+            # per-token dot products, once: the global cosine and the per-token angles both come from them
+            dots = (sample * ctx).sum(dim=1)
+            g_norm, a_norm = sample.norm(dim=1), ctx.norm(dim=1)
+            names.append("alignment")
+            values.append(dots.sum() / (g_norm.norm() * a_norm.norm() + eps))
+            if sample.shape[0] > 2:
                 # per-token structure that only the gradient *of these activations* has: tokens with large
                 # activations get small gradients (and a typical angle), stale or foreign gradients do not
-                g_norm, a_norm = flat.norm(dim=1), ctx.norm(dim=1)
-                cos = (flat * ctx).sum(dim=1) / (g_norm * a_norm + eps)
-                scalars["norm_corr"] = _corr(g_norm, a_norm)
-                scalars["angle_corr"] = _corr(cos, a_norm)  # odd in the gradient: flips with its sign
-        # sketch: a random projection of a fixed sample of tokens, centred, for replay detection
-        proj = flat @ self._projection(flat.shape[-1])
-        step = max(1, proj.numel() // self.cfg.sketch_dim)
-        sketch = proj[::step][: self.cfg.sketch_dim]
+                cos = dots / (g_norm * a_norm + eps)
+                names += ["norm_corr", "angle_corr"]  # angle_corr is odd in the gradient: flips with its sign
+                values += [_corr_tensor(g_norm, a_norm), _corr_tensor(cos, a_norm)]
+        # sketch: a random projection of tokens at fixed positions (the same in every check, or a replay would not
+        # line up with its original), centred, for replay detection
+        step = max(1, num_tokens // self.cfg.sketch_dim)
+        sketch = flat[::step][: self.cfg.sketch_dim].float() @ self._projection(hidden, flat.device)
         sketch = sketch - sketch.mean()
         sketch = sketch / (sketch.norm() + eps)
+        scalars = dict(zip(names, torch.stack(values).tolist()))
+        scalars["log_rms"] = math.log(math.sqrt(energy / max(x.numel(), 1)) + eps)
         vectors = {"feat_mean": feat_mean, "feat_std": feat_std, "feat_rms": feat_rms}
         if context is None:
             # activations only: the skewness of activation-gradients is too noisy (measured: it caused most false
@@ -546,32 +629,45 @@ class SentinelMonitor:
         return scalars, vectors, sketch
 
     # ---- verdicts --------------------------------------------------------------------------------------------
-    def hard_check(self, x: torch.Tensor, sender: str, direction: str) -> Optional[Verdict]:
+    def hard_check(
+        self, x: torch.Tensor, sender: str, direction: str, *, energy: Optional[float] = None
+    ) -> Optional[Verdict]:
+        """Checks that need no history, of every element: non-finite values, an all-zero tensor, an absurd magnitude
+        and (gradients) the causal tail. One pass (:meth:`energy`, reused by :meth:`statistics` when given); a second
+        (min and max) only when the tensor's norm leaves room for an element beyond ``max_abs_value``."""
         if not x.is_floating_point():
             return None
         if not x.numel():
             return None
-        # one pass: min and max carry any NaN or inf, and show an all-zero tensor and an absurd magnitude
-        low, high = (float(v) for v in torch.aminmax(x.detach()))
-        if not (math.isfinite(low) and math.isfinite(high)):
+        x = x.detach()
+        if energy is None:
+            energy = self.energy(x)
+        if not math.isfinite(energy):
             bad = int((~torch.isfinite(x)).sum())  # only on the way to a rejection
-            return Verdict(
-                False, sender, direction, float(bad), 0.0, f"{bad} non-finite values", "finite", "hard"
-            )
-        if low == 0.0 and high == 0.0:
+            if bad:
+                return Verdict(
+                    False, sender, direction, float(bad), 0.0, f"{bad} non-finite values", "finite", "hard"
+                )
+            # every element is finite but their squares overflow: the magnitude check below rejects it
+        if energy == 0.0:
+            # a sum of squares is zero only if every element is (or is below ~1e-19, whose square underflows)
             return Verdict(False, sender, direction, 0.0, 0.0, "all values are zero", "zeros", "hard")
-        peak = max(-low, high)
-        if peak > self.cfg.max_abs_value:
-            return Verdict(
-                False,
-                sender,
-                direction,
-                peak,
-                self.cfg.max_abs_value,
-                f"absurd magnitude: max |x| = {peak:.3g}",
-                "peak",
-                "hard",
-            )
+        if (
+            not math.sqrt(energy) <= self.cfg.max_abs_value
+        ):  # max |x| <= the norm: otherwise no element can be
+            low, high = (float(v) for v in torch.aminmax(x))
+            peak = max(-low, high)
+            if peak > self.cfg.max_abs_value:
+                return Verdict(
+                    False,
+                    sender,
+                    direction,
+                    peak,
+                    self.cfg.max_abs_value,
+                    f"absurd magnitude: max |x| = {peak:.3g}",
+                    "peak",
+                    "hard",
+                )
         if (
             direction == BACKWARD
             and self.cfg.causal_tail_tolerance is not None
@@ -581,7 +677,7 @@ class SentinelMonitor:
             # causal LM: the last position's output predicts nothing (it has no next token), and in a causal model
             # it influences no other position, so the honest gradient there is exactly zero at every stage boundary
             tail = float(x[:, -1].float().pow(2).mean().sqrt())
-            whole = float(x.float().pow(2).mean().sqrt())
+            whole = math.sqrt(energy / x.numel())
             if tail > self.cfg.causal_tail_tolerance * whole:
                 return Verdict(
                     False,
@@ -613,11 +709,14 @@ class SentinelMonitor:
         weights that produced the tensor: it is compared with other senders at the same epoch where there are any
         (honest replicas one optimizer step apart differ, most early in training)."""
         self.checked += 1
-        verdict = self.hard_check(x, sender, direction)
+        energy = self.energy(x) if x.is_floating_point() and x.numel() else None
+        verdict = self.hard_check(x, sender, direction, energy=energy)
         if verdict is not None:
             self.rejected += 1
             return verdict
-        scalars, vectors, sketch = self.statistics(x, context if direction == BACKWARD else None)
+        scalars, vectors, sketch = self.statistics(
+            x, context if direction == BACKWARD else None, energy=energy
+        )
         if direction == BACKWARD:
             # no per-feature distances on gradients: every attack they caught there is caught by the causal tail
             # from its first message, and their baselines cannot follow the per-feature drift of honest gradients
@@ -693,13 +792,21 @@ class SentinelMonitor:
             return None
         return tokens.reshape(-1).to(x.device).long() % self.cfg.token_buckets
 
+    def _token_sample(self, x: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The activations (float) and token ids of a random sample of positions (every position of a small tensor)."""
+        flat = x.detach().reshape(-1, x.shape[-1])
+        rows = self.sample_rows(flat.shape[0], flat.device)
+        if rows is not None:
+            flat, ids = flat.index_select(0, rows), ids.index_select(0, rows)
+        return flat.float(), ids
+
     def token_fit(self, x: torch.Tensor, tokens: Optional[torch.Tensor]) -> Optional[float]:
         """Mean cosine between each position's activation (centred) and the running mean of the accepted activations
         of its token (centred), over the positions whose token was seen before; None until a quarter are."""
         ids = self._token_ids(x, tokens)
         if ids is None or self.token_sums is None or self.token_sums.shape[1] != x.shape[-1]:
             return None
-        flat = x.detach().float().reshape(-1, x.shape[-1])
+        flat, ids = self._token_sample(x, ids)
         known = self.token_counts[ids] >= 1.0
         if int(known.sum()) < max(8, flat.shape[0] // 4):
             return None
@@ -715,7 +822,7 @@ class SentinelMonitor:
         ids = self._token_ids(x, tokens)
         if ids is None:
             return
-        flat = x.detach().float().reshape(-1, x.shape[-1])
+        flat, ids = self._token_sample(x, ids)
         if self.token_sums is None or self.token_sums.shape[1] != flat.shape[1]:
             self.token_sums = torch.zeros(self.cfg.token_buckets, flat.shape[1], device=flat.device)
             self.token_counts = torch.zeros(self.cfg.token_buckets, device=flat.device)

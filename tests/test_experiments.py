@@ -11,9 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(script: str, timeout: float) -> str:
+def run_quick(script: str, timeout: float, name: str = "run.py") -> str:
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", script, "run.py"), "--quick"],
+        [sys.executable, os.path.join(ROOT, "experiments", script, name), "--quick"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -30,6 +30,11 @@ def test_detection_quick():
 
 def test_sentinel_overhead_quick():
     assert "overhead" in run_quick("sentinel_overhead", 300)
+
+
+def test_sentinel_overhead_scale_quick():
+    out = run_quick("sentinel_overhead", 300, "scale.py")
+    assert "sampled" in out and "of the stage's forward+backward" in out
 
 
 @pytest.mark.slow

@@ -301,3 +301,107 @@ def test_a_flood_of_fresh_senders_is_bounded_and_evicts_newcomers_first(honest):
     for hidden in range(8, 40):
         monitor.check(torch.randn(1, 4, hidden), f"odd{hidden}", FORWARD, microbatch=f"odd{hidden}")
     assert len(monitor._projections) <= cfg.max_shapes
+
+
+# ---- cost that does not grow with the tensor: one full pass, statistics on a random sample of tokens ----------------
+
+
+def test_sampled_statistics_agree_with_every_token():
+    """On a tensor of 4096 tokens, statistics of a 1024-token sample are within a few percent of those of every token
+    (log_rms is of the whole tensor in both); the per-feature means within a small fraction of the per-feature spread."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(64, generator=gen) * 3 + 0.5  # features of different sizes, as in a residual stream
+    act = (torch.randn(16, 256, 64, generator=gen) + 0.3) * scale
+    grad = torch.randn(16, 256, 64, generator=gen) / (1 + act.norm(dim=-1, keepdim=True)) + 0.1 * act
+    full = SentinelMonitor(SentinelConfig(sample_tokens=0))
+    sampled = SentinelMonitor(SentinelConfig(sample_tokens=1024, sample_seed=1))
+    for x, ctx in ((act, None), (grad, act)):
+        s_full, v_full, sketch_full = full.statistics(x, ctx)
+        s_sampled, v_sampled, sketch_sampled = sampled.statistics(x, ctx)
+        assert s_full.keys() == s_sampled.keys()
+        assert s_sampled["log_rms"] == pytest.approx(s_full["log_rms"], abs=1e-6)
+        for name, value in s_full.items():
+            assert s_sampled[name] == pytest.approx(value, abs=0.05, rel=0.05), name
+        spread = v_full["feat_std"]
+        assert float(((v_sampled["feat_mean"] - v_full["feat_mean"]) / spread).abs().max()) < 0.2
+        assert torch.allclose(v_sampled["feat_rms"], v_full["feat_rms"], rtol=0.1)
+        assert torch.allclose(sketch_sampled, sketch_full)  # replay sketch: fixed positions, not sampled
+    # a tensor no larger than the sample: every token, bit for bit the full statistics, and no randomness drawn
+    small = act[:2]
+    state = sampled._sampler.get_state()
+    assert sampled.statistics(small)[0] == full.statistics(small)[0]
+    assert torch.equal(sampled._sampler.get_state(), state)
+
+
+def test_sample_changes_from_check_to_check_and_between_monitors():
+    monitor = SentinelMonitor(SentinelConfig(sample_tokens=64))
+    first, second = (
+        monitor.sample_rows(4096, torch.device("cpu")),
+        monitor.sample_rows(4096, torch.device("cpu")),
+    )
+    assert first.shape == (64,) and len(set(first.tolist())) == 64 and torch.equal(first, first.sort().values)
+    assert not torch.equal(first, second)
+    other = SentinelMonitor(SentinelConfig(sample_tokens=64))  # seeded from the OS: another sample
+    assert not torch.equal(other.sample_rows(4096, torch.device("cpu")), first)
+    # a fixed seed is reproducible (experiments only)
+    a, b = (SentinelMonitor(SentinelConfig(sample_tokens=64, sample_seed=3)) for _ in range(2))
+    assert torch.equal(a.sample_rows(4096, torch.device("cpu")), b.sample_rows(4096, torch.device("cpu")))
+    assert monitor.sample_rows(64, torch.device("cpu")) is None  # no more tokens than the sample: all of them
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e6, 1e30])
+@pytest.mark.parametrize("direction", [FORWARD, BACKWARD])
+def test_one_bad_element_anywhere_is_caught_by_the_full_pass(value, direction):
+    """The hard checks see every element, however small the sample: one non-finite or absurd value in one token of
+    4096, wherever it is, is rejected (and the reason names what it is)."""
+    monitor = SentinelMonitor(SentinelConfig(sample_tokens=16))
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(8):
+        x = torch.randn(16, 256, 32, generator=gen)
+        if direction == BACKWARD:
+            x[:, -1] = 0
+        b, t, h = (int(torch.randint(n, (1,), generator=gen)) for n in (16, 255, 32))
+        x[b, t, h] = value
+        verdict = monitor.check(x, "p", direction, microbatch=str(trial), context=torch.randn_like(x))
+        assert not verdict.accepted and verdict.baseline == "hard", verdict.reason
+        expected = "finite" if not torch.isfinite(torch.tensor(value)) else "peak"
+        assert verdict.statistic == expected, verdict.reason
+    # finite values whose squares overflow float32 are named for their magnitude, not as non-finite
+    assert "absurd" in monitor.check(torch.full((4, 8, 16), 3e19), "p", FORWARD).reason
+    assert "zero" in monitor.check(torch.zeros(16, 256, 32), "p", FORWARD).reason
+
+
+def test_log_rms_sees_a_few_loud_tokens_outside_the_sample():
+    """log_rms is of the whole tensor: a few tokens scaled up move it whether or not the sample holds them."""
+    monitor = SentinelMonitor(SentinelConfig(sample_tokens=16, sample_seed=0))
+    x = torch.randn(16, 256, 32)
+    loud = x.clone()
+    loud[3, 100:104] *= 100  # 4 tokens of 4096
+    base = monitor.statistics(x)[0]["log_rms"]
+    assert monitor.statistics(loud)[0]["log_rms"] - base > 0.5  # x 1.0e4 energy in 1/1024 of the tokens
+
+
+def test_sampled_monitor_catches_sleepers_without_false_alarms(honest):
+    """Half of each tensor's tokens sampled (64 of 128): the honest run stays clean and sleepers are still caught."""
+    cfg = SentinelConfig(sample_tokens=64, sample_seed=0)
+    rejected = [v.reason for *_, v in run(honest, cfg=cfg) if not v.accepted]
+    assert rejected == []
+    for attack, direction in (("alie", FORWARD), ("noise", FORWARD), ("replay", BACKWARD)):
+        results = run(honest, attack, direction, start=60, cfg=cfg)
+        caught = [i for i, _, _, t, v in results if t and not v.accepted]
+        assert caught and caught[0] - 60 <= 20, f"{attack}: first caught at {caught[:1]}"
+
+
+def test_half_precision_tensors_are_checked_with_float32_accumulation():
+    """Statistics of a bfloat16 or float16 tensor (as a GPU peer may receive) match its float32 copy's closely: the
+    full pass accumulates in float32, the sample is converted before any arithmetic."""
+    x = torch.randn(8, 512, 64) * 2 + 0.5
+    reference = SentinelMonitor(SentinelConfig(sample_seed=0)).statistics(x)[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        low = x.to(dtype)
+        scalars = SentinelMonitor(SentinelConfig(sample_seed=0)).statistics(low)[0]
+        for name, value in reference.items():
+            assert scalars[name] == pytest.approx(value, rel=0.01, abs=0.01), (dtype, name)
+        bad = low.clone()
+        bad[5, 300, 7] = float("nan")
+        assert SentinelMonitor().check(bad, "p", FORWARD).statistic == "finite"

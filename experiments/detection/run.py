@@ -199,14 +199,31 @@ def main() -> None:
         "--honest", type=int, default=1100, help="micro-batches of the honest run (2 tensors each)"
     )
     parser.add_argument("--attack-mb", type=int, default=120, help="micro-batches of each attack run")
+    parser.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=SentinelConfig().sample_tokens,
+        help="tokens the statistics sample per tensor (the default exceeds this run's 256 tokens: every token); "
+        "another value writes results_sample<N>.csv/.md",
+    )
+    parser.add_argument(
+        "--microbatch-size",
+        type=int,
+        default=4,
+        help="sequences of 64 tokens per micro-batch; another value writes results_mb<N>[_sample<N>].csv/.md",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    seq_len, mb_size, lr = 64, 4, 2e-3
+    seq_len, mb_size, lr = 64, args.microbatch_size, 2e-3
     pretrain, honest_mb, attack_mb = (
         (20, 40, 30) if args.quick else (args.pretrain, args.honest, args.attack_mb)
     )
     grid = ATTACK_GRID[::5] if args.quick else ATTACK_GRID
-    scfg = SentinelConfig(threshold=args.threshold)
+    # a fixed sample seed: the run is reproducible (peers draw theirs from the OS)
+    scfg = SentinelConfig(threshold=args.threshold, sample_tokens=args.sample_tokens, sample_seed=0)
+    stem = "results" + (f"_mb{mb_size}" if mb_size != 4 else "")
+    if args.sample_tokens != SentinelConfig().sample_tokens:
+        stem += f"_sample{args.sample_tokens}"
     started = time.perf_counter()
 
     pipe = Pipeline(seq_len, mb_size, lr)
@@ -282,13 +299,15 @@ def main() -> None:
     if args.quick:
         print(json.dumps(rows))
         return
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(
-            f"Threshold {scfg.threshold:g}, warm-up {scfg.warmup}, EMA decay {scfg.ema_decay}. "
+            f"Threshold {scfg.threshold:g}, warm-up {scfg.warmup}, EMA decay {scfg.ema_decay}, "
+            f"statistics on {min(scfg.sample_tokens or seq_len * mb_size, seq_len * mb_size)} of the "
+            f"{seq_len * mb_size} tokens of each tensor. "
             f"Honest run: {honest.false_pos} false positives in {honest.honest} honest tensors; all runs: "
             f"{total_fp} in {total_honest} ({100 * total_fp / max(total_honest, 1):.3f}%).\n\n"
         )
