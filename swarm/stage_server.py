@@ -1116,7 +1116,9 @@ class StageServer(ServicerBase):
                 "'audit_only' asks the last stage for a gradient; this peer serves a middle stage",
                 blame=sender,
             )
-        x = self._validate_request(header, received.tensors, sender)
+        # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
+        # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
+        x = self._validate_request(header, received.tensors, sender).to(self.device)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
         if audit_only:  # the penultimate stage passes the reveal on to its auditors: this one must be listed
             try:
@@ -1280,7 +1282,7 @@ class StageServer(ServicerBase):
             raise ChainError(f"stage {stage}: {reports[0].error}", reports=reply["reports"])
         if len(received.tensors) != 1:
             raise self._reject(peer, "reply needs one gradient tensor", BACKWARD)
-        grad = received.tensors[0]
+        grad = received.tensors[0].to(self.device)  # checked and used where this stage's activations live
         if grad.shape != out.shape or not grad.is_floating_point():
             raise self._reject(
                 peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD
