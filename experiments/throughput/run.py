@@ -1,14 +1,20 @@
-"""Throughput benchmark: a 2-stage swarm against the same model in one process; P2P transfer against raw TCP.
+"""Throughput benchmark that survives a shared machine: CPU-seconds per token of a 2-stage swarm, of one process
+and of a torch.distributed (gloo) 2-stage pipeline; P2P transfer against raw TCP.
 
-    python experiments/throughput/run.py            # full run (~4 min on 2 cores), writes results.json / results.md
+    python experiments/throughput/run.py            # 3 interleaved repeats (~10 min on 2 cores), writes results.json
     python experiments/throughput/run.py --quick    # a tiny run, for the test that keeps this script working
 
-Everything is measured in the same run on the same machine, and reported as ratios (machines are noisy):
-1. tokens/s of `swarm local`-style processes (bootstrap, 2 stage peers with 1 torch thread each, trainer) against
-   the same model, micro-batch size and optimizer trained in one process with all cores (torch threads = cores);
-   the swarm's per-stage timings say where its time goes;
-2. stage-to-stage transfer of an activation tensor through our transport (hivemind P2P streams) against the
-   same bytes over a raw TCP socket on loopback.
+Three variants train the same model, data, micro-batch size and optimizer, interleaved (A B C A B C ...):
+  swarm   real processes as `swarm local` starts them: bootstrap DHT peer, 2 stage peers (1 replica each), trainer;
+  single  the whole model in one process (baselines.py single);
+  gloo    the swarm's 2-stage cut, one process per stage, torch.distributed gloo on 127.0.0.1 (baselines.py gloo).
+Every process gets 1 torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)). Over a steady-state window (after
+the warm-up steps) the benchmark reads, from /proc, the CPU time of every process it started and of their children
+(forked DHT and averager processes, p2p daemons): tokens per CPU-second is the figure that a shared machine cannot
+distort much; wall tokens/s is reported beside it. The 1-minute load average is read before and after each run,
+and the threads of other processes that were runnable while it ran are sampled: a run where those plus the cores it
+used itself exceed the core count is flagged. The PSS of each stage peer (all its processes) is read at the end of
+its window. Last, an activation-sized tensor goes through our transport (hivemind P2P streams) and over raw TCP.
 """
 
 from __future__ import annotations
@@ -18,94 +24,195 @@ import asyncio
 import json
 import os
 import socket
+import statistics
+import subprocess
 import sys
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Dict, List, Optional
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
 
 from hivemind.p2p import P2P, P2PContext, ServicerBase  # noqa: E402
 from hivemind.proto import runtime_pb2  # noqa: E402
 
+from experiments.throughput import procfs  # noqa: E402
 from peers.local import LocalSwarm  # noqa: E402
-from swarm.config import DataConfig, ModelConfig  # noqa: E402
-from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
-from swarm.model import build_model  # noqa: E402
+from swarm.config import ModelConfig  # noqa: E402
 from swarm.transport import TensorLimits, pack, receive  # noqa: E402
 
-
-def steady_rate(rows, skip: int) -> float:
-    """tokens/s between the end of step ``skip`` and the last step (excludes warm-up)."""
-    first, last = rows[skip], rows[-1]
-    return (last["tokens"] - first["tokens"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
+VARIANTS = ("swarm", "single", "gloo")
+CORES = os.cpu_count() or 1
 
 
-def single_process(steps: int, seq_len: int, mb_size: int, target: int, lr: float, skip: int) -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig())
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    stream = MicroBatchStream(
-        load_token_blocks(DataConfig(seq_len=seq_len, microbatch_size=mb_size)), mb_size
-    )
-    per_step = target // mb_size
-    rows, tokens, started = [], 0, time.perf_counter()
-    for step in range(steps):
-        losses = []
-        for i in range(per_step):
-            ids = stream.microbatch(step * per_step + i)
-            loss = model(input_ids=ids, labels=ids).loss
-            (loss / per_step).backward()
-            losses.append(float(loss))
-            tokens += ids.numel()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        rows.append(
-            dict(
-                step=step,
-                loss=sum(losses) / len(losses),
-                tokens=tokens,
-                elapsed_s=time.perf_counter() - started,
-            )
-        )
-    return dict(
-        tokens_per_s=steady_rate(rows, skip),
-        loss_first=rows[0]["loss"],
-        loss_last=rows[-1]["loss"],
-        threads=torch.get_num_threads(),
-    )
+class Shape:
+    """What every variant trains, and the window measured."""
+
+    def __init__(self, quick: bool):
+        self.seq_len, self.microbatch_size, self.target_batch_size, self.lr = 128, 8, 64, 2e-3
+        # warm-up steps, then the measured steps; one more step keeps every process alive past the window's end
+        self.warmup, self.window = (1, 1) if quick else (3, 8)
+        self.steps = self.warmup + self.window + 1
+
+    def train_args(self) -> List[str]:
+        return [
+            "--seq-len",
+            str(self.seq_len),
+            "--microbatch-size",
+            str(self.microbatch_size),
+            "--target-batch-size",
+            str(self.target_batch_size),
+            "--lr",
+            str(self.lr),
+        ]
 
 
-def swarm_run(
-    steps: int, seq_len: int, mb_size: int, target: int, lr: float, skip: int, workdir: str, max_inflight: int
+def _rows(path: str) -> List[dict]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+class Snapshot:
+    """CPU time of every process below this one, and the machine's busy time, at one instant."""
+
+    def __init__(self):
+        self.t = time.monotonic()
+        self.busy_s = procfs.machine_busy_s()
+        self.table = procfs.descendants(os.getpid())
+
+
+def measure(
+    rows_path: str,
+    shape: Shape,
+    alive: Callable[[], bool],
+    roots: Dict[int, str],
+    pss_roots: List[int],
+    timeout_s: float,
 ) -> dict:
-    shape = [
-        "--stages",
-        "2",
-        "--seq-len",
-        str(seq_len),
-        "--microbatch-size",
-        str(mb_size),
-        "--target-batch-size",
-        str(target),
-        "--lr",
-        str(lr),
-    ]
+    """Watch ``rows_path`` (one row per optimizer step) and measure the steady-state window between the end of
+    step ``warmup - 1`` and the end of step ``warmup + window - 1``.
+
+    ``roots`` names the processes this run started (each one's children are charged to it), ``pss_roots`` are the
+    ones whose process trees' PSS is read at the window's end.
+    """
+    first, last = shape.warmup - 1, shape.warmup - 1 + shape.window
+    deadline = time.monotonic() + timeout_s
+    start = end = None
+    own_running, other_running, next_sample = [], [], 0.0
+    while end is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no row {last} in {rows_path} within {timeout_s:.0f}s")
+        if not alive():
+            raise RuntimeError(f"a process of this run exited before row {last} of {rows_path}")
+        rows = _rows(rows_path)
+        if start is None and len(rows) > first:
+            start = (Snapshot(), rows[first])
+        elif start is not None and len(rows) > last:
+            end = (Snapshot(), rows[last])
+            pss = {roots[pid]: _tree_pss(pid, end[0].table) for pid in pss_roots}
+            break
+        if start is not None and time.monotonic() >= next_sample:
+            # runnable threads: ours, and everyone else's (the machine's count includes ours)
+            mine = procfs.running_threads(procfs.descendants(os.getpid()))
+            own_running.append(mine)
+            other_running.append(max(procfs.machine_running() - mine, 0))
+            next_sample = time.monotonic() + 0.5
+        time.sleep(0.05)
+    (s0, r0), (s1, r1) = start, end
+    wall_s = s1.t - s0.t
+    per_process = []
+    for pid, info in s1.table.items():
+        before = s0.table.get(pid)
+        cpu = info.cpu_s - (
+            before.cpu_s if before is not None and before.start_ticks == info.start_ticks else 0.0
+        )
+        per_process.append(
+            dict(pid=pid, role=_role(pid, s1.table, roots), kind=_kind(pid, s1.table, roots), cpu_s=cpu)
+        )
+    gone = [pid for pid in s0.table if pid not in s1.table]
+    cpu_s = sum(p["cpu_s"] for p in per_process)
+    tokens = r1["tokens"] - r0["tokens"]
+    own_cores = cpu_s / wall_s
+    others_cores = max((s1.busy_s - s0.busy_s) / wall_s - own_cores, 0.0)
+    others_runnable = statistics.mean(other_running) if other_running else 0.0
+    return dict(
+        tokens=tokens,
+        wall_s=wall_s,
+        cpu_s=cpu_s,
+        tokens_per_cpu_s=tokens / cpu_s,
+        cpu_us_per_token=cpu_s / tokens * 1e6,
+        tokens_per_s=tokens / wall_s,
+        loss_window=[r0["loss"], r1["loss"]],
+        own_cores=own_cores,
+        own_runnable=statistics.mean(own_running) if own_running else 0.0,
+        others_runnable=others_runnable,
+        others_cores=others_cores,
+        # the machine was oversubscribed while this ran: others wanted more than what we left free
+        contended=others_runnable + own_cores > CORES,
+        processes=len(per_process),
+        processes_gone=len(gone),
+        per_process=sorted(per_process, key=lambda p: (p["role"], p["kind"])),
+        pss_bytes=pss,
+    )
+
+
+def _root_of(pid: int, table: Dict[int, procfs.ProcInfo], roots: Dict[int, str]) -> Optional[int]:
+    while pid in table and pid not in roots:
+        pid = table[pid].ppid
+    return pid if pid in roots else None
+
+
+def _role(pid: int, table, roots) -> str:
+    root = _root_of(pid, table, roots)
+    return roots[root] if root is not None else "other"
+
+
+def _kind(pid: int, table, roots) -> str:
+    """main (the process we started), p2pd, or the forked children in creation order: a peer forks its DHT
+    process first, then (stage peers) the state averager and the gradient averager."""
+    if pid in roots:
+        return "main"
+    info = table[pid]
+    if info.comm == "p2pd":
+        return "p2pd"
+    root = _root_of(pid, table, roots)
+    forks = sorted(
+        (p for p in table.values() if p.ppid == root and p.comm != "p2pd"),
+        key=lambda p: (p.start_ticks, p.pid),
+    )
+    names = ["dht", "state-averager", "grad-averager"]
+    order = [p.pid for p in forks]
+    if pid in order and order.index(pid) < len(names):
+        return names[order.index(pid)]
+    return f"child:{info.comm}"
+
+
+def _tree_pss(root: int, table: Dict[int, procfs.ProcInfo]) -> dict:
+    pids = [root, *procfs.descendants(root, table)]
+    return dict(total=procfs.pss_bytes(pids), processes=len(pids))
+
+
+def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeout_s: float) -> dict:
     metrics, summary_path = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "summary.json")
-    with LocalSwarm(workdir, run_id="bench") as swarm:
-        swarm.start_dht(shape)
-        for child in [swarm.start_stage(stage, wait=False) for stage in (0, 1)]:
-            child.wait_event("serve", 120)
+    for path in (metrics, summary_path):
+        if os.path.exists(path):
+            os.remove(path)
+    with LocalSwarm(workdir, run_id=f"bench{repeat}") as swarm:
+        swarm.start_dht(["--stages", "2", *shape.train_args()])
+        stages = [swarm.start_stage(stage, wait=False) for stage in (0, 1)]
+        for child in stages:
+            child.wait_event("serve", timeout_s)
         trainer = swarm.start_trainer(
             [
                 "--steps",
-                str(steps),
+                str(shape.steps),
                 "--metrics-out",
                 metrics,
                 "--summary-json",
@@ -114,17 +221,78 @@ def swarm_run(
                 str(max_inflight),
             ]
         )
-        if trainer.proc.wait(timeout=1800) != 0:
-            raise RuntimeError(f"trainer failed, see {trainer.log_path}")
-    rows = [json.loads(line) for line in open(metrics)]
-    summary = json.load(open(summary_path))
-    return dict(
-        tokens_per_s=steady_rate(rows, skip),
-        loss_first=summary["loss_first"],
-        loss_last=summary["loss_last"],
-        microbatches=summary["microbatches"],
-        timing=summary["timing"],
+        roots = {c.proc.pid: c.name.split(".")[0] for c in swarm.children}
+        result = measure(
+            metrics,
+            shape,
+            alive=lambda: all(c.proc.poll() is None for c in swarm.children),
+            roots=roots,
+            pss_roots=[c.proc.pid for c in stages],
+            timeout_s=timeout_s,
+        )
+        try:
+            trainer.proc.wait(timeout=60)  # the tail step; then its summary holds the per-stage timings
+        except subprocess.TimeoutExpired:
+            pass
+    if os.path.exists(summary_path):
+        summary = json.load(open(summary_path))
+        result["timing"] = summary.get("timing")
+        result["microbatches"] = summary.get("microbatches")
+    return result
+
+
+def _spawn(args: List[str], log_path: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "baselines.py"), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
+
+
+def _stop(procs: List[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+def run_baseline(kind: str, shape: Shape, workdir: str, timeout_s: float) -> dict:
+    rows = os.path.join(workdir, f"{kind}-rows.jsonl")
+    if os.path.exists(rows):
+        os.remove(rows)
+    common = ["--steps", str(shape.steps), "--threads", "1", *shape.train_args()]
+    if kind == "single":
+        procs = [_spawn([kind, "--rows", rows, *common], os.path.join(workdir, "single.log"))]
+        names = ["single"]
+    else:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            _spawn(
+                ["gloo", "--rank", str(rank), "--port", str(port), "--rows", rows, *common],
+                os.path.join(workdir, f"gloo{rank}.log"),
+            )
+            for rank in (0, 1)
+        ]
+        names = ["gloo-stage0", "gloo-stage1"]
+    try:
+        return measure(
+            rows,
+            shape,
+            alive=lambda: all(p.poll() is None for p in procs),
+            roots={p.pid: name for p, name in zip(procs, names)},
+            pss_roots=[],
+            timeout_s=timeout_s,
+        )
+    finally:
+        _stop(procs)
 
 
 class Echo(ServicerBase):
@@ -191,62 +359,172 @@ def tcp_rate(tensor: torch.Tensor, repeats: int) -> float:
     return payload_size * repeats / elapsed
 
 
+def summarize(runs: List[dict]) -> dict:
+    """min and median per variant; ratios of the medians, and the swarm's ratio paired repeat by repeat."""
+    out = {}
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
+        cost = [r["cpu_us_per_token"] for r in mine]
+        wall = [r["tokens_per_s"] for r in mine]
+        out[variant] = dict(
+            cpu_us_per_token_min=min(cost),
+            cpu_us_per_token_median=statistics.median(cost),
+            tokens_per_cpu_s_max=1e6 / min(cost),
+            tokens_per_cpu_s_median=1e6 / statistics.median(cost),
+            tokens_per_s_min=min(wall),
+            tokens_per_s_median=statistics.median(wall),
+            tokens_per_s_max=max(wall),
+            own_cores_median=statistics.median(r["own_cores"] for r in mine),
+            repeats=len(mine),
+            flagged=sum(r["contended"] for r in mine),
+        )
+    ratios = {}
+    for other in ("single", "gloo"):
+        if "swarm" in out and other in out:
+            paired = []
+            for rep in sorted({r["repeat"] for r in runs}):
+                a = [r for r in runs if r["repeat"] == rep and r["variant"] == "swarm"]
+                b = [r for r in runs if r["repeat"] == rep and r["variant"] == other]
+                if a and b:
+                    paired.append(a[0]["tokens_per_cpu_s"] / b[0]["tokens_per_cpu_s"])
+            ratios[f"swarm/{other}"] = dict(
+                tokens_per_cpu_s=out["swarm"]["tokens_per_cpu_s_median"]
+                / out[other]["tokens_per_cpu_s_median"],
+                tokens_per_cpu_s_paired=paired,
+                tokens_per_s=out["swarm"]["tokens_per_s_median"] / out[other]["tokens_per_s_median"],
+            )
+    return dict(variants=out, ratios=ratios)
+
+
+def cpu_breakdown(runs: List[dict]) -> Dict[str, dict]:
+    """The swarm's CPU per process role and kind: microseconds per token (median over repeats) and share."""
+    swarm = [r for r in runs if r["variant"] == "swarm"]
+    parts: Dict[str, List[float]] = {}
+    for r in swarm:
+        sums: Dict[str, float] = {}
+        for p in r["per_process"]:
+            key = f"{p['role']}/{p['kind']}"
+            sums[key] = sums.get(key, 0.0) + p["cpu_s"]
+        for key, cpu in sums.items():
+            parts.setdefault(key, []).append(cpu / r["tokens"] * 1e6)
+    total = sum(statistics.median(v) for v in parts.values()) or 1.0
+    return {
+        k: dict(cpu_us_per_token=statistics.median(v), share=statistics.median(v) / total)
+        for k, v in sorted(parts.items(), key=lambda kv: -statistics.median(kv[1]))
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, quick 1)")
     parser.add_argument(
-        "--max-inflight", type=int, default=8, help="micro-batches the trainer keeps in flight"
+        "--max-inflight", type=int, default=8, help="micro-batches the swarm's trainer keeps in flight"
     )
-    parser.add_argument("--out", default=HERE, help="where results.json / results.md go")
+    parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to run")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds one variant may take to start and run"
+    )
+    parser.add_argument("--out", default=HERE, help="where results.json goes")
     args = parser.parse_args()
-    seq_len, mb_size, target, lr = 128, 8, 64, 2e-3
-    steps, skip, repeats = (3, 1, 3) if args.quick else (16, 3, 30)
-    workdir = os.path.join(args.out, "run") if not args.quick else os.path.join(args.out, "quick-run")
+    shape = Shape(args.quick)
+    repeats = args.repeats or (1 if args.quick else 3)
+    transfer_repeats = 3 if args.quick else 30
+    workdir = os.path.join(args.out, "quick-run" if args.quick else "run")
+    os.makedirs(workdir, exist_ok=True)
 
-    swarm = swarm_run(steps, seq_len, mb_size, target, lr, skip, workdir, max_inflight=args.max_inflight)
-    single = single_process(steps, seq_len, mb_size, target, lr, skip)
-    activation = torch.randn(mb_size, seq_len, ModelConfig().hidden_size)
+    runs = []
+    for repeat in range(repeats):
+        for variant in args.only:
+            load_before = procfs.loadavg()
+            started = time.monotonic()
+            if variant == "swarm":
+                run = run_swarm(shape, workdir, repeat, args.max_inflight, args.timeout)
+            else:
+                run = run_baseline(variant, shape, workdir, args.timeout)
+            run.update(
+                variant=variant,
+                repeat=repeat,
+                total_s=time.monotonic() - started,
+                loadavg_before=load_before,
+                loadavg_after=procfs.loadavg(),
+            )
+            runs.append(run)
+            pss = ", ".join(f"{k} PSS {v['total'] / 2**20:.0f} MiB" for k, v in run["pss_bytes"].items())
+            print(
+                f"repeat {repeat} {variant}: {run['tokens']} tokens in {run['wall_s']:.1f}s wall, "
+                f"{run['cpu_s']:.1f} CPU-s over {run['processes']} processes: {run['tokens_per_cpu_s']:.0f} "
+                f"tokens/CPU-s, {run['tokens_per_s']:.0f} tokens/s; used {run['own_cores']:.2f} cores, others "
+                f"{run['others_runnable']:.2f} runnable; loadavg {load_before[0]:.2f} -> {run['loadavg_after'][0]:.2f}"
+                + (" FLAGGED: machine oversubscribed" if run["contended"] else "")
+                + (f"; {pss}" if pss else ""),
+                flush=True,
+            )
+
+    summary = summarize(runs)
+    for variant, s in summary["variants"].items():
+        print(
+            f"{variant}: tokens/CPU-s median {s['tokens_per_cpu_s_median']:.0f} (best {s['tokens_per_cpu_s_max']:.0f}), "
+            f"tokens/s median {s['tokens_per_s_median']:.0f} (min {s['tokens_per_s_min']:.0f}), "
+            f"{s['flagged']}/{s['repeats']} runs flagged"
+        )
+    for name, r in summary["ratios"].items():
+        print(
+            f"{name}: tokens per CPU-second {r['tokens_per_cpu_s']:.2f} (paired "
+            + ", ".join(f"{x:.2f}" for x in r["tokens_per_cpu_s_paired"])
+            + f"), wall tokens/s {r['tokens_per_s']:.2f}"
+        )
+    breakdown = cpu_breakdown(runs)
+    if breakdown:
+        print(
+            "swarm CPU by process: "
+            + ", ".join(
+                f"{k} {v['cpu_us_per_token']:.0f} us/token ({v['share']:.0%})" for k, v in breakdown.items()
+            )
+        )
+
+    activation = torch.randn(shape.microbatch_size, shape.seq_len, ModelConfig().hidden_size)
     large = torch.randn(4 * 1024 * 1024)  # 16 MiB
     transfer = {}
     for name, tensor in (("activation", activation), ("16MiB", large)):
-        p2p = asyncio.run(p2p_rate(tensor, repeats))
-        tcp = tcp_rate(tensor, repeats)
+        p2p = asyncio.run(p2p_rate(tensor, transfer_repeats))
+        tcp = tcp_rate(tensor, transfer_repeats)
         transfer[name] = dict(
             bytes=tensor.numel() * 4, p2p_MBps=p2p / 1e6, tcp_MBps=tcp / 1e6, ratio=p2p / tcp
         )
+        print(
+            f"transfer {name} ({tensor.numel() * 4 / 1e6:.2f} MB): p2p {p2p / 1e6:.0f} MB/s vs raw TCP "
+            f"{tcp / 1e6:.0f} MB/s: ratio {p2p / tcp:.2f}"
+        )
 
     results = dict(
-        machine=dict(cpus=os.cpu_count(), torch=torch.__version__),
+        machine=dict(cpus=CORES, torch=torch.__version__, loadavg_at_end=procfs.loadavg()),
         config=dict(
             model="tiny",
-            seq_len=seq_len,
-            microbatch_size=mb_size,
-            target_batch_size=target,
-            steps=steps,
-            warmup_steps_skipped=skip,
+            seq_len=shape.seq_len,
+            microbatch_size=shape.microbatch_size,
+            target_batch_size=shape.target_batch_size,
+            lr=shape.lr,
+            steps=shape.steps,
+            warmup_steps=shape.warmup,
+            measured_steps=shape.window,
+            repeats=repeats,
+            max_inflight=args.max_inflight,
+            torch_threads_per_process=1,
         ),
-        swarm_2_stages=swarm,
-        single_process=single,
-        throughput_ratio=swarm["tokens_per_s"] / single["tokens_per_s"],
+        summary=summary,
+        swarm_cpu_by_process=breakdown,
+        runs=runs,
         transfer=transfer,
     )
-    print(
-        f"tokens/s: swarm (2 stages x 1 replica) {swarm['tokens_per_s']:.0f} vs single process "
-        f"{single['tokens_per_s']:.0f} ({single['threads']} threads): ratio {results['throughput_ratio']:.2f}"
-    )
-    for stage, parts in swarm["timing"].items():
-        print(f"  {stage}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in parts.items()))
-    for name, t in transfer.items():
-        print(
-            f"transfer {name} ({t['bytes'] / 1e6:.2f} MB): p2p {t['p2p_MBps']:.0f} MB/s vs raw TCP "
-            f"{t['tcp_MBps']:.0f} MB/s: ratio {t['ratio']:.2f}"
-        )
     if not args.quick:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-    print(json.dumps(results) if args.quick else f"wrote {os.path.join(args.out, 'results.json')}")
+        print(f"wrote {os.path.join(args.out, 'results.json')}")
 
 
 if __name__ == "__main__":
