@@ -116,7 +116,7 @@ def measure(
             start = (Snapshot(), rows[first])
         elif start is not None and len(rows) > last:
             end = (Snapshot(), rows[last])
-            pss = {roots[pid]: _tree_pss(pid, end[0].table) for pid in pss_roots}
+            pss = {roots[pid]: _tree_pss(pid, end[0].table, roots) for pid in pss_roots}
             break
         if start is not None and time.monotonic() >= next_sample:
             # runnable threads: ours, and everyone else's (the machine's count includes ours)
@@ -175,16 +175,17 @@ def _role(pid: int, table, roots) -> str:
 
 
 def _kind(pid: int, table, roots) -> str:
-    """main (the process we started), p2pd, or the forked children in creation order: a peer forks its DHT
-    process first, then (stage peers) the state averager and the gradient averager."""
+    """main (the process we started), p2pd, torch_shm_manager, or the main process's forked children in creation
+    order: a peer forks its DHT process first (whose child is p2pd), then (stage peers) hivemind's optimizer forks
+    its state averager and its gradient averager."""
     if pid in roots:
         return "main"
     info = table[pid]
-    if info.comm == "p2pd":
-        return "p2pd"
+    if info.comm == "p2pd" or info.comm.startswith("torch_shm"):
+        return "torch_shm_manager" if info.comm.startswith("torch_shm") else "p2pd"
     root = _root_of(pid, table, roots)
     forks = sorted(
-        (p for p in table.values() if p.ppid == root and p.comm != "p2pd"),
+        (p for p in table.values() if p.ppid == root and p.comm == table[root].comm),
         key=lambda p: (p.start_ticks, p.pid),
     )
     names = ["dht", "state-averager", "grad-averager"]
@@ -194,9 +195,14 @@ def _kind(pid: int, table, roots) -> str:
     return f"child:{info.comm}"
 
 
-def _tree_pss(root: int, table: Dict[int, procfs.ProcInfo]) -> dict:
+def _tree_pss(root: int, table: Dict[int, procfs.ProcInfo], roots: Dict[int, str]) -> dict:
+    """PSS of ``root`` and all its descendants: the total, and per process kind (main, dht, p2pd...)."""
     pids = [root, *procfs.descendants(root, table)]
-    return dict(total=procfs.pss_bytes(pids), processes=len(pids))
+    by_kind: Dict[str, int] = {}
+    for pid in pids:
+        kind = _kind(pid, table, roots)
+        by_kind[kind] = by_kind.get(kind, 0) + procfs.pss_bytes([pid])
+    return dict(total=sum(by_kind.values()), processes=len(pids), by_kind=by_kind)
 
 
 def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeout_s: float) -> dict:
