@@ -1,4 +1,4 @@
-"""What a tree of processes costs, read from /proc (Linux): CPU seconds, PSS, runnable threads, machine load.
+"""What a tree of processes costs, read from /proc (Linux): CPU seconds, PSS, machine load.
 
 The benchmark measures every process it starts, children included (a stage peer's forked DHT and averagers, the
 p2p daemons), so CPU that moves out of the main process is still counted. Nothing here needs psutil.
@@ -80,31 +80,6 @@ def pss_bytes(pids: Iterable[int]) -> int:
         except OSError:
             pass
     return total
-
-
-def running_threads(pids: Iterable[int]) -> int:
-    """Threads of ``pids`` that are running or runnable (state R) right now."""
-    count = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            if raw[raw.rindex(")") + 2] == "R":
-                count += 1
-    return count
-
-
-def machine_running() -> int:
-    """Runnable threads on the whole machine right now (the 4th field of /proc/loadavg), this reader excluded."""
-    with open("/proc/loadavg") as f:
-        return int(f.read().split()[3].split("/")[0]) - 1
 
 
 def loadavg() -> Tuple[float, float, float]:

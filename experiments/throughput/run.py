@@ -1,7 +1,7 @@
 """Throughput benchmark that survives a shared machine: CPU-seconds per token of a 2-stage swarm, of one process
 and of a torch.distributed (gloo) 2-stage pipeline; P2P transfer against raw TCP.
 
-    python experiments/throughput/run.py            # 3 interleaved repeats (~10 min on 2 cores), writes results.json
+    python experiments/throughput/run.py            # 3 interleaved repeats (~5 min on 2 cores), writes results.json
     python experiments/throughput/run.py --quick    # a tiny run, for the test that keeps this script working
 
 Three variants train the same model, data, micro-batch size and optimizer, interleaved (A B C A B C ...):
@@ -11,10 +11,11 @@ Three variants train the same model, data, micro-batch size and optimizer, inter
 Every process gets 1 torch thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)). Over a steady-state window (after
 the warm-up steps) the benchmark reads, from /proc, the CPU time of every process it started and of their children
 (forked DHT and averager processes, p2p daemons): tokens per CPU-second is the figure that a shared machine cannot
-distort much; wall tokens/s is reported beside it. The 1-minute load average is read before and after each run,
-and the threads of other processes that were runnable while it ran are sampled: a run where those plus the cores it
-used itself exceed the core count is flagged. The PSS of each stage peer (all its processes) is read at the end of
-its window. Last, an activation-sized tensor goes through our transport (hivemind P2P streams) and over raw TCP.
+distort much; wall tokens/s is reported beside it. The 1-minute load average is read before and after each run, and
+the CPU that other processes took while it ran (the machine's busy time in /proc/stat less ours): a run where they
+took more than a tenth of the cores is flagged (the load average cannot tell, our own processes keep it high).
+Before the swarm's trainer starts, its CPU with nobody training is measured too (its fixed cost). The PSS of each
+stage peer (all its processes) is read at the end of its window. Last, an activation-sized tensor goes through our transport (hivemind P2P streams) and over raw TCP.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from swarm.transport import TensorLimits, pack, receive  # noqa: E402
 
 VARIANTS = ("swarm", "single", "gloo")
 CORES = os.cpu_count() or 1
+CONTENDED_CORES = 0.1 * CORES  # a run during which other processes took more CPU than this is flagged
 
 
 class Shape:
@@ -57,6 +59,7 @@ class Shape:
         # warm-up steps, then the measured steps; one more step keeps every process alive past the window's end
         self.warmup, self.window = (1, 1) if quick else (3, 8)
         self.steps = self.warmup + self.window + 1
+        self.idle_s = 2.0 if quick else 10.0  # the swarm's CPU with its peers up and nobody training
 
     def train_args(self) -> List[str]:
         return [
@@ -87,6 +90,16 @@ class Snapshot:
         self.busy_s = procfs.machine_busy_s()
         self.table = procfs.descendants(os.getpid())
 
+    def cpu_since(self, earlier: "Snapshot") -> Dict[int, float]:
+        """CPU seconds each process spent between ``earlier`` and this snapshot (a process that exited in
+        between is lost; one that started in between counts from its start)."""
+        out = {}
+        for pid, info in self.table.items():
+            before = earlier.table.get(pid)
+            same = before is not None and before.start_ticks == info.start_ticks  # not a reused pid
+            out[pid] = info.cpu_s - (before.cpu_s if same else 0.0)
+        return out
+
 
 def measure(
     rows_path: str,
@@ -105,7 +118,6 @@ def measure(
     first, last = shape.warmup - 1, shape.warmup - 1 + shape.window
     deadline = time.monotonic() + timeout_s
     start = end = None
-    own_running, other_running, next_sample = [], [], 0.0
     while end is None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no row {last} in {rows_path} within {timeout_s:.0f}s")
@@ -118,30 +130,18 @@ def measure(
             end = (Snapshot(), rows[last])
             pss = {roots[pid]: _tree_pss(pid, end[0].table, roots) for pid in pss_roots}
             break
-        if start is not None and time.monotonic() >= next_sample:
-            # runnable threads: ours, and everyone else's (the machine's count includes ours)
-            mine = procfs.running_threads(procfs.descendants(os.getpid()))
-            own_running.append(mine)
-            other_running.append(max(procfs.machine_running() - mine, 0))
-            next_sample = time.monotonic() + 0.5
         time.sleep(0.05)
     (s0, r0), (s1, r1) = start, end
     wall_s = s1.t - s0.t
-    per_process = []
-    for pid, info in s1.table.items():
-        before = s0.table.get(pid)
-        cpu = info.cpu_s - (
-            before.cpu_s if before is not None and before.start_ticks == info.start_ticks else 0.0
-        )
-        per_process.append(
-            dict(pid=pid, role=_role(pid, s1.table, roots), kind=_kind(pid, s1.table, roots), cpu_s=cpu)
-        )
+    per_process = [
+        dict(pid=pid, role=_role(pid, s1.table, roots), kind=_kind(pid, s1.table, roots), cpu_s=cpu)
+        for pid, cpu in s1.cpu_since(s0).items()
+    ]
     gone = [pid for pid in s0.table if pid not in s1.table]
     cpu_s = sum(p["cpu_s"] for p in per_process)
     tokens = r1["tokens"] - r0["tokens"]
     own_cores = cpu_s / wall_s
     others_cores = max((s1.busy_s - s0.busy_s) / wall_s - own_cores, 0.0)
-    others_runnable = statistics.mean(other_running) if other_running else 0.0
     return dict(
         tokens=tokens,
         wall_s=wall_s,
@@ -151,11 +151,10 @@ def measure(
         tokens_per_s=tokens / wall_s,
         loss_window=[r0["loss"], r1["loss"]],
         own_cores=own_cores,
-        own_runnable=statistics.mean(own_running) if own_running else 0.0,
-        others_runnable=others_runnable,
         others_cores=others_cores,
-        # the machine was oversubscribed while this ran: others wanted more than what we left free
-        contended=others_runnable + own_cores > CORES,
+        # the load average cannot tell: our own processes keep it above the core count (the swarm's at 4-5 on
+        # 2 cores); the CPU that the rest of the machine took while this ran can
+        contended=others_cores > CONTENDED_CORES,
         processes=len(per_process),
         processes_gone=len(gone),
         per_process=sorted(per_process, key=lambda p: (p["role"], p["kind"])),
@@ -215,6 +214,7 @@ def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeou
         stages = [swarm.start_stage(stage, wait=False) for stage in (0, 1)]
         for child in stages:
             child.wait_event("serve", timeout_s)
+        idle = idle_cpu(shape.idle_s, {c.proc.pid: c.name.split(".")[0] for c in swarm.children})
         trainer = swarm.start_trainer(
             [
                 "--steps",
@@ -244,7 +244,21 @@ def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeou
         summary = json.load(open(summary_path))
         result["timing"] = summary.get("timing")
         result["microbatches"] = summary.get("microbatches")
+    result.update(idle)
     return result
+
+
+def idle_cpu(seconds: float, roots: Dict[int, str]) -> dict:
+    """CPU the swarm burns with nobody training (bootstrap and stage peers up, no trainer yet): its fixed cost."""
+    time.sleep(2.0)  # the stage peers' first announcements
+    s0 = Snapshot()
+    time.sleep(seconds)
+    s1 = Snapshot()
+    wall_s, by_part = s1.t - s0.t, {}
+    for pid, cpu in s1.cpu_since(s0).items():
+        key = f"{_role(pid, s1.table, roots)}/{_kind(pid, s1.table, roots)}"
+        by_part[key] = by_part.get(key, 0.0) + cpu / wall_s
+    return dict(idle_s=wall_s, idle_cores=sum(by_part.values()), idle_cores_by_process=by_part)
 
 
 def _spawn(args: List[str], log_path: str) -> subprocess.Popen:
@@ -464,9 +478,10 @@ def main() -> None:
             print(
                 f"repeat {repeat} {variant}: {run['tokens']} tokens in {run['wall_s']:.1f}s wall, "
                 f"{run['cpu_s']:.1f} CPU-s over {run['processes']} processes: {run['tokens_per_cpu_s']:.0f} "
-                f"tokens/CPU-s, {run['tokens_per_s']:.0f} tokens/s; used {run['own_cores']:.2f} cores, others "
-                f"{run['others_runnable']:.2f} runnable; loadavg {load_before[0]:.2f} -> {run['loadavg_after'][0]:.2f}"
-                + (" FLAGGED: machine oversubscribed" if run["contended"] else "")
+                f"tokens/CPU-s, {run['tokens_per_s']:.0f} tokens/s; used {run['own_cores']:.2f} cores, other processes "
+                f"{run['others_cores']:.2f}; loadavg {load_before[0]:.2f} -> {run['loadavg_after'][0]:.2f}"
+                + (" FLAGGED: other processes took CPU" if run["contended"] else "")
+                + (f"; idle swarm {run['idle_cores']:.2f} cores" if "idle_cores" in run else "")
                 + (f"; {pss}" if pss else ""),
                 flush=True,
             )
