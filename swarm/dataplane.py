@@ -65,7 +65,7 @@ from cryptography.x509.oid import NameOID
 from hivemind.utils.crypto import RSAPublicKey
 
 from swarm.identity import peer_id_of
-from swarm.transport import Received, TensorLimits, TransportError
+from swarm.transport import Received, TensorLimits, TransportError, call, pack
 
 logger = logging.getLogger(__name__)
 
@@ -765,3 +765,24 @@ class EndpointBook:
                     except Exception as e:
                         logger.debug(f"could not refresh data plane endpoints: {e!r}")
         return self.endpoints.get(peer)
+
+
+async def call_chain(
+    client: Optional["DataPlaneClient"],
+    peer: str,
+    endpoint: Optional["Endpoint"],
+    p2p_method: Callable,
+    meta: Dict[str, Any],
+    tensors: List[torch.Tensor],
+    limits: TensorLimits,
+    timeout: float,
+    compression: str = "none",
+) -> Received:
+    """A chain request's reply from ``peer``: over its data plane where it announces ``endpoint`` and a connection
+    can be made, else (nothing sent yet) over P2P (``p2p_method``, its ``rpc_chain`` stub). Failures raise as
+    ``transport.call``'s do. Shared by the trainer (to stage 0) and every stage server (to the next stage)."""
+    if client is not None and endpoint is not None:
+        received = await client.call(peer, endpoint, meta, tensors, limits, timeout=timeout)
+        if received is not None:
+            return received
+    return await call(p2p_method, pack(meta, tensors, compression=compression), limits, timeout=timeout)

@@ -44,6 +44,7 @@ from swarm.dataplane import (
     DataPlaneConfig,
     DataPlaneServer,
     EndpointBook,
+    call_chain,
     endpoint_of,
     host_of_addrs,
 )
@@ -68,7 +69,7 @@ from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
 from swarm.stage_compute import StageCompute
-from swarm.transport import Received, TensorLimits, TransportError, call, pack, receive, single
+from swarm.transport import Received, TensorLimits, TransportError, pack, receive, single
 
 logger = logging.getLogger(__name__)
 
@@ -1249,7 +1250,18 @@ class StageServer(ServicerBase):
         stage = self.cfg.stage + 1
         timeout_s = timeout_s or self.cfg.hop_timeout_s
         try:
-            received = await self._send_chain(peer, peer_id, meta, sent, timeout_s)
+            endpoint = await self.next_endpoints.get(peer) if self.next_endpoints is not None else None
+            received = await call_chain(
+                self.dataplane_client,
+                peer,
+                endpoint,
+                self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
+                meta,
+                [sent],
+                self.cfg.limits,
+                timeout_s,
+                self.cfg.compression,
+            )
         except asyncio.TimeoutError:
             self.stats.failed_downstream += 1
             raise ChainError(
@@ -1288,23 +1300,6 @@ class StageServer(ServicerBase):
                 peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD
             )
         return grad, reply["reports"], reports[0].epoch
-
-    async def _send_chain(
-        self, peer: str, peer_id: PeerID, meta: Dict[str, Any], sent: torch.Tensor, timeout_s: float
-    ) -> Received:
-        """The next peer's reply to a chain request: over its data plane where its record announces one and a
-        connection can be made, else (nothing sent yet) over P2P. Failures raise as ``transport.call``'s do."""
-        if self.dataplane_client is not None and self.next_endpoints is not None:
-            endpoint = await self.next_endpoints.get(peer)
-            if endpoint is not None:
-                received = await self.dataplane_client.call(
-                    peer, endpoint, meta, [sent], self.cfg.limits, timeout=timeout_s
-                )
-                if received is not None:
-                    return received
-        stub = self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id))
-        messages = pack(meta, [sent], compression=self.cfg.compression)
-        return await call(stub.rpc_chain, messages, self.cfg.limits, timeout=timeout_s)
 
     def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()

@@ -33,7 +33,7 @@ from hivemind.utils import get_dht_time
 from swarm.admission import AdmissionPolicy
 from swarm.audit import AuditConfig, pick_auditors
 from swarm.data import MicroBatchStream
-from swarm.dataplane import DataPlaneClient, Endpoint, endpoint_of
+from swarm.dataplane import DataPlaneClient, Endpoint, call_chain, endpoint_of
 from swarm.network import cancel_task, fetch_stage_peers, identity_key, owner_subkey
 from swarm.protocol import ChainHeader, ProtocolError, check_reports, resolve
 from swarm.records import MAX_TTL_S, TrainerProgressRecord, progress_key
@@ -42,11 +42,9 @@ from swarm.reputation_service import ReputationService, read_published_blacklist
 from swarm.router import NoRouteError, Router
 from swarm.stage_server import StageServer, namespace
 from swarm.transport import (
-    Received,
     TensorLimits,
     TransportError,
     aiter_messages,
-    call,
     pack,
     receive,
     single,
@@ -328,7 +326,17 @@ class Trainer:
         )
         meta = dict(header=header.to_wire(), audit=reveal, admission=self.admission_proof)
         try:
-            received = await self._send_chain(chain[0], meta, ids)
+            received = await call_chain(
+                self.dataplane,
+                chain[0],
+                self.endpoints.get(chain[0]),
+                self._stub(chain[0]).rpc_chain,
+                meta,
+                [ids],
+                self.limits,
+                self.cfg.chain_timeout_s,
+                self.cfg.compression,
+            )
         except asyncio.TimeoutError:
             return Attempt(
                 False, reason=f"chain timed out after {self.cfg.chain_timeout_s:.0f}s", blame=chain[0]
@@ -364,23 +372,6 @@ class Trainer:
                 )  # busy time, not queueing
                 self.timing.add(report.stage, parts)
         return Attempt(True, loss=verdict.loss, hop_times_s=hop_times)
-
-    async def _send_chain(self, peer: str, meta: Dict[str, Any], ids: torch.Tensor) -> Received:
-        """The first peer's reply: over its data plane where it announces one and a connection can be made, else
-        (nothing sent yet) over P2P; failures raise as ``transport.call``'s do."""
-        endpoint = self.endpoints.get(peer)
-        if self.dataplane is not None and endpoint is not None:
-            received = await self.dataplane.call(
-                peer, endpoint, meta, [ids], self.limits, timeout=self.cfg.chain_timeout_s
-            )
-            if received is not None:
-                return received
-        return await call(
-            self._stub(peer).rpc_chain,
-            pack(meta, [ids], compression=self.cfg.compression),
-            self.limits,
-            timeout=self.cfg.chain_timeout_s,
-        )
 
     async def _auditors(self, chain: List[str], mb: str, ids: torch.Tensor) -> List[str]:
         """Draw this attempt's auditors (``swarm.audit.pick_auditors``) and deposit the labels with them; an auditor
