@@ -64,14 +64,17 @@ class AttackConfig:
     probability: float = 1.0  # per message
     start_step: int = 0  # the trainer's optimizer step from which to attack (honest before)
     seed: int = 0
+    # > 0: a slow ramp: the attack grows linearly to its magnitude over this many messages it tampers with (noise,
+    # alie, constant from 0; scale from 1), so it starts below every statistic's radar
+    ramp: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
             raise ValueError(f"unknown attack {self.name!r}; known: {', '.join(ATTACKS)}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"attack direction must be one of {DIRECTIONS}")
-        if not 0 <= self.probability <= 1 or self.start_step < 0:
-            raise ValueError("attack probability must be in [0, 1] and start_step >= 0")
+        if not 0 <= self.probability <= 1 or self.start_step < 0 or self.ramp < 0:
+            raise ValueError("attack probability must be in [0, 1], start_step and ramp >= 0")
         if self.magnitude != self.magnitude:
             self.magnitude = DEFAULT_MAGNITUDE[self.name]
 
@@ -101,6 +104,15 @@ def tamper(x: torch.Tensor, name: str, magnitude: float, gen: torch.Generator) -
 class Adversary:
     """An outbound hook that tampers with a fraction of what a stage peer sends."""
 
+    def magnitude(self) -> float:
+        """The attack's magnitude now: the configured one, or its point on the ramp (``AttackConfig.ramp``)."""
+        m, ramp = self.cfg.magnitude, self.cfg.ramp
+        if ramp <= 0:
+            return m
+        share = min(1.0, (self.tampered + 1) / ramp)
+        base = 1.0 if self.cfg.name == "scale" else 0.0
+        return base + (m - base) * share
+
     def __init__(self, cfg: AttackConfig):
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
@@ -129,7 +141,7 @@ class Adversary:
                 if stale is not None and stale.shape == fresh.shape:
                     out = stale
             else:
-                out = tamper(fresh, self.cfg.name, self.cfg.magnitude, self.gen)
+                out = tamper(fresh, self.cfg.name, self.magnitude(), self.gen)
             if out is not fresh:
                 self.tampered += 1
         past.append(fresh.clone())

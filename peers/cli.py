@@ -305,6 +305,14 @@ def _sentinel(parser: argparse.ArgumentParser) -> None:
         help="training steps at the start during which only hard checks reject (the model changes "
         "fastest then; the baselines still learn)",
     )
+    group.add_argument(
+        "--recompute-rate",
+        type=float,
+        default=0.1,
+        help="share of micro-batches whose gradient from a middle next stage this peer has recomputed by two "
+        "other replicas of that stage, drawn from the trainer's signed header (every micro-batch of a newcomer's "
+        "first 8 and of a suspect's); 0 turns it off",
+    )
 
 
 def _attack(parser: argparse.ArgumentParser, flag: str) -> None:

@@ -427,6 +427,8 @@ def stage_args(args, byzantine: bool) -> List[str]:
         str(args.sentinel_warmup),
         "--sentinel-warmup-steps",
         str(args.sentinel_warmup_steps),
+        "--recompute-rate",
+        str(args.recompute_rate),
     ]
     if args.no_sentinel:
         extra.append("--no-sentinel")

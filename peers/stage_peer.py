@@ -22,6 +22,7 @@ from swarm import aio
 from swarm.averaging import AveragingConfig
 from swarm.checkpoint import parse_every
 from swarm.config import ModelConfig
+from swarm.evidence import StageAuditConfig
 from swarm.optimizer import OptimizerConfig, StageOptimizer
 from swarm.reputation import ReputationConfig
 from swarm.sentinel import SentinelConfig, SentinelMonitor
@@ -243,6 +244,9 @@ class StateLoadProgress:
 # ---- serving ---------------------------------------------------------------------------------------------------
 def server_configs(args, swarm, stage: int, device: str):
     every_steps, every_s = parse_every(getattr(args, "checkpoint_every", "10"))
+    recompute_rate = float(getattr(args, "recompute_rate", 0.1))
+    if not 0 <= recompute_rate <= 1:
+        raise ValueError(f"--recompute-rate must be in [0, 1], got {recompute_rate}")
     server_cfg = StageServerConfig(
         run_id=args.run_id,
         stage=stage,
@@ -259,6 +263,7 @@ def server_configs(args, swarm, stage: int, device: str):
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
         checkpoint_every_steps=every_steps,
         checkpoint_every_s=every_s,
+        stage_audit=StageAuditConfig(rate=recompute_rate) if recompute_rate > 0 else None,
     )
     opt_cfg = OptimizerConfig(
         lr=swarm.lr,

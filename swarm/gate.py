@@ -75,13 +75,15 @@ class Gate:
         step: Optional[int],
         epoch: Optional[int],
         last_stage: bool,
+        defer_rejection: bool = False,
     ) -> Optional[Verdict]:
         """SENTINEL's verdict on received activations (None: not checked: no SENTINEL, or token ids, which the
-        caller validates by range and digest). At the last stage an acceptance is recorded by :meth:`loss`."""
+        caller validates by range and digest). At the last stage an acceptance is recorded by :meth:`loss`.
+        ``defer_rejection``: a rejection is not recorded yet; an audit decides it (:meth:`settle`)."""
         if self.sentinel is None or not x.is_floating_point():
             return None
         verdict = self.sentinel.check(x, sender, FORWARD, microbatch=microbatch, step=step, epoch=epoch)
-        if not last_stage or not verdict.accepted:
+        if verdict.accepted and not last_stage or not verdict.accepted and not defer_rejection:
             self.ledger.record_verdict(verdict)
         return verdict
 
@@ -125,17 +127,27 @@ class Gate:
         step: Optional[int],
         epoch: Optional[int],
         audited: bool,
+        defer_rejection: bool = False,
     ) -> Optional[Verdict]:
         """SENTINEL's verdict on a received gradient of ``sent`` (this hop's output). When ``audited``, an acceptance
-        is recorded by :meth:`audit` instead."""
+        is recorded by :meth:`audit` instead; with ``defer_rejection`` a rejection waits for :meth:`settle`."""
         if self.sentinel is None:
             return None
         verdict = self.sentinel.check(
             grad, sender, BACKWARD, microbatch=microbatch, context=sent, step=step, epoch=epoch
         )
-        if not audited or not verdict.accepted:
+        if verdict.accepted and not audited or not verdict.accepted and not defer_rejection:
             self.ledger.record_verdict(verdict)
         return verdict
+
+    def settle(self, verdict: Verdict, wrong: Optional[bool], reason: str = "") -> None:
+        """The end of a rejection that waited for a recomputation audit (``swarm.evidence``): ``wrong`` True (the
+        audit proved the tensor wrong: a strike under ``reason``), False (the audit cleared it: a false alarm, a
+        clean exchange) or None (no audit could decide: SENTINEL's strike stands, as without audits)."""
+        if wrong is None:
+            self.ledger.record_verdict(verdict)
+        else:
+            self.ledger.record(verdict.sender, not wrong, verdict.direction, reason if wrong else "")
 
     def judge_audit(self, grad: torch.Tensor, answers: Sequence[Tuple[str, torch.Tensor]]) -> AuditOutcome:
         """The audit so far: the route's gradient against the first one or two auditors' answers. The caller asks a

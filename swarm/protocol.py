@@ -222,8 +222,10 @@ class ChainHeader:
         if not 0 <= stage < len(self.route):
             raise ProtocolError(f"header route has no stage {stage}")
         if audit_only:
-            if stage != len(self.route) - 1 or stage == 0:
-                raise ProtocolError("an audit is asked of the last stage, by the penultimate one")
+            if stage == 0:
+                raise ProtocolError("an audit is asked of a stage after the first, by the stage before it")
+            if self.route[stage] == me:
+                raise ProtocolError("an audit is asked of another replica than the route's")
         elif self.route[stage] != me:
             raise ProtocolError(
                 f"header route names {self.route[stage][-8:]} at stage {stage}, not this peer"
@@ -287,6 +289,9 @@ class HopReport:
     judged: bool = False  # a SENTINEL check of this hop rejected the blamed neighbour's well-formed tensor
     relay: bool = False  # the failure is downstream's, reported by the next report (this hop blames nobody)
     timings: Dict[str, float] = field(default_factory=dict)
+    # the hop's signed tensors: (digest of the gradient it sent back, of the activations it received, of the
+    # gradient it received from the next stage, or at the last stage of the labels); empty: it sent no gradient
+    digests: Tuple[bytes, ...] = ()
     key: bytes = b""
     signature: bytes = b""
 
@@ -307,7 +312,10 @@ class HopReport:
                 self.relay,
                 [self.timings.get(k) for k in TIMING_FIELDS],
                 self.key,
-            ],
+            ]
+            + (
+                [list(self.digests)] if self.digests else []
+            ),  # absent in reports without tensors (and older ones)
             use_bin_type=True,
         )
 
@@ -331,6 +339,7 @@ class HopReport:
             t=[self.timings.get(k) for k in TIMING_FIELDS],
             key=self.key,
             sig=self.signature,
+            **({"d": list(self.digests)} if self.digests else {}),
         )
 
     @classmethod
@@ -356,6 +365,9 @@ class HopReport:
             raise ProtocolError(f"report.blame must be {UPSTREAM!r}, {DOWNSTREAM!r} or nil")
         if not (isinstance(error, str) and len(error) <= MAX_REASON_CHARS):
             raise ProtocolError(f"report.error must be a string of at most {MAX_REASON_CHARS} characters")
+        digests = value.get("d", [])
+        if not (isinstance(digests, list) and len(digests) in (0, 3)):
+            raise ProtocolError("report.d must list 3 digests, or be absent")
         return cls(
             header_digest=_bytes(value.get("h"), "report.h", 32, exact=32),
             stage=_int(value.get("stage"), "report.stage", 0, MAX_ROUTE - 1),
@@ -370,14 +382,17 @@ class HopReport:
             timings={k: _float(v, "report.t[]") for k, v in zip(TIMING_FIELDS, timings) if v is not None},
             key=_bytes(value.get("key"), "report.key", MAX_KEY_BYTES),
             signature=_bytes(value.get("sig"), "report.sig", MAX_SIGNATURE_BYTES),
+            digests=tuple(_bytes(d, "report.d[]", 32, exact=32) for d in digests),
         )
 
 
-def check_reports(header: ChainHeader, wire: Any, first_stage: int, first_peer: str) -> List[HopReport]:
+def check_reports(
+    header: ChainHeader, wire: Any, first_stage: int, first_peer: str, alone: bool = False
+) -> List[HopReport]:
     """The reports of a reply from the hop at ``first_stage`` (``first_peer``: the route's peer there, or an
     auditor), each signed by the peer it names, for this header, one per stage in order, every one but the last
     relaying a failure or vouching for an ok downstream; raises :class:`ProtocolError` otherwise (the fault of the
-    peer that delivered the reply)."""
+    peer that delivered the reply). ``alone``: the reply of a recomputation audit, one report that calls no one."""
     if not (isinstance(wire, list) and 1 <= len(wire) <= len(header.route) - first_stage):
         raise ProtocolError("a reply needs one report per hop from its sender on")
     reports = [HopReport.from_wire(w) for w in wire]
@@ -400,7 +415,7 @@ def check_reports(header: ChainHeader, wire: Any, first_stage: int, first_peer: 
         if report.ok:
             if last != (report.loss is not None):
                 raise ProtocolError(f"stage {stage}'s ok report must carry the loss iff it is the last stage")
-            if not last and not more:
+            if not last and not more and not alone:
                 raise ProtocolError(f"stage {stage} reports ok without the reports of the stages after it")
         elif more and not report.relay:
             raise ProtocolError(f"stage {stage}'s failure is its own, yet reports of later stages follow")

@@ -75,6 +75,10 @@ MAX_ROUNDS = 5  # blacklist / re-weigh iterations
 # min_strikes, so every tally that can back an accusation is
 ESTABLISHED_EXCHANGES = 3
 UNSPECIFIED = "unspecified"
+# strike reasons no recomputation settles, so they keep their quorum rules when proofs are required: the averaging
+# checks' (swarm.averaging: AVERAGING, AGGREGATE, EVIDENCE, STATE) and the evidence protocol's own (swarm.evidence:
+# a receiver that withheld a signed tensor from an auditor, an accuser that other replicas refuted)
+UNAUDITABLE = frozenset({"averaging", "aggregate", "evidence", "state", "withheld", "false_accusation"})
 SAME_STAGE = (
     0  # the side a replica of the same stage sees a peer from (their gradient averaging, their state)
 )
@@ -96,6 +100,10 @@ class ReputationConfig:
     )  # accusers needed among the reporters of one adjacent stage that saw >= min_strikes
     report_period_s: float = 5.0  # how often a peer publishes its report
     report_ttl_s: float = 60.0  # how long a published report lives
+    # > 0: recomputation audits are on (swarm.evidence), and a peer whose stage has at least this many replicas (an
+    # accused, an auditor and an independent checker) is blacklisted only by a proof, or by strikes that no audit
+    # can settle (UNAUDITABLE); its statistical strikes only lower its score. 0: every strike counts
+    proof_replicas: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.probation_s) and self.probation_s >= 0 and self.probation_work >= 0):
@@ -110,6 +118,8 @@ class ReputationConfig:
                 "reputation: min_reporters >= 1, min_strikes >= 1, strike_ratio in (0, 1], "
                 "witness_share in [0, 1]"
             )
+        if self.proof_replicas < 0:
+            raise ValueError("reputation: proof_replicas must be >= 0")
         if not (0 < self.report_period_s <= self.report_ttl_s <= MAX_TTL_S):
             raise ValueError(f"reputation: need 0 < report_period_s <= report_ttl_s <= {MAX_TTL_S:.0f}")
 
@@ -241,6 +251,7 @@ def aggregate(
     cfg: Optional[ReputationConfig] = None,
     reachable: Optional[Set[str]] = None,
     stages: Optional[Dict[str, Iterable[int]]] = None,
+    proven: Optional[Dict[str, dict]] = None,
 ) -> Aggregate:
     """Weigh the reports, reach blacklist verdicts and score every peer mentioned (see the module docstring).
 
@@ -251,11 +262,17 @@ def aggregate(
     an entry where either side announced no stage is ignored. Self-reports (a reporter's entry about itself) are
     ignored everywhere.
 
+    ``proven``: peers a proven accusation convicts (``swarm.evidence.ProofBook.proven``: ``{peer: {"reason",
+    "reporters", "strikes"}}``): blacklisted whatever the strikes say, and their reports weigh nothing from the first
+    round on.
+
     Linear in the number of entries: one pass turns the reports into arrays (reporter, peer, side, counts), and
     each blacklist / re-weigh round is a few array sums over them (:class:`_Entries`).
     """
     cfg = cfg or ReputationConfig()
-    return _aggregate(reports, eligible_reporters(reports, first_seen, now, cfg, reachable), cfg, stages)
+    return _aggregate(
+        reports, eligible_reporters(reports, first_seen, now, cfg, reachable), cfg, stages, proven
+    )
 
 
 def eligible_reporters(
@@ -296,17 +313,18 @@ class Aggregator:
         now: float,
         reachable: Optional[Set[str]] = None,
         stages: Optional[Dict[str, Iterable[int]]] = None,
+        proven: Optional[Dict[str, dict]] = None,
     ) -> Aggregate:
         reports = dict(sorted(reports.items()))
         eligible = eligible_reporters(reports, first_seen, now, self.cfg, reachable)
         stage_sets = None if stages is None else {peer: frozenset(s) for peer, s in stages.items()}
-        inputs = ({r: report.entries for r, report in reports.items()}, eligible, stage_sets)
+        inputs = ({r: report.entries for r, report in reports.items()}, eligible, stage_sets, proven or {})
         if self._result is not None and inputs == self._inputs:
             self.reused += 1
             return self._result
         # deep copies are not needed: reports are parsed afresh each time, and the entries are never changed
         self._inputs = inputs
-        self._result = _aggregate(reports, eligible, self.cfg, stage_sets)
+        self._result = _aggregate(reports, eligible, self.cfg, stage_sets, proven)
         self.recomputed += 1
         return self._result
 
@@ -376,13 +394,31 @@ class _Entries:
         self.clean, self.strikes = clean[keep], strikes[keep]
         # an accusation needs min_strikes strikes; the ratio test runs on those few, on exact integers
         accuses = self.strikes >= cfg.min_strikes
+        provable = _provable(self.ids, cfg, stages)
         for k in np.nonzero(accuses)[0].tolist():
-            accuses[k] = _accuses(values[self.index[k]], cfg)
+            entry = values[self.index[k]]
+            if provable is not None and self.ids[dst_a[self.index[k]]] in provable:
+                # audits can prove what this peer sent: only strikes no audit settles may accuse it
+                unaudited = sum(c for r, c in entry["reasons"].items() if r in UNAUDITABLE)
+                entry = dict(
+                    entry,
+                    strikes=min(entry["strikes"], unaudited),
+                    recent_strikes=min(entry.get("recent_strikes", 0), unaudited),
+                )
+            accuses[k] = _accuses(entry, cfg)
         self.accuses = accuses
         ms = cfg.min_strikes
         self.witness = accuses | (np.minimum(self.clean, ms) + np.minimum(self.strikes, ms) >= ms)
         # work only needs comparing with probation_work: each entry's share clipped there sums exactly
         self.work_share = np.minimum(self.clean, cfg.probation_work)
+
+
+def _provable(ids: List[str], cfg: ReputationConfig, stages) -> Optional[Set[str]]:
+    """The peers whose every announced stage has at least ``cfg.proof_replicas`` replicas (None: proofs off)."""
+    if not cfg.proof_replicas or stages is None:
+        return None
+    count = Counter(s for peer_stages in stages.values() for s in set(peer_stages))
+    return {p for p in ids if stages.get(p) and all(count[s] >= cfg.proof_replicas for s in stages[p])}
 
 
 _CLEAN = operator.itemgetter("clean")
@@ -394,27 +430,36 @@ def _aggregate(
     eligible: Iterable[str],
     cfg: ReputationConfig,
     stages: Optional[Dict[str, Iterable[int]]],
+    proven: Optional[Dict[str, dict]] = None,
 ) -> Aggregate:
     table = _Entries(reports, cfg, stages)
     n, nr = len(table.ids), table.reporters
+    forced = np.zeros(n, dtype=bool)  # convicted by a proof (swarm.evidence), whatever the strikes say
+    position_all = {p: i for i, p in enumerate(table.ids)}
+    for peer in proven or {}:
+        if peer in position_all:
+            forced[position_all[peer]] = True
     is_eligible = np.zeros(nr, dtype=bool)
     position = {r: i for i, r in enumerate(table.ids[:nr])}
     for r in eligible:
         if r in position:
             is_eligible[position[r]] = True
     exact_work = int(table.work_share.sum()) < 2**53  # float sums of integers are exact below 2^53
-    blacklisted = np.zeros(n, dtype=bool)
+    blacklisted = forced.copy()
     rounds, converged = 0, False
     while not converged and rounds < MAX_ROUNDS:
         rounds += 1
         weighted = _weights(table, is_eligible & ~blacklisted[:nr], cfg, exact_work)
-        verdicts = _verdicts(table, weighted, cfg)
+        verdicts = _verdicts(table, weighted, cfg) | forced
         converged = bool(np.array_equal(verdicts, blacklisted))
         blacklisted = verdicts
+    blacklist = _evidence(table, weighted, blacklisted & ~forced)
+    for peer, entry in (proven or {}).items():  # a proof is the verdict's reason, mentioned in reports or not
+        blacklist[peer] = dict(entry)
     return Aggregate(
         weights={r: 1.0 if w else 0.0 for r, w in zip(table.ids[:nr], weighted.tolist())},
         scores=_scores(table, weighted, blacklisted),
-        blacklist=_evidence(table, weighted, blacklisted),
+        blacklist=blacklist,
         rounds=rounds,
         converged=converged,
     )

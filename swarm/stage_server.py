@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 import hivemind
 import torch
@@ -48,6 +50,7 @@ from swarm.dataplane import (
     endpoint_of,
     host_of_addrs,
 )
+from swarm.evidence import StageAuditConfig, draw_auditor, recompute
 from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule
@@ -107,6 +110,9 @@ class StageServerConfig:
     audit: AuditConfig = field(
         default_factory=AuditConfig
     )  # how alike an auditor's gradient must be (swarm.audit)
+    # recomputation audits of the next stage's gradients where it is a middle stage (swarm.evidence): this peer draws
+    # auditors among that stage's other replicas; None: off. (The last stage's are the trainer's, swarm.audit.)
+    stage_audit: Optional[StageAuditConfig] = field(default_factory=lambda: StageAuditConfig(rate=0.1))
     resync_period_s: float = 2.0  # how often a replica checks whether it missed its stage's optimizer steps
     limits: TensorLimits = field(default_factory=TensorLimits)
     # stage checkpoints (swarm.checkpoint): where, and every how many optimizer steps or seconds (one of the two)
@@ -241,6 +247,10 @@ class StageServer(ServicerBase):
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         # every received tensor's verdicts, recorded once per exchange: the same code as the simulator's
         self.gate = Gate(sentinel, self.ledger, self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
+        # recomputation audits of a middle next stage (swarm.evidence): audits run per peer, its stage's replicas
+        self._recomputed: Dict[str, int] = {}
+        self._replicas: Dict[int, Tuple[float, List[str]]] = {}
+        self._audit_rng = random.Random()
         self.outbound_hook = outbound_hook
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
@@ -289,6 +299,7 @@ class StageServer(ServicerBase):
         )
 
         self.p2p = await self.dht.replicate_p2p()
+        self._fetch_stage_peers = fetch_stage_peers
         self._loop = asyncio.get_event_loop()
         self.peer_id = str(self.p2p.peer_id)
         self.identity_key = self.identity_key or identity_key(self.dht)
@@ -817,7 +828,7 @@ class StageServer(ServicerBase):
                 me=self.peer_id,
                 sender=sender,
                 now=time.time(),
-                audit_only=meta.get("audit_only") is True,
+                audit_only=meta.get("audit_only") is True or meta.get("recompute") is True,
             )
         except ProtocolError as e:
             self._reject(sender, f"bad header: {e}", FORWARD)
@@ -1041,10 +1052,13 @@ class StageServer(ServicerBase):
         header: ChainHeader,
         meta: Dict[str, Any],
         out: torch.Tensor,
+        evidence: Optional[torch.Tensor] = None,
     ) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
-        ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed."""
+        ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed.
+        ``evidence``: a middle stage's output-gradient (signed by the stage after it), which its auditors
+        recompute from (``meta["recompute"]``); the last stage's auditors compute from the labels instead."""
         answers: List[Tuple[str, torch.Tensor]] = []
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
@@ -1053,9 +1067,10 @@ class StageServer(ServicerBase):
                     await self._call_next(
                         auditor,
                         header,
-                        dict(meta, audit_only=True),
+                        meta if evidence is not None else dict(meta, audit_only=True),
                         out,
                         timeout_s=min(self.cfg.hop_timeout_s, 30.0),
+                        extra=[evidence] if evidence is not None else (),
                     )
                 )[0]
             except ChainError as e:
@@ -1078,6 +1093,10 @@ class StageServer(ServicerBase):
             return
         if verdict.blame is not None:
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
+        if evidence is not None:
+            # a middle stage's replicas drift apart between averaging rounds more than the last stage's: with no
+            # majority, the gradient that passed SENTINEL is used (nobody blamed), rather than the micro-batch lost
+            return
         raise ChainError(f"stage {self.cfg.stage}: {outcome.reason()}", blame=None)
 
     def _validate_request(
@@ -1111,6 +1130,8 @@ class StageServer(ServicerBase):
         """This hop's work on a request whose header verified: returns the upstream gradient and this hop's report
         fields (with the later hops' reports under ``reports``); a failure raises ChainError."""
         meta = received.metadata
+        if meta.get("recompute") is True:
+            return await self._serve_recompute(received, header, sender)
         audit_only = meta.get("audit_only") is True
         if audit_only and not self.module.is_last:
             raise ChainError(
@@ -1119,8 +1140,11 @@ class StageServer(ServicerBase):
             )
         # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
         # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
-        x = self._validate_request(header, received.tensors, sender).to(self.device)
+        x = self._validate_request(header, received.tensors, sender)
+        x_digest = tensor_digest(x)  # what this hop received, bound into its signed report
+        x = x.to(self.device)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
+        grad_out_wire: Optional[torch.Tensor] = None  # the next stage's gradient as it came, for the evidence
         if audit_only:  # the penultimate stage passes the reveal on to its auditors: this one must be listed
             try:
                 listed = audit_reveal(header, meta.get("audit"))
@@ -1187,17 +1211,30 @@ class StageServer(ServicerBase):
                         next_meta["audit"] = meta.get(
                             "audit"
                         )  # checked again at the next hop; the last never sees it
-                    grad_out, later, next_epoch = await self._call_next(
-                        header.route[self.cfg.stage + 1], header, next_meta, out.detach()
+                    next_peer = header.route[self.cfg.stage + 1]
+                    grad_out, later, next_epoch, wire = await self._call_next(
+                        next_peer, header, next_meta, out.detach()
                     )
+                    grad_out_wire = wire[0]
+                    recomputers = await self._recomputers(header, next_peer)
                     await self._check_gradient(
                         grad_out,
-                        header.route[self.cfg.stage + 1],
+                        next_peer,
                         header,
                         out.detach(),
                         next_epoch,
-                        audited=bool(auditors),
+                        audited=bool(auditors) or bool(recomputers),
                     )
+                    if recomputers:  # a middle stage's gradient: recomputed from its signed inputs
+                        await self._audit(
+                            grad_out,
+                            next_peer,
+                            recomputers,
+                            header,
+                            dict(next_meta, recompute=True),
+                            out.detach(),
+                            evidence=wire[1],
+                        )
                     if auditors:
                         audit_meta = dict(next_meta, audit=meta.get("audit"))
                         await self._audit(
@@ -1221,6 +1258,12 @@ class StageServer(ServicerBase):
             self.stats.record_compute(x.shape[0], fwd_s + bwd_s + opt_s)
             self.refresh_record()
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, header)]
+        digests: Tuple[bytes, ...] = ()
+        if tensors and not audit_only:  # the signed tensors: what it sent back, computed from what
+            source = header.labels_digest if self.module.is_last else tensor_digest(grad_out_wire)
+            digests = (tensor_digest(tensors[0]), x_digest, source)
+            if not self.module.is_last:  # the next stage's signed gradient travels up with this hop's own
+                tensors.append(grad_out_wire)
         timings = dict(fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
         return tensors, dict(
             ok=True,
@@ -1228,6 +1271,7 @@ class StageServer(ServicerBase):
             epoch=epoch,
             timings=timings,
             reports=later,
+            digests=digests,
         )
 
     async def _call_next(
@@ -1237,11 +1281,14 @@ class StageServer(ServicerBase):
         meta: Dict[str, Any],
         out: torch.Tensor,
         timeout_s: Optional[float] = None,
-    ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int]]:
-        """Send ``out`` to ``peer`` (the next stage's route peer, or an auditor) and return the gradient it sent back,
-        its signed reports (checked: ``swarm.protocol.check_reports``) and its epoch. A failure raises ChainError:
-        this hop's own claim about ``peer`` (unreachable, timed out, a malformed or unsigned reply), or the later
-        hops' signed reports relayed."""
+        extra: Sequence[torch.Tensor] = (),
+    ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int], List[torch.Tensor]]:
+        """Send ``out`` (and ``extra`` tensors: a recomputation's output-gradient) to ``peer`` (the next stage's route
+        peer, or an auditor) and return the gradient it sent back, its signed reports (checked:
+        ``swarm.protocol.check_reports``), its epoch, and the reply's tensors as they came: the gradient, then for a
+        middle stage the next-but-one stage's gradient it relayed (the evidence of what its own was computed from). A failure raises ChainError: this
+        hop's own claim about ``peer`` (unreachable, timed out, a malformed or unsigned reply, tensors its own
+        signed report does not cover), or the later hops' signed reports relayed."""
         try:
             peer_id = PeerID.from_base58(peer)
         except Exception:
@@ -1257,7 +1304,7 @@ class StageServer(ServicerBase):
                 endpoint,
                 self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
                 meta,
-                [sent],
+                [sent, *extra],
                 self.cfg.limits,
                 timeout_s,
                 self.cfg.compression,
@@ -1285,21 +1332,123 @@ class StageServer(ServicerBase):
                 blame_stage=None if no_fault else stage,
             )
         try:
-            reports = check_reports(header, reply["reports"], stage, peer)
+            recomputed = meta.get("recompute") is True  # an auditor's reply: its own report only
+            reports = check_reports(header, reply["reports"], stage, peer, alone=recomputed)
+            if recomputed and len(reports) != 1:
+                raise ProtocolError("a recomputation audit's reply holds one report")
         except ProtocolError as e:
             self.stats.failed_downstream += 1
             raise self._reject(peer, f"invalid reply: {e}", BACKWARD) from None
         if not reports[0].ok:
             self.stats.failed_downstream += 1
             raise ChainError(f"stage {stage}: {reports[0].error}", reports=reply["reports"])
-        if len(received.tensors) != 1:
-            raise self._reject(peer, "reply needs one gradient tensor", BACKWARD)
+        audit = meta.get("audit_only") is True or meta.get("recompute") is True
+        relays = not audit and stage < self.cfg.num_stages - 1  # a middle stage relays its input gradient
+        if len(received.tensors) != 1 + relays:
+            raise self._reject(peer, f"reply needs {1 + relays} gradient tensors", BACKWARD)
+        if not audit:
+            self._check_signed_tensors(peer, reports, sent, received.tensors, header)
         grad = received.tensors[0].to(self.device)  # checked and used where this stage's activations live
         if grad.shape != out.shape or not grad.is_floating_point():
             raise self._reject(
                 peer, f"gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}", BACKWARD
             )
-        return grad, reply["reports"], reports[0].epoch
+        return grad, reply["reports"], reports[0].epoch, list(received.tensors)
+
+    def _check_signed_tensors(
+        self,
+        peer: str,
+        reports: List[HopReport],
+        sent: torch.Tensor,
+        tensors: List[torch.Tensor],
+        header: ChainHeader,
+    ) -> None:
+        """The next hop's signed report must cover what it sent back and name what it got: the gradient's digest,
+        the activations this hop sent, and the gradient it computed from (the next-but-one hop's own signed digest,
+        relayed as a second tensor) or the labels. Any mismatch is the next hop's: it signed it, or relayed it."""
+        digests = reports[0].digests
+        if len(digests) != 3:
+            raise self._reject(peer, "its report does not sign the tensors it sent", BACKWARD)
+        if tensor_digest(tensors[0]) != digests[0]:
+            raise self._reject(peer, "its gradient is not the one its report signs", BACKWARD)
+        if tensor_digest(sent) != digests[1]:
+            raise self._reject(peer, "its report names other activations than this peer sent", BACKWARD)
+        if len(tensors) == 1 and digests[2] != header.labels_digest:
+            raise self._reject(peer, "its report names other labels than the trainer's", BACKWARD)
+        if len(tensors) > 1:
+            below = reports[1].digests if len(reports) > 1 else ()
+            if tensor_digest(tensors[1]) != digests[2] or not below or below[0] != digests[2]:
+                raise self._reject(peer, "it relayed a gradient the next stage did not sign", BACKWARD)
+
+    async def _recomputers(self, header: ChainHeader, peer: str) -> List[str]:
+        """The auditors of ``peer``'s gradient, when it serves a middle stage and this micro-batch is drawn
+        (``StageAuditConfig.rate_for``: every hop of a newcomer or a suspect, else ``rate``): up to two other
+        replicas of its stage (not its chain neighbours), drawn by ``swarm.evidence.draw_auditor`` seeded with the
+        trainer's signed header, so this peer cannot pick them."""
+        cfg, stage = self.cfg.stage_audit, self.cfg.stage + 1
+        if cfg is None or stage >= self.cfg.num_stages - 1:
+            return []
+        tally = self.ledger.tallies.get(peer)
+        suspect = tally is not None and any(tally.recent)
+        rate = cfg.rate_for(suspicious=False, suspect=suspect, audited_before=self._recomputed.get(peer, 0))
+        if rate <= 0 or (rate < 1 and self._audit_rng.random() >= rate):
+            return []
+        replicas = await self._stage_replicas(stage)
+        excluded = {peer, self.peer_id, *header.route[stage + 1 : stage + 2]}
+        seed = hashlib.sha256(header.digest + b"recompute").digest()
+        drawn: List[str] = []
+        for _ in range(2):
+            auditor = draw_auditor(replicas, excluded | set(drawn), seed)
+            if auditor is None:
+                break
+            drawn.append(auditor)
+        if drawn:
+            self._recomputed[peer] = self._recomputed.get(peer, 0) + 1
+        return drawn
+
+    async def _stage_replicas(self, stage: int) -> List[str]:
+        """The online, not banned peers announcing ``stage`` (from the DHT, cached for 10 s)."""
+        cached = self._replicas.get(stage)
+        if cached is None or time.monotonic() - cached[0] > 10.0:
+            run_id, num_stages = self.cfg.run_id, self.cfg.num_stages
+            try:
+                peers = await asyncio.get_event_loop().run_in_executor(
+                    None, partial(self._fetch_stage_peers, self.dht, run_id, num_stages, stages=[stage])
+                )
+            except Exception as e:
+                logger.debug(f"stage {self.cfg.stage}: no replicas of stage {stage}: {e!r}")
+                peers = {}
+            found = [i.peer_id for i in peers.get(stage, []) if i.record.state == "online"]
+            cached = self._replicas[stage] = (time.monotonic(), found)
+        return [p for p in cached[1] if not self.is_banned(p)]
+
+    async def _serve_recompute(
+        self, received, header: ChainHeader, sender: str
+    ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+        """An audit of another replica of this (middle) stage: the gradient of this stage's input for the sender's
+        activations and the output-gradient it got, computed with this replica's weights. Nothing is trained and
+        the tensors are not SENTINEL's business (they are another hop's); only a well-formed pair is computed."""
+        if self.module.is_first or self.module.is_last:
+            raise ChainError("a recomputation audit is asked of a middle stage", blame=sender)
+        if len(received.tensors) != 2:
+            raise ChainError("a recomputation audit needs activations and their gradient", blame=sender)
+        x = self._validate_request(header, received.tensors[:1], sender)
+        g = received.tensors[1]
+        if g.shape != x.shape or not g.is_floating_point() or not bool(torch.isfinite(g).all()):
+            raise ChainError(
+                "the output-gradient of an audit must be finite and shaped like the input", blame=sender
+            )
+        loop = asyncio.get_event_loop()
+        started = time.perf_counter()
+        async with self._slots:
+            _, grad = await loop.run_in_executor(
+                self.executor, recompute, self.module, BACKWARD, x.to(self.device), g.to(self.device), x
+            )
+        self.stats.audits_served += 1
+        timings = dict(fwd_s=0.0, bwd_s=time.perf_counter() - started, opt_s=0.0, wait_s=0.0)
+        return [self._outbound(grad, BACKWARD, header)], dict(
+            ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
+        )
 
     def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()

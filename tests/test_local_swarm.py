@@ -198,7 +198,15 @@ REPUTATION = ["--probation-s", "5", "--probation-work", "10", "--report-period",
 
 
 def _blacklist_run(
-    tmp_path, run_id: str, stages, attacker_stage: int, attack, steps: int, trainer_extra=()
+    tmp_path,
+    run_id: str,
+    stages,
+    attacker_stage: int,
+    attack,
+    steps: int,
+    trainer_extra=(),
+    shape=SHAPE,
+    extra=(),
 ) -> tuple:
     """One live swarm with reputation on: honest peers of ``stages`` plus one attacker at ``attacker_stage`` with
     ``attack`` flags: (trainer summary, swarm local's peers summary, attacker id, micro-batches)."""
@@ -206,11 +214,11 @@ def _blacklist_run(
     swarm = LocalSwarm(str(tmp_path / "swarm"), run_id=run_id)
     per_step = 4  # 32 / 8: micro-batches per optimizer step
     try:
-        swarm.start_dht(SHAPE + REPUTATION)
+        swarm.start_dht(list(shape) + REPUTATION)
         # 3 s to form an averaging group: with 1 s, on this 2-core machine running 8 processes, most peers missed
         # a round every other step (9-21 "could not find a group" per peer in 26 steps), and replicas that step
         # alone really diverge, which SENTINEL then sees
-        sentinel = ["--sentinel-warmup", "8", "--matchmaking-time", "3"]
+        sentinel = ["--sentinel-warmup", "8", "--matchmaking-time", "3", *extra]
         children = [swarm.start_stage(s, wait=False, extra=sentinel) for s in stages]
         children.append(
             swarm.start_stage(
@@ -333,6 +341,42 @@ def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
             return
         misses.append((attempt, late, peers))
     pytest.fail(f"the sign flipper's verdict was late or noisy in all three runs: {misses}")
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1800)  # up to three runs of about five minutes each
+def test_middle_stage_sign_flipper_caught_by_recomputation(tmp_path):
+    """3 stages (replicas 2, 3, 1); one stage-1 replica flips the sign of every gradient it sends back from step 2.
+    Stage 1 is a middle stage: its gradient depends on the rest of the chain, so the last-stage audits cannot see
+    it. Its receivers (stage 0) check its signed report against the tensors, then have the gradient recomputed by
+    two other stage-1 replicas from the signed activations and the output-gradient stage 2 signed
+    (``swarm.evidence``); the odd one out is struck (``audit``), and the attacker is blacklisted swarm-wide while no
+    honest peer is. Safety on every run; timing and noise as in the 2 x 3 test, up to three runs."""
+    misses = []
+    attack = ["--attack", "signflip", "--attack-direction", "backward", "--attack-start-step", "2"]
+    shape = ["--stages", "3", *SHAPE[2:]]
+    for attempt in range(3):
+        summary, peers, attacker_id, microbatches = _blacklist_run(
+            tmp_path / f"run{attempt}",
+            f"itest-rc{attempt}",
+            (0, 0, 1, 1, 2),
+            1,
+            attack,
+            steps=20,
+            shape=shape,
+            extra=["--recompute-rate", "0.25"],
+        )
+        by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
+        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, by_name
+        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, by_name
+        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=5)
+        attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
+        if attacker["blacklisted"]:
+            assert "audit" in (attacker["blacklist_reason"] or ""), attacker
+        if not late:
+            return
+        misses.append((attempt, late, peers))
+    pytest.fail(f"the middle-stage sign flipper's verdict was late or noisy in all three runs: {misses}")
 
 
 def _process_groups(run_id: str) -> set:

@@ -196,3 +196,22 @@ def test_inconsistent_report_chains_are_refused(case):
     }[case]
     with pytest.raises(ProtocolError):
         check_reports(h, reports, 0, ROUTE[0])
+
+
+def test_a_report_signs_the_tensors_of_its_hop():
+    """A hop's report carries the digests of the gradient it sent back and of what it computed it from, under its
+    signature: a relay cannot swap them, and a report without them (a hop that sent no gradient) still verifies."""
+    h, _ = header()
+    digests = [bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32]
+    wire = report(h, 2, ok=True, loss=2.5, digests=tuple(digests))
+    (parsed,) = check_reports(h, [wire], 2, ROUTE[2])
+    assert parsed.digests == tuple(digests)
+    swapped = dict(wire, d=[digests[0], digests[2], digests[1]])
+    with pytest.raises(ProtocolError, match="not signed"):
+        check_reports(h, [swapped], 2, ROUTE[2])
+    stripped = {k: v for k, v in wire.items() if k != "d"}
+    with pytest.raises(ProtocolError, match="not signed"):
+        check_reports(h, [stripped], 2, ROUTE[2])
+    with pytest.raises(ProtocolError, match="report.d"):
+        check_reports(h, [dict(wire, d=digests[:2])], 2, ROUTE[2])
+    assert check_reports(h, [report(h, 2, ok=True, loss=1.0)], 2, ROUTE[2])[0].digests == ()

@@ -51,6 +51,7 @@ What is simulated (and why it does not change what the checks see):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -78,7 +79,26 @@ from swarm.averaging import (  # noqa: E402
 )
 from swarm.config import DataConfig, ModelConfig  # noqa: E402
 from swarm.data import MicroBatchStream, load_token_blocks  # noqa: E402
+from swarm.evidence import (  # noqa: E402
+    FALSE_ACCUSATION,
+    PROOF,
+    TOKENS,
+    WITHHELD,
+    Accusation,
+    EvidenceError,
+    ProofBook,
+    StageAuditConfig,
+    TensorClaim,
+    audit_seed,
+    check_accusation,
+    check_received,
+    draw_auditor,
+    recompute,
+    relative_error,
+    reverify,
+)
 from swarm.gate import Gate  # noqa: E402
+from swarm.identity import peer_id_of  # noqa: E402
 from swarm.model import StageModule, causal_lm_loss  # noqa: E402
 from swarm.optimizer import clip_microbatch  # noqa: E402
 from swarm.records import ReputationReport  # noqa: E402
@@ -106,6 +126,12 @@ class Byzantine:
     start_step: int = 0
     slander: bool = False  # accuse the slander targets in every report it publishes
     collude: bool = False  # ... and vouch for the other colluding Byzantine peers' (fake) work
+    # colluding Byzantine peers also cover each other: as receivers they accept a friend's tensors unchecked and
+    # withhold the evidence an audit asks for, as auditors they clear a friend, as verifiers they refute an
+    # accusation against one (and, with slander, confirm one against the slander targets)
+    ramp: int = (
+        0  # > 0: the attack grows to its magnitude over this many tampered messages (AttackConfig.ramp)
+    )
 
 
 @dataclass
@@ -159,6 +185,9 @@ class SimConfig:
     router_ban_base_s: float = 5.0
     # audits of the last stage's gradients (swarm/audit.py), the trainer's default; None: off
     audit: Optional[AuditConfig] = field(default_factory=AuditConfig)
+    # recomputation audits of every stage, both directions, with signed tensors and accusations that carry their
+    # evidence (swarm.evidence); None: off
+    evidence: Optional[StageAuditConfig] = None
     seed: int = 0
     log_every: int = 0
     # micro-batches the model trains (plain pipeline, no checks, no peers) before the swarm starts: the swarm joins a
@@ -271,6 +300,7 @@ class SwarmSim:
                                 probability=spec.probability,
                                 start_step=spec.start_step,
                                 seed=cfg.seed * 7919 + s * 131 + r,
+                                ramp=spec.ramp,
                             )
                         )
                 self.peers[name] = peer
@@ -331,6 +361,32 @@ class SwarmSim:
         self.audit_rng = random.Random(cfg.seed * 31 + 7)
         self.audits: Counter = Counter()  # "run", and outcomes "route", "audit", "inconclusive"
         self.waited_s = 0.0  # simulated seconds the trainer spent with no usable chain
+        # recomputation audits (swarm.evidence): every peer's identity key, the proofs every peer has seen
+        self.keys: Dict[str, object] = {}
+        self.pid: Dict[str, str] = {}
+        self.name_of: Dict[str, str] = {}
+        if cfg.evidence is not None:
+            for name in [TRAINER, *self.peers]:
+                self.keys[name] = _identity(name)
+                self.pid[name] = peer_id_of(self.keys[name].get_public_key().to_bytes())
+                self.name_of[self.pid[name]] = name
+        self.proofs = ProofBook()
+        # with audits, a peer of a stage with 3+ replicas is blacklisted by proof (or by strikes no audit settles)
+        self.reputation_cfg = (
+            dataclasses.replace(cfg.reputation, proof_replicas=3)
+            if cfg.evidence is not None
+            else cfg.reputation
+        )
+        self.evidence_rng = random.Random(cfg.seed * 31 + 11)
+        self.evidence_stats: Counter = Counter()
+        self.proof_s: List[
+            float
+        ] = []  # seconds to check + re-verify one accusation (signatures, recomputation)
+        self.first_proof: Dict[
+            str, int
+        ] = {}  # attacker -> micro-batch of the first accusation of a tampered tensor
+        self._salt = b""
+        self.audited: Counter = Counter()  # sender -> hops audited (newcomers are audited on every hop)
 
     # ---- one micro-batch -------------------------------------------------------------------------------------
     def _outbound(
@@ -370,11 +426,25 @@ class SwarmSim:
                 t.fp_by[verdict.statistic or verdict.baseline] += 1
 
     def _chain(
-        self, index: int, chain: List[str], ids: torch.Tensor, auditors: Sequence[str] = ()
+        self,
+        index: int,
+        chain: List[str],
+        ids: torch.Tensor,
+        auditors: Sequence[str] = (),
+        attempt: int = 0,
     ) -> Tuple[bool, float, str, Optional[Tuple[str, str]]]:
         """One attempt, as ``StageServer._chain`` runs it hop by hop: (ok, loss, reason, (blamed sender, judge)).
         ``auditors``: the last-stage replicas the trainer drew to audit this attempt (``swarm.audit``)."""
         cfg = self.cfg
+        ev = cfg.evidence
+        mbid = f"{index}.{attempt}"  # claims are per attempt
+        # signed tensors (swarm.evidence): hop k's (claim, tensor) per direction; the trainer signs the token ids
+        fwd: Dict[int, Tuple[TensorClaim, torch.Tensor]] = {}
+        bwd: Dict[int, Tuple[TensorClaim, torch.Tensor]] = {}
+        tokens = (self._sign(TRAINER, -1, TOKENS, mbid, ids, ()), ids) if ev is not None else None
+        self._salt = (
+            self.evidence_rng.randbytes(16) if ev is not None else b""
+        )  # the trainer's, revealed later
         step = index // cfg.microbatches_per_step
         self.in_warmup = step < cfg.sentinel.warmup_steps
         data_key = f"{TRAINER}:{index}"  # retries of the same data share it, as the stage server's data key
@@ -389,22 +459,34 @@ class SwarmSim:
                 sender = chain[k - 1]
                 if sender in self.blacklist:
                     return False, math.nan, f"refused: sender {sender} is blacklisted", None
-                verdict = peer.gate.activations(
-                    x,
-                    sender,
-                    microbatch=data_key,
-                    step=step,
-                    epoch=self.epoch,
-                    last_stage=k == len(chain) - 1,
-                )
-                self._count(verdict, tampered, name)
-                if not verdict.accepted:
-                    return (
-                        False,
-                        math.nan,
-                        f"stage {k} rejected forward tensor: {verdict.statistic}",
-                        (sender, name),
+                covering = self._covers(name, sender)
+                verdict = (
+                    None
+                    if covering
+                    else peer.gate.activations(
+                        x,
+                        sender,
+                        microbatch=data_key,
+                        step=step,
+                        epoch=self.epoch,
+                        last_stage=k == len(chain) - 1,
+                        defer_rejection=ev is not None and ev.on_suspicion,
                     )
+                )
+                if verdict is not None:
+                    self._count(verdict, tampered, name)
+                if ev is not None:
+                    claim, sent = fwd[k - 1]
+                    check_received(
+                        claim, sent, sender=self.pid[sender], stage=k - 1, direction=FORWARD, microbatch=mbid
+                    )
+                    inputs = [fwd[k - 2] if k >= 2 else tokens]
+                    refused = self._hop_audit(chain, k - 1, FORWARD, claim, sent, inputs, verdict, tampered)
+                    if refused is not None:
+                        return False, math.nan, refused, (sender, name)
+                elif verdict is not None and not verdict.accepted:
+                    refused = f"stage {k} rejected forward tensor: {verdict.statistic}"
+                    return False, math.nan, refused, (sender, name)
                 x_in = x.detach().float().requires_grad_(True)
             else:
                 x_in = x
@@ -438,35 +520,64 @@ class SwarmSim:
                         )
             else:
                 x, tampered = self._outbound(peer, out, FORWARD, meta)
+                if ev is not None:
+                    source = fwd[k - 1] if k >= 1 else tokens
+                    fwd[k] = (self._sign(name, k, FORWARD, mbid, x, [source[0].digest]), x)
         # backward: the last stage first, then each receiver checks the gradient against what it sent
         loss_t.backward()
         self.accumulated[len(chain) - 1] += 1
         self._collect(len(chain) - 1, chain[-1])
         if len(chain) == 1:
             return True, float(loss_t.detach()), "", None
+        last = len(chain) - 1
         grad, tampered = self._outbound(self.peers[chain[-1]], saved[-1][0].grad, BACKWARD, meta)
+        if ev is not None:
+            bwd[last] = (
+                self._sign(
+                    chain[-1], last, BACKWARD, mbid, grad, [fwd[last - 1][0].digest, tokens[0].digest]
+                ),
+                grad,
+            )
         for k in range(len(chain) - 2, -1, -1):
             peer = self.peers[chain[k]]
             sender = chain[k + 1]
             out = saved[k][1]
             audited = bool(auditors) and k == len(chain) - 2
-            verdict = peer.gate.gradient(
-                grad,
-                sender,
-                sent=out.detach(),
-                microbatch=data_key,
-                step=step,
-                epoch=self.epoch,
-                audited=audited,
-            )
-            self._count(verdict, tampered, peer.name)
-            if not verdict.accepted:
-                return (
-                    False,
-                    math.nan,
-                    f"stage {k} rejected backward tensor: {verdict.statistic}",
-                    (sender, peer.name),
+            covering = self._covers(peer.name, sender)
+            verdict = (
+                None
+                if covering
+                else peer.gate.gradient(
+                    grad,
+                    sender,
+                    sent=out.detach(),
+                    microbatch=data_key,
+                    step=step,
+                    epoch=self.epoch,
+                    audited=audited,
+                    defer_rejection=ev is not None and ev.on_suspicion,
                 )
+            )
+            if verdict is not None:
+                self._count(verdict, tampered, peer.name)
+            if ev is not None:
+                claim, sent = bwd[k + 1]
+                check_received(
+                    claim,
+                    sent,
+                    sender=self.pid[sender],
+                    stage=k + 1,
+                    direction=BACKWARD,
+                    microbatch=mbid,
+                    sent_inputs={0: fwd[k][0].digest},
+                )
+                inputs = [fwd[k], bwd[k + 2] if k + 2 <= last else tokens]
+                refused = self._hop_audit(chain, k + 1, BACKWARD, claim, sent, inputs, verdict, tampered)
+                if refused is not None:
+                    return False, math.nan, refused, (sender, peer.name)
+            elif verdict is not None and not verdict.accepted:
+                refused = f"stage {k} rejected backward tensor: {verdict.statistic}"
+                return False, math.nan, refused, (sender, peer.name)
             if audited:
                 failure = self._audit(peer, sender, grad, tampered, auditors, saved[-1][0], ids, meta)
                 if failure is not None:
@@ -476,6 +587,14 @@ class SwarmSim:
             self._collect(k, peer.name)
             if k > 0:
                 grad, tampered = self._outbound(peer, saved[k][0].grad, BACKWARD, meta)
+                if ev is not None:
+                    source = fwd[k - 1]
+                    bwd[k] = (
+                        self._sign(
+                            peer.name, k, BACKWARD, mbid, grad, [source[0].digest, bwd[k + 1][0].digest]
+                        ),
+                        grad,
+                    )
         return True, float(loss_t.detach()), "", None
 
     def _audit(
@@ -517,6 +636,143 @@ class SwarmSim:
             self.rejections.append((self.index, peer.name, sender, BACKWARD, tampered, outcome.reason()))
             return f"stage {peer.stage} rejected backward tensor: audit", (sender, peer.name)
         return f"stage {peer.stage}: {outcome.reason()}", None
+
+    # ---- recomputation audits (swarm.evidence) -------------------------------------------------------------------
+    def _sign(
+        self, name: str, stage: int, direction: str, mbid: str, tensor: torch.Tensor, inputs
+    ) -> TensorClaim:
+        return TensorClaim.create(
+            self.keys[name],
+            stage=stage,
+            direction=direction,
+            microbatch=mbid,
+            epoch=self.epoch,
+            tensor=tensor,
+            inputs=inputs,
+        )
+
+    def _covers(self, receiver: str, sender: str) -> bool:
+        """A colluding Byzantine receiver takes a colluding friend's tensors unchecked."""
+        spec = self.peers[receiver].spec
+        friend = self.peers[sender].spec
+        return spec is not None and spec.collude and friend is not None and friend.collude
+
+    def _hop_audit(
+        self,
+        chain: List[str],
+        k: int,
+        direction: str,
+        claim: TensorClaim,
+        sent: torch.Tensor,
+        inputs: List[Tuple[TensorClaim, torch.Tensor]],
+        verdict,
+        tampered: bool,
+    ) -> Optional[str]:
+        """A recomputation audit of hop (stage ``k``, ``direction``), as the receiver and the trainer run it: drawn at
+        ``rate`` (``suspect_rate`` for a suspect sender; always when SENTINEL rejected the tensor and ``on_suspicion``).
+        The auditor, drawn verifiably among stage ``k``'s other replicas, recomputes the hop at the claim's epoch;
+        a mismatch becomes an :class:`~swarm.evidence.Accusation` that every other replica of stage ``k``
+        re-checks. Returns why the attempt is refused, or None (it goes on)."""
+        ev = self.cfg.evidence
+        sender = chain[k]
+        receiver_k = k + 1 if direction == FORWARD else k - 1
+        receiver = chain[receiver_k]
+        gate = self.peers[receiver].gate
+        suspicious = verdict is not None and not verdict.accepted
+        suspect = self.router.is_suspect(sender)
+        on_path = suspicious or suspect
+        rate = ev.rate_for(suspicious=suspicious, suspect=suspect, audited_before=self.audited[sender])
+        if not (rate >= 1.0 or self.evidence_rng.random() < rate):
+            if suspicious:  # no audit (on_suspicion off): SENTINEL's verdict, as without audits
+                gate.settle(verdict, None)
+                return f"stage {receiver_k} rejected {direction} tensor: {verdict.statistic}"
+            return None
+        self.evidence_stats["audits"] += 1
+        self.audited[sender] += 1
+        neighbours = {chain[j] for j in (k - 1, k + 1) if 0 <= j < len(chain)}
+        auditor = draw_auditor(self.router.usable(k), {sender} | neighbours, audit_seed(self._salt, claim))
+        refusal = f"stage {receiver_k} rejected {direction} tensor"
+        if self._covers(
+            receiver, sender
+        ):  # the receiver withholds the signed tensor: the auditor has nothing
+            self.evidence_stats["withheld"] += 1
+            if auditor is not None:
+                self.peers[auditor].ledger.record(receiver, False, direction, WITHHELD)
+            self.router.report_failure(receiver, "withheld evidence for an audit")
+            return None
+        if auditor is None:
+            self.evidence_stats["no_auditor"] += 1
+            if suspicious:
+                gate.settle(verdict, None)
+                return f"{refusal}: {verdict.statistic}"
+            return None
+        acc = Accusation(accuser=self.pid[auditor], claim=claim, sent=sent, inputs=list(inputs))
+        x_in, grad_out, toks = acc.tensors()
+        out, grad = recompute(self.modules[k], direction, x_in, grad_out, toks)
+        err = relative_error(sent, out if direction == FORWARD else grad)
+        mismatch = err > ev.tolerance.of(direction)
+        spec = self.peers[auditor].spec
+        if spec is not None and spec.collude and self.peers[sender].spec is not None:
+            mismatch = False  # a colluding auditor clears its friend
+        elif spec is not None and spec.slander and sender in self.slander_targets:
+            mismatch = True  # ... and accuses its slander targets
+        if not mismatch:
+            self.evidence_stats["cleared"] += 1
+            if suspicious:
+                self.evidence_stats["false_alarms"] += 1
+                gate.settle(verdict, False)
+            return None
+        acc.error = err
+        started = time.perf_counter()
+        try:
+            check_accusation(acc, self.cfg.stages)
+        except EvidenceError:  # cannot happen here: every claim is real
+            raise
+        self.proofs.accuse(acc)
+        self.evidence_stats["accusations"] += 1
+        finding = None
+        for v in self.router.usable(k):
+            if v in (sender, auditor):
+                continue
+            vspec = self.peers[v].spec
+            if vspec is not None and vspec.collude and self.peers[sender].spec is not None:
+                confirmed = False
+            elif vspec is not None and vspec.slander and sender in self.slander_targets:
+                confirmed = True
+            else:
+                finding = finding or reverify(acc, self.modules[k], ev.tolerance)
+                confirmed = finding.confirmed
+            self.proofs.find(acc.key, self.pid[v], confirmed)
+            if not confirmed:
+                self.peers[v].ledger.record(auditor, False, "audit", FALSE_ACCUSATION)
+        self.proof_s.append(time.perf_counter() - started)
+        proven = self.pid[sender] in self.proofs.proven()
+        self.evidence_stats["proven" if proven else "unproven"] += 1
+        if tampered:
+            self.first_proof.setdefault(sender, self.index)
+        if not on_path:
+            return None
+        if proven:
+            if suspicious:
+                gate.settle(verdict, True, PROOF)
+            else:
+                gate.ledger.record(sender, False, direction, PROOF)
+            if receiver not in self.byzantine:
+                if not suspicious:
+                    self._recount_rejection(tampered, PROOF)
+            return f"{refusal}: {PROOF}"
+        if (
+            suspicious
+        ):  # refuted: a false alarm after all; undecided (nobody independent): SENTINEL's verdict stands
+            refuted = finding is not None and not finding.confirmed
+            gate.settle(verdict, False if refuted else None)
+            return None if refuted else f"{refusal}: {verdict.statistic}"
+        return None
+
+    def _proven(self) -> Dict[str, dict]:
+        """The proofs as the aggregate takes them: findings of weighted replicas only, by peer name."""
+        weighted = {self.pid[n] for n, w in self.aggregate.weights.items() if w > 0 and n in self.pid}
+        return {self.name_of[p]: e for p, e in self.proofs.proven(weighted).items()}
 
     def _recount_rejection(self, tampered: bool, statistic: str) -> None:
         """The statistics counted this tensor as accepted; a later check (``loss``, ``audit``) rejected it after all."""
@@ -700,7 +956,7 @@ class SwarmSim:
                 )
             )
             try:
-                ok, loss, reason, blame = self._chain(index, chain, ids, auditors)
+                ok, loss, reason, blame = self._chain(index, chain, ids, auditors, attempt)
             finally:
                 self.router.release(chain)
             self.clock += self.cfg.dt
@@ -790,9 +1046,10 @@ class SwarmSim:
             reports,
             self.first_seen,
             now,
-            self.cfg.reputation,
+            self.reputation_cfg,
             reachable=set(reports),
             stages=self.stages_of(),
+            proven=self._proven() if self.cfg.evidence is not None else None,
         )
         done = time.perf_counter()
         self.agg_seconds.append(done - agg_started)
@@ -895,6 +1152,8 @@ class SwarmSim:
             else:
                 entry.update(mb_to_blacklist=None, s_to_blacklist=None)
             entry["reason"] = self.aggregate.blacklist.get(name, {}).get("reason")
+            proof = self.first_proof.get(name)
+            entry["first_proof_mb"] = proof - offset if proof is not None else None
             attackers[name] = entry
         honest_blacklisted = sorted(p for p in self.ever_blacklisted if p not in self.byzantine)
         return dict(
@@ -928,6 +1187,10 @@ class SwarmSim:
             byzantine_receiver_rejections=self.byzantine_receiver_rejections,
             audits=dict(self.audits),
             averaging=dict(self.averaging_stats, caught_aggregators=sorted(self.caught_aggregators)),
+            evidence=dict(
+                self.evidence_stats,
+                proof_ms_mean=round(1000 * sum(self.proof_s) / max(len(self.proof_s), 1), 2),
+            ),
             detection_rate=t.tampered_caught / t.tampered if t.tampered else None,
             false_positive_rate=t.honest_rejected / t.honest if t.honest else None,
             honest_blacklisted=honest_blacklisted,
@@ -960,6 +1223,19 @@ class _Info:
     def __init__(self, peer_id: str):
         self.peer_id = peer_id
         self.record = _Record(peer_id)
+
+
+_KEYS: Dict[str, object] = {}
+
+
+def _identity(name: str):
+    """A peer's RSA identity key (hivemind's kind), one per name per process: generating 2048-bit keys for 176
+    workers in every run would cost more than the run."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    if name not in _KEYS:
+        _KEYS[name] = RSAPrivateKey()
+    return _KEYS[name]
 
 
 def run_sim(cfg: SimConfig) -> dict:

@@ -1,0 +1,384 @@
+"""Signed tensors, recomputation audits and accusations that carry their evidence (swarm/evidence.py): pure logic,
+real RSA keys, a real (tiny) model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peers.adversary import Adversary, AttackConfig
+from swarm.config import ModelConfig
+from swarm.evidence import (
+    TOKENS,
+    Accusation,
+    AuditTolerance,
+    ClaimWindow,
+    EvidenceError,
+    ProofBook,
+    StageAuditConfig,
+    TensorClaim,
+    audit_seed,
+    check_accusation,
+    check_received,
+    draw_auditor,
+    recompute,
+    relative_error,
+    reverify,
+)
+from swarm.gate import Gate
+from swarm.identity import peer_id_of
+from swarm.model import StageModule, causal_lm_loss
+from swarm.records import ReputationReport
+from swarm.reputation import ReputationConfig, ReputationLedger, aggregate
+from swarm.sentinel import BACKWARD, FORWARD, SentinelConfig, SentinelMonitor
+
+TINY = ModelConfig(
+    vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, num_kv_heads=2, intermediate_size=32
+)
+# trainer, stage 0, stage 1 (the accused), stage 1's auditor, stage 1's other replica, stage 2
+KEYS = [RSAPrivateKey() for _ in range(6)]
+TRAINER, S0, S1, AUDITOR, VERIFIER, S2 = KEYS
+PID = {id(k): peer_id_of(k.get_public_key().to_bytes()) for k in KEYS}
+
+
+def pid(key: RSAPrivateKey) -> str:
+    return PID[id(key)]
+
+
+@pytest.fixture(scope="module")
+def stages():
+    torch.manual_seed(0)
+    return [StageModule(TINY, s, 3) for s in range(3)]
+
+
+def chain(stages, tamper=None, mb="7.0"):
+    """One micro-batch through 3 stages with every hop signed; ``tamper(direction, tensor)`` is stage 1's outbound
+    hook. Returns the hops: {(stage, direction): (claim, tensor)} and the tokens' claim."""
+    ids = torch.randint(0, 64, (2, 8))
+    tok = TensorClaim.create(TRAINER, stage=-1, direction=TOKENS, microbatch=mb, epoch=3, tensor=ids)
+    h0 = stages[0](ids).detach()
+    c0 = TensorClaim.create(
+        S0, stage=0, direction=FORWARD, microbatch=mb, epoch=3, tensor=h0, inputs=[tok.digest]
+    )
+    h1, _ = recompute(stages[1], FORWARD, h0, None, ids)
+    if tamper:
+        h1 = tamper(FORWARD, h1)
+    c1 = TensorClaim.create(
+        S1, stage=1, direction=FORWARD, microbatch=mb, epoch=3, tensor=h1, inputs=[c0.digest]
+    )
+    _, g2 = recompute(stages[2], BACKWARD, h1, None, ids)
+    c2 = TensorClaim.create(
+        S2, stage=2, direction=BACKWARD, microbatch=mb, epoch=3, tensor=g2, inputs=[c1.digest, tok.digest]
+    )
+    _, g1 = recompute(stages[1], BACKWARD, h0, g2, ids)
+    if tamper:
+        g1 = tamper(BACKWARD, g1)
+    cb1 = TensorClaim.create(
+        S1, stage=1, direction=BACKWARD, microbatch=mb, epoch=3, tensor=g1, inputs=[c0.digest, c2.digest]
+    )
+    hops = {(-1, TOKENS): (tok, ids), (0, FORWARD): (c0, h0), (1, FORWARD): (c1, h1)}
+    hops.update({(2, BACKWARD): (c2, g2), (1, BACKWARD): (cb1, g1)})
+    return hops
+
+
+def accusation(hops, direction, accuser=AUDITOR) -> Accusation:
+    claim, sent = hops[(1, direction)]
+    inputs = [hops[(0, FORWARD)]] + ([hops[(2, BACKWARD)]] if direction == BACKWARD else [])
+    return Accusation(accuser=pid(accuser), claim=claim, sent=sent, inputs=inputs)
+
+
+def test_a_claim_binds_its_sender_tensor_and_context():
+    t = torch.randn(2, 3)
+    claim = TensorClaim.create(
+        S0, stage=0, direction=FORWARD, microbatch="1.0", epoch=2, tensor=t, inputs=[b"i" * 32]
+    )
+    claim.verify()
+    assert claim.sender == pid(S0) and claim.covers(t) and not claim.covers(t + 1e-7)
+    again = TensorClaim.from_wire(claim.to_wire())
+    again.verify()
+    assert again == claim
+    for change in (dict(stage=1), dict(epoch=3), dict(microbatch="2.0"), dict(digest=b"x" * 32)):
+        with pytest.raises(EvidenceError, match="signature"):
+            TensorClaim(**{**claim.__dict__, **change}).verify()
+    # someone else's key cannot sign in S0's name, and a claim with the wrong count of inputs is malformed
+    forged = TensorClaim.create(
+        S1, stage=0, direction=FORWARD, microbatch="1.0", epoch=2, tensor=t, inputs=[b"i" * 32]
+    )
+    with pytest.raises(EvidenceError, match="derive"):
+        TensorClaim(**{**forged.__dict__, "sender": pid(S0)}).verify()
+    with pytest.raises(EvidenceError, match="names 1 inputs"):
+        TensorClaim.create(S0, stage=0, direction=FORWARD, microbatch="1", epoch=0, tensor=t).verify()
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        None,
+        {"sender": "x"},
+        "field",
+        "digest",
+        "inputs",
+        "stage",
+    ],
+)
+def test_malformed_claims_on_the_wire_are_refused(wire):
+    good = TensorClaim.create(
+        S0, stage=0, direction=FORWARD, microbatch="1", epoch=0, tensor=torch.ones(2), inputs=[b"i" * 32]
+    )
+    value = good.to_wire()
+    if wire == "field":
+        value["extra"] = 1
+    elif wire == "digest":
+        value["digest"] = b"d" * 10_000
+    elif wire == "inputs":
+        value["inputs"] = [b"i" * 32] * 1000
+    elif wire == "stage":
+        value["stage"] = True
+    else:
+        value = wire
+    with pytest.raises(EvidenceError):
+        TensorClaim.from_wire(value)
+
+
+def test_the_receiver_checks_who_signed_what(stages):
+    hops = chain(stages)
+    claim, sent = hops[(1, BACKWARD)]
+    check_received(
+        claim,
+        sent,
+        sender=pid(S1),
+        stage=1,
+        direction=BACKWARD,
+        microbatch="7.0",
+        sent_inputs={0: hops[(0, FORWARD)][0].digest},
+    )
+    with pytest.raises(EvidenceError, match="sent the tensor"):
+        check_received(claim, sent, sender=pid(S2), stage=1, direction=BACKWARD, microbatch="7.0")
+    with pytest.raises(EvidenceError, match="digest"):
+        check_received(claim, sent * 2, sender=pid(S1), stage=1, direction=BACKWARD, microbatch="7.0")
+    with pytest.raises(EvidenceError, match="expected"):
+        check_received(claim, sent, sender=pid(S1), stage=1, direction=BACKWARD, microbatch="8.0")
+    with pytest.raises(EvidenceError, match="not the one this peer sent"):
+        check_received(
+            claim,
+            sent,
+            sender=pid(S1),
+            stage=1,
+            direction=BACKWARD,
+            microbatch="7.0",
+            sent_inputs={0: b"z" * 32},
+        )
+
+
+def test_recompute_is_what_the_stage_computes(stages):
+    ids = torch.randint(0, 64, (2, 8))
+    x = stages[0](ids).detach().requires_grad_(True)
+    out = stages[1](x)
+    g_out = torch.randn_like(out)
+    out.backward(g_out)
+    f, g = recompute(stages[1], BACKWARD, x.detach(), g_out, ids)
+    assert relative_error(f, out.detach()) == 0.0 and relative_error(g, x.grad) < 1e-6
+    assert all(p.grad is None or p.grad.abs().sum() > 0 for p in stages[1].parameters())
+    before = [p.grad.clone() for p in stages[1].parameters() if p.grad is not None]
+    recompute(stages[1], BACKWARD, x.detach(), g_out, ids)
+    after = [p.grad for p in stages[1].parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # an audit never trains
+    xl = x.detach().requires_grad_(True)
+    loss = causal_lm_loss(stages[2](xl), ids)
+    loss.backward()
+    lf, lg = recompute(stages[2], BACKWARD, x.detach(), None, ids)
+    assert float(lf) == pytest.approx(float(loss.detach())) and relative_error(lg, xl.grad) < 1e-6
+    assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+    assert relative_error(torch.ones(3), torch.ones(4)) == math.inf
+    assert relative_error(torch.tensor([float("nan")]), torch.ones(1)) == math.inf
+    assert relative_error(-torch.ones(3), torch.ones(3)) == pytest.approx(2.0)
+
+
+def test_the_auditor_draw_is_verifiable_and_excludes_the_audited_and_its_neighbours():
+    claim = TensorClaim.create(
+        S1, stage=1, direction=FORWARD, microbatch="3", epoch=0, tensor=torch.ones(2), inputs=[b"i" * 32]
+    )
+    peers = [f"p{i}" for i in range(10)]
+    seed = audit_seed(b"salt", claim)
+    a = draw_auditor(peers, {"p0", "p1"}, seed)
+    assert a == draw_auditor(reversed(peers), ["p1", "p0"], seed) and a not in ("p0", "p1")
+    drawn = {draw_auditor(peers, {"p0"}, audit_seed(bytes([i]) * 16, claim)) for i in range(60)}
+    assert len(drawn) >= 6 and "p0" not in drawn  # the salt spreads the draws
+    assert draw_auditor(["p0"], {"p0"}, seed) is None
+
+
+@pytest.mark.parametrize("direction", [FORWARD, BACKWARD])
+def test_a_tampered_hop_is_proven_and_an_honest_one_is_not(stages, direction):
+    tol = AuditTolerance()
+    honest = accusation(chain(stages), direction)
+    check_accusation(honest, 3)
+    assert not reverify(honest, stages[1], tol).confirmed
+    lie = accusation(chain(stages, tamper=lambda d, t: t * 1.01 if d == direction else t), direction)
+    check_accusation(lie, 3)
+    finding = reverify(lie, stages[1], tol)
+    assert finding.confirmed and finding.error == pytest.approx(0.01, rel=1e-3)
+
+
+def test_an_accusation_must_rest_on_what_its_senders_signed(stages):
+    hops = chain(stages, tamper=lambda d, t: -t)
+    acc = accusation(hops, BACKWARD)
+    check_accusation(acc, 3)
+    # another input than the one the accused's claim names
+    other = chain(stages, mb="7.0")
+    bad = Accusation(acc.accuser, acc.claim, acc.sent, [other[(0, FORWARD)], acc.inputs[1]])
+    with pytest.raises(EvidenceError, match="names"):
+        check_accusation(bad, 3)
+    # the right claim, another tensor
+    bad = Accusation(
+        acc.accuser, acc.claim, acc.sent, [(acc.inputs[0][0], acc.inputs[0][1] + 1), acc.inputs[1]]
+    )
+    with pytest.raises(EvidenceError, match="sender signed"):
+        check_accusation(bad, 3)
+    # a tensor the accused never signed
+    with pytest.raises(EvidenceError, match="accused signed"):
+        check_accusation(Accusation(acc.accuser, acc.claim, acc.sent * 3, acc.inputs), 3)
+    # an input signed for another micro-batch (a real claim, replayed)
+    later = chain(stages, mb="8.0")
+    c1 = TensorClaim.create(
+        S1,
+        stage=1,
+        direction=FORWARD,
+        microbatch="7.0",
+        epoch=3,
+        tensor=later[(1, FORWARD)][1],
+        inputs=[later[(0, FORWARD)][0].digest],
+    )
+    with pytest.raises(EvidenceError, match="expected stage 0 forward for '7.0'"):
+        check_accusation(Accusation(acc.accuser, c1, later[(1, FORWARD)][1], [later[(0, FORWARD)]]), 3)
+    # stage 0 sends no gradient, the last stage no activations
+    g = torch.ones(2)
+    c = TensorClaim.create(
+        S0, stage=0, direction=BACKWARD, microbatch="1", epoch=0, tensor=g, inputs=[b"a" * 32, b"b" * 32]
+    )
+    with pytest.raises(EvidenceError, match="no gradient"):
+        check_accusation(Accusation("x", c, g, []), 3)
+
+
+def test_a_proof_needs_an_independent_replica_and_a_false_accuser_is_refuted(stages):
+    tol = AuditTolerance()
+    book = ProofBook()
+    lie = accusation(chain(stages, tamper=lambda d, t: -t), FORWARD)
+    assert book.accuse(lie) and not book.accuse(lie)
+    assert book.proven() == {}  # the accuser alone (two replicas) proves nothing
+    book.find(lie.key, pid(S1), False)  # the accused's own word does not count
+    assert book.proven() == {}
+    book.find(lie.key, pid(VERIFIER), reverify(lie, stages[1], tol).confirmed)
+    proven = book.proven()
+    assert list(proven) == [pid(S1)] and proven[pid(S1)]["reason"] == "proof: stage 1 forward"
+    assert book.proven(weighted={pid(S1)}) == {}  # findings of unweighted replicas do not count
+    # a liar accuses an honest hop: the other replica refutes it, and the liar is the one struck
+    frame = accusation(chain(stages, mb="9.0"), BACKWARD, accuser=VERIFIER)
+    book.accuse(frame)
+    book.find(frame.key, pid(AUDITOR), reverify(frame, stages[1], tol).confirmed)
+    assert (pid(AUDITOR), pid(VERIFIER)) in book.refuted()
+    assert list(book.proven()) == [pid(S1)]
+    small = ProofBook(max_cases=1)
+    small.accuse(lie), small.accuse(frame)
+    assert len(small) == 1
+
+
+def test_a_proof_blacklists_without_a_quorum_of_strikes():
+    cfg = ReputationConfig(probation_s=0, probation_work=0)
+    reports = {
+        "a": ReputationReport(reporter="a", entries={"x": {"clean": 50, "strikes": 0, "reasons": {}}}),
+        "x": ReputationReport(
+            reporter="x", entries={"a": {"clean": 0, "strikes": 50, "reasons": {"zeros": 50}}}
+        ),
+    }
+    plain = aggregate(reports, {}, 0.0, cfg)
+    assert plain.blacklist == {}
+    proof = {"x": {"reason": "proof: stage 1 forward", "reporters": 2, "strikes": 1}}
+    agg = aggregate(reports, {}, 0.0, cfg, proven=proof)
+    assert agg.blacklist == proof and agg.score("x") == 0.0 and agg.weights["x"] == 0.0
+    # a peer no report mentions is still convicted by its proof
+    assert "y" in aggregate(reports, {}, 0.0, cfg, proven={"y": proof["x"]}).blacklist
+
+
+def test_an_audit_settles_a_deferred_rejection():
+    ledger = ReputationLedger()
+    gate = Gate(SentinelMonitor(SentinelConfig(warmup=3, warmup_steps=0)), ledger)
+    for i in range(4):
+        gate.activations(torch.randn(2, 8, 16), "s", microbatch=str(i), step=1, epoch=1, last_stage=False)
+    assert ledger.flagged("s") == 0 and ledger.tallies["s"].clean == 4
+    v = gate.activations(
+        torch.zeros(2, 8, 16), "s", microbatch="z", step=1, epoch=1, last_stage=False, defer_rejection=True
+    )
+    assert not v.accepted and ledger.flagged("s") == 0  # not recorded yet
+    gate.settle(v, False)  # the audit cleared it: a false alarm, a clean exchange
+    assert ledger.flagged("s") == 0 and ledger.tallies["s"].clean == 5
+    gate.settle(v, True, "proof")
+    gate.settle(v, None)
+    assert ledger.tallies["s"].reasons == {"proof": 1, v.statistic: 1}
+
+
+def test_audit_rates_and_window():
+    cfg = StageAuditConfig(rate=0.1, newcomer_audits=2)
+    assert cfg.rate_for(suspicious=True, suspect=False, audited_before=99) == 1.0
+    assert cfg.rate_for(suspicious=False, suspect=True, audited_before=99) == 1.0
+    assert cfg.rate_for(suspicious=False, suspect=False, audited_before=1) == 1.0
+    assert cfg.rate_for(suspicious=False, suspect=False, audited_before=2) == 0.1
+    with pytest.raises(ValueError):
+        StageAuditConfig(rate=2)
+    window = ClaimWindow(max_entries=2)
+    claims = [
+        TensorClaim.create(
+            S0,
+            stage=0,
+            direction=FORWARD,
+            microbatch=str(i),
+            epoch=0,
+            tensor=torch.ones(1),
+            inputs=[b"i" * 32],
+        )
+        for i in range(3)
+    ]
+    for c in claims:
+        window.put(c, torch.ones(1))
+    assert (
+        len(window) == 2
+        and window.get("0", FORWARD, 0) is None
+        and window.get("2", FORWARD, 0)[0] == claims[2]
+    )
+
+
+def test_a_slow_ramp_grows_to_its_magnitude():
+    adv = Adversary(AttackConfig(name="scale", magnitude=3.0, ramp=4))
+    x = torch.ones(3)
+    outs = [float(adv(x, FORWARD, {"step": 0})[0]) for _ in range(6)]
+    assert outs == pytest.approx([1.5, 2.0, 2.5, 3.0, 3.0, 3.0])
+    noise = Adversary(AttackConfig(name="noise", magnitude=1.0, ramp=100, seed=1))
+    assert relative_error(noise(torch.ones(1000), FORWARD, {"step": 0}), torch.ones(1000)) < 0.05
+
+
+def test_with_proofs_statistics_alone_cannot_ban_a_peer_that_audits_can_clear():
+    """Where a stage has an accused, an auditor and an independent checker (3 replicas), made-up statistical strikes
+    from trusted insiders only lower a score: a ban needs a proof or strikes no audit can settle."""
+    cfg = ReputationConfig(probation_s=0, probation_work=0, proof_replicas=3)
+    stages = {"t": [1], "r1": [1], "r2": [1], "a": [0], "b": [0], "c": [2], "d": [2]}
+    made_up = {"clean": 0, "strikes": 50, "reasons": {"log_rms": 50}}
+    reports = {r: ReputationReport(reporter=r, entries={"t": dict(made_up)}) for r in ("a", "b", "c")}
+    agg = aggregate(reports, {}, 0.0, cfg, stages=stages)
+    assert "t" not in agg.blacklist and agg.score("t") < 0.5
+    # the same strikes ban where the stage is too small for proofs (2 replicas), as before
+    two = {p: s for p, s in stages.items() if p != "r2"}
+    assert "t" in aggregate(reports, {}, 0.0, cfg, stages=two).blacklist
+    # strikes no audit settles keep their quorum rules
+    withheld = {"clean": 0, "strikes": 50, "reasons": {"withheld": 50}}
+    reports = {r: ReputationReport(reporter=r, entries={"t": dict(withheld)}) for r in ("a", "b", "c")}
+    assert "t" in aggregate(reports, {}, 0.0, cfg, stages=stages).blacklist
+
+
+def test_the_unauditable_reasons_are_the_checks_own_names():
+    from swarm import averaging, evidence
+    from swarm.reputation import UNAUDITABLE
+
+    assert {averaging.AVERAGING, averaging.AGGREGATE, averaging.EVIDENCE, averaging.STATE} < UNAUDITABLE
+    assert {evidence.FALSE_ACCUSATION, "withheld"} < UNAUDITABLE
