@@ -66,3 +66,30 @@ def test_scale_quick(tmp_path):
         assert row["round_ms"] > 0 and row["aggregate_ms"] > 0
     for row in runs:  # no honest peer blacklisted, few honest tensors rejected (measured: 0% at both sizes)
         assert row["false_positive_rate"] < 0.02 and not row["honest_blacklisted"], row
+
+
+def test_audits_quick_row():
+    """One row of experiments/audits: a middle-stage attacker flipping its gradients' sign in a 3 x 3 swarm with
+    recomputation audits is proven wrong and blacklisted by proof, no honest peer is, every micro-batch is done."""
+    sys.path.insert(0, ROOT)
+    from experiments.audits.run import sweep_row
+
+    row = sweep_row(
+        dict(
+            kind="sweep",
+            attack="signflip",
+            stage=1,
+            direction="backward",
+            position="middle",
+            collude=False,
+            microbatches=40,
+            stages=3,
+            replicas=3,
+            pretrain=0,
+        )
+    )
+    attacker = row["attackers"]["s1r1"]
+    assert attacker["tampered"] > 0 and attacker["mb_to_blacklist"] is not None, row
+    assert attacker["mb_to_blacklist"] <= 50 and attacker["reason"].startswith("proof"), row
+    assert row["honest_blacklisted"] == [] and row["completed"] + row["dropped"] == 40, row
+    assert row["evidence"]["proven"] >= 1 and row["evidence"].get("false_alarms", 0) >= 0, row

@@ -82,7 +82,7 @@ def sweep_row(job: dict) -> dict:
         replicas=job.get("replicas", 3),
         byzantine=byz,
         microbatches=job["microbatches"],
-        pretrain_microbatches=PRETRAIN,
+        pretrain_microbatches=job.get("pretrain", PRETRAIN),
         evidence=StageAuditConfig(),
         seed=job.get("seed", 0),
     )
