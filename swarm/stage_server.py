@@ -20,6 +20,7 @@ shape), every inbound read has a deadline, label deposits are capped, and checks
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -250,6 +251,7 @@ class StageServer(ServicerBase):
         # recomputation audits of a middle next stage (swarm.evidence): audits run per peer, its stage's replicas
         self._recomputed: Dict[str, int] = {}
         self._replicas: Dict[int, Tuple[float, List[str]]] = {}
+        self._recompute_served: "collections.OrderedDict[bytes, None]" = collections.OrderedDict()
         self._audit_rng = random.Random()
         self.outbound_hook = outbound_hook
         self.reputation_cfg = reputation
@@ -1430,6 +1432,11 @@ class StageServer(ServicerBase):
         the tensors are not SENTINEL's business (they are another hop's); only a well-formed pair is computed."""
         if self.module.is_first or self.module.is_last:
             raise ChainError("a recomputation audit is asked of a middle stage", blame=sender)
+        if header.digest in self._recompute_served:  # one audit per request: a header cannot buy more compute
+            raise ChainError("this request was audited here already", blame=sender)
+        self._recompute_served[header.digest] = None
+        while len(self._recompute_served) > MAX_RECOMPUTE_SEEN:
+            self._recompute_served.popitem(last=False)
         if len(received.tensors) != 2:
             raise ChainError("a recomputation audit needs activations and their gradient", blame=sender)
         x = self._validate_request(header, received.tensors[:1], sender)
@@ -1464,6 +1471,7 @@ class StageServer(ServicerBase):
     # ---- compute (runs on the single compute thread) ---------------------------------------------------------
 
 
+MAX_RECOMPUTE_SEEN = 4096  # request digests remembered by an auditor (a header lives 10 minutes)
 INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)
 
 

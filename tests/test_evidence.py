@@ -382,3 +382,58 @@ def test_the_unauditable_reasons_are_the_checks_own_names():
 
     assert {averaging.AVERAGING, averaging.AGGREGATE, averaging.EVIDENCE, averaging.STATE} < UNAUDITABLE
     assert {evidence.FALSE_ACCUSATION, "withheld"} < UNAUDITABLE
+
+
+def test_a_middle_stage_replica_serves_one_recomputation_per_request():
+    """The auditor side, in-process: a middle-stage replica asked (``recompute``) by the route's previous peer returns
+    the gradient of its input for the given activations and output-gradient, trains nothing, and serves a request
+    once (a header cannot buy more compute); a malformed pair is refused, blaming the sender."""
+    import asyncio
+    import time
+
+    from swarm.optimizer import OptimizerConfig
+    from swarm.protocol import ChainHeader
+    from swarm.stage_server import ChainError, StageServer, StageServerConfig
+    from swarm.transport import Received, limits_for
+
+    cfg = StageServerConfig(run_id="ev", stage=1, num_stages=3, limits=limits_for(2, 8, TINY.hidden_size))
+    torch.manual_seed(0)
+    server = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=AUDITOR)
+    server.peer_id = pid(AUDITOR)
+
+    async def ask(x, g, header):
+        server._slots = asyncio.Semaphore(2)
+        received = Received(metadata=dict(header=header.to_wire(), recompute=True), tensors=[x, g])
+        return await server._chain(received, header, pid(S0))
+
+    ids = torch.randint(0, 64, (2, 8))
+    header, _ = ChainHeader.create(
+        TRAINER,
+        run_id="ev",
+        trainer=pid(TRAINER),
+        mb="1.0",
+        step=0,
+        route=[pid(S0), pid(S1), pid(S2)],
+        tokens=ids,
+        now=time.time(),
+    )
+    x, g = torch.randn(2, 8, TINY.hidden_size), torch.randn(2, 8, TINY.hidden_size)
+    tensors, report = asyncio.run(ask(x, g, header))
+    _, expected = recompute(server.module, BACKWARD, x, g, ids)
+    assert report["ok"] and len(tensors) == 1 and relative_error(tensors[0], expected) < 1e-6
+    assert all(p.grad is None for p in server.module.parameters()) and server.stats.audits_served == 1
+    with pytest.raises(ChainError, match="already"):
+        asyncio.run(ask(x, g, header))
+    header2, _ = ChainHeader.create(
+        TRAINER,
+        run_id="ev",
+        trainer=pid(TRAINER),
+        mb="2.0",
+        step=0,
+        route=[pid(S0), pid(S1), pid(S2)],
+        tokens=ids,
+        now=time.time(),
+    )
+    with pytest.raises(ChainError, match="finite and shaped") as e:
+        asyncio.run(ask(x, g[:, :4], header2))
+    assert e.value.blame == pid(S0)
