@@ -1288,9 +1288,9 @@ class StageServer(ServicerBase):
         """Send ``out`` (and ``extra`` tensors: a recomputation's output-gradient) to ``peer`` (the next stage's route
         peer, or an auditor) and return the gradient it sent back, its signed reports (checked:
         ``swarm.protocol.check_reports``), its epoch, and the reply's tensors as they came: the gradient, then for a
-        middle stage the next-but-one stage's gradient it relayed (the evidence of what its own was computed from). A failure raises ChainError: this
-        hop's own claim about ``peer`` (unreachable, timed out, a malformed or unsigned reply, tensors its own
-        signed report does not cover), or the later hops' signed reports relayed."""
+        middle stage the next-but-one stage's gradient it relayed (the evidence of what its own was computed from).
+        A failure raises ChainError: this hop's own claim about ``peer`` (unreachable, timed out, a malformed or
+        unsigned reply, tensors its own signed report does not cover), or the later hops' signed reports relayed."""
         try:
             peer_id = PeerID.from_base58(peer)
         except Exception:
