@@ -407,16 +407,20 @@ def test_a_middle_stage_replica_serves_one_recomputation_per_request():
         return await server._chain(received, header, pid(S0))
 
     ids = torch.randint(0, 64, (2, 8))
-    header, _ = ChainHeader.create(
-        TRAINER,
-        run_id="ev",
-        trainer=pid(TRAINER),
-        mb="1.0",
-        step=0,
-        route=[pid(S0), pid(S1), pid(S2)],
-        tokens=ids,
-        now=time.time(),
-    )
+
+    def header_of(mb: str) -> ChainHeader:
+        return ChainHeader.create(
+            TRAINER,
+            run_id="ev",
+            trainer=pid(TRAINER),
+            mb=mb,
+            step=0,
+            route=[pid(S0), pid(S1), pid(S2)],
+            tokens=ids,
+            now=time.time(),
+        )[0]
+
+    header = header_of("1.0")
     x, g = torch.randn(2, 8, TINY.hidden_size), torch.randn(2, 8, TINY.hidden_size)
     tensors, report = asyncio.run(ask(x, g, header))
     _, expected = recompute(server.module, BACKWARD, x, g, ids)
@@ -424,16 +428,7 @@ def test_a_middle_stage_replica_serves_one_recomputation_per_request():
     assert all(p.grad is None for p in server.module.parameters()) and server.stats.audits_served == 1
     with pytest.raises(ChainError, match="already"):
         asyncio.run(ask(x, g, header))
-    header2, _ = ChainHeader.create(
-        TRAINER,
-        run_id="ev",
-        trainer=pid(TRAINER),
-        mb="2.0",
-        step=0,
-        route=[pid(S0), pid(S1), pid(S2)],
-        tokens=ids,
-        now=time.time(),
-    )
+    header2 = header_of("2.0")
     with pytest.raises(ChainError, match="finite and shaped") as e:
         asyncio.run(ask(x, g[:, :4], header2))
     assert e.value.blame == pid(S0)
