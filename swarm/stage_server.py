@@ -73,7 +73,16 @@ from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
 from swarm.stage_compute import StageCompute
-from swarm.transport import Received, TensorLimits, TransportError, pack, receive, single
+from swarm.transport import (
+    IDEMPOTENT,
+    Received,
+    TensorLimits,
+    TransportError,
+    as_received,
+    pack,
+    receive,
+    single,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1263,7 +1272,7 @@ class StageServer(ServicerBase):
         digests: Tuple[bytes, ...] = ()
         if tensors and not audit_only:  # the signed tensors: what it sent back, computed from what
             source = header.labels_digest if self.module.is_last else tensor_digest(grad_out_wire)
-            digests = (tensor_digest(tensors[0]), x_digest, source)
+            digests = (tensor_digest(as_received(tensors[0], self.cfg.compression)), x_digest, source)
             if not self.module.is_last:  # the next stage's signed gradient travels up with this hop's own
                 tensors.append(grad_out_wire)
         timings = dict(fwd_s=fwd_s, bwd_s=bwd_s, opt_s=opt_s, wait_s=wait_s)
@@ -1373,13 +1382,15 @@ class StageServer(ServicerBase):
             raise self._reject(peer, "its report does not sign the tensors it sent", BACKWARD)
         if tensor_digest(tensors[0]) != digests[0]:
             raise self._reject(peer, "its gradient is not the one its report signs", BACKWARD)
-        if tensor_digest(sent) != digests[1]:
+        if tensor_digest(as_received(sent, self.cfg.compression)) != digests[1]:
             raise self._reject(peer, "its report names other activations than this peer sent", BACKWARD)
         if len(tensors) == 1 and digests[2] != header.labels_digest:
             raise self._reject(peer, "its report names other labels than the trainer's", BACKWARD)
         if len(tensors) > 1:
             below = reports[1].digests if len(reports) > 1 else ()
-            if tensor_digest(tensors[1]) != digests[2] or not below or below[0] != digests[2]:
+            # a lossy codec that is not idempotent re-quantizes the relayed gradient: its digest cannot match then
+            relayed_ok = self.cfg.compression not in IDEMPOTENT or tensor_digest(tensors[1]) == digests[2]
+            if not relayed_ok or not below or below[0] != digests[2]:
                 raise self._reject(peer, "it relayed a gradient the next stage did not sign", BACKWARD)
 
     async def _recomputers(self, header: ChainHeader, peer: str) -> List[str]:

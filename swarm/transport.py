@@ -104,6 +104,19 @@ def pack(
     return messages
 
 
+def as_received(tensor: torch.Tensor, compression: str = "none") -> torch.Tensor:
+    """What a receiver decodes from ``tensor`` sent with ``compression`` (the tensor itself without it, or for
+    integer tensors, which are never compressed): the bytes a digest of a sent tensor must be taken over."""
+    codec = COMPRESSION[compression]
+    if codec == runtime_pb2.CompressionType.NONE or not tensor.is_floating_point():
+        return tensor
+    return deserialize_torch_tensor(serialize_torch_tensor(tensor.detach().cpu(), codec))
+
+
+# codecs whose decoding, encoded again, gives the same values back (a relayed tensor keeps its digest)
+IDEMPOTENT = frozenset({"none", "float16"})
+
+
 async def aiter_messages(messages: Iterable[Message]) -> AsyncIterator[Message]:
     for message in messages:
         yield message

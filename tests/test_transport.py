@@ -11,7 +11,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarm import transport
-from swarm.transport import TensorLimits, TransportError, pack, receive
+from swarm.transport import TensorLimits, TransportError, aiter_messages, pack, receive
 
 MiB = 1 << 20
 
@@ -318,3 +318,21 @@ def test_a_flood_of_empty_messages_or_chunks_is_refused():
         [runtime_pb2.ExpertRequest(tensors=[header([16], chunks=2 + budget // MIN_CHUNK_BYTES)])],
         "declared in",
     )
+
+
+@pytest.mark.parametrize("compression", ["none", "float16", "meanstd16"])
+def test_a_sender_knows_what_its_receiver_decodes(compression):
+    """Digests in signed hop reports are taken over what the receiver decodes (``as_received``); codecs in
+    ``IDEMPOTENT`` give the same values when a decoded tensor is sent on again (a relay keeps its digest)."""
+    from swarm.protocol import tensor_digest
+    from swarm.transport import IDEMPOTENT, as_received
+
+    t = torch.randn(2, 8, 16)
+    (received,) = asyncio.run(
+        receive(aiter_messages(pack({}, [t], compression=compression)), TensorLimits())
+    ).tensors
+    assert tensor_digest(received) == tensor_digest(as_received(t, compression))
+    again = as_received(received, compression)
+    assert (tensor_digest(again) == tensor_digest(received)) == (compression in IDEMPOTENT)
+    ids = torch.randint(0, 9, (2, 8))
+    assert as_received(ids, compression) is ids
