@@ -15,10 +15,9 @@ sent, and signatures turn a recomputation into proof:
 2. **Audits.** For a sampled share of hops, and for every hop whose sender is suspect, an auditor replica of the
    sender's stage, drawn so that anyone can re-check the draw (:func:`draw_auditor`: the lowest hash of (the
    trainer's revealed salt, the claim, candidate) among the stage's replicas other than the audited peer and its
-   chain neighbours),
-   recomputes the hop (:func:`recompute`) from the signed inputs and compares with the signed output
-   (:func:`relative_error` against :class:`AuditTolerance`, measured for replicas two steps apart in
-   ``experiments/audits/tolerance.py``).
+   chain neighbours), recomputes the hop (:func:`recompute`) from the signed inputs with the weights of the claim's
+   epoch and compares with the signed output (:func:`relative_error` against :class:`AuditTolerance`; replicas one
+   step apart differ far more than small attacks do, ``experiments/audits/tolerance.py``).
 3. **Accusations carry their evidence.** A failed audit becomes an :class:`Accusation`: the accused's claim, the
    claims of its inputs by *their* senders, and the tensors they cover. :func:`check_accusation` verifies every
    signature, digest and binding without any weights; :func:`reverify` recomputes it with the checker's own
@@ -29,8 +28,14 @@ sent, and signatures turn a recomputation into proof:
    refute costs its accuser a ``false_accusation`` strike in each refuter's ledger.
 
 Limits: a stage with two replicas has no independent checker, so an audit there gives a strike, never a proof (a
-lone liar among two cannot frame its partner, and cannot be proven wrong either); the tolerance is for replicas that
-average and step together: a replica that lags many steps reports false mismatches (and its accusations are refuted).
+lone liar among two cannot frame its partner, and cannot be proven wrong either); exact recomputation needs the
+replicas' weights of the claim's epoch to be identical, which holds in the simulator (one weight copy per stage)
+and not yet live, where replicas that miss averaging rounds drift apart by several percent.
+
+Where it runs: the simulator (``experiments/sim``, ``SimConfig.evidence``) runs all of it. The stage server uses
+``draw_auditor``, ``recompute`` and ``StageAuditConfig`` for audits of middle stages' gradients, with signed hop
+reports (``swarm.protocol.HopReport.digests``) in place of claims and ``swarm.audit.judge`` in place of the exact
+tolerance (see ``docs/defences.md``).
 """
 
 from __future__ import annotations
