@@ -9,9 +9,9 @@ sent, and signatures turn a recomputation into proof:
    tensor's digest, the micro-batch, the direction, the stage, the sender's epoch, and the digests of the inputs it
    says it computed the tensor from. Forward: the input activations (or, at stage 0, the token ids the trainer
    signed). Backward: the input activations and the output-gradient (at the last stage, the labels the trainer
-   signed). The receiver checks a claim before using the tensor (:func:`check_received`) and keeps it for a
-   bounded window (:class:`ClaimWindow`). A peer cannot later deny what it sent, nobody can attribute to it what it
-   did not send, and a claim names exactly which signed inputs it rests on.
+   signed). The receiver checks a claim before using the tensor (:func:`check_received`). A peer cannot later deny
+   what it sent, nobody can attribute to it what it did not send, and a claim names exactly which signed inputs it
+   rests on.
 2. **Audits.** For a sampled share of hops, and for every hop whose sender is suspect, an auditor replica of the
    sender's stage, drawn so that anyone can re-check the draw (:func:`draw_auditor`: the lowest hash of (the
    trainer's revealed salt, the claim, candidate) among the stage's replicas other than the audited peer and its
@@ -244,28 +244,6 @@ def check_received(
     for i, digest in (sent_inputs or {}).items():
         if claim.inputs[i] != digest:
             raise EvidenceError(f"claim names an input {i} that is not the one this peer sent")
-
-
-class ClaimWindow:
-    """The claims (and tensors) a peer received, for the last ``max_entries`` hops: what it can hand an auditor.
-    Bounded: the oldest entries go first."""
-
-    def __init__(self, max_entries: int = 256):
-        self.max_entries = max_entries
-        self._entries: "OrderedDict[Tuple[str, str, int], Tuple[TensorClaim, torch.Tensor]]" = OrderedDict()
-
-    def put(self, claim: TensorClaim, tensor: torch.Tensor) -> None:
-        key = (claim.microbatch, claim.direction, claim.stage)
-        self._entries[key] = (claim, tensor)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def get(self, microbatch: str, direction: str, stage: int) -> Optional[Tuple[TensorClaim, torch.Tensor]]:
-        return self._entries.get((microbatch, direction, stage))
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 # ---- recomputation -----------------------------------------------------------------------------------------------

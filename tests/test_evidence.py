@@ -15,7 +15,6 @@ from swarm.evidence import (
     TOKENS,
     Accusation,
     AuditTolerance,
-    ClaimWindow,
     EvidenceError,
     ProofBook,
     StageAuditConfig,
@@ -319,7 +318,7 @@ def test_an_audit_settles_a_deferred_rejection():
     assert ledger.tallies["s"].reasons == {"proof": 1, v.statistic: 1}
 
 
-def test_audit_rates_and_window():
+def test_audit_rates():
     cfg = StageAuditConfig(rate=0.1, newcomer_audits=2)
     assert cfg.rate_for(suspicious=True, suspect=False, audited_before=99) == 1.0
     assert cfg.rate_for(suspicious=False, suspect=True, audited_before=99) == 1.0
@@ -327,26 +326,6 @@ def test_audit_rates_and_window():
     assert cfg.rate_for(suspicious=False, suspect=False, audited_before=2) == 0.1
     with pytest.raises(ValueError):
         StageAuditConfig(rate=2)
-    window = ClaimWindow(max_entries=2)
-    claims = [
-        TensorClaim.create(
-            S0,
-            stage=0,
-            direction=FORWARD,
-            microbatch=str(i),
-            epoch=0,
-            tensor=torch.ones(1),
-            inputs=[b"i" * 32],
-        )
-        for i in range(3)
-    ]
-    for c in claims:
-        window.put(c, torch.ones(1))
-    assert (
-        len(window) == 2
-        and window.get("0", FORWARD, 0) is None
-        and window.get("2", FORWARD, 0)[0] == claims[2]
-    )
 
 
 def test_a_slow_ramp_grows_to_its_magnitude():
