@@ -251,8 +251,8 @@ def check_received(
 class AuditTolerance:
     """The largest relative error (:func:`relative_error`) between an audited tensor and the auditor's
     recomputation that still counts as a match. An auditor recomputes with the weights of the epoch the claim names
-    (each replica keeps its last ``StageAuditConfig.keep_epochs`` snapshots), because replicas one step apart are
-    far apart: measured (``experiments/audits/tolerance.py``, tiny model, 4 stages, AdamW lr 2e-3), one step apart
+    (the simulator's replicas share them; live replicas would need snapshots per epoch, not built yet), because
+    replicas one step apart are far apart: measured (``experiments/audits/tolerance.py``, tiny model, 4 stages, AdamW lr 2e-3), one step apart
     up to 0.19 forward and 0.25 backward (two steps: 0.33 / 0.45), more than a x1.1 scaling (0.10) or noise at 0.1x
     RMS (0.098). With the same weights the recomputation was bit-identical on CPU in float32, across thread
     counts (error 0.0 on 351 + 348 hops). The defaults leave room for kernels that add in another order (GPU
@@ -285,18 +285,10 @@ class StageAuditConfig:
         8  # every hop of a sender is audited until this many of its hops were (a fresh id's)
     )
     tolerance: AuditTolerance = field(default_factory=AuditTolerance)
-    keep_epochs: int = 2  # weight snapshots an auditor keeps, to recompute at the claim's epoch
 
     def __post_init__(self) -> None:
-        if not (
-            0 <= self.rate <= 1
-            and 0 <= self.suspect_rate <= 1
-            and self.keep_epochs >= 1
-            and self.newcomer_audits >= 0
-        ):
-            raise ValueError(
-                "stage audits: rate and suspect_rate in [0, 1], keep_epochs >= 1, newcomer_audits >= 0"
-            )
+        if not (0 <= self.rate <= 1 and 0 <= self.suspect_rate <= 1 and self.newcomer_audits >= 0):
+            raise ValueError("stage audits: rate and suspect_rate in [0, 1], newcomer_audits >= 0")
 
     def rate_for(self, *, suspicious: bool, suspect: bool, audited_before: int) -> float:
         """The probability that a hop is audited: 1 for a tensor SENTINEL rejected (``on_suspicion``), for a suspect
@@ -327,7 +319,7 @@ def recompute(
     direction: str,
     x_in: torch.Tensor,
     grad_out: Optional[torch.Tensor],
-    tokens: torch.Tensor,
+    tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """What an honest replica holding ``module`` sends for this hop: ``(forward output, input gradient)``.
 
@@ -474,6 +466,14 @@ class _Case:
     direction: str
     findings: Dict[str, bool] = field(default_factory=dict)  # verifier -> confirmed
 
+    def votes(self, allowed: Optional[set] = None) -> Tuple[int, bool]:
+        """(confirmations, proven) counting the findings of ``allowed`` verifiers (None: all): proven when more
+        confirm than refute and one confirmation is not the accuser's."""
+        votes = {v: c for v, c in self.findings.items() if allowed is None or v in allowed}
+        yes = sum(votes.values())
+        independent = any(c and v != self.accuser for v, c in votes.items())
+        return yes, yes > len(votes) - yes and independent
+
 
 class ProofBook:
     """The accusations a peer has seen and the replicas' findings on them; which accused are proven (see the module
@@ -504,11 +504,8 @@ class ProofBook:
         allowed = None if weighted is None else set(weighted)
         out: Dict[str, dict] = {}
         for case in self._cases.values():
-            votes = {v: c for v, c in case.findings.items() if allowed is None or v in allowed}
-            yes = sum(votes.values())
-            no = len(votes) - yes
-            independent = any(c and v != case.accuser for v, c in votes.items())
-            if yes > no and independent:
+            yes, proven = case.votes(allowed)
+            if proven:
                 entry = out.setdefault(
                     case.accused,
                     {"reason": f"{PROOF}: stage {case.stage} {case.direction}", "reporters": 0, "strikes": 0},
@@ -519,17 +516,10 @@ class ProofBook:
 
     def refuted(self) -> List[Tuple[str, str]]:
         """``(refuter, accuser)`` for every refutation of a case that is not proven (its accuser's strikes)."""
-        proven_keys = set()
-        for key, case in self._cases.items():
-            yes = sum(case.findings.values())
-            if yes > len(case.findings) - yes and any(
-                c and v != case.accuser for v, c in case.findings.items()
-            ):
-                proven_keys.add(key)
         return [
             (v, case.accuser)
-            for key, case in self._cases.items()
-            if key not in proven_keys
+            for case in self._cases.values()
+            if not case.votes()[1]
             for v, c in case.findings.items()
             if not c
         ]

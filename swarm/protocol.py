@@ -393,6 +393,8 @@ def check_reports(
     auditor), each signed by the peer it names, for this header, one per stage in order, every one but the last
     relaying a failure or vouching for an ok downstream; raises :class:`ProtocolError` otherwise (the fault of the
     peer that delivered the reply). ``alone``: the reply of a recomputation audit, one report that calls no one."""
+    if alone and not (isinstance(wire, list) and len(wire) == 1):
+        raise ProtocolError("a recomputation audit's reply holds one report")
     if not (isinstance(wire, list) and 1 <= len(wire) <= len(header.route) - first_stage):
         raise ProtocolError("a reply needs one report per hop from its sender on")
     reports = [HopReport.from_wire(w) for w in wire]

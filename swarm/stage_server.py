@@ -1271,7 +1271,8 @@ class StageServer(ServicerBase):
         tensors = [] if self.module.is_first else [self._outbound(grad_in, BACKWARD, header)]
         digests: Tuple[bytes, ...] = ()
         if tensors and not audit_only:  # the signed tensors: what it sent back, computed from what
-            source = header.labels_digest if self.module.is_last else tensor_digest(grad_out_wire)
+            # the next hop's gradient digest, checked against that gradient in _call_next (not hashed again)
+            source = header.labels_digest if self.module.is_last else HopReport.from_wire(later[0]).digests[0]
             digests = (tensor_digest(as_received(tensors[0], self.cfg.compression)), x_digest, source)
             if not self.module.is_last:  # the next stage's signed gradient travels up with this hop's own
                 tensors.append(grad_out_wire)
@@ -1343,10 +1344,10 @@ class StageServer(ServicerBase):
                 blame_stage=None if no_fault else stage,
             )
         try:
-            recomputed = meta.get("recompute") is True  # an auditor's reply: its own report only
-            reports = check_reports(header, reply["reports"], stage, peer, alone=recomputed)
-            if recomputed and len(reports) != 1:
-                raise ProtocolError("a recomputation audit's reply holds one report")
+            # an auditor's reply to a recomputation holds its own report only
+            reports = check_reports(
+                header, reply["reports"], stage, peer, alone=meta.get("recompute") is True
+            )
         except ProtocolError as e:
             self.stats.failed_downstream += 1
             raise self._reject(peer, f"invalid reply: {e}", BACKWARD) from None
@@ -1460,7 +1461,7 @@ class StageServer(ServicerBase):
         started = time.perf_counter()
         async with self._slots:
             _, grad = await loop.run_in_executor(
-                self.executor, recompute, self.module, BACKWARD, x.to(self.device), g.to(self.device), x
+                self.executor, recompute, self.module, BACKWARD, x.to(self.device), g.to(self.device)
             )
         self.stats.audits_served += 1
         timings = dict(fwd_s=0.0, bwd_s=time.perf_counter() - started, opt_s=0.0, wait_s=0.0)

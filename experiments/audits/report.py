@@ -171,11 +171,7 @@ def main() -> int:
     rows = load(os.path.join(HERE, "rows.jsonl"))
     sweep = [r for r in rows if r["kind"] == "sweep" and not r.get("ramp") and r.get("stages", 4) == 4]
     ramps = [r for r in rows if r["kind"] == "sweep" and r.get("ramp")]
-    big = [
-        r
-        for r in rows
-        if r["kind"] in ("sweep", "slander") and r.get("stages", 4) != 4 or r["kind"] == "slander"
-    ]
+    big = [r for r in rows if r["kind"] == "slander" or r.get("stages", 4) != 4]
     lines = ["# Recomputation audits: results", ""]
     met = sum(map(_met, sweep))
     lines += [

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -85,7 +86,6 @@ from swarm.evidence import (  # noqa: E402
     TOKENS,
     WITHHELD,
     Accusation,
-    EvidenceError,
     ProofBook,
     StageAuditConfig,
     TensorClaim,
@@ -129,9 +129,8 @@ class Byzantine:
     # colluding Byzantine peers also cover each other: as receivers they accept a friend's tensors unchecked and
     # withhold the evidence an audit asks for, as auditors they clear a friend, as verifiers they refute an
     # accusation against one (and, with slander, confirm one against the slander targets)
-    ramp: int = (
-        0  # > 0: the attack grows to its magnitude over this many tampered messages (AttackConfig.ramp)
-    )
+    # > 0: the attack grows to its magnitude over this many tampered messages (AttackConfig.ramp)
+    ramp: int = 0
 
 
 @dataclass
@@ -362,7 +361,7 @@ class SwarmSim:
         self.audits: Counter = Counter()  # "run", and outcomes "route", "audit", "inconclusive"
         self.waited_s = 0.0  # simulated seconds the trainer spent with no usable chain
         # recomputation audits (swarm.evidence): every peer's identity key, the proofs every peer has seen
-        self.keys: Dict[str, object] = {}
+        self.keys: Dict[str, RSAPrivateKey] = {}
         self.pid: Dict[str, str] = {}
         self.name_of: Dict[str, str] = {}
         if cfg.evidence is not None:
@@ -379,13 +378,11 @@ class SwarmSim:
         )
         self.evidence_rng = random.Random(cfg.seed * 31 + 11)
         self.evidence_stats: Counter = Counter()
-        self.proof_s: List[
-            float
-        ] = []  # seconds to check + re-verify one accusation (signatures, recomputation)
-        self.first_proof: Dict[
-            str, int
-        ] = {}  # attacker -> micro-batch of the first accusation of a tampered tensor
-        self._salt = b""
+        # seconds to check + re-verify one accusation (signatures, recomputation)
+        self.proof_s: List[float] = []
+        # attacker -> micro-batch of the first accusation of a tampered tensor
+        self.first_proof: Dict[str, int] = {}
+        self._salt = b""  # the trainer's per attempt, revealed after the hops
         self.audited: Counter = Counter()  # sender -> hops audited (newcomers are audited on every hop)
 
     # ---- one micro-batch -------------------------------------------------------------------------------------
@@ -442,9 +439,7 @@ class SwarmSim:
         fwd: Dict[int, Tuple[TensorClaim, torch.Tensor]] = {}
         bwd: Dict[int, Tuple[TensorClaim, torch.Tensor]] = {}
         tokens = (self._sign(TRAINER, -1, TOKENS, mbid, ids, ()), ids) if ev is not None else None
-        self._salt = (
-            self.evidence_rng.randbytes(16) if ev is not None else b""
-        )  # the trainer's, revealed later
+        self._salt = self.evidence_rng.randbytes(16) if ev is not None else b""
         step = index // cfg.microbatches_per_step
         self.in_warmup = step < cfg.sentinel.warmup_steps
         data_key = f"{TRAINER}:{index}"  # retries of the same data share it, as the stage server's data key
@@ -651,11 +646,11 @@ class SwarmSim:
             inputs=inputs,
         )
 
-    def _covers(self, receiver: str, sender: str) -> bool:
-        """A colluding Byzantine receiver takes a colluding friend's tensors unchecked."""
-        spec = self.peers[receiver].spec
-        friend = self.peers[sender].spec
-        return spec is not None and spec.collude and friend is not None and friend.collude
+    def _covers(self, peer: str, friend: str) -> bool:
+        """Colluding Byzantine peers cover each other: as a receiver (unchecked, evidence withheld), an auditor
+        (cleared) or a verifier (refuted)."""
+        spec, other = self.peers[peer].spec, self.peers[friend].spec
+        return spec is not None and spec.collude and other is not None and other.collude
 
     def _hop_audit(
         self,
@@ -711,10 +706,9 @@ class SwarmSim:
         out, grad = recompute(self.modules[k], direction, x_in, grad_out, toks)
         err = relative_error(sent, out if direction == FORWARD else grad)
         mismatch = err > ev.tolerance.of(direction)
-        spec = self.peers[auditor].spec
-        if spec is not None and spec.collude and self.peers[sender].spec is not None:
+        if self._covers(auditor, sender):
             mismatch = False  # a colluding auditor clears its friend
-        elif spec is not None and spec.slander and sender in self.slander_targets:
+        elif self._slanders(auditor, sender):
             mismatch = True  # ... and accuses its slander targets
         if not mismatch:
             self.evidence_stats["cleared"] += 1
@@ -724,20 +718,16 @@ class SwarmSim:
             return None
         acc.error = err
         started = time.perf_counter()
-        try:
-            check_accusation(acc, self.cfg.stages)
-        except EvidenceError:  # cannot happen here: every claim is real
-            raise
+        check_accusation(acc, self.cfg.stages)  # every claim here is real: it passes, and costs what it costs
         self.proofs.accuse(acc)
         self.evidence_stats["accusations"] += 1
         finding = None
         for v in self.router.usable(k):
             if v in (sender, auditor):
                 continue
-            vspec = self.peers[v].spec
-            if vspec is not None and vspec.collude and self.peers[sender].spec is not None:
+            if self._covers(v, sender):
                 confirmed = False
-            elif vspec is not None and vspec.slander and sender in self.slander_targets:
+            elif self._slanders(v, sender):
                 confirmed = True
             else:
                 finding = finding or reverify(acc, self.modules[k], ev.tolerance)
@@ -757,17 +747,19 @@ class SwarmSim:
                 gate.settle(verdict, True, PROOF)
             else:
                 gate.ledger.record(sender, False, direction, PROOF)
-            if receiver not in self.byzantine:
-                if not suspicious:
-                    self._recount_rejection(tampered, PROOF)
+            if receiver not in self.byzantine and not suspicious:
+                self._recount_rejection(tampered, PROOF)
             return f"{refusal}: {PROOF}"
-        if (
-            suspicious
-        ):  # refuted: a false alarm after all; undecided (nobody independent): SENTINEL's verdict stands
+        if suspicious:
+            # refuted: a false alarm after all; undecided (nobody independent): SENTINEL's verdict stands
             refuted = finding is not None and not finding.confirmed
             gate.settle(verdict, False if refuted else None)
             return None if refuted else f"{refusal}: {verdict.statistic}"
         return None
+
+    def _slanders(self, peer: str, target: str) -> bool:
+        spec = self.peers[peer].spec
+        return spec is not None and spec.slander and target in self.slander_targets
 
     def _proven(self) -> Dict[str, dict]:
         """The proofs as the aggregate takes them: findings of weighted replicas only, by peer name."""
@@ -1225,14 +1217,12 @@ class _Info:
         self.record = _Record(peer_id)
 
 
-_KEYS: Dict[str, object] = {}
+_KEYS: Dict[str, RSAPrivateKey] = {}
 
 
-def _identity(name: str):
+def _identity(name: str) -> RSAPrivateKey:
     """A peer's RSA identity key (hivemind's kind), one per name per process: generating 2048-bit keys for 176
     workers in every run would cost more than the run."""
-    from hivemind.utils.crypto import RSAPrivateKey
-
     if name not in _KEYS:
         _KEYS[name] = RSAPrivateKey()
     return _KEYS[name]
