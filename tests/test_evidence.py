@@ -411,3 +411,48 @@ def test_a_middle_stage_replica_serves_one_recomputation_per_request():
     with pytest.raises(ChainError, match="finite and shaped") as e:
         asyncio.run(ask(x, g[:, :4], header2))
     assert e.value.blame == pid(S0)
+
+
+def test_a_hop_refuses_a_reply_its_signed_report_does_not_cover():
+    """The receiving side, in-process: the next hop's signed report must name the gradient it sent, the activations
+    this hop sent, and the gradient it relayed as the one the hop after it signed; each lie is refused, blaming it."""
+    import time
+
+    from swarm.optimizer import OptimizerConfig
+    from swarm.protocol import ChainHeader, HopReport, tensor_digest
+    from swarm.stage_server import ChainError, StageServer, StageServerConfig
+    from swarm.transport import limits_for
+
+    cfg = StageServerConfig(run_id="ev", stage=0, num_stages=3, limits=limits_for(2, 8, TINY.hidden_size))
+    server = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=S0)
+    ids = torch.randint(0, 64, (2, 8))
+    route = [pid(S0), pid(S1), pid(S2)]
+    header = ChainHeader.create(
+        TRAINER, run_id="ev", trainer=pid(TRAINER), mb="1.0", step=0, route=route, tokens=ids, now=time.time()
+    )[0]
+    sent, grad, relayed = (torch.randn(2, 8, TINY.hidden_size) for _ in range(3))
+
+    def report(key, stage, digests, loss=None):
+        return HopReport.create(
+            key,
+            header_digest=header.digest,
+            stage=stage,
+            peer=route[stage],
+            ok=True,
+            loss=loss,
+            digests=digests,
+        )
+
+    below = report(S2, 2, (tensor_digest(relayed), tensor_digest(grad), header.labels_digest), loss=1.0)
+    honest = report(S1, 1, (tensor_digest(grad), tensor_digest(sent), tensor_digest(relayed)))
+    server._check_signed_tensors(route[1], [honest, below], sent, [grad, relayed], header)
+    lies = {
+        "is not the one its report signs": ([honest, below], sent, [grad * 2, relayed]),
+        "other activations": ([honest, below], sent * 2, [grad, relayed]),
+        "did not sign": ([honest, below], sent, [grad, relayed * 2]),
+        "does not sign the tensors": ([report(S1, 1, ()), below], sent, [grad, relayed]),
+    }
+    for reason, (reports, activations, tensors) in lies.items():
+        with pytest.raises(ChainError, match=reason) as e:
+            server._check_signed_tensors(route[1], reports, activations, tensors, header)
+        assert e.value.blame == route[1]
