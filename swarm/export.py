@@ -36,13 +36,20 @@ from swarm.checkpoint import CheckpointError, StageState, check_model_config
 from swarm.config import ModelConfig, to_dict
 from swarm.model import StageModule, causal_lm_loss, llama_config
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
-from swarm.stage_server import SKETCH_COOLDOWN_S, StageServer, ask_state_sketch, namespace
+from swarm.stage_server import (
+    PARAMS_COOLDOWN_S,
+    SKETCH_COOLDOWN_S,
+    StageServer,
+    ask_state_sketch,
+    namespace,
+)
 from swarm.transport import TensorLimits, TransportError, pack, receive
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "swarm.json"
 SKETCH_RETRY_S = SKETCH_COOLDOWN_S + 0.5  # a replica answers one sketch per caller per cooldown
+DOWNLOAD_ATTEMPTS = 2  # per replica: a download that broke off (a stream cut short) is asked again once, last
 
 
 class ExportError(RuntimeError):
@@ -130,9 +137,17 @@ async def gather_stage(
     rng.shuffle(order)
     limits = params_limits(module)
     refused: List[Tuple[str, str]] = []
-    for source in order:
+    attempts: Dict[str, float] = {}  # source -> when its last download began
+    for source in order:  # grows: a failed download goes to the back of the queue, once
+        if source in attempts:
+            # a replica serves one download per caller per cooldown; hivemind ends a broken stream as if it were
+            # complete, so a transient cut looks like a short answer (seen in CI: 20 tensors for 28 parameters)
+            await asyncio.sleep(max(0.0, attempts[source] + PARAMS_COOLDOWN_S + 0.5 - time.monotonic()))
+        attempts[source], again = time.monotonic(), True
         try:
             names, tensors, epoch = await _download(stub_of, source, limits, timeout)
+            # what it served is judged as it stands, unless it is short of tensors (a stream cut off)
+            again = isinstance(names, list) and len(tensors) < len(names)
             params = check_download(names, tensors, module)
         except Exception as e:  # a replica that fails to serve is one refusal, never the end of the export
             reason = " ".join(
@@ -140,6 +155,9 @@ async def gather_stage(
             )
             refused.append((source, f"download failed: {reason}"[:300]))
             logger.warning(f"stage {stage}: no parameters from {source[-8:]}: {reason}")
+            # a stall is not asked again: it would cost another whole timeout
+            if again and not isinstance(e, asyncio.TimeoutError) and order.count(source) < DOWNLOAD_ATTEMPTS:
+                order.append(source)
             continue
         others = [p for p in replicas if p != source]
         seed = rng.getrandbits(62)  # picked after the download: the source could not shape its answer to it

@@ -116,6 +116,40 @@ def test_a_download_of_the_wrong_shape_or_nonfinite_is_refused():
     assert "has shape" in str(refused.value) and "is not finite" in str(refused.value)
 
 
+def test_a_download_cut_short_is_asked_again_once(monkeypatch):
+    """hivemind ends a broken stream as if it were complete: a short answer is asked again (after the replica's
+    cooldown), once; a second short answer from the same replica is its refusal."""
+    import swarm.export
+
+    monkeypatch.setattr(swarm.export, "PARAMS_COOLDOWN_S", 0.0)
+    module = StageModule(TINY, 1, 2)
+
+    class CutOff(FakeReplica):
+        def __init__(self, module, cuts):
+            super().__init__(module)
+            self.cuts = cuts
+
+        async def rpc_parameters(self, request):
+            full = await super().rpc_parameters(request)
+            self.cuts -= 1
+            if self.cuts < 0:
+                return full
+            messages = [m async for m in full]
+
+            async def cut():
+                for m in messages[:-3]:
+                    yield m
+
+            return cut()
+
+    flaky = CutOff(module, cuts=1)
+    got = gather([("flaky", flaky)])
+    assert got.source == "flaky" and [p for p, _ in got.refused] == ["flaky"]
+    assert "tensors for" in got.refused[0][1] and len([e for e in flaky.log if e[0] == "download"]) == 2
+    with pytest.raises(ExportError, match="tensors for"):
+        gather([("broken", CutOff(module, cuts=2))])
+
+
 # ---- live --------------------------------------------------------------------------------------------------------
 # the commands these tests start leave with the test process, however it ends (peers.common.die_with_parent)
 WITH_US = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
