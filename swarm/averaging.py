@@ -613,6 +613,9 @@ class RobustPartReducer(TensorPartReducer):
         ] = {}  # excluded senders' parts: judged (reported), never aggregated
         self._combining = False
         self.used_senders: Dict[int, frozenset] = {}  # part index -> sender indices its aggregate used
+        # part index -> this aggregator's own input as aggregated: a copy taken as it arrives (hivemind hands over a
+        # view of the averaged tensors), so that the aggregate and the evidence served for it are the same values
+        self.own_inputs: Dict[int, torch.Tensor] = {}
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
@@ -641,6 +644,8 @@ class RobustPartReducer(TensorPartReducer):
             raise BannedException(f"sender {sender_index} was banned in background")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
+            if sender_index == self.judge.own_index:
+                tensor_part = self.own_inputs[part_index] = tensor_part.detach().clone()
             if weight > 0:
                 (self._judged if sender_index in self.excluded else self._contributions)[sender_index] = (
                     tensor_part
@@ -999,8 +1004,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         if self.kept_inputs.parts.get(me) or not self.own_parts:
             return self.kept_inputs
         self.kept_inputs.parts[me] = []
+        own_inputs = self.tensor_part_reducer.own_inputs
         for part_index, tensor in enumerate(self.own_parts):
-            proto = serialize_torch_tensor(tensor)
+            proto = serialize_torch_tensor(own_inputs.get(part_index, tensor))
             payload = self._payload(
                 IN, self.peer_id, self.peer_id, part_index, tensor_digest(proto), self.weight > 0
             )
