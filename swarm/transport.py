@@ -93,9 +93,7 @@ def pack(
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        # integer tensors (token ids) are never lossy-compressed
-        tensor_codec = codec if tensor.is_floating_point() else runtime_pb2.CompressionType.NONE
-        parts.extend(split_for_streaming(serialize_torch_tensor(tensor, tensor_codec), chunk_bytes))
+        parts.extend(split_for_streaming(_serialize(tensor, codec), chunk_bytes))
     meta = msgpack.packb(metadata, use_bin_type=True)
     if not parts:
         return [message_type(metadata=meta)]
@@ -104,13 +102,34 @@ def pack(
     return messages
 
 
+def _serialize(tensor: torch.Tensor, codec: int) -> runtime_pb2.Tensor:
+    """One CPU tensor as hivemind's wire tensor. Integer tensors (token ids) are never lossy-compressed. bfloat16
+    goes as its own 2 bytes, uncompressed, whatever the codec: hivemind's lossy codecs refuse it, and its default
+    sends it as float32 (twice the bytes; USE_LEGACY_BFLOAT16). hivemind's decoder reads both forms."""
+    if tensor.dtype == torch.bfloat16:
+        return runtime_pb2.Tensor(
+            compression=runtime_pb2.CompressionType.NONE,
+            buffer=tensor.contiguous().view(torch.int16).numpy().tobytes(),
+            size=tensor.shape,
+            dtype="bfloat16",
+            requires_grad=False,
+        )
+    return serialize_torch_tensor(
+        tensor, codec if tensor.is_floating_point() else runtime_pb2.CompressionType.NONE
+    )
+
+
 def as_received(tensor: torch.Tensor, compression: str = "none") -> torch.Tensor:
     """What a receiver decodes from ``tensor`` sent with ``compression`` (the tensor itself without it, or for
-    integer tensors, which are never compressed): the bytes a digest of a sent tensor must be taken over."""
+    tensors that are never compressed): the bytes a digest of a sent tensor must be taken over."""
     codec = COMPRESSION[compression]
-    if codec == runtime_pb2.CompressionType.NONE or not tensor.is_floating_point():
+    if (
+        codec == runtime_pb2.CompressionType.NONE
+        or not tensor.is_floating_point()
+        or tensor.dtype == torch.bfloat16
+    ):
         return tensor
-    return deserialize_torch_tensor(serialize_torch_tensor(tensor.detach().cpu(), codec))
+    return deserialize_torch_tensor(_serialize(tensor.detach().cpu(), codec))
 
 
 # codecs whose decoding, encoded again, gives the same values back (a relayed tensor keeps its digest)
@@ -136,7 +155,7 @@ def _check_header(part: runtime_pb2.Tensor, limits: TensorLimits) -> int:
     numel = math.prod(part.size) if len(part.size) else 1
     if numel > limits.max_elements:
         raise TransportError(f"tensor of {numel} elements exceeds the limit of {limits.max_elements}")
-    if part.chunks < 1:
+    if part.chunks < 1 and not (part.chunks == 0 and numel == 0):  # hivemind declares 0 for an empty buffer
         raise TransportError("tensor header declares no chunks")
     budget = numel * _ITEMSIZE.get(part.dtype, 8) + 4096 + 8 * numel // 256
     if part.chunks > 1 + budget // MIN_CHUNK_BYTES:  # a tensor in a flood of tiny (or empty) chunks
@@ -197,7 +216,7 @@ async def receive(stream: AsyncIterator[Message], limits: TensorLimits) -> Recei
                 if len(tensors) >= limits.max_tensors:
                     raise TransportError(f"more than {limits.max_tensors} tensors in one message")
                 byte_budget = _check_header(part, limits)
-                expected_chunks, current_bytes = part.chunks, 0
+                expected_chunks, current_bytes = max(part.chunks, 1), 0
             elif not current:
                 raise TransportError("tensor chunk without a header")
             current_bytes += len(part.buffer)
