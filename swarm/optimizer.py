@@ -296,6 +296,19 @@ class RobustOptimizer(hivemind.Optimizer):
         self._should_check_synchronization_on_update = False
         return self.local_epoch < self.tracker.global_epoch
 
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """Pre-schedule a gradient round only when the stage has another replica to average with: hivemind schedules
+        one before every step and, alone, cancels it at the step, after its matchmaking has polled the DHT for a
+        group the whole time (with one replica per stage, the averagers' DHT lookups were the largest CPU cost of a
+        stage's DHT process). A replica that appears is counted from its first progress record on."""
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        """As above, for the state rounds (hivemind only runs them when another replica is there)."""
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_state_averaging()
+
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return VerifiedStateAverager(
             averaging=self.averaging,

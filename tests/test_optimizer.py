@@ -80,3 +80,39 @@ def test_without_averaging_a_replica_is_never_behind():
     cfg = OptimizerConfig(lr=0.1, target_batch_size=4, averaging=False)
     local = StageOptimizer(torch.nn.Linear(2, 2), cfg, None, run_id="unused")
     assert local.epochs_behind == 0 and not local.should_catch_up(now=time.monotonic() + 1e6)
+
+
+def test_a_lone_replica_never_searches_for_an_averaging_group():
+    """With no other replica in its stage, hivemind would still pre-schedule a gradient round before every step and
+    cancel it at the step, its matchmaking polling the DHT the whole time (the largest control cost of a 2 x 1
+    swarm, experiments/throughput). A lone replica starts no round at all and still steps."""
+    dht = create_dht("otest-lone")
+    replica = _replica(dht, 0)
+    started = []
+
+    def spy(averager, name):
+        real = getattr(averager, name)
+
+        def call(*args, **kwargs):
+            # the state averager's step also applies the local optimizer step: only a round with others counts
+            if name != "step" or averager is replica.opt.grad_averager or kwargs.get("averaging_round"):
+                started.append((type(averager).__name__, name))
+            return real(*args, **kwargs)
+
+        setattr(averager, name, call)
+
+    for averager in (replica.opt.grad_averager, replica.opt.state_averager):
+        spy(averager, "schedule_step"), spy(averager, "step")
+    try:
+        deadline = time.monotonic() + 60
+        while replica.epoch < 3:
+            assert time.monotonic() < deadline, "the lone replica never stepped"
+            _step(replica)
+            time.sleep(
+                0.05
+            )  # let the progress tracker run between micro-batches, as it does in a stage server
+        assert replica.opt.tracker.global_progress.num_peers <= 1
+        assert started == [], started
+    finally:
+        replica.shutdown()
+        dht.shutdown()
