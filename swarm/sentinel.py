@@ -868,6 +868,7 @@ class SentinelMonitor:
         signed = pop.scores(scalars, signed=True) if pop.ready else {}
         centers = self._centers(LOSS, sender, epoch)
         warm = pop.ready
+        self._per_direction(self.last_seen, LOSS)[sender] = self.checked
         verdict = self._judge(pop, "population", scalars, sender, LOSS, centers)
         momentum = self._momentum(sender, LOSS, signed)
         if verdict.accepted and momentum is not None:
@@ -1074,12 +1075,10 @@ class SentinelMonitor:
         # only senders still sending: a departed or blacklisted one's momentum is frozen, and compared with it an
         # honest majority that drifts together looks persistently off (measured in live 2 x 3 runs, right after
         # the attacker was blacklisted)
-        # (the loss keeps no last_seen: there every sender with a momentum counts)
+        # (the loss too: it once compared with every sender that ever had a momentum, reading the whole table on
+        # each check, and a flood of one-message Sybils made every loss check cost thousands of reads)
         seen = self.last_seen.get(direction)
-        if seen is None:
-            candidates = [k for k in self.momentum_count if k[1] == direction]
-        else:
-            candidates = [(s, direction) for s, _ in self._since(seen, self.checked - self.cfg.window)]
+        candidates = [(s, direction) for s, _ in self._since(seen, self.checked - self.cfg.window)]
         peers = [
             k
             for k in candidates
