@@ -3,7 +3,7 @@
     python experiments/convergence/run.py --local   # full run (~12 min on 2 cores): simulator + one real-process point
     python experiments/convergence/run.py           # the simulator part only
     python experiments/convergence/run.py --local-only   # redo the real-process point, keep the simulator's results
-    python experiments/convergence/run.py --quick   # two attacks, short runs, for the test suite (~30 s)
+    python experiments/convergence/run.py --quick   # two attacks, short runs, for the test suite (about 75 s on a slow 2-core machine)
 
 For every attack of peers/adversary.py ATTACKS (default magnitude, from the swarm's first micro-batch, direction
 ``both``) the in-process swarm of experiments/sim/swarm_sim.py (the project's SentinelMonitor, ReputationLedger,

@@ -1,7 +1,7 @@
 """Reputation: time to blacklist each attack of the adversary suite, and resistance to slander by Sybils.
 
     python experiments/reputation/run.py           # full run (~11 min on 2 cores): results.csv, results.md, results.png
-    python experiments/reputation/run.py --quick   # one attack, three Sybil counts, for the test suite (~40 s)
+    python experiments/reputation/run.py --quick   # one attack, three Sybil counts, for the test suite (about 90 s on a slow 2-core machine)
 
 Runs the in-process swarm of experiments/sim/swarm_sim.py (the project's SentinelMonitor, ReputationLedger,
 aggregate() and Router on real activations and gradients of the tiny model, trained with AdamW on the shipped

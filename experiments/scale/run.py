@@ -1,7 +1,7 @@
 """Detection and reputation at the papers' scale: up to 176 workers (8 stages x 22 replicas), 10/25/40% Byzantine.
 
     python experiments/scale/run.py           # full run (~8 min on 2 cores): results.csv, results.md, results.png
-    python experiments/scale/run.py --quick   # two small sizes, for the test suite (~30 s)
+    python experiments/scale/run.py --quick   # two small sizes, for the test suite (about 100 s on a slow 2-core machine)
 
 Runs the in-process swarm of experiments/sim/swarm_sim.py: the project's SentinelMonitor (one per peer), ReputationLedger
 (one per peer), aggregate() and Router on real activations and gradients of the tiny model (8 blocks when 8 stages),
