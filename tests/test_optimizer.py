@@ -108,9 +108,8 @@ def test_a_lone_replica_never_searches_for_an_averaging_group():
         while replica.epoch < 3:
             assert time.monotonic() < deadline, "the lone replica never stepped"
             _step(replica)
-            time.sleep(
-                0.05
-            )  # let the progress tracker run between micro-batches, as it does in a stage server
+            # let the progress tracker run between micro-batches, as it does in a stage server
+            time.sleep(0.05)
         assert replica.opt.tracker.global_progress.num_peers <= 1
         assert started == [], started
     finally:
