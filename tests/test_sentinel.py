@@ -405,3 +405,39 @@ def test_half_precision_tensors_are_checked_with_float32_accumulation():
         bad = low.clone()
         bad[5, 300, 7] = float("nan")
         assert SentinelMonitor().check(bad, "p", FORWARD).statistic == "finite"
+
+
+def test_loss_momentum_reads_only_recent_senders_under_a_sybil_flood():
+    """The loss momentum compares a sender with the senders seen in the last window of checks. It once read every
+    sender that ever had a momentum (up to the table's 4,096) on every loss check, so a flood of one-message Sybils
+    made each honest loss check cost thousands of reads. After such a flood a loss check reads no whole table, and a
+    sender whose loss is persistently a little high is still caught by its momentum."""
+    import random
+
+    monitor = SentinelMonitor(SentinelConfig())
+    table = monitor.momentum_count
+
+    class CountingTable(type(table)):
+        reads = 0
+
+        def __iter__(self):
+            CountingTable.reads += 1
+            return super().__iter__()
+
+    table.__class__ = CountingTable
+    rng = random.Random(0)
+    honest = ["h0", "h1", "h2"]
+    for i in range(60):
+        monitor.check_loss(3.0 * (1 + rng.gauss(0, 0.01)), honest[i % 3], microbatch=f"w{i}")
+    for i in range(2000):
+        monitor.check_loss(3.0 * (1 + rng.gauss(0, 0.01)), f"sybil{i}", microbatch=f"s{i}")
+    verdicts = []
+    for i in range(80):
+        sender = (honest + ["drifter"])[i % 4]
+        loss = 3.0 * (1.2 if sender == "drifter" else 1.0) * (1 + rng.gauss(0, 0.01))
+        verdicts.append(monitor.check_loss(loss, sender, microbatch=f"m{i}"))
+    assert CountingTable.reads == 0
+    assert any(not v.accepted and v.sender == "drifter" for v in verdicts), [v.reason for v in verdicts[-8:]]
+    assert all(v.accepted for v in verdicts if v.sender != "drifter"), [
+        v.reason for v in verdicts if not v.accepted
+    ]
