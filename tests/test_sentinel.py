@@ -411,7 +411,8 @@ def test_loss_momentum_reads_only_recent_senders_under_a_sybil_flood():
     """The loss momentum compares a sender with the senders seen in the last window of checks. It once read every
     sender that ever had a momentum (up to the table's 4,096) on every loss check, so a flood of one-message Sybils
     made each honest loss check cost thousands of reads. After such a flood a loss check reads no whole table, and a
-    sender whose loss is persistently a little high is still caught by its momentum."""
+    sender whose loss is persistently 20% high (each one below the population threshold) is still caught by its
+    momentum."""
     import random
 
     monitor = SentinelMonitor(SentinelConfig())
