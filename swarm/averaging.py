@@ -86,6 +86,7 @@ from swarm.aggregator_check import (
     signer_key,
     tensor_digest,
 )
+from swarm.inprocess import InProcessAveraging
 
 logger = logging.getLogger(__name__)
 
@@ -1016,16 +1017,16 @@ class RobustAllReduceRunner(AllReduceRunner):
         return self.kept_inputs
 
 
-class RobustAveraging(DecentralizedAverager):
+class RobustAveraging(InProcessAveraging, DecentralizedAverager):
     """What makes a hivemind averager Byzantine-tolerant, for both of a stage's rounds (mixed in before hivemind's
     class: :class:`RobustGradientAverager`, and ``swarm.replica_sync.VerifiedStateAverager`` for the parameters):
     all-reduce with :class:`RobustAllReduceRunner` over **equal slices** (hivemind sizes each peer's slice by the
     bandwidth it claims, so a liar claiming a huge one would aggregate nearly everything), re-check aggregators,
     keep excluded peers out of matchmaking, serve keys and evidence.
 
-    Runs in its own process (as every hivemind averager); what it learns about the other replicas (a contribution
-    that was an outlier or clean, an aggregator whose result did or did not check out) goes to the stage server
-    through :meth:`drain_outcomes`."""
+    Runs hivemind's averager loop in a thread of the peer's process (``swarm.inprocess``; hivemind forks one process
+    per averager); what it learns about the other replicas (a contribution that was an outlier or clean, an
+    aggregator whose result did or did not check out) goes to the stage server through :meth:`drain_outcomes`."""
 
     state_round = False  # True: the averaged tensors are parameters (see _apply_state_round)
 
@@ -1041,7 +1042,7 @@ class RobustAveraging(DecentralizedAverager):
         stage's ``target_batch_size``, which the replicas accumulate between them); a sender that claims more is
         reported, though its claim changes nothing here (equal weights)."""
         self.averaging, self.hooks, self.max_weight = averaging, hooks or AveragingHooks(), max_weight
-        self._outcomes: "mp.Queue" = mp.Queue()  # created before the averager forks, read by the host process
+        self._outcomes: "mp.Queue" = mp.Queue()  # written by the averager, read by the host
         self._excluded_updates: "mp.Queue" = mp.Queue()  # written by the host process (blacklisted peers)
         self._excluded: frozenset = frozenset()  # the averager process's copy; the host's last one sent
         self._caught: set = set()  # aggregators this averager proved wrong (averager process)

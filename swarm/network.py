@@ -34,6 +34,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.identity import load_identity_key
+from swarm.inprocess import InProcessDHT
 from swarm.records import (
     MAX_ADDRS,
     MAX_TTL_S,
@@ -94,8 +95,10 @@ def create_dht(
     use_relay: bool = True,
     use_auto_relay: Optional[bool] = None,
     wait_timeout_s: float = 30.0,
+    in_process: bool = True,
 ) -> hivemind.DHT:
-    """Start a DHT node in a background process with this swarm's record validators, signing with its identity key.
+    """Start a DHT node with this swarm's record validators, signing with its identity key: in a thread of this
+    process (``swarm.inprocess``), or with ``in_process=False`` in a forked process as hivemind does.
 
     ``identity_path``: the libp2p identity file (created if missing); None: a fresh identity, kept only in memory
     (its file lives in a private temporary directory until the node has started). ``use_relay`` lets libp2p reach
@@ -128,9 +131,8 @@ def create_dht(
         kwargs["check_if_identity_free"] = False  # a key made this instant is nobody else's
     try:
         key = load_identity_key(identity_path)
-        dht = hivemind.DHT(
-            identity_path=identity_path, record_validators=make_validators(run_id, key), **kwargs
-        )
+        dht_cls = InProcessDHT if in_process else hivemind.DHT
+        dht = dht_cls(identity_path=identity_path, record_validators=make_validators(run_id, key), **kwargs)
     finally:
         if (
             temporary_dir is not None

@@ -36,6 +36,7 @@ from swarm.averaging import (
     RobustGradientAverager,
     restore_sigint,
 )
+from swarm.inprocess import InProcessGradientAverager
 from swarm.replica_sync import QuorumProgressTracker, StateCheck, VerifiedStateAverager
 
 logger = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ class RobustOptimizer(hivemind.Optimizer):
                 "grad_averager_factory",
                 partial(RobustGradientAverager, averaging=averaging, hooks=self.hooks, max_weight=max_weight),
             )
+        else:
+            kwargs.setdefault("grad_averager_factory", InProcessGradientAverager)
         super().__init__(**kwargs)
 
     def _should_load_state_from_peers(self) -> bool:
