@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -63,6 +64,12 @@ def test_two_stages_two_replicas_loss_falls(local_swarm, tmp_path):
     stage_peers = start(local_swarm, [0, 0, 1, 1])
     # every stage peer runs its chain RPCs, DHT calls and averaging on uvloop's event loop, and trains on it below
     assert all(c.info["event_loop"] == "uvloop.Loop" for c in stage_peers), [c.info for c in stage_peers]
+    # lean peers: the DHT node and both averagers are threads of the peer; its one child process is its p2p daemon
+    for child in stage_peers:
+        kids = subprocess.run(
+            ["ps", "--ppid", str(child.proc.pid), "-o", "comm="], capture_output=True, text=True
+        ).stdout.split()
+        assert kids == ["p2pd"], kids
     trainer, metrics, summary_path = train(local_swarm, tmp_path, steps=10)
     assert trainer.proc.wait(timeout=400) == 0, open(trainer.log_path).read()[-3000:]
     summary = json.load(open(summary_path))
@@ -380,8 +387,8 @@ def test_middle_stage_sign_flipper_caught_by_recomputation(tmp_path):
 
 
 def _process_groups(run_id: str) -> set:
-    """The process groups of the roles of ``run_id`` (each role is a group leader: its DHT process, its p2p daemon
-    and torch's helpers are in its group)."""
+    """The process groups of the roles of ``run_id`` (each role is a group leader: its p2p daemon, and any helper
+    process torch or hivemind starts, are in its group)."""
     import subprocess
 
     rows = subprocess.run(
@@ -403,7 +410,7 @@ def _alive_in(groups: set) -> list:
 def test_swarm_local_children_die_with_it_however_it_dies(tmp_path, how):
     """`kill` (SIGTERM), `kill -9` (SIGKILL: the children notice their parent is gone and leave, then their whole
     process groups are killed) and two Ctrl-C one second apart (the second skips the clean leave's wait) of
-    `swarm local` leave no process behind: not a role, nor its DHT process, p2p daemon or torch helper."""
+    `swarm local` leave no process behind: not a role, nor its p2p daemon or any helper process."""
     import subprocess
     import sys
 
