@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import hivemind
 import hivemind.averaging.averager as hivemind_averager
+import torch
 from hivemind.averaging.control import StepControl
 from hivemind.dht.node import DHTNode
 from hivemind.optim.grad_averager import GradientAverager
@@ -199,6 +200,13 @@ def _thread_event_loop() -> asyncio.AbstractEventLoop:
         return loop
     return _hivemind_switch_to_uvloop()
 
+
+# hivemind shares tensors between its processes with torch's "file_system" strategy, whose first shared tensor starts
+# torch's shared-memory manager, one more process per peer. In one process nothing needs sharing; "file_descriptor"
+# works without a manager (and still across processes, for a forked DHT). HIVEMIND_MEMORY_SHARING_STRATEGY, where
+# set, still decides, as it does in hivemind.
+if "HIVEMIND_MEMORY_SHARING_STRATEGY" not in os.environ:
+    torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 _hivemind_switch_to_uvloop = hivemind_averager.switch_to_uvloop
 hivemind_averager.switch_to_uvloop = _thread_event_loop
