@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import multiprocessing as mp
 import os
 import select
 import threading
@@ -44,6 +45,7 @@ from typing import Any, Dict, Optional, Tuple
 import hivemind
 import hivemind.averaging.averager as hivemind_averager
 import torch
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.dht.node import DHTNode
 from hivemind.optim.grad_averager import GradientAverager
@@ -324,9 +326,18 @@ class InProcessDHT(InProcessWorker, hivemind.DHT):
 
 
 class InProcessAveraging(InProcessWorker):
-    """Mixed in before a hivemind averager class: the averager runs in a thread of this process."""
+    """Mixed in before a hivemind averager class: the averager runs in a thread of this process.
+
+    A subclass that sets ``in_process = False`` (and takes ``multiprocessing.Process``'s own process methods back, as
+    :class:`Forked` does) keeps hivemind's forked process: the averaging benchmark runs every replica so, one process
+    each, as replicas on different machines would."""
+
+    in_process = True
 
     def __init__(self, *args, start: bool = False, **kwargs):
+        if not self.in_process:
+            super().__init__(*args, start=start, **kwargs)
+            return
         super().__init__(*args, start=False, **kwargs)
         old_inner = self._inner_pipe
         self._swap_pipes()
@@ -350,3 +361,18 @@ class InProcessAveraging(InProcessWorker):
 
 class InProcessGradientAverager(InProcessAveraging, GradientAverager):
     """hivemind's plain gradient averager (its weighted mean), in a thread."""
+
+
+class Forked:
+    """Mixed in first: a hivemind process class that :class:`InProcessWorker` made a thread is a forked process again."""
+
+    in_process = False
+    start = mp.Process.start
+    is_alive = mp.Process.is_alive
+    join = mp.Process.join
+    terminate = mp.Process.terminate
+    kill = mp.Process.kill
+    close = mp.Process.close
+    pid = mp.Process.pid
+    exitcode = mp.Process.exitcode
+    run = DecentralizedAverager.run

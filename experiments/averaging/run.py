@@ -3,8 +3,11 @@
     python experiments/averaging/run.py            # 2, 4 and 8 replicas, 3 interleaved repeats (about 3 minutes)
     python experiments/averaging/run.py --quick    # a tiny run (used by the test suite so that the script cannot rot)
 
-Every replica is a real hivemind averager process with its own DHT node and p2pd on 127.0.0.1, averaging a gradient of
-``--floats`` float32 values. Plain: ``hivemind.optim.GradientAverager`` (butterfly all-reduce, weighted mean). Robust:
+Every replica is a real hivemind averager with its own DHT node and p2pd on 127.0.0.1, averaging a gradient of
+``--floats`` float32 values. Each averager is a forked process of its own (``swarm.inprocess.Forked``), as replicas on
+different machines are: a stage peer runs its averagers as threads of itself, but one process holding every replica
+would have them take turns on one GIL. Plain: ``hivemind.optim.GradientAverager`` (butterfly all-reduce, weighted
+mean). Robust:
 ``swarm.averaging.RobustGradientAverager`` with the swarm's defaults (signed parts, CenteredClip per part, random
 re-checks of aggregators: ``verify_rate`` 1, ``verify_parts`` 1). Rounds of the two kinds alternate.
 
@@ -37,6 +40,7 @@ import hivemind  # noqa: E402
 from hivemind.optim.grad_averager import GradientAverager  # noqa: E402
 
 from swarm.averaging import AveragingConfig, RobustGradientAverager  # noqa: E402
+from swarm.inprocess import Forked  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,7 +63,7 @@ class TimedPlain(_Timed, GradientAverager):
         super().__init__(*args, **kwargs)
 
 
-class TimedRobust(_Timed, RobustGradientAverager):
+class TimedRobust(Forked, _Timed, RobustGradientAverager):
     def __init__(self, *args, **kwargs):
         self._init_timer()
         super().__init__(*args, **kwargs)
