@@ -40,7 +40,7 @@ import os
 import select
 import threading
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import hivemind
 import hivemind.averaging.averager as hivemind_averager
@@ -247,7 +247,9 @@ class InProcessDHT(InProcessWorker, hivemind.DHT):
     """``hivemind.DHT`` served by a thread of this process (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        self._replicas: Dict[int, Tuple[weakref.ref, P2P]] = {}
+        self._replicas: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, P2P]" = (
+            weakref.WeakKeyDictionary()
+        )
         self._replicas_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
@@ -312,16 +314,14 @@ class InProcessDHT(InProcessWorker, hivemind.DHT):
         """A client of this node's p2p daemon for the calling event loop (one per loop, made on first use)."""
         loop = asyncio.get_running_loop()
         with self._replicas_lock:
-            entry = self._replicas.get(id(loop))
-            if entry is not None and entry[0]() is loop:
-                return entry[1]
-        maddr = await self.run_coroutine(hivemind.DHT._get_p2p_daemon_listen_maddr, return_future=True)
-        replica = await P2P.replicate(maddr)
-        with self._replicas_lock:
-            entry = self._replicas.get(id(loop))
-            if entry is not None and entry[0]() is loop:
-                return entry[1]  # another task of this loop made one meanwhile
-            self._replicas[id(loop)] = (weakref.ref(loop), replica)
+            replica = self._replicas.get(loop)
+        if replica is None:
+            maddr = await self.run_coroutine(hivemind.DHT._get_p2p_daemon_listen_maddr, return_future=True)
+            replica = await P2P.replicate(maddr)
+            with self._replicas_lock:
+                replica = self._replicas.setdefault(
+                    loop, replica
+                )  # another task of this loop may have made one
         return replica
 
 
