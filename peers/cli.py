@@ -309,9 +309,10 @@ def _sentinel(parser: argparse.ArgumentParser) -> None:
         "--recompute-rate",
         type=float,
         default=0.1,
-        help="share of micro-batches whose gradient from a middle next stage this peer has recomputed by two "
-        "other replicas of that stage, drawn from the trainer's signed header (every micro-batch of a newcomer's "
-        "first 8 and of a suspect's); 0 turns it off",
+        help="share of micro-batches whose gradient from a middle next stage, or at stage 1 whose activations from "
+        "stage 0, this peer has recomputed by two other replicas of that stage, drawn from the trainer's signed "
+        "header (every micro-batch of a newcomer's first 8 and of a suspect's, and every stage-0 tensor SENTINEL "
+        "rejects); 0 turns it off",
     )
 
 

@@ -414,6 +414,7 @@ def serve_stage(
                 run=server.stats.audits_run,
                 failed=dict(server.stats.audits_failed),
                 served=server.stats.audits_served,
+                false_alarms=server.stats.false_alarms,
             ),
             dataplane=dict(
                 server=server.dataplane.stats.to_dict() if server.dataplane else None,

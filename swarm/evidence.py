@@ -35,7 +35,9 @@ and not yet live, where replicas that miss averaging rounds drift apart by sever
 Where it runs: the simulator (``experiments/sim``, ``SimConfig.evidence``) runs all of it. The stage server uses
 ``draw_auditor``, ``recompute`` and ``StageAuditConfig`` for audits of middle stages' gradients, with signed hop
 reports (``swarm.protocol.HopReport.digests``) in place of claims and ``swarm.audit.judge`` in place of the exact
-tolerance (see ``docs/defences.md``).
+tolerance, and for audits of stage 0's activations from the trainer's signed tokens, recomputed with the weights of
+the sender's epoch (``swarm.optimizer.StageOptimizer.weights_at``) and judged with tight thresholds (see
+``docs/defences.md``).
 """
 
 from __future__ import annotations
@@ -320,8 +322,10 @@ def recompute(
     x_in: torch.Tensor,
     grad_out: Optional[torch.Tensor],
     tokens: Optional[torch.Tensor] = None,
+    weights: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """What an honest replica holding ``module`` sends for this hop: ``(forward output, input gradient)``.
+    """What an honest replica holding ``module`` sends for this hop: ``(forward output, input gradient)``; with
+    ``weights`` (parameters by name, for instance those of an earlier epoch) in place of the module's own.
 
     The forward output is the activations (the last stage's: its loss, as a 0-d float32 tensor); the input gradient
     (``direction == BACKWARD`` on a stage other than 0) comes from ``grad_out``, or at the last stage from the loss
@@ -332,7 +336,7 @@ def recompute(
     if floating:
         x = x.float().requires_grad_(direction == BACKWARD)
     with torch.enable_grad():
-        out = module(x)
+        out = torch.func.functional_call(module, weights, (x,)) if weights else module(x)
         if module.is_last:
             out = causal_lm_loss(out, tokens.to(device)).float()
         grad = None

@@ -10,6 +10,9 @@ The rules:
   (measured live: 5 strikes for 5 tampered tensors stood at 5 of 29 exchanges, below the verdict ratio).
 - **Gradients** (backward) get SENTINEL's verdict; when the gradient is audited, an accepted one is not an entry
   yet either: the audit's verdict is (:meth:`Gate.audit`).
+- **Forward audits** of stage 0's activations (:meth:`Gate.forward_audit`): a rejection may wait for one
+  (``defer_rejection``: cleared by a recomputation that agrees, it is a clean exchange, a false alarm), and an
+  audited tensor's entry is the audit's (a strike when two other replicas agree against it).
 - **Audits** compare the route's gradient with one auditor's and, if they disagree, a tie-breaker's
   (:func:`swarm.audit.judge`); every gradient that took part gets an entry (the odd one a strike), and the outcome
   says whether the route's gradient stands (``ok``), is refused (``route``), the auditor lied (``audit``: the
@@ -62,9 +65,13 @@ class Gate:
         ledger: ReputationLedger,
         min_cosine: float = 0.5,
         max_norm_ratio: float = 1.4,
+        forward_alike: Tuple[float, float] = (0.999, 1.01),
+        forward_apart: Tuple[float, float] = (0.95, 1.1),
     ):
         self.sentinel, self.ledger = sentinel, ledger
         self.min_cosine, self.max_norm_ratio = min_cosine, max_norm_ratio
+        # (min cosine, max norm ratio) of recomputed activations that agree, and beyond which they are apart
+        self.forward_alike, self.forward_apart = forward_alike, forward_apart
 
     def activations(
         self,
@@ -76,13 +83,17 @@ class Gate:
         epoch: Optional[int],
         last_stage: bool,
         defer_rejection: bool = False,
+        audited: bool = False,
     ) -> Optional[Verdict]:
         """SENTINEL's verdict on received activations (None: not checked: no SENTINEL, or token ids, which the
         caller validates by range and digest). At the last stage an acceptance is recorded by :meth:`loss`.
-        ``defer_rejection``: a rejection is not recorded yet; an audit decides it (:meth:`settle`)."""
+        ``defer_rejection``: a rejection is not recorded yet; an audit decides it (:meth:`settle`, or
+        :meth:`forward_audit`); ``audited``: an audit follows either way and records the entry."""
         if self.sentinel is None or not x.is_floating_point():
             return None
         verdict = self.sentinel.check(x, sender, FORWARD, microbatch=microbatch, step=step, epoch=epoch)
+        if audited:
+            return verdict
         if verdict.accepted and not last_stage or not verdict.accepted and not defer_rejection:
             self.ledger.record_verdict(verdict)
         return verdict
@@ -149,16 +160,16 @@ class Gate:
         else:
             self.ledger.record(verdict.sender, not wrong, verdict.direction, reason if wrong else "")
 
-    def judge_audit(self, grad: torch.Tensor, answers: Sequence[Tuple[str, torch.Tensor]]) -> AuditOutcome:
-        """The audit so far: the route's gradient against the first one or two auditors' answers. The caller asks a
-        further auditor while ``outcome.needs_tiebreak``."""
-        return judge(
-            grad,
-            answers[0][1],
-            answers[1][1] if len(answers) > 1 else None,
-            self.min_cosine,
-            self.max_norm_ratio,
-        )
+    def judge_audit(
+        self, tensor: torch.Tensor, answers: Sequence[Tuple[str, torch.Tensor]], direction: str = BACKWARD
+    ) -> AuditOutcome:
+        """The audit so far: the route's tensor (a gradient, or ``FORWARD`` activations) against the first one or
+        two auditors' recomputations. The caller asks a further auditor while ``outcome.needs_tiebreak``."""
+        tiebreak = answers[1][1] if len(answers) > 1 else None
+        if direction == FORWARD:
+            cos, ratio = self.forward_alike
+            return judge(tensor, answers[0][1], tiebreak, cos, ratio, "activations", self.forward_apart)
+        return judge(tensor, answers[0][1], tiebreak, self.min_cosine, self.max_norm_ratio)
 
     def audit(self, route_peer: str, outcome: Optional[AuditOutcome], answered: List[str]) -> AuditVerdict:
         """Record an audit's outcome (``answered``: the auditors whose gradients it compared, in order) and say what
@@ -168,6 +179,38 @@ class Gate:
             return AuditVerdict(None, False, None)
         for who, clean in outcome.entries(route_peer, answered):
             self.ledger.record(who, clean, BACKWARD, AUDIT_REASON)
+        return self._meaning(route_peer, outcome)
+
+    def forward_audit(
+        self,
+        route_peer: str,
+        outcome: Optional[AuditOutcome],
+        answered: List[str],
+        verdict: Optional[Verdict],
+        last_stage: bool,
+    ) -> AuditVerdict:
+        """Record a forward audit of received activations whose entry :meth:`activations` left to it (``audited``,
+        or a rejection deferred): ``verdict`` is SENTINEL's on them. The route's one entry: a strike (``audit``) when
+        two other replicas agree against it; otherwise, when an auditor's recomputation agrees with it (a rejection
+        cleared: a false alarm) or nobody could decide on a tensor SENTINEL accepted, a clean exchange (at the last
+        stage :meth:`loss` records it); a rejection nobody could decide stands with SENTINEL's strike. The auditors
+        get entries as in :meth:`audit`."""
+        rejected = verdict is not None and not verdict.accepted
+        if outcome is not None:
+            for who, clean in outcome.entries(route_peer, answered)[1:]:
+                self.ledger.record(who, clean, FORWARD, AUDIT_REASON)
+        decided = outcome is not None and (outcome.agree or outcome.odd is not None)
+        if decided and outcome.odd == ROUTE:
+            self.ledger.record(route_peer, False, FORWARD, AUDIT_REASON)
+            return AuditVerdict(outcome, True, route_peer)
+        if rejected and not decided:
+            self.ledger.record_verdict(verdict)
+            return AuditVerdict(outcome, True, route_peer)
+        if not last_stage:
+            self.ledger.record(route_peer, True, FORWARD)
+        return AuditVerdict(outcome, False, None)
+
+    def _meaning(self, route_peer: str, outcome: AuditOutcome) -> AuditVerdict:
         if outcome.odd == ROUTE:
             return AuditVerdict(outcome, True, route_peer)
         if outcome.odd == AUDIT or (outcome.agree and outcome.odd is None):

@@ -13,6 +13,9 @@ would bump their autograd version counters and make those pending backwards fail
 works on ``param.data`` aliases (same storage, separate version counter): an in-flight micro-batch whose
 forward ran before a step has its gradient computed with the new weights, the usual one-step staleness of
 asynchronous pipelines (PipeDream without weight stashing), and never an error.
+
+The weights of the previous epoch are held (one copy, taken just before each update: :meth:`StageOptimizer.weights_at`)
+so that an auditor can recompute what another replica sent with the weights that replica used, one step behind.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import hivemind
 import torch
@@ -102,6 +105,10 @@ class StageOptimizer:
             time.monotonic()
         )  # when step() last ran (a replica that gets no work cannot catch up in it)
         self._accumulators: Optional[List[torch.Tensor]] = None
+        self.names: List[str] = [n for n, p in module.named_parameters() if p.requires_grad]
+        self._held: Optional[Tuple[int, List[torch.Tensor]]] = (
+            None  # (epoch, its weights) before the last update
+        )
         if cfg.averaging and dht is not None:
             sigint = signal.getsignal(signal.SIGINT)
             self.opt = RobustOptimizer(
@@ -121,6 +128,7 @@ class StageOptimizer:
                 tracker_opts=dict(min_refresh_period=0.2, max_refresh_period=1.0, default_refresh_period=0.5),
                 verbose=False,
             )
+            self.opt.before_update = self._hold
             # hivemind's averagers set SIGINT to "ignore" in the *calling* process before they fork (and leave it so):
             # Ctrl-C would no longer reach this program, nor any process it starts afterwards, which inherits the
             # setting (seen in the test suite: a `swarm status --watch` started after an optimizer ignored SIGINT)
@@ -136,6 +144,29 @@ class StageOptimizer:
     def epoch(self) -> int:
         """Optimizer steps taken (the stage's global epoch when averaging)."""
         return self.opt.local_epoch if self.hivemind else self.local_steps
+
+    def _hold(self) -> None:
+        """Keep a copy of the weights as they are, before an update (a step or a state download) replaces them."""
+        epoch = self.epoch
+        if (
+            self._held is not None and self._held[0] == epoch
+        ):  # a second update within one epoch: keep the first
+            return
+        with torch.no_grad():
+            copies = [p.detach().clone() for p in self.params] if self._held is None else self._held[1]
+            if self._held is not None:
+                for copy, param in zip(copies, self.params):
+                    copy.copy_(param.detach())
+        self._held = (epoch, copies)
+
+    def weights_at(self, epoch: int) -> Optional[Dict[str, torch.Tensor]]:
+        """This replica's weights of ``epoch`` by parameter name: {} for the current epoch (the module's own), a held
+        copy for the one before the last update, None for any other (call on the thread that steps)."""
+        if epoch == self.epoch:
+            return {}
+        if self._held is not None and self._held[0] == epoch:
+            return dict(zip(self.names, self._held[1]))
+        return None
 
     @property
     def epochs_behind(self) -> int:
@@ -205,6 +236,7 @@ class StageOptimizer:
     ) -> None:
         """Put a checkpoint's parameters (in ``self.params`` order), optimizer state and epoch in place. Call before
         the stage serves (no step may run meanwhile)."""
+        self._held = None
         with torch.no_grad():
             for param, value in zip(self.params, params):
                 param.copy_(value.to(device=param.device, dtype=param.dtype))
@@ -244,6 +276,7 @@ class StageOptimizer:
                 acc.add_(grad, alpha=batch_size)
             self.samples_since_step += batch_size
             if self.samples_since_step >= self.cfg.target_batch_size:
+                self._hold()
                 for alias, acc in zip(self.aliases, self._accumulators):
                     alias.grad = acc.div_(self.samples_since_step)
                 self.opt.step()
@@ -286,6 +319,20 @@ class RobustOptimizer(hivemind.Optimizer):
         else:
             kwargs.setdefault("grad_averager_factory", InProcessGradientAverager)
         super().__init__(**kwargs)
+
+    before_update: Optional[Callable[[], None]] = (
+        None  # called before the weights change (StageOptimizer._hold)
+    )
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        if self.before_update is not None:
+            self.before_update()
+        super()._update_global_epoch(grad_scaler)
+
+    def load_state_from_peers(self, **kwargs):
+        if self.before_update is not None:
+            self.before_update()
+        return super().load_state_from_peers(**kwargs)
 
     def _should_load_state_from_peers(self) -> bool:
         """Load the stage's state whenever the stage (its quorum epoch) is ahead of this replica.

@@ -212,16 +212,37 @@ class ChainHeader:
         )
 
     def check(
-        self, *, run_id: str, stage: int, me: str, sender: str, now: float, audit_only: bool = False
+        self,
+        *,
+        run_id: str,
+        stage: int,
+        me: str,
+        sender: str,
+        now: float,
+        audit_only: bool = False,
+        forward_audit: bool = False,
     ) -> None:
         """Raise :class:`ProtocolError` unless this header may be served by ``me`` at ``stage``, coming from
         ``sender``: signed by the trainer it names, for this run, fresh, and ``me`` and ``sender`` where the route
-        puts them (an auditor, ``audit_only``, is called by the route's penultimate peer in place of its last)."""
+        puts them (an auditor, ``audit_only``, is called by the route's penultimate peer in place of its last; a
+        forward auditor, ``forward_audit``, another replica of ``stage``, by the route's peer of the stage after)."""
         if self.run_id != run_id:
             raise ProtocolError(f"header is for run {self.run_id!r}, not {run_id!r}")
         if not 0 <= stage < len(self.route):
             raise ProtocolError(f"header route has no stage {stage}")
-        if audit_only:
+        if forward_audit:
+            if stage + 1 >= len(self.route):
+                raise ProtocolError(
+                    "a forward audit is asked of a stage before the last, by the stage after it"
+                )
+            if self.route[stage] == me:
+                raise ProtocolError("an audit is asked of another replica than the route's")
+            if sender != self.route[stage + 1]:
+                raise ProtocolError(
+                    f"a forward audit of stage {stage} must come from {self.route[stage + 1][-8:]}, "
+                    f"not {sender[-8:]}"
+                )
+        elif audit_only:
             if stage == 0:
                 raise ProtocolError("an audit is asked of a stage after the first, by the stage before it")
             if self.route[stage] == me:
@@ -231,7 +252,7 @@ class ChainHeader:
                 f"header route names {self.route[stage][-8:]} at stage {stage}, not this peer"
             )
         expected = self.trainer if stage == 0 else self.route[stage - 1]
-        if sender != expected:
+        if not forward_audit and sender != expected:
             raise ProtocolError(
                 f"request for stage {stage} must come from {expected[-8:]}, not {sender[-8:]}"
             )

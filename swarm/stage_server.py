@@ -30,7 +30,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import hivemind
 import torch
@@ -51,7 +51,7 @@ from swarm.dataplane import (
     endpoint_of,
     host_of_addrs,
 )
-from swarm.evidence import StageAuditConfig, draw_auditor, recompute
+from swarm.evidence import StageAuditConfig, draw_auditor, recompute, relative_error
 from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule
@@ -71,7 +71,7 @@ from swarm.reachability import DIALBACK_COOLDOWN_S, DIALBACK_TIMEOUT_S, dial_bac
 from swarm.records import StageRecord
 from swarm.replica_sync import param_sketch, sketch_distance, state_verdict
 from swarm.reputation import ReputationConfig, ReputationLedger
-from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor
+from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor, Verdict
 from swarm.stage_compute import StageCompute
 from swarm.transport import (
     IDEMPOTENT,
@@ -161,6 +161,7 @@ class StageStats:
         default_factory=dict
     )  # outcome ("route", "audit", "inconclusive") -> count
     audits_served: int = 0  # audit-only micro-batches this (last) stage computed for others
+    false_alarms: int = 0  # rejections of received activations that a forward audit cleared
     averaging_strikes: Dict[str, int] = field(
         default_factory=PeerTable
     )  # peer -> its contributions found far off
@@ -256,12 +257,20 @@ class StageServer(ServicerBase):
         self.sentinel = sentinel  # None: received tensors are used unchecked (baselines only)
         self.ledger = ReputationLedger()  # what this peer saw of each counterpart; published as its report
         # every received tensor's verdicts, recorded once per exchange: the same code as the simulator's
-        self.gate = Gate(sentinel, self.ledger, self.cfg.audit.min_cosine, self.cfg.audit.max_norm_ratio)
+        self.gate = Gate(
+            sentinel,
+            self.ledger,
+            self.cfg.audit.min_cosine,
+            self.cfg.audit.max_norm_ratio,
+            (self.cfg.audit.forward_min_cosine, self.cfg.audit.forward_max_norm_ratio),
+            (self.cfg.audit.forward_apart_cosine, self.cfg.audit.forward_apart_ratio),
+        )
         # recomputation audits of a middle next stage (swarm.evidence): audits run per peer, its stage's replicas
         self._recomputed: Dict[str, int] = {}
         self._replicas: Dict[int, Tuple[float, List[str]]] = {}
         self._recompute_served: "collections.OrderedDict[bytes, None]" = collections.OrderedDict()
         self._audit_rng = random.Random()
+        self._background_audits: Set["asyncio.Task"] = set()  # sampled forward audits in flight
         self.outbound_hook = outbound_hook
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
@@ -575,6 +584,8 @@ class StageServer(ServicerBase):
         logger.info(f"stage {self.cfg.stage}: leaving (served {self.stats.served} micro-batches)")
         if self._resync_task is not None:
             self._resync_task.cancel()
+        for task in list(self._background_audits):
+            task.cancel()
         if self.reputation is not None:
             await self.reputation.stop()
         if self.announcer is not None:
@@ -694,6 +705,7 @@ class StageServer(ServicerBase):
                 run=self.stats.audits_run,
                 failed=dict(self.stats.audits_failed),
                 served=self.stats.audits_served,
+                false_alarms=self.stats.false_alarms,
             ),
             dataplane=dict(
                 server=self.dataplane.stats.to_dict() if self.dataplane else None,
@@ -831,6 +843,7 @@ class StageServer(ServicerBase):
 
     def _verify_header(self, meta: Dict[str, Any], sender: str) -> ChainHeader:
         """The request's signed header (``swarm.protocol.ChainHeader``), checked for this peer; raises Refusal."""
+        forward_audit = meta.get("recompute") is True and meta.get("direction") == FORWARD
         try:
             header = ChainHeader.from_wire(meta.get("header"))
             header.check(
@@ -839,7 +852,9 @@ class StageServer(ServicerBase):
                 me=self.peer_id,
                 sender=sender,
                 now=time.time(),
-                audit_only=meta.get("audit_only") is True or meta.get("recompute") is True,
+                audit_only=not forward_audit
+                and (meta.get("audit_only") is True or meta.get("recompute") is True),
+                forward_audit=forward_audit,
             )
         except ProtocolError as e:
             self._reject(sender, f"bad header: {e}", FORWARD)
@@ -979,10 +994,27 @@ class StageServer(ServicerBase):
         if verdict is not None and not verdict.accepted:
             raise self._reject(sender, verdict.reason, direction, verdict=True)
 
-    async def _check_activations(self, x: torch.Tensor, sender: str, header: ChainHeader, epoch: Any) -> None:
+    async def _check_activations(
+        self,
+        x: torch.Tensor,
+        sender: str,
+        header: ChainHeader,
+        epoch: Any,
+        tokens: Optional[torch.Tensor] = None,
+    ) -> None:
         """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
         over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
-        Token ids from the trainer are validated (range, digest) in _validate_request instead."""
+        Token ids from the trainer are validated (range, digest) in _validate_request instead.
+
+        Stage 0's activations, which came with the trainer's tokens, can be recomputed by another stage-0 replica
+        (:meth:`_forward_audit`): with ``stage_audit`` on, a rejection waits for that audit (``on_suspicion``: cleared,
+        the tensor is used and the alarm was false), a suspect sender's tensors are audited before use, and a
+        sampled share of the others (``rate``, every one of a newcomer's first hops) after use, off the micro-batch's
+        path."""
+        cfg = self.cfg.stage_audit
+        audits = cfg is not None and tokens is not None
+        suspect = audits and self._suspect(sender)
+        planned = audits and self._draw_forward_audit(sender, suspect)
         verdict = await self._off_loop(
             self.gate.activations,
             x,
@@ -991,8 +1023,155 @@ class StageServer(ServicerBase):
             step=header.step,
             epoch=_epoch(epoch),
             last_stage=self.module.is_last,
+            defer_rejection=audits and cfg.on_suspicion,
+            audited=planned,
         )
-        self._enforce(verdict, sender, FORWARD)
+        suspicious = verdict is not None and not verdict.accepted
+        if audits and (suspicious and cfg.on_suspicion or planned and suspect):
+            await self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch))
+        elif planned and suspicious:  # rejected, and no audit may clear it (on_suspicion off)
+            self.gate.settle(verdict, None)
+            self._enforce(verdict, sender, FORWARD)
+        elif (
+            planned
+        ):  # a sampled audit of a tensor SENTINEL accepted: its result may arrive after the micro-batch
+            task = asyncio.create_task(self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch)))
+            self._background_audits.add(task)
+            task.add_done_callback(self._background_audit_done)
+        else:
+            self._enforce(verdict, sender, FORWARD)
+
+    def _suspect(self, peer: str) -> bool:
+        """A peer with a strike in this peer's recent exchanges with it."""
+        tally = self.ledger.tallies.get(peer)
+        return tally is not None and any(tally.recent)
+
+    def _draw_forward_audit(self, sender: str, suspect: bool) -> bool:
+        """Whether the activations ``sender`` sent are audited whatever SENTINEL says (``StageAuditConfig.rate_for``:
+        a suspect's at ``suspect_rate``, a newcomer's first ones, else ``rate``); sampled audits run beside the
+        micro-batch, at most MAX_BACKGROUND_AUDITS at a time (none is drawn beyond)."""
+        cfg = self.cfg.stage_audit
+        rate = cfg.rate_for(suspicious=False, suspect=suspect, audited_before=self._recomputed.get(sender, 0))
+        if not suspect and len(self._background_audits) >= MAX_BACKGROUND_AUDITS:
+            return False
+        return rate >= 1 or (rate > 0 and self._audit_rng.random() < rate)
+
+    def _background_audit_done(self, task: "asyncio.Task") -> None:
+        self._background_audits.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()
+        if isinstance(e, ChainError):  # the tensor was used already: its sender's strike is recorded
+            logger.info(f"stage {self.cfg.stage}: a sampled audit found, after the fact: {e.reason}")
+        elif e is not None:
+            logger.error(f"stage {self.cfg.stage}: a sampled forward audit failed: {e!r}")
+
+    async def _forward_audit(
+        self,
+        x: torch.Tensor,
+        sender: str,
+        header: ChainHeader,
+        tokens: torch.Tensor,
+        verdict: Optional[Verdict],
+        epoch: Optional[int] = None,
+    ) -> None:
+        """Ask up to two other replicas of the sender's stage (drawn by ``swarm.evidence.draw_auditor``, seeded with
+        the trainer's signed header, so this peer cannot pick them) to recompute the activations from the tokens
+        with their weights of ``epoch`` (the sender's claim; replicas hold the current and the previous), and judge the sender's against theirs (``swarm.audit.judge`` with the forward thresholds; a second replica
+        breaks a tie). The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its
+        tensor is refused."""
+        stage = self.cfg.stage - 1
+        replicas = await self._stage_replicas(stage)
+        seed = hashlib.sha256(header.digest + b"forward").digest()
+        drawn: List[str] = []
+        answers: List[Tuple[str, torch.Tensor]] = []
+        outcome: Optional[AuditOutcome] = None
+        self._recomputed[sender] = self._recomputed.get(sender, 0) + 1
+        while len(drawn) < 2:
+            auditor = draw_auditor(replicas, {sender, self.peer_id, *drawn}, seed)
+            if auditor is None:
+                break
+            drawn.append(auditor)
+            try:
+                answer = await self._ask_forward(auditor, header, tokens, x, epoch)
+            except ChainError as e:
+                logger.info(
+                    f"stage {self.cfg.stage}: forward auditor {auditor[-8:]} gave no activations: {e.reason}"
+                )
+                continue
+            answers.append((auditor, answer))
+            outcome = await self._off_loop(self.gate.judge_audit, x, list(answers), FORWARD)
+            if not outcome.needs_tiebreak:
+                break
+        meaning = self.gate.forward_audit(
+            sender, outcome, [a for a, _ in answers], verdict, self.module.is_last
+        )
+        rejected = verdict is not None and not verdict.accepted
+        if outcome is not None:
+            self.stats.audits_run += 1
+            kind = "ok" if outcome.agree and outcome.odd is None else outcome.odd or "inconclusive"
+            if kind != "ok":
+                self.stats.audits_failed[kind] = self.stats.audits_failed.get(kind, 0) + 1
+                if kind == AUDIT:
+                    self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
+            error = relative_error(x, answers[0][1])
+            logger.info(
+                f"stage {self.cfg.stage}: micro-batch {header.mb}: forward {outcome.reason()}, relative error "
+                f"{error:.2g} at epoch {epoch}" + (f" (SENTINEL: {verdict.reason})" if rejected else "")
+            )
+        if rejected and not meaning.refused:
+            self.stats.false_alarms += 1
+        if meaning.refused:
+            reason = outcome.reason() if meaning.outcome is not None and outcome.odd else verdict.reason
+            raise self._reject(sender, reason, FORWARD, verdict=True)
+
+    async def _ask_forward(
+        self, auditor: str, header: ChainHeader, tokens: torch.Tensor, x: torch.Tensor, epoch: Optional[int]
+    ) -> torch.Tensor:
+        """``auditor``'s recomputation (another replica of the previous stage, 0) of the activations of ``tokens``;
+        raises ChainError (blaming nobody: this is no hop of the route) if it gives none that could be compared."""
+        try:
+            peer_id = PeerID.from_base58(auditor)
+        except Exception:
+            raise ChainError(f"invalid auditor id {auditor[:20]!r}", blame=None) from None
+        meta = dict(
+            header=header.to_wire(),
+            recompute=True,
+            direction=FORWARD,
+            epoch=epoch,
+            admission=self.admission_proof,
+        )
+        try:
+            received = await call_chain(
+                self.dataplane_client,
+                auditor,
+                None,
+                self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
+                meta,
+                [tokens],
+                self.cfg.limits,
+                min(self.cfg.hop_timeout_s, 30.0),
+                self.cfg.compression,
+            )
+        except asyncio.TimeoutError:
+            raise ChainError("timed out", blame=None) from None
+        except Exception as e:
+            raise ChainError(f"unreachable: {type(e).__name__}: {e}", blame=None) from None
+        reply = received.metadata
+        if "reports" not in reply:
+            raise ChainError(f"refused: {str(reply.get('error', 'no reason'))[:200]}", blame=None)
+        try:
+            reports = check_reports(header, reply["reports"], self.cfg.stage - 1, auditor, alone=True)
+        except ProtocolError as e:
+            raise ChainError(f"invalid reply: {e}", blame=None) from None
+        if not reports[0].ok:
+            raise ChainError(str(reports[0].error)[:200], blame=None)
+        if len(received.tensors) != 1:
+            raise ChainError("a forward audit's reply holds one tensor", blame=None)
+        answer = received.tensors[0]
+        if answer.shape != x.shape or not answer.is_floating_point():
+            raise ChainError(f"recomputed activations {tuple(answer.shape)} != {tuple(x.shape)}", blame=None)
+        return answer.to(self.device)
 
     async def _check_gradient(
         self,
@@ -1116,6 +1295,28 @@ class StageServer(ServicerBase):
         if len(tensors) != 1:
             raise ChainError(f"expected exactly one input tensor, got {len(tensors)}", blame=sender)
         x = tensors[0]
+        self._check_input(header, x, sender)
+        return x
+
+    def _split_tokens(
+        self, header: ChainHeader, tensors: List[torch.Tensor], sender: str
+    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """A route request to stage 1 may carry, after stage 0's activations, the micro-batch's token ids (stage 0's
+        input, which the trainer signed in the header): what a forward audit recomputes those activations from.
+        Returns the other tensors and the tokens (None: not sent); tokens that are not the header's are the
+        sender's lie."""
+        if self.cfg.stage != 1 or len(tensors) != 2:
+            return tensors, None
+        tokens = tensors[1]
+        if (
+            tokens.dtype != torch.int64
+            or tokens.shape != tensors[0].shape[:2]
+            or tensor_digest(tokens) != header.labels_digest
+        ):
+            raise ChainError("the token ids beside the activations are not the header's", blame=sender)
+        return tensors[:1], tokens
+
+    def _check_input(self, header: ChainHeader, x: torch.Tensor, sender: str) -> None:
         if self.module.is_first:
             ok = x.dtype == torch.int64 and x.ndim == 2
             expected = "int64 token ids [batch, seq]"
@@ -1133,7 +1334,6 @@ class StageServer(ServicerBase):
                 raise ChainError("token ids outside the vocabulary", blame=sender)
             if tensor_digest(x) != header.labels_digest:
                 raise ChainError("token ids do not match the header's digest", blame=sender)
-        return x
 
     async def _chain(
         self, received, header: ChainHeader, sender: str
@@ -1151,8 +1351,12 @@ class StageServer(ServicerBase):
             )
         # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
         # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
-        x = self._validate_request(header, received.tensors, sender)
+        inputs, tokens = (
+            (received.tensors, None) if audit_only else self._split_tokens(header, received.tensors, sender)
+        )
+        x = self._validate_request(header, inputs, sender)
         x_digest = tensor_digest(x)  # what this hop received, bound into its signed report
+        sent_tokens = x if self.module.is_first else None  # passed on: the next hop's forward audits use them
         x = x.to(self.device)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
         grad_out_wire: Optional[torch.Tensor] = None  # the next stage's gradient as it came, for the evidence
@@ -1163,7 +1367,7 @@ class StageServer(ServicerBase):
                 raise ChainError(f"audit request: {e}", blame=sender) from None
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
-        await self._check_activations(x, sender, header, meta.get("sender_epoch"))
+        await self._check_activations(x, sender, header, meta.get("sender_epoch"), tokens)
         epoch = (
             self.optimizer.epoch
         )  # the weights this micro-batch's forward uses (receivers compare like with like)
@@ -1224,7 +1428,11 @@ class StageServer(ServicerBase):
                         )  # checked again at the next hop; the last never sees it
                     next_peer = header.route[self.cfg.stage + 1]
                     grad_out, later, next_epoch, wire = await self._call_next(
-                        next_peer, header, next_meta, out.detach()
+                        next_peer,
+                        header,
+                        next_meta,
+                        out.detach(),
+                        extra=[sent_tokens] if sent_tokens is not None else (),
                     )
                     grad_out_wire = wire[0]
                     recomputers = await self._recomputers(header, next_peer)
@@ -1442,13 +1650,35 @@ class StageServer(ServicerBase):
         """An audit of another replica of this (middle) stage: the gradient of this stage's input for the sender's
         activations and the output-gradient it got, computed with this replica's weights. Nothing is trained and
         the tensors are not SENTINEL's business (they are another hop's); only a well-formed pair is computed."""
-        if self.module.is_first or self.module.is_last:
+        forward = received.metadata.get("direction") == FORWARD
+        if forward and not self.module.is_first:
+            raise ChainError(
+                "a forward audit is asked of stage 0 (its input is the trainer's tokens)", blame=sender
+            )
+        if not forward and (self.module.is_first or self.module.is_last):
             raise ChainError("a recomputation audit is asked of a middle stage", blame=sender)
         if header.digest in self._recompute_served:  # one audit per request: a header cannot buy more compute
             raise ChainError("this request was audited here already", blame=sender)
         self._recompute_served[header.digest] = None
         while len(self._recompute_served) > MAX_RECOMPUTE_SEEN:
             self._recompute_served.popitem(last=False)
+        if forward:  # stage 0's activations of the trainer's tokens (checked against its signed header)
+            ids = self._validate_request(header, received.tensors, sender)
+            epoch = _epoch(received.metadata.get("epoch"))
+            started = time.perf_counter()
+            async with self._slots:
+                out = await asyncio.get_event_loop().run_in_executor(
+                    self.executor, self._forward_at, epoch, ids.to(self.device)
+                )
+            if out is None:  # nobody's fault: replicas hold the current epoch's weights and the one before
+                raise ChainError(
+                    f"weights of epoch {epoch} not held here (at {self.optimizer.epoch})", blame=None
+                )
+            self.stats.audits_served += 1
+            timings = dict(fwd_s=time.perf_counter() - started, bwd_s=0.0, opt_s=0.0, wait_s=0.0)
+            return [self._outbound(out, FORWARD, header)], dict(
+                ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
+            )
         if len(received.tensors) != 2:
             raise ChainError("a recomputation audit needs activations and their gradient", blame=sender)
         x = self._validate_request(header, received.tensors[:1], sender)
@@ -1469,6 +1699,14 @@ class StageServer(ServicerBase):
             ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
         )
 
+    def _forward_at(self, epoch: Optional[int], x: torch.Tensor) -> Optional[torch.Tensor]:
+        """This stage's output for ``x`` with its weights of ``epoch`` (None: the current ones); None if they are not
+        held any more (on the compute thread, which is the one that steps)."""
+        weights = self.optimizer.weights_at(self.optimizer.epoch if epoch is None else epoch)
+        if weights is None:
+            return None
+        return recompute(self.module, FORWARD, x, None, weights=weights)[0]
+
     def _outbound(self, tensor: torch.Tensor, direction: str, header: ChainHeader) -> torch.Tensor:
         tensor = tensor.detach()
         if self.outbound_hook is not None:
@@ -1483,6 +1721,7 @@ class StageServer(ServicerBase):
     # ---- compute (runs on the single compute thread) ---------------------------------------------------------
 
 
+MAX_BACKGROUND_AUDITS = 2  # sampled forward audits in flight at once (each holds one received tensor)
 MAX_RECOMPUTE_SEEN = 4096  # request digests remembered by an auditor (a header lives 10 minutes)
 INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)
 

@@ -456,3 +456,82 @@ def test_a_hop_refuses_a_reply_its_signed_report_does_not_cover():
         with pytest.raises(ChainError, match=reason) as e:
             server._check_signed_tensors(route[1], reports, activations, tensors, header)
         assert e.value.blame == route[1]
+
+
+def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(monkeypatch):
+    """Both sides in-process, the wire replaced by direct calls into the auditors' request handlers (header checks,
+    signed reports and all): a stage-1 receiver asks other stage-0 replicas to recompute stage 0's activations from
+    the trainer's tokens. An honest tensor that SENTINEL rejected is cleared (a false alarm, no strike); a x3 one is
+    refused and blamed once a second replica breaks the tie; an auditor serves one audit per request; tokens that
+    are not the header's are refused, blaming their sender."""
+    import asyncio
+    import time
+
+    import swarm.stage_server as stage_server
+    from swarm.optimizer import OptimizerConfig
+    from swarm.protocol import ChainHeader
+    from swarm.sentinel import Verdict
+    from swarm.stage_server import ChainError, StageServer, StageServerConfig
+    from swarm.transport import Received, limits_for
+
+    keys = {"route": S0, "a1": AUDITOR, "a2": VERIFIER, "receiver": S1}
+
+    def server(stage: int, key) -> StageServer:
+        cfg = StageServerConfig(
+            run_id="ev", stage=stage, num_stages=2, limits=limits_for(2, 8, TINY.hidden_size)
+        )
+        torch.manual_seed(0)  # replicas of a stage hold the same weights
+        s = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=key)
+        s.peer_id, s._slots = pid(key), asyncio.Semaphore(2)
+        return s
+
+    zero = {name: server(0, key) for name, key in keys.items() if name != "receiver"}
+    receiver = server(1, S1)
+    by_pid = {pid(keys[name]): s for name, s in zero.items()}
+
+    async def wire(client, peer, endpoint, stub, meta, tensors, limits, timeout, compression):
+        async def read():
+            return Received(metadata=meta, tensors=list(tensors))
+
+        reply, out = await by_pid[peer]._serve_chain(receiver.peer_id, read)
+        return Received(metadata=reply, tensors=out)
+
+    async def replicas(stage):
+        return [pid(S0), pid(AUDITOR), pid(VERIFIER)]
+
+    monkeypatch.setattr(stage_server, "call_chain", wire)
+    monkeypatch.setattr(receiver, "_stage_replicas", replicas)
+    ids = torch.randint(0, 64, (2, 8))
+
+    def header_of(mb: str) -> ChainHeader:
+        return ChainHeader.create(
+            TRAINER,
+            run_id="ev",
+            trainer=pid(TRAINER),
+            mb=mb,
+            step=20,
+            route=[pid(S0), pid(S1)],
+            tokens=ids,
+            now=time.time(),
+        )[0]
+
+    honest, _ = recompute(zero["route"].module, FORWARD, ids, None)
+    alarm = Verdict(False, pid(S0), FORWARD, 20.0, 12.0, "skew_align 20 > 12", "skew_align", "population")
+    asyncio.run(receiver._forward_audit(honest, pid(S0), header_of("1.0"), ids, alarm))
+    assert receiver.stats.false_alarms == 1 and receiver.stats.audits_run == 1
+    assert pid(S0) not in receiver.ledger.tallies  # the last stage: its loss check is the entry
+    header = header_of("2.0")
+    with pytest.raises(ChainError, match="the route activations disagree") as e:
+        asyncio.run(receiver._forward_audit(honest * 3, pid(S0), header, ids, None))
+    assert e.value.blame == pid(S0) and receiver.ledger.tallies[pid(S0)].reasons["audit"] == 1
+    assert sum(zero[name].stats.audits_served for name in ("a1", "a2")) == 3
+    # an auditor computes once per request: asked again with the same header, it refuses and the alarm stands
+    with pytest.raises(ChainError, match="skew_align"):
+        asyncio.run(receiver._forward_audit(honest, pid(S0), header, ids, alarm))
+    # a sender that claims an epoch no auditor holds weights of gets no audit: SENTINEL's verdict stands
+    with pytest.raises(ChainError, match="skew_align"):
+        asyncio.run(receiver._forward_audit(honest, pid(S0), header_of("4.0"), ids, alarm, epoch=7))
+    assert receiver.stats.false_alarms == 1
+    with pytest.raises(ChainError, match="not the header's") as e:
+        receiver._split_tokens(header_of("3.0"), [honest, ids.flip(0)], pid(S0))
+    assert e.value.blame == pid(S0)

@@ -4,9 +4,9 @@ the stage server and the simulator both run this code."""
 import torch
 
 from swarm.audit import AUDIT, ROUTE, judge
-from swarm.gate import Gate
+from swarm.gate import AUDIT_REASON, Gate
 from swarm.reputation import ReputationLedger
-from swarm.sentinel import SentinelConfig, SentinelMonitor
+from swarm.sentinel import FORWARD, SentinelConfig, SentinelMonitor
 
 
 def _gate(warmup: int = 3):
@@ -87,3 +87,53 @@ def test_without_sentinel_nothing_is_checked_or_recorded():
     assert gate.activations(x, "a", microbatch="t:0", step=0, epoch=0, last_stage=False) is None
     assert gate.gradient(x, "a", sent=x, microbatch="t:0", step=0, epoch=0, audited=False) is None
     assert not ledger.tallies
+
+
+def test_a_forward_audit_settles_the_entry_of_activations_it_decides():
+    """Activations whose entry an audit decides (a deferred rejection, or an audited tensor) get exactly one entry:
+    a rejection cleared by a recomputation is a clean exchange (a false alarm), a tensor two other replicas agree
+    against is a strike for ``audit`` and refused, and a rejection nobody could decide keeps SENTINEL's strike."""
+    gate, ledger = _gate()
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    rejected = gate.activations(
+        bad, "r", microbatch="t:0", step=20, epoch=0, last_stage=False, defer_rejection=True
+    )
+    assert not rejected.accepted and _tally(ledger, "r") == (0, 0)  # deferred: no entry yet
+    recomputed = x + 0.01 * torch.randn_like(x)
+    outcome = gate.judge_audit(x, [("a1", recomputed)], FORWARD)
+    assert outcome.agree
+    verdict = gate.forward_audit("r", outcome, ["a1"], rejected, last_stage=False)
+    assert not verdict.refused and _tally(ledger, "r") == (1, 0) and _tally(ledger, "a1") == (1, 0)
+    # at the last stage the loss is the entry of accepted activations: a cleared rejection adds none
+    verdict = gate.forward_audit("r", outcome, ["a1"], rejected, last_stage=True)
+    assert not verdict.refused and _tally(ledger, "r") == (1, 0)
+    # noise at 1x RMS: cosine 0.7 against an honest recomputation, which a second replica confirms
+    noisy = x + torch.randn_like(x)
+    accepted = gate.activations(
+        noisy, "r", microbatch="t:1", step=20, epoch=0, last_stage=False, audited=True
+    )
+    assert _tally(ledger, "r") == (1, 0)  # audited: its audit records it
+    outcome = gate.judge_audit(noisy, [("a1", recomputed)], FORWARD)
+    assert outcome.needs_tiebreak
+    outcome = gate.judge_audit(noisy, [("a1", recomputed), ("a2", x)], FORWARD)
+    verdict = gate.forward_audit("r", outcome, ["a1", "a2"], accepted, last_stage=False)
+    assert verdict.refused and verdict.blame == "r" and _tally(ledger, "r") == (1, 1)
+    assert ledger.tallies["r"].reasons.get(AUDIT_REASON) == 1
+    # a replica whose weights drifted from its partners' at the same epoch (measured: cosine 0.98): too near to blame
+    drifted = x + 0.15 * torch.randn_like(x)
+    outcome = gate.judge_audit(drifted, [("a1", recomputed)], FORWARD)
+    assert not outcome.agree and not outcome.needs_tiebreak
+    outcome = gate.judge_audit(drifted, [("a1", recomputed), ("a2", x)], FORWARD)
+    assert outcome.odd is None and not gate.forward_audit("r", outcome, ["a1", "a2"], accepted, False).refused
+    assert _tally(ledger, "r") == (2, 1)
+    # one auditor that disagrees: nobody can be told apart; SENTINEL's rejection and strike stand
+    verdict = gate.forward_audit("r", gate.judge_audit(noisy, [("a1", x)], FORWARD), ["a1"], rejected, False)
+    assert verdict.refused and verdict.blame == "r" and _tally(ledger, "r") == (2, 2)
+    # ... and a tensor SENTINEL accepted stands, one clean entry
+    verdict = gate.forward_audit("r", gate.judge_audit(noisy, [("a1", x)], FORWARD), ["a1"], accepted, False)
+    assert not verdict.refused and _tally(ledger, "r") == (3, 2)
+    # no auditor answered: the same
+    assert gate.forward_audit("r", None, [], rejected, False).refused and _tally(ledger, "r") == (3, 3)

@@ -82,6 +82,24 @@ def test_without_averaging_a_replica_is_never_behind():
     assert local.epochs_behind == 0 and not local.should_catch_up(now=time.monotonic() + 1e6)
 
 
+def test_a_replica_holds_the_weights_of_the_epoch_before_its_last_update():
+    """An auditor recomputes another replica's tensor with the weights that replica used, which may be one step
+    behind its own: the optimizer keeps the previous epoch's weights (a copy taken before each update), and no
+    older ones."""
+    torch.manual_seed(0)
+    cfg = OptimizerConfig(lr=0.1, target_batch_size=4, averaging=False)
+    local = StageOptimizer(torch.nn.Linear(4, 4), cfg, None, run_id="unused")
+    assert local.weights_at(0) == {} and local.weights_at(1) is None
+    before = {n: p.detach().clone() for n, p in local.module.named_parameters()}
+    _step(local)
+    assert local.epoch == 1 and local.weights_at(1) == {}
+    held = local.weights_at(0)
+    assert set(held) == set(before) and all(torch.equal(held[n], before[n]) for n in before)
+    assert not torch.equal(local.module.weight, before["weight"])
+    _step(local)
+    assert local.weights_at(0) is None and local.weights_at(1) is not None and local.weights_at(2) == {}
+
+
 def test_a_lone_replica_never_searches_for_an_averaging_group():
     """With no other replica in its stage, hivemind would still pre-schedule a gradient round before every step and
     cancel it at the step, its matchmaking polling the DHT the whole time (the largest control cost of a 2 x 1
@@ -112,6 +130,9 @@ def test_a_lone_replica_never_searches_for_an_averaging_group():
             time.sleep(0.05)
         assert replica.opt.tracker.global_progress.num_peers <= 1
         assert started == [], started
+        # hivemind's steps hold the previous epoch's weights too
+        held = replica.weights_at(replica.epoch - 1)
+        assert held and not torch.equal(held["weight"], replica.module.weight)
     finally:
         replica.shutdown()
         dht.shutdown()

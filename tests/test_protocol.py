@@ -52,6 +52,25 @@ def test_a_header_verifies_where_the_route_puts_each_hop():
     wire.check(run_id="run", stage=0, me=ROUTE[0], sender=TRAINER, now=now)
     wire.check(run_id="run", stage=2, me=ROUTE[2], sender=ROUTE[1], now=now)
     wire.check(run_id="run", stage=2, me=OUTSIDER, sender=ROUTE[1], now=now, audit_only=True)
+    # a forward audit: another replica of stage 0 is asked by the route's stage-1 peer
+    wire.check(run_id="run", stage=0, me=OUTSIDER, sender=ROUTE[1], now=now, forward_audit=True)
+
+
+@pytest.mark.parametrize(
+    "stage, me, sender",
+    [
+        (0, ROUTE[0], ROUTE[1]),  # the audited peer itself
+        (0, OUTSIDER, ROUTE[2]),  # asked by someone who did not receive stage 0's output
+        (0, OUTSIDER, TRAINER),
+        (2, OUTSIDER, ROUTE[1]),  # the last stage sends no activations
+    ],
+)
+def test_a_forward_audit_is_asked_of_another_replica_by_the_receiver_only(stage, me, sender):
+    """A forward audit costs its auditor a forward pass: only the peer that received the audited activations (the
+    route's next hop) may ask it, of a replica other than the route's, and never of the last stage."""
+    h, _ = header()
+    with pytest.raises(ProtocolError):
+        h.check(run_id="run", stage=stage, me=me, sender=sender, now=time.time(), forward_audit=True)
 
 
 @pytest.mark.parametrize(
