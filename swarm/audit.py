@@ -113,7 +113,7 @@ class AuditOutcome:
         pairs = ", ".join(
             f"{k} {v:+.{digits}f} x{self.ratios.get(k, 1.0):.{digits}f}" for k, v in self.cosines.items()
         )
-        if self.agree:
+        if self.agree and self.odd is None:
             return f"audit agrees (cosine, norm ratio: {pairs})"
         if self.odd is None:
             return f"audit inconclusive: {self.what} disagree and no majority (cosine, norm ratio: {pairs})"

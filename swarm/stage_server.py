@@ -1368,14 +1368,13 @@ class StageServer(ServicerBase):
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
         await self._check_activations(x, sender, header, meta.get("sender_epoch"), tokens)
-        epoch = (
-            self.optimizer.epoch
-        )  # the weights this micro-batch's forward uses (receivers compare like with like)
         loop = asyncio.get_event_loop()
         loss: Optional[float] = None
         async with self._slots:
             queued = time.perf_counter()
-            x, out, fwd_s = await loop.run_in_executor(self.executor, self.compute.forward, x)
+            # the epoch of the weights this forward uses, read on the thread that steps (a step queued before this
+            # forward would otherwise make it claim the epoch before): receivers and auditors compare like with like
+            epoch, (x, out, fwd_s) = await loop.run_in_executor(self.executor, self._forward, x)
             wait_s = time.perf_counter() - queued - fwd_s
             later: List[Dict[str, Any]] = []
             try:
@@ -1698,6 +1697,9 @@ class StageServer(ServicerBase):
         return [self._outbound(grad, BACKWARD, header)], dict(
             ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
         )
+
+    def _forward(self, x: torch.Tensor) -> Tuple[int, Tuple[torch.Tensor, torch.Tensor, float]]:
+        return self.optimizer.epoch, self.compute.forward(x)
 
     def _forward_at(self, epoch: Optional[int], x: torch.Tensor) -> Optional[torch.Tensor]:
         """This stage's output for ``x`` with its weights of ``epoch`` (None: the current ones); None if they are not
