@@ -1324,6 +1324,11 @@ class RobustAveraging(InProcessAveraging, DecentralizedAverager):
                 return CheckResult(str(aggregator), False, f"evidence refused: {why}")
             order = [s for s in senders if s in inputs[part_index]]
             got = sent[part_index] + received[part_index]
+            if not order and bool(got.any()):
+                # no input served, yet a result that is not 0: withheld evidence (or a round it no longer holds),
+                # which the signed inputs cannot prove wrong (a live 2 x 2 run showed an honest aggregator
+                # "off by 1" here, blamed with an aggregate proof)
+                return CheckResult(str(aggregator), False, f"no evidence for part {part_index}")
             if (
                 not order
             ):  # it used no input for this part (all suspected or claiming no weight): its result is 0

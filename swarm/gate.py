@@ -65,8 +65,8 @@ class Gate:
         ledger: ReputationLedger,
         min_cosine: float = 0.5,
         max_norm_ratio: float = 1.4,
-        forward_alike: Tuple[float, float] = (0.999, 1.01),
-        forward_apart: Tuple[float, float] = (0.95, 1.1),
+        forward_alike: Tuple[float, float] = (0.99, 1.2),
+        forward_apart: Tuple[float, float] = (0.9, 1.4),
     ):
         self.sentinel, self.ledger = sentinel, ledger
         self.min_cosine, self.max_norm_ratio = min_cosine, max_norm_ratio

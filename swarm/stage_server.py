@@ -1010,9 +1010,12 @@ class StageServer(ServicerBase):
         (:meth:`_forward_audit`): with ``stage_audit`` on, a rejection waits for that audit (``on_suspicion``: cleared,
         the tensor is used and the alarm was false), a suspect sender's tensors are audited before use, and a
         sampled share of the others (``rate``, every one of a newcomer's first hops) after use, off the micro-batch's
-        path."""
+        path; none before SENTINEL's warm-up steps are over."""
         cfg = self.cfg.stage_audit
-        audits = cfg is not None and tokens is not None
+        # none while SENTINEL warms up: replicas drift apart fastest then (measured: a replica that stepped alone in
+        # the first steps was at cosine 0.90 and norms 1.42x apart from its partners at the same epoch)
+        warmup = self.gate.sentinel.cfg.warmup_steps if self.gate.sentinel is not None else 0
+        audits = cfg is not None and tokens is not None and header.step >= warmup
         suspect = audits and self._suspect(sender)
         planned = audits and self._draw_forward_audit(sender, suspect)
         verdict = await self._off_loop(

@@ -229,6 +229,37 @@ def test_a_lying_aggregator_is_caught_by_rechecks_and_dropped(attack):
             dht.shutdown()
 
 
+@pytest.mark.timeout(180)
+def test_an_aggregator_that_serves_no_evidence_is_not_proven_wrong():
+    """An aggregator whose evidence comes back empty (withheld, or a round it no longer holds) returned results that
+    its signed inputs can neither confirm nor refute: an ``evidence`` strike (quorum rules), never an ``aggregate``
+    proof that stops using it (seen live: an honest aggregator "off by 1", its empty evidence read as "no input")."""
+    cfg = AveragingConfig(verify_rate=2.0, verify_parts=2)
+    dhts, averagers, _, _ = _averagers("avg-state", cfg=cfg, dim=60_000)  # avg-state: no-op here
+    silent = averagers[2]
+
+    async def no_evidence(request, context):
+        return
+        yield
+
+    silent.rpc_averaging_evidence = no_evidence
+    try:
+        outcomes = []
+        for _ in range(2):
+            assert all(d is not None for d in _round(averagers, timeout=20))
+            time.sleep(2.0)  # re-checks run after the round
+            for averager in averagers[:2]:
+                outcomes += averager.drain_outcomes()
+        about = [(clean, reason) for peer, clean, reason in outcomes if peer == str(dhts[2].peer_id)]
+        assert (False, "evidence") in about and (False, "aggregate") not in about, outcomes
+        assert all(str(dhts[2].peer_id) not in a._caught for a in averagers[:2])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
 # ---- the parameter (state) round ---------------------------------------------------------------------------------
 class _StateRound(RobustAveraging, DecentralizedAverager):
     """The parameter round of VerifiedStateAverager, without an optimizer around it."""
