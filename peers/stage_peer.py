@@ -414,6 +414,7 @@ def serve_stage(
                 run=server.stats.audits_run,
                 failed=dict(server.stats.audits_failed),
                 served=server.stats.audits_served,
+                forward=server.stats.forward_audits,
                 false_alarms=server.stats.false_alarms,
             ),
             dataplane=dict(

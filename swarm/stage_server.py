@@ -156,7 +156,10 @@ class StageStats:
     throughput_ema: float = 0.0  # samples/s of forward+backward compute
     # per-peer counters: bounded (peer ids are free to mint), the least recently counted peers forgotten first
     flagged: Dict[str, int] = field(default_factory=PeerTable)  # peer id -> tensors of theirs rejected
-    audits_run: int = 0  # audits this (penultimate) stage ran on the last stage's gradients
+    audits_run: int = (
+        0  # audits this stage ran: of the next stage's gradients, or (stage 1) of stage 0's activations
+    )
+    forward_audits: int = 0  # of those, audits of stage 0's activations
     audits_failed: Dict[str, int] = field(
         default_factory=dict
     )  # outcome ("route", "audit", "inconclusive") -> count
@@ -705,6 +708,7 @@ class StageServer(ServicerBase):
                 run=self.stats.audits_run,
                 failed=dict(self.stats.audits_failed),
                 served=self.stats.audits_served,
+                forward=self.stats.forward_audits,
                 false_alarms=self.stats.false_alarms,
             ),
             dataplane=dict(
@@ -1112,6 +1116,7 @@ class StageServer(ServicerBase):
         rejected = verdict is not None and not verdict.accepted
         if outcome is not None:
             self.stats.audits_run += 1
+            self.stats.forward_audits += 1
             kind = "ok" if outcome.agree and outcome.odd is None else outcome.odd or "inconclusive"
             if kind != "ok":
                 self.stats.audits_failed[kind] = self.stats.audits_failed.get(kind, 0) + 1
@@ -1667,6 +1672,11 @@ class StageServer(ServicerBase):
         if forward:  # stage 0's activations of the trainer's tokens (checked against its signed header)
             ids = self._validate_request(header, received.tensors, sender)
             epoch = _epoch(received.metadata.get("epoch"))
+            # a sender one step ahead: this replica is usually finishing the same averaging round (seen live: most
+            # "not held" answers were one epoch behind); a bounded wait, on the event loop only
+            deadline = time.monotonic() + FORWARD_AUDIT_WAIT_S
+            while epoch == self.optimizer.epoch + 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             started = time.perf_counter()
             async with self._slots:
                 out = await asyncio.get_event_loop().run_in_executor(
@@ -1726,6 +1736,7 @@ class StageServer(ServicerBase):
     # ---- compute (runs on the single compute thread) ---------------------------------------------------------
 
 
+FORWARD_AUDIT_WAIT_S = 3.0  # how long a forward auditor one epoch behind the sender waits to get there
 MAX_BACKGROUND_AUDITS = 2  # sampled forward audits in flight at once (each holds one received tensor)
 MAX_RECOMPUTE_SEEN = 4096  # request digests remembered by an auditor (a header lives 10 minutes)
 INFO_PEERS, INFO_LEDGER = 64, 128  # per-peer entries in rpc_info (it must stay under its readers' 64 KiB)

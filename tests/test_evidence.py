@@ -363,12 +363,29 @@ def test_the_unauditable_reasons_are_the_checks_own_names():
     assert {evidence.FALSE_ACCUSATION, "withheld"} < UNAUDITABLE
 
 
+def _header(mb: str, route, ids: torch.Tensor, step: int = 0):
+    """A chain header the trainer signs for micro-batch ``mb`` along ``route`` (keys) with tokens ``ids``."""
+    import time
+
+    from swarm.protocol import ChainHeader
+
+    return ChainHeader.create(
+        TRAINER,
+        run_id="ev",
+        trainer=pid(TRAINER),
+        mb=mb,
+        step=step,
+        route=[pid(k) for k in route],
+        tokens=ids,
+        now=time.time(),
+    )[0]
+
+
 def test_a_middle_stage_replica_serves_one_recomputation_per_request():
     """The auditor side, in-process: a middle-stage replica asked (``recompute``) by the route's previous peer returns
     the gradient of its input for the given activations and output-gradient, trains nothing, and serves a request
     once (a header cannot buy more compute); a malformed pair is refused, blaming the sender."""
     import asyncio
-    import time
 
     from swarm.optimizer import OptimizerConfig
     from swarm.protocol import ChainHeader
@@ -388,16 +405,7 @@ def test_a_middle_stage_replica_serves_one_recomputation_per_request():
     ids = torch.randint(0, 64, (2, 8))
 
     def header_of(mb: str) -> ChainHeader:
-        return ChainHeader.create(
-            TRAINER,
-            run_id="ev",
-            trainer=pid(TRAINER),
-            mb=mb,
-            step=0,
-            route=[pid(S0), pid(S1), pid(S2)],
-            tokens=ids,
-            now=time.time(),
-        )[0]
+        return _header(mb, [S0, S1, S2], ids)
 
     header = header_of("1.0")
     x, g = torch.randn(2, 8, TINY.hidden_size), torch.randn(2, 8, TINY.hidden_size)
@@ -465,7 +473,6 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     refused and blamed once a second replica breaks the tie; an auditor serves one audit per request; tokens that
     are not the header's are refused, blaming their sender."""
     import asyncio
-    import time
 
     import swarm.stage_server as stage_server
     from swarm.optimizer import OptimizerConfig
@@ -504,16 +511,7 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     ids = torch.randint(0, 64, (2, 8))
 
     def header_of(mb: str) -> ChainHeader:
-        return ChainHeader.create(
-            TRAINER,
-            run_id="ev",
-            trainer=pid(TRAINER),
-            mb=mb,
-            step=20,
-            route=[pid(S0), pid(S1)],
-            tokens=ids,
-            now=time.time(),
-        )[0]
+        return _header(mb, [S0, S1], ids, step=20)
 
     honest, _ = recompute(zero["route"].module, FORWARD, ids, None)
     alarm = Verdict(False, pid(S0), FORWARD, 20.0, 12.0, "skew_align 20 > 12", "skew_align", "population")

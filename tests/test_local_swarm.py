@@ -320,34 +320,19 @@ def test_gradient_sign_flipper_caught_by_audits_and_blacklisted(tmp_path):
     every run; timing and noise as in the 2 x 3 test, up to three runs. The rate is raised from the default 10% so
     that the first catch comes early in 80 micro-batches: at 10% it is a draw of about 1 in 30 per micro-batch (the
     attacker on the route and the micro-batch audited), and one CI run's first catch came at micro-batch 63."""
-    misses = []
     attack = ["--attack", "signflip", "--attack-direction", "backward", "--attack-start-step", "2"]
-    for attempt in range(3):
-        summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}",
-            f"itest-au{attempt}",
-            (0, 0, 1, 1),
-            1,
-            attack,
-            steps=20,
-            trainer_extra=["--audit-rate", "0.25"],
-        )
-        assert summary["audits"] > 0, summary
-        by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
-        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, (
-            by_name
-        )  # the penultimate judges
-        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, (
-            by_name
-        )  # ... what they recompute
-        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=4)
-        attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
-        if attacker["blacklisted"]:
-            assert "audit" in (attacker["blacklist_reason"] or ""), attacker
-        if not late:
-            return
-        misses.append((attempt, late, peers))
-    pytest.fail(f"the sign flipper's verdict was late or noisy in all three runs: {misses}")
+    _caught_by_audits(
+        tmp_path,
+        "itest-au",
+        (0, 0, 1, 1),
+        1,
+        attack,
+        steps=20,
+        judges=("stage0.0", "stage0.1"),  # the penultimate judges
+        auditors=("stage1.0", "stage1.1"),  # ... what they recompute
+        trainer_extra=["--audit-rate", "0.25"],
+        summary_check=lambda summary: summary["audits"] > 0,
+    )
 
 
 @pytest.mark.long
@@ -359,31 +344,19 @@ def test_middle_stage_sign_flipper_caught_by_recomputation(tmp_path):
     two other stage-1 replicas from the signed activations and the output-gradient stage 2 signed
     (``swarm.evidence``); the odd one out is struck (``audit``), and the attacker is blacklisted swarm-wide while no
     honest peer is. Safety on every run; timing and noise as in the 2 x 3 test, up to three runs."""
-    misses = []
     attack = ["--attack", "signflip", "--attack-direction", "backward", "--attack-start-step", "2"]
-    shape = ["--stages", "3", *SHAPE[2:]]
-    for attempt in range(3):
-        summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}",
-            f"itest-rc{attempt}",
-            (0, 0, 1, 1, 2),
-            1,
-            attack,
-            steps=20,
-            shape=shape,
-            extra=["--recompute-rate", "0.25"],
-        )
-        by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
-        assert sum(by_name[n]["audits"]["run"] for n in ("stage0.0", "stage0.1")) > 0, by_name
-        assert sum(by_name[n]["audits"]["served"] for n in ("stage1.0", "stage1.1")) > 0, by_name
-        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=5)
-        attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
-        if attacker["blacklisted"]:
-            assert "audit" in (attacker["blacklist_reason"] or ""), attacker
-        if not late:
-            return
-        misses.append((attempt, late, peers))
-    pytest.fail(f"the middle-stage sign flipper's verdict was late or noisy in all three runs: {misses}")
+    _caught_by_audits(
+        tmp_path,
+        "itest-rc",
+        (0, 0, 1, 1, 2),
+        1,
+        attack,
+        steps=20,
+        judges=("stage0.0", "stage0.1"),
+        auditors=("stage1.0", "stage1.1"),
+        shape=["--stages", "3", *SHAPE[2:]],
+        extra=["--recompute-rate", "0.25"],
+    )
 
 
 @pytest.mark.long
@@ -396,24 +369,52 @@ def test_scaled_activations_caught_by_forward_audits(tmp_path):
     1.5x apart, where honest replicas at the same epoch were within 1.19x even when one missed an averaging round),
     refused and struck (``audit``), and the attacker is blacklisted swarm-wide while no honest peer is. Safety on
     every run; timing and noise as in the 2 x 3 test, up to three runs."""
-    misses = []
     attack = ["--attack", "scale", "--attack-magnitude", "1.5", "--attack-direction", "forward"]
     attack += ["--attack-start-step", "11"]  # forward audits start with SENTINEL's verdicts, after step 10
+    _caught_by_audits(
+        tmp_path,
+        "itest-fa",
+        (0, 0, 1, 1),
+        0,
+        attack,
+        steps=26,
+        judges=("stage1.0", "stage1.1"),
+        auditors=("stage0.0", "stage0.1"),
+    )
+
+
+def _caught_by_audits(
+    tmp_path,
+    run_id: str,
+    stages,
+    attacker_stage: int,
+    attack,
+    steps: int,
+    judges,
+    auditors,
+    summary_check=None,
+    **kwargs,
+) -> None:
+    """Up to three live runs of :func:`_blacklist_run` with an attacker that audits (recomputations by other
+    replicas of its stage) must catch: in every run ``judges`` ran audits, ``auditors`` served them, no honest peer
+    is blacklisted and an attacker's verdict is for ``audit``; one run must also be on time and quiet."""
+    misses = []
     for attempt in range(3):
         summary, peers, attacker_id, microbatches = _blacklist_run(
-            tmp_path / f"run{attempt}", f"itest-fa{attempt}", (0, 0, 1, 1), 0, attack, steps=26
+            tmp_path / f"run{attempt}", f"{run_id}{attempt}", stages, attacker_stage, attack, steps, **kwargs
         )
+        assert summary_check is None or summary_check(summary), summary
         by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
-        assert sum(by_name[n]["audits"]["run"] for n in ("stage1.0", "stage1.1")) > 0, by_name
-        assert sum(by_name[n]["audits"]["served"] for n in ("stage0.0", "stage0.1")) > 0, by_name
-        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=4)
+        assert sum(by_name[n]["audits"]["run"] for n in judges) > 0, by_name
+        assert sum(by_name[n]["audits"]["served"] for n in auditors) > 0, by_name
+        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=len(stages))
         attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
         if attacker["blacklisted"]:
             assert "audit" in (attacker["blacklist_reason"] or ""), attacker
         if not late:
             return
         misses.append((attempt, late, peers))
-    pytest.fail(f"the noisy replica's verdict was late or noisy in all three runs: {misses}")
+    pytest.fail(f"the attacker's verdict was late or noisy in all three runs: {misses}")
 
 
 def _process_groups(run_id: str) -> set:
