@@ -1084,9 +1084,10 @@ class StageServer(ServicerBase):
     ) -> None:
         """Ask up to two other replicas of the sender's stage (drawn by ``swarm.evidence.draw_auditor``, seeded with
         the trainer's signed header, so this peer cannot pick them) to recompute the activations from the tokens
-        with their weights of ``epoch`` (the sender's claim; replicas hold the current and the previous), and judge the sender's against theirs (``swarm.audit.judge`` with the forward thresholds; a second replica
-        breaks a tie). The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its
-        tensor is refused."""
+        with their weights of ``epoch`` (the sender's claim; replicas hold the current and the previous), and judge
+        the sender's against theirs (``swarm.audit.judge`` with the forward bounds; a second replica breaks a tie).
+        The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its tensor is
+        refused."""
         stage = self.cfg.stage - 1
         replicas = await self._stage_replicas(stage)
         seed = hashlib.sha256(header.digest + b"forward").digest()
