@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import AsyncIterator, Callable, Dict, List, Optional
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -204,14 +204,29 @@ def _tree_pss(root: int, table: Dict[int, procfs.ProcInfo], roots: Dict[int, str
     return dict(total=sum(by_kind.values()), processes=len(pids), by_kind=by_kind)
 
 
-def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeout_s: float) -> dict:
+def run_swarm(
+    shape: Shape,
+    workdir: str,
+    repeat: int,
+    max_inflight: int,
+    timeout_s: float,
+    replicas: int = 1,
+    stage_extra: Sequence[str] = (),
+    trainer_extra: Sequence[str] = (),
+) -> dict:
+    """One swarm of 2 stages x ``replicas`` measured over the window (``stage_extra``, ``trainer_extra``: flags
+    of its stage peers and trainer); with it, what its peers did (``peers``: ``swarm local``'s peers summary)."""
     metrics, summary_path = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "summary.json")
     for path in (metrics, summary_path):
         if os.path.exists(path):
             os.remove(path)
     with LocalSwarm(workdir, run_id=f"bench{repeat}") as swarm:
         swarm.start_dht(["--stages", "2", *shape.train_args()])
-        stages = [swarm.start_stage(stage, wait=False) for stage in (0, 1)]
+        stages = [
+            swarm.start_stage(stage, wait=False, extra=stage_extra)
+            for stage in (0, 1)
+            for _ in range(replicas)
+        ]
         for child in stages:
             child.wait_event("serve", timeout_s)
         idle = idle_cpu(shape.idle_s, {c.proc.pid: c.name.split(".")[0] for c in swarm.children})
@@ -225,6 +240,7 @@ def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeou
                 summary_path,
                 "--max-inflight",
                 str(max_inflight),
+                *trainer_extra,
             ]
         )
         roots = {c.proc.pid: c.name.split(".")[0] for c in swarm.children}
@@ -244,6 +260,8 @@ def run_swarm(shape: Shape, workdir: str, repeat: int, max_inflight: int, timeou
         summary = json.load(open(summary_path))
         result["timing"] = summary.get("timing")
         result["microbatches"] = summary.get("microbatches")
+        result["trainer_audits"] = summary.get("audits")
+    result["peers"] = swarm.peers_summary()
     result.update(idle)
     return result
 
