@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from swarm.audit import AUDIT, ROUTE, AuditOutcome, judge
+from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome, judge
 from swarm.reputation import ReputationLedger
 from swarm.sentinel import BACKWARD, FORWARD, SentinelMonitor, Verdict
 
@@ -65,8 +65,14 @@ class Gate:
         ledger: ReputationLedger,
         min_cosine: float = 0.5,
         max_norm_ratio: float = 1.4,
-        forward_alike: Tuple[float, float] = (0.99, 1.2),
-        forward_apart: Tuple[float, float] = (0.9, 1.4),
+        forward_alike: Tuple[float, float] = (
+            AuditConfig.forward_min_cosine,
+            AuditConfig.forward_max_norm_ratio,
+        ),
+        forward_apart: Tuple[float, float] = (
+            AuditConfig.forward_apart_cosine,
+            AuditConfig.forward_apart_ratio,
+        ),
     ):
         self.sentinel, self.ledger = sentinel, ledger
         self.min_cosine, self.max_norm_ratio = min_cosine, max_norm_ratio

@@ -38,7 +38,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm.admission import AdmissionCache, AdmissionPolicy
-from swarm.audit import AUDIT, AuditConfig, AuditOutcome
+from swarm.audit import AUDIT, ROUTE, AuditConfig, AuditOutcome
 from swarm.averaging import AGGREGATE, AVERAGING, STATE, AveragingHooks
 from swarm.checkpoint import StageCheckpointer, StageState, check_model_matches, check_stage_params
 from swarm.config import ModelConfig, to_dict
@@ -1115,15 +1115,12 @@ class StageServer(ServicerBase):
             sender, outcome, [a for a, _ in answers], verdict, self.module.is_last
         )
         rejected = verdict is not None and not verdict.accepted
+        self._count_audit(meaning.kind, answers)
         if outcome is not None:
-            self.stats.audits_run += 1
             self.stats.forward_audits += 1
-            kind = "ok" if outcome.agree and outcome.odd is None else outcome.odd or "inconclusive"
-            if kind != "ok":
-                self.stats.audits_failed[kind] = self.stats.audits_failed.get(kind, 0) + 1
-                if kind == AUDIT:
-                    self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
-            error = relative_error(x, answers[0][1])
+            error = await self._off_loop(
+                relative_error, x, answers[0][1]
+            )  # a pass over the tensor: off the loop
             logger.info(
                 f"stage {self.cfg.stage}: micro-batch {header.mb}: forward {outcome.reason()}, relative error "
                 f"{error:.2g} at epoch {epoch}" + (f" (SENTINEL: {verdict.reason})" if rejected else "")
@@ -1131,8 +1128,19 @@ class StageServer(ServicerBase):
         if rejected and not meaning.refused:
             self.stats.false_alarms += 1
         if meaning.refused:
-            reason = outcome.reason() if meaning.outcome is not None and outcome.odd else verdict.reason
+            reason = outcome.reason() if outcome is not None and outcome.odd == ROUTE else verdict.reason
             raise self._reject(sender, reason, FORWARD, verdict=True)
+
+    def _count_audit(self, kind: str, answers: List[Tuple[str, torch.Tensor]]) -> None:
+        """Count an audit by its outcome's kind (``AuditVerdict.kind``); an auditor found lying is flagged."""
+        if kind == "none":
+            return
+        self.stats.audits_run += 1
+        if kind == "ok":
+            return
+        self.stats.audits_failed[kind] = self.stats.audits_failed.get(kind, 0) + 1
+        if kind == AUDIT:
+            self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
 
     async def _ask_forward(
         self, auditor: str, header: ChainHeader, tokens: torch.Tensor, x: torch.Tensor, epoch: Optional[int]
@@ -1280,15 +1288,11 @@ class StageServer(ServicerBase):
             if not outcome.needs_tiebreak:
                 break
         verdict = self.gate.audit(peer, outcome, [auditor for auditor, _ in answers])
-        if verdict.kind == "none":
+        self._count_audit(verdict.kind, answers)
+        if verdict.kind in ("none", "ok"):
             return
-        self.stats.audits_run += 1
-        if verdict.kind == "ok":
-            return
-        self.stats.audits_failed[verdict.kind] = self.stats.audits_failed.get(verdict.kind, 0) + 1
         logger.info(f"stage {self.cfg.stage}: micro-batch {header.mb}: {outcome.reason()}")
         if verdict.kind == AUDIT:
-            self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
             return
         if verdict.blame is not None:
             raise self._reject(peer, outcome.reason(), BACKWARD, verdict=True)
@@ -1618,9 +1622,9 @@ class StageServer(ServicerBase):
         cfg, stage = self.cfg.stage_audit, self.cfg.stage + 1
         if cfg is None or stage >= self.cfg.num_stages - 1:
             return []
-        tally = self.ledger.tallies.get(peer)
-        suspect = tally is not None and any(tally.recent)
-        rate = cfg.rate_for(suspicious=False, suspect=suspect, audited_before=self._recomputed.get(peer, 0))
+        rate = cfg.rate_for(
+            suspicious=False, suspect=self._suspect(peer), audited_before=self._recomputed.get(peer, 0)
+        )
         if rate <= 0 or (rate < 1 and self._audit_rng.random() >= rate):
             return []
         replicas = await self._stage_replicas(stage)
@@ -1655,9 +1659,10 @@ class StageServer(ServicerBase):
     async def _serve_recompute(
         self, received, header: ChainHeader, sender: str
     ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
-        """An audit of another replica of this (middle) stage: the gradient of this stage's input for the sender's
-        activations and the output-gradient it got, computed with this replica's weights. Nothing is trained and
-        the tensors are not SENTINEL's business (they are another hop's); only a well-formed pair is computed."""
+        """An audit of another replica of this stage: for a middle stage, the gradient of its input for the sender's
+        activations and the output-gradient it got; for stage 0 (``direction: forward``), its activations of the
+        trainer's tokens with its weights of the epoch asked for. Nothing is trained and the tensors are not
+        SENTINEL's business (they are another hop's); only a well-formed request is computed, once."""
         forward = received.metadata.get("direction") == FORWARD
         if forward and not self.module.is_first:
             raise ChainError(
@@ -1678,37 +1683,28 @@ class StageServer(ServicerBase):
             deadline = time.monotonic() + FORWARD_AUDIT_WAIT_S
             while epoch == self.optimizer.epoch + 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            started = time.perf_counter()
-            async with self._slots:
-                out = await asyncio.get_event_loop().run_in_executor(
-                    self.executor, self._forward_at, epoch, ids.to(self.device)
-                )
-            if out is None:  # nobody's fault: replicas hold the current epoch's weights and the one before
+            work = partial(self._forward_at, epoch, ids.to(self.device))
+        else:
+            if len(received.tensors) != 2:
+                raise ChainError("a recomputation audit needs activations and their gradient", blame=sender)
+            x = self._validate_request(header, received.tensors[:1], sender)
+            g = received.tensors[1]
+            if g.shape != x.shape or not g.is_floating_point() or not bool(torch.isfinite(g).all()):
                 raise ChainError(
-                    f"weights of epoch {epoch} not held here (at {self.optimizer.epoch})", blame=None
+                    "the output-gradient of an audit must be finite and shaped like the input", blame=sender
                 )
-            self.stats.audits_served += 1
-            timings = dict(fwd_s=time.perf_counter() - started, bwd_s=0.0, opt_s=0.0, wait_s=0.0)
-            return [self._outbound(out, FORWARD, header)], dict(
-                ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
-            )
-        if len(received.tensors) != 2:
-            raise ChainError("a recomputation audit needs activations and their gradient", blame=sender)
-        x = self._validate_request(header, received.tensors[:1], sender)
-        g = received.tensors[1]
-        if g.shape != x.shape or not g.is_floating_point() or not bool(torch.isfinite(g).all()):
-            raise ChainError(
-                "the output-gradient of an audit must be finite and shaped like the input", blame=sender
-            )
-        loop = asyncio.get_event_loop()
+            work = partial(_input_gradient, self.module, x.to(self.device), g.to(self.device))
         started = time.perf_counter()
         async with self._slots:
-            _, grad = await loop.run_in_executor(
-                self.executor, recompute, self.module, BACKWARD, x.to(self.device), g.to(self.device)
+            out = await asyncio.get_event_loop().run_in_executor(self.executor, work)
+        if out is None:  # nobody's fault: replicas hold the current epoch's weights and the one before
+            raise ChainError(
+                f"weights of epoch {epoch} not held here (at {self.optimizer.epoch})", blame=None
             )
         self.stats.audits_served += 1
-        timings = dict(fwd_s=0.0, bwd_s=time.perf_counter() - started, opt_s=0.0, wait_s=0.0)
-        return [self._outbound(grad, BACKWARD, header)], dict(
+        timings = dict(fwd_s=0.0, bwd_s=0.0, opt_s=0.0, wait_s=0.0)
+        timings["fwd_s" if forward else "bwd_s"] = time.perf_counter() - started
+        return [self._outbound(out, FORWARD if forward else BACKWARD, header)], dict(
             ok=True, loss=None, epoch=self.optimizer.epoch, timings=timings, reports=[]
         )
 
@@ -1775,6 +1771,10 @@ async def ask_state_sketch(
             continue
         return None
     return None
+
+
+def _input_gradient(module: StageModule, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    return recompute(module, BACKWARD, x, grad_out)[1]
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
