@@ -3,6 +3,7 @@ real RSA keys, a real (tiny) model."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -533,3 +534,21 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     with pytest.raises(ChainError, match="not the header's") as e:
         receiver._split_tokens(header_of("3.0"), [honest, ids.flip(0)], pid(S0))
     assert e.value.blame == pid(S0)
+    # an auditor that lies (its answers x3), drawn first: the other replica breaks the tie against it; the honest
+    # sender's tensor stands and the liar gets the strike
+    zero["a1"].outbound_hook = lambda tensor, direction, meta: tensor * 3
+    others = {pid(S0), pid(S1)}
+    for n in range(64):
+        header = header_of(f"5.{n}")
+        seed = hashlib.sha256(header.digest + b"forward").digest()
+        if draw_auditor([pid(S0), pid(AUDITOR), pid(VERIFIER)], others, seed) == pid(AUDITOR):
+            break
+    asyncio.run(receiver._forward_audit(honest, pid(S0), header, ids, None))
+    assert receiver.ledger.tallies[pid(AUDITOR)].reasons["audit"] == 1
+    assert receiver.ledger.tallies[pid(S0)].reasons["audit"] == 1  # still only the x3 tensor's strike
+    # sampled audits beside the micro-batch are bounded: with MAX_BACKGROUND_AUDITS in flight none more is drawn
+    receiver._background_audits = {object() for _ in range(stage_server.MAX_BACKGROUND_AUDITS)}
+    assert not any(receiver._draw_forward_audit(pid(VERIFIER), suspect=False) for _ in range(20))
+    assert receiver._draw_forward_audit(
+        pid(VERIFIER), suspect=True
+    )  # a suspect's audits wait in line instead
