@@ -221,11 +221,14 @@ class ChainHeader:
         now: float,
         audit_only: bool = False,
         forward_audit: bool = False,
+        auditors: Sequence[str] = (),
     ) -> None:
         """Raise :class:`ProtocolError` unless this header may be served by ``me`` at ``stage``, coming from
         ``sender``: signed by the trainer it names, for this run, fresh, and ``me`` and ``sender`` where the route
         puts them (an auditor, ``audit_only``, is called by the route's penultimate peer in place of its last; a
-        forward auditor, ``forward_audit``, another replica of ``stage``, by the route's peer of the stage after)."""
+        forward auditor, ``forward_audit``, another replica of ``stage``, by the route's peer of the stage after, or
+        when that stage is the last, by one of the trainer's ``auditors`` of it: the revealed list, checked against
+        the header's commitment by :func:`audit_reveal`, which got the same activations in an audit-only request)."""
         if self.run_id != run_id:
             raise ProtocolError(f"header is for run {self.run_id!r}, not {run_id!r}")
         if not 0 <= stage < len(self.route):
@@ -237,7 +240,8 @@ class ChainHeader:
                 )
             if self.route[stage] == me:
                 raise ProtocolError("an audit is asked of another replica than the route's")
-            if sender != self.route[stage + 1]:
+            audit_peer = stage + 2 == len(self.route) and sender in auditors
+            if sender != self.route[stage + 1] and not audit_peer:
                 raise ProtocolError(
                     f"a forward audit of stage {stage} must come from {self.route[stage + 1][-8:]}, "
                     f"not {sender[-8:]}"

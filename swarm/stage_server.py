@@ -850,6 +850,9 @@ class StageServer(ServicerBase):
         forward_audit = meta.get("recompute") is True and meta.get("direction") == FORWARD
         try:
             header = ChainHeader.from_wire(meta.get("header"))
+            # a forward audit may come from one of the trainer's last-stage auditors (which got the activations in
+            # an audit-only request): it shows the reveal, which must match the header's commitment
+            auditors = audit_reveal(header, meta["audit"]) if forward_audit and "audit" in meta else []
             header.check(
                 run_id=self.cfg.run_id,
                 stage=self.cfg.stage,
@@ -859,6 +862,7 @@ class StageServer(ServicerBase):
                 audit_only=not forward_audit
                 and (meta.get("audit_only") is True or meta.get("recompute") is True),
                 forward_audit=forward_audit,
+                auditors=auditors,
             )
         except ProtocolError as e:
             self._reject(sender, f"bad header: {e}", FORWARD)
@@ -1005,6 +1009,7 @@ class StageServer(ServicerBase):
         header: ChainHeader,
         epoch: Any,
         tokens: Optional[torch.Tensor] = None,
+        reveal: Any = None,
     ) -> None:
         """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
         over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
@@ -1014,7 +1019,9 @@ class StageServer(ServicerBase):
         (:meth:`_forward_audit`): with ``stage_audit`` on, a rejection waits for that audit (``on_suspicion``: cleared,
         the tensor is used and the alarm was false), a suspect sender's tensors are audited before use, and a
         sampled share of the others (``rate``, every one of a newcomer's first hops) after use, off the micro-batch's
-        path; none before SENTINEL's warm-up steps are over."""
+        path; none before SENTINEL's warm-up steps are over. ``reveal``: the trainer's audit reveal that came with
+        the request, shown to the forward auditors (a last-stage auditor in an audit-only request is not the
+        route's next hop; the reveal names it)."""
         cfg = self.cfg.stage_audit
         # none while SENTINEL warms up: replicas drift apart fastest then (measured: a replica that stepped alone in
         # the first steps was at cosine 0.90 and norms 1.42x apart from its partners at the same epoch)
@@ -1035,14 +1042,16 @@ class StageServer(ServicerBase):
         )
         suspicious = verdict is not None and not verdict.accepted
         if audits and (suspicious and cfg.on_suspicion or planned and suspect):
-            await self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch))
+            await self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch), reveal)
         elif planned and suspicious:  # rejected, and no audit may clear it (on_suspicion off)
             self.gate.settle(verdict, None)
             self._enforce(verdict, sender, FORWARD)
         elif (
             planned
         ):  # a sampled audit of a tensor SENTINEL accepted: its result may arrive after the micro-batch
-            task = asyncio.create_task(self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch)))
+            task = asyncio.create_task(
+                self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch), reveal)
+            )
             self._background_audits.add(task)
             task.add_done_callback(self._background_audit_done)
         else:
@@ -1081,6 +1090,7 @@ class StageServer(ServicerBase):
         tokens: torch.Tensor,
         verdict: Optional[Verdict],
         epoch: Optional[int] = None,
+        reveal: Any = None,
     ) -> None:
         """Ask up to two other replicas of the sender's stage (drawn by ``swarm.evidence.draw_auditor``, seeded with
         the trainer's signed header, so this peer cannot pick them) to recompute the activations from the tokens
@@ -1101,7 +1111,7 @@ class StageServer(ServicerBase):
                 break
             drawn.append(auditor)
             try:
-                answer = await self._ask_forward(auditor, header, tokens, x, epoch)
+                answer = await self._ask_forward(auditor, header, tokens, x, epoch, reveal)
             except ChainError as e:
                 logger.info(
                     f"stage {self.cfg.stage}: forward auditor {auditor[-8:]} gave no activations: {e.reason}"
@@ -1143,7 +1153,13 @@ class StageServer(ServicerBase):
             self.stats.flagged[answers[0][0]] = self.stats.flagged.get(answers[0][0], 0) + 1
 
     async def _ask_forward(
-        self, auditor: str, header: ChainHeader, tokens: torch.Tensor, x: torch.Tensor, epoch: Optional[int]
+        self,
+        auditor: str,
+        header: ChainHeader,
+        tokens: torch.Tensor,
+        x: torch.Tensor,
+        epoch: Optional[int],
+        reveal: Any = None,
     ) -> torch.Tensor:
         """``auditor``'s recomputation (another replica of the previous stage, 0) of the activations of ``tokens``;
         raises ChainError (blaming nobody: this is no hop of the route) if it gives none that could be compared."""
@@ -1158,6 +1174,8 @@ class StageServer(ServicerBase):
             epoch=epoch,
             admission=self.admission_proof,
         )
+        if reveal is not None:
+            meta["audit"] = reveal
         try:
             received = await call_chain(
                 self.dataplane_client,
@@ -1260,12 +1278,15 @@ class StageServer(ServicerBase):
         meta: Dict[str, Any],
         out: torch.Tensor,
         evidence: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
     ) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
         ``peer``) if the route's gradient is the odd one, or (blaming nobody) if no majority can be formed.
         ``evidence``: a middle stage's output-gradient (signed by the stage after it), which its auditors
-        recompute from (``meta["recompute"]``); the last stage's auditors compute from the labels instead."""
+        recompute from (``meta["recompute"]``); the last stage's auditors compute from the labels instead.
+        ``tokens``: stage 0's input, sent beside its activations so that the auditor can have them recomputed
+        (:meth:`_forward_audit`) before it rejects them."""
         answers: List[Tuple[str, torch.Tensor]] = []
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
@@ -1277,7 +1298,7 @@ class StageServer(ServicerBase):
                         meta if evidence is not None else dict(meta, audit_only=True),
                         out,
                         timeout_s=min(self.cfg.hop_timeout_s, 30.0),
-                        extra=[evidence] if evidence is not None else (),
+                        extra=[evidence] if evidence is not None else [tokens] if tokens is not None else (),
                     )
                 )[0]
             except ChainError as e:
@@ -1364,9 +1385,7 @@ class StageServer(ServicerBase):
             )
         # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
         # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
-        inputs, tokens = (
-            (received.tensors, None) if audit_only else self._split_tokens(header, received.tensors, sender)
-        )
+        inputs, tokens = self._split_tokens(header, received.tensors, sender)
         x = self._validate_request(header, inputs, sender)
         x_digest = tensor_digest(x)  # what this hop received, bound into its signed report
         sent_tokens = x if self.module.is_first else None  # passed on: the next hop's forward audits use them
@@ -1380,7 +1399,7 @@ class StageServer(ServicerBase):
                 raise ChainError(f"audit request: {e}", blame=sender) from None
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
-        await self._check_activations(x, sender, header, meta.get("sender_epoch"), tokens)
+        await self._check_activations(x, sender, header, meta.get("sender_epoch"), tokens, meta.get("audit"))
         loop = asyncio.get_event_loop()
         loss: Optional[float] = None
         async with self._slots:
@@ -1475,6 +1494,7 @@ class StageServer(ServicerBase):
                             header,
                             audit_meta,
                             out.detach(),
+                            tokens=sent_tokens,
                         )
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(
                         self.executor, self.compute.backward, x, out, grad_out
@@ -1670,9 +1690,12 @@ class StageServer(ServicerBase):
             )
         if not forward and (self.module.is_first or self.module.is_last):
             raise ChainError("a recomputation audit is asked of a middle stage", blame=sender)
-        if header.digest in self._recompute_served:  # one audit per request: a header cannot buy more compute
+        # one audit per request and asker (the header check admits at most three askers: the route's next hop and
+        # the trainer's two auditors of the last stage): a header cannot buy more compute
+        served = header.digest + sender.encode()
+        if served in self._recompute_served:
             raise ChainError("this request was audited here already", blame=sender)
-        self._recompute_served[header.digest] = None
+        self._recompute_served[served] = None
         while len(self._recompute_served) > MAX_RECOMPUTE_SEEN:
             self._recompute_served.popitem(last=False)
         if forward:  # stage 0's activations of the trainer's tokens (checked against its signed header)

@@ -7,7 +7,8 @@ header it signs (``swarm.protocol``); the activations then travel peer to peer a
 report per hop, the last stage's with the loss. A failed attempt names the peer to blame (from the signed reports:
 the deepest hop that failed of its own making names a neighbour; a reply that does not verify blames its deliverer);
 the trainer bans it locally and retries on another chain, up to ``max_attempts``, then drops the micro-batch
-with the reason. The :class:`MicroBatchLedger` guarantees each micro-batch ends exactly once: completed, or
+with the reason; a tensor a check rejected is never re-sent to the same check (with a single replica on either
+side of that hop the micro-batch is dropped at once). The :class:`MicroBatchLedger` guarantees each micro-batch ends exactly once: completed, or
 dropped with a reason; retries are counted separately.
 
 An optimizer step, from the trainer's view, is ``microbatches_per_step`` consecutive micro-batches: the
@@ -23,7 +24,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import hivemind
 import torch
@@ -159,6 +160,18 @@ class Attempt:
         None  # the receiver whose SENTINEL check rejected the blamed peer's tensor (ChainError)
     )
     hop_times_s: Dict[str, float] = field(default_factory=dict)
+
+
+def repeated_hop(chain: Sequence[str], rejected: Set[Tuple[str, str]]) -> Optional[Tuple[str, str]]:
+    """The (sender, judge) pair of ``rejected`` that ``chain`` would repeat, as neighbours in either direction (a
+    rejected activation goes forward, a rejected gradient back), or None: retrying a micro-batch on such a chain
+    sends the same tensor to the same check, which is how a stage with one replica lost micro-batches after five
+    identical rejections, each a strike on the sender."""
+    for a, b in zip(chain, chain[1:]):
+        for pair in ((a, b), (b, a)):
+            if pair in rejected:
+                return pair
+    return None
 
 
 async def _bounded(awaitable, seconds: float, what: str):
@@ -409,16 +422,47 @@ class Trainer:
                 await asyncio.sleep(min(1.0, self.cfg.refresh_peers_s))
                 await self.refresh_peers()
 
+    def _chain_avoiding(
+        self, chain: List[str], hop: Tuple[str, str], rejected: Set[Tuple[str, str]]
+    ) -> Optional[List[str]]:
+        """Another chain than ``chain`` (which repeats the rejected ``hop``, released here) that repeats no rejected
+        hop: without the judge (another check), else without the sender (another tensor); None if there is none."""
+        self.router.release(chain)
+        for exclude in ([hop[1]], [hop[0]]):
+            try:
+                chain = self.router.pick_chain(exclude=exclude)
+            except NoRouteError:
+                continue
+            if repeated_hop(chain, rejected) is None:
+                return chain
+            self.router.release(chain)
+        return None
+
     async def run_microbatch(self, index: int) -> None:
         """Run one micro-batch to its end: completed, or dropped after ``max_attempts``."""
         ids = self.stream.microbatch(index + self.cfg.first_step * self.cfg.microbatches_per_step)
         reason = ""
+        rejected: Set[Tuple[str, str]] = set()  # (sender, judge): hops whose check rejected this micro-batch
         for attempt in range(self.cfg.max_attempts):
             try:
                 chain = await self._pick_chain()
             except NoRouteError as e:
                 self.ledger.drop(index, str(e))
                 return
+            hop = repeated_hop(chain, rejected)
+            if (
+                hop is not None
+            ):  # the same tensor to the same check would be rejected again, at a strike's cost
+                chain = self._chain_avoiding(chain, hop, rejected)
+                if chain is None:
+                    self.ledger.drop(
+                        index,
+                        f"{reason}; not re-sent: no chain avoids the checks that rejected it "
+                        f"(...{hop[0][-8:]} -> ...{hop[1][-8:]}: a single replica on one side)",
+                    )
+                    return
+            if attempt > 0:
+                self.ledger.retry(index, reason)
             started = time.perf_counter()
             try:
                 result = await self._attempt(index, attempt, chain, ids)
@@ -437,6 +481,7 @@ class Trainer:
                 duration = self.router.report_failure(result.blame, reason, judge=result.judge)
                 if result.judge is not None:
                     self.first_rejected_at.setdefault(result.blame, len(self.ledger.outcome))
+                    rejected.add((result.blame, result.judge))
                 logger.info(
                     f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}, "
                     f"without ...{result.blame[-8:]} for {duration:.0f}s (one failure can be a tolerated false alarm; "
@@ -444,8 +489,6 @@ class Trainer:
                 )
             else:
                 logger.info(f"micro-batch {index} attempt {attempt + 1} failed ({reason}); {then}")
-            if attempt + 1 < self.cfg.max_attempts:
-                self.ledger.retry(index, reason)
         self.ledger.drop(index, f"gave up after {self.cfg.max_attempts} attempts; last error: {reason}")
 
     async def run(self) -> Dict[str, Any]:

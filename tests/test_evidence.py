@@ -3,6 +3,7 @@ real RSA keys, a real (tiny) model."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import math
 
@@ -382,6 +383,55 @@ def _header(mb: str, route, ids: torch.Tensor, step: int = 0):
     )[0]
 
 
+ASKER: "contextvars.ContextVar[str]" = contextvars.ContextVar("asker")
+
+
+def _stage0_and_receivers(monkeypatch, receiver_keys):
+    """Three stage-0 replicas of a two-stage swarm ("route": S0, "a1": AUDITOR, "a2": VERIFIER, same weights) and
+    stage-1 servers with ``receiver_keys``, in-process: the wire is replaced by direct calls into the stage-0 servers'
+    request handlers (header checks, signed reports and all), the asker being the receiver whose ``peer_id``
+    ``ASKER`` holds (each receiver's calls set it: see :func:`_asking`)."""
+    import asyncio
+
+    import swarm.stage_server as stage_server
+    from swarm.optimizer import OptimizerConfig
+    from swarm.stage_server import StageServer, StageServerConfig
+    from swarm.transport import Received, limits_for
+
+    def server(stage: int, key) -> StageServer:
+        cfg = StageServerConfig(
+            run_id="ev", stage=stage, num_stages=2, limits=limits_for(2, 8, TINY.hidden_size)
+        )
+        torch.manual_seed(0)  # replicas of a stage hold the same weights
+        s = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=key)
+        s.peer_id, s._slots = pid(key), asyncio.Semaphore(2)
+        return s
+
+    zero = {name: server(0, key) for name, key in {"route": S0, "a1": AUDITOR, "a2": VERIFIER}.items()}
+    receivers = [server(1, key) for key in receiver_keys]
+    by_pid = {s.peer_id: s for s in zero.values()}
+
+    async def wire(client, peer, endpoint, stub, meta, tensors, limits, timeout, compression):
+        async def read():
+            return Received(metadata=meta, tensors=list(tensors))
+
+        reply, out = await by_pid[peer]._serve_chain(ASKER.get(receivers[0].peer_id), read)
+        return Received(metadata=reply, tensors=out)
+
+    async def replicas(stage):
+        return [pid(S0), pid(AUDITOR), pid(VERIFIER)]
+
+    monkeypatch.setattr(stage_server, "call_chain", wire)
+    for receiver in receivers:
+        monkeypatch.setattr(receiver, "_stage_replicas", replicas)
+    return zero, receivers
+
+
+async def _asking(receiver, coroutine):
+    ASKER.set(receiver.peer_id)
+    return await coroutine
+
+
 def test_a_middle_stage_replica_serves_one_recomputation_per_request():
     """The auditor side, in-process: a middle-stage replica asked (``recompute``) by the route's previous peer returns
     the gradient of its input for the given activations and output-gradient, trains nothing, and serves a request
@@ -476,39 +526,11 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     import asyncio
 
     import swarm.stage_server as stage_server
-    from swarm.optimizer import OptimizerConfig
     from swarm.protocol import ChainHeader
     from swarm.sentinel import Verdict
-    from swarm.stage_server import ChainError, StageServer, StageServerConfig
-    from swarm.transport import Received, limits_for
+    from swarm.stage_server import ChainError
 
-    keys = {"route": S0, "a1": AUDITOR, "a2": VERIFIER, "receiver": S1}
-
-    def server(stage: int, key) -> StageServer:
-        cfg = StageServerConfig(
-            run_id="ev", stage=stage, num_stages=2, limits=limits_for(2, 8, TINY.hidden_size)
-        )
-        torch.manual_seed(0)  # replicas of a stage hold the same weights
-        s = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=key)
-        s.peer_id, s._slots = pid(key), asyncio.Semaphore(2)
-        return s
-
-    zero = {name: server(0, key) for name, key in keys.items() if name != "receiver"}
-    receiver = server(1, S1)
-    by_pid = {pid(keys[name]): s for name, s in zero.items()}
-
-    async def wire(client, peer, endpoint, stub, meta, tensors, limits, timeout, compression):
-        async def read():
-            return Received(metadata=meta, tensors=list(tensors))
-
-        reply, out = await by_pid[peer]._serve_chain(receiver.peer_id, read)
-        return Received(metadata=reply, tensors=out)
-
-    async def replicas(stage):
-        return [pid(S0), pid(AUDITOR), pid(VERIFIER)]
-
-    monkeypatch.setattr(stage_server, "call_chain", wire)
-    monkeypatch.setattr(receiver, "_stage_replicas", replicas)
+    zero, (receiver,) = _stage0_and_receivers(monkeypatch, [S1])
     ids = torch.randint(0, 64, (2, 8))
 
     def header_of(mb: str) -> ChainHeader:
@@ -552,3 +574,45 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     assert receiver._draw_forward_audit(
         pid(VERIFIER), suspect=True
     )  # a suspect's audits wait in line instead
+
+
+def test_a_last_stage_auditor_has_stage_0_activations_recomputed_too(monkeypatch):
+    """In a two-stage swarm the trainer's auditors of the last stage get stage 0's activations in audit-only
+    requests, with its tokens: such an auditor's false alarm is cleared by the same forward audit as the route's next
+    hop's, once it shows the trainer's audit reveal (the header check admits the peers the reveal names); without
+    it the stage-0 replicas refuse, and the alarm stands. Each replica serves one audit per request and asker."""
+    import asyncio
+    import time
+
+    from swarm.protocol import ChainHeader
+    from swarm.sentinel import Verdict
+    from swarm.stage_server import ChainError
+
+    zero, (route_next, audit_peer) = _stage0_and_receivers(monkeypatch, [S1, S2])
+    ids = torch.randint(0, 64, (2, 8))
+    header, reveal = ChainHeader.create(
+        TRAINER,
+        run_id="ev",
+        trainer=pid(TRAINER),
+        mb="1.0",
+        step=20,
+        route=[pid(S0), pid(S1)],
+        tokens=ids,
+        auditors=[pid(S2)],
+        now=time.time(),
+    )
+    honest, _ = recompute(zero["route"].module, FORWARD, ids, None)
+    alarm = Verdict(False, pid(S0), FORWARD, 20.0, 12.0, "skew_align 20 > 12", "skew_align", "population")
+
+    def audit(receiver, reveal):
+        return asyncio.run(
+            _asking(receiver, receiver._forward_audit(honest, pid(S0), header, ids, alarm, reveal=reveal))
+        )
+
+    with pytest.raises(ChainError, match="skew_align"):  # no reveal: not a peer the header admits
+        audit(audit_peer, None)
+    assert audit_peer.stats.false_alarms == 0
+    audit(audit_peer, reveal)
+    audit(route_next, None)  # the route's next hop asks the same replicas about the same request
+    assert audit_peer.stats.false_alarms == 1 and route_next.stats.false_alarms == 1
+    assert sum(s.stats.audits_served for s in zero.values()) == 2

@@ -73,6 +73,31 @@ def test_a_forward_audit_is_asked_of_another_replica_by_the_receiver_only(stage,
         h.check(run_id="run", stage=stage, me=me, sender=sender, now=time.time(), forward_audit=True)
 
 
+def test_a_last_stage_auditor_may_ask_a_forward_audit_of_the_stage_before():
+    """In a two-stage route the penultimate stage is stage 0, and the trainer's auditors of the last stage get its
+    activations (and tokens) in audit-only requests: a revealed auditor may have them recomputed; a peer the reveal
+    does not name may not, and neither may an auditor when the stage after the audited one is not the last."""
+    route = ROUTE[:2]
+    h, reveal = header(route=route, auditors=[OUTSIDER])
+    auditors = audit_reveal(h, reveal)
+    now = time.time()
+    h.check(run_id="run", stage=0, me=IDS[3], sender=OUTSIDER, now=now, forward_audit=True, auditors=auditors)
+    with pytest.raises(ProtocolError, match="must come from"):
+        h.check(run_id="run", stage=0, me=IDS[3], sender=OUTSIDER, now=now, forward_audit=True)
+    h3, reveal3 = header(auditors=[OUTSIDER])  # three stages: stage 1 is the penultimate, not the last
+    with pytest.raises(ProtocolError, match="must come from"):
+        h3.check(
+            run_id="run",
+            stage=0,
+            me=TRAINER,
+            sender=OUTSIDER,
+            now=now,
+            forward_audit=True,
+            auditors=[OUTSIDER],
+        )
+    assert audit_reveal(h3, reveal3) == [OUTSIDER]
+
+
 @pytest.mark.parametrize(
     "what", ["trainer", "mb", "step", "route", "labels", "key", "stale", "run", "sender", "me"]
 )
