@@ -410,13 +410,7 @@ def serve_stage(
             tallies=server.ledger.as_dict(),
             rejected=dict(server.stats.flagged),
             tampered=adversary.tampered if adversary else 0,
-            audits=dict(
-                run=server.stats.audits_run,
-                failed=dict(server.stats.audits_failed),
-                served=server.stats.audits_served,
-                forward=server.stats.forward_audits,
-                false_alarms=server.stats.false_alarms,
-            ),
+            audits=server.stats.audits(),
             dataplane=dict(
                 server=server.dataplane.stats.to_dict() if server.dataplane else None,
                 client=server.dataplane_client.stats.to_dict() if server.dataplane_client else None,

@@ -222,13 +222,16 @@ class ChainHeader:
         audit_only: bool = False,
         forward_audit: bool = False,
         auditors: Sequence[str] = (),
+        fetch: bool = False,
     ) -> None:
         """Raise :class:`ProtocolError` unless this header may be served by ``me`` at ``stage``, coming from
         ``sender``: signed by the trainer it names, for this run, fresh, and ``me`` and ``sender`` where the route
         puts them (an auditor, ``audit_only``, is called by the route's penultimate peer in place of its last; a
         forward auditor, ``forward_audit``, another replica of ``stage``, by the route's peer of the stage after, or
         when that stage is the last, by one of the trainer's ``auditors`` of it: the revealed list, checked against
-        the header's commitment by :func:`audit_reveal`, which got the same activations in an audit-only request)."""
+        the header's commitment by :func:`audit_reveal`, which got the same activations in an audit-only request;
+        ``fetch``: the route's peer of ``stage`` is asked for the activations it sent, by the route's peer two stages
+        on, which has the next stage's output from them recomputed)."""
         if self.run_id != run_id:
             raise ProtocolError(f"header is for run {self.run_id!r}, not {run_id!r}")
         if not 0 <= stage < len(self.route):
@@ -246,6 +249,14 @@ class ChainHeader:
                     f"a forward audit of stage {stage} must come from {self.route[stage + 1][-8:]}, "
                     f"not {sender[-8:]}"
                 )
+        elif fetch:
+            if self.route[stage] != me:
+                raise ProtocolError("the activations a hop sent are fetched from the route's peer")
+            if stage + 2 >= len(self.route) or sender != self.route[stage + 2]:
+                raise ProtocolError(
+                    f"the activations stage {stage} sent are fetched by the route's peer two stages on, "
+                    f"not {sender[-8:]}"
+                )
         elif audit_only:
             if stage == 0:
                 raise ProtocolError("an audit is asked of a stage after the first, by the stage before it")
@@ -256,7 +267,7 @@ class ChainHeader:
                 f"header route names {self.route[stage][-8:]} at stage {stage}, not this peer"
             )
         expected = self.trainer if stage == 0 else self.route[stage - 1]
-        if not forward_audit and sender != expected:
+        if not (forward_audit or fetch) and sender != expected:
             raise ProtocolError(
                 f"request for stage {stage} must come from {expected[-8:]}, not {sender[-8:]}"
             )

@@ -30,7 +30,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import hivemind
 import torch
@@ -157,9 +157,12 @@ class StageStats:
     # per-peer counters: bounded (peer ids are free to mint), the least recently counted peers forgotten first
     flagged: Dict[str, int] = field(default_factory=PeerTable)  # peer id -> tensors of theirs rejected
     audits_run: int = (
-        0  # audits this stage ran: of the next stage's gradients, or (stage 1) of stage 0's activations
+        0  # audits this stage ran: of the next stage's gradients, or of the previous one's activations
     )
-    forward_audits: int = 0  # of those, audits of stage 0's activations
+    forward_audits: int = 0  # of those, audits of the previous stage's activations
+    audit_inputs_missing: int = (
+        0  # forward audits of a middle stage with no input to recompute from (_fetch_input)
+    )
     audits_failed: Dict[str, int] = field(
         default_factory=dict
     )  # outcome ("route", "audit", "inconclusive") -> count
@@ -170,6 +173,17 @@ class StageStats:
     )  # peer -> its contributions found far off
     refused_states: Dict[str, int] = field(default_factory=PeerTable)  # source -> states of its refused here
     caught_up: int = 0  # state downloads by the resync loop (this replica had missed stage steps)
+
+    def audits(self) -> Dict[str, Any]:
+        """The audit counters, as ``rpc_info`` and the launchers' summaries show them."""
+        return dict(
+            run=self.audits_run,
+            failed=dict(self.audits_failed),
+            served=self.audits_served,
+            forward=self.forward_audits,
+            false_alarms=self.false_alarms,
+            inputs_missing=self.audit_inputs_missing,
+        )
 
     def record_compute(self, samples: int, seconds: float, alpha: float = 0.1) -> None:
         rate = samples / max(seconds, 1e-6)
@@ -274,6 +288,9 @@ class StageServer(ServicerBase):
         self._recompute_served: "collections.OrderedDict[bytes, None]" = collections.OrderedDict()
         self._audit_rng = random.Random()
         self._background_audits: Set["asyncio.Task"] = set()  # sampled forward audits in flight
+        # the activations this hop sent on its route, while their micro-batch is in flight (header digest -> tensor):
+        # the stage after the next fetches them to have the next stage's forward recomputed (``fetch`` requests)
+        self._sent: Dict[bytes, torch.Tensor] = {}
         self.outbound_hook = outbound_hook
         self.reputation_cfg = reputation
         self.reputation = None  # a ReputationService once started (if reputation is configured)
@@ -704,13 +721,7 @@ class StageServer(ServicerBase):
                 refused_states=_top(self.stats.refused_states, INFO_PEERS),
                 caught_up=self.stats.caught_up,
             ),
-            audits=dict(
-                run=self.stats.audits_run,
-                failed=dict(self.stats.audits_failed),
-                served=self.stats.audits_served,
-                forward=self.stats.forward_audits,
-                false_alarms=self.stats.false_alarms,
-            ),
+            audits=self.stats.audits(),
             dataplane=dict(
                 server=self.dataplane.stats.to_dict() if self.dataplane else None,
                 client=self.dataplane_client.stats.to_dict() if self.dataplane_client else None,
@@ -848,6 +859,7 @@ class StageServer(ServicerBase):
     def _verify_header(self, meta: Dict[str, Any], sender: str) -> ChainHeader:
         """The request's signed header (``swarm.protocol.ChainHeader``), checked for this peer; raises Refusal."""
         forward_audit = meta.get("recompute") is True and meta.get("direction") == FORWARD
+        fetch = meta.get("fetch") is True and not forward_audit
         try:
             header = ChainHeader.from_wire(meta.get("header"))
             # a forward audit may come from one of the trainer's last-stage auditors (which got the activations in
@@ -859,10 +871,11 @@ class StageServer(ServicerBase):
                 me=self.peer_id,
                 sender=sender,
                 now=time.time(),
-                audit_only=not forward_audit
+                audit_only=not (forward_audit or fetch)
                 and (meta.get("audit_only") is True or meta.get("recompute") is True),
                 forward_audit=forward_audit,
                 auditors=auditors,
+                fetch=fetch,
             )
         except ProtocolError as e:
             self._reject(sender, f"bad header: {e}", FORWARD)
@@ -1008,15 +1021,17 @@ class StageServer(ServicerBase):
         sender: str,
         header: ChainHeader,
         epoch: Any,
-        tokens: Optional[torch.Tensor] = None,
+        source: Union[torch.Tensor, bytes, None] = None,
         reveal: Any = None,
     ) -> None:
         """SENTINEL's verdict on received activations (:meth:`Gate.activations`, on the checks thread: statistics
         over a whole tensor cost milliseconds, and the event loop routes); a rejection raises and blames the sender.
         Token ids from the trainer are validated (range, digest) in _validate_request instead.
 
-        Stage 0's activations, which came with the trainer's tokens, can be recomputed by another stage-0 replica
-        (:meth:`_forward_audit`): with ``stage_audit`` on, a rejection waits for that audit (``on_suspicion``: cleared,
+        Activations can be recomputed by other replicas of the sender's stage (:meth:`_forward_audit`) from their
+        ``source``: stage 0's from the trainer's tokens, which came with them; a middle stage's from the input it
+        says it computed them from (its digest: the input is fetched from the hop before it). With ``stage_audit``
+        on, a rejection waits for that audit (``on_suspicion``: cleared,
         the tensor is used and the alarm was false), a suspect sender's tensors are audited before use, and a
         sampled share of the others (``rate``, every one of a newcomer's first hops) after use, off the micro-batch's
         path; none before SENTINEL's warm-up steps are over. ``reveal``: the trainer's audit reveal that came with
@@ -1026,7 +1041,7 @@ class StageServer(ServicerBase):
         # none while SENTINEL warms up: replicas drift apart fastest then (measured: a replica that stepped alone in
         # the first steps was at cosine 0.90 and norms 1.42x apart from its partners at the same epoch)
         warmup = self.gate.sentinel.cfg.warmup_steps if self.gate.sentinel is not None else 0
-        audits = cfg is not None and tokens is not None and header.step >= warmup
+        audits = cfg is not None and source is not None and header.step >= warmup
         suspect = audits and self._suspect(sender)
         planned = audits and self._draw_forward_audit(sender, suspect)
         verdict = await self._off_loop(
@@ -1042,7 +1057,7 @@ class StageServer(ServicerBase):
         )
         suspicious = verdict is not None and not verdict.accepted
         if audits and (suspicious and cfg.on_suspicion or planned and suspect):
-            await self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch), reveal)
+            await self._forward_audit(x, sender, header, source, verdict, _epoch(epoch), reveal)
         elif planned and suspicious:  # rejected, and no audit may clear it (on_suspicion off)
             self.gate.settle(verdict, None)
             self._enforce(verdict, sender, FORWARD)
@@ -1050,7 +1065,7 @@ class StageServer(ServicerBase):
             planned
         ):  # a sampled audit of a tensor SENTINEL accepted: its result may arrive after the micro-batch
             task = asyncio.create_task(
-                self._forward_audit(x, sender, header, tokens, verdict, _epoch(epoch), reveal)
+                self._forward_audit(x, sender, header, source, verdict, _epoch(epoch), reveal)
             )
             self._background_audits.add(task)
             task.add_done_callback(self._background_audit_done)
@@ -1087,19 +1102,28 @@ class StageServer(ServicerBase):
         x: torch.Tensor,
         sender: str,
         header: ChainHeader,
-        tokens: torch.Tensor,
+        source: Union[torch.Tensor, bytes],
         verdict: Optional[Verdict],
         epoch: Optional[int] = None,
         reveal: Any = None,
     ) -> None:
         """Ask up to two other replicas of the sender's stage (drawn by ``swarm.evidence.draw_auditor``, seeded with
-        the trainer's signed header, so this peer cannot pick them) to recompute the activations from the tokens
-        with their weights of ``epoch`` (the sender's claim; replicas hold the current and the previous), and judge
-        the sender's against theirs (``swarm.audit.judge`` with the forward bounds; a second replica breaks a tie).
-        The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its tensor is
-        refused."""
+        the trainer's signed header, so this peer cannot pick them) to recompute the activations from ``source``
+        (stage 0: the tokens; a middle stage: the digest of its input, which :meth:`_fetch_input` gets from the hop
+        before it) with their weights of ``epoch`` (the sender's claim; replicas hold the current and the previous),
+        and judge the sender's against theirs (``swarm.audit.judge`` with the forward bounds; a second replica
+        breaks a tie). The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its
+        tensor is refused. With no input to recompute from, or no auditor, nobody is blamed and SENTINEL's verdict
+        stands."""
         stage = self.cfg.stage - 1
         replicas = await self._stage_replicas(stage)
+        if isinstance(source, bytes):
+            try:
+                source = await self._fetch_input(header, source, x)
+            except ChainError as e:
+                logger.info(f"stage {self.cfg.stage}: no input to audit micro-batch {header.mb}: {e.reason}")
+                self.stats.audit_inputs_missing += 1
+                replicas = []
         seed = hashlib.sha256(header.digest + b"forward").digest()
         drawn: List[str] = []
         answers: List[Tuple[str, torch.Tensor]] = []
@@ -1111,7 +1135,7 @@ class StageServer(ServicerBase):
                 break
             drawn.append(auditor)
             try:
-                answer = await self._ask_forward(auditor, header, tokens, x, epoch, reveal)
+                answer = await self._ask_forward(auditor, header, source, x, epoch, reveal)
             except ChainError as e:
                 logger.info(
                     f"stage {self.cfg.stage}: forward auditor {auditor[-8:]} gave no activations: {e.reason}"
@@ -1156,13 +1180,13 @@ class StageServer(ServicerBase):
         self,
         auditor: str,
         header: ChainHeader,
-        tokens: torch.Tensor,
+        source: torch.Tensor,
         x: torch.Tensor,
         epoch: Optional[int],
         reveal: Any = None,
     ) -> torch.Tensor:
-        """``auditor``'s recomputation (another replica of the previous stage, 0) of the activations of ``tokens``;
-        raises ChainError (blaming nobody: this is no hop of the route) if it gives none that could be compared."""
+        """``auditor``'s recomputation (another replica of the previous stage) of the activations of ``source`` (the
+        stage's input: tokens for stage 0); raises ChainError (blaming nobody: this is no hop of the route) if it gives none that could be compared."""
         try:
             peer_id = PeerID.from_base58(auditor)
         except Exception:
@@ -1183,7 +1207,7 @@ class StageServer(ServicerBase):
                 None,
                 self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
                 meta,
-                [tokens],
+                [source],
                 self.cfg.limits,
                 min(self.cfg.hop_timeout_s, 30.0),
                 self.cfg.compression,
@@ -1377,6 +1401,8 @@ class StageServer(ServicerBase):
         meta = received.metadata
         if meta.get("recompute") is True:
             return await self._serve_recompute(received, header, sender)
+        if meta.get("fetch") is True:
+            return self._serve_fetch(header, sender)
         audit_only = meta.get("audit_only") is True
         if audit_only and not self.module.is_last:
             raise ChainError(
@@ -1386,6 +1412,9 @@ class StageServer(ServicerBase):
         # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
         # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
         inputs, tokens = self._split_tokens(header, received.tensors, sender)
+        # what a middle-stage sender says it computed these activations from (a forward audit fetches that input from
+        # the hop before it and checks it against this digest); an auditor in an audit-only request may not fetch
+        claimed_input = None if audit_only or self.cfg.stage < 2 else _digest(meta.get("input_digest"))
         x = self._validate_request(header, inputs, sender)
         x_digest = tensor_digest(x)  # what this hop received, bound into its signed report
         sent_tokens = x if self.module.is_first else None  # passed on: the next hop's forward audits use them
@@ -1399,7 +1428,14 @@ class StageServer(ServicerBase):
                 raise ChainError(f"audit request: {e}", blame=sender) from None
             if self.peer_id not in listed:
                 raise ChainError("audit request to a peer the trainer did not pick", blame=sender)
-        await self._check_activations(x, sender, header, meta.get("sender_epoch"), tokens, meta.get("audit"))
+        await self._check_activations(
+            x,
+            sender,
+            header,
+            meta.get("sender_epoch"),
+            tokens if tokens is not None else claimed_input,
+            meta.get("audit"),
+        )
         loop = asyncio.get_event_loop()
         loss: Optional[float] = None
         async with self._slots:
@@ -1453,6 +1489,8 @@ class StageServer(ServicerBase):
                     next_meta = dict(
                         header=meta["header"], sender_epoch=epoch, admission=self.admission_proof
                     )
+                    if not self.module.is_first:  # what this hop computed from: a forward audit's input
+                        next_meta["input_digest"] = x_digest
                     if self.cfg.stage + 1 < self.cfg.num_stages - 1:
                         next_meta["audit"] = meta.get(
                             "audit"
@@ -1548,6 +1586,31 @@ class StageServer(ServicerBase):
         sent = self._outbound(out, FORWARD, header)
         stage = self.cfg.stage + 1
         timeout_s = timeout_s or self.cfg.hop_timeout_s
+        audit = meta.get("audit_only") is True or meta.get("recompute") is True
+        if not audit:  # held while the micro-batch is in flight: the stage after the next may fetch it
+            self._sent[header.digest] = sent
+        try:
+            return await self._exchange(
+                peer, peer_id, header, meta, out, sent, stage, timeout_s, extra, audit
+            )
+        finally:
+            if not audit:
+                self._sent.pop(header.digest, None)
+
+    async def _exchange(
+        self,
+        peer: str,
+        peer_id: PeerID,
+        header: ChainHeader,
+        meta: Dict[str, Any],
+        out: torch.Tensor,
+        sent: torch.Tensor,
+        stage: int,
+        timeout_s: float,
+        extra: Sequence[torch.Tensor],
+        audit: bool,
+    ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int], List[torch.Tensor]]:
+        """:meth:`_call_next`'s exchange with ``peer``, once ``sent`` (``out`` as it goes on the wire) is held."""
         try:
             endpoint = await self.next_endpoints.get(peer) if self.next_endpoints is not None else None
             received = await call_chain(
@@ -1594,7 +1657,6 @@ class StageServer(ServicerBase):
         if not reports[0].ok:
             self.stats.failed_downstream += 1
             raise ChainError(f"stage {stage}: {reports[0].error}", reports=reply["reports"])
-        audit = meta.get("audit_only") is True or meta.get("recompute") is True
         relays = not audit and stage < self.cfg.num_stages - 1  # a middle stage relays its input gradient
         if len(received.tensors) != 1 + relays:
             raise self._reject(peer, f"reply needs {1 + relays} gradient tensors", BACKWARD)
@@ -1676,6 +1738,69 @@ class StageServer(ServicerBase):
             cached = self._replicas[stage] = (time.monotonic(), found)
         return [p for p in cached[1] if not self.is_banned(p)]
 
+    def _serve_fetch(self, header: ChainHeader, sender: str) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+        """The activations this hop sent on ``header``'s route, to the route's peer two stages on (the header check
+        admits no other), which has the next stage's forward from them recomputed; once per request (a header cannot
+        buy more traffic), and only while the micro-batch is in flight here (nobody's fault if not)."""
+        served = header.digest + b"fetch"
+        if served in self._recompute_served:
+            raise ChainError("these activations were fetched already", blame=sender)
+        sent = self._sent.get(header.digest)
+        if sent is None:
+            raise ChainError("the activations of this request are not held here (any more)", blame=None)
+        self._recompute_served[served] = None
+        while len(self._recompute_served) > MAX_RECOMPUTE_SEEN:
+            self._recompute_served.popitem(last=False)
+        return [sent], dict(ok=True, loss=None, epoch=self.optimizer.epoch, timings={}, reports=[])
+
+    async def _fetch_input(self, header: ChainHeader, claimed: bytes, x: torch.Tensor) -> torch.Tensor:
+        """The input the previous (middle) stage's route peer computed ``x`` from: the activations the hop before it
+        sent, fetched from that hop (``fetch``), which must be what the sender says it received (``claimed``, its
+        digest). Raises ChainError, blaming nobody: a hop that no longer holds them, or digests that disagree (the
+        two hops' word against each other; the sender's own signed report, which the hop before it checks, names
+        what it really received)."""
+        source = header.route[self.cfg.stage - 2]
+        try:
+            peer_id = PeerID.from_base58(source)
+        except Exception:
+            raise ChainError(f"invalid route peer id {source[:20]!r}", blame=None) from None
+        meta = dict(header=header.to_wire(), fetch=True, admission=self.admission_proof)
+        try:
+            received = await call_chain(
+                self.dataplane_client,
+                source,
+                None,
+                self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
+                meta,
+                [],
+                self.cfg.limits,
+                min(self.cfg.hop_timeout_s, 30.0),
+                self.cfg.compression,
+            )
+        except asyncio.TimeoutError:
+            raise ChainError("timed out", blame=None) from None
+        except Exception as e:
+            raise ChainError(f"unreachable: {type(e).__name__}: {e}", blame=None) from None
+        reply = received.metadata
+        if "reports" not in reply:
+            raise ChainError(f"refused: {str(reply.get('error', 'no reason'))[:200]}", blame=None)
+        try:
+            reports = check_reports(header, reply["reports"], self.cfg.stage - 2, source, alone=True)
+        except ProtocolError as e:
+            raise ChainError(f"invalid reply: {e}", blame=None) from None
+        if not reports[0].ok:
+            raise ChainError(str(reports[0].error)[:200], blame=None)
+        if len(received.tensors) != 1 or received.tensors[0].shape != x.shape:
+            raise ChainError("the fetched input is not one tensor shaped like the activations", blame=None)
+        fetched = received.tensors[0]
+        if tensor_digest(fetched) != claimed:
+            raise ChainError(
+                f"stage {self.cfg.stage - 2} sent other activations than stage {self.cfg.stage - 1} says it "
+                "computed from",
+                blame=None,
+            )
+        return fetched
+
     async def _serve_recompute(
         self, received, header: ChainHeader, sender: str
     ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
@@ -1684,10 +1809,8 @@ class StageServer(ServicerBase):
         trainer's tokens with its weights of the epoch asked for. Nothing is trained and the tensors are not
         SENTINEL's business (they are another hop's); only a well-formed request is computed, once."""
         forward = received.metadata.get("direction") == FORWARD
-        if forward and not self.module.is_first:
-            raise ChainError(
-                "a forward audit is asked of stage 0 (its input is the trainer's tokens)", blame=sender
-            )
+        if forward and self.module.is_last:
+            raise ChainError("a forward audit is asked of a stage before the last", blame=sender)
         if not forward and (self.module.is_first or self.module.is_last):
             raise ChainError("a recomputation audit is asked of a middle stage", blame=sender)
         # one audit per request and asker (the header check admits at most three askers: the route's next hop and
@@ -1698,7 +1821,10 @@ class StageServer(ServicerBase):
         self._recompute_served[served] = None
         while len(self._recompute_served) > MAX_RECOMPUTE_SEEN:
             self._recompute_served.popitem(last=False)
-        if forward:  # stage 0's activations of the trainer's tokens (checked against its signed header)
+        if (
+            forward
+        ):  # the activations of stage 0 of the trainer's tokens (checked against its signed header), or of
+            # a middle stage of the input the receiver fetched from the hop before it
             ids = self._validate_request(header, received.tensors, sender)
             epoch = _epoch(received.metadata.get("epoch"))
             # a sender one step ahead: this replica is usually finishing the same averaging round (seen live: most
@@ -1808,6 +1934,11 @@ def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
 def _data_key(header: ChainHeader) -> str:
     """What SENTINEL's replay check keys on: the trainer and the micro-batch's index (its retries share their data)."""
     return f"{header.trainer}:{header.mb.split('.')[0]}"
+
+
+def _digest(value: Any) -> Optional[bytes]:
+    """A tensor digest from a request's metadata, or None if it is not one."""
+    return value if isinstance(value, bytes) and len(value) == 32 else None
 
 
 def _epoch(value: Any) -> Optional[int]:

@@ -386,11 +386,12 @@ def _header(mb: str, route, ids: torch.Tensor, step: int = 0):
 ASKER: "contextvars.ContextVar[str]" = contextvars.ContextVar("asker")
 
 
-def _stage0_and_receivers(monkeypatch, receiver_keys):
-    """Three stage-0 replicas of a two-stage swarm ("route": S0, "a1": AUDITOR, "a2": VERIFIER, same weights) and
-    stage-1 servers with ``receiver_keys``, in-process: the wire is replaced by direct calls into the stage-0 servers'
-    request handlers (header checks, signed reports and all), the asker being the receiver whose ``peer_id``
-    ``ASKER`` holds (each receiver's calls set it: see :func:`_asking`)."""
+def _replicas_and_receivers(monkeypatch, receiver_keys, stage: int = 0, num_stages: int = 2):
+    """Three replicas of ``stage`` ("route": the route's peer, S0 or S1; "a1": AUDITOR, "a2": VERIFIER; same
+    weights), for a middle stage also the route's stage-0 peer ("before": S0), and servers of the stage after with
+    ``receiver_keys``, in-process: the wire is replaced by direct calls into the servers' request handlers (header
+    checks, signed reports and all), the asker being the receiver whose ``peer_id`` ``ASKER`` holds (each receiver's
+    calls set it: see :func:`_asking`)."""
     import asyncio
 
     import swarm.stage_server as stage_server
@@ -398,18 +399,23 @@ def _stage0_and_receivers(monkeypatch, receiver_keys):
     from swarm.stage_server import StageServer, StageServerConfig
     from swarm.transport import Received, limits_for
 
-    def server(stage: int, key) -> StageServer:
+    def server(at: int, key) -> StageServer:
         cfg = StageServerConfig(
-            run_id="ev", stage=stage, num_stages=2, limits=limits_for(2, 8, TINY.hidden_size)
+            run_id="ev", stage=at, num_stages=num_stages, limits=limits_for(2, 8, TINY.hidden_size)
         )
-        torch.manual_seed(0)  # replicas of a stage hold the same weights
+        torch.manual_seed(at)  # replicas of a stage hold the same weights
         s = StageServer(cfg, TINY, None, OptimizerConfig(averaging=False), identity_key=key)
         s.peer_id, s._slots = pid(key), asyncio.Semaphore(2)
         return s
 
-    zero = {name: server(0, key) for name, key in {"route": S0, "a1": AUDITOR, "a2": VERIFIER}.items()}
-    receivers = [server(1, key) for key in receiver_keys]
-    by_pid = {s.peer_id: s for s in zero.values()}
+    route = S0 if stage == 0 else S1
+    servers = {
+        name: server(stage, key) for name, key in {"route": route, "a1": AUDITOR, "a2": VERIFIER}.items()
+    }
+    if stage > 0:
+        servers["before"] = server(stage - 1, S0)
+    receivers = [server(stage + 1, key) for key in receiver_keys]
+    by_pid = {s.peer_id: s for s in servers.values()}
 
     async def wire(client, peer, endpoint, stub, meta, tensors, limits, timeout, compression):
         async def read():
@@ -418,13 +424,14 @@ def _stage0_and_receivers(monkeypatch, receiver_keys):
         reply, out = await by_pid[peer]._serve_chain(ASKER.get(receivers[0].peer_id), read)
         return Received(metadata=reply, tensors=out)
 
-    async def replicas(stage):
-        return [pid(S0), pid(AUDITOR), pid(VERIFIER)]
+    async def replicas(at):
+        assert at == stage
+        return [pid(route), pid(AUDITOR), pid(VERIFIER)]
 
     monkeypatch.setattr(stage_server, "call_chain", wire)
     for receiver in receivers:
         monkeypatch.setattr(receiver, "_stage_replicas", replicas)
-    return zero, receivers
+    return servers, receivers
 
 
 async def _asking(receiver, coroutine):
@@ -530,7 +537,7 @@ def test_a_forward_audit_clears_a_false_alarm_and_convicts_tampered_activations(
     from swarm.sentinel import Verdict
     from swarm.stage_server import ChainError
 
-    zero, (receiver,) = _stage0_and_receivers(monkeypatch, [S1])
+    zero, (receiver,) = _replicas_and_receivers(monkeypatch, [S1])
     ids = torch.randint(0, 64, (2, 8))
 
     def header_of(mb: str) -> ChainHeader:
@@ -588,7 +595,7 @@ def test_a_last_stage_auditor_has_stage_0_activations_recomputed_too(monkeypatch
     from swarm.sentinel import Verdict
     from swarm.stage_server import ChainError
 
-    zero, (route_next, audit_peer) = _stage0_and_receivers(monkeypatch, [S1, S2])
+    zero, (route_next, audit_peer) = _replicas_and_receivers(monkeypatch, [S1, S2])
     ids = torch.randint(0, 64, (2, 8))
     header, reveal = ChainHeader.create(
         TRAINER,
@@ -616,3 +623,45 @@ def test_a_last_stage_auditor_has_stage_0_activations_recomputed_too(monkeypatch
     audit(route_next, None)  # the route's next hop asks the same replicas about the same request
     assert audit_peer.stats.false_alarms == 1 and route_next.stats.false_alarms == 1
     assert sum(s.stats.audits_served for s in zero.values()) == 2
+
+
+def test_a_middle_stage_forward_audit_recomputes_from_the_input_the_hop_before_sent(monkeypatch):
+    """A receiver at stage 2 has stage 1's activations recomputed by other stage-1 replicas from stage 1's input,
+    which it fetches from the route's stage-0 peer (the hop before the sender, which holds what it sent while the
+    micro-batch is in flight) and checks against the digest the sender says it computed from: a false alarm is
+    cleared, x3 activations are refused and blamed; an input that is not what the sender claims, or no longer held,
+    is no audit (nobody blamed, SENTINEL's verdict stands); the hop before serves one fetch per request."""
+    import asyncio
+
+    from swarm.protocol import tensor_digest
+    from swarm.sentinel import Verdict
+    from swarm.stage_server import ChainError
+
+    servers, (receiver,) = _replicas_and_receivers(monkeypatch, [S2], stage=1, num_stages=3)
+    ids = torch.randint(0, 64, (2, 8))
+    x1, _ = recompute(servers["before"].module, FORWARD, ids, None)  # stage 1's input: what stage 0 sent
+    honest, _ = recompute(servers["route"].module, FORWARD, x1, None)
+    alarm = Verdict(False, pid(S1), FORWARD, 20.0, 12.0, "skew_align 20 > 12", "skew_align", "population")
+
+    def audit(mb, y, claimed=tensor_digest(x1), held=x1, verdict=alarm):
+        header = _header(mb, [S0, S1, S2], ids, step=20)
+        if held is not None:
+            servers["before"]._sent[header.digest] = held
+        return asyncio.run(receiver._forward_audit(y, pid(S1), header, claimed, verdict))
+
+    audit("1.0", honest)
+    assert receiver.stats.false_alarms == 1 and receiver.stats.forward_audits == 1
+    with pytest.raises(ChainError, match="the route activations disagree") as e:
+        audit("2.0", honest * 3, verdict=None)
+    assert e.value.blame == pid(S1) and receiver.ledger.tallies[pid(S1)].reasons["audit"] == 1
+    for claimed, held in ((tensor_digest(x1 * 2), x1), (tensor_digest(x1), None)):
+        with pytest.raises(ChainError, match="skew_align"):
+            audit("3.0" if held is not None else "4.0", honest, claimed=claimed, held=held)
+    assert receiver.stats.audit_inputs_missing == 2 and receiver.stats.forward_audits == 2
+    assert pid(S1) not in {p for p, t in receiver.ledger.tallies.items() if t.reasons.get("audit", 0) > 1}
+    # the hop before serves a request's activations once: a second fetch of the same request is refused
+    header = _header("5.0", [S0, S1, S2], ids, step=20)
+    servers["before"]._sent[header.digest] = x1
+    asyncio.run(receiver._fetch_input(header, tensor_digest(x1), honest))
+    with pytest.raises(ChainError, match="fetched already"):
+        asyncio.run(receiver._fetch_input(header, tensor_digest(x1), honest))

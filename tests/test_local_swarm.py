@@ -383,6 +383,30 @@ def test_scaled_activations_caught_by_forward_audits(tmp_path):
     )
 
 
+@pytest.mark.long
+@pytest.mark.timeout(1800)  # up to three runs of about six minutes each
+def test_middle_stage_scaled_activations_caught_by_forward_audits(tmp_path):
+    """3 stages (replicas 1, 3, 2); one stage-1 replica scales its activations x1.5 from step 11. Stage 1 is a middle
+    stage: its input is not the trainer's tokens but stage 0's activations, which its receivers (stage 2) fetch from
+    the route's stage-0 peer (it holds what it sent while the micro-batch is in flight), check against the digest
+    the sender says it computed from, and give to two other stage-1 replicas to recompute; the scaled tensor is the
+    odd one out, refused and struck (``audit``), and the attacker is blacklisted swarm-wide while no honest peer is.
+    Safety on every run; timing and noise as in the 2 x 3 test, up to three runs."""
+    attack = ["--attack", "scale", "--attack-magnitude", "1.5", "--attack-direction", "forward"]
+    attack += ["--attack-start-step", "11"]  # forward audits start with SENTINEL's verdicts, after step 10
+    _caught_by_audits(
+        tmp_path,
+        "itest-mf",
+        (0, 1, 1, 2, 2),
+        1,
+        attack,
+        steps=26,
+        judges=("stage2.0", "stage2.1"),
+        auditors=("stage1.0", "stage1.1"),
+        shape=["--stages", "3", *SHAPE[2:]],
+    )
+
+
 def _caught_by_audits(
     tmp_path,
     run_id: str,

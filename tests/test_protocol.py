@@ -73,6 +73,22 @@ def test_a_forward_audit_is_asked_of_another_replica_by_the_receiver_only(stage,
         h.check(run_id="run", stage=stage, me=me, sender=sender, now=time.time(), forward_audit=True)
 
 
+def test_the_activations_a_hop_sent_are_fetched_by_the_hop_two_stages_on_only():
+    """A middle stage's forward audit needs its input: the route's peer two stages on fetches it from the hop that
+    sent it; nobody else may make a route peer send its activations again (traffic a header could buy)."""
+    h, _ = header()
+    now = time.time()
+    h.check(run_id="run", stage=0, me=ROUTE[0], sender=ROUTE[2], now=now, fetch=True)
+    for stage, me, sender in (
+        (0, ROUTE[0], ROUTE[1]),  # the next hop got them already
+        (0, ROUTE[0], OUTSIDER),
+        (0, OUTSIDER, ROUTE[2]),  # not the route's peer: it sent nothing
+        (1, ROUTE[1], ROUTE[2]),  # stage 1's activations go to the last stage, which has no stage after it
+    ):
+        with pytest.raises(ProtocolError):
+            h.check(run_id="run", stage=stage, me=me, sender=sender, now=now, fetch=True)
+
+
 def test_a_last_stage_auditor_may_ask_a_forward_audit_of_the_stage_before():
     """In a two-stage route the penultimate stage is stage 0, and the trainer's auditors of the last stage get its
     activations (and tokens) in audit-only requests: a revealed auditor may have them recomputed; a peer the reveal
