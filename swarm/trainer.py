@@ -162,6 +162,9 @@ class Attempt:
     hop_times_s: Dict[str, float] = field(default_factory=dict)
 
 
+MAX_AVOIDING_PICKS = 8  # chains tried for a retry that repeats no rejected hop (see Trainer._chain_avoiding)
+
+
 def repeated_hop(chain: Sequence[str], rejected: Set[Tuple[str, str]]) -> Optional[Tuple[str, str]]:
     """The (sender, judge) pair of ``rejected`` that ``chain`` would repeat, as neighbours in either direction (a
     rejected activation goes forward, a rejected gradient back), or None: retrying a micro-batch on such a chain
@@ -422,20 +425,30 @@ class Trainer:
                 await asyncio.sleep(min(1.0, self.cfg.refresh_peers_s))
                 await self.refresh_peers()
 
-    def _chain_avoiding(
-        self, chain: List[str], hop: Tuple[str, str], rejected: Set[Tuple[str, str]]
-    ) -> Optional[List[str]]:
-        """Another chain than ``chain`` (which repeats the rejected ``hop``, released here) that repeats no rejected
-        hop: without the judge (another check), else without the sender (another tensor); None if there is none."""
+    def _chain_avoiding(self, chain: List[str], rejected: Set[Tuple[str, str]]) -> Optional[List[str]]:
+        """Another chain than ``chain`` (which repeats a rejected hop; released here) that repeats none: each hop it
+        would repeat is avoided without its judge (another check) or without its sender (another tensor), breadth
+        first over what to leave out, at most ``MAX_AVOIDING_PICKS`` picks; None if none was found."""
         self.router.release(chain)
-        for exclude in ([hop[1]], [hop[0]]):
+        queue: List[Tuple[str, ...]] = [()]
+        seen = {()}
+        for _ in range(MAX_AVOIDING_PICKS):
+            if not queue:
+                break
+            exclude = queue.pop(0)
             try:
                 chain = self.router.pick_chain(exclude=exclude)
             except NoRouteError:
                 continue
-            if repeated_hop(chain, rejected) is None:
+            hop = repeated_hop(chain, rejected)
+            if hop is None:
                 return chain
             self.router.release(chain)
+            for peer in (hop[1], hop[0]):
+                wider = tuple(sorted({*exclude, peer}))
+                if wider not in seen:
+                    seen.add(wider)
+                    queue.append(wider)
         return None
 
     async def run_microbatch(self, index: int) -> None:
@@ -453,12 +466,12 @@ class Trainer:
             if (
                 hop is not None
             ):  # the same tensor to the same check would be rejected again, at a strike's cost
-                chain = self._chain_avoiding(chain, hop, rejected)
+                chain = self._chain_avoiding(chain, rejected)
                 if chain is None:
                     self.ledger.drop(
                         index,
-                        f"{reason}; not re-sent: no chain avoids the checks that rejected it "
-                        f"(...{hop[0][-8:]} -> ...{hop[1][-8:]}: a single replica on one side)",
+                        f"{reason}; not re-sent: no chain avoids the {len(rejected)} check(s) that rejected "
+                        f"its tensors (...{hop[0][-8:]} -> ...{hop[1][-8:]} among them)",
                     )
                     return
             if attempt > 0:

@@ -78,3 +78,19 @@ def test_repeated_hop_looks_both_ways():
     assert repeated_hop(["b", "a"], rejected) == ("b", "a")
     assert repeated_hop(["a", "c", "b"], rejected) is None
     assert repeated_hop(["a", "b"], set()) is None
+
+
+def test_a_retry_avoids_every_hop_that_rejected_the_micro_batch():
+    """After several rejections the retry's chain is searched for (leaving out judges or senders) until it repeats
+    none of them; only when every chain would repeat one is there none."""
+    layout = {0: ["a0"], 1: ["b0", "b1", "b2"], 2: ["c0", "c1"]}
+    rejected = {("b0", "c0"), ("b0", "c1"), ("b1", "c0"), ("b2", "c1")}
+    trainer, _ = trainer_over(layout, rejected_at_stage_1)
+    for _ in range(10):
+        chain = trainer.router.pick_chain()
+        found = trainer._chain_avoiding(chain, rejected)
+        assert found is not None and repeated_hop(found, rejected) is None, found
+        trainer.router.release(found)
+    everything = {(b, c) for b in layout[1] for c in layout[2]}
+    assert trainer._chain_avoiding(trainer.router.pick_chain(), everything) is None
+    assert all(state.inflight == 0 for state in trainer.router.peers.values())  # every pick released
