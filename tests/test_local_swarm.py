@@ -249,9 +249,13 @@ def _blacklist_run(
     )
 
 
-def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_count: int) -> list:
+def _verdict_misses(
+    summary, peers, attacker_id: str, microbatches: int, honest_count: int, attack_start_mb: int = 0
+) -> list:
     """Assert the safety of one blacklisting run (no honest peer blacklisted, every micro-batch accounted for exactly
-    once, a blacklisted attacker no longer picked) and return what was late or noisy in it (empty: nothing)."""
+    once, a blacklisted attacker no longer picked) and return what was late or noisy in it (empty: nothing).
+    ``attack_start_mb``: the micro-batch the attack starts at; the verdict's delay counts from there at the earliest
+    (an honest false alarm on the attacker-to-be before its attack starts is not its first tampered tensor)."""
     views = {p["peer_id"]: p for p in summary["peers"] if p.get("role") == "stage"}
     attacker = views[attacker_id]
     honest = [v for pid, v in views.items() if pid != attacker_id]
@@ -272,10 +276,14 @@ def _verdict_misses(summary, peers, attacker_id: str, microbatches: int, honest_
     late = []
     if not attacker["blacklisted"]:
         late.append("attacker not blacklisted")
-    elif attacker["blacklisted_after_microbatches"] - attacker["first_rejected_after_microbatches"] > 50:
+    elif (
+        attacker["blacklisted_after_microbatches"]
+        - max(attacker["first_rejected_after_microbatches"], attack_start_mb)
+        > 50
+    ):
         late.append(
             f"blacklisted at {attacker['blacklisted_after_microbatches']}, first rejected at "
-            f"{attacker['first_rejected_after_microbatches']}"
+            f"{attacker['first_rejected_after_microbatches']}, attack from {attack_start_mb}"
         )
     if mb["dropped"] > 2:
         late.append(f"{mb['dropped']} dropped")
@@ -304,7 +312,7 @@ def test_byzantine_peer_blacklisted_swarm_wide_2x3(tmp_path):
         summary, peers, attacker_id, microbatches = _blacklist_run(
             tmp_path / f"run{attempt}", f"itest-bl{attempt}", (0, 0, 1, 1, 1), 0, attack, steps=26
         )
-        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=5)
+        late = _verdict_misses(summary, peers, attacker_id, microbatches, 5, attack_start_mb=44)
         if not late:
             return
         misses.append((attempt, late, peers))
@@ -431,7 +439,10 @@ def _caught_by_audits(
         by_name = {p["name"]: p for p in peers if p["role"] == "stage"}
         assert sum(by_name[n]["audits"]["run"] for n in judges) > 0, by_name
         assert sum(by_name[n]["audits"]["served"] for n in auditors) > 0, by_name
-        late = _verdict_misses(summary, peers, attacker_id, microbatches, honest_count=len(stages))
+        start_step = int(attack[attack.index("--attack-start-step") + 1])
+        late = _verdict_misses(
+            summary, peers, attacker_id, microbatches, len(stages), attack_start_mb=start_step * 4
+        )
         attacker = next(p for p in summary["peers"] if p["peer_id"] == attacker_id)
         if attacker["blacklisted"]:
             assert "audit" in (attacker["blacklist_reason"] or ""), attacker
