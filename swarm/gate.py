@@ -10,9 +10,10 @@ The rules:
   (measured live: 5 strikes for 5 tampered tensors stood at 5 of 29 exchanges, below the verdict ratio).
 - **Gradients** (backward) get SENTINEL's verdict; when the gradient is audited, an accepted one is not an entry
   yet either: the audit's verdict is (:meth:`Gate.audit`).
-- **Forward audits** of stage 0's activations (:meth:`Gate.forward_audit`): a rejection may wait for one
-  (``defer_rejection``: cleared by a recomputation that agrees, it is a clean exchange, a false alarm), and an
-  audited tensor's entry is the audit's (a strike when two other replicas agree against it).
+- **Forward audits** of a previous stage's activations (:meth:`Gate.forward_audit`): a rejection may wait for one
+  (``defer_rejection``: cleared by a recomputation that agrees, it is a clean exchange, a false alarm, which raises
+  the threshold of the statistic that rejected it for a while: :meth:`SentinelMonitor.cleared`), and an audited
+  tensor's entry is the audit's (a strike when two other replicas agree against it).
 - **Audits** compare the route's gradient with one auditor's and, if they disagree, a tie-breaker's
   (:func:`swarm.audit.judge`); every gradient that took part gets an entry (the odd one a strike), and the outcome
   says whether the route's gradient stands (``ok``), is refused (``route``), the auditor lied (``audit``: the
@@ -165,6 +166,8 @@ class Gate:
             self.ledger.record_verdict(verdict)
         else:
             self.ledger.record(verdict.sender, not wrong, verdict.direction, reason if wrong else "")
+            if not wrong and self.sentinel is not None:  # a false alarm tunes the threshold that raised it
+                self.sentinel.cleared(verdict)
 
     def judge_audit(
         self, tensor: torch.Tensor, answers: Sequence[Tuple[str, torch.Tensor]], direction: str = BACKWARD
@@ -212,6 +215,10 @@ class Gate:
         if rejected and not decided:
             self.ledger.record_verdict(verdict)
             return AuditVerdict(outcome, True, route_peer)
+        if (
+            rejected and self.sentinel is not None
+        ):  # cleared: a false alarm tunes the threshold that raised it
+            self.sentinel.cleared(verdict)
         if not last_stage:
             self.ledger.record(route_peer, True, FORWARD)
         return AuditVerdict(outcome, False, None)

@@ -442,3 +442,37 @@ def test_loss_momentum_reads_only_recent_senders_under_a_sybil_flood():
     assert all(v.accepted for v in verdicts if v.sender != "drifter"), [
         v.reason for v in verdicts if not v.accepted
     ]
+
+
+def test_a_false_alarm_raises_its_statistics_threshold_for_a_while(honest):
+    """An audit that clears a rejection (a false alarm) tunes the threshold (issue 14's "SENTINEL steers audits"): the
+    statistic that rejected gets its threshold, in that direction only, raised to 1.2x the cleared score, so the
+    same drift passes; far beyond, a tensor is still rejected (the raise is capped at 1.5x); a hard check is
+    never loosened; the raise relaxes with every check in that direction."""
+    import copy
+
+    from swarm.sentinel import Verdict
+
+    monitor = SentinelMonitor(SentinelConfig(sample_seed=0))
+    for i, act, _ in honest[:90]:
+        monitor.check(act, f"p{i % 3}", FORWARD, microbatch=str(i))
+    act = honest[90][1]
+
+    def verdict(tensor):  # on a copy: a check changes the monitor's baselines
+        return copy.deepcopy(monitor).check(tensor, "p0", FORWARD, microbatch="x")
+
+    alarm = verdict(act * 0.3)  # measured: log_rms 13.3 spreads from the population's baseline
+    assert not alarm.accepted and alarm.baseline == "population" and 12 < alarm.score < 17, alarm
+    monitor.cleared(alarm)
+    assert monitor.threshold(FORWARD, alarm.statistic) == pytest.approx(1.2 * alarm.score)
+    assert monitor.threshold(BACKWARD, alarm.statistic) == 12.0
+    assert verdict(act * 0.3).accepted
+    assert not verdict(act * 0.1).accepted  # 25 spreads: beyond any raise
+    monitor.cleared(Verdict(False, "p0", FORWARD, 3.0, 0.0, "3 non-finite values", "finite", "hard"))
+    assert monitor.threshold(FORWARD, "finite") == 12.0 and monitor.false_alarms == 2
+    capped = SentinelMonitor()
+    capped.cleared(Verdict(False, "p0", FORWARD, 100.0, 12.0, "far", "log_rms", "population"))
+    assert capped.threshold(FORWARD, "log_rms") == pytest.approx(18.0)
+    for i, act, _ in honest[:30]:
+        capped.check(act, f"p{i % 3}", FORWARD, microbatch=str(i))
+    assert capped.threshold(FORWARD, "log_rms") == pytest.approx(12.0 * (1 + 0.5 * 0.99**30))
