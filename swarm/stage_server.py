@@ -156,13 +156,10 @@ class StageStats:
     throughput_ema: float = 0.0  # samples/s of forward+backward compute
     # per-peer counters: bounded (peer ids are free to mint), the least recently counted peers forgotten first
     flagged: Dict[str, int] = field(default_factory=PeerTable)  # peer id -> tensors of theirs rejected
-    audits_run: int = (
-        0  # audits this stage ran: of the next stage's gradients, or of the previous one's activations
-    )
-    forward_audits: int = 0  # of those, audits of the previous stage's activations
-    audit_inputs_missing: int = (
-        0  # forward audits of a middle stage with no input to recompute from (_fetch_input)
-    )
+    # audits this stage ran: of the next stage's gradients, or of the previous one's activations (forward_audits)
+    audits_run: int = 0
+    forward_audits: int = 0
+    audit_inputs_missing: int = 0  # forward audits of a middle stage that got no input to recompute from
     audits_failed: Dict[str, int] = field(
         default_factory=dict
     )  # outcome ("route", "audit", "inconclusive") -> count
@@ -1185,12 +1182,9 @@ class StageServer(ServicerBase):
         epoch: Optional[int],
         reveal: Any = None,
     ) -> torch.Tensor:
-        """``auditor``'s recomputation (another replica of the previous stage) of the activations of ``source`` (the
-        stage's input: tokens for stage 0); raises ChainError (blaming nobody: this is no hop of the route) if it gives none that could be compared."""
-        try:
-            peer_id = PeerID.from_base58(auditor)
-        except Exception:
-            raise ChainError(f"invalid auditor id {auditor[:20]!r}", blame=None) from None
+        """``auditor``'s recomputation (another replica of the previous stage) of the activations of ``source`` (that
+        stage's input: tokens for stage 0); raises ChainError (blaming nobody: this is no hop of the route) if it
+        gives none that could be compared."""
         meta = dict(
             header=header.to_wire(),
             recompute=True,
@@ -1200,31 +1194,7 @@ class StageServer(ServicerBase):
         )
         if reveal is not None:
             meta["audit"] = reveal
-        try:
-            received = await call_chain(
-                self.dataplane_client,
-                auditor,
-                None,
-                self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
-                meta,
-                [source],
-                self.cfg.limits,
-                min(self.cfg.hop_timeout_s, 30.0),
-                self.cfg.compression,
-            )
-        except asyncio.TimeoutError:
-            raise ChainError("timed out", blame=None) from None
-        except Exception as e:
-            raise ChainError(f"unreachable: {type(e).__name__}: {e}", blame=None) from None
-        reply = received.metadata
-        if "reports" not in reply:
-            raise ChainError(f"refused: {str(reply.get('error', 'no reason'))[:200]}", blame=None)
-        try:
-            reports = check_reports(header, reply["reports"], self.cfg.stage - 1, auditor, alone=True)
-        except ProtocolError as e:
-            raise ChainError(f"invalid reply: {e}", blame=None) from None
-        if not reports[0].ok:
-            raise ChainError(str(reports[0].error)[:200], blame=None)
+        received = await self._ask_aside(auditor, self.cfg.stage - 1, header, meta, [source])
         if len(received.tensors) != 1:
             raise ChainError("a forward audit's reply holds one tensor", blame=None)
         answer = received.tensors[0]
@@ -1760,19 +1730,37 @@ class StageServer(ServicerBase):
         two hops' word against each other; the sender's own signed report, which the hop before it checks, names
         what it really received)."""
         source = header.route[self.cfg.stage - 2]
-        try:
-            peer_id = PeerID.from_base58(source)
-        except Exception:
-            raise ChainError(f"invalid route peer id {source[:20]!r}", blame=None) from None
         meta = dict(header=header.to_wire(), fetch=True, admission=self.admission_proof)
+        received = await self._ask_aside(source, self.cfg.stage - 2, header, meta, [])
+        if len(received.tensors) != 1 or received.tensors[0].shape != x.shape:
+            raise ChainError("the fetched input is not one tensor shaped like the activations", blame=None)
+        fetched = received.tensors[0]
+        if tensor_digest(fetched) != claimed:
+            raise ChainError(
+                f"stage {self.cfg.stage - 2} sent other activations than stage {self.cfg.stage - 1} says it "
+                "computed from",
+                blame=None,
+            )
+        return fetched
+
+    async def _ask_aside(
+        self, peer: str, stage: int, header: ChainHeader, meta: Dict[str, Any], tensors: List[torch.Tensor]
+    ) -> Received:
+        """A request for an audit's sake to ``peer`` of ``stage``, which is not this hop's next one (an auditor, or
+        the hop before the previous one): its reply must hold its own signed report, ok. Raises ChainError blaming
+        nobody otherwise (its word against this peer's: the audit is what is lost)."""
+        try:
+            peer_id = PeerID.from_base58(peer)
+        except Exception:
+            raise ChainError(f"invalid peer id {peer[:20]!r}", blame=None) from None
         try:
             received = await call_chain(
                 self.dataplane_client,
-                source,
+                peer,
                 None,
                 self.get_stub(self.p2p, peer_id, namespace=namespace(self.cfg.run_id)).rpc_chain,
                 meta,
-                [],
+                tensors,
                 self.cfg.limits,
                 min(self.cfg.hop_timeout_s, 30.0),
                 self.cfg.compression,
@@ -1785,21 +1773,12 @@ class StageServer(ServicerBase):
         if "reports" not in reply:
             raise ChainError(f"refused: {str(reply.get('error', 'no reason'))[:200]}", blame=None)
         try:
-            reports = check_reports(header, reply["reports"], self.cfg.stage - 2, source, alone=True)
+            reports = check_reports(header, reply["reports"], stage, peer, alone=True)
         except ProtocolError as e:
             raise ChainError(f"invalid reply: {e}", blame=None) from None
         if not reports[0].ok:
             raise ChainError(str(reports[0].error)[:200], blame=None)
-        if len(received.tensors) != 1 or received.tensors[0].shape != x.shape:
-            raise ChainError("the fetched input is not one tensor shaped like the activations", blame=None)
-        fetched = received.tensors[0]
-        if tensor_digest(fetched) != claimed:
-            raise ChainError(
-                f"stage {self.cfg.stage - 2} sent other activations than stage {self.cfg.stage - 1} says it "
-                "computed from",
-                blame=None,
-            )
-        return fetched
+        return received
 
     async def _serve_recompute(
         self, received, header: ChainHeader, sender: str
