@@ -61,6 +61,7 @@ from swarm.protocol import (
     DOWNSTREAM,
     UPSTREAM,
     ChainHeader,
+    ForwardClaim,
     HopReport,
     ProtocolError,
     audit_reveal,
@@ -1273,6 +1274,7 @@ class StageServer(ServicerBase):
         out: torch.Tensor,
         evidence: Optional[torch.Tensor] = None,
         tokens: Optional[torch.Tensor] = None,
+        source: Optional[bytes] = None,
     ) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
@@ -1280,7 +1282,8 @@ class StageServer(ServicerBase):
         ``evidence``: a middle stage's output-gradient (signed by the stage after it), which its auditors
         recompute from (``meta["recompute"]``); the last stage's auditors compute from the labels instead.
         ``tokens``: stage 0's input, sent beside its activations so that the auditor can have them recomputed
-        (:meth:`_forward_audit`) before it rejects them."""
+        (:meth:`_forward_audit`) before it rejects them; ``source``: what this hop computed them from, for its signed
+        claim (:meth:`_call_next`)."""
         answers: List[Tuple[str, torch.Tensor]] = []
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
@@ -1293,6 +1296,7 @@ class StageServer(ServicerBase):
                         out,
                         timeout_s=min(self.cfg.hop_timeout_s, 30.0),
                         extra=[evidence] if evidence is not None else [tokens] if tokens is not None else (),
+                        source=source if evidence is None else None,
                     )
                 )[0]
             except ChainError as e:
@@ -1382,11 +1386,16 @@ class StageServer(ServicerBase):
         # on the stage's device from here on: SENTINEL's statistics run where the tensor lives (a GPU peer's checks
         # would otherwise cost CPU time beside the GPU's compute, and mix devices with its own activations)
         inputs, tokens = self._split_tokens(header, received.tensors, sender)
-        # what a middle-stage sender says it computed these activations from (a forward audit fetches that input from
-        # the hop before it and checks it against this digest); an auditor in an audit-only request may not fetch
-        claimed_input = None if audit_only or self.cfg.stage < 2 else _digest(meta.get("input_digest"))
         x = self._validate_request(header, inputs, sender)
         x_digest = tensor_digest(x)  # what this hop received, bound into its signed report
+        # the sender's signed claim on these activations (None at stage 0: the trainer's header covers the tokens),
+        # and, from a middle-stage sender, the digest of its input as the hop before it signed to have sent it: a
+        # forward audit fetches that input (an auditor in an audit-only request may not fetch)
+        claim = None if self.module.is_first else self._check_claim(header, meta, x_digest, sender)
+        claimed_input = None
+        if claim is not None and self.cfg.stage >= 2:
+            claimed_input = self._check_input_claim(header, meta, claim, sender)
+        sender_epoch = claim.epoch if claim is not None else None
         sent_tokens = x if self.module.is_first else None  # passed on: the next hop's forward audits use them
         x = x.to(self.device)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
@@ -1402,8 +1411,8 @@ class StageServer(ServicerBase):
             x,
             sender,
             header,
-            meta.get("sender_epoch"),
-            tokens if tokens is not None else claimed_input,
+            sender_epoch,
+            tokens if tokens is not None else None if audit_only else claimed_input,
             meta.get("audit"),
         )
         loop = asyncio.get_event_loop()
@@ -1443,9 +1452,7 @@ class StageServer(ServicerBase):
                         )
                     loss_t, loss_s = await loop.run_in_executor(self.executor, self.compute.loss, out, labels)
                     fwd_s += loss_s
-                    await self._check_loss(
-                        float(loss_t.detach()), sender, header, meta.get("sender_epoch"), x, labels
-                    )
+                    await self._check_loss(float(loss_t.detach()), sender, header, sender_epoch, x, labels)
                     if audit_only:  # the gradient for a penultimate stage's audit: no training on it
                         loss, grad_in, bwd_s = await loop.run_in_executor(
                             self.executor, self.compute.audit_gradient, x, loss_t
@@ -1459,8 +1466,9 @@ class StageServer(ServicerBase):
                     next_meta = dict(
                         header=meta["header"], sender_epoch=epoch, admission=self.admission_proof
                     )
-                    if not self.module.is_first:  # what this hop computed from: a forward audit's input
-                        next_meta["input_digest"] = x_digest
+                    if claim is not None:  # what this hop computed from, as its sender signed it: the input
+                        next_meta["input_claim"] = meta["claim"]  # the next hop's forward audits fetch
+                    source = header.labels_digest if self.module.is_first else x_digest
                     if self.cfg.stage + 1 < self.cfg.num_stages - 1:
                         next_meta["audit"] = meta.get(
                             "audit"
@@ -1472,6 +1480,7 @@ class StageServer(ServicerBase):
                         next_meta,
                         out.detach(),
                         extra=[sent_tokens] if sent_tokens is not None else (),
+                        source=source,
                     )
                     grad_out_wire = wire[0]
                     recomputers = await self._recomputers(header, next_peer)
@@ -1503,6 +1512,7 @@ class StageServer(ServicerBase):
                             audit_meta,
                             out.detach(),
                             tokens=sent_tokens,
+                            source=source,
                         )
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(
                         self.executor, self.compute.backward, x, out, grad_out
@@ -1542,9 +1552,11 @@ class StageServer(ServicerBase):
         out: torch.Tensor,
         timeout_s: Optional[float] = None,
         extra: Sequence[torch.Tensor] = (),
+        source: Optional[bytes] = None,
     ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int], List[torch.Tensor]]:
         """Send ``out`` (and ``extra`` tensors: a recomputation's output-gradient) to ``peer`` (the next stage's route
-        peer, or an auditor) and return the gradient it sent back, its signed reports (checked:
+        peer, or an auditor), with this hop's signed claim on it when ``source`` (the digest of what it was computed
+        from) is given and return the gradient it sent back, its signed reports (checked:
         ``swarm.protocol.check_reports``), its epoch, and the reply's tensors as they came: the gradient, then for a
         middle stage the next-but-one stage's gradient it relayed (the evidence of what its own was computed from).
         A failure raises ChainError: this hop's own claim about ``peer`` (unreachable, timed out, a malformed or
@@ -1556,6 +1568,9 @@ class StageServer(ServicerBase):
         sent = self._outbound(out, FORWARD, header)
         stage = self.cfg.stage + 1
         timeout_s = timeout_s or self.cfg.hop_timeout_s
+        if source is not None:  # a digest and a signature: off the event loop
+            claim = await self._off_loop(self._claim, header, sent, source, meta.get("sender_epoch"))
+            meta = dict(meta, claim=claim.to_wire())
         audit = meta.get("audit_only") is True or meta.get("recompute") is True
         if not audit:  # held while the micro-batch is in flight: the stage after the next may fetch it
             self._sent[header.digest] = sent
@@ -1725,10 +1740,9 @@ class StageServer(ServicerBase):
 
     async def _fetch_input(self, header: ChainHeader, claimed: bytes, x: torch.Tensor) -> torch.Tensor:
         """The input the previous (middle) stage's route peer computed ``x`` from: the activations the hop before it
-        sent, fetched from that hop (``fetch``), which must be what the sender says it received (``claimed``, its
-        digest). Raises ChainError, blaming nobody: a hop that no longer holds them, or digests that disagree (the
-        two hops' word against each other; the sender's own signed report, which the hop before it checks, names
-        what it really received)."""
+        sent, fetched from that hop (``fetch``), which must be the ones it signed to have sent (``claimed``, their
+        digest). Raises ChainError, blaming nobody: a hop that no longer holds them, or serves others than it signed
+        (it is no neighbour of this peer's; the audit is what is lost)."""
         source = header.route[self.cfg.stage - 2]
         meta = dict(header=header.to_wire(), fetch=True, admission=self.admission_proof)
         received = await self._ask_aside(source, self.cfg.stage - 2, header, meta, [])
@@ -1737,11 +1751,59 @@ class StageServer(ServicerBase):
         fetched = received.tensors[0]
         if tensor_digest(fetched) != claimed:
             raise ChainError(
-                f"stage {self.cfg.stage - 2} sent other activations than stage {self.cfg.stage - 1} says it "
-                "computed from",
+                f"stage {self.cfg.stage - 2} served other activations than it signed to have sent",
                 blame=None,
             )
         return fetched
+
+    def _claim(
+        self, header: ChainHeader, sent: torch.Tensor, source: bytes, epoch: Optional[int]
+    ) -> ForwardClaim:
+        """This hop's signed claim on the activations it sends (``swarm.protocol.ForwardClaim``)."""
+        return ForwardClaim.create(
+            self.identity_key,
+            header_digest=header.digest,
+            stage=self.cfg.stage,
+            peer=self.peer_id,
+            digest=tensor_digest(as_received(sent, self.cfg.compression)),
+            source=source,
+            epoch=epoch,
+        )
+
+    def _check_claim(
+        self, header: ChainHeader, meta: Dict[str, Any], x_digest: bytes, sender: str
+    ) -> ForwardClaim:
+        """The sender's signed claim on the activations it sent (digest ``x_digest``): its own, about these
+        activations, and at stage 1 computed from the header's tokens; anything else is the sender's lie."""
+        try:
+            claim = ForwardClaim.from_wire(meta.get("claim"))
+            claim.check(header, self.cfg.stage - 1, sender)
+        except ProtocolError as e:
+            raise ChainError(f"activations without their sender's valid claim: {e}", blame=sender) from None
+        if claim.digest != x_digest:
+            raise ChainError("its signed claim names other activations than it sent", blame=sender)
+        if self.cfg.stage == 1 and claim.source != header.labels_digest:
+            raise ChainError("its signed claim names other token ids than the header's", blame=sender)
+        return claim
+
+    def _check_input_claim(
+        self, header: ChainHeader, meta: Dict[str, Any], claim: ForwardClaim, sender: str
+    ) -> bytes:
+        """A middle-stage sender relays the claim the hop before it signed on the activations it sent it (checked by
+        the sender when it got them): the input the sender says it computed from (``claim.source``) must be those.
+        Returns their digest, which the input fetched for a forward audit must have (:meth:`_fetch_input`)."""
+        before = self.cfg.stage - 2
+        try:
+            relayed = ForwardClaim.from_wire(meta.get("input_claim"))
+            relayed.check(header, before, header.route[before])
+        except ProtocolError as e:
+            raise ChainError(f"no valid claim of stage {before} relayed: {e}", blame=sender) from None
+        if relayed.digest != claim.source:
+            raise ChainError(
+                f"it claims to have computed from other activations than stage {before} signed to have sent it",
+                blame=sender,
+            )
+        return claim.source
 
     async def _ask_aside(
         self, peer: str, stage: int, header: ChainHeader, meta: Dict[str, Any], tensors: List[torch.Tensor]
@@ -1913,11 +1975,6 @@ def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
 def _data_key(header: ChainHeader) -> str:
     """What SENTINEL's replay check keys on: the trainer and the micro-batch's index (its retries share their data)."""
     return f"{header.trainer}:{header.mb.split('.')[0]}"
-
-
-def _digest(value: Any) -> Optional[bytes]:
-    """A tensor digest from a request's metadata, or None if it is not one."""
-    return value if isinstance(value, bytes) and len(value) == 32 else None
 
 
 def _epoch(value: Any) -> Optional[int]:

@@ -665,3 +665,56 @@ def test_a_middle_stage_forward_audit_recomputes_from_the_input_the_hop_before_s
     asyncio.run(receiver._fetch_input(header, tensor_digest(x1), honest))
     with pytest.raises(ChainError, match="fetched already"):
         asyncio.run(receiver._fetch_input(header, tensor_digest(x1), honest))
+
+
+def test_a_receiver_holds_its_sender_to_its_signed_claim(monkeypatch):
+    """Activations travel with their sender's signed claim (their digest, what they were computed from, the epoch):
+    a claim that is missing, another peer's, or names other activations is the sender's fault; at stage 1 it must
+    name the header's tokens; a middle-stage sender relays the claim of the hop before it, and an input other than
+    the one that hop signed to have sent it is the sender's lie (what a forward audit then recomputes from is bound
+    to the hop before)."""
+    from swarm.protocol import ForwardClaim, tensor_digest
+    from swarm.stage_server import ChainError
+
+    servers, (receiver,) = _replicas_and_receivers(monkeypatch, [S2], stage=1, num_stages=3)
+    ids = torch.randint(0, 64, (2, 8))
+    header = _header("1.0", [S0, S1, S2], ids, step=20)
+    x1, y1 = torch.randn(2, 8, TINY.hidden_size), torch.randn(2, 8, TINY.hidden_size)
+
+    def claim(key, stage, sent, source):
+        return ForwardClaim.create(
+            key,
+            header_digest=header.digest,
+            stage=stage,
+            peer=pid(key),
+            digest=tensor_digest(sent),
+            source=source,
+            epoch=2,
+        ).to_wire()
+
+    before = claim(S0, 0, x1, header.labels_digest)
+    meta = dict(claim=claim(S1, 1, y1, tensor_digest(x1)), input_claim=before)
+    got = receiver._check_claim(header, meta, tensor_digest(y1), pid(S1))
+    assert got.epoch == 2 and receiver._check_input_claim(header, meta, got, pid(S1)) == tensor_digest(x1)
+    lies = {
+        "without their sender's valid claim": (dict(meta, claim=None), y1),
+        "other activations": (meta, y1 * 2),
+        "not signed": (dict(meta, claim={**meta["claim"], "key": before["key"]}), y1),
+    }
+    for reason, (lie, received) in lies.items():
+        with pytest.raises(ChainError, match=reason) as e:
+            receiver._check_claim(header, lie, tensor_digest(received), pid(S1))
+        assert e.value.blame == pid(S1)
+    for reason, lie in {
+        "other activations than stage 0 signed": dict(meta, claim=claim(S1, 1, y1, tensor_digest(x1 * 2))),
+        "no valid claim of stage 0": dict(meta, input_claim=None),
+    }.items():
+        with pytest.raises(ChainError, match=reason) as e:
+            receiver._check_input_claim(
+                header, lie, receiver._check_claim(header, lie, tensor_digest(y1), pid(S1)), pid(S1)
+            )
+        assert e.value.blame == pid(S1)
+    stage1 = servers["route"]  # at stage 1, the claim must name the header's tokens
+    with pytest.raises(ChainError, match="other token ids"):
+        stage1._check_claim(header, dict(claim=claim(S0, 0, x1, b"t" * 32)), tensor_digest(x1), pid(S0))
+    stage1._check_claim(header, dict(claim=before), tensor_digest(x1), pid(S0))
