@@ -20,9 +20,10 @@ commitment (a hop cannot swap the auditors for its friends, nor strip them unnot
 consumes them. Without an audit the commitment hides an empty list under a random salt, so the last stage cannot
 tell whether it is audited.
 
-**Activations** travel with their sender's signed :class:`ForwardClaim` (the digest of what it sends, of what it
-computed that from, and its epoch), which the receiver checks against what it got and relays with its own: what a
-forward audit of a middle stage needs to bind the input it recomputes from to the hop before it.
+**Activations** travel with their sender's signed claim (``swarm.evidence.TensorClaim``: the digest of what it
+sends, of what it computed that from, and its epoch, for this request), which the receiver checks against what it
+got and relays with its own: what a forward audit of a middle stage needs to bind the input it recomputes from to
+the hop before it.
 
 **Replies** carry one :class:`HopReport` per hop, each signed by the hop that made it: its verdict (ok, or the
 error, and whom it blames: its ``upstream`` or ``downstream`` neighbour, or nobody), the loss (the last stage's),
@@ -424,86 +425,6 @@ class HopReport:
             signature=_bytes(value.get("sig"), "report.sig", MAX_SIGNATURE_BYTES),
             digests=tuple(_bytes(d, "report.d[]", 32, exact=32) for d in digests),
         )
-
-
-# ---- forward claims ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ForwardClaim:
-    """A hop's signed statement about the activations it sends on (see the module doc): which request, which stage
-    and peer, the digest of the activations (as the receiver decodes them), the digest of what it computed them
-    from (stage 0: the token ids, the header's digest; later stages: the activations it received) and the epoch of
-    its weights. A hop cannot later deny what it sent, nor claim another input or epoch than it signed; a receiver
-    checks the claim against what it got, and relays it to the next hop, whose forward audit needs its input."""
-
-    header_digest: bytes
-    stage: int
-    peer: str
-    digest: bytes
-    source: bytes
-    epoch: Optional[int]
-    key: bytes = b""
-    signature: bytes = b""
-
-    def payload(self) -> bytes:
-        return msgpack.packb(
-            [
-                PROTOCOL,
-                b"forward",
-                self.header_digest,
-                self.stage,
-                self.peer,
-                self.digest,
-                self.source,
-                self.epoch,
-                self.key,
-            ],
-            use_bin_type=True,
-        )
-
-    @classmethod
-    def create(cls, key: RSAPrivateKey, **fields) -> "ForwardClaim":
-        claim = cls(key=key.get_public_key().to_bytes(), **fields)
-        return cls(**{**claim.__dict__, "signature": key.sign(claim.payload())})
-
-    def to_wire(self) -> Dict[str, Any]:
-        return dict(
-            h=self.header_digest,
-            stage=self.stage,
-            peer=self.peer,
-            d=self.digest,
-            src=self.source,
-            epoch=self.epoch,
-            key=self.key,
-            sig=self.signature,
-        )
-
-    @classmethod
-    def from_wire(cls, value: Any) -> "ForwardClaim":
-        if not isinstance(value, dict):
-            raise ProtocolError("a forward claim must be a map")
-        epoch = value.get("epoch")
-        return cls(
-            header_digest=_bytes(value.get("h"), "claim.h", 32, exact=32),
-            stage=_int(value.get("stage"), "claim.stage", 0, MAX_ROUTE - 1),
-            peer=_str(value.get("peer"), "claim.peer"),
-            digest=_bytes(value.get("d"), "claim.d", 32, exact=32),
-            source=_bytes(value.get("src"), "claim.src", 32, exact=32),
-            epoch=None if epoch is None else _int(epoch, "claim.epoch", 0, 2**62),
-            key=_bytes(value.get("key"), "claim.key", MAX_KEY_BYTES),
-            signature=_bytes(value.get("sig"), "claim.sig", MAX_SIGNATURE_BYTES),
-        )
-
-    def check(self, header: ChainHeader, stage: int, peer: str) -> None:
-        """Raise :class:`ProtocolError` unless this is ``peer``'s claim, signed by it, about its activations at
-        ``stage`` for ``header``'s request."""
-        if self.header_digest != header.digest or self.stage != stage or self.peer != peer:
-            raise ProtocolError(f"the forward claim is not stage {stage}'s, of {peer[-8:]}, for this request")
-        try:
-            signer = peer_id_of(self.key)
-        except Exception:
-            raise ProtocolError("claim.key is not an RSA public key") from None
-        if signer != peer or not _verify(self.key, self.payload(), self.signature):
-            raise ProtocolError(f"the forward claim is not signed by {peer[-8:]}")
 
 
 def check_reports(

@@ -51,7 +51,14 @@ from swarm.dataplane import (
     endpoint_of,
     host_of_addrs,
 )
-from swarm.evidence import StageAuditConfig, draw_auditor, recompute, relative_error
+from swarm.evidence import (
+    EvidenceError,
+    StageAuditConfig,
+    TensorClaim,
+    draw_auditor,
+    recompute,
+    relative_error,
+)
 from swarm.gate import Gate
 from swarm.labels import LabelBox
 from swarm.model import StageModule
@@ -61,7 +68,6 @@ from swarm.protocol import (
     DOWNSTREAM,
     UPSTREAM,
     ChainHeader,
-    ForwardClaim,
     HopReport,
     ProtocolError,
     audit_reveal,
@@ -1758,52 +1764,70 @@ class StageServer(ServicerBase):
 
     def _claim(
         self, header: ChainHeader, sent: torch.Tensor, source: bytes, epoch: Optional[int]
-    ) -> ForwardClaim:
-        """This hop's signed claim on the activations it sends (``swarm.protocol.ForwardClaim``)."""
-        return ForwardClaim.create(
+    ) -> TensorClaim:
+        """This hop's signed claim on the activations it sends (``swarm.evidence.TensorClaim``, the simulator's):
+        for this request (its header's digest), computed from ``source`` at ``epoch``."""
+        return TensorClaim.create(
             self.identity_key,
-            header_digest=header.digest,
             stage=self.cfg.stage,
-            peer=self.peer_id,
-            digest=tensor_digest(as_received(sent, self.cfg.compression)),
-            source=source,
-            epoch=epoch,
+            direction=FORWARD,
+            microbatch=header.digest.hex(),
+            epoch=epoch if epoch is not None else self.optimizer.epoch,
+            tensor=as_received(sent, self.cfg.compression),
+            inputs=(source,),
         )
+
+    def _received_claim(self, header: ChainHeader, value: Any, stage: int, sender: str) -> TensorClaim:
+        """A forward claim from the wire: signed by ``sender`` about its activations at ``stage`` for this request;
+        raises ProtocolError."""
+        try:
+            claim = TensorClaim.from_wire(value)
+            claim.verify()
+        except EvidenceError as e:
+            raise ProtocolError(str(e)) from None
+        if (claim.sender, claim.stage, claim.direction, claim.microbatch) != (
+            sender,
+            stage,
+            FORWARD,
+            header.digest.hex(),
+        ):
+            raise ProtocolError(
+                f"it is not stage {stage}'s claim, by {sender[-8:]}, on this request's activations"
+            )
+        return claim
 
     def _check_claim(
         self, header: ChainHeader, meta: Dict[str, Any], x_digest: bytes, sender: str
-    ) -> ForwardClaim:
+    ) -> TensorClaim:
         """The sender's signed claim on the activations it sent (digest ``x_digest``): its own, about these
         activations, and at stage 1 computed from the header's tokens; anything else is the sender's lie."""
         try:
-            claim = ForwardClaim.from_wire(meta.get("claim"))
-            claim.check(header, self.cfg.stage - 1, sender)
+            claim = self._received_claim(header, meta.get("claim"), self.cfg.stage - 1, sender)
         except ProtocolError as e:
             raise ChainError(f"activations without their sender's valid claim: {e}", blame=sender) from None
         if claim.digest != x_digest:
             raise ChainError("its signed claim names other activations than it sent", blame=sender)
-        if self.cfg.stage == 1 and claim.source != header.labels_digest:
+        if self.cfg.stage == 1 and claim.inputs[0] != header.labels_digest:
             raise ChainError("its signed claim names other token ids than the header's", blame=sender)
         return claim
 
     def _check_input_claim(
-        self, header: ChainHeader, meta: Dict[str, Any], claim: ForwardClaim, sender: str
+        self, header: ChainHeader, meta: Dict[str, Any], claim: TensorClaim, sender: str
     ) -> bytes:
         """A middle-stage sender relays the claim the hop before it signed on the activations it sent it (checked by
-        the sender when it got them): the input the sender says it computed from (``claim.source``) must be those.
+        the sender when it got them): the input the sender says it computed from (``claim.inputs``) must be those.
         Returns their digest, which the input fetched for a forward audit must have (:meth:`_fetch_input`)."""
         before = self.cfg.stage - 2
         try:
-            relayed = ForwardClaim.from_wire(meta.get("input_claim"))
-            relayed.check(header, before, header.route[before])
+            relayed = self._received_claim(header, meta.get("input_claim"), before, header.route[before])
         except ProtocolError as e:
             raise ChainError(f"no valid claim of stage {before} relayed: {e}", blame=sender) from None
-        if relayed.digest != claim.source:
+        if relayed.digest != claim.inputs[0]:
             raise ChainError(
                 f"it claims to have computed from other activations than stage {before} signed to have sent it",
                 blame=sender,
             )
-        return claim.source
+        return claim.inputs[0]
 
     async def _ask_aside(
         self, peer: str, stage: int, header: ChainHeader, meta: Dict[str, Any], tensors: List[torch.Tensor]

@@ -673,7 +673,8 @@ def test_a_receiver_holds_its_sender_to_its_signed_claim(monkeypatch):
     name the header's tokens; a middle-stage sender relays the claim of the hop before it, and an input other than
     the one that hop signed to have sent it is the sender's lie (what a forward audit then recomputes from is bound
     to the hop before)."""
-    from swarm.protocol import ForwardClaim, tensor_digest
+    from swarm.evidence import TensorClaim
+    from swarm.protocol import tensor_digest
     from swarm.stage_server import ChainError
 
     servers, (receiver,) = _replicas_and_receivers(monkeypatch, [S2], stage=1, num_stages=3)
@@ -681,15 +682,9 @@ def test_a_receiver_holds_its_sender_to_its_signed_claim(monkeypatch):
     header = _header("1.0", [S0, S1, S2], ids, step=20)
     x1, y1 = torch.randn(2, 8, TINY.hidden_size), torch.randn(2, 8, TINY.hidden_size)
 
-    def claim(key, stage, sent, source):
-        return ForwardClaim.create(
-            key,
-            header_digest=header.digest,
-            stage=stage,
-            peer=pid(key),
-            digest=tensor_digest(sent),
-            source=source,
-            epoch=2,
+    def claim(key, stage, sent, source, mb=header.digest.hex()):
+        return TensorClaim.create(
+            key, stage=stage, direction=FORWARD, microbatch=mb, epoch=2, tensor=sent, inputs=(source,)
         ).to_wire()
 
     before = claim(S0, 0, x1, header.labels_digest)
@@ -699,7 +694,8 @@ def test_a_receiver_holds_its_sender_to_its_signed_claim(monkeypatch):
     lies = {
         "without their sender's valid claim": (dict(meta, claim=None), y1),
         "other activations": (meta, y1 * 2),
-        "not signed": (dict(meta, claim={**meta["claim"], "key": before["key"]}), y1),
+        "key does not derive": (dict(meta, claim={**meta["claim"], "key": before["key"]}), y1),
+        "not stage 1's claim": (dict(meta, claim=claim(S1, 1, y1, tensor_digest(x1), mb="another")), y1),
     }
     for reason, (lie, received) in lies.items():
         with pytest.raises(ChainError, match=reason) as e:

@@ -275,24 +275,3 @@ def test_a_report_signs_the_tensors_of_its_hop():
     with pytest.raises(ProtocolError, match="report.d"):
         check_reports(h, [dict(wire, d=digests[:2])], 2, ROUTE[2])
     assert check_reports(h, [report(h, 2, ok=True, loss=1.0)], 2, ROUTE[2])[0].digests == ()
-
-
-def test_a_forward_claim_binds_its_sender_request_stage_and_tensors():
-    """A hop's signed claim on the activations it sends: verified for its own request, stage and peer; any field
-    rewritten, or another peer's key, and it does not verify."""
-    from swarm.protocol import ForwardClaim
-
-    h, _ = header()
-    fields = dict(header_digest=h.digest, stage=1, peer=ROUTE[1], digest=b"a" * 32, source=b"b" * 32, epoch=3)
-    claim = ForwardClaim.from_wire(ForwardClaim.create(KEYS[2], **fields).to_wire())
-    claim.check(h, 1, ROUTE[1])
-    for name, value in (("digest", b"c" * 32), ("source", b"c" * 32), ("epoch", 4), ("stage", 2)):
-        forged = ForwardClaim(**{**claim.__dict__, name: value})
-        with pytest.raises(ProtocolError):
-            forged.check(h, forged.stage, ROUTE[1])
-    with pytest.raises(ProtocolError, match="not signed"):  # signed by another key than the peer's
-        ForwardClaim.create(KEYS[3], **fields).check(h, 1, ROUTE[1])
-    with pytest.raises(ProtocolError):
-        claim.check(header()[0], 1, ROUTE[1])  # another request
-    with pytest.raises(ProtocolError):
-        ForwardClaim.from_wire({**claim.to_wire(), "d": b"short"})
