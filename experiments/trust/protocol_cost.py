@@ -1,7 +1,9 @@
 """What the signed chain protocol (swarm.protocol) costs per micro-batch, against the compute it guards.
 
 Per attempt of a micro-batch through S stages: the trainer signs one header and checks S reports; each hop checks
-the header, signs its report and checks the reports of the hops after it. Measured here in CPU seconds (process
+the header, signs its report and checks the reports of the hops after it; each hop but the last signs a claim on the
+activations it sends (a digest of them and a signature: ``swarm.evidence.TensorClaim``), which the next hop checks
+against the activations it got (a second digest). Measured here in CPU seconds (process
 time) and wall time, interleaved with the forward + backward of one stage of the tiny model on one micro-batch of
 the default swarm shape (8 x 128 tokens), repeated; the machine's load is printed beside the figures.
 
@@ -24,14 +26,16 @@ import torch  # noqa: E402
 from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 
 from swarm.config import model_preset  # noqa: E402
+from swarm.evidence import TensorClaim  # noqa: E402
 from swarm.identity import peer_id_of  # noqa: E402
 from swarm.model import StageModule  # noqa: E402
-from swarm.protocol import ChainHeader, HopReport, check_reports, resolve  # noqa: E402
+from swarm.protocol import ChainHeader, HopReport, check_reports, resolve, tensor_digest  # noqa: E402
+from swarm.sentinel import FORWARD  # noqa: E402
 
 STAGES, BATCH, SEQ, REPEATS = 2, 8, 128, 30
 
 
-def protocol_once(keys, ids, tokens) -> None:
+def protocol_once(keys, ids, tokens, activations) -> None:
     trainer_key, trainer = keys[0], ids[0]
     route = ids[1:]
     header, _ = ChainHeader.create(
@@ -45,6 +49,21 @@ def protocol_once(keys, ids, tokens) -> None:
         now=time.time(),
     )
     wire = header.to_wire()
+    source = header.labels_digest
+    for stage in range(STAGES - 1):  # the forward: each hop's claim on its activations, checked by the next
+        claim = TensorClaim.create(
+            keys[stage + 1],
+            stage=stage,
+            direction=FORWARD,
+            microbatch=header.digest.hex(),
+            epoch=0,
+            tensor=activations,
+            inputs=(source,),
+        ).to_wire()
+        received = TensorClaim.from_wire(claim)
+        received.verify()
+        source = tensor_digest(activations)
+        assert received.digest == source
     reports = []
     for stage in reversed(range(STAGES)):  # the reply travels back up: the last hop reports first
         parsed = ChainHeader.from_wire(wire)
@@ -89,9 +108,10 @@ def main() -> None:
     ids = [peer_id_of(k.get_public_key().to_bytes()) for k in keys]
     tokens = torch.randint(0, 4096, (BATCH, SEQ))
     module = StageModule(model_preset("tiny"), 0, STAGES)
+    activations = torch.randn(BATCH, SEQ, model_preset("tiny").hidden_size)
     protocol, compute = [], []
     for _ in range(REPEATS):  # interleaved, so a change in load hits both alike
-        protocol.append(measure(protocol_once, keys, ids, tokens))
+        protocol.append(measure(protocol_once, keys, ids, tokens, activations))
         compute.append(measure(compute_once, module, tokens))
     result = dict(
         machine=f"{os.cpu_count()} cores, {platform.machine()}",
