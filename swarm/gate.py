@@ -215,9 +215,8 @@ class Gate:
         if rejected and not decided:
             self.ledger.record_verdict(verdict)
             return AuditVerdict(outcome, True, route_peer)
-        if (
-            rejected and self.sentinel is not None
-        ):  # cleared: a false alarm tunes the threshold that raised it
+        # cleared: a false alarm, which tunes the threshold that raised it
+        if rejected and self.sentinel is not None:
             self.sentinel.cleared(verdict)
         if not last_stage:
             self.ledger.record(route_peer, True, FORWARD)

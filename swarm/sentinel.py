@@ -1088,9 +1088,8 @@ class SentinelMonitor:
         """A recomputation audit found the tensor this monitor rejected honest (a false alarm): its statistic's
         threshold in its direction rises to ``TUNING_MARGIN`` times the score it had, at most ``cfg.max_tuning``
         times ``cfg.threshold``, so that the honest drift that caused it (which goes on, and shows in the sender's
-        own baseline too) stops being rejected; :meth:`_relax`
-        brings it back. Only statistical verdicts against a baseline tune anything (a hard check, a replay or a
-        relative RMS bound is never loosened). The raise is per direction and statistic, not per sender: an attacker
+        own baseline too) stops being rejected; :meth:`_relax` brings it back. Only statistical verdicts against a
+        baseline tune anything (a hard check, a replay or a relative RMS bound is never loosened). The raise is per direction and statistic, not per sender: an attacker
         cannot raise it (only a tensor that other replicas recompute alike clears a rejection), but while it lasts it
         is looser for every sender; audits back it."""
         self.false_alarms += 1

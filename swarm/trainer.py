@@ -8,8 +8,8 @@ report per hop, the last stage's with the loss. A failed attempt names the peer 
 the deepest hop that failed of its own making names a neighbour; a reply that does not verify blames its deliverer);
 the trainer bans it locally and retries on another chain, up to ``max_attempts``, then drops the micro-batch
 with the reason; a tensor a check rejected is never re-sent to the same check (with a single replica on either
-side of that hop the micro-batch is dropped at once). The :class:`MicroBatchLedger` guarantees each micro-batch ends exactly once: completed, or
-dropped with a reason; retries are counted separately.
+side of that hop the micro-batch is dropped at once). The :class:`MicroBatchLedger` guarantees each micro-batch
+ends exactly once: completed, or dropped with a reason; retries are counted separately.
 
 An optimizer step, from the trainer's view, is ``microbatches_per_step`` consecutive micro-batches: the
 stage replicas step together once the swarm has accumulated that many samples (``target_batch_size``).
