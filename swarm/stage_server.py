@@ -1024,7 +1024,7 @@ class StageServer(ServicerBase):
         x: torch.Tensor,
         sender: str,
         header: ChainHeader,
-        epoch: Any,
+        epoch: Optional[int],
         source: Union[torch.Tensor, bytes, None] = None,
         reveal: Any = None,
     ) -> None:
@@ -1035,10 +1035,10 @@ class StageServer(ServicerBase):
         Activations can be recomputed by other replicas of the sender's stage (:meth:`_forward_audit`) from their
         ``source``: stage 0's from the trainer's tokens, which came with them; a middle stage's from the input it
         says it computed them from (its digest: the input is fetched from the hop before it). With ``stage_audit``
-        on, a rejection waits for that audit (``on_suspicion``: cleared,
-        the tensor is used and the alarm was false), a suspect sender's tensors are audited before use, and a
-        sampled share of the others (``rate``, every one of a newcomer's first hops) after use, off the micro-batch's
-        path; none before SENTINEL's warm-up steps are over. ``reveal``: the trainer's audit reveal that came with
+        on, a rejection waits for that audit (``on_suspicion``: cleared, the tensor is used and the alarm was false),
+        a suspect sender's tensors are audited before use, and a sampled share of the others (``rate``, every one of
+        a newcomer's first hops) after use, off the micro-batch's path; none before SENTINEL's warm-up steps are
+        over. ``reveal``: the trainer's audit reveal that came with
         the request, shown to the forward auditors (a last-stage auditor in an audit-only request is not the
         route's next hop; the reveal names it)."""
         cfg = self.cfg.stage_audit
@@ -1054,23 +1054,21 @@ class StageServer(ServicerBase):
             sender,
             microbatch=_data_key(header),
             step=header.step,
-            epoch=_epoch(epoch),
+            epoch=epoch,
             last_stage=self.module.is_last,
             defer_rejection=audits and cfg.on_suspicion,
             audited=planned,
         )
         suspicious = verdict is not None and not verdict.accepted
         if audits and (suspicious and cfg.on_suspicion or planned and suspect):
-            await self._forward_audit(x, sender, header, source, verdict, _epoch(epoch), reveal)
+            await self._forward_audit(x, sender, header, source, verdict, epoch, reveal)
         elif planned and suspicious:  # rejected, and no audit may clear it (on_suspicion off)
             self.gate.settle(verdict, None)
             self._enforce(verdict, sender, FORWARD)
         elif (
             planned
         ):  # a sampled audit of a tensor SENTINEL accepted: its result may arrive after the micro-batch
-            task = asyncio.create_task(
-                self._forward_audit(x, sender, header, source, verdict, _epoch(epoch), reveal)
-            )
+            task = asyncio.create_task(self._forward_audit(x, sender, header, source, verdict, epoch, reveal))
             self._background_audits.add(task)
             task.add_done_callback(self._background_audit_done)
         else:
@@ -1119,15 +1117,14 @@ class StageServer(ServicerBase):
         breaks a tie). The sender's ledger entry is :meth:`Gate.forward_audit`'s; raises (blaming the sender) if its
         tensor is refused. With no input to recompute from, or no auditor, nobody is blamed and SENTINEL's verdict
         stands."""
-        stage = self.cfg.stage - 1
-        replicas = await self._stage_replicas(stage)
+        input_: Optional[torch.Tensor] = source if isinstance(source, torch.Tensor) else None
         if isinstance(source, bytes):
             try:
-                source = await self._fetch_input(header, source, x)
+                input_ = await self._fetch_input(header, source, x)
             except ChainError as e:
                 logger.info(f"stage {self.cfg.stage}: no input to audit micro-batch {header.mb}: {e.reason}")
                 self.stats.audit_inputs_missing += 1
-                replicas = []
+        replicas = [] if input_ is None else await self._stage_replicas(self.cfg.stage - 1)
         seed = hashlib.sha256(header.digest + b"forward").digest()
         drawn: List[str] = []
         answers: List[Tuple[str, torch.Tensor]] = []
@@ -1139,7 +1136,7 @@ class StageServer(ServicerBase):
                 break
             drawn.append(auditor)
             try:
-                answer = await self._ask_forward(auditor, header, source, x, epoch, reveal)
+                answer = await self._ask_forward(auditor, header, input_, x, epoch, reveal)
             except ChainError as e:
                 logger.info(
                     f"stage {self.cfg.stage}: forward auditor {auditor[-8:]} gave no activations: {e.reason}"
@@ -1235,7 +1232,7 @@ class StageServer(ServicerBase):
         loss: float,
         sender: str,
         header: ChainHeader,
-        sender_epoch: Any,
+        sender_epoch: Optional[int],
         x: torch.Tensor,
         labels: torch.Tensor,
     ) -> None:
@@ -1246,7 +1243,7 @@ class StageServer(ServicerBase):
             sender,
             microbatch=_data_key(header),
             step=header.step,
-            epoch=_epoch(sender_epoch),
+            epoch=sender_epoch,
             activations=x,
             tokens=labels,
             attributable=self.cfg.stage == 1,
@@ -1280,7 +1277,7 @@ class StageServer(ServicerBase):
         out: torch.Tensor,
         evidence: Optional[torch.Tensor] = None,
         tokens: Optional[torch.Tensor] = None,
-        source: Optional[bytes] = None,
+        made_from: Optional[Tuple[bytes, int]] = None,
     ) -> None:
         """Ask the auditors for the gradient of the same activations and judge the route's against theirs
         (``swarm.audit.judge``); the verdict is the route peer's ledger entry for this gradient. Raises (blaming
@@ -1288,8 +1285,8 @@ class StageServer(ServicerBase):
         ``evidence``: a middle stage's output-gradient (signed by the stage after it), which its auditors
         recompute from (``meta["recompute"]``); the last stage's auditors compute from the labels instead.
         ``tokens``: stage 0's input, sent beside its activations so that the auditor can have them recomputed
-        (:meth:`_forward_audit`) before it rejects them; ``source``: what this hop computed them from, for its signed
-        claim (:meth:`_call_next`)."""
+        (:meth:`_forward_audit`) before it rejects them; ``made_from``: what this hop computed them from and its epoch,
+        for its signed claim (:meth:`_call_next`)."""
         answers: List[Tuple[str, torch.Tensor]] = []
         outcome: Optional[AuditOutcome] = None
         for auditor in auditors:
@@ -1302,7 +1299,7 @@ class StageServer(ServicerBase):
                         out,
                         timeout_s=min(self.cfg.hop_timeout_s, 30.0),
                         extra=[evidence] if evidence is not None else [tokens] if tokens is not None else (),
-                        source=source if evidence is None else None,
+                        made_from=made_from if evidence is None else None,
                     )
                 )[0]
             except ChainError as e:
@@ -1398,10 +1395,12 @@ class StageServer(ServicerBase):
         # and, from a middle-stage sender, the digest of its input as the hop before it signed to have sent it: a
         # forward audit fetches that input (an auditor in an audit-only request may not fetch)
         claim = None if self.module.is_first else self._check_claim(header, meta, x_digest, sender)
-        claimed_input = None
+        sender_epoch = claim.epoch if claim is not None else None
+        audit_source: Union[torch.Tensor, bytes, None] = tokens  # what a forward audit recomputes from
         if claim is not None and self.cfg.stage >= 2:
             claimed_input = self._check_input_claim(header, meta, claim, sender)
-        sender_epoch = claim.epoch if claim is not None else None
+            if not audit_only:
+                audit_source = claimed_input
         sent_tokens = x if self.module.is_first else None  # passed on: the next hop's forward audits use them
         x = x.to(self.device)
         auditors = [] if self.module.is_last else self._auditors(header, meta, sender)
@@ -1418,7 +1417,7 @@ class StageServer(ServicerBase):
             sender,
             header,
             sender_epoch,
-            tokens if tokens is not None else None if audit_only else claimed_input,
+            audit_source,
             meta.get("audit"),
         )
         loop = asyncio.get_event_loop()
@@ -1469,12 +1468,11 @@ class StageServer(ServicerBase):
                             self.executor, self.compute.backward_loss, x, loss_t
                         )
                 else:
-                    next_meta = dict(
-                        header=meta["header"], sender_epoch=epoch, admission=self.admission_proof
-                    )
+                    next_meta = dict(header=meta["header"], admission=self.admission_proof)
                     if claim is not None:  # what this hop computed from, as its sender signed it: the input
                         next_meta["input_claim"] = meta["claim"]  # the next hop's forward audits fetch
-                    source = header.labels_digest if self.module.is_first else x_digest
+                    # what its signed claim says the activations were computed from, and with which weights
+                    made_from = (header.labels_digest if self.module.is_first else x_digest, epoch)
                     if self.cfg.stage + 1 < self.cfg.num_stages - 1:
                         next_meta["audit"] = meta.get(
                             "audit"
@@ -1486,7 +1484,7 @@ class StageServer(ServicerBase):
                         next_meta,
                         out.detach(),
                         extra=[sent_tokens] if sent_tokens is not None else (),
-                        source=source,
+                        made_from=made_from,
                     )
                     grad_out_wire = wire[0]
                     recomputers = await self._recomputers(header, next_peer)
@@ -1518,7 +1516,7 @@ class StageServer(ServicerBase):
                             audit_meta,
                             out.detach(),
                             tokens=sent_tokens,
-                            source=source,
+                            made_from=made_from,
                         )
                     grad_in, bwd_s, opt_s = await loop.run_in_executor(
                         self.executor, self.compute.backward, x, out, grad_out
@@ -1558,11 +1556,11 @@ class StageServer(ServicerBase):
         out: torch.Tensor,
         timeout_s: Optional[float] = None,
         extra: Sequence[torch.Tensor] = (),
-        source: Optional[bytes] = None,
+        made_from: Optional[Tuple[bytes, int]] = None,
     ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int], List[torch.Tensor]]:
         """Send ``out`` (and ``extra`` tensors: a recomputation's output-gradient) to ``peer`` (the next stage's route
-        peer, or an auditor), with this hop's signed claim on it when ``source`` (the digest of what it was computed
-        from) is given and return the gradient it sent back, its signed reports (checked:
+        peer, or an auditor), with this hop's signed claim on it when ``made_from`` (the digest of what it was
+        computed from, and the epoch of the weights) is given, and return the gradient it sent back, its signed reports (checked:
         ``swarm.protocol.check_reports``), its epoch, and the reply's tensors as they came: the gradient, then for a
         middle stage the next-but-one stage's gradient it relayed (the evidence of what its own was computed from).
         A failure raises ChainError: this hop's own claim about ``peer`` (unreachable, timed out, a malformed or
@@ -1574,35 +1572,13 @@ class StageServer(ServicerBase):
         sent = self._outbound(out, FORWARD, header)
         stage = self.cfg.stage + 1
         timeout_s = timeout_s or self.cfg.hop_timeout_s
-        if source is not None:  # a digest and a signature: off the event loop
-            claim = await self._off_loop(self._claim, header, sent, source, meta.get("sender_epoch"))
+        if made_from is not None:  # a digest and a signature: off the event loop
+            claim = await self._off_loop(self._claim, header, sent, *made_from)
             meta = dict(meta, claim=claim.to_wire())
         audit = meta.get("audit_only") is True or meta.get("recompute") is True
-        if not audit:  # held while the micro-batch is in flight: the stage after the next may fetch it
-            self._sent[header.digest] = sent
         try:
-            return await self._exchange(
-                peer, peer_id, header, meta, out, sent, stage, timeout_s, extra, audit
-            )
-        finally:
-            if not audit:
-                self._sent.pop(header.digest, None)
-
-    async def _exchange(
-        self,
-        peer: str,
-        peer_id: PeerID,
-        header: ChainHeader,
-        meta: Dict[str, Any],
-        out: torch.Tensor,
-        sent: torch.Tensor,
-        stage: int,
-        timeout_s: float,
-        extra: Sequence[torch.Tensor],
-        audit: bool,
-    ) -> Tuple[torch.Tensor, List[Dict[str, Any]], Optional[int], List[torch.Tensor]]:
-        """:meth:`_call_next`'s exchange with ``peer``, once ``sent`` (``out`` as it goes on the wire) is held."""
-        try:
+            if not audit:  # held while the next hops work on it: the stage after the next may fetch it
+                self._sent[header.digest] = sent
             endpoint = await self.next_endpoints.get(peer) if self.next_endpoints is not None else None
             received = await call_chain(
                 self.dataplane_client,
@@ -1628,6 +1604,9 @@ class StageServer(ServicerBase):
             raise ChainError(
                 f"stage {stage} peer unreachable: {type(e).__name__}: {e}", blame=peer, blame_stage=stage
             ) from None
+        finally:
+            if not audit:
+                self._sent.pop(header.digest, None)
         reply = received.metadata
         if "reports" not in reply:  # refused before it verified the header: its word against this hop's
             self.stats.failed_downstream += 1
@@ -1762,9 +1741,7 @@ class StageServer(ServicerBase):
             )
         return fetched
 
-    def _claim(
-        self, header: ChainHeader, sent: torch.Tensor, source: bytes, epoch: Optional[int]
-    ) -> TensorClaim:
+    def _claim(self, header: ChainHeader, sent: torch.Tensor, source: bytes, epoch: int) -> TensorClaim:
         """This hop's signed claim on the activations it sends (``swarm.evidence.TensorClaim``, the simulator's):
         for this request (its header's digest), computed from ``source`` at ``epoch``."""
         return TensorClaim.create(
@@ -1772,7 +1749,7 @@ class StageServer(ServicerBase):
             stage=self.cfg.stage,
             direction=FORWARD,
             microbatch=header.digest.hex(),
-            epoch=epoch if epoch is not None else self.optimizer.epoch,
+            epoch=epoch,
             tensor=as_received(sent, self.cfg.compression),
             inputs=(source,),
         )

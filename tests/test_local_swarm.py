@@ -396,8 +396,9 @@ def test_scaled_activations_caught_by_forward_audits(tmp_path):
 def test_middle_stage_scaled_activations_caught_by_forward_audits(tmp_path):
     """3 stages (replicas 1, 3, 2); one stage-1 replica scales its activations x1.5 from step 11. Stage 1 is a middle
     stage: its input is not the trainer's tokens but stage 0's activations, which its receivers (stage 2) fetch from
-    the route's stage-0 peer (it holds what it sent while the micro-batch is in flight), check against the digest
-    the sender says it computed from, and give to two other stage-1 replicas to recompute; the scaled tensor is the
+    the route's stage-0 peer (it holds what it sent while the micro-batch is in flight), check against the claim
+    that peer signed on them (the sender relays it, and its own signed claim must name the same input), and give to
+    two other stage-1 replicas to recompute; the scaled tensor is the
     odd one out, refused and struck (``audit``), and the attacker is blacklisted swarm-wide while no honest peer is.
     Safety on every run; timing and noise as in the 2 x 3 test, up to three runs."""
     attack = ["--attack", "scale", "--attack-magnitude", "1.5", "--attack-direction", "forward"]
