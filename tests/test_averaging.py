@@ -14,6 +14,7 @@ import torch
 from hivemind.averaging.averager import DecentralizedAverager
 
 from peers.adversary import AttackConfig, AveragingAdversary
+from swarm.aggregator_check import RoundInputs
 from swarm.averaging import (
     AveragingConfig,
     RobustAveraging,
@@ -252,6 +253,46 @@ def test_an_aggregator_that_serves_no_evidence_is_not_proven_wrong():
         about = [(clean, reason) for peer, clean, reason in outcomes if peer == str(dhts[2].peer_id)]
         assert (False, "evidence") in about and (False, "aggregate") not in about, outcomes
         assert all(str(dhts[2].peer_id) not in a._caught for a in averagers[:2])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_recheck_counts_the_checkers_own_part_whatever_the_evidence_says():
+    """The checker knows its own input without anyone's evidence. The third aggregator aggregates honestly but serves
+    no evidence of the first replica's parts: the first replica's re-check (its own part missing) reproduces the
+    result with its own part counted, clean (seen in CI: an honest aggregator "off by 0.097", three inputs against
+    two); the second replica's (another's part missing) cannot, and proves the aggregator wrong."""
+    cfg = AveragingConfig(verify_rate=2.0, verify_parts=2)
+    dhts, averagers, _, _ = _averagers("avg-state", cfg=cfg, dim=60_000)  # avg-state: no-op here
+    left_out = averagers[0].peer_id.to_bytes()
+
+    class Omitting(dict):  # the third aggregator's evidence leaves the first replica's parts out
+        def __setitem__(self, key, value):
+            full = value[0].round_inputs
+
+            def round_inputs():
+                kept = full()
+                parts = {s: p for s, p in kept.parts.items() if s != left_out}
+                return RoundInputs(kept.group_id, kept.aggregator, kept.senders, parts)
+
+            value[0].round_inputs = round_inputs
+            super().__setitem__(key, value)
+
+    averagers[2]._rounds = Omitting()
+    try:
+        assert all(d is not None for d in _round(averagers, timeout=20))
+        time.sleep(2.0)  # re-checks run after the round
+        third = str(dhts[2].peer_id)
+        first, second = (
+            [o[1:] for o in a.drain_outcomes() if o[0] == third and o[2] == "aggregate"]
+            for a in averagers[:2]
+        )
+        assert first == [(True, "aggregate")], first
+        assert second == [(False, "aggregate")], second
     finally:
         for averager in averagers:
             averager.shutdown()
