@@ -1341,7 +1341,7 @@ class RobustAveraging(InProcessAveraging, DecentralizedAverager):
             if error > AGGREGATE_TOLERANCE and runner.weight > 0:
                 # this peer knows its own input without anyone's evidence: the result may be the aggregate of the
                 # served inputs with this peer's own part counted where it was not served, or left out where it was
-                # (seen twice in CI, an honest aggregator "off by 0.097", exactly three inputs against two). Either
+                # (seen in CI: an honest aggregator "off by 0.097", exactly three inputs against two). Either
                 # way the result is a robust aggregate of authentic inputs, which is all a re-check can ask; an
                 # aggregator gains nothing by it that leaving this peer out as a suspect would not give it openly
                 alternative = _toggled(order, me, senders)
